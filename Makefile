@@ -1,0 +1,36 @@
+# paramtool developer tasks. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench fuzz samples clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned for dev/CI: a local CPU build; the package itself accepts torch>=2.4.
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+samples: $(STAMP)
+	$(PY) sample_models/generate.py
+
+demo: $(STAMP)
+	$(PY) sample_models/generate.py --check
+	$(VENV)/bin/paramtool inspect sample_models/rgnet.pt
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py
+
+fuzz: $(STAMP)
+	PARAMTOOL_FUZZ_EXAMPLES=2000 $(PY) -m pytest tests -k fuzz
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,126 @@
+"""Table of contents: what a checkpoint holds, described without reading tensor data.
+
+Every reader produces the same description, so listing, tie detection and selection work the same way
+for every format, and none of them needs torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Hashable
+
+# dtype name (as torch prints it, without "torch.") -> bytes per element
+DTYPE_SIZES: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "complex128": 16, "complex64": 8, "complex32": 4,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1,
+    "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
+    "qint8": 1, "quint8": 1, "qint32": 4,
+}
+
+
+def itemsize(dtype: str) -> int:
+    return DTYPE_SIZES.get(dtype, 1)
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """One underlying storage. Two tensors share memory exactly when their ``key`` is equal."""
+
+    key: Hashable
+    dtype: str
+    numel: int  # elements of ``dtype`` in the storage
+    location: str = "cpu"
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class FakeTensor:
+    """A tensor as a pickle or a header describes it: a view (offset, shape, stride) of a storage."""
+
+    storage: StorageRef
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: str
+    requires_grad: bool = False
+    is_parameter: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One named tensor of a checkpoint."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    storage: Hashable  # storage identity; equal keys share memory
+    offset: int = 0  # in elements of dtype
+    stride: tuple[int, ...] = ()
+    path: tuple[Any, ...] = ()  # where the tensor sits inside the container
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    def byte_span(self) -> tuple[int, int]:
+        """[start, end) of the bytes this view can touch inside its storage."""
+        size = itemsize(self.dtype)
+        if self.numel == 0:
+            return (self.offset * size, self.offset * size)
+        extent = sum((d - 1) * abs(s) for d, s in zip(self.shape, self.stride or contiguous_stride(self.shape)))
+        return (self.offset * size, (self.offset + extent + 1) * size)
+
+
+def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for d in reversed(shape):
+        stride.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(stride))
+
+
+@dataclass
+class Toc:
+    """What ``inspect`` and ``ties`` need, and nothing that requires tensor bytes."""
+
+    source: str
+    format: str  # "pt" | "pt-legacy" | "safetensors" | "sharded" | "dcp" | "module"
+    tensors: list[TensorInfo]
+    extras: dict[str, str] = field(default_factory=dict)  # non-tensor entries: dotted path -> short repr
+    metadata: dict[str, str] | None = None  # safetensors header metadata
+    modules: dict[str, str] = field(default_factory=dict)  # module path -> repr, for module sources
+    meta_ties: dict[str, str] = field(default_factory=dict)  # name -> stored name, ties restored from metadata
+
+
+@dataclass
+class FakeModule:
+    """A pickled ``torch.nn`` module as the listing unpickler sees it: its class and its ``__dict__``.
+
+    ``state`` holds ``_parameters``, ``_buffers`` and ``_modules`` as a real module's ``__dict__`` does, so the
+    same tree walk serves real modules and these stand-ins.
+    """
+
+    cls: str  # "torch.nn.modules.linear.Linear"
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def __setstate__(self, state: Any) -> None:  # called by pickle's BUILD
+        if isinstance(state, dict):
+            self.state.update(state)
