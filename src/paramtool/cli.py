@@ -1,1 +1,376 @@
-def main(): pass
+"""The command line: parse, call the core, render, and map errors to exit codes. No tensor logic here."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Any, Optional
+
+import click
+import typer
+from rich.console import Console
+
+from . import render
+from .errors import ParamtoolError, UsageError
+
+EPILOG_HINT = "Exit status: 0 done, 1 input or operation failed, 2 bad command line."
+
+
+class _Group(typer.core.TyperGroup):
+    """Every failure becomes one ``error:`` line on stderr; a closed pipe ends quietly."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D401 - click's signature
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelp as e:  # pragma: no cover - depends on click version
+            click.echo(e.ctx.get_help() if e.ctx else "", err=True)
+            sys.exit(2)
+        except click.UsageError as e:
+            _fail(e.format_message(), 2)
+        except click.exceptions.Abort:
+            _fail("interrupted", 130)
+        except ParamtoolError as e:
+            _fail(str(e), e.exit_code)
+        except BrokenPipeError:
+            _quiet_pipe()
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as e:  # a bug: still one line, the traceback only on request
+            if os.environ.get("PARAMTOOL_DEBUG") == "1":
+                raise
+            _fail(f"internal error: {type(e).__name__}: {e}", 1)
+        sys.exit(code or 0)
+
+
+def _fail(message: str, code: int) -> None:
+    if os.environ.get("PARAMTOOL_DEBUG") == "1" and sys.exc_info()[0] is not None and code != 2:
+        import traceback
+
+        traceback.print_exc()
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    sys.stderr.write(f"error: {render.safe_name(first)}\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+def _quiet_pipe() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+    sys.exit(141)
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="paramtool",
+    help="Inspect, reinitialize, tie-check and edit the parameters of PyTorch checkpoints.\n\n"
+    "SOURCE is a checkpoint file (.pt/.pth/.bin/.ckpt or .safetensors), '-' for stdin, nn:EXPR, "
+    "FILE.py:FUNC, or a sharded checkpoint directory.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Options shared by several commands, declared once.
+SourceArg = Annotated[
+    Optional[str],
+    typer.Argument(help="Checkpoint file, '-' (stdin), nn:EXPR, FILE.py:FUNC, or a sharded directory. "
+                   "Omitted: read stdin when it is not a terminal.", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout (no colour, no wrapping).")]
+LayerOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--layer", "-l", help="Select by module path, tensor name, glob (h.*.mlp) or position ([0][1][0]). Repeatable.",
+                 show_default=False),
+]
+KeyOpt = Annotated[
+    Optional[str],
+    typer.Option("--key", help="Use this sub-tree of a training checkpoint (e.g. model, state_dict, optimizer).",
+                 show_default=False),
+]
+
+
+def out_console() -> Console:
+    """stdout: data only. Colour only on a terminal and never with NO_COLOR (rich honours both)."""
+    return Console(file=sys.stdout, highlight=False, soft_wrap=False)
+
+
+def err_console() -> Console:
+    return Console(file=sys.stderr, highlight=False)
+
+
+def warn(message: str) -> None:
+    err_console().print(f"warning: {render.safe_name(message)}", style="yellow", markup=False)
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(render.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _selected(names: list[str], layers: Optional[list[str]], param: str = "all") -> list[str]:
+    from .select import select
+
+    return select(names, list(layers or []), param)
+
+
+@app.command(epilog="Example: paramtool inspect model.pt --layer 0 --depth 2\n\n" + EPILOG_HINT)
+def inspect(
+    source: SourceArg = None,
+    json_out: JsonOpt = False,
+    layer: LayerOpt = None,
+    depth: Annotated[Optional[int], typer.Option("--depth", min=0, help="Show modules this deep; deeper ones are summarised.",
+                                                 show_default=False)] = None,
+    key: KeyOpt = None,
+) -> None:
+    """Show the parameter tree: modules, tensor names, shapes, dtypes, counts, bytes and ties.
+
+    Reading a file's table of contents never loads tensor data (nor imports torch).
+    """
+    from . import sources
+
+    toc = sources.read_toc(sources.resolve(source), key)
+    chosen = set(_selected([t.name for t in toc.tensors], layer))
+    tensors = [t for t in toc.tensors if t.name in chosen]
+    if json_out:
+        emit_json(render.inspect_json(toc, tensors))
+        return
+    console = out_console()
+    console.print(render.inspect_tree(toc, tensors, depth))
+    for line in render.extras_lines(toc):
+        console.print(line)
+
+
+@app.command(epilog="Example: paramtool show model.pt 2.bias\n\n" + EPILOG_HINT)
+def show(
+    source: Annotated[str, typer.Argument(help="Checkpoint (as for inspect); with only one argument, stdin is read.",
+                                          show_default=False)],
+    name: Annotated[Optional[str], typer.Argument(help="Tensor name, e.g. 0.weight.", show_default=False)] = None,
+    json_out: JsonOpt = False,
+    key: KeyOpt = None,
+) -> None:
+    """Print a tensor's values as print(t) would, elided when large."""
+    from . import sources
+    from .values import tensor_json, tensor_text
+
+    if name is None:  # `cat m.pt | paramtool show 0.bias`
+        if sys.stdin.isatty():
+            raise UsageError("missing NAME (usage: paramtool show SOURCE NAME)")
+        source, name = "-", source
+    ckpt = sources.load(sources.resolve(source), key)
+    if name not in ckpt.names:
+        raise ParamtoolError(_unknown_name(name, list(ckpt.names)))
+    t = ckpt.tensor(name)
+    if json_out:
+        emit_json(tensor_json(name, t))
+    else:
+        sys.stdout.write(tensor_text(t) + "\n")
+
+
+OutOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write here ('-' for stdout). Naming the input counts as --in-place.",
+                                                show_default=False)]
+InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="Replace the input file (atomically).")]
+FormatOpt = Annotated[Optional[str], typer.Option("--format", help="Output format: pt or safetensors (default: from -o's extension, else the input's).",
+                                                  show_default=False)]
+DropExtraOpt = Annotated[bool, typer.Option("--drop-extra", help="Writing safetensors: drop non-tensor entries instead of failing.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Only report what would change; write nothing.")]
+
+
+def _opt(flag: str, kind: type, text: str) -> Any:
+    return Annotated[Optional[kind], typer.Option(flag, help=text, show_default=False)]
+
+
+def _write_result(src: Any, ckpt: Any, report: Any, output: str | None, in_place: bool, fmt: str | None,
+                  drop_extra: bool) -> None:
+    from . import writer
+
+    plan = writer.plan_output(src, output, in_place, fmt)
+    for w in report.warnings:
+        warn(w)
+    writer.write_checkpoint(ckpt, plan, drop_extra)
+    _summary(report, plan.label, plan.format)
+
+
+def _summary(report: Any, target: str, fmt: str) -> None:
+    console = err_console()
+    names = ", ".join(render.safe_name(n) for n in report.changed[:8]) + (" ..." if len(report.changed) > 8 else "")
+    console.print(f"wrote {render.safe_name(target)} ({fmt}): {report.action} on {len(report.changed)} tensor(s): {names}",
+                  markup=False)
+    if report.zeroed:
+        console.print(f"  zeroed: {', '.join(render.safe_name(n) for n in report.zeroed)}", markup=False)
+    for name, others in report.with_ties.items():
+        console.print(f"  tied: {', '.join(render.safe_name(n) for n in others)} changed with {render.safe_name(name)}",
+                      markup=False)
+    if report.untied:
+        console.print(f"  untied first: {', '.join(render.safe_name(n) for n in report.untied)}", markup=False)
+
+
+def _dry_run(report: Any, json_out: bool) -> None:
+    for w in report.warnings:
+        warn(w)
+    if json_out:
+        emit_json(report.as_json())
+        return
+    console = out_console()
+    console.print(f"would apply {report.action} to {len(report.changed)} tensor(s):", markup=False)
+    for n in report.changed:
+        ties = report.with_ties.get(n)
+        console.print(f"  {render.safe_name(n)}" + (f"  (with {', '.join(map(render.safe_name, ties))})" if ties else ""),
+                      markup=False)
+    for n in report.zeroed:
+        console.print(f"  {render.safe_name(n)}  (zeroed)", markup=False)
+    for n, why in report.skipped.items():
+        console.print(f"  skip {render.safe_name(n)}: {why}", markup=False)
+
+
+@app.command(epilog="Examples:\n\n  paramtool init model.pt --scheme xavier --layer 0 -o out.pt\n\n"
+             "  cat a.pt | paramtool init --scheme normal --std 0.01 --zero-bias | paramtool inspect -\n\n" + EPILOG_HINT)
+def init(
+    source: SourceArg = None,
+    scheme: Annotated[str, typer.Option("--scheme", "-s", help="Initializer (see `paramtool schemes`).", show_default=False)] = ...,
+    mean: _opt("--mean", float, "normal, trunc_normal: mean.") = None,
+    std: _opt("--std", float, "normal, trunc_normal, sparse: standard deviation.") = None,
+    low: _opt("--low", float, "uniform, trunc_normal, masked_uniform: lower bound.") = None,
+    high: _opt("--high", float, "uniform, trunc_normal, masked_uniform: upper bound.") = None,
+    value: _opt("--value", float, "constant: the value (required).") = None,
+    gain: _opt("--gain", float, "xavier*, orthogonal: gain.") = None,
+    negative_slope: _opt("--negative-slope", float, "kaiming*: negative slope of the rectifier.") = None,
+    mode: _opt("--mode", str, "kaiming*: fan_in or fan_out.") = None,
+    nonlinearity: _opt("--nonlinearity", str, "kaiming*: relu or leaky_relu.") = None,
+    threshold: _opt("--threshold", float, "masked_uniform: values with |v| below this become 0.") = None,
+    sparsity: _opt("--sparsity", float, "sparse: fraction of zeros per column (required).") = None,
+    groups: _opt("--groups", int, "dirac: number of groups.") = None,
+    layer: LayerOpt = None,
+    param: Annotated[str, typer.Option("--param", help="weight, bias or all: narrow by the last part of the name.")] = "weight",
+    zero_bias: Annotated[bool, typer.Option("--zero-bias", help="Also zero the biases of the selected modules.")] = False,
+    untie: Annotated[bool, typer.Option("--untie", help="Give selected tied names their own copy first, so only they change.")] = False,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Reproducible values: they depend only on the seed, scheme, options and the tensor's name, shape and dtype.",
+                                                show_default=False)] = None,
+    dry_run: DryRunOpt = False,
+    json_out: Annotated[bool, typer.Option("--json", help="With --dry-run: the plan as JSON.")] = False,
+    output: OutOpt = None,
+    in_place: InPlaceOpt = False,
+    fmt: FormatOpt = None,
+    drop_extra: DropExtraOpt = False,
+    key: KeyOpt = None,
+) -> None:
+    """Reinitialize the selected tensors with a named scheme and write the result.
+
+    Without -o or --in-place the checkpoint goes to stdout when stdout is not a terminal.
+    """
+    from . import ops, sources
+
+    given = {k: v for k, v in dict(mean=mean, std=std, low=low, high=high, value=value, gain=gain,
+                                   negative_slope=negative_slope, mode=mode, nonlinearity=nonlinearity,
+                                   threshold=threshold, sparsity=sparsity, groups=groups).items() if v is not None}
+    from .schemes import get_scheme, resolve_options
+
+    resolve_options(get_scheme(scheme), given)  # a wrong option is a usage error before any loading
+    src = sources.resolve(source)
+    ckpt = sources.load(src, key)
+    report = ops.init(ckpt, scheme, given, list(layer or []), param, zero_bias, untie, seed, dry_run)
+    if dry_run:
+        _dry_run(report, json_out)
+    else:
+        _write_result(src, ckpt, report, output, in_place, fmt, drop_extra)
+
+
+@app.command(name="set", epilog='Examples:\n\n  paramtool set model.pt "0.weight[:] += 1" "0.weight[0, 0] = 42" -o out.pt\n\n'
+             '  paramtool set model.pt "2.bias = 0" --in-place\n\n' + EPILOG_HINT)
+def set_(
+    args: Annotated[list[str], typer.Argument(help="SOURCE then one or more EDITs: NAME[INDEX] OP VALUE with OP one of = += -= *= /=. "
+                                              "SOURCE may be omitted when stdin is a pipe.", show_default=False)],
+    dry_run: DryRunOpt = False,
+    json_out: Annotated[bool, typer.Option("--json", help="With --dry-run: the plan as JSON.")] = False,
+    output: OutOpt = None,
+    in_place: InPlaceOpt = False,
+    fmt: FormatOpt = None,
+    drop_extra: DropExtraOpt = False,
+    key: KeyOpt = None,
+) -> None:
+    """Edit values directly, applied in order; tied names change together."""
+    from . import ops, sources
+
+    source: Optional[str] = args[0]
+    edits = args[1:]
+    if "=" in args[0] and not os.path.exists(args[0]) and not sys.stdin.isatty():
+        source, edits = None, args
+    if not edits:
+        raise UsageError("give at least one EDIT, e.g. \"0.weight[0, 0] = 42\"")
+    src = sources.resolve(source)
+    ckpt = sources.load(src, key)
+    report = ops.set_values(ckpt, edits, dry_run)
+    if dry_run:
+        _dry_run(report, json_out)
+    else:
+        _write_result(src, ckpt, report, output, in_place, fmt, drop_extra)
+
+
+@app.command(epilog="Example: paramtool schemes --json\n\n" + EPILOG_HINT)
+def schemes(json_out: JsonOpt = False) -> None:
+    """List the initializers, their options and defaults."""
+    from .schemes import schemes_table
+
+    table = schemes_table()
+    if json_out:
+        emit_json({"schemes": table})
+        return
+    from rich.table import Table
+
+    t = Table(box=None, show_header=True, header_style="bold")
+    t.add_column("scheme")
+    t.add_column("options")
+    t.add_column("note")
+    for row in table:
+        opts = " ".join(f"--{k.replace('_', '-')} {'(required)' if v is None else v}" for k, v in row["options"].items())
+        alias = f" (= {', '.join(row.get('aliases', []))})" if row.get("aliases") else ""
+        t.add_row(row["name"] + alias, opts, row.get("doc", ""))
+    out_console().print(t)
+
+
+@app.command(epilog="Example: paramtool ties model.pt --json\n\n" + EPILOG_HINT)
+def ties(
+    source: SourceArg = None,
+    json_out: JsonOpt = False,
+    values: Annotated[bool, typer.Option("--values", help="Also report distinct tensors with identical bytes (reads tensor data).")] = False,
+    key: KeyOpt = None,
+) -> None:
+    """List tied tensors: groups of names that share storage (alias) or bytes (overlapping views)."""
+    from . import sources
+    from .ties import find_ties, value_ties
+
+    src = sources.resolve(source)
+    if values:
+        ckpt = sources.load(src, key)
+        toc = ckpt.toc()
+        groups = find_ties(toc.tensors, toc.meta_ties) + value_ties(ckpt.tensors(), toc.tensors)
+        groups.sort(key=lambda g: g.names)
+    else:
+        toc = sources.read_toc(src, key)
+        groups = find_ties(toc.tensors, toc.meta_ties)
+    if json_out:
+        emit_json({"groups": [g.as_json() for g in groups]})
+        return
+    console = out_console()
+    for line in render.ties_lines(toc, groups):
+        console.print(line)
+
+
+def _unknown_name(name: str, names: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; names here: {', '.join(names[:6])}"
+    return f"no tensor named '{render.safe_name(name)}'{render.safe_name(hint)}"
+
+
+def main() -> None:
+    app(prog_name="paramtool")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,60 @@
+"""The loaded checkpoint: tensors by name, the container they sit in, and its metadata.
+
+Operations change tensors in place (so ties stay ties) or replace them by name; the container, its
+non-tensor entries and every untouched tensor go back to disk as they came.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import tree
+from .toc import TensorInfo, Toc
+
+
+@dataclass
+class Checkpoint:
+    source: str
+    format: str  # the format it was read from
+    root: Any  # the whole container (dict, OrderedDict, list, nn.Module, ...)
+    names: dict[str, tree.Path]  # listed tensor name -> path in root
+    metadata: dict[str, str] | None = None  # safetensors header metadata
+    meta_ties: dict[str, str] = field(default_factory=dict)  # ties restored from safetensors metadata
+    path: str | None = None  # the file it came from, if any
+    key: str | None = None  # the --key sub-tree the names are relative to
+
+    def tensor(self, name: str) -> Any:
+        return tree.get_path(self.root, self.names[name])
+
+    def tensors(self) -> dict[str, Any]:
+        return {n: self.tensor(n) for n in self.names}
+
+    def replace(self, name: str, value: Any) -> None:
+        tree.set_path(self.root, self.names[name], value)
+
+    def infos(self) -> list[TensorInfo]:
+        return tree.infos(self.root, self.names)
+
+    def toc(self) -> Toc:
+        return Toc(
+            self.source,
+            self.format,
+            self.infos(),
+            extras=tree.extras(self.root, self.names) if not tree.is_module(self.root) else {},
+            metadata=self.metadata,
+            modules=module_reprs(self.root) if tree.is_module(self.root) else {},
+            meta_ties=dict(self.meta_ties),
+        )
+
+    def all_tensors(self) -> dict[str, Any]:
+        """Every tensor in the container, listed or not (optimizer state too), by full dotted path."""
+        return {".".join(str(p) for p in path): t for path, t in tree.walk(self.root)}
+
+
+def module_reprs(module: Any) -> dict[str, str]:
+    """Module path -> one-line description (``Linear(in_features=4, out_features=8, bias=True)``)."""
+    out: dict[str, str] = {}
+    for path, m in module.named_modules(remove_duplicate=False):
+        extra = m.extra_repr()
+        out[path] = f"{type(m).__name__}({extra})" if "\n" not in extra else type(m).__name__
+    return out

@@ -1,0 +1,203 @@
+"""safetensors: a JSON header, then raw bytes. The header alone is the table of contents.
+
+Ties: safetensors cannot alias, so a writer keeps one copy and records each dropped name in the header
+metadata (``"<dropped>": "<kept>"``, the convention of ``safetensors.torch.save_model``); a view that is
+not a whole alias is recorded under ``paramtool.ties``. Reading restores both.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ..errors import FormatError
+from ..toc import TensorInfo, Toc, contiguous_stride
+
+MAX_HEADER = 100 * 1024 * 1024
+TIES_KEY = "paramtool.ties"
+
+# safetensors dtype codes -> torch dtype names
+DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
+}
+
+
+def sniff(head: bytes, file_size: int) -> bool:
+    """A safetensors file starts with a little-endian u64 header length, then ``{``."""
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= file_size - 8 and head[8:9] == b"{"
+
+
+def read_header(path: str) -> tuple[dict[str, Any], int]:
+    """The parsed header and the offset where tensor data starts. Validates sizes and offsets."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise FormatError(f"{path}: not a safetensors file (only {len(raw)} bytes)")
+        n = int.from_bytes(raw, "little")
+        if n > MAX_HEADER:
+            raise FormatError(f"{path}: safetensors header claims {n} bytes, above the {MAX_HEADER} byte limit")
+        if n > size - 8:
+            raise FormatError(f"{path}: safetensors header claims {n} bytes but the file has {size - 8} after the length")
+        text = f.read(n)
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: safetensors header is not a JSON object")
+    data_size = size - 8 - n
+    from ..toc import itemsize
+
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise FormatError(f"{path}: __metadata__ must map strings to strings")
+            continue
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = [int(d) for d in entry["shape"]]
+            start, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if any(d < 0 for d in shape) or not 0 <= start <= end <= data_size:
+            raise FormatError(f"{path}: tensor {name!r} has offsets [{start}, {end}) outside the {data_size} data bytes")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * itemsize(dtype) != end - start:
+            raise FormatError(
+                f"{path}: tensor {name!r} is {dtype} {shape} ({numel * itemsize(dtype)} bytes) but its offsets hold {end - start}"
+            )
+        spans.append((start, end, name))
+    spans.sort()
+    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise FormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data section")
+    return header, 8 + n
+
+
+def split_metadata(metadata: dict[str, str], stored: set[str]) -> tuple[dict[str, str], dict[str, dict], dict[str, str]]:
+    """Split header metadata into (aliases dropped->kept, views name->spec, everything else)."""
+    aliases: dict[str, str] = {}
+    views: dict[str, dict] = {}
+    rest: dict[str, str] = {}
+    for k, v in metadata.items():
+        if k == TIES_KEY:
+            try:
+                parsed = json.loads(v)
+            except json.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, dict):
+                views = {n: s for n, s in parsed.items() if isinstance(s, dict) and s.get("of") in stored}
+                continue
+        if k not in stored and v in stored:
+            aliases[k] = v
+        else:
+            rest[k] = v
+    return aliases, views, rest
+
+
+def read_toc(path: str, source: str | None = None) -> Toc:
+    header, _ = read_header(path)
+    metadata = header.get("__metadata__") or {}
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    aliases, views, _ = split_metadata(metadata, set(entries))
+    tensors: dict[str, TensorInfo] = {}
+    for name, e in entries.items():
+        shape = tuple(int(d) for d in e["shape"])
+        tensors[name] = TensorInfo(name, shape, DTYPES[e["dtype"]], ("st", name), 0, contiguous_stride(shape), (name,))
+    meta_ties: dict[str, str] = {}
+    for name, kept in aliases.items():
+        k = tensors[kept]
+        tensors[name] = TensorInfo(name, k.shape, k.dtype, k.storage, 0, k.stride, (name,))
+        meta_ties[name] = kept
+    for name, spec in views.items():
+        base = tensors[spec["of"]]
+        try:
+            shape = tuple(int(d) for d in spec["shape"])
+            stride = tuple(int(d) for d in spec["stride"])
+            offset = int(spec["offset"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{path}: {TIES_KEY} entry for {name!r} is malformed") from None
+        tensors[name] = TensorInfo(name, shape, base.dtype, base.storage, offset, stride, (name,))
+        meta_ties[name] = spec["of"]
+    ordered = [tensors[n] for n in sorted(tensors)]  # safe_open's order
+    return Toc(source or path, "safetensors", ordered, metadata=metadata or None, meta_ties=meta_ties)
+
+
+def load(path: str) -> tuple[dict[str, Any], dict[str, str] | None, dict[str, str]]:
+    """Load tensors (memory-mapped by safetensors) and restore ties recorded in metadata."""
+    from safetensors import safe_open
+
+    read_header(path)  # validate before handing the file to the Rust reader
+    tensors: dict[str, Any] = {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata()
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    except Exception as e:  # the Rust reader's errors are plain exceptions
+        raise FormatError(f"{path}: cannot read safetensors data: {e}") from None
+    aliases, views, _ = split_metadata(metadata or {}, set(tensors))
+    for name, kept in aliases.items():
+        tensors[name] = tensors[kept]
+    for name, spec in views.items():
+        base = tensors[spec["of"]]
+        tensors[name] = base.as_strided(spec["shape"], spec["stride"], spec["offset"])
+    ties = {**aliases, **{n: s["of"] for n, s in views.items()}}
+    return {n: tensors[n] for n in sorted(tensors)}, metadata, ties
+
+
+def save(tensors: dict[str, Any], metadata: dict[str, str] | None, path: str) -> None:
+    """Write ``tensors`` to ``path``; tied names are stored once and recorded in the metadata."""
+    from safetensors.torch import save_file
+
+    from ..ties import storage_groups, group_kind
+    from ..tree import tensor_info
+
+    infos = [tensor_info(n, (n,), t) for n, t in tensors.items()]
+    stored_names = set(tensors)
+    aliases: dict[str, str] = {}
+    views: dict[str, dict] = {}
+    for group in storage_groups(infos):
+        # keep the largest, earliest whole-storage view; everything else refers to it
+        keep = max(group, key=lambda t: (t.numel, -infos.index(t)))
+        base = tensors[keep.name]
+        for t in group:
+            if t.name == keep.name:
+                continue
+            stored_names.discard(t.name)
+            if (t.offset, t.shape, t.stride) == (keep.offset, keep.shape, keep.stride) and group_kind([keep, t]) == "alias":
+                aliases[t.name] = keep.name
+            else:
+                views[t.name] = {
+                    "of": keep.name,
+                    "offset": t.offset - base.storage_offset(),
+                    "shape": list(t.shape),
+                    "stride": list(t.stride),
+                }
+    _, _, rest = split_metadata(dict(metadata or {}), set(tensors))
+    meta = {**rest, **aliases}
+    if views:
+        meta[TIES_KEY] = json.dumps(views, sort_keys=True)
+    out = {}
+    for n in tensors:
+        if n in stored_names:
+            t = tensors[n]
+            out[n] = t.contiguous() if not t.is_contiguous() else t
+    # save_file refuses shared storage even between non-overlapping views: give each its own copy
+    seen: set[int] = set()
+    for n, t in out.items():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or t.untyped_storage().nbytes() != t.nbytes:
+            out[n] = t.clone()
+        seen.add(ptr)
+    save_file(out, path, metadata=meta or None)

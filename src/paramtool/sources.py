@@ -1,0 +1,139 @@
+"""Resolve a SOURCE string and read it: a table of contents without torch, or loaded tensors.
+
+Order (the contract's): ``-``/stdin, ``nn:EXPR``, ``FILE.py:FUNC``/``module:FUNC``, a directory or
+``*.index.json``, ``*.safetensors``, any other file sniffed from its bytes.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import tree
+from .checkpoint import Checkpoint
+from .errors import FormatError, ParamtoolError, UsageError
+from .formats import safetensors_fmt
+from .toc import Toc
+
+
+@dataclass(frozen=True)
+class Source:
+    text: str  # as the user wrote it
+    kind: str  # "file" | "nn" | "factory" | "sharded" | "dcp"
+    path: str | None = None  # the file to read (stdin is spooled to a temporary file)
+    format: str | None = None  # sniffed file format: "pt" | "pt-legacy" | "safetensors"
+
+    @property
+    def label(self) -> str:
+        return "-" if self.text == "-" else self.text
+
+
+def _spool_stdin() -> str:
+    """Copy standard input to a temporary file (removed at exit) so it can be sniffed and memory-mapped."""
+    fd, path = tempfile.mkstemp(prefix="paramtool-stdin-")
+    atexit.register(lambda: os.path.exists(path) and os.unlink(path))
+    with os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(sys.stdin.buffer, out, 1 << 20)
+    return path
+
+
+def sniff_file(path: str) -> str:
+    from .formats.torchfile import sniff_torch
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        raise FormatError(f"{path}: empty file")
+    if safetensors_fmt.sniff(head, size):
+        return "safetensors"
+    kind = sniff_torch(head)
+    if kind:
+        return kind
+    raise FormatError(f"{path}: not a checkpoint (neither a torch.save file nor safetensors)")
+
+
+def resolve(text: str | None) -> Source:
+    """Decide what SOURCE names. ``None`` means stdin, allowed only when stdin is not a terminal."""
+    if text is None or text == "-":
+        if text is None and sys.stdin.isatty():
+            raise UsageError("missing SOURCE (give a file, '-', nn:EXPR or FILE.py:FUNC)")
+        path = _spool_stdin()
+        if os.path.getsize(path) == 0:
+            raise FormatError("standard input is empty")
+        return Source("-", "file", path, sniff_file(path))
+    if text.startswith("nn:"):
+        return Source(text, "nn")
+    from .factory import is_factory_spec
+
+    if is_factory_spec(text):
+        return Source(text, "factory")
+    if os.path.isdir(text) or text.endswith(".index.json"):
+        if os.path.isdir(text) and os.path.exists(os.path.join(text, ".metadata")):
+            return Source(text, "dcp", text)
+        return Source(text, "sharded", text)
+    if not os.path.exists(text):
+        raise ParamtoolError(f"{text}: no such file")
+    if not os.path.isfile(text):
+        raise ParamtoolError(f"{text}: not a regular file")
+    try:
+        return Source(text, "file", text, sniff_file(text))
+    except PermissionError:
+        raise ParamtoolError(f"{text}: permission denied") from None
+
+
+def read_toc(src: Source, key: str | None = None) -> Toc:
+    """The table of contents. For files this reads headers/pickles only: no torch, no tensor bytes."""
+    if src.kind == "file" and src.format == "safetensors":
+        if key:
+            raise UsageError("--key applies to torch.save files; a safetensors file is one flat state dict")
+        toc = safetensors_fmt.read_toc(src.path)
+        toc.source = src.label
+        return toc
+    if src.kind == "file":
+        from .formats import torchfile
+
+        root = torchfile.read_zip_tree(src.path) if src.format == "pt" else torchfile.read_legacy_tree(src.path)
+        names = tree.assign_names(root, key)
+        modules = {}
+        return Toc(src.label, src.format, tree.infos(root, names), extras=tree.extras(root, names), modules=modules)
+    if src.kind in ("sharded", "dcp"):
+        raise ParamtoolError(f"{src.text}: {src.kind} checkpoints are not supported yet")
+    return load(src, key).toc()
+
+
+def load(src: Source, key: str | None = None) -> Checkpoint:
+    """Load tensor data (memory-mapped where the format allows)."""
+    if src.kind == "file" and src.format == "safetensors":
+        if key:
+            raise UsageError("--key applies to torch.save files; a safetensors file is one flat state dict")
+        tensors, metadata, meta_ties = safetensors_fmt.load(src.path)
+        names = {n: (n,) for n in tensors}
+        return Checkpoint(src.label, "safetensors", tensors, names, metadata, meta_ties, src.path)
+    if src.kind == "file":
+        from .formats import pt
+
+        read_toc(src, key)  # the allowlist pass: refuses hostile pickles before torch sees them
+        root = pt.load(src.path, src.format)
+        return Checkpoint(src.label, src.format, root, tree.assign_names(root, key), path=src.path, key=key)
+    if src.kind == "nn":
+        from .nnspec import build_module
+
+        module = build_module(src.text[3:])
+        return _from_object(src, module, key)
+    if src.kind == "factory":
+        from .factory import call_factory
+
+        return _from_object(src, call_factory(src.text), key)
+    raise ParamtoolError(f"{src.text}: {src.kind} checkpoints are not supported yet")
+
+
+def _from_object(src: Source, obj: Any, key: str | None) -> Checkpoint:
+    if tree.is_module(obj) or isinstance(obj, Mapping):
+        return Checkpoint(src.label, "module", obj, tree.assign_names(obj, key))
+    raise ParamtoolError(f"{src.text}: returned {type(obj).__name__}, not an nn.Module or a state dict")

@@ -1,0 +1,141 @@
+"""Tie detection: which names share memory.
+
+Works on ``TensorInfo`` records, so the same code answers for a table of contents read from a header
+(no tensor data) and for loaded tensors (storage data pointers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable
+
+from .toc import TensorInfo, itemsize
+
+
+@dataclass(frozen=True)
+class TieGroup:
+    names: tuple[str, ...]  # sorted
+    kind: str  # "alias" | "overlap"
+    source: str  # "storage" | "metadata" | "values"
+
+    def as_json(self) -> dict:
+        return {"names": list(self.names), "kind": self.kind, "source": self.source}
+
+
+def _same_view(a: TensorInfo, b: TensorInfo) -> bool:
+    return (a.offset, a.shape, a.stride, a.dtype) == (b.offset, b.shape, b.stride, b.dtype)
+
+
+def _overlaps(a: TensorInfo, b: TensorInfo) -> bool:
+    (a0, a1), (b0, b1) = a.byte_span(), b.byte_span()
+    return a0 < b1 and b0 < a1
+
+
+def storage_groups(tensors: list[TensorInfo]) -> list[list[TensorInfo]]:
+    """Groups (in checkpoint order) of two or more tensors whose bytes overlap in one storage.
+
+    Empty tensors never group: they share no bytes even when they share a storage object.
+    """
+    by_storage: dict[Hashable, list[TensorInfo]] = {}
+    for t in tensors:
+        if t.numel > 0:
+            by_storage.setdefault(t.storage, []).append(t)
+    groups: list[list[TensorInfo]] = []
+    for members in by_storage.values():
+        if len(members) < 2:
+            continue
+        # union-find over pairwise overlap; storages hold few views, so the quadratic pass is fine
+        parent = list(range(len(members)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for i in range(len(members)):
+            for j in range(i + 1, len(members)):
+                if _overlaps(members[i], members[j]):
+                    parent[find(j)] = find(i)
+        clusters: dict[int, list[TensorInfo]] = {}
+        for i, t in enumerate(members):
+            clusters.setdefault(find(i), []).append(t)
+        groups.extend(c for c in clusters.values() if len(c) > 1)
+    order = {t.name: i for i, t in enumerate(tensors)}
+    groups.sort(key=lambda g: order[g[0].name])
+    return groups
+
+
+def group_kind(group: list[TensorInfo]) -> str:
+    first = group[0]
+    return "alias" if all(_same_view(first, t) for t in group[1:]) else "overlap"
+
+
+def find_ties(tensors: list[TensorInfo], meta_ties: dict[str, str] | None = None) -> list[TieGroup]:
+    """Tie groups, names sorted, groups sorted by first name (the contract's JSON order).
+
+    ``meta_ties`` (name -> stored name) marks ties that were restored from safetensors metadata.
+    """
+    meta = set(meta_ties or {})
+    out = []
+    for g in storage_groups(tensors):
+        source = "metadata" if any(t.name in meta for t in g) else "storage"
+        out.append(TieGroup(tuple(sorted(t.name for t in g)), group_kind(g), source))
+    out.sort(key=lambda g: g.names)
+    return out
+
+
+def tied_to(tensors: list[TensorInfo]) -> dict[str, str]:
+    """name -> first name (in checkpoint order) of its tie group, for every tied name but the first."""
+    out: dict[str, str] = {}
+    for g in storage_groups(tensors):
+        for t in g[1:]:
+            out[t.name] = g[0].name
+    return out
+
+
+def unique_counts(tensors: list[TensorInfo]) -> tuple[int, int]:
+    """(parameters, bytes) with every tied storage counted once: a group counts the union of its bytes."""
+    grouped: set[str] = set()
+    numel = nbytes = 0
+    for g in storage_groups(tensors):
+        spans = sorted(t.byte_span() for t in g)
+        covered, end = 0, -1
+        for s, e in spans:
+            if e > end:
+                covered += e - max(s, end)
+                end = e
+        nbytes += covered
+        numel += covered // itemsize(g[0].dtype)
+        grouped.update(t.name for t in g)
+    for t in tensors:
+        if t.name not in grouped:
+            numel += t.numel
+            nbytes += t.nbytes
+    return numel, nbytes
+
+
+def value_ties(tensors: dict[str, "object"], infos: list[TensorInfo]) -> list[TieGroup]:
+    """Distinct storages holding identical bytes (ties lost by an earlier conversion).
+
+    Only tensors of equal shape and dtype are hashed, and only one name per storage group is considered.
+    """
+    import hashlib
+
+    import torch
+
+    tied = {t.name for g in storage_groups(infos) for t in g[1:]}
+    by_kind: dict[tuple, list[TensorInfo]] = {}
+    for info in infos:
+        if info.name not in tied and info.numel > 0:
+            by_kind.setdefault((info.shape, info.dtype), []).append(info)
+    out: list[TieGroup] = []
+    for members in by_kind.values():
+        if len(members) < 2:
+            continue
+        by_hash: dict[str, list[str]] = {}
+        for info in members:
+            raw = tensors[info.name].detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            by_hash.setdefault(hashlib.sha256(raw).hexdigest(), []).append(info.name)
+        out.extend(TieGroup(tuple(sorted(n)), "alias", "values") for n in by_hash.values() if len(n) > 1)
+    out.sort(key=lambda g: g.names)
+    return out

@@ -1,0 +1,186 @@
+"""Writing checkpoints: where the output goes, in which format, and the atomic replace.
+
+A write goes to a temporary file beside the target, is read back and checked, flushed to disk, and only
+then renamed over the target. Any failure removes the temporary file and leaves the target untouched.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from . import tree
+from .checkpoint import Checkpoint
+from .errors import ParamtoolError, UsageError
+from .sources import Source
+
+PT_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
+
+
+@dataclass(frozen=True)
+class Output:
+    path: str | None  # None: standard output
+    format: str  # "pt" | "safetensors"
+    in_place: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.path or "-"
+
+
+def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None) -> Output:
+    """Apply the contract's OUTPUT rules: ``-o``, ``--in-place``, or stdout when it is not a terminal."""
+    if fmt is not None and fmt not in ("pt", "safetensors"):
+        raise UsageError(f"--format must be pt or safetensors, not '{fmt}'")
+    is_input_file = src.kind == "file" and src.text != "-"
+    if out == "-":
+        out = None
+        if in_place:
+            raise UsageError("-o - (stdout) and --in-place contradict each other")
+    elif out is not None and is_input_file and os.path.exists(out) and os.path.samefile(out, src.path):
+        in_place = True  # -o naming the input counts as --in-place
+    elif out is not None and in_place:
+        raise UsageError("give either -o PATH or --in-place, not both")
+    if in_place:
+        if not is_input_file:
+            raise UsageError(f"--in-place needs a checkpoint file as SOURCE, not '{src.text}'")
+        out = src.path
+    if out is None and not in_place and sys.stdout.isatty():
+        raise UsageError("refusing to write a checkpoint to a terminal: use -o PATH, --in-place, or a pipe")
+    if fmt is None:
+        if out is not None and out.endswith(".safetensors"):
+            fmt = "safetensors"
+        elif out is not None and out.lower().endswith(PT_EXTENSIONS):
+            fmt = "pt"
+        else:
+            fmt = "safetensors" if src.format == "safetensors" else "pt"
+    return Output(out, fmt, in_place)
+
+
+def _non_tensor_entries(ckpt: Checkpoint) -> list[str]:
+    """What a safetensors file cannot hold: non-tensor entries and tensors outside the listed names."""
+    if tree.is_module(ckpt.root):
+        return []
+    listed = set(ckpt.names.values())
+    extra = [".".join(str(p) for p in path) for path, _ in tree.walk(ckpt.root) if path not in listed]
+
+    def plain(obj, path=()):
+        if tree.is_tensor(obj):
+            return
+        if isinstance(obj, Mapping):
+            for k, v in obj.items():
+                yield from plain(v, path + (k,))
+        elif isinstance(obj, (list, tuple)) and obj:
+            for i, v in enumerate(obj):
+                yield from plain(v, path + (i,))
+        else:
+            yield ".".join(str(p) for p in path) or "(root)"
+
+    return list(plain(ckpt.root)) + extra
+
+
+def _write_to(ckpt: Checkpoint, fmt: str, path: str, drop_extra: bool) -> None:
+    if fmt == "safetensors":
+        from .formats import safetensors_fmt
+
+        dropped = _non_tensor_entries(ckpt)
+        if dropped and not drop_extra:
+            shown = ", ".join(render_names(dropped[:6])) + (f" and {len(dropped) - 6} more" if len(dropped) > 6 else "")
+            raise ParamtoolError(
+                f"safetensors cannot hold non-tensor entries ({shown}); pass --drop-extra to write the tensors only"
+            )
+        safetensors_fmt.save(ckpt.tensors(), ckpt.metadata, path)
+    else:
+        from .formats import pt
+
+        root = ckpt.root
+        if ckpt.format in ("module", "safetensors") and tree.is_module(root):
+            root = root.state_dict()
+        pt.save(root, path)
+
+
+def render_names(names: list[str]) -> list[str]:
+    from .render import safe_name
+
+    return [safe_name(n) for n in names]
+
+
+def _verify(ckpt: Checkpoint, fmt: str, path: str) -> None:
+    """Read the new file's table of contents back: every name must be there with its shape and dtype."""
+    from .sources import read_toc, sniff_file
+
+    key = ckpt.key if fmt == "pt" and ckpt.format in ("pt", "pt-legacy") else None
+    written = read_toc(Source(path, "file", path, sniff_file(path)), key)
+    got = {t.name: (t.shape, t.dtype) for t in written.tensors}
+    for info in ckpt.infos():
+        if got.get(info.name) != (info.shape, info.dtype):
+            raise ParamtoolError(f"verification of the written file failed at '{info.name}'; nothing was replaced")
+
+
+def atomic_write(target: str, write: Callable[[str], None]) -> None:
+    """Write via ``write(tmp_path)`` to a temporary file beside ``target``, then rename it over ``target``.
+
+    Keeps an existing target's permission bits. On any failure the temporary file is removed.
+    """
+    target_dir = os.path.dirname(os.path.abspath(target))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".paramtool-tmp", dir=target_dir)
+    except OSError as e:
+        raise ParamtoolError(f"cannot write to {target_dir}: {e.strerror or e}") from None
+    os.close(fd)
+    try:
+        write(tmp)
+        if os.path.exists(target):
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(e, OSError):
+            raise ParamtoolError(f"cannot write {target}: {e.strerror or e}") from None
+        raise
+    try:
+        dfd = os.open(target_dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def write_checkpoint(ckpt: Checkpoint, output: Output, drop_extra: bool = False) -> None:
+    """Write ``ckpt`` as ``output`` says: a file (atomically) or standard output."""
+
+    def write_and_verify(path: str) -> None:
+        _write_to(ckpt, output.format, path, drop_extra)
+        _verify(ckpt, output.format, path)
+
+    if output.path is not None:
+        atomic_write(output.path, write_and_verify)
+        return
+    fd, tmp = tempfile.mkstemp(prefix="paramtool-out-")
+    os.close(fd)
+    try:
+        write_and_verify(tmp)
+        with open(tmp, "rb") as f:
+            shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
+        sys.stdout.buffer.flush()
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            raise
+        raise ParamtoolError(f"cannot write the checkpoint: {e.strerror or e}") from None
+    finally:
+        os.unlink(tmp)
