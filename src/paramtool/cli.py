@@ -5,8 +5,8 @@ import os
 import sys
 from typing import Annotated, Any, Optional
 
-import click
 import typer
+from typer.exceptions import TyperException
 from rich.console import Console
 
 from . import render
@@ -22,12 +22,12 @@ class _Group(typer.core.TyperGroup):
         kwargs["standalone_mode"] = False
         try:
             code = super().main(*args, **kwargs)
-        except click.exceptions.NoArgsIsHelp as e:  # pragma: no cover - depends on click version
-            click.echo(e.ctx.get_help() if e.ctx else "", err=True)
-            sys.exit(2)
-        except click.UsageError as e:
-            _fail(e.format_message(), 2)
-        except click.exceptions.Abort:
+        except TyperException as e:  # typer's own command-line errors (usage errors are exit 2)
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `paramtool`: the help, on stderr
+                sys.stderr.write(e.format_message() + "\n")
+                sys.exit(2)
+            _fail(e.format_message(), e.exit_code)
+        except typer.Abort:
             _fail("interrupted", 130)
         except ParamtoolError as e:
             _fail(str(e), e.exit_code)
@@ -198,8 +198,11 @@ def _write_result(src: Any, ckpt: Any, report: Any, output: str | None, in_place
 def _summary(report: Any, target: str, fmt: str) -> None:
     console = err_console()
     names = ", ".join(render.safe_name(n) for n in report.changed[:8]) + (" ..." if len(report.changed) > 8 else "")
-    console.print(f"wrote {render.safe_name(target)} ({fmt}): {report.action} on {len(report.changed)} tensor(s): {names}",
-                  markup=False)
+    if report.action == "convert":
+        console.print(f"wrote {render.safe_name(target)} ({fmt})", markup=False)
+    else:
+        console.print(f"wrote {render.safe_name(target)} ({fmt}): {report.action} on {len(report.changed)} tensor(s): {names}",
+                      markup=False)
     if report.zeroed:
         console.print(f"  zeroed: {', '.join(render.safe_name(n) for n in report.zeroed)}", markup=False)
     for name, others in report.with_ties.items():
@@ -358,6 +361,118 @@ def ties(
     console = out_console()
     for line in render.ties_lines(toc, groups):
         console.print(line)
+
+
+@app.command(epilog="Example: paramtool stats model.pt --layer 0 --hist\n\n" + EPILOG_HINT)
+def stats(
+    source: SourceArg = None,
+    layer: LayerOpt = None,
+    hist: Annotated[bool, typer.Option("--hist", help="Draw each tensor's distribution in the terminal.")] = False,
+    hist_png: Annotated[Optional[str], typer.Option("--hist-png", help="Also write the histograms as a PNG (needs matplotlib).",
+                                                    show_default=False)] = None,
+    bins: Annotated[int, typer.Option("--bins", min=2, max=200, help="Histogram bins.")] = 20,
+    json_out: JsonOpt = False,
+    key: KeyOpt = None,
+) -> None:
+    """Per-tensor mean, std, min, max, fraction of zeros, L2 norm and NaN/Inf counts, with module totals."""
+    from . import sources
+    from . import stats as st
+
+    ckpt = sources.load(sources.resolve(source), key)
+    names = _selected(list(ckpt.names), layer)
+    results = []
+    with _progress(len(names), "stats") as advance:
+        for n in names:
+            results.append(st.tensor_stats(n, ckpt.tensor(n)))
+            advance()
+    hists = {n: st.histogram(ckpt.tensor(n), bins) for n in names} if hist else {}
+    if hist_png:
+        st.histogram_png([(n, ckpt.tensor(n)) for n in names], hist_png)
+    if json_out:
+        doc: dict[str, Any] = {"tensors": [r.as_json() for r in results]}
+        if hist:
+            doc["histograms"] = {n: {"edges": h.edges, "counts": h.counts, "zeros": h.zeros} for n, h in hists.items()}
+        emit_json(doc)
+        return
+    console = out_console()
+    console.print(render.stats_table(results))
+    for n, h in hists.items():
+        console.print(f"\n{render.safe_name(n)}", style="bold", markup=False)
+        for line in st.histogram_lines(h):
+            console.print(line, markup=False, highlight=False)
+
+
+class _progress:
+    """A progress bar on stderr for long runs (terminal only); yields an ``advance()`` callable."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.bar = total, label, None
+
+    def __enter__(self):
+        if sys.stderr.isatty() and self.total > 20:
+            from rich.progress import Progress
+
+            self.bar = Progress(console=err_console(), transient=True)
+            self.bar.start()
+            task = self.bar.add_task(self.label, total=self.total)
+            return lambda: self.bar.advance(task)
+        return lambda: None
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@app.command(epilog="Example: paramtool diff before.pt after.safetensors --atol 1e-6\n\n"
+             "Exit status (as cmp/diff): 0 equal, 1 different, 2 error.")
+def diff(
+    a: Annotated[str, typer.Argument(help="First checkpoint.", show_default=False)],
+    b: Annotated[str, typer.Argument(help="Second checkpoint.", show_default=False)],
+    json_out: JsonOpt = False,
+    rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance (as torch.isclose).")] = 0.0,
+    atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance; 0 and 0 means bit-exact.")] = 0.0,
+    key: KeyOpt = None,
+) -> None:
+    """Added, removed, reshaped/retyped and changed tensors, with the largest difference; ties gained or lost."""
+    from . import compare, sources
+
+    try:
+        ca = sources.load(sources.resolve(a), key)
+        cb = sources.load(sources.resolve(b), key)
+        result = compare.diff(ca, cb, rtol, atol)
+    except ParamtoolError as e:
+        e.exit_code = 2  # diff follows cmp: any error is 2
+        raise
+    if json_out:
+        emit_json(result.as_json())
+    else:
+        console = out_console()
+        for line in render.diff_lines(result):
+            console.print(line)
+    if not result.equal:
+        raise typer.Exit(1)
+
+
+@app.command(epilog="Examples:\n\n  paramtool convert model.pt model.safetensors\n\n"
+             "  paramtool convert train.ckpt weights.safetensors --drop-extra\n\n" + EPILOG_HINT)
+def convert(
+    source: SourceArg = None,
+    target: Annotated[Optional[str], typer.Argument(help="Output path (same as -o).", show_default=False)] = None,
+    output: OutOpt = None,
+    in_place: InPlaceOpt = False,
+    fmt: FormatOpt = None,
+    drop_extra: DropExtraOpt = False,
+    key: KeyOpt = None,
+) -> None:
+    """Rewrite a checkpoint in another format; ties and metadata are kept."""
+    from . import sources
+    from .ops import Report
+
+    if target is not None and output is not None:
+        raise UsageError("give the output either as OUTPUT or as -o, not both")
+    src = sources.resolve(source)
+    ckpt = sources.load(src, key)
+    _write_result(src, ckpt, Report("convert"), target or output, in_place, fmt, drop_extra)
 
 
 def _unknown_name(name: str, names: list[str]) -> str:

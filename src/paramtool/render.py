@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
@@ -200,4 +201,64 @@ def ties_lines(toc: Toc, groups: list) -> list[Text]:
         else:
             line.append(f"  could save {human_bytes(first.nbytes * (len(g.names) - 1))}", style="dim")
         lines.append(line)
+    return lines
+
+
+# --- stats and diff ----------------------------------------------------------------------------------
+
+
+def _g(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def stats_table(results: list) -> Table:
+    """One row per tensor, then a total per top-level module; NaN/Inf in red."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("name", "mean", "std", "min", "max", "zeros", "norm", "nan/inf"):
+        table.add_column(col, justify="left" if col == "name" else "right")
+    for r in results:
+        bad = r.nan + r.inf
+        table.add_row(safe_name(r.name), _g(r.mean), _g(r.std), _g(r.min), _g(r.max), f"{r.zeros:.1%}", _g(r.norm),
+                      Text(f"{r.nan}/{r.inf}", style="bold red") if bad else "0/0")
+    modules: dict[str, list] = {}
+    for r in results:
+        top = r.name.split(".", 1)[0] if "." in r.name else ""
+        if top:
+            modules.setdefault(top, []).append(r)
+    if len(modules) > 1:
+        table.add_section()
+        for mod, rs in modules.items():
+            n = sum(r.numel for r in rs)
+            norm = sum(r.norm ** 2 for r in rs) ** 0.5
+            zeros = sum(r.zeros * r.numel for r in rs) / n if n else 0.0
+            bad = sum(r.nan + r.inf for r in rs)
+            table.add_row(Text(f"{safe_name(mod)} (total)", style="bold"), "", "", _g(min(r.min for r in rs)),
+                          _g(max(r.max for r in rs)), f"{zeros:.1%}", _g(norm),
+                          Text(str(bad), style="bold red") if bad else "0")
+    return table
+
+
+def diff_lines(d) -> list[Text]:
+    lines = []
+    for n in d.removed:
+        lines.append(Text(f"- {safe_name(n)}", style="red"))
+    for n in d.added:
+        lines.append(Text(f"+ {safe_name(n)}", style="green"))
+    for c in d.changed:
+        a, b = c["a"], c["b"]
+        if (a["shape"], a["dtype"]) != (b["shape"], b["dtype"]):
+            what = f"{shape_text(a['shape'])} {a['dtype']} -> {shape_text(b['shape'])} {b['dtype']}"
+        else:
+            cos = c.get("cosine")
+            what = f"max abs diff {c['max_abs_diff']:.4g}" if c["max_abs_diff"] is not None else "differs (nan/inf)"
+            if c.get("max_rel_diff") is not None:
+                what += f", rel {c['max_rel_diff']:.3g}"
+            if cos is not None:
+                what += f", cosine {cos:.6f}"
+        lines.append(Text(f"~ {safe_name(c['name'])}  {what}", style="yellow"))
+    for g in d.ties_gained:
+        lines.append(Text(f"+ tie {' = '.join(map(safe_name, g))}", style="green"))
+    for g in d.ties_lost:
+        lines.append(Text(f"- tie {' = '.join(map(safe_name, g))}", style="red"))
+    lines.append(Text(f"{d.same} same, {len(d.changed)} changed, {len(d.added)} added, {len(d.removed)} removed", style="dim"))
     return lines

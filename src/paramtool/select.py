@@ -1,0 +1,86 @@
+"""``--layer`` and ``--param``: choose tensors by module path, name, glob or position.
+
+Works on names only (no torch). Module paths are names without their last part; components are split on
+``.`` only, so ``0.block 1.0.bias`` lives in module ``0.block 1.0``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+
+from .errors import ParamtoolError, UsageError
+
+POSITIONAL = re.compile(r"^(\[\d+\])+$")
+PARAMS = ("weight", "bias", "all")
+
+
+def module_path(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def module_paths(names: list[str]) -> list[str]:
+    """Every module path and its ancestors, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for name in names:
+        parts = name.split(".")[:-1]
+        for i in range(1, len(parts) + 1):
+            seen.setdefault(".".join(parts[:i]), None)
+    return list(seen)
+
+
+def _under(name: str, path: str) -> bool:
+    return name == path or name.startswith(path + ".")
+
+
+def _positional(names: list[str], selector: str) -> str:
+    """``[0][1][0]`` -> the module path reached by indexing children in order of first appearance."""
+    indices = [int(i) for i in re.findall(r"\d+", selector)]
+    prefix: list[str] = []
+    for depth, index in enumerate(indices):
+        children: dict[str, None] = {}
+        for name in names:
+            parts = name.split(".")
+            if parts[:depth] == prefix and len(parts) > depth + 1:
+                children.setdefault(parts[depth], None)
+        kids = list(children)
+        if index >= len(kids):
+            where = ".".join(prefix) or "the top level"
+            raise ParamtoolError(f"--layer '{selector}': {where} has {len(kids)} child module(s), no index {index}")
+        prefix.append(kids[index])
+    return ".".join(prefix)
+
+
+def _match(names: list[str], selector: str) -> list[str]:
+    if POSITIONAL.match(selector):
+        path = _positional(names, selector)
+        return [n for n in names if _under(n, path)]
+    exact = [n for n in names if _under(n, selector)]
+    if exact or not any(c in selector for c in "*?["):
+        return exact
+    # a glob must match a whole module path (selecting what is under it) or a whole name
+    modules = [m for m in module_paths(names) if fnmatch.fnmatchcase(m, selector)]
+    return [n for n in names if fnmatch.fnmatchcase(n, selector) or any(_under(n, m) for m in modules)]
+
+
+def select(names: list[str], layers: list[str], param: str = "all") -> list[str]:
+    """The names chosen by the union of ``layers`` (all when empty), narrowed by ``param``; input order kept.
+
+    Globs follow ``fnmatch``: ``*`` also crosses dots, so ``*.attn.*`` finds attention at any depth.
+    """
+    if param not in PARAMS:
+        raise UsageError(f"--param must be weight, bias or all, not '{param}'")
+    chosen: set[str] = set()
+    for selector in layers:
+        hit = _match(names, selector)
+        if not hit:
+            paths = module_paths(names)
+            shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
+            raise ParamtoolError(f"--layer '{selector}' matches nothing; module paths here: {shown or '(none)'}")
+        chosen.update(hit)
+    picked = [n for n in names if not layers or n in chosen]
+    if param != "all":
+        narrowed = [n for n in picked if n.rsplit(".", 1)[-1] == param]
+        if not narrowed:
+            raise ParamtoolError(f"no '{param}' tensors among the {len(picked)} selected (try --param all)")
+        picked = narrowed
+    return picked
