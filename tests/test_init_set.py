@@ -100,7 +100,8 @@ def test_safetensors_metadata_kept(tmp_path, run):
     from safetensors.torch import save_file
 
     save_file({"a": torch.ones(2, 2), "b": torch.ones(3)}, str(tmp_path / "m.safetensors"), metadata={"format": "pt", "x": "y"})
-    run("init", tmp_path / "m.safetensors", "--scheme", "zeros", "--layer", "a", "-o", tmp_path / "o.safetensors")
+    run("init", tmp_path / "m.safetensors", "--scheme", "zeros", "--layer", "a", "--param", "all",
+        "-o", tmp_path / "o.safetensors")
     with safe_open(str(tmp_path / "o.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt", "x": "y"}
         assert torch.equal(f.get_tensor("b"), torch.ones(3))

@@ -38,9 +38,6 @@ def test_stats_flags_nan(tmp_path, run):
     assert "1/1" in run("stats", tmp_path / "n.pt").stdout
 
 
-GOLDEN_MASKED = None  # filled from the first line check below; the structure is what matters
-
-
 def test_masked_uniform_histogram_shows_hole_and_spike(tmp_path, run):
     torch.save({"w": torch.zeros(128, 128)}, tmp_path / "z.pt")
     run("init", tmp_path / "z.pt", "--scheme", "masked_uniform", "--seed", "0", "--param", "all", "-o", tmp_path / "m.pt")
@@ -60,17 +57,18 @@ def test_masked_uniform_histogram_shows_hole_and_spike(tmp_path, run):
 
 
 GOLDEN_HIST = """\
-     1 .. 1.5        │████████████████████ 2
-   1.5 .. 2          │                     0
-     2 .. 2.5        │████████████████████ 2
-   2.5 .. 3          │████████████████████ 2
+w
+         1 .. 1.5        │████████████████████████████████████████ 2
+       1.5 .. 2          │                                         0
+         2 .. 2.5        │████████████████████████████████████████ 2
+       2.5 .. 3          │████████████████████████████████████████ 2
 """
 
 
 def test_histogram_golden(tmp_path, run):
     torch.save({"w": torch.tensor([1.0, 1.0, 2.0, 2.0, 3.0, 3.0])}, tmp_path / "h.pt")
     r = run("stats", tmp_path / "h.pt", "--hist", "--bins", "4", env={"COLUMNS": "120", "NO_COLOR": "1"})
-    assert GOLDEN_HIST.replace("████████████████████", "█" * 40).replace("│                     0", "│" + " " * 40 + " 0") in r.stdout
+    assert r.stdout.endswith(GOLDEN_HIST)
 
 
 def test_hist_png(samples, tmp_path, run):
@@ -83,7 +81,7 @@ def test_hist_png(samples, tmp_path, run):
 
 def test_diff_self_and_after_init(samples, tmp_path, run):
     same = run("diff", samples / "rgnet.pt", samples / "rgnet.pt", "--json")
-    assert same.exit_code == 0 and same.json()["changed"] == [] and same.json()["same"] == 10
+    assert same.exit_code == 0 and same.json()["changed"] == [] and same.json()["same"] == 18
     run("init", samples / "rgnet.pt", "--scheme", "ones", "--layer", "[0][0][0]", "--param", "all", "-o", tmp_path / "o.pt")
     d = run("diff", samples / "rgnet.pt", tmp_path / "o.pt", "--json")
     assert d.exit_code == 1
@@ -93,7 +91,8 @@ def test_diff_self_and_after_init(samples, tmp_path, run):
 
 def test_diff_across_formats_and_tolerance(samples, tmp_path, run):
     assert run("diff", samples / "mlp.pt", samples / "mlp.safetensors").exit_code == 0
-    assert run("diff", samples / "train.pt", samples / "mlp.pt").exit_code == 0  # nested vs flat: same tensors
+    run("convert", samples / "train.pt", tmp_path / "w.safetensors", "--drop-extra")
+    assert run("diff", samples / "train.pt", tmp_path / "w.safetensors").exit_code == 0  # nested vs flat
     run("set", samples / "mlp.pt", "0.bias[0] += 1e-7", "-o", tmp_path / "near.pt")
     assert run("diff", samples / "mlp.pt", tmp_path / "near.pt").exit_code == 1
     assert run("diff", samples / "mlp.pt", tmp_path / "near.pt", "--atol", "1e-5").exit_code == 0

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import tree
-from .toc import TensorInfo, Toc
+from .toc import FakeModule, TensorInfo, Toc
 
 
 @dataclass
@@ -30,6 +30,12 @@ class Checkpoint:
         return {n: self.tensor(n) for n in self.names}
 
     def replace(self, name: str, value: Any) -> None:
+        """Give ``name`` a new tensor. A live module is first turned into its state dict: when one module
+        object sits at two paths (a tied layer), its attributes cannot differ between the two."""
+        if tree.is_module(self.root) and not isinstance(self.root, FakeModule):
+            state = self.root.state_dict()
+            self.root = state
+            self.names = {n: (n,) for n in state}
         tree.set_path(self.root, self.names[name], value)
 
     def infos(self) -> list[TensorInfo]:

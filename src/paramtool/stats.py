@@ -127,8 +127,8 @@ def histogram(t: Any, bins: int = 20) -> Histogram:
         c = c[torch.isfinite(c) & (c != 0)]
         if c.numel() == 0:
             continue
-        # a value equal to an inner edge counts in the bin below it; zeros were counted apart
-        idx = torch.bucketize(c, edge_t, right=False)
+        # bins are [lo, hi), the last one closed; zeros were counted apart
+        idx = torch.bucketize(c, edge_t, right=True)
         for i, n in enumerate(torch.bincount(idx, minlength=len(counts)).tolist()):
             counts[i] += n
     return Histogram(edges, counts, zeros, zero_at if zeros else -1, nonfinite)
