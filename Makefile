@@ -11,7 +11,6 @@ $(PY):
 
 # torch is pinned for dev/CI: a local CPU build; the package itself accepts torch>=2.4.
 $(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
@@ -20,8 +19,8 @@ samples: $(STAMP)
 	$(PY) sample_models/generate.py
 
 demo: $(STAMP)
-	$(PY) sample_models/generate.py --check
 	$(VENV)/bin/paramtool inspect sample_models/rgnet.pt
+	$(VENV)/bin/paramtool ties sample_models/tied.pt
 
 test: $(STAMP)
 	$(PY) -m pytest
