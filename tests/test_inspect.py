@@ -208,8 +208,10 @@ def _no_torch_listing(path, cmd="inspect"):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("name", ["rgnet.pt", "rgnet.safetensors", "tied.safetensors"])
+@pytest.mark.parametrize("name", ["rgnet.pt", "rgnet.safetensors", "tied.safetensors", "legacy.pt", "train.pt"])
 def test_listing_does_not_import_torch(samples, name):
+    if name == "legacy.pt":
+        torch.save(torch.load(samples / "tied.pt"), samples / name, _use_new_zipfile_serialization=False)
     for cmd in ("inspect", "ties"):
         p = _no_torch_listing(samples / name, cmd)
         assert p.returncode == 0, p.stderr

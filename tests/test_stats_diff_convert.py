@@ -124,8 +124,6 @@ def test_convert_roundtrip_bit_exact(samples, tmp_path, run, name):
     assert run("diff", mid, back).exit_code == 0
     if name != "train.pt":
         assert run("diff", samples / name, back).exit_code == 0
-        assert run("ties", samples / name, "--json").json()["groups"] == [
-            {**g, "source": g["source"]} for g in run("ties", samples / name, "--json").json()["groups"]]
         a_ties = [g["names"] for g in run("ties", samples / name, "--json").json()["groups"]]
         b_ties = [g["names"] for g in run("ties", back, "--json").json()["groups"]]
         assert a_ties == b_ties
