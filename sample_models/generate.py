@@ -9,7 +9,7 @@ import argparse
 import pathlib
 
 import torch
-from safetensors.torch import save_file, save_model
+from safetensors.torch import save_file
 from torch import nn
 
 
@@ -51,6 +51,21 @@ def training_checkpoint() -> dict:
     return {"epoch": 3, "model": net.state_dict(), "optimizer": opt.state_dict(), "loss": round(loss.item(), 6)}
 
 
+def save_tied_safetensors(model: nn.Module, path: pathlib.Path) -> None:
+    """What ``safetensors.torch.save_model`` writes (one copy of each tied tensor, the dropped names in the
+    metadata as ``{dropped: kept}``), but with a fixed choice of names so the bytes are reproducible."""
+    kept: dict[int, str] = {}
+    tensors, metadata = {}, {}
+    for name, t in model.state_dict().items():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in kept:
+            metadata[name] = kept[ptr]
+        else:
+            kept[ptr] = name
+            tensors[name] = t
+    save_file(tensors, str(path), metadata=dict(sorted(metadata.items())) or None)
+
+
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -58,7 +73,7 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
     for name, build in (("mlp", mlp), ("rgnet", rgnet), ("tied", tied)):
         model = build()
         torch.save(model.state_dict(), out_dir / f"{name}.pt")
-        save_model(model, str(out_dir / f"{name}.safetensors"))  # one copy of tied tensors, the rest in metadata
+        save_tied_safetensors(model, out_dir / f"{name}.safetensors")
         written += [out_dir / f"{name}.pt", out_dir / f"{name}.safetensors"]
     bf16 = {k: v.to(torch.bfloat16) for k, v in mlp().state_dict().items()}
     torch.save(bf16, out_dir / "bf16.pt")

@@ -182,19 +182,23 @@ def test_safetensors_target_refuses_extras(samples, tmp_path, run):
     assert r.exit_code == 0 and set(load(tmp_path / "o.safetensors")) == {"0.weight", "0.bias", "2.weight", "2.bias"}
 
 
-def test_failed_write_leaves_target(samples, tmp_path, run, monkeypatch):
+@pytest.mark.parametrize("source", ["mlp.pt", "mlp.safetensors"])  # streamed path, and full-load path
+def test_failed_write_leaves_target(samples, tmp_path, run, monkeypatch, source):
     target = tmp_path / "t.pt"
     target.write_bytes(b"precious")
     import paramtool.formats.pt as pt
+    import paramtool.stream as stream
 
-    def boom(root, path):
+    def boom(*args):
+        path = next(a for a in args if isinstance(a, str))
         with open(path, "wb") as f:
             f.write(b"partial")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(pt, "save", boom)
-    r = run("init", samples / "mlp.pt", "--scheme", "ones", "-o", target)
-    assert r.exit_code == 1 and "No space left" in r.stderr
+    monkeypatch.setattr(stream.ZipStorageFile, "patch", boom)
+    r = run("init", samples / source, "--scheme", "ones", "-o", target)
+    assert r.exit_code == 1 and "No space left" in r.stderr and r.stderr.count("\n") == 1
     assert target.read_bytes() == b"precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples", "t.pt"]
 

@@ -60,6 +60,16 @@ class Checkpoint:
 def module_reprs(module: Any) -> dict[str, str]:
     """Module path -> one-line description (``Linear(in_features=4, out_features=8, bias=True)``)."""
     out: dict[str, str] = {}
+    if isinstance(module, FakeModule):  # a pickled model, listed without torch: class names only
+
+        def visit(m: FakeModule, path: str) -> None:
+            out[path] = m.cls.rsplit(".", 1)[-1]
+            for name, child in (m.state.get("_modules") or {}).items():
+                if isinstance(child, FakeModule):
+                    visit(child, f"{path}.{name}" if path else name)
+
+        visit(module, "")
+        return out
     for path, m in module.named_modules(remove_duplicate=False):
         extra = m.extra_repr()
         out[path] = f"{type(m).__name__}({extra})" if "\n" not in extra else type(m).__name__

@@ -161,7 +161,7 @@ def show(
         if sys.stdin.isatty():
             raise UsageError("missing NAME (usage: paramtool show SOURCE NAME)")
         source, name = "-", source
-    ckpt = sources.load(sources.resolve(source), key)
+    ckpt = sources.load_lazy(sources.resolve(source), key)
     if name not in ckpt.names:
         raise ParamtoolError(_unknown_name(name, list(ckpt.names)))
     t = ckpt.tensor(name)
@@ -184,15 +184,19 @@ def _opt(flag: str, kind: type, text: str) -> Any:
     return Annotated[Optional[kind], typer.Option(flag, help=text, show_default=False)]
 
 
-def _write_result(src: Any, ckpt: Any, report: Any, output: str | None, in_place: bool, fmt: str | None,
-                  drop_extra: bool) -> None:
+def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, output: Optional[str], in_place: bool,
+            fmt: Optional[str], drop_extra: bool) -> None:
+    """Report a dry run, or carry out the plan on ``listing`` (what it was planned on) and write the result."""
     from . import writer
 
-    plan = writer.plan_output(src, output, in_place, fmt)
-    for w in report.warnings:
+    if dry_run:
+        _dry_run(plan.report, json_out)
+        return
+    target = writer.plan_output(src, output, in_place, fmt)
+    for w in plan.report.warnings:
         warn(w)
-    writer.write_checkpoint(ckpt, plan, drop_extra)
-    _summary(report, plan.label, plan.format)
+    writer.write_plan(src, listing, plan, target, drop_extra)
+    _summary(plan.report, target.label, target.format)
 
 
 def _summary(report: Any, target: str, fmt: str) -> None:
@@ -274,12 +278,9 @@ def init(
 
     resolve_options(get_scheme(scheme), given)  # a wrong option is a usage error before any loading
     src = sources.resolve(source)
-    ckpt = sources.load(src, key)
-    report = ops.init(ckpt, scheme, given, list(layer or []), param, zero_bias, untie, seed, dry_run)
-    if dry_run:
-        _dry_run(report, json_out)
-    else:
-        _write_result(src, ckpt, report, output, in_place, fmt, drop_extra)
+    listing = sources.open_for_plan(src, key)
+    plan = ops.plan_init(listing, scheme, given, list(layer or []), param, zero_bias, untie, seed)
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra)
 
 
 @app.command(name="set", epilog='Examples:\n\n  paramtool set model.pt "0.weight[:] += 1" "0.weight[0, 0] = 42" -o out.pt\n\n'
@@ -305,12 +306,9 @@ def set_(
     if not edits:
         raise UsageError("give at least one EDIT, e.g. \"0.weight[0, 0] = 42\"")
     src = sources.resolve(source)
-    ckpt = sources.load(src, key)
-    report = ops.set_values(ckpt, edits, dry_run)
-    if dry_run:
-        _dry_run(report, json_out)
-    else:
-        _write_result(src, ckpt, report, output, in_place, fmt, drop_extra)
+    listing = sources.open_for_plan(src, key)
+    plan = ops.plan_set(listing, edits)
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra)
 
 
 @app.command(epilog="Example: paramtool schemes --json\n\n" + EPILOG_HINT)
@@ -348,7 +346,7 @@ def ties(
 
     src = sources.resolve(source)
     if values:
-        ckpt = sources.load(src, key)
+        ckpt = sources.load_lazy(src, key)
         toc = ckpt.toc()
         groups = find_ties(toc.tensors, toc.meta_ties) + value_ties(ckpt.tensors(), toc.tensors)
         groups.sort(key=lambda g: g.names)
@@ -378,7 +376,7 @@ def stats(
     from . import sources
     from . import stats as st
 
-    ckpt = sources.load(sources.resolve(source), key)
+    ckpt = sources.load_lazy(sources.resolve(source), key)
     names = _selected(list(ckpt.names), layer)
     results = []
     with _progress(len(names), "stats") as advance:
@@ -437,8 +435,8 @@ def diff(
     from . import compare, sources
 
     try:
-        ca = sources.load(sources.resolve(a), key)
-        cb = sources.load(sources.resolve(b), key)
+        ca = sources.load_lazy(sources.resolve(a), key)
+        cb = sources.load_lazy(sources.resolve(b), key)
         result = compare.diff(ca, cb, rtol, atol)
     except ParamtoolError as e:
         e.exit_code = 2  # diff follows cmp: any error is 2
@@ -466,13 +464,13 @@ def convert(
 ) -> None:
     """Rewrite a checkpoint in another format; ties and metadata are kept."""
     from . import sources
-    from .ops import Report
+    from .ops import Plan, Report
 
     if target is not None and output is not None:
         raise UsageError("give the output either as OUTPUT or as -o, not both")
     src = sources.resolve(source)
-    ckpt = sources.load(src, key)
-    _write_result(src, ckpt, Report("convert"), target or output, in_place, fmt, drop_extra)
+    _finish(src, sources.open_for_plan(src, key), Plan(Report("convert")), False, False, target or output, in_place,
+            fmt, drop_extra)
 
 
 def _unknown_name(name: str, names: list[str]) -> str:

@@ -6,8 +6,8 @@ unless ``untie`` gives the selected names their own copy first.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .checkpoint import Checkpoint
@@ -65,7 +65,48 @@ def _record_ties(report: Report, targets: list[str], partners: dict[str, list[st
             report.with_ties[name] = others
 
 
-def init(
+@dataclass
+class Action:
+    """One change to one named tensor, applied in place to whatever tensor the caller supplies."""
+
+    name: str
+    apply: Callable[[Any], None]
+    overwrites: bool  # writes every element without reading the old values
+
+
+@dataclass
+class Plan:
+    report: Report
+    actions: list[Action] = field(default_factory=list)
+    untie: list[str] = field(default_factory=list)  # names to give their own storage before acting
+
+
+def execute(plan: Plan, ckpt: Checkpoint) -> None:
+    """Carry out a plan on a loaded checkpoint (the in-memory path)."""
+    import torch
+
+    for name in plan.untie:
+        ckpt.replace(name, ckpt.tensor(name).detach().clone())
+    with torch.no_grad():
+        for action in plan.actions:
+            action.apply(ckpt.tensor(action.name))
+
+
+def _scheme_action(name: str, scheme: Any, opts: dict, seed: int | None, seed_name: str, info: TensorInfo) -> Action:
+    from . import schemes
+
+    def run(t: Any) -> None:
+        gen = schemes.generator_for(seed, scheme.name, opts, seed_name, tuple(info.shape), info.dtype)
+        schemes.apply(scheme, opts, t, gen)
+
+    return Action(name, run, True)
+
+
+def _zero(t: Any) -> None:
+    t.zero_()
+
+
+def plan_init(
     ckpt: Checkpoint,
     scheme_name: str,
     options: dict[str, Any],
@@ -74,8 +115,8 @@ def init(
     zero_bias: bool = False,
     untie: bool = False,
     seed: int | None = None,
-    dry_run: bool = False,
-) -> Report:
+) -> Plan:
+    """What ``init`` will change; needs only names and the table of contents, no tensor data."""
     from . import schemes
 
     scheme = schemes.get_scheme(scheme_name)
@@ -99,15 +140,10 @@ def init(
         why = "; ".join(f"{n}: {r}" for n, r in list(report.skipped.items())[:4])
         raise ParamtoolError(f"scheme '{scheme.name}' can take none of the selected tensors ({why})")
     partners = _tie_partners(list(infos.values()))
+    plan = Plan(report)
     if untie:
-        report.untied = [n for n in dict.fromkeys(targets + biases) if partners.get(n)]
-        if dry_run:
-            partners = {n: p for n, p in partners.items() if n not in report.untied}
-        else:
-            for name in report.untied:
-                ckpt.replace(name, ckpt.tensor(name).detach().clone())
-            infos = {i.name: i for i in ckpt.infos()}
-            partners = _tie_partners(list(infos.values()))
+        plan.untie = report.untied = [n for n in dict.fromkeys(targets + biases) if partners.get(n)]
+        partners = {n: [m for m in p if m not in plan.untie] for n, p in partners.items() if n not in plan.untie}
     report.changed = targets
     report.zeroed = [b for b in biases if b not in targets]
     _record_ties(report, targets + report.zeroed, partners)
@@ -116,31 +152,22 @@ def init(
             f"skipped {len(report.skipped)} tensor(s) scheme '{scheme.name}' cannot take: "
             + ", ".join(f"{n} ({r})" for n, r in report.skipped.items())
         )
-    if dry_run:
-        return report
-    done: set[Any] = set()  # a tied storage is initialized once, seeded by the group's first name
+    done: set[Any] = set()  # a tied storage is initialized once, seeded by its group's first name
     order = {n: i for i, n in enumerate(names)}
     for name in targets:
-        group = sorted([name] + partners.get(name, []), key=order.__getitem__)
         info = infos[name]
-        view = (info.storage, info.offset, info.shape, info.stride)
-        if view in done:  # another name of the same alias group was already initialized
+        view = (name,) if name in plan.untie else (info.storage, info.offset, info.shape, info.stride)
+        if view in done:
             continue
         done.add(view)
-        t = ckpt.tensor(name)
-        gen = schemes.generator_for(seed, scheme.name, opts, group[0], tuple(t.shape), info.dtype)
-        schemes.apply(scheme, opts, t, gen)
-    if report.zeroed:
-        import torch
-
-        with torch.no_grad():
-            for name in report.zeroed:
-                ckpt.tensor(name).zero_()
-    _warn_optimizer(ckpt, report)
-    return report
+        seed_name = min([name] + partners.get(name, []), key=order.__getitem__)
+        plan.actions.append(_scheme_action(name, scheme, opts, seed, seed_name, info))
+    plan.actions += [Action(name, _zero, True) for name in report.zeroed]
+    _warn_optimizer(ckpt.root, names, report)
+    return plan
 
 
-def set_values(ckpt: Checkpoint, edit_texts: list[str], dry_run: bool = False) -> Report:
+def plan_set(ckpt: Checkpoint, edit_texts: list[str]) -> Plan:
     from .edits import apply_edit, parse_edit
 
     names = list(ckpt.names)
@@ -148,16 +175,15 @@ def set_values(ckpt: Checkpoint, edit_texts: list[str], dry_run: bool = False) -
     report = Report("set")
     report.changed = list(dict.fromkeys(e.name for e in edits))
     _record_ties(report, report.changed, _tie_partners(ckpt.infos()))
-    if not dry_run:
-        for e in edits:
-            apply_edit(e, ckpt.tensor(e.name))
-        _warn_optimizer(ckpt, report)
-    return report
+    plan = Plan(report)
+    for e in edits:
+        plan.actions.append(Action(e.name, lambda t, e=e: apply_edit(e, t), e.op == "=" and e.index is None))
+    _warn_optimizer(ckpt.root, names, report)
+    return plan
 
 
-def _warn_optimizer(ckpt: Checkpoint, report: Report) -> None:
+def _warn_optimizer(root: Any, names: list[str], report: Report) -> None:
     """A training checkpoint's optimizer moments belong to the old values: say so."""
-    root = ckpt.root
     if not isinstance(root, Mapping):
         return
     changed = set(report.all_changed())
@@ -168,7 +194,7 @@ def _warn_optimizer(ckpt: Checkpoint, report: Report) -> None:
         if not isinstance(state, Mapping) or not state:
             continue
         # torch optimizers index parameters by position in model.parameters(): map positions to names
-        params = [n for n in ckpt.names if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+        params = [n for n in names if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
         hit = [params[i] for i in state if isinstance(i, int) and 0 <= i < len(params) and params[i] in changed]
         if hit:
             report.warnings.append(

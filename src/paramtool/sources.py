@@ -87,21 +87,26 @@ def resolve(text: str | None) -> Source:
         raise ParamtoolError(f"{text}: permission denied") from None
 
 
-def read_toc(src: Source, key: str | None = None) -> Toc:
-    """The table of contents. For files this reads headers/pickles only: no torch, no tensor bytes."""
-    if src.kind == "file" and src.format == "safetensors":
+def open_listing(src: Source, key: str | None = None) -> Checkpoint:
+    """A file's checkpoint with stand-in tensors: names, shapes, storages and the container, no tensor data.
+
+    Reads headers and pickles only; imports no torch.
+    """
+    if src.format == "safetensors":
         if key:
             raise UsageError("--key applies to torch.save files; a safetensors file is one flat state dict")
-        toc = safetensors_fmt.read_toc(src.path)
-        toc.source = src.label
-        return toc
-    if src.kind == "file":
-        from .formats import torchfile
+        root, metadata, meta_ties = safetensors_fmt.read_tree(src.path)
+        return Checkpoint(src.label, "safetensors", root, {n: (n,) for n in root}, metadata, meta_ties, src.path)
+    from .formats import torchfile
 
-        root = torchfile.read_zip_tree(src.path) if src.format == "pt" else torchfile.read_legacy_tree(src.path)
-        names = tree.assign_names(root, key)
-        modules = {}
-        return Toc(src.label, src.format, tree.infos(root, names), extras=tree.extras(root, names), modules=modules)
+    root = torchfile.read_zip_tree(src.path) if src.format == "pt" else torchfile.read_legacy_tree(src.path)
+    return Checkpoint(src.label, src.format, root, tree.assign_names(root, key), path=src.path, key=key)
+
+
+def read_toc(src: Source, key: str | None = None) -> Toc:
+    """The table of contents. For files this reads headers/pickles only: no torch, no tensor bytes."""
+    if src.kind == "file":
+        return open_listing(src, key).toc()
     if src.kind in ("sharded", "dcp"):
         raise ParamtoolError(f"{src.text}: {src.kind} checkpoints are not supported yet")
     return load(src, key).toc()
@@ -118,7 +123,7 @@ def load(src: Source, key: str | None = None) -> Checkpoint:
     if src.kind == "file":
         from .formats import pt
 
-        read_toc(src, key)  # the allowlist pass: refuses hostile pickles before torch sees them
+        open_listing(src, key)  # the allowlist pass: refuses hostile pickles before torch sees them
         root = pt.load(src.path, src.format)
         return Checkpoint(src.label, src.format, root, tree.assign_names(root, key), path=src.path, key=key)
     if src.kind == "nn":
@@ -137,3 +142,29 @@ def _from_object(src: Source, obj: Any, key: str | None) -> Checkpoint:
     if tree.is_module(obj) or isinstance(obj, Mapping):
         return Checkpoint(src.label, "module", obj, tree.assign_names(obj, key))
     raise ParamtoolError(f"{src.text}: returned {type(obj).__name__}, not an nn.Module or a state dict")
+
+
+class StreamedCheckpoint(Checkpoint):
+    """A file checkpoint whose tensors are read one storage at a time, into fresh memory, on request."""
+
+    storage_file: Any = None
+
+    def tensor(self, name: str) -> Any:
+        return self.storage_file.tensor(name)
+
+
+def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
+    """For reading values (show, stats, diff): streamed where the format has byte ranges, else loaded."""
+    if src.kind == "file" and src.format in ("pt", "safetensors"):
+        from .stream import open_storage_file
+
+        listing = open_listing(src, key)
+        ckpt = StreamedCheckpoint(**{f: getattr(listing, f) for f in listing.__dataclass_fields__})
+        ckpt.storage_file = open_storage_file(src.path, src.format, listing.toc())
+        return ckpt
+    return load(src, key)
+
+
+def open_for_plan(src: Source, key: str | None = None) -> Checkpoint:
+    """What an edit is planned on: the stand-in listing for files (no data), the built model otherwise."""
+    return open_listing(src, key) if src.kind == "file" else load(src, key)

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from . import tree
 from .checkpoint import Checkpoint
@@ -161,20 +162,15 @@ def atomic_write(target: str, write: Callable[[str], None]) -> None:
         pass
 
 
-def write_checkpoint(ckpt: Checkpoint, output: Output, drop_extra: bool = False) -> None:
-    """Write ``ckpt`` as ``output`` says: a file (atomically) or standard output."""
-
-    def write_and_verify(path: str) -> None:
-        _write_to(ckpt, output.format, path, drop_extra)
-        _verify(ckpt, output.format, path)
-
+def emit(output: Output, write: Callable[[str], None]) -> None:
+    """Run ``write(path)`` for ``output``: atomically onto a file, or through a temporary file to stdout."""
     if output.path is not None:
-        atomic_write(output.path, write_and_verify)
+        atomic_write(output.path, write)
         return
     fd, tmp = tempfile.mkstemp(prefix="paramtool-out-")
     os.close(fd)
     try:
-        write_and_verify(tmp)
+        write(tmp)
         with open(tmp, "rb") as f:
             shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
         sys.stdout.buffer.flush()
@@ -184,3 +180,62 @@ def write_checkpoint(ckpt: Checkpoint, output: Output, drop_extra: bool = False)
         raise ParamtoolError(f"cannot write the checkpoint: {e.strerror or e}") from None
     finally:
         os.unlink(tmp)
+
+
+def write_checkpoint(ckpt: Checkpoint, output: Output, drop_extra: bool = False) -> None:
+    """Write a loaded ``ckpt`` as ``output`` says: a file (atomically) or standard output."""
+
+    def write(path: str) -> None:
+        _write_to(ckpt, output.format, path, drop_extra)
+        _verify(ckpt, output.format, path)
+
+    emit(output, write)
+
+
+def write_streamed(storage_file: Any, listing: Checkpoint, plan: Any, output: Output) -> None:
+    """Write a same-format copy of the input in which only the storages the plan touches are rewritten,
+    one storage in memory at a time; a storage the plan overwrites whole is never read."""
+    import torch
+
+    infos = {i.name: i for i in listing.infos()}
+    by_key: dict[Any, list] = {}
+    for action in plan.actions:
+        by_key.setdefault(infos[action.name].storage, []).append(action)
+
+    def produce(key: Any) -> Any:
+        actions = by_key[key]
+        first = actions[0]
+        if first.overwrites and storage_file.covers(infos[first.name]):
+            storage = storage_file.empty_storage(key)
+        else:
+            storage = storage_file.read_storage(key)
+        with torch.no_grad():
+            for action in actions:
+                action.apply(storage_file.view(storage, infos[action.name]))
+        return storage
+
+    def write(path: str) -> None:
+        storage_file.patch(path, list(by_key), produce)
+        _verify(listing, output.format, path)
+
+    emit(output, write)
+
+
+def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop_extra: bool = False) -> None:
+    """Carry out ``plan`` and write the result: streamed when input and output are the same byte-range
+    format and the plan keeps the structure, else through a full load."""
+    from . import ops
+    from .sources import load
+    from .stream import open_storage_file
+
+    same_format = src.format == output.format and src.format in ("pt", "safetensors")
+    if src.kind == "file" and same_format and not plan.untie:
+        storage_file = open_storage_file(src.path, src.format, listing.toc())
+        try:
+            write_streamed(storage_file, listing, plan, output)
+        finally:
+            storage_file.close()
+        return
+    ckpt = listing if listing.format == "module" else load(src, listing.key)
+    ops.execute(plan, ckpt)
+    write_checkpoint(ckpt, output, drop_extra)

@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from ..errors import FormatError
-from ..toc import TensorInfo, Toc, contiguous_stride
+from ..toc import FakeTensor, StorageRef, contiguous_stride
 
 MAX_HEADER = 100 * 1024 * 1024
 TIES_KEY = "paramtool.ties"
@@ -105,19 +105,26 @@ def split_metadata(metadata: dict[str, str], stored: set[str]) -> tuple[dict[str
     return aliases, views, rest
 
 
-def read_toc(path: str, source: str | None = None) -> Toc:
+def read_tree(path: str) -> tuple[dict[str, FakeTensor], dict[str, str] | None, dict[str, str]]:
+    """Tensors as ``FakeTensor`` (names sorted, as safe_open lists them), the metadata, and the ties it records.
+
+    Each stored tensor is its own storage; names recorded as ties point into the storage they share.
+    """
     header, _ = read_header(path)
     metadata = header.get("__metadata__") or {}
     entries = {k: v for k, v in header.items() if k != "__metadata__"}
     aliases, views, _ = split_metadata(metadata, set(entries))
-    tensors: dict[str, TensorInfo] = {}
+    tensors: dict[str, FakeTensor] = {}
     for name, e in entries.items():
         shape = tuple(int(d) for d in e["shape"])
-        tensors[name] = TensorInfo(name, shape, DTYPES[e["dtype"]], ("st", name), 0, contiguous_stride(shape), (name,))
+        numel = 1
+        for d in shape:
+            numel *= d
+        dtype = DTYPES[e["dtype"]]
+        tensors[name] = FakeTensor(StorageRef(("st", name), dtype, numel), 0, shape, contiguous_stride(shape), dtype)
     meta_ties: dict[str, str] = {}
     for name, kept in aliases.items():
-        k = tensors[kept]
-        tensors[name] = TensorInfo(name, k.shape, k.dtype, k.storage, 0, k.stride, (name,))
+        tensors[name] = tensors[kept]
         meta_ties[name] = kept
     for name, spec in views.items():
         base = tensors[spec["of"]]
@@ -127,10 +134,12 @@ def read_toc(path: str, source: str | None = None) -> Toc:
             offset = int(spec["offset"])
         except (KeyError, TypeError, ValueError):
             raise FormatError(f"{path}: {TIES_KEY} entry for {name!r} is malformed") from None
-        tensors[name] = TensorInfo(name, shape, base.dtype, base.storage, offset, stride, (name,))
+        extent = offset + sum((d - 1) * st for d, st in zip(shape, stride)) if all(shape) else 0
+        if offset < 0 or extent >= base.storage.numel or len(shape) != len(stride):
+            raise FormatError(f"{path}: {TIES_KEY} entry for {name!r} reaches outside '{spec['of']}'")
+        tensors[name] = FakeTensor(base.storage, offset, shape, stride, base.dtype)
         meta_ties[name] = spec["of"]
-    ordered = [tensors[n] for n in sorted(tensors)]  # safe_open's order
-    return Toc(source or path, "safetensors", ordered, metadata=metadata or None, meta_ties=meta_ties)
+    return {n: tensors[n] for n in sorted(tensors)}, metadata or None, meta_ties
 
 
 def load(path: str) -> tuple[dict[str, Any], dict[str, str] | None, dict[str, str]]:

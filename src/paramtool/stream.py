@@ -1,0 +1,190 @@
+"""Tensor data one storage at a time, straight from the file's byte ranges.
+
+A torch zip file stores each storage as an uncompressed record; a safetensors file stores each tensor as a
+byte range. ``StorageFile`` reads one storage into fresh memory on request (so memory is bounded by the
+largest storage, never the checkpoint), and ``patch`` writes a copy of the file in which only the changed
+storages are replaced: the pickle, the header, the metadata and every untouched byte stay exactly as they
+were.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Hashable
+
+from .errors import FormatError
+from .toc import TensorInfo, Toc, contiguous_stride, itemsize
+
+COPY_CHUNK = 1 << 24
+
+
+@dataclass(frozen=True)
+class Span:
+    offset: int  # absolute file offset of the storage's first byte
+    nbytes: int
+    dtype: str
+    record: str | None = None  # zip record name ("data/0") for torch files
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+class StorageFile:
+    """Random access to the storages of one checkpoint file, described by its table of contents."""
+
+    def __init__(self, path: str, toc: Toc, spans: dict[Hashable, Span]) -> None:
+        self.path = path
+        self.toc = toc
+        self.spans = spans
+        self.infos = {t.name: t for t in toc.tensors}
+        self._file = open(path, "rb")
+
+    def close(self) -> None:
+        self._file.close()
+
+    def read_storage(self, key: Hashable) -> Any:
+        """The storage's bytes in fresh memory, as a 1-D tensor of its dtype."""
+        import torch
+
+        span = self.spans[key]
+        buf = torch.empty(span.nbytes, dtype=torch.uint8)
+        self._file.seek(span.offset)
+        if span.nbytes and self._file.readinto(buf.numpy()) != span.nbytes:
+            raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the file")
+        return buf.view(_torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else buf
+
+    def empty_storage(self, key: Hashable) -> Any:
+        import torch
+
+        span = self.spans[key]
+        return torch.empty(span.nbytes // itemsize(span.dtype), dtype=_torch_dtype(span.dtype))
+
+    @staticmethod
+    def view(storage: Any, info: TensorInfo) -> Any:
+        return storage.as_strided(info.shape, info.stride, info.offset)
+
+    def tensor(self, name: str) -> Any:
+        info = self.infos[name]
+        return self.view(self.read_storage(info.storage), info)
+
+    def covers(self, info: TensorInfo) -> bool:
+        """Does this view cover every element of its storage (so overwriting it needs no old bytes)?"""
+        span = self.spans[info.storage]
+        return info.offset == 0 and info.nbytes == span.nbytes and tuple(info.stride) == contiguous_stride(info.shape)
+
+    def patch(self, out_path: str, changed: Iterable[Hashable], produce: Callable[[Hashable], Any]) -> None:
+        """Write a copy of this file to ``out_path`` where each storage in ``changed`` is replaced by
+        ``produce(key)`` (a tensor holding the whole storage), produced and written one at a time."""
+        raise NotImplementedError
+
+
+class ZipStorageFile(StorageFile):
+    """A torch zip checkpoint; records are copied with torch's own zip writer, which keeps alignment."""
+
+    @classmethod
+    def open(cls, path: str, toc: Toc, root: Any) -> "ZipStorageFile":
+        import torch
+
+        from .tree import walk
+
+        reader = torch._C.PyTorchFileReader(path)
+        spans: dict[Hashable, Span] = {}
+        for _, fake in walk(root):
+            ref = fake.storage
+            if ref.key not in spans:
+                record = f"data/{ref.key[1]}"
+                spans[ref.key] = Span(reader.get_record_offset(record), ref.nbytes, ref.dtype, record)
+        self = cls(path, toc, spans)
+        self.reader = reader
+        return self
+
+    def patch(self, out_path: str, changed: Iterable[Hashable], produce: Callable[[Hashable], Any]) -> None:
+        import torch
+
+        by_record = {self.spans[k].record: k for k in changed}
+        writer = torch._C.PyTorchFileWriter(out_path)
+        for record in self.reader.get_all_records():
+            if record in ("version", ".data/serialization_id"):
+                continue  # written by the writer itself
+            if record in by_record:
+                data = produce(by_record[record]).contiguous()
+                writer.write_record(record, data.untyped_storage(), data.untyped_storage().nbytes())
+                del data
+            else:
+                data = self.reader.get_record(record)
+                writer.write_record(record, data, len(data))
+                del data
+        writer.write_end_of_file()
+
+
+class SafetensorsStorageFile(StorageFile):
+    """A safetensors file: every stored tensor is its own storage; the header is copied verbatim."""
+
+    @classmethod
+    def open(cls, path: str, toc: Toc) -> "SafetensorsStorageFile":
+        from .formats.safetensors_fmt import DTYPES, read_header
+
+        header, data_start = read_header(path)
+        spans = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = entry["data_offsets"]
+            spans[("st", name)] = Span(data_start + start, end - start, DTYPES[entry["dtype"]])
+        self = cls(path, toc, spans)
+        self.data_start = data_start
+        return self
+
+    def patch(self, out_path: str, changed: Iterable[Hashable], produce: Callable[[Hashable], Any]) -> None:
+        changed = set(changed)
+        with open(out_path, "wb") as out:
+            self._file.seek(0)
+            _copy(self._file, out, self.data_start)
+            pos = self.data_start
+            for key, span in sorted(self.spans.items(), key=lambda kv: kv[1].offset):
+                if span.offset > pos:  # padding between ranges, if any
+                    self._file.seek(pos)
+                    _copy(self._file, out, span.offset - pos)
+                if key in changed:
+                    data = produce(key).contiguous()
+                    out.write(_as_bytes(data))
+                    del data
+                else:
+                    self._file.seek(span.offset)
+                    _copy(self._file, out, span.nbytes)
+                pos = span.offset + span.nbytes
+            self._file.seek(0, 2)
+            end = self._file.tell()
+            self._file.seek(pos)
+            _copy(self._file, out, end - pos)
+
+
+def _as_bytes(t: Any) -> Any:
+    """A zero-copy byte view of a contiguous CPU tensor, for file.write."""
+    import torch
+
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def _copy(src: Any, dst: Any, n: int) -> None:
+    while n > 0:
+        chunk = src.read(min(COPY_CHUNK, n))
+        if not chunk:
+            raise FormatError("input file ended early while copying")
+        dst.write(chunk)
+        n -= len(chunk)
+
+
+def open_storage_file(path: str, fmt: str, toc: Toc, key: str | None = None) -> StorageFile | None:
+    """A streaming reader for zip torch files and safetensors; None for formats without byte ranges."""
+    if fmt == "safetensors":
+        return SafetensorsStorageFile.open(path, toc)
+    if fmt == "pt":
+        from .formats.torchfile import read_zip_tree
+
+        return ZipStorageFile.open(path, toc, read_zip_tree(path))
+    return None
+
