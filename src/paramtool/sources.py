@@ -11,14 +11,14 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import tree
 from .checkpoint import Checkpoint
 from .errors import FormatError, ParamtoolError, UsageError
 from .formats import safetensors_fmt
-from .toc import Toc
+from .toc import TensorInfo, Toc
 
 
 @dataclass(frozen=True)
@@ -87,11 +87,54 @@ def resolve(text: str | None) -> Source:
         raise ParamtoolError(f"{text}: permission denied") from None
 
 
+class ShardedCheckpoint(Checkpoint):
+    """One checkpoint made of shard files; each part is a checkpoint of its own, read the same way."""
+
+    parts: dict[str, Checkpoint] = {}
+    index: Any = None
+
+    def tensor(self, name: str) -> Any:
+        return self.parts[self.names[name][0]].tensor(name)
+
+    def infos(self) -> list[TensorInfo]:
+        out = {}
+        for shard, part in self.parts.items():
+            for info in part.infos():
+                out[info.name] = replace(info, storage=(shard, info.storage), path=(shard,) + info.path)
+        return [out[n] for n in self.names]
+
+    def replace(self, name: str, value: Any) -> None:
+        self.parts[self.names[name][0]].replace(name, value)
+
+
+def _sharded(src: Source, open_part: Any) -> ShardedCheckpoint:
+    from .formats.sharded import read_index
+
+    index = read_index(src.path)
+    parts: dict[str, Checkpoint] = {}
+    for shard in index.shards:
+        path = os.path.join(index.directory, shard)
+        parts[shard] = open_part(Source(path, "file", path, sniff_file(path)), None)
+    names: dict[str, tree.Path] = {}
+    for name, shard in index.weight_map.items():
+        if name not in parts[shard].names:
+            raise FormatError(f"{index.path}: '{name}' is mapped to shard '{shard}', which does not hold it")
+        names[name] = (shard,) + tuple(parts[shard].names[name])
+    meta_ties = {n: t for p in parts.values() for n, t in p.meta_ties.items()}
+    metadata = {k: v for p in parts.values() for k, v in (p.metadata or {}).items()}  # the shards' own
+    ckpt = ShardedCheckpoint(src.label, "sharded", {s: p.root for s, p in parts.items()}, names,
+                             metadata or None, meta_ties, src.path)
+    ckpt.parts, ckpt.index = parts, index
+    return ckpt
+
+
 def open_listing(src: Source, key: str | None = None) -> Checkpoint:
     """A file's checkpoint with stand-in tensors: names, shapes, storages and the container, no tensor data.
 
     Reads headers and pickles only; imports no torch.
     """
+    if src.kind == "sharded":
+        return _sharded(src, open_listing)
     if src.format == "safetensors":
         if key:
             raise UsageError("--key applies to torch.save files; a safetensors file is one flat state dict")
@@ -105,9 +148,9 @@ def open_listing(src: Source, key: str | None = None) -> Checkpoint:
 
 def read_toc(src: Source, key: str | None = None) -> Toc:
     """The table of contents. For files this reads headers/pickles only: no torch, no tensor bytes."""
-    if src.kind == "file":
+    if src.kind in ("file", "sharded"):
         return open_listing(src, key).toc()
-    if src.kind in ("sharded", "dcp"):
+    if src.kind == "dcp":
         raise ParamtoolError(f"{src.text}: {src.kind} checkpoints are not supported yet")
     return load(src, key).toc()
 
@@ -126,6 +169,8 @@ def load(src: Source, key: str | None = None) -> Checkpoint:
         open_listing(src, key)  # the allowlist pass: refuses hostile pickles before torch sees them
         root = pt.load(src.path, src.format)
         return Checkpoint(src.label, src.format, root, tree.assign_names(root, key), path=src.path, key=key)
+    if src.kind == "sharded":
+        return _sharded(src, load)
     if src.kind == "nn":
         from .nnspec import build_module
 
@@ -155,6 +200,8 @@ class StreamedCheckpoint(Checkpoint):
 
 def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
     """For reading values (show, stats, diff): streamed where the format has byte ranges, else loaded."""
+    if src.kind == "sharded":
+        return _sharded(src, load_lazy)
     if src.kind == "file" and src.format in ("pt", "safetensors"):
         from .stream import open_storage_file
 
@@ -167,4 +214,4 @@ def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
 
 def open_for_plan(src: Source, key: str | None = None) -> Checkpoint:
     """What an edit is planned on: the stand-in listing for files (no data), the built model otherwise."""
-    return open_listing(src, key) if src.kind == "file" else load(src, key)
+    return open_listing(src, key) if src.kind in ("file", "sharded") else load(src, key)

@@ -37,6 +37,8 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None) -
     """Apply the contract's OUTPUT rules: ``-o``, ``--in-place``, or stdout when it is not a terminal."""
     if fmt is not None and fmt not in ("pt", "safetensors"):
         raise UsageError(f"--format must be pt or safetensors, not '{fmt}'")
+    if src.kind == "sharded":
+        return _plan_sharded_output(src, out, in_place, fmt)
     is_input_file = src.kind == "file" and src.text != "-"
     if out == "-":
         out = None
@@ -60,6 +62,25 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None) -
         else:
             fmt = "safetensors" if src.format == "safetensors" else "pt"
     return Output(out, fmt, in_place)
+
+
+def _plan_sharded_output(src: Source, out: str | None, in_place: bool, fmt: str | None) -> Output:
+    """A sharded checkpoint is written as shards into a directory (``-o DIR``, or ``--in-place``), or merged
+    into one file by ``-o FILE.safetensors|.pt``."""
+    if in_place and out is not None:
+        raise UsageError("give either -o PATH or --in-place, not both")
+    if in_place:
+        return Output(src.path, "sharded", True)
+    if out is None or out == "-":
+        raise UsageError("a sharded checkpoint is written to a directory: use -o DIR, --in-place, "
+                         "or -o FILE.safetensors to merge the shards")
+    if fmt is None and (os.path.isdir(out) or not os.path.splitext(out)[1]):
+        if os.path.isdir(out) and os.listdir(out):
+            raise UsageError(f"{out} is a directory that is not empty: choose a new one, or use --in-place")
+        return Output(out, "sharded")
+    if fmt is None:
+        fmt = "safetensors" if out.endswith(".safetensors") else "pt"
+    return Output(out, fmt)
 
 
 def _non_tensor_entries(ckpt: Checkpoint) -> list[str]:
@@ -101,6 +122,8 @@ def _write_to(ckpt: Checkpoint, fmt: str, path: str, drop_extra: bool) -> None:
         root = ckpt.root
         if ckpt.format in ("module", "safetensors") and tree.is_module(root):
             root = root.state_dict()
+        elif ckpt.format in ("sharded", "dcp"):  # merged into one flat state dict
+            root = ckpt.tensors()
         pt.save(root, path)
 
 
@@ -228,6 +251,9 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
     from .sources import load
     from .stream import open_storage_file
 
+    if output.format == "sharded":
+        _write_sharded(src, listing, plan, output)
+        return
     same_format = src.format == output.format and src.format in ("pt", "safetensors")
     if src.kind == "file" and same_format and not plan.untie:
         storage_file = open_storage_file(src.path, src.format, listing.toc())
@@ -239,3 +265,39 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
     ckpt = listing if listing.format == "module" else load(src, listing.key)
     ops.execute(plan, ckpt)
     write_checkpoint(ckpt, output, drop_extra)
+
+
+def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None:
+    """Each shard that the plan touches is rewritten (streamed, in its own format); the others are kept
+    (in place) or copied, and the index goes along. A new directory appears only once complete."""
+    from .ops import Plan
+    from .sources import sniff_file
+
+    index = listing.index
+    shard_of = {n: p[0] for n, p in listing.names.items()}
+    final = index.directory if output.in_place else os.path.abspath(output.path)
+    work = final if output.in_place else tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.", dir=os.path.dirname(final))
+    try:
+        for shard, part in listing.parts.items():
+            sub = Plan(plan.report, [a for a in plan.actions if shard_of[a.name] == shard],
+                       [n for n in plan.untie if shard_of[n] == shard])
+            path = os.path.join(index.directory, shard)
+            target = os.path.join(work, shard)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if sub.actions or sub.untie:
+                shard_src = Source(path, "file", path, sniff_file(path))
+                write_plan(shard_src, part, sub, Output(target, "safetensors" if shard_src.format == "safetensors" else "pt",
+                                                        output.in_place), drop_extra=False)
+            elif not output.in_place:
+                shutil.copyfile(path, target)
+        if not output.in_place:
+            from .formats.sharded import write_index
+
+            write_index(index, work)
+            if os.path.isdir(final):
+                os.rmdir(final)  # checked empty when planning
+            os.replace(work, final)
+    except BaseException:
+        if not output.in_place:
+            shutil.rmtree(work, ignore_errors=True)
+        raise

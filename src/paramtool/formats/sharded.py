@@ -1,0 +1,65 @@
+"""Sharded checkpoints: an index (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``) naming
+which shard file holds each tensor. Read as one checkpoint; written back shard by shard, keeping the layout.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+
+from ..errors import FormatError, ParamtoolError
+
+
+@dataclass(frozen=True)
+class Index:
+    path: str  # the index file
+    directory: str
+    metadata: dict
+    weight_map: dict[str, str]  # tensor name -> shard file name (relative to directory)
+    raw: dict  # the whole JSON document, kept for writing back
+
+    @property
+    def shards(self) -> list[str]:
+        return list(dict.fromkeys(self.weight_map.values()))
+
+
+def find_index(path: str) -> str:
+    """The index file of a sharded checkpoint given as a directory or as the index itself."""
+    if not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise ParamtoolError(f"{path}: no such file")
+        return path
+    found = sorted(glob.glob(os.path.join(glob.escape(path), "*.index.json")))
+    if not found:
+        raise FormatError(f"{path}: a directory without a *.index.json (nor a torch.distributed .metadata): "
+                          "not a sharded checkpoint")
+    if len(found) > 1:
+        names = ", ".join(os.path.basename(f) for f in found)
+        raise FormatError(f"{path}: several indexes ({names}); name the one to use")
+    return found[0]
+
+
+def read_index(path: str) -> Index:
+    index_path = find_index(path)
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{index_path}: not a valid index ({e})") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise FormatError(f"{index_path}: no weight_map of tensor names to shard files")
+    directory = os.path.dirname(os.path.abspath(index_path))
+    for shard in dict.fromkeys(weight_map.values()):
+        if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
+            raise FormatError(f"{index_path}: shard '{shard}' points outside the checkpoint directory")
+        if not os.path.isfile(os.path.join(directory, shard)):
+            raise FormatError(f"{index_path}: shard '{shard}' is missing")
+    return Index(index_path, directory, raw.get("metadata") or {}, weight_map, raw)
+
+
+def write_index(index: Index, directory: str) -> None:
+    with open(os.path.join(directory, os.path.basename(index.path)), "w", encoding="utf-8") as f:
+        json.dump(index.raw, f, indent=2, sort_keys=False)
+        f.write("\n")
