@@ -135,6 +135,11 @@ def open_listing(src: Source, key: str | None = None) -> Checkpoint:
     """
     if src.kind == "sharded":
         return _sharded(src, open_listing)
+    if src.kind == "dcp":
+        from .formats import dcp
+
+        root = dcp.read_tree(src.path)
+        return Checkpoint(src.label, "dcp", root, tree.assign_names(root, key), path=src.path, key=key)
     if src.format == "safetensors":
         if key:
             raise UsageError("--key applies to torch.save files; a safetensors file is one flat state dict")
@@ -148,10 +153,8 @@ def open_listing(src: Source, key: str | None = None) -> Checkpoint:
 
 def read_toc(src: Source, key: str | None = None) -> Toc:
     """The table of contents. For files this reads headers/pickles only: no torch, no tensor bytes."""
-    if src.kind in ("file", "sharded"):
+    if src.kind in ("file", "sharded", "dcp"):
         return open_listing(src, key).toc()
-    if src.kind == "dcp":
-        raise ParamtoolError(f"{src.text}: {src.kind} checkpoints are not supported yet")
     return load(src, key).toc()
 
 
@@ -171,6 +174,11 @@ def load(src: Source, key: str | None = None) -> Checkpoint:
         return Checkpoint(src.label, src.format, root, tree.assign_names(root, key), path=src.path, key=key)
     if src.kind == "sharded":
         return _sharded(src, load)
+    if src.kind == "dcp":
+        from .formats import dcp
+
+        root = dcp.load(src.path)
+        return Checkpoint(src.label, "dcp", root, tree.assign_names(root, key), path=src.path, key=key)
     if src.kind == "nn":
         from .nnspec import build_module
 
@@ -180,7 +188,6 @@ def load(src: Source, key: str | None = None) -> Checkpoint:
         from .factory import call_factory
 
         return _from_object(src, call_factory(src.text), key)
-    raise ParamtoolError(f"{src.text}: {src.kind} checkpoints are not supported yet")
 
 
 def _from_object(src: Source, obj: Any, key: str | None) -> Checkpoint:
@@ -214,4 +221,4 @@ def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
 
 def open_for_plan(src: Source, key: str | None = None) -> Checkpoint:
     """What an edit is planned on: the stand-in listing for files (no data), the built model otherwise."""
-    return open_listing(src, key) if src.kind in ("file", "sharded") else load(src, key)
+    return open_listing(src, key) if src.kind in ("file", "sharded", "dcp") else load(src, key)

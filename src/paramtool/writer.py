@@ -37,8 +37,8 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None) -
     """Apply the contract's OUTPUT rules: ``-o``, ``--in-place``, or stdout when it is not a terminal."""
     if fmt is not None and fmt not in ("pt", "safetensors"):
         raise UsageError(f"--format must be pt or safetensors, not '{fmt}'")
-    if src.kind == "sharded":
-        return _plan_sharded_output(src, out, in_place, fmt)
+    if src.kind in ("sharded", "dcp"):
+        return _plan_directory_output(src, out, in_place, fmt)
     is_input_file = src.kind == "file" and src.text != "-"
     if out == "-":
         out = None
@@ -64,20 +64,20 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None) -
     return Output(out, fmt, in_place)
 
 
-def _plan_sharded_output(src: Source, out: str | None, in_place: bool, fmt: str | None) -> Output:
-    """A sharded checkpoint is written as shards into a directory (``-o DIR``, or ``--in-place``), or merged
-    into one file by ``-o FILE.safetensors|.pt``."""
+def _plan_directory_output(src: Source, out: str | None, in_place: bool, fmt: str | None) -> Output:
+    """A sharded or DCP checkpoint is written in its own layout into a directory (``-o DIR``, or
+    ``--in-place``), or merged into one file by ``-o FILE.safetensors|.pt``."""
     if in_place and out is not None:
         raise UsageError("give either -o PATH or --in-place, not both")
     if in_place:
-        return Output(src.path, "sharded", True)
+        return Output(src.path, src.kind, True)
     if out is None or out == "-":
-        raise UsageError("a sharded checkpoint is written to a directory: use -o DIR, --in-place, "
-                         "or -o FILE.safetensors to merge the shards")
+        raise UsageError(f"a {src.kind} checkpoint is written to a directory: use -o DIR, --in-place, "
+                         "or -o FILE.safetensors (or .pt) to merge it into one file")
     if fmt is None and (os.path.isdir(out) or not os.path.splitext(out)[1]):
         if os.path.isdir(out) and os.listdir(out):
             raise UsageError(f"{out} is a directory that is not empty: choose a new one, or use --in-place")
-        return Output(out, "sharded")
+        return Output(out, src.kind)
     if fmt is None:
         fmt = "safetensors" if out.endswith(".safetensors") else "pt"
     return Output(out, fmt)
@@ -254,6 +254,11 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
     if output.format == "sharded":
         _write_sharded(src, listing, plan, output)
         return
+    if output.format == "dcp":
+        ckpt = load(src, listing.key)
+        ops.execute(plan, ckpt)
+        _write_dcp(ckpt, output)
+        return
     same_format = src.format == output.format and src.format in ("pt", "safetensors")
     if src.kind == "file" and same_format and not plan.untie:
         storage_file = open_storage_file(src.path, src.format, listing.toc())
@@ -301,3 +306,41 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
         if not output.in_place:
             shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def _replace_directory(final: str, build: Callable[[str], None]) -> None:
+    """Build a directory beside ``final`` and swap it in: ``final`` is never half-written."""
+    final = os.path.abspath(final)
+    work = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.", dir=os.path.dirname(final))
+    old = None
+    try:
+        build(work)
+        if os.path.isdir(final) and os.listdir(final):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old.", dir=os.path.dirname(final))
+            os.rmdir(old)
+            os.rename(final, old)
+        elif os.path.isdir(final):
+            os.rmdir(final)
+        os.rename(work, final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        if old and not os.path.exists(final):
+            os.rename(old, final)
+        raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_dcp(ckpt: Checkpoint, output: Output) -> None:
+    from .formats import dcp
+    from .sources import Source as Src
+    from .sources import open_listing
+
+    def build(work: str) -> None:
+        dcp.save(ckpt.root, work)
+        written = open_listing(Src(work, "dcp", work), ckpt.key)
+        got = {i.name: (i.shape, i.dtype) for i in written.infos()}
+        if any(got.get(i.name) != (i.shape, i.dtype) for i in ckpt.infos()):
+            raise ParamtoolError("verification of the written checkpoint failed; nothing was replaced")
+
+    _replace_directory(output.path, build)
