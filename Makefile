@@ -13,6 +13,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m compileall -q src  # bytecode for the editable install (PYTHONDONTWRITEBYTECODE may be set)
 	touch $(STAMP)
 
 samples: $(STAMP)
