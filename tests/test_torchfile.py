@@ -163,7 +163,7 @@ def test_truncated_legacy(tmp_path):
 def test_sniff():
     assert sniff_torch(b"PK\x03\x04rest") == "pt"
     assert sniff_torch(b"\x80\x02\x8a\x0a") == "pt-legacy"
-    assert sniff_torch(b"hello") is None
+    assert sniff_torch(b"\x00\x01") is None and sniff_torch(b"") is None
 
 
 def test_nn_class_list_matches_installed_torch():

@@ -140,12 +140,11 @@ def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[1] * receptive, shape[0] * receptive
 
 
-def _fill(scheme: Scheme, o: dict, shape: tuple[int, ...], g: Any) -> Any:
-    """New float32 values for a tensor of ``shape``, following torch.nn.init exactly."""
-    import torch
+def _fill(scheme: Scheme, o: dict, t: Any, g: Any) -> Any:
+    """Fill the float32 tensor ``t`` with new values, following torch.nn.init exactly."""
     from torch.nn import init
 
-    t = torch.empty(shape, dtype=torch.float32)
+    shape = tuple(t.shape)
     name = scheme.name
     if name == "normal":
         return t.normal_(o["mean"], o["std"], generator=g)
@@ -193,6 +192,8 @@ def apply(scheme: Scheme, options: dict, tensor: Any, generator: Any) -> None:
     """Fill ``tensor`` in place (it may be a view of a tied storage); its dtype and layout never change."""
     import torch
 
-    values = _fill(scheme, options, tuple(tensor.shape), generator)
     with torch.no_grad():
-        tensor.copy_(values)
+        if tensor.dtype == torch.float32 and tensor.is_contiguous():
+            _fill(scheme, options, tensor, generator)  # straight into place: no second buffer
+        else:  # other dtypes, and views such as a transpose of a tied tensor, go through float32
+            tensor.copy_(_fill(scheme, options, torch.empty(tuple(tensor.shape), dtype=torch.float32), generator))

@@ -8,7 +8,7 @@ were.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Hashable
 
@@ -24,6 +24,21 @@ class Span:
     nbytes: int
     dtype: str
     record: str | None = None  # zip record name ("data/0") for torch files
+
+
+def release_freed_memory() -> None:
+    """Make glibc give large freed blocks back to the system at once.
+
+    glibc raises its mmap threshold after the first large free, after which 16 MiB storages come from the
+    heap and fragment it: peak memory can then reach twice the checkpoint. A fixed threshold keeps every
+    storage-sized block in its own mapping, returned on free, so memory stays at one storage at a time.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
 
 
 def _torch_dtype(name: str) -> Any:
@@ -52,7 +67,7 @@ class StorageFile:
         span = self.spans[key]
         buf = torch.empty(span.nbytes, dtype=torch.uint8)
         self._file.seek(span.offset)
-        if span.nbytes and self._file.readinto(buf.numpy()) != span.nbytes:
+        if span.nbytes and self._file.readinto(buf.numpy()) != span.nbytes:  # type: ignore[arg-type]
             raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the file")
         return buf.view(_torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else buf
 
@@ -90,13 +105,16 @@ class ZipStorageFile(StorageFile):
 
         from .tree import walk
 
-        reader = torch._C.PyTorchFileReader(path)
         spans: dict[Hashable, Span] = {}
-        for _, fake in walk(root):
-            ref = fake.storage
-            if ref.key not in spans:
-                record = f"data/{ref.key[1]}"
-                spans[ref.key] = Span(reader.get_record_offset(record), ref.nbytes, ref.dtype, record)
+        try:
+            reader = torch._C.PyTorchFileReader(path)
+            for _, fake in walk(root):
+                ref = fake.storage
+                if ref.key not in spans:
+                    record = f"data/{ref.key[1]}"
+                    spans[ref.key] = Span(reader.get_record_offset(record), ref.nbytes, ref.dtype, record)
+        except RuntimeError as e:  # torch's zip reader: corrupt or truncated archive
+            raise FormatError(f"{path}: corrupt torch zip file ({_first_line(e)})") from None
         self = cls(path, toc, spans)
         self.reader = reader
         return self
@@ -105,16 +123,20 @@ class ZipStorageFile(StorageFile):
         import torch
 
         by_record = {self.spans[k].record: k for k in changed}
+        records = [r for r in self.reader.get_all_records() if r not in ("version", ".data/serialization_id")]
+        produced = _ahead([by_record[r] for r in records if r in by_record], produce)
         writer = torch._C.PyTorchFileWriter(out_path)
-        for record in self.reader.get_all_records():
-            if record in ("version", ".data/serialization_id"):
-                continue  # written by the writer itself
+        for record in records:  # "version" and the serialization id are written by the writer itself
             if record in by_record:
-                data = produce(by_record[record]).contiguous()
+                _, data = next(produced)
+                data = data.contiguous()
                 writer.write_record(record, data.untyped_storage(), data.untyped_storage().nbytes())
                 del data
             else:
-                data = self.reader.get_record(record)
+                try:
+                    data = self.reader.get_record(record)
+                except RuntimeError as e:
+                    raise FormatError(f"{self.path}: record '{record}' cannot be read ({_first_line(e)})") from None
                 writer.write_record(record, data, len(data))
                 del data
         writer.write_end_of_file()
@@ -140,17 +162,19 @@ class SafetensorsStorageFile(StorageFile):
 
     def patch(self, out_path: str, changed: Iterable[Hashable], produce: Callable[[Hashable], Any]) -> None:
         changed = set(changed)
+        ordered = sorted(self.spans.items(), key=lambda kv: kv[1].offset)
+        produced = _ahead([k for k, _ in ordered if k in changed], produce)
         with open(out_path, "wb") as out:
             self._file.seek(0)
             _copy(self._file, out, self.data_start)
             pos = self.data_start
-            for key, span in sorted(self.spans.items(), key=lambda kv: kv[1].offset):
+            for key, span in ordered:
                 if span.offset > pos:  # padding between ranges, if any
                     self._file.seek(pos)
                     _copy(self._file, out, span.offset - pos)
                 if key in changed:
-                    data = produce(key).contiguous()
-                    out.write(_as_bytes(data))
+                    _, data = next(produced)
+                    out.write(_as_bytes(data.contiguous()))
                     del data
                 else:
                     self._file.seek(span.offset)
@@ -160,6 +184,27 @@ class SafetensorsStorageFile(StorageFile):
             end = self._file.tell()
             self._file.seek(pos)
             _copy(self._file, out, end - pos)
+
+
+def _ahead(keys: list[Hashable], produce: Callable[[Hashable], Any]) -> Iterator[tuple[Hashable, Any]]:
+    """``(key, produce(key))`` in order, computing the next storage on a worker thread while the caller
+    writes the current one (torch releases the GIL): generation and I/O overlap, two storages at most."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not keys:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(produce, keys[0])
+        for i, key in enumerate(keys):
+            value = pending.result()
+            pending = pool.submit(produce, keys[i + 1]) if i + 1 < len(keys) else None
+            yield key, value
+            del value
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
 
 
 def _as_bytes(t: Any) -> Any:
@@ -180,6 +225,7 @@ def _copy(src: Any, dst: Any, n: int) -> None:
 
 def open_storage_file(path: str, fmt: str, toc: Toc, key: str | None = None) -> StorageFile | None:
     """A streaming reader for zip torch files and safetensors; None for formats without byte ranges."""
+    release_freed_memory()
     if fmt == "safetensors":
         return SafetensorsStorageFile.open(path, toc)
     if fmt == "pt":

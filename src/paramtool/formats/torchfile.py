@@ -11,6 +11,7 @@ import collections
 import io
 import os
 import pickle
+import pickletools
 import zipfile
 from dataclasses import replace
 from typing import Any, BinaryIO, Callable
@@ -20,6 +21,7 @@ from ..toc import FakeModule, FakeTensor, StorageRef, itemsize
 from .nn_classes import NN_MODULE_CLASSES
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_PICKLE_OPCODES = frozenset(op.code.encode("latin-1") for op in pickletools.opcodes)
 MAX_PICKLE = 1 << 30  # a data.pkl beyond 1 GiB is not a state dict
 
 STORAGE_DTYPES = {
@@ -186,7 +188,7 @@ def sniff_torch(head: bytes) -> str | None:
     """"pt" for a zip file, "pt-legacy" for anything that starts like a pickle, else None."""
     if head.startswith(b"PK\x03\x04"):
         return "pt"
-    if head[:1] == b"\x80" or head[:1] in (b"(", b"c", b"}", b"]", b"N", b"I", b"S", b"V", b"\x8c", b"q", b"K"):
+    if head[:1] and head[:1] in _PICKLE_OPCODES:  # any pickle: the allowlist unpickler decides
         return "pt-legacy"
     return None
 
@@ -206,7 +208,7 @@ def read_zip_tree(path: str) -> Any:
         if info.file_size > MAX_PICKLE:
             raise FormatError(f"{path}: data.pkl is {info.file_size} bytes, above the {MAX_PICKLE} byte limit")
         records = {i.filename: i.file_size for i in archive.infolist()}
-        byteorder = archive.read(prefix + "byteorder").strip() if prefix + "byteorder" in records else b"little"
+        byteorder = _read_record(archive, prefix + "byteorder", path).strip() if prefix + "byteorder" in records else b"little"
         if byteorder not in (b"little", b""):
             raise FormatError(f"{path}: big-endian checkpoints are not supported")
         seen: dict[str, StorageRef] = {}
@@ -228,11 +230,15 @@ def read_zip_tree(path: str) -> Any:
             seen[key] = StorageRef(("zip", key), dtype, numel, str(location))
             return seen[key]
 
-        try:
-            data = archive.read(info)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-            raise FormatError(f"{path}: data.pkl cannot be read ({e})") from None
+        data = _read_record(archive, info.filename, path)
     return _unpickle(io.BytesIO(data), storage, path)
+
+
+def _read_record(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
+    try:
+        return archive.read(name)
+    except Exception as e:  # BadZipFile, zlib.error, EOFError, NotImplementedError (odd compression), ...
+        raise FormatError(f"{path}: zip record '{name}' cannot be read ({type(e).__name__}: {e})") from None
 
 
 def read_legacy_tree(path: str) -> Any:
