@@ -190,6 +190,18 @@ def _planner() -> Any:
     return WeightsOnlyPlanner()
 
 
+def _check_sizes(directory: str, skeleton: Any) -> None:
+    """Refuse, before allocating, tensors that could not come from the data files on disk."""
+    from ..toc import itemsize
+    from ..tree import walk
+
+    on_disk = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory) if f.endswith(".distcp"))
+    needed = sum(t.numel * itemsize(t.dtype) for _, t in walk(skeleton))
+    if needed > on_disk:
+        raise FormatError(f"{directory}: .metadata describes {needed} bytes of tensors but the .distcp files hold "
+                          f"{on_disk}")
+
+
 def load(directory: str) -> Any:
     """The whole checkpoint as nested dicts of real tensors and values, read by torch's DCP reader."""
     import torch
@@ -204,6 +216,7 @@ def load(directory: str) -> Any:
             return torch.empty(node.shape, dtype=getattr(torch, node.dtype))
         return None  # a non-tensor entry: DCP puts the loaded value here
 
+    _check_sizes(directory, skeleton)
     state = fill(skeleton)
     try:
         with warnings.catch_warnings():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 from typing import Any
 
 from ..errors import FormatError, RefusedGlobal
@@ -18,7 +19,8 @@ def load(path: str, fmt: str) -> Any:
     from .torchfile import torch_safe_globals
 
     try:
-        with torch.serialization.safe_globals(torch_safe_globals()):
+        with torch.serialization.safe_globals(torch_safe_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 0": the allowlist pass already read it
             return torch.load(path, map_location="cpu", weights_only=True, mmap=(fmt == "pt"))
     except pickle.UnpicklingError as e:
         text = str(e)

@@ -22,7 +22,7 @@ from .nn_classes import NN_MODULE_CLASSES
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _PICKLE_OPCODES = frozenset(op.code.encode("latin-1") for op in pickletools.opcodes)
-MAX_PICKLE = 1 << 30  # a data.pkl beyond 1 GiB is not a state dict
+MAX_PICKLE = 256 << 20  # a data.pkl beyond 256 MiB is not a state dict (real ones are KBs to a few MBs)
 
 STORAGE_DTYPES = {
     "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
