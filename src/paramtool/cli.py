@@ -95,12 +95,15 @@ KeyOpt = Annotated[
 
 
 def out_console() -> Console:
-    """stdout: data only. Colour only on a terminal and never with NO_COLOR (rich honours both)."""
-    return Console(file=sys.stdout, highlight=False, soft_wrap=False)
+    """stdout: data only. Colour only on a terminal and never with NO_COLOR (rich honours both).
+
+    Down a pipe, lines are not wrapped (``| grep`` sees whole lines) unless COLUMNS asks for a width."""
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 4096
+    return Console(file=sys.stdout, highlight=False, soft_wrap=False, width=width)
 
 
 def err_console() -> Console:
-    return Console(file=sys.stderr, highlight=False)
+    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
