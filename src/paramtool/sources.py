@@ -128,6 +128,16 @@ def _sharded(src: Source, open_part: Any) -> ShardedCheckpoint:
     return ckpt
 
 
+def _named(src: Source, fmt: str, root: Any, key: str | None) -> Checkpoint:
+    """A checkpoint over ``root`` with its tensors named (relative to ``--key`` when given)."""
+    return Checkpoint(src.label, fmt, root, tree.assign_names(root, key), path=src.path, key=key)
+
+
+def _flat_only(key: str | None) -> None:
+    if key:
+        raise UsageError("--key applies to torch.save files; a safetensors file is one flat state dict")
+
+
 def open_listing(src: Source, key: str | None = None) -> Checkpoint:
     """A file's checkpoint with stand-in tensors: names, shapes, storages and the container, no tensor data.
 
@@ -138,17 +148,15 @@ def open_listing(src: Source, key: str | None = None) -> Checkpoint:
     if src.kind == "dcp":
         from .formats import dcp
 
-        root = dcp.read_tree(src.path)
-        return Checkpoint(src.label, "dcp", root, tree.assign_names(root, key), path=src.path, key=key)
+        return _named(src, "dcp", dcp.read_tree(src.path), key)
     if src.format == "safetensors":
-        if key:
-            raise UsageError("--key applies to torch.save files; a safetensors file is one flat state dict")
+        _flat_only(key)
         root, metadata, meta_ties = safetensors_fmt.read_tree(src.path)
         return Checkpoint(src.label, "safetensors", root, {n: (n,) for n in root}, metadata, meta_ties, src.path)
     from .formats import torchfile
 
     root = torchfile.read_zip_tree(src.path) if src.format == "pt" else torchfile.read_legacy_tree(src.path)
-    return Checkpoint(src.label, src.format, root, tree.assign_names(root, key), path=src.path, key=key)
+    return _named(src, src.format, root, key)
 
 
 def read_toc(src: Source, key: str | None = None) -> Toc:
@@ -161,8 +169,7 @@ def read_toc(src: Source, key: str | None = None) -> Toc:
 def load(src: Source, key: str | None = None) -> Checkpoint:
     """Load tensor data (memory-mapped where the format allows)."""
     if src.kind == "file" and src.format == "safetensors":
-        if key:
-            raise UsageError("--key applies to torch.save files; a safetensors file is one flat state dict")
+        _flat_only(key)
         tensors, metadata, meta_ties = safetensors_fmt.load(src.path)
         names = {n: (n,) for n in tensors}
         return Checkpoint(src.label, "safetensors", tensors, names, metadata, meta_ties, src.path)
@@ -170,15 +177,13 @@ def load(src: Source, key: str | None = None) -> Checkpoint:
         from .formats import pt
 
         open_listing(src, key)  # the allowlist pass: refuses hostile pickles before torch sees them
-        root = pt.load(src.path, src.format)
-        return Checkpoint(src.label, src.format, root, tree.assign_names(root, key), path=src.path, key=key)
+        return _named(src, src.format, pt.load(src.path, src.format), key)
     if src.kind == "sharded":
         return _sharded(src, load)
     if src.kind == "dcp":
         from .formats import dcp
 
-        root = dcp.load(src.path)
-        return Checkpoint(src.label, "dcp", root, tree.assign_names(root, key), path=src.path, key=key)
+        return _named(src, "dcp", dcp.load(src.path), key)
     if src.kind == "nn":
         from .nnspec import build_module
 

@@ -23,6 +23,13 @@ def itemsize(dtype: str) -> int:
     return DTYPE_SIZES.get(dtype, 1)
 
 
+def numel_of(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 @dataclass(frozen=True)
 class StorageRef:
     """One underlying storage. Two tensors share memory exactly when their ``key`` is equal."""
@@ -51,10 +58,7 @@ class FakeTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return numel_of(self.shape)
 
 
 @dataclass(frozen=True)
@@ -71,10 +75,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return numel_of(self.shape)
 
     @property
     def nbytes(self) -> int:

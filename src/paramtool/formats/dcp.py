@@ -15,7 +15,7 @@ import warnings
 from typing import Any
 
 from ..errors import FormatError, RefusedGlobal
-from ..toc import FakeTensor, StorageRef, contiguous_stride
+from ..toc import FakeTensor, StorageRef, contiguous_stride, numel_of
 
 MAX_METADATA = 256 * 1024 * 1024
 _MD = "torch.distributed.checkpoint.metadata"
@@ -134,9 +134,7 @@ def read_tree(directory: str) -> Any:
             if not isinstance(dtype, str):
                 raise FormatError(f"{path}: tensor '{fqn}' has no dtype")
             dtype = dtype.removeprefix("torch.")
-            numel = 1
-            for d in shape:
-                numel *= d
+            numel = numel_of(shape)
             value = FakeTensor(StorageRef(("dcp", fqn), dtype, numel), 0, shape, contiguous_stride(shape), dtype)
         node = root
         for part in where[:-1]:

@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from ..errors import FormatError
-from ..toc import FakeTensor, StorageRef, contiguous_stride
+from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_of
 
 MAX_HEADER = 100 * 1024 * 1024
 TIES_KEY = "paramtool.ties"
@@ -53,7 +53,6 @@ def read_header(path: str) -> tuple[dict[str, Any], int]:
     if not isinstance(header, dict):
         raise FormatError(f"{path}: safetensors header is not a JSON object")
     data_size = size - 8 - n
-    from ..toc import itemsize
 
     spans = []
     for name, entry in header.items():
@@ -69,9 +68,7 @@ def read_header(path: str) -> tuple[dict[str, Any], int]:
             raise FormatError(f"{path}: tensor {name!r} has a malformed header entry") from None
         if any(d < 0 for d in shape) or not 0 <= start <= end <= data_size:
             raise FormatError(f"{path}: tensor {name!r} has offsets [{start}, {end}) outside the {data_size} data bytes")
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = numel_of(shape)
         if numel * itemsize(dtype) != end - start:
             raise FormatError(
                 f"{path}: tensor {name!r} is {dtype} {shape} ({numel * itemsize(dtype)} bytes) but its offsets hold {end - start}"
@@ -117,9 +114,7 @@ def read_tree(path: str) -> tuple[dict[str, FakeTensor], dict[str, str] | None, 
     tensors: dict[str, FakeTensor] = {}
     for name, e in entries.items():
         shape = tuple(int(d) for d in e["shape"])
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = numel_of(shape)
         dtype = DTYPES[e["dtype"]]
         tensors[name] = FakeTensor(StorageRef(("st", name), dtype, numel), 0, shape, contiguous_stride(shape), dtype)
     meta_ties: dict[str, str] = {}
