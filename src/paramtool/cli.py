@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Annotated, Any, Optional
 
 import typer
@@ -20,6 +21,7 @@ class _Group(typer.core.TyperGroup):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D401 - click's signature
         kwargs["standalone_mode"] = False
+        warnings.showwarning = lambda message, *_: warn(str(message))  # library warnings: one line, our format
         try:
             code = super().main(*args, **kwargs)
         except TyperException as e:  # typer's own command-line errors (usage errors are exit 2)
@@ -324,6 +326,7 @@ def schemes(json_out: JsonOpt = False) -> None:
         emit_json({"schemes": table})
         return
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(box=None, show_header=True, header_style="bold")
     t.add_column("scheme")
@@ -332,7 +335,7 @@ def schemes(json_out: JsonOpt = False) -> None:
     for row in table:
         opts = " ".join(f"--{k.replace('_', '-')} {'(required)' if v is None else v}" for k, v in row["options"].items())
         alias = f" (= {', '.join(row.get('aliases', []))})" if row.get("aliases") else ""
-        t.add_row(row["name"] + alias, opts, row.get("doc", ""))
+        t.add_row(Text(row["name"] + alias), Text(opts), Text(row.get("doc", "")))  # Text: no markup parsing
     out_console().print(t)
 
 

@@ -127,7 +127,7 @@ def plan_init(
     report = Report(scheme.name)
     targets = []
     for name in selected:
-        reason = scheme.accepts(infos[name].shape)
+        reason = scheme.accepts(infos[name].shape, infos[name].dtype, opts)
         if reason:
             report.skipped[name] = reason
         else:

@@ -133,16 +133,21 @@ def render_names(names: list[str]) -> list[str]:
     return [safe_name(n) for n in names]
 
 
-def _verify(ckpt: Checkpoint, fmt: str, path: str) -> None:
-    """Read the new file's table of contents back: every name must be there with its shape and dtype."""
-    from .sources import read_toc, sniff_file
+def _verify(ckpt: Checkpoint, written: Source, key: str | None) -> None:
+    """Read what was written back (its table of contents): every name must be there, same shape and dtype."""
+    from .sources import open_listing
 
-    key = ckpt.key if fmt == "pt" and ckpt.format in ("pt", "pt-legacy") else None
-    written = read_toc(Source(path, "file", path, sniff_file(path)), key)
-    got = {t.name: (t.shape, t.dtype) for t in written.tensors}
-    for info in ckpt.infos():
-        if got.get(info.name) != (info.shape, info.dtype):
-            raise ParamtoolError(f"verification of the written file failed at '{info.name}'; nothing was replaced")
+    got = {i.name: (i.shape, i.dtype) for i in open_listing(written, key).infos()}
+    bad = next((i.name for i in ckpt.infos() if got.get(i.name) != (i.shape, i.dtype)), None)
+    if bad is not None:
+        raise ParamtoolError(f"verification of the written checkpoint failed at '{bad}'; nothing was replaced")
+
+
+def _verify_file(ckpt: Checkpoint, fmt: str, path: str) -> None:
+    from .sources import sniff_file
+
+    key = ckpt.key if fmt == "pt" and ckpt.format in ("pt", "pt-legacy") else None  # same container, same key
+    _verify(ckpt, Source(path, "file", path, sniff_file(path)), key)
 
 
 def atomic_write(target: str, write: Callable[[str], None]) -> None:
@@ -210,7 +215,7 @@ def write_checkpoint(ckpt: Checkpoint, output: Output, drop_extra: bool = False)
 
     def write(path: str) -> None:
         _write_to(ckpt, output.format, path, drop_extra)
-        _verify(ckpt, output.format, path)
+        _verify_file(ckpt, output.format, path)
 
     emit(output, write)
 
@@ -239,7 +244,7 @@ def write_streamed(storage_file: Any, listing: Checkpoint, plan: Any, output: Ou
 
     def write(path: str) -> None:
         storage_file.patch(path, list(by_key), produce)
-        _verify(listing, output.format, path)
+        _verify_file(listing, output.format, path)
 
     emit(output, write)
 
@@ -273,39 +278,41 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
 
 
 def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None:
-    """Each shard that the plan touches is rewritten (streamed, in its own format); the others are kept
-    (in place) or copied, and the index goes along. A new directory appears only once complete."""
+    """Each shard the plan touches is rewritten (streamed, in its own format), two at a time; the others are
+    kept (in place) or copied, and the index goes along. A new directory appears only once complete."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .formats.sharded import write_index
     from .ops import Plan
     from .sources import sniff_file
 
     index = listing.index
     shard_of = {n: p[0] for n, p in listing.names.items()}
-    final = index.directory if output.in_place else os.path.abspath(output.path)
-    work = final if output.in_place else tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.", dir=os.path.dirname(final))
-    try:
-        for shard, part in listing.parts.items():
-            sub = Plan(plan.report, [a for a in plan.actions if shard_of[a.name] == shard],
-                       [n for n in plan.untie if shard_of[n] == shard])
-            path = os.path.join(index.directory, shard)
-            target = os.path.join(work, shard)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            if sub.actions or sub.untie:
-                shard_src = Source(path, "file", path, sniff_file(path))
-                write_plan(shard_src, part, sub, Output(target, "safetensors" if shard_src.format == "safetensors" else "pt",
-                                                        output.in_place), drop_extra=False)
-            elif not output.in_place:
-                shutil.copyfile(path, target)
-        if not output.in_place:
-            from .formats.sharded import write_index
 
+    def one(shard: str, work: str) -> None:
+        sub = Plan(plan.report, [a for a in plan.actions if shard_of[a.name] == shard],
+                   [n for n in plan.untie if shard_of[n] == shard])
+        path, target = os.path.join(index.directory, shard), os.path.join(work, shard)
+        if sub.actions or sub.untie:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shard_src = Source(path, "file", path, sniff_file(path))
+            fmt = "safetensors" if shard_src.format == "safetensors" else "pt"
+            write_plan(shard_src, listing.parts[shard], sub, Output(target, fmt, output.in_place))
+        elif not output.in_place:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(path, target)
+
+    def build(work: str) -> None:
+        with ThreadPoolExecutor(max_workers=2) as pool:  # shards are independent
+            for done in [pool.submit(one, shard, work) for shard in listing.parts]:
+                done.result()
+        if work != index.directory:
             write_index(index, work)
-            if os.path.isdir(final):
-                os.rmdir(final)  # checked empty when planning
-            os.replace(work, final)
-    except BaseException:
-        if not output.in_place:
-            shutil.rmtree(work, ignore_errors=True)
-        raise
+
+    if output.in_place:
+        build(index.directory)
+    else:
+        _replace_directory(output.path, build)
 
 
 def _replace_directory(final: str, build: Callable[[str], None]) -> None:
@@ -333,14 +340,9 @@ def _replace_directory(final: str, build: Callable[[str], None]) -> None:
 
 def _write_dcp(ckpt: Checkpoint, output: Output) -> None:
     from .formats import dcp
-    from .sources import Source as Src
-    from .sources import open_listing
 
     def build(work: str) -> None:
         dcp.save(ckpt.root, work)
-        written = open_listing(Src(work, "dcp", work), ckpt.key)
-        got = {i.name: (i.shape, i.dtype) for i in written.infos()}
-        if any(got.get(i.name) != (i.shape, i.dtype) for i in ckpt.infos()):
-            raise ParamtoolError("verification of the written checkpoint failed; nothing was replaced")
+        _verify(ckpt, Source(work, "dcp", work), ckpt.key)
 
     _replace_directory(output.path, build)

@@ -83,6 +83,7 @@ NN_MODULE_CLASSES: frozenset[str] = frozenset(
         "torch.nn.modules.linear.Identity",
         "torch.nn.modules.linear.LazyLinear",
         "torch.nn.modules.linear.Linear",
+        "torch.nn.modules.linear.NonDynamicallyQuantizableLinear",
         "torch.nn.modules.loss.BCELoss",
         "torch.nn.modules.loss.BCEWithLogitsLoss",
         "torch.nn.modules.loss.CTCLoss",
@@ -173,15 +174,23 @@ NN_MODULE_CLASSES: frozenset[str] = frozenset(
 
 
 def current() -> list[str]:
-    """The torch.nn module classes of the installed torch, as "module.qualname" (imports torch)."""
+    """The public torch.nn module classes of the installed torch, as "module.qualname" (imports torch).
+
+    The ``torch.nn`` namespace, plus public classes defined only inside ``torch.nn.modules.*`` (such as
+    ``NonDynamicallyQuantizableLinear``, which ``MultiheadAttention.out_proj`` is).
+    """
+    import importlib
     import inspect
+    import pkgutil
 
     import torch.nn as nn
 
+    spaces = [nn, nn.modules] + [importlib.import_module(f"torch.nn.modules.{m.name}")
+                                 for m in pkgutil.iter_modules(nn.modules.__path__)]
     found = set()
-    for space in (nn, nn.modules):
+    for space in spaces:
         for name in dir(space):
             obj = getattr(space, name)
-            if inspect.isclass(obj) and issubclass(obj, nn.Module):
+            if inspect.isclass(obj) and issubclass(obj, nn.Module) and not obj.__name__.startswith("_"):
                 found.add(f"{obj.__module__}.{obj.__qualname__}")
     return sorted(found)

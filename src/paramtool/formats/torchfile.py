@@ -1,7 +1,7 @@
 """torch.save files, read without torch and without reading tensor bytes.
 
 The pickle inside a torch file is read by an unpickler with an exact allowlist: every global the pickle
-names is looked up in ``_ALLOWED`` and replaced by a harmless stand-in (``FakeTensor``, ``FakeModule``,
+names is looked up in an exact table (``_allowed``) and replaced by a harmless stand-in (``FakeTensor``, ``FakeModule``,
 plain containers). Anything else is refused by name before anything is called; the pickle's own code
 never runs. Storages are recorded (key, dtype, size), never read.
 """
@@ -37,73 +37,158 @@ DTYPE_GLOBALS = {
 }
 
 
-class _StorageType:
+MAX_DEPTH = 200  # containers nested deeper than this are not a checkpoint (and would exhaust a recursive walk)
+MAX_ENTRIES = 50_000_000  # entries reachable through shared references (a "billion laughs" DAG is refused)
+MAX_BROADCAST = 1 << 32  # elements a stride-0 (expanded) view may claim beyond its storage
+
+
+class _Frozen:
+    """Base of the stand-ins ``find_class`` hands out: BUILD (``__setstate__``) on them is refused."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        raise FormatError(f"the pickle tries to modify {self!r} (BUILD on a global): not a checkpoint")
+
+
+class _StorageType(_Frozen):
     """Stand-in for ``torch.FloatStorage`` and friends: only its dtype matters."""
+
+    __slots__ = ("dtype",)
 
     def __init__(self, dtype: str) -> None:
         self.dtype = dtype
 
+    def __repr__(self) -> str:
+        return f"<storage type {self.dtype}>"
 
-class _Stand:
+
+class _Stand(_Frozen):
     """Stand-in for a harmless torch value (a dtype, a device, a layout): kept as its name."""
+
+    __slots__ = ("name",)
 
     def __init__(self, name: str) -> None:
         self.name = name
 
     def __call__(self, *args: Any) -> str:  # torch.device("cuda", 0) and the like
+        if not all(isinstance(a, (str, int)) for a in args):
+            raise FormatError(f"{self.name} called with unexpected arguments")
         return ":".join(str(a) for a in args) or self.name
 
     def __repr__(self) -> str:
         return self.name
 
 
-def _check_view(storage: StorageRef, offset: int, size: tuple, stride: tuple) -> None:
-    if any(not isinstance(d, int) or d < 0 for d in size) or len(size) != len(stride):
-        raise FormatError(f"tensor with invalid shape {size} / stride {stride}")
+class _Call(_Frozen):
+    """An allowlisted function, wrapped so that BUILD cannot reach the function object itself."""
+
+    __slots__ = ("fn", "name")
+
+    def __init__(self, fn: Callable, name: str) -> None:
+        self.fn, self.name = fn, name
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _check_view(storage: StorageRef, offset: Any, size: tuple, stride: tuple) -> None:
+    if (not isinstance(offset, int) or len(size) != len(stride)
+            or not all(isinstance(d, int) for d in size + stride)):
+        raise FormatError(f"tensor with invalid shape {str(size)[:80]} / stride {str(stride)[:80]}")
+    if offset < 0 or any(d < 0 for d in size) or any(s < 0 for s in stride):
+        raise FormatError(f"tensor with negative offset, shape or stride ({offset}, {list(size)}, {list(stride)})")
     if any(d == 0 for d in size):
         return
     extent = offset + sum((d - 1) * s for d, s in zip(size, stride))
-    if offset < 0 or extent >= storage.numel:
-        raise FormatError(f"tensor of shape {list(size)} at offset {offset} needs more than the {storage.numel} "
-                          f"elements its storage has")
+    dense = numel = 1
+    for d, s in zip(size, stride):
+        numel *= d
+        if s:
+            dense *= d
+    if extent >= storage.numel or dense > storage.numel or numel > max(storage.numel, MAX_BROADCAST):
+        raise FormatError(f"tensor of shape {list(size)} (stride {list(stride)}) at offset {offset} needs more "
+                          f"than the {storage.numel} elements its storage has")
 
 
-def _rebuild_tensor_v2(storage: Any, offset: int, size: tuple, stride: tuple, requires_grad: bool = False,
-                       backward_hooks: Any = None, metadata: Any = None) -> FakeTensor:
-    if not isinstance(storage, StorageRef):
-        raise FormatError("tensor without a storage record")
-    size, stride = tuple(size), tuple(stride)
-    _check_view(storage, offset, size, stride)
-    return FakeTensor(storage, offset, size, stride, storage.dtype, bool(requires_grad))
+class _Load:
+    """One file's unpickling: the stand-ins it may call, and every object it created, to check after."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[Any, dict]] = []  # (FakeTensor | StorageRef, its fields when created)
+        self.table = _allowed(self)
+
+    def keep(self, obj: Any) -> Any:
+        self.made.append((obj, dict(vars(obj))))
+        return obj
+
+    def check(self) -> None:
+        # FakeTensor and StorageRef are frozen dataclasses, but pickle's BUILD writes __dict__ directly:
+        # a pickle that alters a tensor after its view was checked is refused here.
+        for obj, fields in self.made:
+            if vars(obj) != fields:
+                raise FormatError(f"the pickle modifies a {type(obj).__name__} after creating it: not a checkpoint")
+
+    def rebuild_tensor_v2(self, storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+                          backward_hooks: Any = None, metadata: Any = None) -> FakeTensor:
+        if type(storage) is not StorageRef:
+            raise FormatError("tensor without a storage record")
+        if not isinstance(size, tuple) or not isinstance(stride, tuple):
+            raise FormatError("tensor with invalid shape or stride")
+        _check_view(storage, offset, size, stride)
+        return self.keep(FakeTensor(storage, offset, size, stride, storage.dtype, bool(requires_grad)))
+
+    def rebuild_tensor(self, storage: Any, offset: Any, size: Any, stride: Any) -> FakeTensor:
+        return self.rebuild_tensor_v2(storage, offset, size, stride)
+
+    def rebuild_parameter(self, data: Any, requires_grad: Any, backward_hooks: Any, state: Any = None) -> FakeTensor:
+        if type(data) is not FakeTensor:
+            raise FormatError("parameter without tensor data")
+        return self.keep(replace(data, requires_grad=bool(requires_grad), is_parameter=True))
+
+    def storage(self, kind: Any, key: str, location: Any, numel: int) -> StorageRef:
+        return self.keep(StorageRef(key, _storage_type(kind), numel, str(location)))
 
 
-def _rebuild_tensor(storage: Any, offset: int, size: tuple, stride: tuple) -> FakeTensor:
-    return _rebuild_tensor_v2(storage, offset, size, stride)
-
-
-def _rebuild_parameter(data: Any, requires_grad: bool, backward_hooks: Any, state: Any = None) -> FakeTensor:
-    if not isinstance(data, FakeTensor):
-        raise FormatError("parameter without tensor data")
-    return replace(data, requires_grad=bool(requires_grad), is_parameter=True)
-
-
-def _rebuild_from_type_v2(func: Callable, new_type: Any, args: tuple, state: Any) -> Any:
-    # ``func`` came through find_class, so it is one of our stand-ins
+def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    # ``func`` is a value of the pickle: only a stand-in ``find_class`` handed out can be callable
+    if not isinstance(func, _Call) or not isinstance(args, tuple):
+        raise FormatError("_rebuild_from_type_v2 without a tensor rebuild function")
     return func(*args)
 
 
-def _encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+def _encode(text: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
     """``_codecs.encode``, used by protocol-2 pickles for bytes; only the plain text codecs."""
+    if not isinstance(text, str) or not isinstance(encoding, str) or errors != "strict":
+        raise FormatError("_codecs.encode with unexpected arguments")
     if encoding.lower().replace("-", "").replace("_", "") not in ("latin1", "utf8", "ascii", "iso88591"):
         raise RefusedGlobal(f"_codecs.encode({encoding!r})")
     return text.encode(encoding, errors)
+
+
+def _bytearray(*args: Any) -> bytearray:
+    """``bytearray`` from bytes or (str, encoding) only: ``bytearray(10**12)`` would allocate a terabyte."""
+    if args and not isinstance(args[0], (bytes, bytearray, str)):
+        raise FormatError("bytearray with unexpected arguments")
+    if len(args) == 2:
+        return bytearray(_encode(*args))
+    if len(args) > 1:
+        raise FormatError("bytearray with unexpected arguments")
+    return bytearray(*args)
 
 
 _module_classes: dict[str, type] = {}
 
 
 def _module_stand_in(qualname: str) -> type:
-    """A class for one torch.nn module: pickle's NEWOBJ creates it, BUILD fills its ``__dict__``."""
+    """A class for one torch.nn module: pickle's NEWOBJ creates it, BUILD fills its ``__dict__``.
+
+    BUILD on the class object itself finds the unbound ``FakeModule.__setstate__`` and fails with a TypeError,
+    so the cached classes cannot be altered by a pickle.
+    """
     if qualname not in _module_classes:
 
         def __new__(klass: type, *args: Any, **kwargs: Any) -> FakeModule:
@@ -116,20 +201,23 @@ def _module_stand_in(qualname: str) -> type:
     return _module_classes[qualname]
 
 
-def _allowed() -> dict[str, Any]:
+def _allowed(load: _Load) -> dict[str, Any]:
+    """The exact allowlist, one fresh table per file: no stand-in is shared between two loads."""
     table: dict[str, Any] = {
         "collections.OrderedDict": collections.OrderedDict,
         "builtins.set": set, "__builtin__.set": set,
         "builtins.frozenset": frozenset, "__builtin__.frozenset": frozenset,
         "builtins.slice": slice, "__builtin__.slice": slice,
         "builtins.complex": complex, "__builtin__.complex": complex,
-        "builtins.bytearray": bytearray, "__builtin__.bytearray": bytearray,
-        "_codecs.encode": _encode,
-        "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
-        "torch._utils._rebuild_tensor": _rebuild_tensor,
-        "torch._utils._rebuild_parameter": _rebuild_parameter,
-        "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
-        "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
+        "builtins.bytearray": _Call(_bytearray, "builtins.bytearray"),
+        "__builtin__.bytearray": _Call(_bytearray, "__builtin__.bytearray"),
+        "_codecs.encode": _Call(_encode, "_codecs.encode"),
+        "torch._utils._rebuild_tensor_v2": _Call(load.rebuild_tensor_v2, "torch._utils._rebuild_tensor_v2"),
+        "torch._utils._rebuild_tensor": _Call(load.rebuild_tensor, "torch._utils._rebuild_tensor"),
+        "torch._utils._rebuild_parameter": _Call(load.rebuild_parameter, "torch._utils._rebuild_parameter"),
+        "torch._utils._rebuild_parameter_with_state": _Call(load.rebuild_parameter,
+                                                            "torch._utils._rebuild_parameter_with_state"),
+        "torch._tensor._rebuild_from_type_v2": _Call(_rebuild_from_type_v2, "torch._tensor._rebuild_from_type_v2"),
         "torch.nn.parameter.Parameter": _Stand("torch.nn.parameter.Parameter"),
         "torch.Tensor": _Stand("torch.Tensor"),
         "torch.Size": tuple,
@@ -145,37 +233,86 @@ def _allowed() -> dict[str, Any]:
     return table
 
 
-_ALLOWED = _allowed()
-
-
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: BinaryIO, storage: Callable[[tuple], StorageRef]) -> None:
+    def __init__(self, file: BinaryIO, storage: Callable[[tuple], StorageRef], load: _Load) -> None:
         super().__init__(file)
         self._storage = storage
+        self._table = load.table
 
     def find_class(self, module: str, name: str) -> Any:
         dotted = f"{module}.{name}"
-        if dotted in _ALLOWED:
-            return _ALLOWED[dotted]
+        if dotted in self._table:
+            return self._table[dotted]
         if dotted in NN_MODULE_CLASSES:
             return _module_stand_in(dotted)
         raise RefusedGlobal(dotted)
 
     def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and pid and pid[0] == "module":
+            # legacy files save a module class as ('module', cls, source_file, source); cls came through find_class
+            if len(pid) != 4 or pid[1] not in _module_classes.values():
+                raise FormatError("malformed module record")
+            return pid[1]
         if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
             raise FormatError(f"unknown persistent id {str(pid)[:60]!r}")
         return self._storage(pid)
 
 
-def _unpickle(f: BinaryIO, storage: Callable[[tuple], StorageRef], path: str) -> Any:
+def _children(obj: Any) -> list | None:
+    if isinstance(obj, FakeModule):
+        return [obj.state]
+    if isinstance(obj, dict):
+        return list(obj.values())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return list(obj)
+    return None
+
+
+def _check_graph(root: Any) -> None:
+    """Refuse a cyclic, too deeply nested, or exponentially shared container tree (iterative: no recursion)."""
+    kids = _children(root)
+    if kids is None:
+        return
+    done: dict[int, int] = {}  # id -> entries reachable from it, counting shared ones every time
+    on_path = {id(root)}
+    stack: list[list] = [[root, kids, 0]]
+    while stack:
+        top = stack[-1]
+        node, kids, i = top
+        if i < len(kids):
+            top[2] += 1
+            child = kids[i]
+            grand = _children(child)
+            if grand is None or id(child) in done:
+                continue
+            if id(child) in on_path:
+                raise FormatError("the pickle holds a container that contains itself: not a checkpoint")
+            if len(stack) >= MAX_DEPTH:
+                raise FormatError(f"containers nested deeper than {MAX_DEPTH} levels: not a checkpoint")
+            on_path.add(id(child))
+            stack.append([child, grand, 0])
+        else:
+            stack.pop()
+            on_path.discard(id(node))
+            entries = 1 + sum(done.get(id(k), 1) for k in kids)
+            if entries > MAX_ENTRIES:
+                raise FormatError(f"more than {MAX_ENTRIES} entries (through shared references): not a checkpoint")
+            done[id(node)] = entries
+
+
+def _unpickle(f: BinaryIO, storage: Callable[[tuple], StorageRef], path: str, load: _Load) -> Any:
     try:
-        return _Unpickler(f, storage).load()
+        obj = _Unpickler(f, storage, load).load()
+        load.check()
+        _check_graph(obj)
+        return obj
     except RefusedGlobal as e:
         raise RefusedGlobal(e.name, path) from None
     except FormatError as e:
         raise FormatError(f"{path}: {e}") from None
     except Exception as e:  # truncated, corrupt or hostile bytes: one readable line
-        raise FormatError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+        msg = " ".join(str(e).split())[:120]
+        raise FormatError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {msg})") from None
 
 
 def _storage_type(value: Any) -> str:
@@ -227,11 +364,12 @@ def read_zip_tree(path: str) -> Any:
             if not isinstance(numel, int) or numel < 0 or numel * itemsize(dtype) > records[record]:
                 raise FormatError(f"storage '{key}' claims {numel} {dtype} elements but its record holds "
                                   f"{records[record]} bytes")
-            seen[key] = StorageRef(("zip", key), dtype, numel, str(location))
+            seen[key] = load.storage(kind, ("zip", key), location, numel)
             return seen[key]
 
+        load = _Load()
         data = _read_record(archive, info.filename, path)
-    return _unpickle(io.BytesIO(data), storage, path)
+    return _unpickle(io.BytesIO(data), storage, path, load)
 
 
 def _read_record(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
@@ -244,6 +382,7 @@ def _read_record(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
 def read_legacy_tree(path: str) -> Any:
     """The object tree of a legacy (pre-zip) torch file, or of a bare pickle; storages are not read."""
     seen: dict[str, StorageRef] = {}
+    load = _Load()
 
     def storage(pid: tuple) -> StorageRef:
         if len(pid) != 6:
@@ -253,7 +392,7 @@ def read_legacy_tree(path: str) -> Any:
         if key not in seen:
             if not isinstance(numel, int) or numel < 0:
                 raise FormatError(f"storage '{key}' has an invalid size")
-            seen[key] = StorageRef(("legacy", key), _storage_type(kind), numel, str(location))
+            seen[key] = load.storage(kind, ("legacy", key), location, numel)
         return seen[key]
 
     def no_storage(pid: tuple) -> StorageRef:
@@ -261,15 +400,15 @@ def read_legacy_tree(path: str) -> Any:
 
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        magic = _unpickle(f, no_storage, path)
+        magic = _unpickle(f, no_storage, path, load)
         if magic != LEGACY_MAGIC:
             raise FormatError(f"{path}: a pickle, but not a torch checkpoint (no torch magic number)")
-        protocol = _unpickle(f, no_storage, path)
+        protocol = _unpickle(f, no_storage, path, load)
         if protocol != 1001:
             raise FormatError(f"{path}: unsupported legacy protocol version {protocol!r}")
-        _unpickle(f, no_storage, path)  # sys_info
-        root = _unpickle(f, storage, path)
-        keys = _unpickle(f, no_storage, path)
+        _unpickle(f, no_storage, path, load)  # sys_info
+        root = _unpickle(f, storage, path, load)
+        keys = _unpickle(f, no_storage, path, load)
         if not isinstance(keys, list) or set(map(str, keys)) != set(seen):
             raise FormatError(f"{path}: the storage list does not match the tensors")
         # each storage follows as an 8-byte element count and its bytes; check they fit without reading them
