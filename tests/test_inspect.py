@@ -250,3 +250,30 @@ def test_every_command_has_help_with_example(run):
         r = run(name, "--help")
         assert r.exit_code == 0
         assert "Example" in r.stdout, name
+
+
+def test_training_checkpoint_shapes(tmp_path, run):
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    sd = net.state_dict()
+    lightning = {"epoch": 1, "global_step": 10, "state_dict": {f"model.{k}": v for k, v in sd.items()},
+                 "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(3, 2)}}, "param_groups": []}],
+                 "lr_schedulers": []}
+    torch.save(lightning, tmp_path / "l.ckpt")
+    names = [t["name"] for t in run("inspect", tmp_path / "l.ckpt", "--json").json()["tensors"]]
+    assert names == ["model.0.weight", "model.0.bias"]  # the state dict's own keys; optimizer state not listed
+    ema = {"model": sd, "ema": {k: v.clone() for k, v in sd.items()}, "step": 5}
+    torch.save(ema, tmp_path / "e.pt")
+    names = [t["name"] for t in run("inspect", tmp_path / "e.pt", "--json").json()["tensors"]]
+    assert names == ["model.0.weight", "model.0.bias", "ema.0.weight", "ema.0.bias"]  # prefixes tell them apart
+    names = [t["name"] for t in run("inspect", tmp_path / "e.pt", "--key", "ema", "--json").json()["tensors"]]
+    assert names == ["0.weight", "0.bias"]
+
+
+def test_legacy_format_read_and_written(samples, tmp_path, run):
+    torch.save(torch.load(samples / "mlp.pt"), tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    doc = run("inspect", tmp_path / "old.pt", "--json").json()
+    assert doc["format"] == "pt-legacy" and doc["num_params"] == 49
+    r = run("init", tmp_path / "old.pt", "--scheme", "ones", "--layer", "0", "-o", tmp_path / "new.pt")
+    assert r.exit_code == 0, r.stderr
+    out = torch.load(tmp_path / "new.pt", weights_only=True)
+    assert torch.all(out["0.weight"] == 1) and torch.equal(out["2.weight"], torch.load(samples / "mlp.pt")["2.weight"])
