@@ -1,19 +1,33 @@
-"""paramtool against the obvious torch/safetensors scripts, measured in the same run.
+"""Benchmark paramtool against the obvious torch / safetensors scripts, in one run on one machine.
 
     python benchmarks/bench.py [--sizes 100,1000] [--repeat 3] [--keep]
 
-For each size it writes a checkpoint of float32 matrices (plus small biases) as a torch zip file and as
-safetensors in a temporary directory, then times separate processes and reads their peak RSS (the
-child's ``ru_maxrss``, as ``/usr/bin/time -v`` reports it):
+What is measured, and why
+-------------------------
+For each size N (in MB, taken as MiB = 2**20 bytes) a state dict of float32 2-D tensors is generated
+(4096 x 4096 matrices, 64 MiB each, the last one shortened to hit the size, each with a small 1-D bias)
+and written into a fresh temporary directory twice: ``ckpt_{N}MB.pt`` (``torch.save``, zip format) and
+``ckpt_{N}MB.safetensors`` (``safetensors.torch.save_file``). Generation is not timed.
 
-- listing: ``paramtool inspect FILE --json`` vs ``torch.load(FILE, mmap=True, weights_only=True)`` + print
-  (and, for safetensors, ``safetensors.torch.load_file`` + print, and ``safe_open`` + print);
-- init: ``paramtool init FILE --scheme xavier -o OUT`` vs ``torch.load`` + ``nn.init.xavier_uniform_`` on every
-  matrix + ``torch.save`` (``load_file``/``save_file`` for safetensors).
+Every command then runs as a separate child process, so start-up (interpreter, imports) is included
+on both sides -- that is what a user pays when they run a CLI or a one-off script:
 
-Each command runs once untimed (to warm the page cache the same way for both sides), then ``--repeat`` times;
-the median time and the largest peak RSS are reported, with ratios baseline/paramtool for time (above 1:
-paramtool is faster) and paramtool/baseline for memory (below 1: paramtool uses less).
+- listing: ``paramtool inspect FILE --json > /dev/null`` against a script printing name, shape and dtype
+  via ``torch.load(mmap=True, weights_only=True)`` (.pt), or via ``safe_open`` + ``get_slice`` and,
+  as a second row, the "obvious" ``safetensors.torch.load_file`` (.safetensors). Listing should not
+  have to read tensor data, so its time ought to be independent of the checkpoint size; the
+  "size-independence" lines give inspect time at the largest size / at the smallest.
+- init: ``paramtool init FILE --scheme xavier --seed 0 -o OUT`` against a script doing
+  ``torch.load(weights_only=True)`` (or ``load_file``), ``xavier_uniform_`` on every tensor with
+  dim >= 2, and ``torch.save`` (or ``save_file``) to OUT.
+
+Each command runs once untimed (a warm-up: the page cache cannot be dropped without root, so both
+sides are measured with the file already cached) and then ``--repeat`` times. Reported: the median
+wall time and the largest peak RSS, read from ``/usr/bin/time -v`` ("Maximum resident set size") when
+it exists, else from ``getrusage(RUSAGE_CHILDREN)`` inside a fresh wrapper process per run. Ratios:
+speed = baseline/paramtool (above 1: paramtool is faster), RSS = paramtool/baseline (below 1:
+paramtool uses less memory). A paramtool command that fails is reported with its stderr and its row is
+marked FAILED; the script goes on and always exits 0.
 """
 from __future__ import annotations
 
@@ -21,151 +35,228 @@ import argparse
 import datetime
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PARAMTOOL = [sys.executable, "-m", "paramtool"]
-MATRIX = 2048  # 2048 x 2048 float32 = 16 MiB per matrix
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_BIN = os.path.join(ROOT, ".venv", "bin")
+PARAMTOOL = os.path.join(VENV_BIN, "paramtool")
+PYTHON = os.path.join(VENV_BIN, "python") if os.path.exists(os.path.join(VENV_BIN, "python")) else sys.executable
+TIME_BIN = "/usr/bin/time"
+COLS = 4096  # a full matrix is 4096 x 4096 float32 = 64 MiB
+MiB = 2**20
 
+# Baseline scripts; the file names come in as sys.argv[1] (input) and sys.argv[2] (output).
 LIST_PT = """
 import sys, torch
 sd = torch.load(sys.argv[1], mmap=True, weights_only=True)
-for k, v in sd.items():
-    print(k, tuple(v.shape), v.dtype)
-"""
-LIST_ST_LOAD = """
-import sys
-from safetensors.torch import load_file
-for k, v in load_file(sys.argv[1]).items():
-    print(k, tuple(v.shape), v.dtype)
+[print(k, tuple(v.shape), v.dtype) for k, v in sd.items()]
 """
 LIST_ST_OPEN = """
 import sys
 from safetensors import safe_open
 with safe_open(sys.argv[1], "pt") as f:
-    for k in f.keys():
-        print(k, f.get_slice(k).get_shape(), f.get_slice(k).get_dtype())
+    [print(k, f.get_slice(k).get_shape()) for k in f.keys()]
+"""
+LIST_ST_LOAD = """
+import sys
+from safetensors.torch import load_file
+[print(k, tuple(v.shape), v.dtype) for k, v in load_file(sys.argv[1]).items()]
 """
 INIT_PT = """
 import sys, torch
+torch.manual_seed(0)
 sd = torch.load(sys.argv[1], weights_only=True)
-g = torch.Generator().manual_seed(0)
 for v in sd.values():
     if v.dim() >= 2:
-        torch.nn.init.xavier_uniform_(v, generator=g)
+        torch.nn.init.xavier_uniform_(v)
 torch.save(sd, sys.argv[2])
 """
 INIT_ST = """
 import sys, torch
 from safetensors.torch import load_file, save_file
+torch.manual_seed(0)
 sd = load_file(sys.argv[1])
-g = torch.Generator().manual_seed(0)
 for v in sd.values():
     if v.dim() >= 2:
-        torch.nn.init.xavier_uniform_(v, generator=g)
+        torch.nn.init.xavier_uniform_(v)
 save_file(sd, sys.argv[2])
+"""
+# Fallback when /usr/bin/time is missing: a fresh process per run, so RUSAGE_CHILDREN covers one child only.
+RUSAGE_WRAPPER = """
+import resource, subprocess, sys
+rc = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL)
+print("Maximum resident set size (kbytes): %d" % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+      file=sys.stderr)
+sys.exit(rc)
 """
 
 
+@dataclass
+class Result:
+    """One command's measurement: median seconds and peak RSS in MiB, or the error that stopped it."""
+
+    seconds: float = 0.0
+    rss_mib: float = 0.0
+    error: str | None = None
+
+
 def generate(directory: str, size_mb: int) -> tuple[str, str]:
+    """Write ``ckpt_{size_mb}MB.pt`` and ``.safetensors`` holding about ``size_mb`` MiB of float32 tensors."""
     import torch
     from safetensors.torch import save_file
 
-    n = max(1, round(size_mb * 2**20 / (MATRIX * MATRIX * 4)))
     g = torch.Generator().manual_seed(size_mb)
-    sd = {}
-    for i in range(n):
-        sd[f"layers.{i}.weight"] = torch.randn(MATRIX, MATRIX, generator=g)
-        sd[f"layers.{i}.bias"] = torch.zeros(MATRIX)
-    pt, st = os.path.join(directory, f"ckpt_{size_mb}MB.pt"), os.path.join(directory, f"ckpt_{size_mb}MB.safetensors")
+    remaining = size_mb * MiB // 4  # float32 elements still to place
+    sd: dict[str, torch.Tensor] = {}
+    i = 0
+    while remaining >= COLS + 1:
+        rows = min(COLS, remaining // (COLS + 1))  # a layer is rows x COLS weights + rows biases
+        sd[f"layers.{i}.weight"] = torch.randn(rows, COLS, generator=g)
+        sd[f"layers.{i}.bias"] = torch.zeros(rows)
+        remaining -= rows * (COLS + 1)
+        i += 1
+    pt = os.path.join(directory, f"ckpt_{size_mb}MB.pt")
+    st = os.path.join(directory, f"ckpt_{size_mb}MB.safetensors")
     torch.save(sd, pt)
     save_file(sd, st)
     return pt, st
 
 
-def measure(cmd: list[str], repeat: int) -> tuple[float, float] | None:
-    """(median seconds, max peak RSS in MiB) over ``repeat`` runs after one warm-up; None if it failed."""
-    timer = ["/usr/bin/time", "-v"] if os.path.exists("/usr/bin/time") else []
-    times, peaks = [], []
+def run_once(cmd: list[str]) -> tuple[float, float, int, str]:
+    """Run ``cmd`` with stdout discarded: (wall seconds, peak RSS MiB, exit status, the command's stderr)."""
+    if os.path.exists(TIME_BIN):
+        full = [TIME_BIN, "-v", *cmd]
+    else:
+        full = [PYTHON, "-c", RUSAGE_WRAPPER, *cmd]
+    start = time.perf_counter()
+    p = subprocess.run(full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    elapsed = time.perf_counter() - start
+    rss_kb, own = 0, []
+    for line in p.stderr.splitlines():
+        if "Maximum resident set size (kbytes)" in line:
+            rss_kb = int(line.rsplit(":", 1)[1])
+        elif not line.startswith(("\t", "Command exited with non-zero status", "Command terminated by signal")):
+            own.append(line)  # /usr/bin/time -v indents its report with tabs; the rest is the command's own
+    return elapsed, rss_kb / 1024, p.returncode, "\n".join(own)
+
+
+def measure(cmd: list[str], repeat: int) -> Result:
+    """One untimed warm-up, then ``repeat`` runs: median wall time and largest peak RSS."""
+    times: list[float] = []
+    peaks: list[float] = []
     for i in range(repeat + 1):
-        start = time.perf_counter()
-        p = subprocess.run(timer + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        elapsed = time.perf_counter() - start
-        if p.returncode != 0:
-            sys.stderr.write(f"FAILED: {' '.join(cmd)}\n{p.stderr[-2000:]}\n")
-            return None
-        if i == 0:
-            continue  # warm-up
-        times.append(elapsed)
-        if timer:
-            line = next(ln for ln in p.stderr.splitlines() if "Maximum resident set size" in ln)
-            peaks.append(int(line.split(":")[1]) / 1024)
-        else:
-            peaks.append(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
-    return statistics.median(times), max(peaks)
+        elapsed, rss, rc, err = run_once(cmd)
+        if rc != 0:
+            return Result(error=f"exit status {rc}: {' '.join(cmd)}\n{err[-3000:]}")
+        if i > 0:
+            times.append(elapsed)
+            peaks.append(rss)
+    return Result(statistics.median(times), max(peaks))
 
 
-def row(size: int, fmt: str, op: str, ours: tuple | None, base: tuple | None, base_name: str) -> str:
-    if ours is None or base is None:
-        return f"| {size} MB | {fmt} | {op} | FAILED | | | | | | {base_name} |"
-    return (f"| {size} MB | {fmt} | {op} | {ours[0]:.3f} | {base[0]:.3f} | **{base[0] / ours[0]:.1f}×** | "
-            f"{ours[1]:.0f} | {base[1]:.0f} | **{ours[1] / base[1]:.2f}** | {base_name} |")
+HEADER = ("size", "format", "operation", "paramtool s", "baseline s", "speed ratio", "paramtool MB", "baseline MB",
+          "RSS ratio", "baseline")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="100,1000", help="checkpoint sizes in MB, comma-separated")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+def row(size: int, fmt: str, op: str, ours: Result, base: Result, base_name: str) -> tuple[str, ...]:
+    """A table row; FAILED where a side failed, ratios only when both succeeded."""
+    def t(r: Result) -> str:
+        return "FAILED" if r.error else f"{r.seconds:.3f}"
+
+    def m(r: Result) -> str:
+        return "FAILED" if r.error else f"{r.rss_mib:.0f}"
+
+    ok = ours.error is None and base.error is None
+    speed = f"{base.seconds / ours.seconds:.2f}x" if ok and ours.seconds > 0 else "-"
+    rss = f"{ours.rss_mib / base.rss_mib:.2f}" if ok and base.rss_mib > 0 else "-"
+    return (f"{size} MB", fmt, op, t(ours), t(base), speed, m(ours), m(base), rss, base_name)
+
+
+def print_row(cells: tuple[str, ...]) -> None:
+    print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def report_failure(who: str, r: Result) -> None:
+    if r.error:
+        print(f"\n{who} FAILED, {r.error}\n", file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--sizes", default="100,1000", help="checkpoint sizes in MB (MiB), comma-separated")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per command (after one warm-up)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory and its files")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
+    repeat = max(1, args.repeat)
     import torch
 
-    print(f"paramtool benchmark, {datetime.date.today()} — {platform.platform()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}, torch {torch.__version__}")
-    print("time: median of %d runs after a warm-up; RSS: peak resident set of the process\n" % args.repeat)
-    print("| size | format | operation | paramtool s | baseline s | speed-up | paramtool MiB | baseline MiB | "
-          "RSS ratio | baseline |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"paramtool benchmark, {datetime.datetime.now().isoformat(timespec='seconds')}")
+    print(f"platform: {platform.platform()}; cpus: {os.cpu_count()}; python {platform.python_version()}; "
+          f"torch {torch.__version__}")
+    rss_source = "/usr/bin/time -v" if os.path.exists(TIME_BIN) else "getrusage(RUSAGE_CHILDREN) in a wrapper"
+    print(f"time: median of {repeat} runs of a separate process; peak RSS: largest of them ({rss_source}).")
+    print("page cache: not dropped (needs root); one untimed warm-up run per command, so files are cached "
+          "for both sides.")
+    print("speed ratio = baseline/paramtool (>1: paramtool faster); RSS ratio = paramtool/baseline (<1: paramtool "
+          "smaller). MB = MiB.\n")
+    print_row(HEADER)
+    print_row(tuple("---" for _ in HEADER))
+
     work = tempfile.mkdtemp(prefix="paramtool-bench-")
-    listing: dict[str, list[float]] = {"pt": [], "safetensors": []}
+    inspect_times: dict[str, dict[int, float]] = {"pt": {}, "safetensors": {}}
     try:
         for size in sizes:
             pt, st = generate(work, size)
-            py = [sys.executable, "-c"]
-            for fmt, path in (("pt", pt), ("safetensors", st)):
-                ours = measure(PARAMTOOL + ["inspect", path, "--json"], args.repeat)
-                if ours:
-                    listing[fmt].append(ours[0])
-                baselines = [("torch.load(mmap=True) + print", LIST_PT)] if fmt == "pt" else [
-                    ("load_file + print", LIST_ST_LOAD), ("safe_open + print", LIST_ST_OPEN)]
+            for fmt, path, ext in (("pt", pt, ".pt"), ("safetensors", st, ".safetensors")):
+                # listing
+                ours = measure([PARAMTOOL, "inspect", path, "--json"], repeat)
+                report_failure(f"paramtool inspect ({size} MB {fmt})", ours)
+                if ours.error is None:
+                    inspect_times[fmt][size] = ours.seconds
+                baselines = ([("torch.load(mmap) + print", LIST_PT)] if fmt == "pt" else
+                             [("safe_open + print", LIST_ST_OPEN), ("load_file + print", LIST_ST_LOAD)])
                 for name, script in baselines:
-                    print(row(size, fmt, "inspect --json", ours, measure(py + [script, path], args.repeat), name),
-                          flush=True)
-                out = os.path.join(work, "out" + os.path.splitext(path)[1])
-                ours = measure(PARAMTOOL + ["init", path, "--scheme", "xavier", "--seed", "0", "-o", out], args.repeat)
-                base = measure(py + [INIT_PT if fmt == "pt" else INIT_ST, path, out], args.repeat)
-                name = "torch.load + xavier_uniform_ + torch.save" if fmt == "pt" else "load_file + xavier + save_file"
-                print(row(size, fmt, "init --scheme xavier", ours, base, name), flush=True)
-            os.unlink(pt)
-            os.unlink(st)
+                    base = measure([PYTHON, "-c", script, path], repeat)
+                    report_failure(f"baseline {name} ({size} MB {fmt})", base)
+                    print_row(row(size, fmt, "inspect", ours, base, name))
+                # init
+                out_ours = os.path.join(work, f"init_paramtool_{size}MB{ext}")
+                out_base = os.path.join(work, f"init_baseline_{size}MB{ext}")
+                ours = measure([PARAMTOOL, "init", path, "--scheme", "xavier", "--seed", "0", "-o", out_ours], repeat)
+                report_failure(f"paramtool init ({size} MB {fmt})", ours)
+                name = "torch.load + xavier_ + torch.save" if fmt == "pt" else "load_file + xavier_ + save_file"
+                base = measure([PYTHON, "-c", INIT_PT if fmt == "pt" else INIT_ST, path, out_base], repeat)
+                report_failure(f"baseline {name} ({size} MB {fmt})", base)
+                print_row(row(size, fmt, "init xavier", ours, base, name))
+                if not args.keep:
+                    for f in (out_ours, out_base):
+                        if os.path.exists(f):
+                            os.unlink(f)
+            if not args.keep:
+                os.unlink(pt)
+                os.unlink(st)
         print()
-        for fmt, times in listing.items():
-            if len(times) > 1:
-                print(f"size-independence ({fmt}): inspect time at {sizes[-1]} MB / at {sizes[0]} MB = "
-                      f"{times[-1] / times[0]:.2f}")
+        lo, hi = sizes[0], sizes[-1]
+        for fmt, times in inspect_times.items():
+            if lo in times and hi in times:
+                print(f"size-independence ({fmt}): inspect time at largest / smallest size "
+                      f"({hi} MB / {lo} MB) = {times[hi] / times[lo]:.2f}")
+            else:
+                print(f"size-independence ({fmt}): n/a (paramtool inspect failed)")
     finally:
         if args.keep:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
