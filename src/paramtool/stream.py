@@ -56,6 +56,22 @@ class StorageFile:
         self.spans = spans
         self.infos = {t.name: t for t in toc.tensors}
         self._file = open(path, "rb")
+        self._spare: dict[int, list[Any]] = {}  # written storages' buffers, reused: no fresh pages to fault in
+
+    def _buffer(self, nbytes: int) -> Any:
+        import torch
+
+        spare = self._spare.get(nbytes)
+        return spare.pop() if spare else torch.empty(nbytes, dtype=torch.uint8)
+
+    def recycle(self, storage: Any) -> None:
+        """Hand back a produced storage once written; the next one of the same size reuses its memory."""
+        import torch
+
+        flat = storage.view(torch.uint8) if storage.dtype != torch.uint8 else storage
+        spare = self._spare.setdefault(flat.numel(), [])
+        if len(spare) < 2:
+            spare.append(flat)
 
     def close(self) -> None:
         self._file.close()
@@ -65,17 +81,15 @@ class StorageFile:
         import torch
 
         span = self.spans[key]
-        buf = torch.empty(span.nbytes, dtype=torch.uint8)
+        buf = self._buffer(span.nbytes)
         self._file.seek(span.offset)
         if span.nbytes and self._file.readinto(buf.numpy()) != span.nbytes:  # type: ignore[arg-type]
             raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the file")
         return buf.view(_torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else buf
 
     def empty_storage(self, key: Hashable) -> Any:
-        import torch
-
         span = self.spans[key]
-        return torch.empty(span.nbytes // itemsize(span.dtype), dtype=_torch_dtype(span.dtype))
+        return self._buffer(span.nbytes).view(_torch_dtype(span.dtype))
 
     @staticmethod
     def view(storage: Any, info: TensorInfo) -> Any:
@@ -92,7 +106,8 @@ class StorageFile:
 
     def patch(self, out_path: str, changed: Iterable[Hashable], produce: Callable[[Hashable], Any]) -> None:
         """Write a copy of this file to ``out_path`` where each storage in ``changed`` is replaced by
-        ``produce(key)`` (a tensor holding the whole storage), produced and written one at a time."""
+        ``produce(key)`` (a contiguous 1-D tensor holding the whole storage, from ``empty_storage`` or
+        ``read_storage``), produced and written one at a time."""
         raise NotImplementedError
 
 
@@ -129,8 +144,8 @@ class ZipStorageFile(StorageFile):
         for record in records:  # "version" and the serialization id are written by the writer itself
             if record in by_record:
                 _, data = next(produced)
-                data = data.contiguous()
                 writer.write_record(record, data.untyped_storage(), data.untyped_storage().nbytes())
+                self.recycle(data)
                 del data
             else:
                 try:
@@ -174,7 +189,8 @@ class SafetensorsStorageFile(StorageFile):
                     _copy(self._file, out, span.offset - pos)
                 if key in changed:
                     _, data = next(produced)
-                    out.write(_as_bytes(data.contiguous()))
+                    out.write(_as_bytes(data))
+                    self.recycle(data)
                     del data
                 else:
                     self._file.seek(span.offset)
