@@ -58,3 +58,65 @@ def test_committed_samples_match_generator(tmp_path):
     for path in _load_generator().generate(tmp_path):
         if path.suffix == ".safetensors":
             assert same_safetensors(path, committed / path.name), path.name
+
+
+def test_every_file_and_the_chapter_names(samples):
+    assert sorted(p.name for p in samples.iterdir()) == sorted(
+        f"{m}.{ext}" for m in ("mlp", "rgnet", "tied", "bf16") for ext in ("pt", "safetensors")) + ["train.pt"]
+    assert list(torch.load(samples / "mlp.pt", weights_only=True)) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    rg = torch.load(samples / "rgnet.pt", weights_only=True)
+    assert list(rg)[:2] == ["0.block 0.0.weight", "0.block 0.0.bias"] and list(rg)[-2:] == ["1.weight", "1.bias"]
+    assert len(rg) == 18 and sum(t.numel() for t in rg.values()) == 309
+    assert set(load_file(str(samples / "rgnet.safetensors"))) == set(rg)
+
+
+def test_bf16_both_formats(samples):
+    pt = torch.load(samples / "bf16.pt", weights_only=True)
+    st = load_file(str(samples / "bf16.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in pt.values()) and set(pt) == set(st)
+    assert all(torch.equal(pt[k], st[k]) for k in pt)
+    mlp = torch.load(samples / "mlp.pt", weights_only=True)
+    assert all(torch.equal(pt[k], mlp[k].to(torch.bfloat16)) for k in mlp)
+
+
+def test_tied_safetensors_is_what_save_model_writes(samples, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_model
+
+    gen = _load_generator()
+    save_model(gen.tied(), str(tmp_path / "ref.safetensors"))
+    assert same_safetensors(samples / "tied.safetensors", tmp_path / "ref.safetensors")
+    with safe_open(str(samples / "tied.safetensors"), "pt") as f:
+        assert f.metadata() == {"4.weight": "2.weight", "4.bias": "2.bias"}
+        assert set(f.keys()) == {"0.weight", "0.bias", "2.weight", "2.bias", "6.weight", "6.bias"}
+        assert sum(f.get_tensor(k).numel() for k in f.keys()) == 121
+    pt = torch.load(samples / "tied.pt", weights_only=True)
+    assert pt["4.bias"].untyped_storage().data_ptr() == pt["2.bias"].untyped_storage().data_ptr()
+    assert sum(t.numel() for t in pt.values()) == 121 + 72  # the tied 2.* counted twice
+
+
+def test_training_checkpoint_after_one_adam_step(samples):
+    train = torch.load(samples / "train.pt", weights_only=True)
+    assert train["epoch"] == 3 and isinstance(train.get("loss"), float)
+    assert list(train["model"]) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    state = train["optimizer"]["state"]
+    assert sorted(state) == [0, 1, 2, 3] and all(int(s["step"]) == 1 for s in state.values())
+    assert all(s["exp_avg"].abs().sum() > 0 for s in state.values())
+    assert train["optimizer"]["param_groups"][0]["params"] == [0, 1, 2, 3]
+    # one real step moved the weights away from the freshly initialised mlp
+    assert not torch.equal(train["model"]["0.weight"], torch.load(samples / "mlp.pt", weights_only=True)["0.weight"])
+
+
+def test_two_generations_give_identical_tensors(tmp_path):
+    gen = _load_generator()
+    for pa, pb in zip(gen.generate(tmp_path / "a"), gen.generate(tmp_path / "b")):
+        if pa.suffix == ".safetensors":
+            da, db = load_file(str(pa)), load_file(str(pb))
+        else:
+            da, db = torch.load(pa, weights_only=True), torch.load(pb, weights_only=True)
+        if "optimizer" in da:
+            sa, sb = da["optimizer"]["state"], db["optimizer"]["state"]
+            assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+            assert da["loss"] == db["loss"]
+            da, db = da["model"], db["model"]
+        assert list(da) == list(db) and all(torch.equal(da[k], db[k]) for k in da), pa.name

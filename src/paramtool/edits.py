@@ -1,8 +1,17 @@
-"""``paramtool set`` edits: ``NAME[INDEX] OP VALUE``, parsed by hand (never evaluated).
+"""``paramtool set`` edits: ``NAME[INDEX] OP VALUE`` or ``NAME OP VALUE``, parsed by hand (never evaluated).
 
-INDEX is a comma list of integers, slices ``a:b:c`` (parts optional) and ``...``; OP is one of
-``= += -= *= /=``; VALUE is a number (``42``, ``-1e-3``, ``inf``, ``nan``) or ``True``/``False``.
-Tensor names may contain dots, spaces and brackets: the name is the longest known name the edit starts with.
+- NAME is a tensor name; names may contain dots, spaces, ``=`` and even ``[``, so the name is the *longest
+  known name* the edit starts with that is followed by ``[`` or an operator (``0.block 1.0.weight[0, 0] = 42``).
+- INDEX is a comma list of integers (negative allowed), slices ``a:b:c`` (every part optional) and ``...``;
+  a trailing comma is allowed, as in Python. Basic indexing only, so the indexed part is a view of the tensor.
+- OP is one of ``=  +=  -=  *=  /=``.
+- VALUE is a number literal: ``42``, ``-1e-3``, ``.5``, ``inf``, ``-inf``, ``nan``, or ``True`` / ``False``.
+
+Semantics (``apply_edit``): the tensor is changed in place under ``torch.no_grad()``, so every tied name sees the
+change, and its dtype is kept. Floating and complex tensors use torch's own in-place ops (``w *= 0.1`` gives the
+bits ``w.mul_(0.1)`` gives). Integer tensors: ``+= -= *=`` by an integer are exact; ``/=``, or a float value,
+is computed in float64 and truncated toward zero (as C and ``rounding_mode="trunc"`` do); dividing by zero or a
+non-finite result is an error. Bool tensors take ``=`` only.
 """
 from __future__ import annotations
 
@@ -13,8 +22,10 @@ from typing import Any
 
 from .errors import ParamtoolError, UsageError
 
-OPS = ("+=", "-=", "*=", "/=", "=")
+OPS = ("+=", "-=", "*=", "/=", "=")  # longest first: "+=" must win over "="
 _INT = re.compile(r"^[+-]?\d+$")
+_FLOAT = re.compile(r"^[+-]?(?:\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|inf|infinity|nan)$", re.IGNORECASE)
+_BOOLS = {"True": True, "False": False, "true": True, "false": False}
 
 
 @dataclass(frozen=True)
@@ -26,88 +37,195 @@ class Edit:
     text: str
 
 
-def _value(text: str, edit: str) -> float | int | bool:
-    t = text.strip()
-    if t in ("True", "False"):
-        return t == "True"
+def _one_line(text: str) -> str:
+    """The edit as shown in messages: one line, whatever the user typed."""
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text
+
+
+def _bad(text: str, why: str) -> UsageError:
+    return UsageError(f"edit '{_one_line(text)}': {why} (expected NAME[INDEX] OP VALUE, e.g. \"0.weight[0, 0] = 42\")")
+
+
+def _op_at(s: str) -> str | None:
+    return next((op for op in OPS if s.startswith(op)), None)
+
+
+def _value(raw: str, text: str) -> float | int | bool:
+    t = raw.strip()
+    if not t:
+        raise _bad(text, "no value after the operator")
+    if t in _BOOLS:
+        return _BOOLS[t]
     if _INT.match(t):
         return int(t)
-    try:
-        return float(t)  # accepts 1e-3, inf, -inf, nan
-    except ValueError:
-        raise UsageError(f"edit '{edit}': '{t}' is not a number") from None
+    if _FLOAT.match(t):
+        return float(t)
+    raise _bad(text, f"'{t}' is not a number")
 
 
-def _index_part(part: str, edit: str) -> Any:
+def _index_part(part: str, text: str) -> Any:
     p = part.strip()
     if p == "...":
         return Ellipsis
     if ":" in p:
-        bits = p.split(":")
-        if len(bits) > 3 or any(b.strip() and not _INT.match(b.strip()) for b in bits):
-            raise UsageError(f"edit '{edit}': bad slice '{p}'")
-        nums = [int(b) if b.strip() else None for b in bits] + [None] * (3 - len(bits))
+        bits = [b.strip() for b in p.split(":")]
+        if len(bits) > 3 or any(b and not _INT.match(b) for b in bits):
+            raise _bad(text, f"bad slice '{p}'")
+        nums = [int(b) if b else None for b in bits] + [None] * (3 - len(bits))
         if nums[2] == 0:
-            raise UsageError(f"edit '{edit}': slice step cannot be zero")
+            raise _bad(text, "slice step cannot be zero")
         return slice(*nums)
     if _INT.match(p):
         return int(p)
-    raise UsageError(f"edit '{edit}': bad index '{p}' (use integers, slices a:b:c and ...)")
+    raise _bad(text, f"bad index '{p}' (use integers, slices a:b:c and ...)")
+
+
+def _parse_index(inner: str, text: str) -> tuple:
+    parts = inner.split(",")
+    if len(parts) > 1 and not parts[-1].strip():
+        parts = parts[:-1]  # w[0,] as in Python
+    index = tuple(_index_part(p, text) for p in parts)
+    if sum(i is Ellipsis for i in index) > 1:
+        raise _bad(text, "an index can only have a single ellipsis ('...')")
+    return index
+
+
+def _resolve_name(text: str, names: list[str]) -> str | None:
+    """The longest name the edit starts with that is followed by '[' or an operator."""
+    best = None
+    for n in names:
+        if n and text.startswith(n) and (best is None or len(n) > len(best)):
+            rest = text[len(n):].lstrip()
+            if rest.startswith("[") or _op_at(rest):
+                best = n
+    return best
 
 
 def parse_edit(text: str, names: list[str]) -> Edit:
-    match = re.search(r"(\+=|-=|\*=|/=|=)", text)
-    if not match:
-        raise UsageError(f"edit '{text}' has no operator (use =, +=, -=, *= or /=)")
-    lhs, op, rhs = text[: match.start()].strip(), match.group(1), text[match.end():]
-    if not rhs.strip():
-        raise UsageError(f"edit '{text}' has no value")
-    name = max((n for n in names if lhs == n or (lhs.startswith(n) and lhs[len(n):].lstrip().startswith("["))),
-               key=len, default=None)
+    stripped = text.strip()
+    name = _resolve_name(text, names) or _resolve_name(stripped, names)
     if name is None:
-        base = lhs.split("[", 1)[0].strip()
+        known = [n for n in names if n and stripped.startswith(n) and stripped[len(n):len(n) + 1].isspace()]
+        if known:  # a known name followed by something that is not an operator: "w //= 2", "w 1"
+            name = max(known, key=len)
+            rest = stripped[len(name):].split()
+            raise _bad(text, f"expected [INDEX] or an operator (=, +=, -=, *=, /=) after '{name}', found '{rest[0]}'")
+        m = re.search(r"\+=|-=|\*=|/=|=", stripped)
+        if not m:
+            raise _bad(text, "no operator (use =, +=, -=, *= or /=)")
+        base = stripped[: m.start()].strip()
+        if base.endswith("]") and "[" in base:
+            base = base[: base.rindex("[")].rstrip()
+        if not base:
+            raise _bad(text, "no tensor name")
         close = difflib.get_close_matches(base, names, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ParamtoolError(f"edit '{text}': no tensor named '{base}'{hint}")
-    rest = lhs[len(name):].strip()
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ParamtoolError(f"edit '{_one_line(text)}': no tensor named '{base}'{hint}")
+    source = text if text.startswith(name) else stripped
+    rest = source[len(name):].lstrip()
     index = None
-    if rest:
-        if not (rest.startswith("[") and rest.endswith("]")):
-            raise UsageError(f"edit '{text}': expected [INDEX] after '{name}'")
-        inner = rest[1:-1]
-        if "[" in inner or "]" in inner:
-            raise UsageError(f"edit '{text}': one [INDEX] only, e.g. w[0, 1:3]")
-        index = tuple(_index_part(p, text) for p in inner.split(","))
-    return Edit(name, index, op, _value(rhs, text), text)
+    if rest.startswith("["):
+        close_at = rest.find("]")
+        if close_at < 0:
+            raise _bad(text, "'[' without ']'")
+        inner = rest[1:close_at]
+        if "[" in inner:
+            raise _bad(text, "one [INDEX] only, e.g. w[0, 1:3]")
+        index = _parse_index(inner, text)
+        rest = rest[close_at + 1:].lstrip()
+    op = _op_at(rest)
+    if op is None:
+        shown = rest.split()[0] if rest.split() else "nothing"
+        raise _bad(text, f"expected an operator (=, +=, -=, *=, /=) after '{name}', found '{shown}'")
+    return Edit(name, index, op, _value(rest[len(op):], text), text)
+
+
+_METHODS = {"+=": "add_", "-=": "sub_", "*=": "mul_", "/=": "div_"}
 
 
 def apply_edit(edit: Edit, tensor: Any) -> None:
-    """Apply in place (so every tied name sees it), keeping the tensor's dtype."""
+    """Apply ``edit`` to ``tensor`` in place (so every tied name sees it), keeping its dtype.
+
+    With ``=`` and no index the tensor's old values are never read.
+    """
     import torch
 
-    with torch.no_grad():
-        try:
-            if edit.op == "=":
-                if edit.index is None:
-                    tensor.fill_(edit.value)
+    where = f"edit '{_one_line(edit.text)}'"
+    value, op = edit.value, edit.op
+    try:
+        with torch.no_grad():
+            # basic indexing: a view; negative steps (which torch refuses) become the same elements, stepped up
+            target = tensor if edit.index is None else tensor[_positive_steps(edit.index, tuple(tensor.shape))]
+            dtype = target.dtype
+            if op == "=":
+                target.fill_(value)
+            elif dtype == torch.bool:
+                raise ParamtoolError(f"{where}: '{edit.name}' is a bool tensor; only '=' True/False applies")
+            elif dtype.is_floating_point or dtype.is_complex:
+                try:
+                    getattr(target, _METHODS[op])(value)
+                except NotImplementedError:  # e.g. float8 on CPU: compute in float32, round once
+                    target.copy_(_arith(target.to(torch.float32), op, value).to(dtype))
+            else:  # integer tensors
+                if op == "/=" and value == 0:
+                    raise ParamtoolError(f"{where}: integer division by zero ('{edit.name}' is {str(dtype)[6:]})")
+                if op != "/=" and isinstance(value, int):
+                    getattr(target, _METHODS[op])(value)
+                elif op == "/=" and isinstance(value, int):
+                    target.copy_(torch.div(target, value, rounding_mode="trunc"))
                 else:
-                    tensor[edit.index] = edit.value
-                return
-            view = tensor[edit.index] if edit.index is not None else tensor  # basic indexing: a view
-            if edit.op == "/=" and edit.value == 0 and not tensor.is_floating_point():
-                raise ParamtoolError(f"edit '{edit.text}': integer division by zero")
-            current = view.to(torch.float64)
-            if edit.op == "+=":
-                new = current + edit.value
-            elif edit.op == "-=":
-                new = current - edit.value
-            elif edit.op == "*=":
-                new = current * edit.value
-            else:
-                new = current / edit.value
-            view.copy_(new.to(view.dtype))
-        except IndexError as e:
-            raise ParamtoolError(f"edit '{edit.text}': {e} (tensor '{edit.name}' has shape {list(tensor.shape)})") from None
-        except (RuntimeError, TypeError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ParamtoolError(f"edit '{edit.text}': {first}") from None
+                    new = _arith(target.to(torch.float64), op, value)
+                    if not bool(torch.isfinite(new).all()):
+                        raise ParamtoolError(
+                            f"{where}: the result is not finite and '{edit.name}' is {str(dtype)[6:]}")
+                    target.copy_(new.trunc().to(dtype))
+    except ParamtoolError:
+        raise
+    except IndexError as e:
+        raise ParamtoolError(f"{where}: {_first_line(e)} (tensor '{edit.name}' has shape {list(tensor.shape)})") from None
+    except (RuntimeError, TypeError, ValueError, OverflowError, NotImplementedError, ZeroDivisionError) as e:
+        raise ParamtoolError(f"{where}: {_first_line(e)} (tensor '{edit.name}' is "
+                             f"{str(tensor.dtype)[6:]} of shape {list(tensor.shape)})") from None
+
+
+def _positive_steps(index: tuple, shape: tuple) -> tuple:
+    """``index`` with each negative-step slice replaced by a positive-step one over the same elements.
+
+    A scalar edit does not depend on the order the elements are visited in, so ``w[::-2] += 1`` is
+    ``w[n-1::-2] += 1`` read the other way. Indices that do not fit the shape are left for torch to report.
+    """
+    if not any(isinstance(i, slice) and i.step is not None and i.step < 0 for i in index):
+        return index
+    used = sum(i is not Ellipsis for i in index)
+    if used > len(shape):
+        return index
+    dims, d = [], 0
+    for i in index:
+        if i is Ellipsis:
+            d += len(shape) - used
+            dims.append(None)
+        else:
+            dims.append(d)
+            d += 1
+    out = []
+    for i, dim in zip(index, dims):
+        if isinstance(i, slice) and i.step is not None and i.step < 0:
+            r = range(*i.indices(shape[dim]))
+            i = slice(r[-1], r[0] + 1, -i.step) if len(r) else slice(0, 0)
+        out.append(i)
+    return tuple(out)
+
+
+def _arith(t: Any, op: str, value: float | int | bool) -> Any:
+    if op == "+=":
+        return t + value
+    if op == "-=":
+        return t - value
+    if op == "*=":
+        return t * value
+    return t / value
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__

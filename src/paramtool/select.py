@@ -1,7 +1,19 @@
-"""``--layer`` and ``--param``: choose tensors by module path, name, glob or position.
+r"""``--layer`` and ``--param``: choose tensors by module path, name, glob or position.
 
 Works on names only (no torch). Module paths are names without their last part; components are split on
-``.`` only, so ``0.block 1.0.bias`` lives in module ``0.block 1.0``.
+``.`` only (never on spaces), so ``0.block 1.0.bias`` lives in module ``0.block 1.0``.
+
+A selector is, in this order of precedence:
+
+1. a positional path ``[0][1][0]`` (``^(\[\d+\])+$``): children indexed in the order they first appear in
+   the checkpoint, as ``rgnet[0][1][0]`` indexes ``nn.Sequential``. A checkpoint only holds modules that have
+   tensors, so parameterless children (``ReLU``) are not counted;
+2. a module path or a full tensor name, matched exactly: ``0`` selects ``0.weight``, ``0.bias`` and everything
+   under module ``0`` (``0.block 1.0.weight``), never ``10.weight``;
+3. a glob, if the selector contains ``*``, ``?`` or ``[``: ``fnmatch`` rules, case-sensitive, matched against
+   the WHOLE of every module path (selecting the tensors under it) and of every tensor name. ``*`` and ``?``
+   cross dots as in ``fnmatch`` (``*.attn.*`` finds attention modules at any depth; ``h.*.mlp`` matches
+   ``h.0.mlp`` but also ``h.0.x.mlp``), and ``[...]`` is a character class (``0.block [12]``).
 """
 from __future__ import annotations
 
@@ -15,6 +27,7 @@ PARAMS = ("weight", "bias", "all")
 
 
 def module_path(name: str) -> str:
+    """``0.block 1.0.bias`` -> ``0.block 1.0``; a top-level name (``bias``) -> ``""``."""
     return name.rsplit(".", 1)[0] if "." in name else ""
 
 
@@ -44,8 +57,11 @@ def _positional(names: list[str], selector: str) -> str:
                 children.setdefault(parts[depth], None)
         kids = list(children)
         if index >= len(kids):
-            where = ".".join(prefix) or "the top level"
-            raise ParamtoolError(f"--layer '{selector}': {where} has {len(kids)} child module(s), no index {index}")
+            where = f"module '{'.'.join(prefix)}'" if prefix else "the top level"
+            shown = ", ".join(kids[:8]) + (", ..." if len(kids) > 8 else "")
+            raise ParamtoolError(
+                f"--layer '{selector}': {where} has {len(kids)} child module(s) with tensors ({shown or 'none'}), "
+                f"no index {index} (parameterless modules such as ReLU are not in a checkpoint and are not counted)")
         prefix.append(kids[index])
     return ".".join(prefix)
 
@@ -58,14 +74,23 @@ def _match(names: list[str], selector: str) -> list[str]:
     if exact or not any(c in selector for c in "*?["):
         return exact
     # a glob must match a whole module path (selecting what is under it) or a whole name
-    modules = [m for m in module_paths(names) if fnmatch.fnmatchcase(m, selector)]
-    return [n for n in names if fnmatch.fnmatchcase(n, selector) or any(_under(n, m) for m in modules)]
+    pattern = re.compile(fnmatch.translate(selector))
+    hit_modules = {m for m in module_paths(names) if pattern.match(m)}
+    return [n for n in names if pattern.match(n) or any(a in hit_modules for a in _ancestors(n))]
+
+
+def _ancestors(name: str) -> list[str]:
+    """``a.b.c`` -> ``a``, ``a.b`` (the module paths ``name`` lives under)."""
+    parts = name.split(".")[:-1]
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
 def select(names: list[str], layers: list[str], param: str = "all") -> list[str]:
     """The names chosen by the union of ``layers`` (all when empty), narrowed by ``param``; input order kept.
 
     Globs follow ``fnmatch``: ``*`` also crosses dots, so ``*.attn.*`` finds attention at any depth.
+    Raises ParamtoolError when a selector matches nothing, or ``param`` leaves nothing; UsageError for a bad
+    ``param``.
     """
     if param not in PARAMS:
         raise UsageError(f"--param must be weight, bias or all, not '{param}'")
