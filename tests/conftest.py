@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -53,3 +54,27 @@ def run():
         return Result(r.exit_code, r.stdout, r.stderr, r.stdout_bytes)
 
     return _run
+
+
+def listing_without_torch(path, command: str = "inspect") -> subprocess.CompletedProcess:
+    """Run `paramtool COMMAND PATH --json` in a fresh interpreter that must end without torch or numpy loaded."""
+    code = (
+        "import sys\n"
+        "from paramtool.cli import main\n"
+        f"sys.argv = ['paramtool', {command!r}, {str(path)!r}, '--json']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert 'numpy' not in sys.modules, 'numpy was imported'\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+def rewrite_zip(src, dst, edit) -> None:
+    """Copy a torch zip record by record; ``edit(name, data)`` returns new bytes, or None to drop the record."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
+        for info in z.infolist():
+            data = edit(info.filename, z.read(info))
+            if data is not None:
+                out.writestr(info, data)

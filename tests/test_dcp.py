@@ -2,13 +2,12 @@
 allowlist, written back in the same layout."""
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from conftest import listing_without_torch
 
 
 def make_dcp(path):
@@ -62,9 +61,5 @@ def test_malicious_metadata_refused(tmp_path, run, command):
 
 def test_listing_imports_no_torch(tmp_path):
     make_dcp(tmp_path / "ck")
-    code = ("import sys\nfrom paramtool.cli import main\n"
-            f"sys.argv = ['paramtool', 'inspect', {str(tmp_path / 'ck')!r}, '--json']\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None)\n"
-            "assert 'torch' not in sys.modules\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    p = listing_without_torch(tmp_path / "ck")
     assert p.returncode == 0, p.stderr

@@ -8,6 +8,7 @@ import struct
 import pytest
 import torch
 
+from conftest import rewrite_zip
 from hostile import containers, payloads
 
 COMMANDS = {
@@ -131,14 +132,8 @@ def test_directory_and_index_errors(tmp_path, run):
 
 
 def test_zip_with_missing_storage_record(tmp_path, run):
-    import zipfile
-
     torch.save({"a": torch.ones(4)}, tmp_path / "a.pt")
-    src = zipfile.ZipFile(tmp_path / "a.pt")
-    with zipfile.ZipFile(tmp_path / "m.pt", "w") as out:
-        for info in src.infolist():
-            if not info.filename.endswith("/data/0"):
-                out.writestr(info, src.read(info))
+    rewrite_zip(tmp_path / "a.pt", tmp_path / "m.pt", lambda name, data: None if name.endswith("/data/0") else data)
     r = run("inspect", tmp_path / "m.pt")
     assert r.exit_code == 1 and "missing" in r.stderr and "m.pt" in r.stderr
 

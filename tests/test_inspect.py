@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import listing_without_torch, rewrite_zip
 from safetensors import safe_open
 
 SAMPLES = ["mlp.pt", "mlp.safetensors", "rgnet.pt", "rgnet.safetensors", "tied.pt", "tied.safetensors",
@@ -150,17 +151,15 @@ def test_whole_pickled_module_loads(tmp_path, run):
 
 def test_gpu_saved_location_loads_on_cpu(tmp_path, run):
     # a checkpoint written on a GPU machine records location "cuda:0"; rewrite the record to prove we map to CPU
-    import zipfile
-
     torch.save({"w": torch.ones(2)}, tmp_path / "a.pt")
-    src = zipfile.ZipFile(tmp_path / "a.pt")
-    with zipfile.ZipFile(tmp_path / "gpu.pt", "w") as out:
-        for info in src.infolist():
-            data = src.read(info)
-            if info.filename.endswith("data.pkl"):
-                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
-                assert b"cuda:0" in data
-            out.writestr(info, data)
+
+    def to_gpu(name, data):
+        if name.endswith("data.pkl"):
+            data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            assert b"cuda:0" in data
+        return data
+
+    rewrite_zip(tmp_path / "a.pt", tmp_path / "gpu.pt", to_gpu)
     r = run("show", tmp_path / "gpu.pt", "w", "--json")
     assert r.exit_code == 0, r.stderr
     assert r.json()["values"] == [1.0, 1.0]
@@ -196,24 +195,12 @@ def test_malicious_pickle_refused(tmp_path, run):
     assert not marker.exists()
 
 
-def _no_torch_listing(path, cmd="inspect"):
-    code = (
-        "import sys\n"
-        "from paramtool.cli import main\n"
-        f"sys.argv = ['paramtool', '{cmd}', {str(path)!r}, '--json']\n"
-        "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-        "assert 'numpy' not in sys.modules, 'numpy was imported'\n"
-    )
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-
-
 @pytest.mark.parametrize("name", ["rgnet.pt", "rgnet.safetensors", "tied.safetensors", "legacy.pt", "train.pt"])
 def test_listing_does_not_import_torch(samples, name):
     if name == "legacy.pt":
         torch.save(torch.load(samples / "tied.pt"), samples / name, _use_new_zipfile_serialization=False)
     for cmd in ("inspect", "ties"):
-        p = _no_torch_listing(samples / name, cmd)
+        p = listing_without_torch(samples / name, cmd)
         assert p.returncode == 0, p.stderr
         assert json.loads(p.stdout)
 

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import listing_without_torch
 from safetensors.torch import load_file, save_file
 
 
@@ -80,9 +79,5 @@ def test_errors(tmp_path, run):
 
 def test_sharded_listing_imports_no_torch(tmp_path):
     make_sharded(tmp_path / "ck", "bin")
-    code = ("import sys\nfrom paramtool.cli import main\n"
-            f"sys.argv = ['paramtool', 'inspect', {str(tmp_path / 'ck')!r}, '--json']\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None)\n"
-            "assert 'torch' not in sys.modules\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    p = listing_without_torch(tmp_path / "ck")
     assert p.returncode == 0, p.stderr

@@ -183,6 +183,7 @@ FormatOpt = Annotated[Optional[str], typer.Option("--format", help="Output forma
                                                   show_default=False)]
 DropExtraOpt = Annotated[bool, typer.Option("--drop-extra", help="Writing safetensors: drop non-tensor entries instead of failing.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Only report what would change; write nothing.")]
+PlanJsonOpt = Annotated[bool, typer.Option("--json", help="With --dry-run: the plan as JSON.")]
 
 
 def _opt(flag: str, kind: type, text: str) -> Any:
@@ -263,7 +264,7 @@ def init(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Reproducible values: they depend only on the seed, scheme, options and the tensor's name, shape and dtype.",
                                                 show_default=False)] = None,
     dry_run: DryRunOpt = False,
-    json_out: Annotated[bool, typer.Option("--json", help="With --dry-run: the plan as JSON.")] = False,
+    json_out: PlanJsonOpt = False,
     output: OutOpt = None,
     in_place: InPlaceOpt = False,
     fmt: FormatOpt = None,
@@ -294,7 +295,7 @@ def set_(
     args: Annotated[list[str], typer.Argument(help="SOURCE then one or more EDITs: NAME[INDEX] OP VALUE with OP one of = += -= *= /=. "
                                               "SOURCE may be omitted when stdin is a pipe.", show_default=False)],
     dry_run: DryRunOpt = False,
-    json_out: Annotated[bool, typer.Option("--json", help="With --dry-run: the plan as JSON.")] = False,
+    json_out: PlanJsonOpt = False,
     output: OutOpt = None,
     in_place: InPlaceOpt = False,
     fmt: FormatOpt = None,
