@@ -52,10 +52,6 @@ class Checkpoint:
             meta_ties=dict(self.meta_ties),
         )
 
-    def all_tensors(self) -> dict[str, Any]:
-        """Every tensor in the container, listed or not (optimizer state too), by full dotted path."""
-        return {".".join(str(p) for p in path): t for path, t in tree.walk(self.root)}
-
 
 def module_reprs(module: Any) -> dict[str, str]:
     """Module path -> one-line description (``Linear(in_features=4, out_features=8, bias=True)``)."""

@@ -67,9 +67,6 @@ class Scheme:
     doc: str = ""
     max_dims: int | None = None
 
-    def option(self, name: str) -> Option | None:
-        return next((o for o in self.options if o.name == name), None)
-
     @property
     def needs(self) -> str:
         """The shape requirement in words ("" when any shape will do)."""

@@ -111,7 +111,8 @@ def _write_to(ckpt: Checkpoint, fmt: str, path: str, drop_extra: bool) -> None:
 
         dropped = _non_tensor_entries(ckpt)
         if dropped and not drop_extra:
-            shown = ", ".join(render_names(dropped[:6])) + (f" and {len(dropped) - 6} more" if len(dropped) > 6 else "")
+            # (the CLI escapes the whole error line before it reaches a terminal)
+            shown = ", ".join(dropped[:6]) + (f" and {len(dropped) - 6} more" if len(dropped) > 6 else "")
             raise ParamtoolError(
                 f"safetensors cannot hold non-tensor entries ({shown}); pass --drop-extra to write the tensors only"
             )
@@ -125,12 +126,6 @@ def _write_to(ckpt: Checkpoint, fmt: str, path: str, drop_extra: bool) -> None:
         elif ckpt.format in ("sharded", "dcp"):  # merged into one flat state dict
             root = ckpt.tensors()
         pt.save(root, path)
-
-
-def render_names(names: list[str]) -> list[str]:
-    from .render import safe_name
-
-    return [safe_name(n) for n in names]
 
 
 def _verify(ckpt: Checkpoint, written: Source, key: str | None) -> None:
