@@ -154,6 +154,8 @@ def test_dry_run_writes_nothing(samples, tmp_path, run):
     plan = r.json()
     assert plan["changed"] == ["2.weight"] and plan["ties"] == {"2.weight": ["4.weight"]}
     assert list(tmp_path.iterdir()) == [samples]
+    assert run("init", samples / "tied.pt", "--scheme", "zeros", "--json", "-o", tmp_path / "o.pt").exit_code == 2
+    assert list(tmp_path.iterdir()) == [samples]
 
 
 def test_output_rules(samples, tmp_path, run):

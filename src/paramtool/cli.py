@@ -195,6 +195,8 @@ def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, ou
     """Report a dry run, or carry out the plan on ``listing`` (what it was planned on) and write the result."""
     from . import writer
 
+    if json_out and not dry_run:
+        raise UsageError("--json describes a --dry-run plan; without --dry-run the output is a checkpoint")
     if dry_run:
         _dry_run(plan.report, json_out)
         return
