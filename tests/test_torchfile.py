@@ -459,3 +459,14 @@ def test_random_bytes_never_raise_anything_but_format_errors(tmp_path):
 def test_sniff_pickle_protocol_byte():
     assert sniff_torch(b"\x80\x04\x95") == "pt-legacy"
     assert sniff_torch(b"\xff\xd8\xff") is None and sniff_torch(b"\x00") is None  # JPEG, NUL: no pickle opcode
+
+
+def test_unsupported_zip_version_is_a_format_error(tmp_path):
+    # found by the fuzzer: zipfile raises NotImplementedError for a "version needed to extract" it does not know
+    torch.save({"a": torch.ones(2)}, tmp_path / "a.pt")
+    data = bytearray((tmp_path / "a.pt").read_bytes())
+    at = data.index(b"PK\x01\x02")  # first central directory entry
+    data[at + 6 : at + 8] = (64).to_bytes(2, "little")  # version needed to extract: 6.4
+    (tmp_path / "v.pt").write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="v.pt"):
+        read_zip_tree(str(tmp_path / "v.pt"))

@@ -334,8 +334,8 @@ def read_zip_tree(path: str) -> Any:
     """The object tree of a torch zip checkpoint, tensors as ``FakeTensor``: reads ``data.pkl`` only."""
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise FormatError(f"{path}: not a valid torch zip file ({e})") from None
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as e:  # e.g. "zip file version 6.4"
+        raise FormatError(f"{path}: not a valid torch zip file ({type(e).__name__}: {e})") from None
     with archive:
         pkls = [i for i in archive.infolist() if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
         if not pkls:
