@@ -54,14 +54,17 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None) -
         out = src.path
     if out is None and not in_place and sys.stdout.isatty():
         raise UsageError("refusing to write a checkpoint to a terminal: use -o PATH, --in-place, or a pipe")
-    if fmt is None:
-        if out is not None and out.endswith(".safetensors"):
-            fmt = "safetensors"
-        elif out is not None and out.lower().endswith(PT_EXTENSIONS):
-            fmt = "pt"
-        else:
-            fmt = "safetensors" if src.format == "safetensors" else "pt"
-    return Output(out, fmt, in_place)
+    default = "safetensors" if src.format == "safetensors" else "pt"
+    return Output(out, fmt or _format_of(out, default), in_place)
+
+
+def _format_of(path: str | None, default: str) -> str:
+    """The output format a path's extension names (``.safetensors``, ``.pt .pth .bin .ckpt ...``), else ``default``."""
+    if path is not None and path.endswith(".safetensors"):
+        return "safetensors"
+    if path is not None and path.lower().endswith(PT_EXTENSIONS):
+        return "pt"
+    return default
 
 
 def _plan_directory_output(src: Source, out: str | None, in_place: bool, fmt: str | None) -> Output:
@@ -78,9 +81,7 @@ def _plan_directory_output(src: Source, out: str | None, in_place: bool, fmt: st
         if os.path.isdir(out) and os.listdir(out):
             raise UsageError(f"{out} is a directory that is not empty: choose a new one, or use --in-place")
         return Output(out, src.kind)
-    if fmt is None:
-        fmt = "safetensors" if out.endswith(".safetensors") else "pt"
-    return Output(out, fmt)
+    return Output(out, fmt or _format_of(out, "pt"))
 
 
 def _non_tensor_entries(ckpt: Checkpoint) -> list[str]:
@@ -121,7 +122,7 @@ def _write_to(ckpt: Checkpoint, fmt: str, path: str, drop_extra: bool) -> None:
         from .formats import pt
 
         root = ckpt.root
-        if ckpt.format in ("module", "safetensors") and tree.is_module(root):
+        if ckpt.format == "module" and tree.is_module(root):  # an nn: or factory model: its state dict
             root = root.state_dict()
         elif ckpt.format in ("sharded", "dcp"):  # merged into one flat state dict
             root = ckpt.tensors()
