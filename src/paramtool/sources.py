@@ -219,7 +219,7 @@ def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
 
         listing = open_listing(src, key)
         ckpt = StreamedCheckpoint(**{f: getattr(listing, f) for f in listing.__dataclass_fields__})
-        ckpt.storage_file = open_storage_file(src.path, src.format, listing.toc())
+        ckpt.storage_file = open_storage_file(listing)
         return ckpt
     return load(src, key)
 

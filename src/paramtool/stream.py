@@ -239,14 +239,13 @@ def _copy(src: Any, dst: Any, n: int) -> None:
         n -= len(chunk)
 
 
-def open_storage_file(path: str, fmt: str, toc: Toc, key: str | None = None) -> StorageFile | None:
-    """A streaming reader for zip torch files and safetensors; None for formats without byte ranges."""
+def open_storage_file(listing: Any) -> StorageFile | None:
+    """A streaming reader over a file's listing (its stand-in tree, already read): zip torch files and
+    safetensors; None for formats without byte ranges."""
     release_freed_memory()
-    if fmt == "safetensors":
-        return SafetensorsStorageFile.open(path, toc)
-    if fmt == "pt":
-        from .formats.torchfile import read_zip_tree
-
-        return ZipStorageFile.open(path, toc, read_zip_tree(path))
+    if listing.format == "safetensors":
+        return SafetensorsStorageFile.open(listing.path, listing.toc())
+    if listing.format == "pt":
+        return ZipStorageFile.open(listing.path, listing.toc(), listing.root)
     return None
 

@@ -262,7 +262,7 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
         return
     same_format = src.format == output.format and src.format in ("pt", "safetensors")
     if src.kind == "file" and same_format and not plan.untie:
-        storage_file = open_storage_file(src.path, src.format, listing.toc())
+        storage_file = open_storage_file(listing)
         try:
             write_streamed(storage_file, listing, plan, output)
         finally:
