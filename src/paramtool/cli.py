@@ -387,12 +387,15 @@ def stats(
 
     ckpt = sources.load_lazy(sources.resolve(source), key)
     names = _selected(list(ckpt.names), layer)
-    results = []
+    results, hists = [], {}
     with _progress(len(names), "stats") as advance:
-        for n in names:
-            results.append(st.tensor_stats(n, ckpt.tensor(n)))
+        for n in names:  # each tensor is read once, for its numbers and its histogram
+            t = ckpt.tensor(n)
+            results.append(st.tensor_stats(n, t))
+            if hist:
+                hists[n] = st.histogram(t, bins)
+            del t
             advance()
-    hists = {n: st.histogram(ckpt.tensor(n), bins) for n in names} if hist else {}
     if hist_png:
         st.histogram_png([(n, ckpt.tensor(n)) for n in names], hist_png)
     if json_out:
