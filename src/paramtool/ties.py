@@ -6,7 +6,8 @@ Works on ``TensorInfo`` records, so the same code answers for a table of content
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable
+from collections.abc import Callable
+from typing import Any, Hashable
 
 from .toc import TensorInfo, itemsize
 
@@ -114,10 +115,11 @@ def unique_counts(tensors: list[TensorInfo]) -> tuple[int, int]:
     return numel, nbytes
 
 
-def value_ties(tensors: dict[str, "object"], infos: list[TensorInfo]) -> list[TieGroup]:
+def value_ties(tensor_of: Callable[[str], Any], infos: list[TensorInfo]) -> list[TieGroup]:
     """Distinct storages holding identical bytes (ties lost by an earlier conversion).
 
-    Only tensors of equal shape and dtype are hashed, and only one name per storage group is considered.
+    Only tensors that share their shape and dtype with another are read (one at a time, through
+    ``tensor_of``) and hashed, and only one name per storage group is considered.
     """
     import hashlib
 
@@ -134,7 +136,7 @@ def value_ties(tensors: dict[str, "object"], infos: list[TensorInfo]) -> list[Ti
             continue
         by_hash: dict[str, list[str]] = {}
         for info in members:
-            raw = tensors[info.name].detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            raw = tensor_of(info.name).detach().contiguous().reshape(-1).view(torch.uint8).numpy()
             by_hash.setdefault(hashlib.sha256(raw).hexdigest(), []).append(info.name)
         out.extend(TieGroup(tuple(sorted(n)), "alias", "values") for n in by_hash.values() if len(n) > 1)
     out.sort(key=lambda g: g.names)
