@@ -5,8 +5,8 @@ Works on ``TensorInfo`` records, so the same code answers for a table of content
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Hashable
 
 from .toc import TensorInfo, itemsize
