@@ -12,7 +12,8 @@ $(PY):
 # torch is pinned for dev/CI: a local CPU build; the package itself accepts torch>=2.4.
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# torch pinned in the same command, or transformers/lightning pull a newer (CUDA) torch
+	$(PY) -m pip install --quiet "torch==2.13.0" -e ".[dev,test]"
 	$(PY) -m compileall -q src  # bytecode for the editable install (PYTHONDONTWRITEBYTECODE may be set)
 	touch $(STAMP)
 
