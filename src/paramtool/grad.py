@@ -60,42 +60,31 @@ def build_model(src: Any, seed: int) -> Any:
 
 def _pickled_model(src: Any) -> Any:
     """A ``torch.save(model)`` file as a real module: listed by the inert unpickler, then rebuilt here."""
-    from . import sources, tree
+    from . import sources
+    from .stream import open_storage_file
 
     listing = sources.open_listing(src)
     if not isinstance(listing.root, FakeModule):
         raise ParamtoolError(f"{src.label}: a state dict, not a whole model; {NEEDS_MODEL}")
-    return rebuild_module(listing.root, _tensor_reader(src, listing, tree))
-
-
-def _tensor_reader(src: Any, listing: Any, tree: Any) -> Callable[[FakeTensor], Any]:
-    """Real tensor data for a stand-in: one read per storage (zip files), else by name from the loaded file."""
-    from .stream import open_storage_file
-
     storage_file = open_storage_file(listing)
-    if storage_file is not None:
-        storages: dict[Any, Any] = {}
+    if storage_file is None:
+        raise ParamtoolError(f"{src.label}: a pickled model in torch's legacy (pre-1.6) format; grad reads "
+                             "pickled models from zip files: re-save it with torch.save, or give FILE.py:FUNC")
+    storages: dict[Any, Any] = {}
 
-        def from_storage(fake: FakeTensor) -> Any:
-            key = fake.storage.key
-            if key not in storages:
-                if key not in storage_file.spans:
-                    raise ParamtoolError(f"{src.label}: a non-persistent buffer cannot be rebuilt for grad")
-                storages[key] = storage_file.read_storage(key)
-            return storages[key].as_strided(fake.shape, fake.stride, fake.offset)
+    def tensor_of(fake: FakeTensor) -> Any:
+        """One read per storage, so views of one storage share memory as torch.load would make them."""
+        key = fake.storage.key
+        if key not in storages:
+            if key not in storage_file.spans:
+                raise ParamtoolError(f"{src.label}: a non-persistent buffer cannot be rebuilt for grad")
+            storages[key] = storage_file.read_storage(key)
+        return storages[key].as_strided(fake.shape, fake.stride, fake.offset)
 
-        return from_storage
-    from . import sources
-
-    loaded = sources.load_lazy(src)
-    name_of = {id(tree.get_path(listing.root, p)): n for n, p in listing.names.items()}
-
-    def by_name(fake: FakeTensor) -> Any:
-        if id(fake) not in name_of:
-            raise ParamtoolError(f"{src.label}: a non-persistent buffer cannot be rebuilt for grad")
-        return loaded.tensor(name_of[id(fake)])
-
-    return by_name
+    try:
+        return rebuild_module(listing.root, tensor_of)
+    finally:
+        storage_file.close()
 
 
 def _nn_class(qualname: str) -> Any:
