@@ -358,6 +358,27 @@ def test_pickled_model_rebuilt_without_torch_load(run, tmp_path, monkeypatch):
         assert_matches_torch(params[name], p.grad)
 
 
+def test_pickled_lstm_tuple_output(run, tmp_path):
+    """A forward returning (output, (h, c)): every tensor printed, the loss is the sum of their sums."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 3, batch_first=True)
+    path = tmp_path / "lstm.pt"
+    torch.save(lstm, path)
+    torch.manual_seed(0)
+    out, (h, c) = lstm(torch.rand(2, 5, 4))
+    (out.sum() + h.sum() + c.sum()).backward()
+    r = run("grad", path, "--input", "2,5,4", "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = r.json()
+    assert doc["loss"] == "output[0].sum() + output[1][0].sum() + output[1][1].sum()"
+    assert [o["at"] for o in doc["outputs"]] == ["output[0]", "output[1][0]", "output[1][1]"]
+    assert doc["output"]["shape"] == [2, 5, 3] and doc["outputs"][1]["shape"] == [1, 2, 3]
+    for name, p in lstm.named_parameters():
+        assert_matches_torch(by_name(doc)[name], p.grad)
+    text = run("grad", path, "--input", "2,5,4").stdout
+    assert "output[1][1]: [1, 2, 3]" in text and repr(c.detach()) in text
+
+
 def test_rebuilt_module_is_the_saved_one(tmp_path):
     from paramtool import sources
 

@@ -107,10 +107,12 @@ def _plain(value: Any) -> bool:
 
 def rebuild_module(fake: FakeModule, tensor_of: Callable[[FakeTensor], Any], memo: dict | None = None) -> Any:
     """A real module from a listed one: ``cls.__new__`` and ``nn.Module.__init__`` of the allowlisted class, then
-    its tensors, children and plain attributes (numbers, strings, booleans, None, tuples and lists of them).
+    its tensors, children and plain attributes (numbers, strings, booleans, None, tuples and lists of them and of
+    its own tensors).
 
     Nothing the file names is called, and no constructor runs: a pickled model's ``__dict__`` already holds
-    everything its ``forward`` reads. One object in the file (a module or a Parameter used twice) is one object
+    everything its ``forward`` reads; the class's own (torch's) ``__setstate__`` takes the plain attributes, as
+    unpickling would give them to it. One object in the file (a module or a Parameter used twice) is one object
     here, so ties survive.
     """
     import torch
@@ -131,26 +133,31 @@ def rebuild_module(fake: FakeModule, tensor_of: Callable[[FakeTensor], Any], mem
             memo[id(t)] = torch.nn.Parameter(data, requires_grad=t.requires_grad) if t.is_parameter else data
         return memo[id(t)]
 
+    state: dict[str, Any] = {}
     for key, value in fake.state.items():
         if key in ("_parameters", "_buffers", "_modules"):
+            entries: dict[str, Any] = {}
             for name, v in (value or {}).items():
-                if v is None:
-                    getattr(module, key)[name] = None
-                elif key == "_modules":
-                    if not isinstance(v, FakeModule):
-                        raise ParamtoolError(f"cannot rebuild {fake.cls}: child '{name}' is not a module")
-                    module._modules[name] = rebuild_module(v, tensor_of, memo)
+                if v is None or key != "_modules":
+                    entries[name] = None if v is None else tensor(v, f"'{name}'")
+                elif isinstance(v, FakeModule):
+                    entries[name] = rebuild_module(v, tensor_of, memo)
                 else:
-                    getattr(module, key)[name] = tensor(v, f"'{name}'")
+                    raise ParamtoolError(f"cannot rebuild {fake.cls}: child '{name}' is not a module")
+            getattr(module, key).update(entries)
         elif key == "_non_persistent_buffers_set":
             module._non_persistent_buffers_set = {str(n) for n in (value or ())}
         elif key in module.__dict__ and key != "training":
             continue  # hooks and other nn.Module bookkeeping: fresh and empty, as __init__ made them
         elif _plain(value):
-            module.__dict__[key] = list(value) if isinstance(value, list) else value
+            state[key] = list(value) if isinstance(value, list) else value
+        elif isinstance(value, (list, tuple)) and all(_plain(v) or isinstance(v, FakeTensor) for v in value):
+            items = [tensor(v, f"'{key}'") if isinstance(v, FakeTensor) else v for v in value]  # RNN._flat_weights
+            state[key] = items if isinstance(value, list) else tuple(items)
         else:
             raise ParamtoolError(f"cannot rebuild {fake.cls}: attribute '{key}' is a {type(value).__name__}, "
                                  "not a number, string, tuple or tensor")
+    cls.__setstate__(module, state)  # torch's own code for this class (an RNN rebuilds its weight references)
     return module
 
 
@@ -318,8 +325,6 @@ class _UseTracker:
 
     def uses(self, p: Any) -> list[Use]:
         """The calls that used ``p``, named by module path (by call number when calls and paths differ)."""
-        import torch
-
         out = []
         for module, index, view in self.views.get(id(p), []):
             paths = self.paths.get(id(module)) or ["?"]
@@ -328,8 +333,8 @@ class _UseTracker:
                 label = paths[index] or "(model)"
             elif self.calls[id(module)] > 1:
                 label = f"{label} call {index + 1}"
-            grad = view.grad if view.grad is not None else torch.zeros_like(p)
-            out.append(Use(label, grad))
+            if view.grad is not None:  # None: this call did not read the parameter (an RNN reads its own list)
+                out.append(Use(label, view.grad))
         return out
 
 
