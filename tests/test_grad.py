@@ -312,6 +312,40 @@ def test_several_inputs_are_several_arguments(run):
     assert_matches_torch(by_name(r.json())["weight"], net.weight.grad)
 
 
+def test_module_called_in_a_loop_has_one_use_per_call(tmp_path):
+    path = tmp_path / "loop.py"
+    path.write_text("from torch import nn\n\n"
+                    "class Loop(nn.Module):\n"
+                    "    def __init__(self):\n"
+                    "        super().__init__()\n"
+                    "        self.lin = nn.Linear(3, 3)\n\n"
+                    "    def forward(self, x):\n"
+                    "        for _ in range(3):\n"
+                    "            x = self.lin(x).tanh()\n"
+                    "        return x\n\n"
+                    "def build():\n    return Loop()\n")
+    from paramtool import sources
+
+    net = grads.build_model(sources.resolve(f"{path}:build"), seed=0)
+    twin = copy.deepcopy(net)
+    report = grads.compute(net, [(2, 3)], seed=0)
+    torch_backward(twin, 0, (2, 3))
+    p = report.params[0]
+    assert p.name == "lin.weight" and torch.equal(p.grad, twin.lin.weight.grad)
+    assert [u.at for u in p.uses] == ["lin call 1", "lin call 2", "lin call 3"]
+    assert torch.allclose(sum(u.grad for u in p.uses), p.grad, atol=1e-6) and p.sum_error < 1e-6
+
+
+def test_model_in_another_dtype_gets_inputs_of_its_dtype(run):
+    r = run("grad", "nn:Linear(4, 2, dtype='float64')", "--input", "3,4", "--json")
+    assert r.exit_code == 0, r.stderr
+    net = seeded(0, lambda: nn.Linear(4, 2, dtype=torch.float64))
+    torch.manual_seed(0)
+    net(torch.rand(3, 4).to(torch.float64)).sum().backward()
+    assert r.json()["input_dtype"] == "float64" and r.json()["output"]["dtype"] == "float64"
+    assert_matches_torch(by_name(r.json())["weight"], net.weight.grad)
+
+
 def test_seed_makes_runs_reproducible(run):
     a = run("grad", NET, "--input", "2,20", "--seed", "4", "--json").json()
     b = run("grad", NET, "--input", "2,20", "--seed", "4", "--json").json()

@@ -231,6 +231,7 @@ class GradReport:
     loss: str
     params: list[ParamGrad]
     names: list[str] = field(default_factory=list)  # every parameter name, tied ones included, in model order
+    input_dtype: str = "float32"
 
     def as_json(self, params: list[ParamGrad]) -> dict:
         outs = [_output_json(label, t) for label, t in self.outputs]
@@ -238,6 +239,7 @@ class GradReport:
             "source": self.source,
             "seed": self.seed,
             "inputs": [list(s) for s in self.inputs],
+            "input_dtype": self.input_dtype,
             "output": {k: v for k, v in outs[0].items() if k != "at"},
             "outputs": outs,
             "loss": self.loss,
@@ -253,7 +255,11 @@ def _num(v: float | None) -> Any:
 
 
 def _output_json(label: str, t: Any) -> dict:
+    import torch
+
     flat = t.detach().reshape(-1)[:OUTPUT_VALUES]
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
     values = [float(v) if flat.is_floating_point() else v for v in flat.tolist()]
     return {"at": label, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
             "values": [_num(v) if isinstance(v, float) else v for v in values]}
@@ -338,6 +344,15 @@ class _UseTracker:
         return out
 
 
+def input_dtype(model: Any) -> Any:
+    """float32, or the one dtype all the model's floating-point parameters share (a bfloat16 model gets
+    ``torch.rand(...).to(torch.bfloat16)``), so a half-precision model can be run without a dtype error."""
+    import torch
+
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
 def _param_groups(model: Any) -> list[tuple[list[str], Any]]:
     """Each parameter once, with all its names (a tied one has several), in named_parameters order."""
     groups: dict[int, tuple[list[str], Any]] = {}
@@ -347,8 +362,8 @@ def _param_groups(model: Any) -> list[tuple[list[str], Any]]:
 
 
 def compute(model: Any, shapes: list[tuple[int, ...]], seed: int, source: str = "") -> GradReport:
-    """Forward ``torch.rand`` inputs (drawn in order after ``torch.manual_seed(seed)``), backpropagate the sum of
-    the output, and collect every parameter's gradient with its per-use parts.
+    """Forward ``torch.rand`` inputs (drawn in order after ``torch.manual_seed(seed)``, in :func:`input_dtype`),
+    backpropagate the sum of the output, and collect every parameter's gradient with its per-use parts.
 
     The same numbers come from ``torch.manual_seed(seed); X = torch.rand(*shape); model(X).sum().backward()``.
     The caller's RNG state is left as it was.
@@ -360,7 +375,8 @@ def compute(model: Any, shapes: list[tuple[int, ...]], seed: int, source: str = 
         p.grad = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        xs = [torch.rand(*shape) for shape in shapes]
+        dtype = input_dtype(model)
+        xs = [torch.rand(*shape).to(dtype) for shape in shapes]
         with _UseTracker(model, [p for _, p in groups]) as tracker:
             try:
                 with torch.enable_grad():
@@ -382,7 +398,8 @@ def compute(model: Any, shapes: list[tuple[int, ...]], seed: int, source: str = 
                                 p.grad, tracker.uses(p)) for names, p in groups]
     loss_text = " + ".join(f"{label}.sum()" for label, _ in parts)
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    return GradReport(source, seed, list(shapes), outputs, loss_text, params, names)
+    return GradReport(source, seed, list(shapes), outputs, loss_text, params, names,
+                      str(dtype).removeprefix("torch."))
 
 
 def select_params(report: GradReport, layers: list[str] | None) -> list[ParamGrad]:

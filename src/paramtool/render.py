@@ -274,7 +274,7 @@ def grad_lines(report: Any, params: list) -> list[Any]:
 
     lines: list[Any] = []
     for shape in report.inputs:
-        lines.append(Text(f"input: {shape_text(shape)} float32 (torch.rand, seed {report.seed})", style="dim"))
+        lines.append(Text(f"input: {shape_text(shape)} {report.input_dtype} (torch.rand, seed {report.seed})", style="dim"))
     for label, t in report.outputs:
         lines.append(Text.assemble((f"{label}: ", "bold"), f"{shape_text(tuple(t.shape))}"))
         lines.append(Text(tensor_text(t)))
