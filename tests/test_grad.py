@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import re
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from paramtool import grad as grads
-from paramtool.errors import ParamtoolError, UsageError
+from paramtool.errors import UsageError
 
 NET = "nn:Sequential(Linear(20, 256), ReLU(), Linear(256, 10))"
 SHARED = "nn:let s = Linear(8, 8) in Sequential(Linear(4, 8), ReLU(), s, ReLU(), s, ReLU(), Linear(8, 1))"
