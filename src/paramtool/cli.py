@@ -485,6 +485,39 @@ def convert(
             fmt, drop_extra)
 
 
+@app.command(epilog="Examples:\n\n  paramtool grad 'nn:Sequential(Linear(20, 256), ReLU(), Linear(256, 10))' --input 2,20\n\n"
+             "  paramtool grad models.py:build --input 2x4 --layer 2 --json\n\n" + EPILOG_HINT)
+def grad(
+    source: SourceArg = None,
+    inputs: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="Shape of one random input, e.g. 2,20 or 2x20 "
+                                                        "(float32, torch.rand). Repeat for a forward taking several.",
+                                                        show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the input (and the initialization of nn: and factory models).")] = 0,
+    layer: LayerOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Forward a random input through a model, backpropagate output.sum(), and report each parameter's gradient.
+
+    Tied parameters are reported once, with what each use contributes. SOURCE is nn:EXPR, FILE.py:FUNC or a
+    pickled model (torch.save(model)).
+    """
+    from . import grad as grads
+    from . import sources
+
+    if not inputs:
+        raise UsageError("give the shape of the model's input with --input, e.g. --input 2,20")
+    shapes = [grads.parse_shape(s) for s in inputs]
+    src = sources.resolve(source)
+    report = grads.compute(grads.build_model(src, seed), shapes, seed, src.label)
+    params = grads.select_params(report, layer)
+    if json_out:
+        emit_json(report.as_json(params))
+        return
+    console = out_console()
+    for line in render.grad_lines(report, params):
+        console.print(line)
+
+
 def _unknown_name(name: str, names: list[str]) -> str:
     import difflib
 

@@ -262,3 +262,52 @@ def diff_lines(d) -> list[Text]:
         lines.append(Text(f"- tie {' = '.join(map(safe_name, g))}", style="red"))
     lines.append(Text(f"{d.same} same, {len(d.changed)} changed, {len(d.added)} added, {len(d.removed)} removed", style="dim"))
     return lines
+
+
+# --- grad --------------------------------------------------------------------------------------------
+
+
+def grad_lines(report: Any, params: list) -> list[Any]:
+    """The forward pass as ``net(X)`` prints it, the loss, a table of gradients ("no gradient" in red), and a
+    line per tied parameter adding up its uses."""
+    from .values import tensor_text
+
+    lines: list[Any] = []
+    for shape in report.inputs:
+        lines.append(Text(f"input: {shape_text(shape)} {report.input_dtype} (torch.rand, seed {report.seed})", style="dim"))
+    for label, t in report.outputs:
+        lines.append(Text.assemble((f"{label}: ", "bold"), f"{shape_text(tuple(t.shape))}"))
+        lines.append(Text(tensor_text(t)))
+    lines.append(Text.assemble(("backward: ", "bold"), report.loss))
+    lines.append(grad_table(params))
+    lines.extend(grad_use_line(p) for p in params if len(p.names) > 1 or len(p.uses) > 1)
+    return lines
+
+
+def grad_table(params: list) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("name", "shape", "grad norm", "mean", "max |g|"):
+        table.add_column(col, justify="left" if col in ("name", "shape") else "right")
+    for p in params:
+        name = Text(" = ".join(safe_name(n) for n in p.names), style="magenta" if len(p.names) > 1 else "")
+        if p.grad is None:
+            why = "no gradient" if p.requires_grad else "no gradient (requires_grad=False)"
+            table.add_row(name, shape_text(p.shape), Text(why, style="bold red"), "", "")
+        else:
+            table.add_row(name, shape_text(p.shape), _g(p.number("norm")), _g(p.number("mean")), _g(p.number("max")))
+    return table
+
+
+def grad_use_line(p: Any) -> Text:
+    """``2.weight = 4.weight: ‖g‖ 0.41 = use at 2 (‖g‖ 0.25) + use at 4 (‖g‖ 0.2)  sum error 0``."""
+    line = Text()
+    line.append(" = ".join(safe_name(n) for n in p.names), style="magenta")
+    if p.grad is None:
+        line.append(": no gradient", style="bold red")
+        return line
+    uses = " + ".join(f"use at {safe_name(u.at)} (‖g‖ {_g(p.use_norm(u))})" for u in p.uses) or "no use seen"
+    line.append(f": ‖g‖ {_g(p.number('norm'))} = {uses}")
+    err = p.sum_error
+    if err is not None:
+        line.append(f"  sum error {_g(err)}", style="dim")
+    return line
