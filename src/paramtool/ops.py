@@ -79,6 +79,7 @@ class Plan:
     report: Report
     actions: list[Action] = field(default_factory=list)
     untie: list[str] = field(default_factory=list)  # names to give their own storage before acting
+    narrow: bool = False  # write only the --key sub-tree (convert), not the whole container with it changed
 
 
 def execute(plan: Plan, ckpt: Checkpoint) -> None:
