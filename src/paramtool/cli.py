@@ -147,6 +147,9 @@ def inspect(
         emit_json(render.inspect_json(toc, tensors))
         return
     console = out_console()
+    if toc.values is not None:  # a --key sub-tree without tensors (hyper_parameters, args): its values
+        console.print(render.values_tree(toc))
+        return
     console.print(render.inspect_tree(toc, tensors, depth))
     for line in render.extras_lines(toc):
         console.print(line)
