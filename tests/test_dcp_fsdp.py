@@ -155,6 +155,9 @@ def test_convert_to_one_pt_keeps_everything(fsdp, ck, run, tmp_path):
     assert run("convert", ck, "--key", "model", "-o", tmp_path / "model.pt").exit_code == 0
     sd = torch.load(tmp_path / "model.pt", weights_only=True)
     assert list(sd) == list(ref["model"]) and all(torch.equal(sd[k], v) for k, v in ref["model"].items())
+    assert run("convert", ck, "--key", "model", "-o", tmp_path / "model_dcp").exit_code == 0  # a DCP of the sub-tree
+    doc = run("inspect", tmp_path / "model_dcp", "--json").json()
+    assert [t["name"] for t in doc["tensors"]] == list(ref["model"]) and "optim" not in doc.get("extras", {})
     # safetensors cannot hold the optimizer's non-tensor entries: never dropped silently
     r = run("convert", ck, "-o", tmp_path / "m.safetensors")
     assert r.exit_code == 1 and "--drop-extra" in r.stderr and "optim" in r.stderr

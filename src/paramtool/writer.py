@@ -160,10 +160,18 @@ def _verify(ckpt: Checkpoint, written: Source, key: str | None) -> None:
 
 
 def _verify_file(ckpt: Checkpoint, fmt: str, path: str, narrow: bool = False, drop_extra: bool = False) -> None:
-    from .sources import open_listing, sniff_file
+    from .sources import sniff_file
 
     written = Source(path, "file", path, sniff_file(path))
     base = _pt_root(ckpt, narrow, drop_extra)[1] if fmt == "pt" and ckpt.format in ("pt", "pt-legacy", "dcp") else None
+    _verify_at(ckpt, written, base)
+
+
+def _verify_at(ckpt: Checkpoint, written: Source, base: tree.Path | None) -> None:
+    """Verify ``written``, which holds ``ckpt``'s container (``base == ()``), its sub-tree at ``base``, or
+    (None) its tensors by name."""
+    from .sources import open_listing
+
     if base:  # a sub-tree on its own: its names may read differently, so compare tensor by tensor by path
         got = {p: (tuple(t.shape), t.dtype) for p, t in tree.walk(open_listing(written).root)}
         bad = next((i.name for i in ckpt.infos() if got.get(i.path[len(base):]) != (i.shape, i.dtype)), None)
@@ -285,7 +293,7 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
     if output.format == "dcp":
         ckpt = load(src, listing.key)
         ops.execute(plan, ckpt)
-        _write_dcp(ckpt, output)
+        _write_dcp(ckpt, output, plan.narrow)
         return
     same_format = src.format == output.format and src.format in ("pt", "safetensors")
     narrow = plan.narrow and listing.key is not None
@@ -363,11 +371,15 @@ def _replace_directory(final: str, build: Callable[[str], None]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_dcp(ckpt: Checkpoint, output: Output) -> None:
+def _write_dcp(ckpt: Checkpoint, output: Output, narrow: bool = False) -> None:
     from .formats import dcp
 
+    root, base = _pt_root(ckpt, narrow, False)  # the whole container, or (convert --key) the sub-tree
+    if not isinstance(root, Mapping):
+        raise ParamtoolError(f"--key {ckpt.key} is a {type(root).__name__}; a DCP checkpoint holds a mapping")
+
     def build(work: str) -> None:
-        dcp.save(ckpt.root, work)
-        _verify(ckpt, Source(work, "dcp", work), ckpt.key)
+        dcp.save(root, work)
+        _verify_at(ckpt, Source(work, "dcp", work), base)
 
     _replace_directory(output.path, build)
