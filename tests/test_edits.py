@@ -232,6 +232,8 @@ def test_negative_step_with_ellipsis_and_leading_int():
     (torch.uint8, "t -= 8", "-5"),
     (torch.int8, "t *= 64", "192"),
     (torch.int64, "t *= nan", "nan"),
+    (torch.uint16, "t -= 4", "-1"),  # torch's CPU kernels lack add_ for uint16: computed in int64
+    (torch.uint32, "t /= 2", "1.5"),
 ])
 def test_integer_and_bool_edits_refuse_what_the_dtype_cannot_hold(dtype, text, shown):
     t = torch.tensor([3, 7], dtype=torch.uint8).to(dtype) if dtype != torch.int64 else torch.tensor([-3, 7])
@@ -262,6 +264,10 @@ def test_exact_integer_results_are_written():
     run("t[2] += 5", ["t"], t)
     run("t[:2] /= 2.0", ["t"], t)
     assert t.tolist() == [1, 2, 255] and t.dtype == torch.uint8
+    u = torch.tensor([4, 6], dtype=torch.uint32)
+    run("u += 1", ["u"], u)
+    run("u[0] /= 5", ["u"], u)
+    assert u.tolist() == [1, 7] and u.dtype == torch.uint32
     b = torch.zeros(2, dtype=torch.bool)
     run("b = 1", ["b"], b)
     assert b.tolist() == [True, True]

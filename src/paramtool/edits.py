@@ -213,7 +213,8 @@ def _integer_edit(target: Any, op: str, value: float | int | bool, where: str, n
 
     Scalar ``+ - *`` are monotone, so the extremes of the result come from the extremes of the tensor and
     are checked with Python's exact integers before anything is written; ``/`` and float factors are
-    checked element by element.
+    checked element by element. uint16/32/64, for which torch's CPU kernels lack most ops, are computed in
+    int64 (exact for them, uint64 up to 2**63 - 1) and copied back.
     """
     import torch
 
@@ -229,49 +230,58 @@ def _integer_edit(target: Any, op: str, value: float | int | bool, where: str, n
         raise ParamtoolError(f"{where}: integer division by zero ('{name}' is {str(dtype)[6:]})")
     if target.numel() == 0:
         return
+    hi_limit = info.max
+    if dtype in (torch.uint16, torch.uint32, torch.uint64):
+        hi_limit = min(info.max, torch.iinfo(torch.int64).max)
+        if dtype == torch.uint64 and max(target.flatten().tolist()) > hi_limit:
+            raise ParamtoolError(f"{where}: '{name}' is uint64 with values above 2**63 - 1, which paramtool cannot "
+                                 "compute with exactly; use '=' to set values")
+        work = target.to(torch.int64)
+    else:
+        work = target
     if whole is not None and op != "/=":
-        lo, hi = int(target.min()), int(target.max())
+        lo, hi = int(work.min()), int(work.max())
         for x in (lo, hi):
             r = x + whole if op == "+=" else x - whole if op == "-=" else x * whole
-            if not info.min <= r <= info.max:
+            if not info.min <= r <= hi_limit:
                 raise _cannot_hold(where, name, dtype, r, f" ({x} {op[0]} {whole})")
-        getattr(target, _METHODS[op])(whole)
-        return
-    if whole is not None:  # /= by an integer: exact only where it divides
-        rest = torch.fmod(target, whole) if abs(whole) <= info.max else target
-        bad = torch.nonzero(rest).flatten()
+        getattr(work, _METHODS[op])(whole)
+    elif whole is not None:  # /= by an integer: exact only where it divides
+        rest = torch.fmod(work, whole) if abs(whole) <= torch.iinfo(torch.int64).max else work
+        bad = torch.nonzero(rest.flatten()).flatten()
         if bad.numel():
-            x = int(target.flatten()[bad[0]])
+            x = int(work.flatten()[bad[0]])
             raise _cannot_hold(where, name, dtype, x / whole, f" ({x} / {whole})")
-        lo, hi = int(target.min()), int(target.max())
-        for x in (lo, hi):
-            if not info.min <= x // whole <= info.max:  # the one overflow: min / -1
+        for x in (int(work.min()), int(work.max())):
+            if not info.min <= x // whole <= hi_limit:  # the one overflow: min / -1
                 raise _cannot_hold(where, name, dtype, x // whole, f" ({x} / {whole})")
-        target.copy_(torch.div(target, whole, rounding_mode="trunc"))
-        return
-    _float_factor_edit(target, op, float(value), where, name)
+        work.copy_(torch.div(work, whole, rounding_mode="trunc"))
+    else:
+        _float_factor_edit(work, op, float(value), where, name, dtype, hi_limit)
+    if work is not target:
+        target.copy_(work)
 
 
-def _float_factor_edit(target: Any, op: str, value: float, where: str, name: str) -> None:
+def _float_factor_edit(work: Any, op: str, value: float, where: str, name: str, dtype: Any, hi_limit: int) -> None:
     """``+= 2.5``, ``*= 0.5`` on integers: computed in float64, written only if every result is an integer
     the dtype holds (and float64 was exact, i.e. the inputs are below 2**53)."""
     import torch
 
-    dtype, info = target.dtype, torch.iinfo(target.dtype)
+    info = torch.iinfo(dtype)
     if value != value or abs(value) == float("inf"):
         raise _cannot_hold(where, name, dtype, value)
-    lo, hi = int(target.min()), int(target.max())
+    lo, hi = int(work.min()), int(work.max())
     if max(abs(lo), abs(hi)) > 2**53:
         raise ParamtoolError(f"{where}: '{name}' is {str(dtype)[6:]} with values beyond 2**53, which a float "
                              f"factor cannot scale exactly; use an integer value")
-    new = _arith(target.to(torch.float64), op, value)
-    bad = ~(torch.isfinite(new) & (new == new.trunc()) & (new >= info.min) & (new <= info.max))
+    new = _arith(work.to(torch.float64), op, value)
+    bad = ~(torch.isfinite(new) & (new == new.trunc()) & (new >= info.min) & (new <= hi_limit))
     where_bad = torch.nonzero(bad.flatten()).flatten()
     if where_bad.numel():
         i = int(where_bad[0])
-        x, r = int(target.flatten()[i]), float(new.flatten()[i])
+        x, r = int(work.flatten()[i]), float(new.flatten()[i])
         raise _cannot_hold(where, name, dtype, r, f" ({x} {op[0]} {value!r})")
-    target.copy_(new.to(dtype))
+    work.copy_(new.to(work.dtype))
 
 
 def _positive_steps(index: tuple, shape: tuple) -> tuple:

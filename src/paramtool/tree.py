@@ -207,8 +207,10 @@ def plain_values(obj: Any, depth: int = 0) -> Any:
         return obj
     if isinstance(obj, float):
         return obj if obj == obj and abs(obj) != float("inf") else str(obj)
-    if is_tensor(obj) or is_module(obj) or depth > 100:
-        return f"<{describe_value(obj) if not is_tensor(obj) else 'tensor ' + str(list(obj.shape)) + ' ' + str(obj.dtype).removeprefix('torch.')}>"
+    if is_tensor(obj):
+        return f"<tensor {list(obj.shape)} {str(obj.dtype).removeprefix('torch.')}>"
+    if is_module(obj) or depth > 100:
+        return f"<{describe_value(obj)}>"
     if isinstance(obj, Mapping):
         return {str(k): plain_values(v, depth + 1) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
