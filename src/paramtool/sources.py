@@ -164,7 +164,9 @@ def read_toc(src: Source, key: str | None = None) -> Toc:
     if src.kind in ("file", "sharded", "dcp"):
         listing = open_listing(src, key)
         if src.kind == "dcp" and key and not listing.names:  # DCP keeps values in the data files: read them
-            return load(src, key).toc()
+            from .formats import dcp
+
+            return _named(src, "dcp", dcp.load(src.path, tree.find_key(listing.root, key)), key).toc()
         return listing.toc()
     return load(src, key).toc()
 

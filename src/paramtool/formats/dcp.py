@@ -145,6 +145,20 @@ def read_tree(directory: str) -> Any:
     return _lists(root)
 
 
+def _only(root: Any, path: tuple) -> Any:
+    """``root`` cut down to the sub-tree at ``path`` (nesting kept); the whole of it when a list is on the way
+    (DCP keys a list's items by position, which a cut-down list cannot keep)."""
+    node, kept = root, {}
+    out = kept
+    for i, key in enumerate(path):
+        if not isinstance(node, dict) or key not in node:
+            return root
+        node = node[key]
+        out[key] = node if i == len(path) - 1 else {}
+        out = out[key]
+    return kept if path else root
+
+
 def _lists(node: Any) -> Any:
     """Turn back into lists the containers DCP flattened from lists.
 
@@ -215,12 +229,16 @@ def _check_sizes(directory: str, skeleton: Any) -> None:
                           f"{on_disk}")
 
 
-def load(directory: str) -> Any:
-    """The whole checkpoint as nested dicts of real tensors and values, read by torch's DCP reader."""
+def load(directory: str, only: tuple = ()) -> Any:
+    """The whole checkpoint as nested dicts of real tensors and values, read by torch's DCP reader.
+
+    ``only`` (a path of mapping keys) reads just that sub-tree, within the same nesting: ``inspect --key
+    hyper_parameters`` does not read every tensor of a large checkpoint.
+    """
     import torch
     import torch.distributed.checkpoint as dcp
 
-    skeleton = read_tree(directory)
+    skeleton = _only(read_tree(directory), only)
 
     def fill(node: Any) -> Any:
         if isinstance(node, dict):
