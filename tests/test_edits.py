@@ -111,9 +111,9 @@ def test_dtype_kept_bf16_and_int():
     run("i += 1", ["i"], i)
     assert i.tolist() == [8, -6, 2**60 + 2]  # exact, not through float
     run("i[:2] /= 2", ["i"], i)
-    assert i.dtype == torch.int64 and i[:2].tolist() == [4, -3]  # truncated toward zero
-    run("i[:2] *= 0.5", ["i"], i)
-    assert i[:2].tolist() == [2, -1]
+    assert i.dtype == torch.int64 and i[:2].tolist() == [4, -3]  # exact: every value divides
+    run("i[:1] *= 0.5", ["i"], i)
+    assert i[:2].tolist() == [2, -3]
 
 
 def test_in_place_so_tied_names_change_together():
@@ -164,7 +164,7 @@ def test_errors_never_traceback_and_leave_tensor_untouched():
     i = torch.tensor([1, 2])
     with pytest.raises(ParamtoolError, match="division by zero"):
         run("i /= 0", ["i"], i)
-    with pytest.raises(ParamtoolError, match="not finite"):
+    with pytest.raises(ParamtoolError, match="cannot hold inf"):
         run("i *= inf", ["i"], i)
     with pytest.raises(ParamtoolError):
         run("i = nan", ["i"], i)
@@ -212,3 +212,94 @@ def test_negative_step_with_ellipsis_and_leading_int():
     expected = torch.zeros(2, 3, 4)
     expected[1, :, [3, 1]] = 5
     assert torch.equal(t, expected)
+
+
+# --- the dtype is respected: integer and bool tensors never round silently ------------------------------------
+
+@pytest.mark.parametrize("dtype,text,shown", [
+    (torch.int64, "t = 2.5", "2.5"),
+    (torch.uint8, "t = 300", "300"),
+    (torch.uint8, "t = -1", "-1"),
+    (torch.int32, "t = nan", "nan"),
+    (torch.int64, "t = inf", "inf"),
+    (torch.int64, "t = 9223372036854775808", "9223372036854775808"),  # 2**63
+    (torch.bool, "t = 2", "2"),
+    (torch.bool, "t = 0.5", "0.5"),
+    (torch.int64, "t *= 0.5", "-1.5"),
+    (torch.int64, "t += 0.5", "-2.5"),
+    (torch.int64, "t /= 2", "-1.5"),
+    (torch.uint8, "t += 250", "257"),
+    (torch.uint8, "t -= 8", "-5"),
+    (torch.int8, "t *= 64", "192"),
+    (torch.int64, "t *= nan", "nan"),
+    (torch.uint16, "t -= 4", "-1"),  # torch's CPU kernels lack add_ for uint16: computed in int64
+    (torch.uint32, "t /= 2", "1.5"),
+])
+def test_integer_and_bool_edits_refuse_what_the_dtype_cannot_hold(dtype, text, shown):
+    t = torch.tensor([3, 7], dtype=torch.uint8).to(dtype) if dtype != torch.int64 else torch.tensor([-3, 7])
+    if dtype == torch.bool:
+        t = torch.tensor([True, False])
+    before = t.clone()
+    with pytest.raises(ParamtoolError) as e:
+        run(text, ["t"], t)
+    msg = str(e.value)
+    assert f"'t' is {str(dtype)[6:]}" in msg and f"cannot hold {shown}" in msg, msg
+    assert torch.equal(t, before)
+
+
+def test_int64_extremes_are_checked_exactly():
+    t = torch.tensor([2**63 - 2, -(2**63)])
+    run("t[0] += 1", ["t"], t)
+    assert t[0] == 2**63 - 1
+    with pytest.raises(ParamtoolError, match=r"cannot hold 9223372036854775808 \(9223372036854775807 \+ 1\)"):
+        run("t += 1", ["t"], t)
+    with pytest.raises(ParamtoolError, match="cannot hold 9223372036854775808"):
+        run("t[1] /= -1", ["t"], t)
+    assert t.tolist() == [2**63 - 1, -(2**63)]
+
+
+def test_exact_integer_results_are_written():
+    t = torch.tensor([4, 8, 250], dtype=torch.uint8)
+    run("t[:2] *= 0.5", ["t"], t)
+    run("t[2] += 5", ["t"], t)
+    run("t[:2] /= 2.0", ["t"], t)
+    assert t.tolist() == [1, 2, 255] and t.dtype == torch.uint8
+    u = torch.tensor([4, 6], dtype=torch.uint32)
+    run("u += 1", ["u"], u)
+    run("u[0] /= 5", ["u"], u)
+    assert u.tolist() == [1, 7] and u.dtype == torch.uint32
+    b = torch.zeros(2, dtype=torch.bool)
+    run("b = 1", ["b"], b)
+    assert b.tolist() == [True, True]
+    f = torch.zeros(2, dtype=torch.float16)
+    run("f = 2.0001", ["f"], f)  # float dtypes round as torch does
+    assert torch.equal(f, torch.full((2,), 2.0001, dtype=torch.float16))
+
+
+@pytest.fixture
+def run_cli(request):
+    """The CLI runner of conftest (named ``run`` there, which this module's helper shadows)."""
+    return request.getfixturevalue("run")
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    ("bn.num_batches_tracked = 2.5", "'bn.num_batches_tracked' is int64 and cannot hold 2.5"),
+    ("mask = 300", "'mask' is uint8 and cannot hold 300"),
+    ("mask = -1", "'mask' is uint8 and cannot hold -1"),
+    ("bn.num_batches_tracked *= 0.5", "'bn.num_batches_tracked' is int64 and cannot hold 1.5"),
+    ("flag = nan", "'flag' is bool and cannot hold nan"),
+])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_cli_dtype_errors_leave_the_file_unchanged(tmp_path, run_cli, edit, fragment, suffix):
+    from safetensors.torch import save_file
+
+    sd = {"bn.num_batches_tracked": torch.tensor(3), "mask": torch.tensor([1, 2], dtype=torch.uint8),
+          "flag": torch.tensor([True])}
+    path = tmp_path / f"m{suffix}"
+    torch.save(sd, path) if suffix == ".pt" else save_file(sd, path)
+    before = path.read_bytes()
+    for args in (["--in-place"], ["-o", tmp_path / f"out{suffix}"]):
+        r = run_cli("set", path, edit, *args)
+        assert r.exit_code == 1 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
+        assert fragment in r.stderr
+    assert path.read_bytes() == before and not (tmp_path / f"out{suffix}").exists()

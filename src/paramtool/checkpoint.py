@@ -42,14 +42,19 @@ class Checkpoint:
         return tree.infos(self.root, self.names)
 
     def toc(self) -> Toc:
+        values = None
+        if self.key and not self.names and not tree.is_module(self.root):  # hyper_parameters, args: show them
+            values = tree.plain_values(tree.get_path(self.root, tree.find_key(self.root, self.key)))
         return Toc(
             self.source,
             self.format,
             self.infos(),
-            extras=tree.extras(self.root, self.names) if not tree.is_module(self.root) else {},
+            extras=tree.extras(self.root, self.names) if not tree.is_module(self.root) and values is None else {},
             metadata=self.metadata,
             modules=module_reprs(self.root) if tree.is_module(self.root) else {},
             meta_ties=dict(self.meta_ties),
+            key=self.key,
+            values=values,
         )
 
 

@@ -37,7 +37,9 @@ class _Group(typer.core.TyperGroup):
             _quiet_pipe()
         except KeyboardInterrupt:
             _fail("interrupted", 130)
-        except Exception as e:  # a bug: still one line, the traceback only on request
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException as e:  # a bug, or a library's BaseException (torch's CheckpointException): one line
             if os.environ.get("PARAMTOOL_DEBUG") == "1":
                 raise
             _fail(f"internal error: {type(e).__name__}: {e}", 1)
@@ -145,6 +147,9 @@ def inspect(
         emit_json(render.inspect_json(toc, tensors))
         return
     console = out_console()
+    if toc.values is not None:  # a --key sub-tree without tensors (hyper_parameters, args): its values
+        console.print(render.values_tree(toc))
+        return
     console.print(render.inspect_tree(toc, tensors, depth))
     for line in render.extras_lines(toc):
         console.print(line)
@@ -481,7 +486,7 @@ def convert(
     if target is not None and output is not None:
         raise UsageError("give the output either as OUTPUT or as -o, not both")
     src = sources.resolve(source)
-    _finish(src, sources.open_for_plan(src, key), Plan(Report("convert")), False, False, target or output, in_place,
+    _finish(src, sources.open_for_plan(src, key), Plan(Report("convert"), narrow=True), False, False, target or output, in_place,
             fmt, drop_extra)
 
 

@@ -9,9 +9,9 @@
 
 Semantics (``apply_edit``): the tensor is changed in place under ``torch.no_grad()``, so every tied name sees the
 change, and its dtype is kept. Floating and complex tensors use torch's own in-place ops (``w *= 0.1`` gives the
-bits ``w.mul_(0.1)`` gives). Integer tensors: ``+= -= *=`` by an integer are exact; ``/=``, or a float value,
-is computed in float64 and truncated toward zero (as C and ``rounding_mode="trunc"`` do); dividing by zero or a
-non-finite result is an error. Bool tensors take ``=`` only.
+bits ``w.mul_(0.1)`` gives, rounded as torch rounds). Integer and bool tensors never round silently: a value or a
+result the dtype cannot hold exactly (``2.5``, ``300`` in uint8, ``nan``, ``7 /= 2``, an overflow) is an error
+naming the tensor, its dtype and the value, and the tensor is left as it was. Bool tensors take ``=`` only.
 """
 from __future__ import annotations
 
@@ -157,28 +157,20 @@ def apply_edit(edit: Edit, tensor: Any) -> None:
             # basic indexing: a view; negative steps (which torch refuses) become the same elements, stepped up
             target = tensor if edit.index is None else tensor[_positive_steps(edit.index, tuple(tensor.shape))]
             dtype = target.dtype
-            if op == "=":
-                target.fill_(value)
-            elif dtype == torch.bool:
-                raise ParamtoolError(f"{where}: '{edit.name}' is a bool tensor; only '=' True/False applies")
-            elif dtype.is_floating_point or dtype.is_complex:
+            if dtype.is_floating_point or dtype.is_complex:
+                if op == "=":
+                    target.fill_(value)
+                    return
                 try:
                     getattr(target, _METHODS[op])(value)
                 except NotImplementedError:  # e.g. float8 on CPU: compute in float32, round once
                     target.copy_(_arith(target.to(torch.float32), op, value).to(dtype))
-            else:  # integer tensors
-                if op == "/=" and value == 0:
-                    raise ParamtoolError(f"{where}: integer division by zero ('{edit.name}' is {str(dtype)[6:]})")
-                if op != "/=" and isinstance(value, int):
-                    getattr(target, _METHODS[op])(value)
-                elif op == "/=" and isinstance(value, int):
-                    target.copy_(torch.div(target, value, rounding_mode="trunc"))
-                else:
-                    new = _arith(target.to(torch.float64), op, value)
-                    if not bool(torch.isfinite(new).all()):
-                        raise ParamtoolError(
-                            f"{where}: the result is not finite and '{edit.name}' is {str(dtype)[6:]}")
-                    target.copy_(new.trunc().to(dtype))
+            elif dtype == torch.bool:
+                if op != "=":
+                    raise ParamtoolError(f"{where}: '{edit.name}' is a bool tensor; only '=' True/False applies")
+                target.fill_(_exact_bool(value, _cannot_hold(where, edit.name, dtype, value)))
+            else:
+                _integer_edit(target, op, value, where, edit.name)
     except ParamtoolError:
         raise
     except IndexError as e:
@@ -186,6 +178,110 @@ def apply_edit(edit: Edit, tensor: Any) -> None:
     except (RuntimeError, TypeError, ValueError, OverflowError, NotImplementedError, ZeroDivisionError) as e:
         raise ParamtoolError(f"{where}: {_first_line(e)} (tensor '{edit.name}' is "
                              f"{str(tensor.dtype)[6:]} of shape {list(tensor.shape)})") from None
+
+
+def _cannot_hold(where: str, name: str, dtype: Any, value: Any, how: str = "") -> ParamtoolError:
+    dt = str(dtype).removeprefix("torch.")
+    return ParamtoolError(f"{where}: '{name}' is {dt} and cannot hold {value!r}{how} exactly "
+                          f"({_range_text(dtype)}); edit a float tensor, or give a value it holds")
+
+
+def _range_text(dtype: Any) -> str:
+    import torch
+
+    if dtype == torch.bool:
+        return "bool holds True/False, 1/0"
+    info = torch.iinfo(dtype)
+    return f"{str(dtype).removeprefix('torch.')} holds the integers {info.min}..{info.max}"
+
+
+def _exact_bool(value: float | int | bool, error: ParamtoolError) -> bool:
+    if value in (0, 1):  # True/False, 0/1, 0.0/1.0 (nan compares unequal to both)
+        return bool(value)
+    raise error
+
+
+def _exact_int(value: float | int | bool) -> int | None:
+    """``value`` as an int when it is one exactly (``3``, ``3.0``, ``True``), else None (``2.5``, nan, inf)."""
+    if isinstance(value, float):
+        return int(value) if value == value and abs(value) != float("inf") and value.is_integer() else None
+    return int(value)
+
+
+def _integer_edit(target: Any, op: str, value: float | int | bool, where: str, name: str) -> None:
+    """An edit of an integer tensor, done only when every result is exact and fits the dtype.
+
+    Scalar ``+ - *`` are monotone, so the extremes of the result come from the extremes of the tensor and
+    are checked with Python's exact integers before anything is written; ``/`` and float factors are
+    checked element by element. uint16/32/64, for which torch's CPU kernels lack most ops, are computed in
+    int64 (exact for them, uint64 up to 2**63 - 1) and copied back.
+    """
+    import torch
+
+    dtype = target.dtype
+    info = torch.iinfo(dtype)
+    whole = _exact_int(value)
+    if op == "=":
+        if whole is None or not info.min <= whole <= info.max:
+            raise _cannot_hold(where, name, dtype, value)
+        target.fill_(whole)
+        return
+    if op == "/=" and value == 0:
+        raise ParamtoolError(f"{where}: integer division by zero ('{name}' is {str(dtype)[6:]})")
+    if target.numel() == 0:
+        return
+    hi_limit = info.max
+    if dtype in (torch.uint16, torch.uint32, torch.uint64):
+        hi_limit = min(info.max, torch.iinfo(torch.int64).max)
+        if dtype == torch.uint64 and max(target.flatten().tolist()) > hi_limit:
+            raise ParamtoolError(f"{where}: '{name}' is uint64 with values above 2**63 - 1, which paramtool cannot "
+                                 "compute with exactly; use '=' to set values")
+        work = target.to(torch.int64)
+    else:
+        work = target
+    if whole is not None and op != "/=":
+        lo, hi = int(work.min()), int(work.max())
+        for x in (lo, hi):
+            r = x + whole if op == "+=" else x - whole if op == "-=" else x * whole
+            if not info.min <= r <= hi_limit:
+                raise _cannot_hold(where, name, dtype, r, f" ({x} {op[0]} {whole})")
+        getattr(work, _METHODS[op])(whole)
+    elif whole is not None:  # /= by an integer: exact only where it divides
+        rest = torch.fmod(work, whole) if abs(whole) <= torch.iinfo(torch.int64).max else work
+        bad = torch.nonzero(rest.flatten()).flatten()
+        if bad.numel():
+            x = int(work.flatten()[bad[0]])
+            raise _cannot_hold(where, name, dtype, x / whole, f" ({x} / {whole})")
+        for x in (int(work.min()), int(work.max())):
+            if not info.min <= x // whole <= hi_limit:  # the one overflow: min / -1
+                raise _cannot_hold(where, name, dtype, x // whole, f" ({x} / {whole})")
+        work.copy_(torch.div(work, whole, rounding_mode="trunc"))
+    else:
+        _float_factor_edit(work, op, float(value), where, name, dtype, hi_limit)
+    if work is not target:
+        target.copy_(work)
+
+
+def _float_factor_edit(work: Any, op: str, value: float, where: str, name: str, dtype: Any, hi_limit: int) -> None:
+    """``+= 2.5``, ``*= 0.5`` on integers: computed in float64, written only if every result is an integer
+    the dtype holds (and float64 was exact, i.e. the inputs are below 2**53)."""
+    import torch
+
+    info = torch.iinfo(dtype)
+    if value != value or abs(value) == float("inf"):
+        raise _cannot_hold(where, name, dtype, value)
+    lo, hi = int(work.min()), int(work.max())
+    if max(abs(lo), abs(hi)) > 2**53:
+        raise ParamtoolError(f"{where}: '{name}' is {str(dtype)[6:]} with values beyond 2**53, which a float "
+                             f"factor cannot scale exactly; use an integer value")
+    new = _arith(work.to(torch.float64), op, value)
+    bad = ~(torch.isfinite(new) & (new == new.trunc()) & (new >= info.min) & (new <= hi_limit))
+    where_bad = torch.nonzero(bad.flatten()).flatten()
+    if where_bad.numel():
+        i = int(where_bad[0])
+        x, r = int(work.flatten()[i]), float(new.flatten()[i])
+        raise _cannot_hold(where, name, dtype, r, f" ({x} {op[0]} {value!r})")
+    work.copy_(new.to(work.dtype))
 
 
 def _positive_steps(index: tuple, shape: tuple) -> tuple:

@@ -7,7 +7,7 @@ unless ``untie`` gives the selected names their own copy first.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .checkpoint import Checkpoint
@@ -15,7 +15,6 @@ from .errors import ParamtoolError
 from .select import module_path, select
 from .ties import storage_groups
 from .toc import TensorInfo
-from .tree import OPTIMIZER_KEYS
 
 
 @dataclass
@@ -79,6 +78,7 @@ class Plan:
     report: Report
     actions: list[Action] = field(default_factory=list)
     untie: list[str] = field(default_factory=list)  # names to give their own storage before acting
+    narrow: bool = False  # write only the --key sub-tree (convert), not the whole container with it changed
 
 
 def execute(plan: Plan, ckpt: Checkpoint) -> None:
@@ -183,21 +183,46 @@ def plan_set(ckpt: Checkpoint, edit_texts: list[str]) -> Plan:
 
 
 def _warn_optimizer(root: Any, names: list[str], report: Report) -> None:
-    """A training checkpoint's optimizer moments belong to the old values: say so."""
-    if not isinstance(root, Mapping):
-        return
+    """A training checkpoint's optimizer moments belong to the old values: say so.
+
+    An optimizer state dict is recognised by its structure (``state`` and ``param_groups``), wherever it sits:
+    ``optimizer``, Lightning's ``optimizer_states`` list, FSDP's ``optim``, or under any other name.
+    """
     changed = set(report.all_changed())
-    for key, value in root.items():
-        if str(key) not in OPTIMIZER_KEYS or not isinstance(value, Mapping):
-            continue
-        state = value.get("state")
-        if not isinstance(state, Mapping) or not state:
-            continue
-        # torch optimizers index parameters by position in model.parameters(): map positions to names
-        params = [n for n in names if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-        hit = [params[i] for i in state if isinstance(i, int) and 0 <= i < len(params) and params[i] in changed]
+    if not changed:
+        return
+    for where, opt in _optimizer_states(root, ()):
+        hit = _moment_owners(opt["state"], names, changed)
         if hit:
+            place = ".".join(str(p) for p in where) or "(root)"
             report.warnings.append(
-                f"the optimizer state in '{key}' holds moments for {len(hit)} reinitialized parameter(s) "
+                f"the optimizer state in '{place}' holds moments for {len(hit)} changed parameter(s) "
                 f"({', '.join(hit[:4])}{', ...' if len(hit) > 4 else ''}); they are stale: reset the optimizer when resuming"
             )
+
+
+def _optimizer_states(obj: Any, path: tuple) -> Iterator[tuple[tuple, Mapping]]:
+    """Every ``{"state": {...}, "param_groups": [...]}`` in a container, with its path (tensors and modules
+    are not entered: an optimizer state dict is plain containers)."""
+    if isinstance(obj, Mapping):
+        if isinstance(obj.get("state"), Mapping) and "param_groups" in obj:
+            yield path, obj
+            return
+        for key, value in obj.items():
+            yield from _optimizer_states(value, path + (key,))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _optimizer_states(value, path + (i,))
+
+
+def _moment_owners(state: Mapping, names: list[str], changed: set[str]) -> list[str]:
+    """The changed names that ``state`` holds moments for. torch optimizers key them by position in
+    ``model.parameters()`` (buffers excluded); ``get_state_dict`` and FSDP key them by parameter name."""
+    params = [n for n in names if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    hit = []
+    for key in state:
+        if isinstance(key, int) and 0 <= key < len(params):
+            hit.append(params[key])
+        elif isinstance(key, str):
+            hit.extend(n for n in params if n == key or n.endswith("." + key) or key.endswith("." + n))
+    return [n for n in dict.fromkeys(hit) if n in changed]

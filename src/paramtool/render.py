@@ -81,7 +81,39 @@ def inspect_json(toc: Toc, tensors: list[TensorInfo]) -> dict:
         out["metadata"] = toc.metadata
     if toc.modules:
         out["modules"] = toc.modules
+    if toc.key is not None:
+        out["key"] = toc.key
+    if toc.values is not None:
+        out["values"] = toc.values
     return out
+
+
+def values_tree(toc: Toc) -> Tree:
+    """A ``--key`` sub-tree without tensors, as a tree of its values (nested mappings and lists as branches)."""
+    head = Text()
+    head.append(safe_name(toc.source), style="bold")
+    head.append(f"  {toc.format}  --key {safe_name(toc.key)}  no tensors", style="dim")
+    tree = Tree(head, guide_style="dim")
+
+    def scalar(v: Any) -> str:
+        return safe_name(repr(v) if not isinstance(v, list) else "[" + ", ".join(map(scalar, v)) + "]")
+
+    def branch(v: Any) -> bool:
+        return isinstance(v, dict) and bool(v) or isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v)
+
+    def add(parent: Tree, value: Any) -> None:
+        items = value.items() if isinstance(value, dict) else ((f"[{i}]", v) for i, v in enumerate(value))
+        for k, v in items:
+            if branch(v):
+                add(parent.add(Text(safe_name(k), style="bold")), v)
+            else:
+                parent.add(Text.assemble((safe_name(k), "cyan"), ": ", scalar(v)))
+
+    if branch(toc.values):
+        add(tree, toc.values)
+    else:
+        tree.add(Text(scalar(toc.values)))
+    return tree
 
 
 @dataclass

@@ -162,7 +162,12 @@ def open_listing(src: Source, key: str | None = None) -> Checkpoint:
 def read_toc(src: Source, key: str | None = None) -> Toc:
     """The table of contents. For files this reads headers/pickles only: no torch, no tensor bytes."""
     if src.kind in ("file", "sharded", "dcp"):
-        return open_listing(src, key).toc()
+        listing = open_listing(src, key)
+        if src.kind == "dcp" and key and not listing.names:  # DCP keeps values in the data files: read them
+            from .formats import dcp
+
+            return _named(src, "dcp", dcp.load(src.path, tree.find_key(listing.root, key)), key).toc()
+        return listing.toc()
     return load(src, key).toc()
 
 

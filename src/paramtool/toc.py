@@ -109,6 +109,8 @@ class Toc:
     metadata: dict[str, str] | None = None  # safetensors header metadata
     modules: dict[str, str] = field(default_factory=dict)  # module path -> repr, for module sources
     meta_ties: dict[str, str] = field(default_factory=dict)  # name -> stored name, ties restored from metadata
+    key: str | None = None  # the --key sub-tree listed
+    values: Any = None  # a --key sub-tree without tensors: its values, JSON-ready (tree.plain_values)
 
 
 @dataclass

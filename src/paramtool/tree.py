@@ -196,6 +196,33 @@ def describe_value(v: Any) -> str:
     return f"{kind} ({', '.join(parts)})" if parts else kind
 
 
+def plain_values(obj: Any, depth: int = 0) -> Any:
+    """A sub-tree's values as JSON-ready data (Lightning's ``hyper_parameters``, an ``args`` namespace).
+
+    Mappings and sequences stay nested; non-finite floats become ``"nan"``/``"inf"`` (the JSON convention of
+    every command); a tensor or module is described, never read; any other object shows its attributes, or its
+    repr when it has none.
+    """
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else str(obj)
+    if is_tensor(obj):
+        return f"<tensor {list(obj.shape)} {str(obj.dtype).removeprefix('torch.')}>"
+    if is_module(obj) or depth > 100:
+        return f"<{describe_value(obj)}>"
+    if isinstance(obj, Mapping):
+        return {str(k): plain_values(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [plain_values(v, depth + 1) for v in obj]
+    if isinstance(obj, (bytes, bytearray)):
+        return f"<{len(obj)} bytes>"
+    attrs = getattr(obj, "__dict__", None)
+    if isinstance(attrs, dict) and attrs:
+        return {str(k): plain_values(v, depth + 1) for k, v in attrs.items()}
+    return repr(obj)
+
+
 def tensor_info(name: str, path: Path, t: Any) -> TensorInfo:
     """Describe a stand-in or a real tensor the same way; a real tensor's storage is its data pointer."""
     if isinstance(t, FakeTensor):

@@ -88,8 +88,10 @@ def _non_tensor_entries(ckpt: Checkpoint) -> list[str]:
     """What a safetensors file cannot hold: non-tensor entries and tensors outside the listed names."""
     if tree.is_module(ckpt.root):
         return []
-    listed = set(ckpt.names.values())
-    extra = [".".join(str(p) for p in path) for path, _ in tree.walk(ckpt.root) if path not in listed]
+    base = _key_base(ckpt)  # with --key, only the sub-tree goes to the file: what is outside does not matter
+    sub = tree.get_path(ckpt.root, base)
+    listed = {p[len(base):] for p in ckpt.names.values()}
+    extra = [".".join(str(p) for p in path) for path, _ in tree.walk(sub) if path not in listed]
 
     def plain(obj, path=()):
         if tree.is_tensor(obj):
@@ -103,10 +105,33 @@ def _non_tensor_entries(ckpt: Checkpoint) -> list[str]:
         else:
             yield ".".join(str(p) for p in path) or "(root)"
 
-    return list(plain(ckpt.root)) + extra
+    return list(plain(sub)) + extra
 
 
-def _write_to(ckpt: Checkpoint, fmt: str, path: str, drop_extra: bool) -> None:
+def _key_base(ckpt: Checkpoint) -> tree.Path:
+    """Where the ``--key`` sub-tree sits in the container (``()``: no --key, the whole container)."""
+    return tree.find_key(ckpt.root, ckpt.key) if ckpt.key and not tree.is_module(ckpt.root) else ()
+
+
+def _pt_root(ckpt: Checkpoint, narrow: bool, drop_extra: bool) -> tuple[Any, tree.Path | None]:
+    """What a torch file gets, and where it sits in ``ckpt.root`` (None: a flat ``{name: tensor}`` dict).
+
+    ``--drop-extra`` keeps only the listed tensors, as safetensors would (ties stay shared storage);
+    ``narrow`` (convert with ``--key``) keeps only the sub-tree; else the whole container goes back as it
+    came, a DCP checkpoint's optimizer state and nesting included.
+    """
+    root = ckpt.root
+    if ckpt.format == "module" and tree.is_module(root):  # an nn: or factory model: its state dict
+        return root.state_dict(), None
+    if drop_extra or ckpt.format == "sharded":  # merged shards: one flat state dict
+        return ckpt.tensors(), None
+    if narrow and ckpt.key:
+        base = _key_base(ckpt)
+        return tree.get_path(root, base), base
+    return root, ()
+
+
+def _write_to(ckpt: Checkpoint, fmt: str, path: str, drop_extra: bool, narrow: bool = False) -> None:
     if fmt == "safetensors":
         from .formats import safetensors_fmt
 
@@ -121,12 +146,7 @@ def _write_to(ckpt: Checkpoint, fmt: str, path: str, drop_extra: bool) -> None:
     else:
         from .formats import pt
 
-        root = ckpt.root
-        if ckpt.format == "module" and tree.is_module(root):  # an nn: or factory model: its state dict
-            root = root.state_dict()
-        elif ckpt.format in ("sharded", "dcp"):  # merged into one flat state dict
-            root = ckpt.tensors()
-        pt.save(root, path)
+        pt.save(_pt_root(ckpt, narrow, drop_extra)[0], path)
 
 
 def _verify(ckpt: Checkpoint, written: Source, key: str | None) -> None:
@@ -139,11 +159,26 @@ def _verify(ckpt: Checkpoint, written: Source, key: str | None) -> None:
         raise ParamtoolError(f"verification of the written checkpoint failed at '{bad}'; nothing was replaced")
 
 
-def _verify_file(ckpt: Checkpoint, fmt: str, path: str) -> None:
+def _verify_file(ckpt: Checkpoint, fmt: str, path: str, narrow: bool = False, drop_extra: bool = False) -> None:
     from .sources import sniff_file
 
-    key = ckpt.key if fmt == "pt" and ckpt.format in ("pt", "pt-legacy") else None  # same container, same key
-    _verify(ckpt, Source(path, "file", path, sniff_file(path)), key)
+    written = Source(path, "file", path, sniff_file(path))
+    base = _pt_root(ckpt, narrow, drop_extra)[1] if fmt == "pt" and ckpt.format in ("pt", "pt-legacy", "dcp") else None
+    _verify_at(ckpt, written, base)
+
+
+def _verify_at(ckpt: Checkpoint, written: Source, base: tree.Path | None) -> None:
+    """Verify ``written``, which holds ``ckpt``'s container (``base == ()``), its sub-tree at ``base``, or
+    (None) its tensors by name."""
+    from .sources import open_listing
+
+    if base:  # a sub-tree on its own: its names may read differently, so compare tensor by tensor by path
+        got = {p: (tuple(t.shape), t.dtype) for p, t in tree.walk(open_listing(written).root)}
+        bad = next((i.name for i in ckpt.infos() if got.get(i.path[len(base):]) != (i.shape, i.dtype)), None)
+        if bad is not None:
+            raise ParamtoolError(f"verification of the written checkpoint failed at '{bad}'; nothing was replaced")
+        return
+    _verify(ckpt, written, ckpt.key if base == () else None)  # the same container: the same key
 
 
 def atomic_write(target: str, write: Callable[[str], None]) -> None:
@@ -206,12 +241,12 @@ def emit(output: Output, write: Callable[[str], None]) -> None:
         os.unlink(tmp)
 
 
-def write_checkpoint(ckpt: Checkpoint, output: Output, drop_extra: bool = False) -> None:
+def write_checkpoint(ckpt: Checkpoint, output: Output, drop_extra: bool = False, narrow: bool = False) -> None:
     """Write a loaded ``ckpt`` as ``output`` says: a file (atomically) or standard output."""
 
     def write(path: str) -> None:
-        _write_to(ckpt, output.format, path, drop_extra)
-        _verify_file(ckpt, output.format, path)
+        _write_to(ckpt, output.format, path, drop_extra, narrow)
+        _verify_file(ckpt, output.format, path, narrow, drop_extra)
 
     emit(output, write)
 
@@ -258,10 +293,12 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
     if output.format == "dcp":
         ckpt = load(src, listing.key)
         ops.execute(plan, ckpt)
-        _write_dcp(ckpt, output)
+        _write_dcp(ckpt, output, plan.narrow)
         return
     same_format = src.format == output.format and src.format in ("pt", "safetensors")
-    if src.kind == "file" and same_format and not plan.untie:
+    narrow = plan.narrow and listing.key is not None
+    whole = not narrow and not (drop_extra and output.format == "pt")  # else the container is cut down
+    if src.kind == "file" and same_format and not plan.untie and whole:
         storage_file = open_storage_file(listing)
         try:
             write_streamed(storage_file, listing, plan, output)
@@ -270,7 +307,7 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
         return
     ckpt = listing if listing.format == "module" else load(src, listing.key)
     ops.execute(plan, ckpt)
-    write_checkpoint(ckpt, output, drop_extra)
+    write_checkpoint(ckpt, output, drop_extra, narrow)
 
 
 def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None:
@@ -334,11 +371,15 @@ def _replace_directory(final: str, build: Callable[[str], None]) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_dcp(ckpt: Checkpoint, output: Output) -> None:
+def _write_dcp(ckpt: Checkpoint, output: Output, narrow: bool = False) -> None:
     from .formats import dcp
 
+    root, base = _pt_root(ckpt, narrow, False)  # the whole container, or (convert --key) the sub-tree
+    if not isinstance(root, Mapping):
+        raise ParamtoolError(f"--key {ckpt.key} is a {type(root).__name__}; a DCP checkpoint holds a mapping")
+
     def build(work: str) -> None:
-        dcp.save(ckpt.root, work)
-        _verify(ckpt, Source(work, "dcp", work), ckpt.key)
+        dcp.save(root, work)
+        _verify_at(ckpt, Source(work, "dcp", work), base)
 
     _replace_directory(output.path, build)

@@ -142,7 +142,36 @@ def read_tree(directory: str) -> Any:
             if not isinstance(node, dict):
                 raise FormatError(f"{path}: entry '{fqn}' nests inside a non-container")
         node[where[-1]] = value
-    return root
+    return _lists(root)
+
+
+def _only(root: Any, path: tuple) -> Any:
+    """``root`` cut down to the sub-tree at ``path`` (nesting kept); the whole of it when a list is on the way
+    (DCP keys a list's items by position, which a cut-down list cannot keep)."""
+    node, kept = root, {}
+    out = kept
+    for i, key in enumerate(path):
+        if not isinstance(node, dict) or key not in node:
+            return root
+        node = node[key]
+        out[key] = node if i == len(path) - 1 else {}
+        out = out[key]
+    return kept if path else root
+
+
+def _lists(node: Any) -> Any:
+    """Turn back into lists the containers DCP flattened from lists.
+
+    DCP's planner paths spell a mapping key as a string and a list index as an int, so a node whose keys are
+    the ints 0..n-1 was a list (an optimizer's ``param_groups``, Lightning's ``optimizer_states``). Kept as a
+    dict keyed by ints, it would be saved back under the string keys and loaded as both ``0`` and ``'0'``.
+    """
+    if not isinstance(node, dict):
+        return node
+    out = {k: _lists(v) for k, v in node.items()}
+    if out and all(type(k) is int for k in out) and sorted(out) == list(range(len(out))):
+        return [out[i] for i in range(len(out))]
+    return out
 
 
 def _reader(directory: str) -> Any:
@@ -200,16 +229,22 @@ def _check_sizes(directory: str, skeleton: Any) -> None:
                           f"{on_disk}")
 
 
-def load(directory: str) -> Any:
-    """The whole checkpoint as nested dicts of real tensors and values, read by torch's DCP reader."""
+def load(directory: str, only: tuple = ()) -> Any:
+    """The whole checkpoint as nested dicts of real tensors and values, read by torch's DCP reader.
+
+    ``only`` (a path of mapping keys) reads just that sub-tree, within the same nesting: ``inspect --key
+    hyper_parameters`` does not read every tensor of a large checkpoint.
+    """
     import torch
     import torch.distributed.checkpoint as dcp
 
-    skeleton = read_tree(directory)
+    skeleton = _only(read_tree(directory), only)
 
     def fill(node: Any) -> Any:
         if isinstance(node, dict):
             return {k: fill(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [fill(v) for v in node]
         if isinstance(node, FakeTensor):
             return torch.empty(node.shape, dtype=getattr(torch, node.dtype))
         return None  # a non-tensor entry: DCP puts the loaded value here
@@ -222,16 +257,38 @@ def load(directory: str) -> Any:
             dcp.load(state, storage_reader=_reader(directory), planner=_planner())
     except (RefusedGlobal, FormatError):
         raise
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise FormatError(f"{directory}: cannot load the distributed checkpoint: {first[:200]}") from None
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        raise FormatError(f"{directory}: cannot load the distributed checkpoint: {_failure(e)}") from None
     return state
+
+
+def _failure(e: BaseException) -> str:
+    """One line for what went wrong: for a ``CheckpointException``, the first rank's own exception."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        inner = inner[0] if isinstance(inner, tuple) and inner else inner
+        if isinstance(inner, BaseException):
+            from ..errors import ParamtoolError
+
+            if isinstance(inner, ParamtoolError):
+                return str(inner)
+            e = inner
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
 
 def save(state: Any, directory: str) -> None:
     """Write ``state`` as a DCP directory with torch's own writer (single process)."""
     import torch.distributed.checkpoint as dcp
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... assuming a single process"
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(directory))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.distributed is disabled ... assuming a single process"
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(directory))
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        raise FormatError(f"cannot write the distributed checkpoint: {_failure(e)}") from None
