@@ -18,17 +18,18 @@ PARAMS = {"mlp": 49, "rgnet": 309, "tied": 121, "bf16": 49}
 
 
 def expected_listing(path):
-    """What torch.load (or safe_open) gives: (name, shape, dtype) in order."""
+    """What torch.load (or safe_open) gives: (name, shape, dtype) in order (for safetensors: the header's)."""
     if str(path).endswith(".safetensors"):
+        raw = path.read_bytes()
+        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
         with safe_open(str(path), "pt") as f:
-            out = [(n, list(f.get_slice(n).get_shape()), None) for n in f.keys()]
+            out = [(n, list(f.get_slice(n).get_shape()), None) for n in header if n != "__metadata__"]
             meta = f.metadata() or {}
             ts = {n: f.get_tensor(n) for n in f.keys()}
-        # tied names recorded by save_model are restored
-        for dropped, kept in meta.items():
+        # tied names recorded by save_model are restored, after the stored ones (metadata order is random)
+        for dropped, kept in sorted(meta.items()):
             if kept in ts:
                 out.append((dropped, list(ts[kept].shape), None))
-        out.sort()
         return [(n, s, str(ts[n if n in ts else meta[n]].dtype).removeprefix("torch.")) for n, s, _ in out]
     sd = torch.load(path, weights_only=True)
     return [(n, list(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in sd.items()]

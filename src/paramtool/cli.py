@@ -351,14 +351,14 @@ def ties(
 ) -> None:
     """List tied tensors: groups of names that share storage (alias) or bytes (overlapping views)."""
     from . import sources
-    from .ties import find_ties, value_ties
+    from .ties import find_ties, group_order, value_ties
 
     src = sources.resolve(source)
     if values:
         ckpt = sources.load_lazy(src, key)
         toc = ckpt.toc()
         groups = find_ties(toc.tensors, toc.meta_ties) + value_ties(ckpt.tensor, toc.tensors)
-        groups.sort(key=lambda g: g.names)
+        groups.sort(key=group_order)
     else:
         toc = sources.read_toc(src, key)
         groups = find_ties(toc.tensors, toc.meta_ties)
@@ -384,9 +384,10 @@ def stats(
     """Per-tensor mean, std, min, max, fraction of zeros, L2 norm and NaN/Inf counts, with module totals."""
     from . import sources
     from . import stats as st
+    from .names import people_order
 
     ckpt = sources.load_lazy(sources.resolve(source), key)
-    names = _selected(list(ckpt.names), layer)
+    names = people_order(_selected(list(ckpt.names), layer))  # rows as the inspect tree lists them
     results, hists = [], {}
     with _progress(len(names), "stats") as advance:
         for n in names:  # each tensor is read once, for its numbers and its histogram

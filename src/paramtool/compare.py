@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .ties import find_ties
+from .names import people_order
+from .ties import find_ties, names_key
 
 
 @dataclass
@@ -75,10 +76,11 @@ def compare_tensors(a: Any, b: Any, rtol: float, atol: float) -> dict | None:
 def diff(a: Checkpoint, b: Checkpoint, rtol: float = 0.0, atol: float = 0.0) -> Diff:
     out = Diff()
     names_b = set(b.names)
-    out.removed = [n for n in a.names if n not in names_b]
-    out.added = [n for n in b.names if n not in a.names]
-    for name in a.names:
-        if name not in names_b:
+    order = people_order(list(a.names) + [n for n in b.names if n not in a.names])  # as the inspect tree lists them
+    out.removed = [n for n in order if n not in names_b]
+    out.added = [n for n in order if n not in a.names]
+    for name in order:
+        if name not in names_b or name not in a.names:
             continue
         change = compare_tensors(a.tensor(name), b.tensor(name), rtol, atol)
         if change is None:
@@ -87,6 +89,6 @@ def diff(a: Checkpoint, b: Checkpoint, rtol: float = 0.0, atol: float = 0.0) -> 
             out.changed.append({"name": name, **change})
     ties_a = {g.names for g in find_ties(a.infos())}
     ties_b = {g.names for g in find_ties(b.infos())}
-    out.ties_gained = [list(g) for g in sorted(ties_b - ties_a)]
-    out.ties_lost = [list(g) for g in sorted(ties_a - ties_b)]
+    out.ties_gained = [list(g) for g in sorted(ties_b - ties_a, key=names_key)]
+    out.ties_lost = [list(g) for g in sorted(ties_a - ties_b, key=names_key)]
     return out
