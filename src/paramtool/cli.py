@@ -86,7 +86,8 @@ SourceArg = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout (no colour, no wrapping).")]
 LayerOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--layer", "-l", help="Select by module path, tensor name, glob (h.*.mlp) or position ([0][1][0]). Repeatable.",
+    typer.Option("--layer", "-l", help="Select by module path, tensor name, glob (h.*.mlp) or position ([0][1][0]: children "
+                 "as the tree lists them, sorted with numbers as numbers: [0][0][2] on GPT-2 is transformer.h.2). Repeatable.",
                  show_default=False),
 ]
 KeyOpt = Annotated[
@@ -131,10 +132,13 @@ def inspect(
     depth: Annotated[Optional[int], typer.Option("--depth", min=0, help="Show modules this deep; deeper ones are summarised.",
                                                  show_default=False)] = None,
     key: KeyOpt = None,
+    expand: Annotated[bool, typer.Option("--expand", help="Show every block: without it, consecutive identical blocks "
+                                         "(h.0 ... h.11) are shown once under one '12 ×' line. --json is never collapsed.")] = False,
 ) -> None:
     """Show the parameter tree: modules, tensor names, shapes, dtypes, counts, bytes and ties.
 
-    Reading a file's table of contents never loads tensor data (nor imports torch).
+    Reading a file's table of contents never loads tensor data (nor imports torch). Names are in numeric
+    order (h.2 before h.10); consecutive identical blocks are collapsed unless --expand.
     """
     from . import sources
 
@@ -145,7 +149,7 @@ def inspect(
         emit_json(render.inspect_json(toc, tensors))
         return
     console = out_console()
-    console.print(render.inspect_tree(toc, tensors, depth))
+    console.print(render.inspect_tree(toc, tensors, depth, expand))
     for line in render.extras_lines(toc):
         console.print(line)
 
@@ -384,10 +388,9 @@ def stats(
     """Per-tensor mean, std, min, max, fraction of zeros, L2 norm and NaN/Inf counts, with module totals."""
     from . import sources
     from . import stats as st
-    from .names import people_order
 
     ckpt = sources.load_lazy(sources.resolve(source), key)
-    names = people_order(_selected(list(ckpt.names), layer))  # rows as the inspect tree lists them
+    names = _selected(list(ckpt.names), layer)
     results, hists = [], {}
     with _progress(len(names), "stats") as advance:
         for n in names:  # each tensor is read once, for its numbers and its histogram

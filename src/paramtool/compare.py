@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .names import people_order
 from .ties import find_ties, names_key
 
 
@@ -76,11 +75,10 @@ def compare_tensors(a: Any, b: Any, rtol: float, atol: float) -> dict | None:
 def diff(a: Checkpoint, b: Checkpoint, rtol: float = 0.0, atol: float = 0.0) -> Diff:
     out = Diff()
     names_b = set(b.names)
-    order = people_order(list(a.names) + [n for n in b.names if n not in a.names])  # as the inspect tree lists them
-    out.removed = [n for n in order if n not in names_b]
-    out.added = [n for n in order if n not in a.names]
-    for name in order:
-        if name not in names_b or name not in a.names:
+    out.removed = [n for n in a.names if n not in names_b]
+    out.added = [n for n in b.names if n not in a.names]
+    for name in a.names:
+        if name not in names_b:
             continue
         change = compare_tensors(a.tensor(name), b.tensor(name), rtol, atol)
         if change is None:

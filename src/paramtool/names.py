@@ -1,15 +1,12 @@
-"""The order names are shown in: numbers in names compare as numbers.
+"""The order names are shown in: sorted, with numbers in names compared as numbers.
 
-A checkpoint's own order is kept on disk, but text sorting puts ``h.10`` before ``h.2``, and files written by
-other tools (safetensors' ``save_file`` sorts by dtype, then name) arrive in orders that mean nothing. For
-people, the rule is the one PyTorch's module tree suggests:
-
-- siblings (the parts of names under one module) keep the order they first appear in, except that
-- siblings that differ only in their numbers (``2`` and ``10``, ``layer2`` and ``layer10``) take each other's
-  places in numeric order.
-
-So ``transformer.h.2`` comes before ``transformer.h.10`` whatever the file's order, while ``wte``, ``wpe``,
-``h``, ``ln_f`` stay in definition order. Positional selectors (``[0][0][2]``) count children in this order.
+A checkpoint's own order is kept on disk and in ``--json`` listings, but it cannot be what people read or
+count positions in: text sorting puts ``h.10`` before ``h.2``, and the same model arrives in different orders
+from different writers (``torch.save`` in definition order, safetensors' ``save_file`` by dtype then name).
+So wherever names are ordered for people (the inspect tree, positional selectors, stats, diff, ties), they are
+sorted part by part (parts split on ``.``), and runs of digits compare as numbers: ``h.2`` before ``h.10``,
+``layer2`` before ``layer10``; a module's own tensors come before its sub-modules. The result does not depend on
+the file's order: ``[0][0][2]`` on GPT-2 is ``transformer.h.2`` from a ``.bin`` or a ``.safetensors``.
 Works on names only (no torch).
 """
 from __future__ import annotations
@@ -31,56 +28,23 @@ def natural_key(name: str) -> tuple[Any, ...]:
     return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), name
 
 
-def _stem(name: str) -> tuple[str, ...]:
-    """What is left of a name without its numbers: ``layer10`` -> ``("layer", "")``."""
-    return tuple(_DIGITS.split(name)[0::2])
+def people_key(name: str) -> tuple[Any, ...]:
+    """Sort key for whole tensor names, as the inspect tree lists them: module by module (``.``-separated
+    parts compared one by one, each with ``natural_key``), a module's own tensors before its sub-modules."""
+    parts = name.split(".")
+    return tuple((0 if i == len(parts) - 1 else 1, natural_key(p)) for i, p in enumerate(parts))
 
 
 def sibling_order(names: Iterable[str]) -> list[str]:
-    """Siblings in order of first appearance; those that differ only in their numbers are put in numeric
-    order among the places they hold (``0, 1, 10, 11, 2`` -> ``0, 1, 2, 10, 11``; ``conv1, bn1, conv2`` stays)."""
-    first = list(dict.fromkeys(names))
-    slots: dict[tuple[str, ...], list[int]] = {}
-    for i, n in enumerate(first):
-        if _DIGITS.search(n):
-            slots.setdefault(_stem(n), []).append(i)
-    out = list(first)
-    for places in slots.values():
-        if len(places) > 1:
-            for place, name in zip(places, sorted((first[i] for i in places), key=natural_key)):
-                out[place] = name
-    return out
-
-
-class _Trie:
-    __slots__ = ("leaves", "kids")
-
-    def __init__(self) -> None:
-        self.leaves: dict[str, str] = {}  # last part -> full name
-        self.kids: dict[str, _Trie] = {}
+    """Children of one module (name parts), in the order positions count them: ``0, 1, 2, 10``; ``h, ln_f, wte``."""
+    return sorted(dict.fromkeys(names), key=natural_key)
 
 
 def people_order(names: Iterable[str]) -> list[str]:
-    """``names`` as the inspect tree lists them: module by module (a module's own tensors, then its children),
-    siblings ordered by ``sibling_order``. Components are split on ``.`` only."""
-    root = _Trie()
-    for name in names:
-        parts = name.split(".")
-        node = root
-        for part in parts[:-1]:
-            node = node.kids.setdefault(part, _Trie())
-        node.leaves.setdefault(parts[-1], name)
-    out: list[str] = []
-    stack = [root]
-    while stack:  # depth first, iteratively: names can be deep
-        node = stack.pop()
-        out.extend(node.leaves[p] for p in sibling_order(node.leaves))
-        stack.extend(node.kids[p] for p in reversed(sibling_order(node.kids)))
-    return out
+    """``names`` in the order people read them (the inspect tree, stats, diff): sorted by ``people_key``."""
+    return sorted(names, key=people_key)
 
 
 def people_sorted(items: Iterable[Any], name: Any = lambda x: x) -> list[Any]:
-    """``items`` (with ``name(item)`` unique) reordered as ``people_order`` orders their names."""
-    items = list(items)
-    rank = {n: i for i, n in enumerate(people_order(name(x) for x in items))}
-    return sorted(items, key=lambda x: rank[name(x)])
+    """``items`` ordered as ``people_order`` orders their names ``name(item)``."""
+    return sorted(items, key=lambda x: people_key(name(x)))

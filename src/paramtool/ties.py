@@ -9,13 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Hashable
 
-from .names import natural_key
+from .names import people_key
 from .toc import TensorInfo, itemsize
 
 
 @dataclass(frozen=True)
 class TieGroup:
-    names: tuple[str, ...]  # sorted, numbers as numbers (natural_key)
+    names: tuple[str, ...]  # sorted by names.people_key: numbers as numbers
     kind: str  # "alias" | "overlap"
     source: str  # "storage" | "metadata" | "values"
 
@@ -25,7 +25,7 @@ class TieGroup:
 
 def names_key(names: tuple[str, ...] | list[str]) -> tuple:
     """Order of names and of groups in ``ties`` output: numbers in names compare as numbers (``h.2`` < ``h.10``)."""
-    return tuple(natural_key(n) for n in names)
+    return tuple(people_key(n) for n in names)
 
 
 def group_order(group: TieGroup) -> tuple:
@@ -91,7 +91,7 @@ def find_ties(tensors: list[TensorInfo], meta_ties: dict[str, str] | None = None
     out = []
     for g in storage_groups(tensors):
         source = "metadata" if any(t.name in meta for t in g) else "storage"
-        out.append(TieGroup(tuple(sorted((t.name for t in g), key=natural_key)), group_kind(g), source))
+        out.append(TieGroup(tuple(sorted((t.name for t in g), key=people_key)), group_kind(g), source))
     out.sort(key=group_order)
     return out
 
@@ -149,6 +149,6 @@ def value_ties(tensor_of: Callable[[str], Any], infos: list[TensorInfo]) -> list
         for info in members:
             raw = tensor_of(info.name).detach().contiguous().reshape(-1).view(torch.uint8).numpy()
             by_hash.setdefault(hashlib.sha256(raw).hexdigest(), []).append(info.name)
-        out.extend(TieGroup(tuple(sorted(n, key=natural_key)), "alias", "values") for n in by_hash.values() if len(n) > 1)
+        out.extend(TieGroup(tuple(sorted(n, key=people_key)), "alias", "values") for n in by_hash.values() if len(n) > 1)
     out.sort(key=group_order)
     return out

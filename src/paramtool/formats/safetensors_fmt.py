@@ -116,7 +116,7 @@ def ordered_names(stored: list[str], dropped: list[str], metadata: dict[str, str
     """The file's tensor order: stored names in header order, each dropped (tied) name put back at the position
     ``paramtool.order`` records for it; dropped names without one (files from other writers, whose metadata
     order is random) go last, numbers as numbers."""
-    from ..names import natural_key
+    from ..names import people_key
 
     try:
         positions = json.loads(metadata.get(ORDER_KEY, "{}"))
@@ -130,7 +130,7 @@ def ordered_names(stored: list[str], dropped: list[str], metadata: dict[str, str
     for position, name in placed:  # ascending: every name before ``position`` is already in place
         names.insert(min(position, len(names)), name)
     done = {n for _, n in placed}
-    names.extend(sorted((n for n in dropped if n not in done), key=natural_key))
+    names.extend(sorted((n for n in dropped if n not in done), key=people_key))
     return names
 
 
