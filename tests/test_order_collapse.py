@@ -177,22 +177,363 @@ def test_foreign_safetensors_listed_in_header_order(tmp_path, run):
     listed = [t["name"] for t in run("inspect", tmp_path / "f.safetensors", "--json").json()["tensors"]]
     assert listed == header_names(tmp_path / "f.safetensors") == ["a", "b.10.w", "b.2.w"]
     text = tree(run, tmp_path / "f.safetensors")
-    assert text.index("b.2.w") < text.index("b.10.w") if "b.2.w" in text else text.index("2 ") < text.index("10 ")
+    assert modules(text) == ["b", "2", "10"]
 
 
 # --- collapsed blocks: golden trees ------------------------------------------------------------------
 
+
+class Block(nn.Module):
+    """Two layers whose weights are tied inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+
+class TiedAcross(nn.Module):
+    """Six blocks; block 4's ``b.bias`` is block 1's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(6))
+        self.blocks[4].b.bias = self.blocks[1].b.bias
+        self.head = nn.Linear(4, 2)
+
+
+def make(name: str) -> str:
+    """Write the checkpoint a golden tree is of, in the current directory; returns its path."""
+    if name == "GPT2_PT":
+        torch.save(gpt2(3).state_dict(), "pytorch_model.bin")
+        return "pytorch_model.bin"
+    if name == "LLAMA":
+        llama(4).save_pretrained("llama")
+        return "llama/model.safetensors"
+    if name == "VIT":
+        vit(2).save_pretrained("vit")
+        return "vit/model.safetensors"
+    if name == "ODD_LAYER":  # one layer with an extra bias breaks the run
+        sd = dict(llama(5).state_dict())
+        sd["model.layers.2.self_attn.q_proj.bias"] = torch.zeros(8)
+        torch.save(sd, "odd.pt")
+        return "odd.pt"
+    if name == "TIED_BLOCKS":
+        torch.manual_seed(0)
+        torch.save(TiedAcross().state_dict(), "tied.pt")
+        return "tied.pt"
+    raise AssertionError(name)
+
+
 GOLDEN_GPT2_PT = """\
-pytorch_model.bin  pt  40 tensors  528 params  2.1 KiB  (tied storage counted once)
+pytorch_model.bin  pt  41 tensors  2,824 params  11.0 KiB  (tied storage counted once)
 ├── lm_head  (128 params, float32, 512 B)
 │   └── weight  [16, 8]  float32  128  = transformer.wte.weight
-└── transformer  (528 params, float32, 2.1 KiB)
-    ├── h.0 … h.2  3 × (1,936 params each, 5,808 total, float32, 22.7 KiB)
+└── transformer  (2,824 params, float32, 11.0 KiB)
+    ├── h.0 … h.2  3 × (872 params each, 2,616 total, float32, 10.2 KiB)
+    │   ├── attn  (288 params, float32, 1.1 KiB)
+    │   │   ├── c_attn  (216 params, float32, 864 B)
+    │   │   │   ├── bias  [24]  float32  24
+    │   │   │   └── weight  [8, 24]  float32  192
+    │   │   └── c_proj  (72 params, float32, 288 B)
+    │   │       ├── bias  [8]  float32  8
+    │   │       └── weight  [8, 8]  float32  64
+    │   ├── ln_1  (16 params, float32, 64 B)
+    │   │   ├── bias  [8]  float32  8
+    │   │   └── weight  [8]  float32  8
+    │   ├── ln_2  (16 params, float32, 64 B)
+    │   │   ├── bias  [8]  float32  8
+    │   │   └── weight  [8]  float32  8
+    │   └── mlp  (552 params, float32, 2.2 KiB)
+    │       ├── c_fc  (288 params, float32, 1.1 KiB)
+    │       │   ├── bias  [32]  float32  32
+    │       │   └── weight  [8, 32]  float32  256
+    │       └── c_proj  (264 params, float32, 1.0 KiB)
+    │           ├── bias  [8]  float32  8
+    │           └── weight  [32, 8]  float32  256
+    ├── ln_f  (16 params, float32, 64 B)
+    │   ├── bias  [8]  float32  8
+    │   └── weight  [8]  float32  8
+    ├── wpe  (64 params, float32, 256 B)
+    │   └── weight  [8, 8]  float32  64
+    └── wte  (128 params, float32, 512 B)
+        └── weight  [16, 8]  float32  128  (tied)
+"""
+
+GOLDEN_LLAMA = """\
+llama/model.safetensors  safetensors  39 tensors  2,632 params  10.3 KiB
+├── lm_head  (128 params, float32, 512 B)
+│   └── weight  [16, 8]  float32  128
+└── model  (2,504 params, float32, 9.8 KiB)
+    ├── embed_tokens  (128 params, float32, 512 B)
+    │   └── weight  [16, 8]  float32  128
+    ├── layers.0 … layers.3  4 × (592 params each, 2,368 total, float32, 9.2 KiB)
+    │   ├── input_layernorm  (8 params, float32, 32 B)
+    │   │   └── weight  [8]  float32  8
+    │   ├── mlp  (384 params, float32, 1.5 KiB)
+    │   │   ├── down_proj  (128 params, float32, 512 B)
+    │   │   │   └── weight  [8, 16]  float32  128
+    │   │   ├── gate_proj  (128 params, float32, 512 B)
+    │   │   │   └── weight  [16, 8]  float32  128
+    │   │   └── up_proj  (128 params, float32, 512 B)
+    │   │       └── weight  [16, 8]  float32  128
+    │   ├── post_attention_layernorm  (8 params, float32, 32 B)
+    │   │   └── weight  [8]  float32  8
+    │   └── self_attn  (192 params, float32, 768 B)
+    │       ├── k_proj  (32 params, float32, 128 B)
+    │       │   └── weight  [4, 8]  float32  32
+    │       ├── o_proj  (64 params, float32, 256 B)
+    │       │   └── weight  [8, 8]  float32  64
+    │       ├── q_proj  (64 params, float32, 256 B)
+    │       │   └── weight  [8, 8]  float32  64
+    │       └── v_proj  (32 params, float32, 128 B)
+    │           └── weight  [4, 8]  float32  32
+    └── norm  (8 params, float32, 32 B)
+        └── weight  [8]  float32  8
+metadata format: pt
+"""
+
+GOLDEN_VIT = """\
+vit/model.safetensors  safetensors  40 tensors  1,728 params  6.8 KiB
+├── embeddings  (440 params, float32, 1.7 KiB)
+│   ├── cls_token  [1, 1, 8]  float32  8
+│   ├── position_embeddings  [1, 5, 8]  float32  40
+│   └── patch_embeddings  (392 params, float32, 1.5 KiB)
+│       └── projection  (392 params, float32, 1.5 KiB)
+│           ├── bias  [8]  float32  8
+│           └── weight  [8, 3, 4, 4]  float32  384
+├── encoder  (1,200 params, float32, 4.7 KiB)
+│   └── layer.0 … layer.1  2 × (600 params each, 1,200 total, float32, 4.7 KiB)
+│       ├── attention  (288 params, float32, 1.1 KiB)
+│       │   ├── attention  (216 params, float32, 864 B)
+│       │   │   ├── key  (72 params, float32, 288 B)
+│       │   │   │   ├── bias  [8]  float32  8
+│       │   │   │   └── weight  [8, 8]  float32  64
+│       │   │   ├── query  (72 params, float32, 288 B)
+│       │   │   │   ├── bias  [8]  float32  8
+│       │   │   │   └── weight  [8, 8]  float32  64
+│       │   │   └── value  (72 params, float32, 288 B)
+│       │   │       ├── bias  [8]  float32  8
+│       │   │       └── weight  [8, 8]  float32  64
+│       │   └── output  (72 params, float32, 288 B)
+│       │       └── dense  (72 params, float32, 288 B)
+│       │           ├── bias  [8]  float32  8
+│       │           └── weight  [8, 8]  float32  64
+│       ├── intermediate  (144 params, float32, 576 B)
+│       │   └── dense  (144 params, float32, 576 B)
+│       │       ├── bias  [16]  float32  16
+│       │       └── weight  [16, 8]  float32  128
+│       ├── layernorm_after  (16 params, float32, 64 B)
+│       │   ├── bias  [8]  float32  8
+│       │   └── weight  [8]  float32  8
+│       ├── layernorm_before  (16 params, float32, 64 B)
+│       │   ├── bias  [8]  float32  8
+│       │   └── weight  [8]  float32  8
+│       └── output  (136 params, float32, 544 B)
+│           └── dense  (136 params, float32, 544 B)
+│               ├── bias  [8]  float32  8
+│               └── weight  [8, 16]  float32  128
+├── layernorm  (16 params, float32, 64 B)
+│   ├── bias  [8]  float32  8
+│   └── weight  [8]  float32  8
+└── pooler  (72 params, float32, 288 B)
+    └── dense  (72 params, float32, 288 B)
+        ├── bias  [8]  float32  8
+        └── weight  [8, 8]  float32  64
+metadata format: pt
+"""
+
+GOLDEN_ODD_LAYER = """\
+odd.pt  pt  49 tensors  3,232 params  12.6 KiB
+├── lm_head  (128 params, float32, 512 B)
+│   └── weight  [16, 8]  float32  128
+└── model  (3,104 params, float32, 12.1 KiB)
+    ├── embed_tokens  (128 params, float32, 512 B)
+    │   └── weight  [16, 8]  float32  128
+    ├── layers  (2,968 params, float32, 11.6 KiB)
+    │   ├── 0 … 1  2 × (592 params each, 1,184 total, float32, 4.6 KiB)
+    │   │   ├── input_layernorm  (8 params, float32, 32 B)
+    │   │   │   └── weight  [8]  float32  8
+    │   │   ├── mlp  (384 params, float32, 1.5 KiB)
+    │   │   │   ├── down_proj  (128 params, float32, 512 B)
+    │   │   │   │   └── weight  [8, 16]  float32  128
+    │   │   │   ├── gate_proj  (128 params, float32, 512 B)
+    │   │   │   │   └── weight  [16, 8]  float32  128
+    │   │   │   └── up_proj  (128 params, float32, 512 B)
+    │   │   │       └── weight  [16, 8]  float32  128
+    │   │   ├── post_attention_layernorm  (8 params, float32, 32 B)
+    │   │   │   └── weight  [8]  float32  8
+    │   │   └── self_attn  (192 params, float32, 768 B)
+    │   │       ├── k_proj  (32 params, float32, 128 B)
+    │   │       │   └── weight  [4, 8]  float32  32
+    │   │       ├── o_proj  (64 params, float32, 256 B)
+    │   │       │   └── weight  [8, 8]  float32  64
+    │   │       ├── q_proj  (64 params, float32, 256 B)
+    │   │       │   └── weight  [8, 8]  float32  64
+    │   │       └── v_proj  (32 params, float32, 128 B)
+    │   │           └── weight  [4, 8]  float32  32
+    │   ├── 2  (600 params, float32, 2.3 KiB)
+    │   │   ├── input_layernorm  (8 params, float32, 32 B)
+    │   │   │   └── weight  [8]  float32  8
+    │   │   ├── mlp  (384 params, float32, 1.5 KiB)
+    │   │   │   ├── down_proj  (128 params, float32, 512 B)
+    │   │   │   │   └── weight  [8, 16]  float32  128
+    │   │   │   ├── gate_proj  (128 params, float32, 512 B)
+    │   │   │   │   └── weight  [16, 8]  float32  128
+    │   │   │   └── up_proj  (128 params, float32, 512 B)
+    │   │   │       └── weight  [16, 8]  float32  128
+    │   │   ├── post_attention_layernorm  (8 params, float32, 32 B)
+    │   │   │   └── weight  [8]  float32  8
+    │   │   └── self_attn  (200 params, float32, 800 B)
+    │   │       ├── k_proj  (32 params, float32, 128 B)
+    │   │       │   └── weight  [4, 8]  float32  32
+    │   │       ├── o_proj  (64 params, float32, 256 B)
+    │   │       │   └── weight  [8, 8]  float32  64
+    │   │       ├── q_proj  (72 params, float32, 288 B)
+    │   │       │   ├── bias  [8]  float32  8
+    │   │       │   └── weight  [8, 8]  float32  64
+    │   │       └── v_proj  (32 params, float32, 128 B)
+    │   │           └── weight  [4, 8]  float32  32
+    │   └── 3 … 4  2 × (592 params each, 1,184 total, float32, 4.6 KiB)
+    │       ├── input_layernorm  (8 params, float32, 32 B)
+    │       │   └── weight  [8]  float32  8
+    │       ├── mlp  (384 params, float32, 1.5 KiB)
+    │       │   ├── down_proj  (128 params, float32, 512 B)
+    │       │   │   └── weight  [8, 16]  float32  128
+    │       │   ├── gate_proj  (128 params, float32, 512 B)
+    │       │   │   └── weight  [16, 8]  float32  128
+    │       │   └── up_proj  (128 params, float32, 512 B)
+    │       │       └── weight  [16, 8]  float32  128
+    │       ├── post_attention_layernorm  (8 params, float32, 32 B)
+    │       │   └── weight  [8]  float32  8
+    │       └── self_attn  (192 params, float32, 768 B)
+    │           ├── k_proj  (32 params, float32, 128 B)
+    │           │   └── weight  [4, 8]  float32  32
+    │           ├── o_proj  (64 params, float32, 256 B)
+    │           │   └── weight  [8, 8]  float32  64
+    │           ├── q_proj  (64 params, float32, 256 B)
+    │           │   └── weight  [8, 8]  float32  64
+    │           └── v_proj  (32 params, float32, 128 B)
+    │               └── weight  [4, 8]  float32  32
+    └── norm  (8 params, float32, 32 B)
+        └── weight  [8]  float32  8
+"""
+
+GOLDEN_TIED_BLOCKS = """\
+tied.pt  pt  26 tensors  150 params  600 B  (tied storage counted once)
+├── blocks  (140 params, float32, 560 B)
+│   ├── 0  (24 params, float32, 96 B)
+│   │   ├── a  (20 params, float32, 80 B)
+│   │   │   ├── bias  [4]  float32  4
+│   │   │   └── weight  [4, 4]  float32  16  (tied)
+│   │   └── b  (20 params, float32, 80 B)
+│   │       ├── bias  [4]  float32  4
+│   │       └── weight  [4, 4]  float32  16  = blocks.0.a.weight
+│   ├── 1  (24 params, float32, 96 B)
+│   │   ├── a  (20 params, float32, 80 B)
+│   │   │   ├── bias  [4]  float32  4
+│   │   │   └── weight  [4, 4]  float32  16  (tied)
+│   │   └── b  (20 params, float32, 80 B)
+│   │       ├── bias  [4]  float32  4  (tied)
+│   │       └── weight  [4, 4]  float32  16  = blocks.1.a.weight
+│   ├── 2 … 3  2 × (24 params each, 48 total, float32, 192 B)
+│   │   ├── a  (20 params, float32, 80 B)
+│   │   │   ├── bias  [4]  float32  4
+│   │   │   └── weight  [4, 4]  float32  16  (tied)
+│   │   └── b  (20 params, float32, 80 B)
+│   │       ├── bias  [4]  float32  4
+│   │       └── weight  [4, 4]  float32  16  = a.weight (in each block)
+│   ├── 4  (24 params, float32, 96 B)
+│   │   ├── a  (20 params, float32, 80 B)
+│   │   │   ├── bias  [4]  float32  4
+│   │   │   └── weight  [4, 4]  float32  16  (tied)
+│   │   └── b  (20 params, float32, 80 B)
+│   │       ├── bias  [4]  float32  4  = blocks.1.b.bias
+│   │       └── weight  [4, 4]  float32  16  = blocks.4.a.weight
+│   └── 5  (24 params, float32, 96 B)
+│       ├── a  (20 params, float32, 80 B)
+│       │   ├── bias  [4]  float32  4
+│       │   └── weight  [4, 4]  float32  16  (tied)
+│       └── b  (20 params, float32, 80 B)
+│           ├── bias  [4]  float32  4
+│           └── weight  [4, 4]  float32  16  = blocks.5.a.weight
+└── head  (10 params, float32, 40 B)
+    ├── bias  [2]  float32  2
+    └── weight  [2, 4]  float32  8
 """
 
 
-def test_golden_gpt2_pt(tmp_path, run):
+GOLDENS = {"GPT2_PT": GOLDEN_GPT2_PT, "LLAMA": GOLDEN_LLAMA, "VIT": GOLDEN_VIT, "ODD_LAYER": GOLDEN_ODD_LAYER,
+           "TIED_BLOCKS": GOLDEN_TIED_BLOCKS}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDENS))
+def test_golden_tree(tmp_path, run, monkeypatch, name):
+    """GPT-2 (tied head), Llama and ViT collapse their layers; an odd layer breaks the run and is shown; a tie
+    inside every block is shown once for the run, a tie across blocks keeps both blocks out of the run."""
+    monkeypatch.chdir(tmp_path)
+    assert tree(run, make(name)) == GOLDENS[name]
+
+
+def test_header_counts_tied_storage_once(tmp_path, run, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     model = gpt2(3)
-    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-    text = tree(run, tmp_path / "pytorch_model.bin")
-    assert text == GOLDEN_GPT2_PT
+    unique = sum(p.numel() for p in model.parameters())  # torch counts the tied head once
+    assert unique < sum(t.numel() for t in model.state_dict().values())
+    torch.save(model.state_dict(), "m.bin")
+    assert f"{unique:,} params" in tree(run, "m.bin").splitlines()[0]
+
+
+def test_32_layer_sharded_llama_fits_one_screen(tmp_path, run, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = llama(32)
+    model.save_pretrained("ck", max_shard_size="20KB")
+    assert len(list((tmp_path / "ck").glob("*.safetensors"))) > 1
+    text = tree(run, "ck/model.safetensors.index.json")
+    lines = text.splitlines()
+    assert len(lines) <= 40, text
+    head = lines[0]
+    unique = sum(p.numel() for p in model.parameters())
+    assert "291 tensors" in head and f"{unique:,} params" in head
+    assert any("layers.0 … layers.31  32 × (592 params each, 18,944 total, float32, 74.0 KiB)" in line for line in lines)
+    modules = [line for line in lines[1:] if "(" in line]
+    assert modules and all(re.search(r"\(\S+ params(?: each, \S+ total)?, float32, [\d.]+ (B|KiB|MiB)\)", m)
+                           for m in modules), text
+
+
+def test_expand_json_and_depth(tmp_path, run, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save(gpt2(12).state_dict(), "m.bin")
+    collapsed = tree(run, "m.bin")
+    assert "h.0 … h.11  12 × (" in collapsed and "├── 5  (" not in collapsed
+    expanded = tree(run, "m.bin", "--expand")
+    assert "…" not in expanded
+    assert re.findall(r"[├└]── (\d+)  \(", expanded) == [str(i) for i in range(12)]
+    assert len(expanded.splitlines()) > len(collapsed.splitlines()) + 11 * 20
+    doc = run("inspect", "m.bin", "--json").json()
+    assert doc["num_tensors"] == len(doc["tensors"]) == 2 + 12 * 12 + 2 + 1
+    depth2 = tree(run, "m.bin", "--depth", "2")
+    assert "    ├── h  (" in depth2 and "…" not in depth2 and "attn" not in depth2
+    depth3 = tree(run, "m.bin", "--depth", "3")
+    assert "h.0 … h.11  12 ×" in depth3 and "attn" not in depth3
+    assert "│   ├── attn  (" in tree(run, "m.bin", "--depth", "4")
+
+
+def modules(text: str) -> list[str]:
+    """The module and run labels of a tree, in order (not the tensor lines)."""
+    return re.findall(r"[├└]── (.+?)  (?:\d+ × )?\(", text)
+
+
+def test_a_differing_shape_or_dtype_or_gap_breaks_the_run(tmp_path, run, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    blocks = {f"h.{i}.w": torch.zeros(2, 2) for i in range(6)}
+    blocks["h.3.w"] = torch.zeros(2, 3)  # another shape
+    torch.save(blocks, "shape.pt")
+    assert modules(tree(run, "shape.pt")) == ["h", "0 … 2", "3", "4 … 5"]
+    blocks["h.3.w"] = torch.zeros(2, 2, dtype=torch.float16)  # another dtype
+    torch.save(blocks, "dtype.pt")
+    assert modules(tree(run, "dtype.pt")) == ["h", "0 … 2", "3", "4 … 5"]
+    del blocks["h.3.w"]  # a gap in the numbering
+    torch.save(blocks, "gap.pt")
+    assert modules(tree(run, "gap.pt")) == ["h", "0 … 2", "4 … 5"]
