@@ -172,9 +172,9 @@ class _Ties:
         return name in self.to or name in self.partners
 
 
-def _where(name: str, base: str) -> str:
-    """A tie target as seen from block ``base``: relative (``./attn.b``) inside it, else the whole name."""
-    return "./" + name[len(base) + 1 :] if name.startswith(base + ".") else name
+def _where(name: str, base: str) -> tuple[str, str]:
+    """A tie target as seen from block ``base``: relative (``attn.b``) inside it, else the whole name."""
+    return ("in", name[len(base) + 1 :]) if name.startswith(base + ".") else ("out", name)
 
 
 def _signature(node: _Node, base: str, ties: _Ties, modules: dict[str, str]) -> tuple:
