@@ -537,3 +537,49 @@ def test_a_differing_shape_or_dtype_or_gap_breaks_the_run(tmp_path, run, monkeyp
     del blocks["h.3.w"]  # a gap in the numbering
     torch.save(blocks, "gap.pt")
     assert modules(tree(run, "gap.pt")) == ["h", "0 … 2", "4 … 5"]
+
+
+# --- property: the safetensors writer keeps order, bytes and ties ------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int8, torch.bool, torch.float64]
+PART = st.one_of(st.integers(0, 12).map(str), st.sampled_from(["h", "w", "bias", "weight", "ln_1", "block 1"]))
+
+
+@st.composite
+def state_dicts(draw):
+    names = draw(st.lists(st.lists(PART, min_size=1, max_size=4).map(".".join), min_size=1, max_size=12, unique=True))
+    sd: dict[str, torch.Tensor] = {}
+    for name in names:
+        if sd and draw(st.booleans()) and draw(st.booleans()):  # a tie to an earlier tensor, sometimes a view
+            base = sd[draw(st.sampled_from(sorted(sd)))]
+            sd[name] = base[1:] if base.dim() == 1 and base.numel() > 1 and draw(st.booleans()) else base
+            continue
+        shape = draw(st.lists(st.integers(0, 3), max_size=3))
+        dtype = draw(st.sampled_from(DTYPES))
+        sd[name] = (torch.rand(shape) * 100 - 50).to(dtype)
+    return sd
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sd=state_dicts())
+def test_safetensors_write_read_keeps_order_bytes_and_ties(tmp_path, sd):
+    from paramtool.formats import safetensors_fmt
+
+    path = str(tmp_path / "p.safetensors")
+    safetensors_fmt.save(sd, None, path)
+    back, _, _ = safetensors_fmt.load(path)
+    listed, _, _ = safetensors_fmt.read_tree(path)
+    assert list(back) == list(listed) == list(sd)
+    for name, t in sd.items():
+        got = back[name]
+        assert got.dtype == t.dtype and got.shape == t.shape
+        assert torch.equal(got.contiguous().view(-1).view(torch.uint8), t.contiguous().view(-1).view(torch.uint8))
+    for a in sd:
+        for b in sd:
+            same = sd[a].untyped_storage().data_ptr() == sd[b].untyped_storage().data_ptr() and sd[a].numel() and sd[b].numel()
+            if same and sd[a].data_ptr() == sd[b].data_ptr() and sd[a].shape == sd[b].shape:
+                assert back[a].data_ptr() == back[b].data_ptr()  # an alias comes back as an alias
+    assert sorted(load_file(path)) == sorted(header_names(pathlib.Path(path)))  # safetensors itself reads it
