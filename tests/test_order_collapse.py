@@ -13,6 +13,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -36,12 +38,12 @@ def gpt2(n_layer: int):
     return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=n_layer, n_embd=8, n_head=2, vocab_size=16, n_positions=8))
 
 
-def llama(n_layer: int, tie: bool = False):
+def llama(n_layer: int):
     tf = _quiet()
     torch.manual_seed(0)
     return tf.LlamaForCausalLM(tf.LlamaConfig(num_hidden_layers=n_layer, hidden_size=8, intermediate_size=16,
                                               num_attention_heads=2, num_key_value_heads=1, vocab_size=16,
-                                              tie_word_embeddings=tie))
+                                              tie_word_embeddings=False))
 
 
 def vit(n_layer: int):
@@ -61,6 +63,11 @@ def tree(run, *args) -> str:
     r = run("inspect", *args, env=TREE_ENV)
     assert r.exit_code == 0, r.stderr
     return r.stdout
+
+
+def modules(text: str) -> list[str]:
+    """The module and run labels of a tree, in order (not the tensor lines)."""
+    return re.findall(r"[├└]── (.+?)  (?:\d+ × )?\(", text)
 
 
 # --- the order ---------------------------------------------------------------------------------------
@@ -520,11 +527,6 @@ def test_expand_json_and_depth(tmp_path, run, monkeypatch):
     assert "│   ├── attn  (" in tree(run, "m.bin", "--depth", "4")
 
 
-def modules(text: str) -> list[str]:
-    """The module and run labels of a tree, in order (not the tensor lines)."""
-    return re.findall(r"[├└]── (.+?)  (?:\d+ × )?\(", text)
-
-
 def test_a_differing_shape_or_dtype_or_gap_breaks_the_run(tmp_path, run, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = {f"h.{i}.w": torch.zeros(2, 2) for i in range(6)}
@@ -540,9 +542,6 @@ def test_a_differing_shape_or_dtype_or_gap_breaks_the_run(tmp_path, run, monkeyp
 
 
 # --- property: the safetensors writer keeps order, bytes and ties ------------------------------------
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int8, torch.bool, torch.float64]
 PART = st.one_of(st.integers(0, 12).map(str), st.sampled_from(["h", "w", "bias", "weight", "ln_1", "block 1"]))
