@@ -18,17 +18,18 @@ PARAMS = {"mlp": 49, "rgnet": 309, "tied": 121, "bf16": 49}
 
 
 def expected_listing(path):
-    """What torch.load (or safe_open) gives: (name, shape, dtype) in order."""
+    """What torch.load (or safe_open) gives: (name, shape, dtype) in order (for safetensors: the header's)."""
     if str(path).endswith(".safetensors"):
+        raw = path.read_bytes()
+        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
         with safe_open(str(path), "pt") as f:
-            out = [(n, list(f.get_slice(n).get_shape()), None) for n in f.keys()]
+            out = [(n, list(f.get_slice(n).get_shape()), None) for n in header if n != "__metadata__"]
             meta = f.metadata() or {}
             ts = {n: f.get_tensor(n) for n in f.keys()}
-        # tied names recorded by save_model are restored
-        for dropped, kept in meta.items():
+        # tied names recorded by save_model are restored, after the stored ones (metadata order is random)
+        for dropped, kept in sorted(meta.items()):
             if kept in ts:
                 out.append((dropped, list(ts[kept].shape), None))
-        out.sort()
         return [(n, s, str(ts[n if n in ts else meta[n]].dtype).removeprefix("torch.")) for n, s, _ in out]
     sd = torch.load(path, weights_only=True)
     return [(n, list(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in sd.items()]
@@ -77,27 +78,27 @@ def test_inspect_layer_and_depth(samples, run):
 
 GOLDEN_MLP = """\
 mlp.pt  pt  4 tensors  49 params  196 B
-├── 0  (40 params)
-│   ├── weight  [8, 4]  float32  32
-│   └── bias  [8]  float32  8
-└── 2  (9 params)
-    ├── weight  [1, 8]  float32  8
-    └── bias  [1]  float32  1
+├── 0  (40 params, float32, 160 B)
+│   ├── bias  [8]  float32  8
+│   └── weight  [8, 4]  float32  32
+└── 2  (9 params, float32, 36 B)
+    ├── bias  [1]  float32  1
+    └── weight  [1, 8]  float32  8
 """
 
 GOLDEN_TIED_SPEC = """\
 nn:let s = Linear(8, 8) in Sequential(Linear(4, 8), ReLU(), s, ReLU(), s)  module  6 tensors  112 params  448 B  (tied storage counted once)
-├── 0  Linear(in_features=4, out_features=8, bias=True)  (40 params)
-│   ├── weight  [8, 4]  float32  32
-│   └── bias  [8]  float32  8
+├── 0  Linear(in_features=4, out_features=8, bias=True)  (40 params, float32, 160 B)
+│   ├── bias  [8]  float32  8
+│   └── weight  [8, 4]  float32  32
 ├── 1  ReLU()
-├── 2  Linear(in_features=8, out_features=8, bias=True)  (72 params)
-│   ├── weight  [8, 8]  float32  64  (tied)
-│   └── bias  [8]  float32  8  (tied)
+├── 2  Linear(in_features=8, out_features=8, bias=True)  (72 params, float32, 288 B)
+│   ├── bias  [8]  float32  8  (tied)
+│   └── weight  [8, 8]  float32  64  (tied)
 ├── 3  ReLU()
-└── 4  Linear(in_features=8, out_features=8, bias=True)  (72 params)
-    ├── weight  [8, 8]  float32  64  = 2.weight
-    └── bias  [8]  float32  8  = 2.bias
+└── 4  Linear(in_features=8, out_features=8, bias=True)  (72 params, float32, 288 B)
+    ├── bias  [8]  float32  8  = 2.bias
+    └── weight  [8, 8]  float32  64  = 2.weight
 """
 
 

@@ -88,7 +88,8 @@ SourceArg = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout (no colour, no wrapping).")]
 LayerOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--layer", "-l", help="Select by module path, tensor name, glob (h.*.mlp) or position ([0][1][0]). Repeatable.",
+    typer.Option("--layer", "-l", help="Select by module path, tensor name, glob (h.*.mlp) or position ([0][1][0]: children "
+                 "as the tree lists them, sorted with numbers as numbers: [0][0][2] on GPT-2 is transformer.h.2). Repeatable.",
                  show_default=False),
 ]
 KeyOpt = Annotated[
@@ -133,10 +134,13 @@ def inspect(
     depth: Annotated[Optional[int], typer.Option("--depth", min=0, help="Show modules this deep; deeper ones are summarised.",
                                                  show_default=False)] = None,
     key: KeyOpt = None,
+    expand: Annotated[bool, typer.Option("--expand", help="Show every block: without it, consecutive identical blocks "
+                                         "(h.0 ... h.11) are shown once under one '12 ×' line. --json is never collapsed.")] = False,
 ) -> None:
     """Show the parameter tree: modules, tensor names, shapes, dtypes, counts, bytes and ties.
 
-    Reading a file's table of contents never loads tensor data (nor imports torch).
+    Reading a file's table of contents never loads tensor data (nor imports torch). Names are in numeric
+    order (h.2 before h.10); consecutive identical blocks are collapsed unless --expand.
     """
     from . import sources
 
@@ -150,7 +154,7 @@ def inspect(
     if toc.values is not None:  # a --key sub-tree without tensors (hyper_parameters, args): its values
         console.print(render.values_tree(toc))
         return
-    console.print(render.inspect_tree(toc, tensors, depth))
+    console.print(render.inspect_tree(toc, tensors, depth, expand))
     for line in render.extras_lines(toc):
         console.print(line)
 
@@ -356,14 +360,14 @@ def ties(
 ) -> None:
     """List tied tensors: groups of names that share storage (alias) or bytes (overlapping views)."""
     from . import sources
-    from .ties import find_ties, value_ties
+    from .ties import find_ties, group_order, value_ties
 
     src = sources.resolve(source)
     if values:
         ckpt = sources.load_lazy(src, key)
         toc = ckpt.toc()
         groups = find_ties(toc.tensors, toc.meta_ties) + value_ties(ckpt.tensor, toc.tensors)
-        groups.sort(key=lambda g: g.names)
+        groups.sort(key=group_order)
     else:
         toc = sources.read_toc(src, key)
         groups = find_ties(toc.tensors, toc.meta_ties)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .ties import find_ties
+from .ties import find_ties, names_key
 
 
 @dataclass
@@ -87,6 +87,6 @@ def diff(a: Checkpoint, b: Checkpoint, rtol: float = 0.0, atol: float = 0.0) -> 
             out.changed.append({"name": name, **change})
     ties_a = {g.names for g in find_ties(a.infos())}
     ties_b = {g.names for g in find_ties(b.infos())}
-    out.ties_gained = [list(g) for g in sorted(ties_b - ties_a)]
-    out.ties_lost = [list(g) for g in sorted(ties_a - ties_b)]
+    out.ties_gained = [list(g) for g in sorted(ties_b - ties_a, key=names_key)]
+    out.ties_lost = [list(g) for g in sorted(ties_a - ties_b, key=names_key)]
     return out

@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from .names import people_order, people_sorted, sibling_order
 from .select import module_path
 from .ties import tied_to, unique_counts
 from .toc import TensorInfo, Toc
@@ -131,6 +132,7 @@ class _Node:
 
 
 def _module_tree(tensors: list[TensorInfo], modules: dict[str, str]) -> _Node:
+    """Modules nested as in the model; tensors and siblings sorted as people read them (``names.py``)."""
     root = _Node("", "")
 
     def node_for(path: str) -> _Node:
@@ -149,54 +151,174 @@ def _module_tree(tensors: list[TensorInfo], modules: dict[str, str]) -> _Node:
     for path in modules:
         if path:
             node_for(path)
-    for t in tensors:
+    for t in people_sorted(tensors, lambda t: t.name):
         node_for(module_path(t.name)).tensors.append(t)
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        node.children = {k: node.children[k] for k in sibling_order(node.children)}
+        stack.extend(node.children.values())
     return root
 
 
-def _count_label(tensors: list[TensorInfo]) -> str:
-    n, _ = unique_counts(tensors)
-    return f"{n:,} params"
+def human_count(n: int) -> str:
+    """Exact below 100,000 (the small models of a tutorial), else three digits: ``7.09M``, ``85.1M``, ``124K``."""
+    if n < 100_000:
+        return f"{n:,}"
+    value = float(n)
+    for unit in ("K", "M", "B", "T"):
+        value /= 1000
+        if value < 999.5 or unit == "T":
+            return f"{value:.3g}{unit}" if value < 100 else f"{value:.0f}{unit}"
+    raise AssertionError
 
 
-def inspect_tree(toc: Toc, tensors: list[TensorInfo], depth: int | None = None) -> Tree:
-    """The parameter tree: modules nested as in the model, each tensor with shape, dtype and tie."""
-    ties = tied_to(toc.tensors)
+def _totals(tensors: list[TensorInfo]) -> str:
+    """``85.1M params, float32, 324.6 MiB``: tied storage counted once; several dtypes joined by ``/``."""
+    n, nbytes = unique_counts(tensors)
+    dtypes = "/".join(dict.fromkeys(t.dtype for t in tensors))
+    return f"{human_count(n)} params, {dtypes}, {human_bytes(nbytes)}"
+
+
+def _is_index(name: str) -> bool:
+    """A ModuleList / Sequential child: a plain decimal index (``0``, ``11``; not ``01``)."""
+    return name.isascii() and name.isdigit() and str(int(name)) == name
+
+
+@dataclass
+class _Ties:
+    """Who is tied to whom, for marking tensors and for telling blocks apart."""
+
+    to: dict[str, str]  # name -> first name of its group (every tied name but the first)
+    partners: dict[str, list[str]]  # first name -> the other names of its group
+
+    @classmethod
+    def of(cls, tensors: list[TensorInfo]) -> "_Ties":
+        to = tied_to(tensors)
+        partners: dict[str, list[str]] = {}
+        for name, first in to.items():
+            partners.setdefault(first, []).append(name)
+        return cls(to, partners)
+
+    def is_tied(self, name: str) -> bool:
+        return name in self.to or name in self.partners
+
+
+def _where(name: str, base: str) -> tuple[str, str]:
+    """A tie target as seen from block ``base``: relative (``attn.b``) inside it, else the whole name."""
+    return ("in", name[len(base) + 1 :]) if name.startswith(base + ".") else ("out", name)
+
+
+def _signature(node: _Node, base: str, ties: _Ties, modules: dict[str, str]) -> tuple:
+    """A block's structure relative to its own path: tensor names, shapes, dtypes, module kinds and ties (ties
+    inside the block relative, ties leaving it absolute). Blocks with equal signatures are interchangeable."""
+    def tie(t: TensorInfo) -> tuple:
+        if t.name in ties.to:
+            return ("=", _where(ties.to[t.name], base))
+        if t.name in ties.partners:
+            return ("tied",) + tuple(sorted(_where(p, base) for p in ties.partners[t.name]))
+        return ()
+
+    leaves = tuple((t.name[len(base):], t.shape, t.dtype, tie(t)) for t in node.tensors)
+    kids = tuple((c.name, modules.get(c.path), _signature(c, base, ties, modules)) for c in node.children.values())
+    return leaves, kids
+
+
+def _runs(children: list[_Node], ties: _Ties, modules: dict[str, str]) -> list[list[_Node]]:
+    """Children split into runs: consecutive indices (``h.3``, ``h.4``) with tensors and equal signatures form
+    one run; anything else is a run of one. A differing block or a gap in the numbering ends a run."""
+    runs: list[list[_Node]] = []
+    last_sig: tuple | None = None
+    for c in children:
+        sig = _signature(c, c.path, ties, modules) if _is_index(c.name) and c.all_tensors() else None
+        run = runs[-1] if runs else None
+        if (sig is not None and run is not None and sig == last_sig
+                and int(c.name) == int(run[-1].name) + 1):
+            run.append(c)
+        else:
+            runs.append([c])
+        last_sig = sig
+    return runs
+
+
+def inspect_tree(toc: Toc, tensors: list[TensorInfo], depth: int | None = None, expand: bool = False) -> Tree:
+    """The parameter tree: modules nested as in the model, each with its parameter count, dtype and bytes, and
+    each tensor with shape, dtype and tie. Consecutive identical blocks (``h.0`` ... ``h.11``) are shown once
+    under a ``12 ×`` line unless ``expand``; a block that differs (or is tied elsewhere) breaks the run."""
+    ties = _Ties.of(toc.tensors)
     num_params, nbytes = unique_counts(tensors)
     head = Text()
     head.append(safe_name(toc.source), style="bold")
     head.append(f"  {toc.format}  {len(tensors)} tensors  {num_params:,} params  {human_bytes(nbytes)}", style="dim")
-    tied_names = {n for n in ties} | set(ties.values())
-    if any(t.name in tied_names for t in tensors):
+    if any(ties.is_tied(t.name) for t in tensors):
         head.append("  (tied storage counted once)", style="dim")
     tree = Tree(head, guide_style="dim")
     root = _module_tree(tensors, toc.modules)
 
-    def add(parent: Tree, node: _Node, level: int) -> None:
-        for t in node.tensors:
-            leaf = t.name[len(node.path) + 1 :] if node.path else t.name
-            line = Text()
-            line.append(safe_name(leaf), style="cyan")
-            line.append(f"  {shape_text(t.shape)}  {t.dtype}  {t.numel:,}")
-            if t.name in ties:
-                line.append(f"  = {safe_name(ties[t.name])}", style="magenta")
-            elif t.name in tied_names:
-                line.append("  (tied)", style="magenta")
-            parent.add(line)
-        for c in node.children.values():
-            line = Text()
-            line.append(safe_name(c.name), style="bold")
-            kind = toc.modules.get(c.path)
-            if kind:
-                line.append(f"  {safe_name(kind)}", style="green")
-            sub = c.all_tensors()
-            if sub:
-                line.append(f"  ({_count_label(sub)})", style="dim")
-            branch = parent.add(line)
-            if depth is None or level < depth:
-                add(branch, c, level + 1)
+    def leaf_line(t: TensorInfo, node: _Node, block: str | None) -> Text:
+        leaf = t.name[len(node.path) + 1 :] if node.path else t.name
+        line = Text()
+        line.append(safe_name(leaf), style="cyan")
+        line.append(f"  {shape_text(t.shape)}  {t.dtype}  {t.numel:,}")
+        if t.name in ties.to:
+            target = ties.to[t.name]
+            if block is not None and target.startswith(block + "."):  # a tie inside every block of a run
+                shown = f"{target[len(block) + 1:]} (in each block)"
+            else:
+                shown = target
+            line.append(f"  = {safe_name(shown)}", style="magenta")
+        elif t.name in ties.partners:
+            line.append("  (tied)", style="magenta")
+        return line
 
-    add(tree, root, 1)
+    def module_line(label: str, kind: str | None, sub: list[TensorInfo]) -> Text:
+        line = Text()
+        line.append(safe_name(label), style="bold")
+        if kind:
+            line.append(f"  {safe_name(kind)}", style="green")
+        if sub:
+            line.append(f"  ({_totals(sub)})", style="dim")
+        return line
+
+    def run_line(prefix: str, run: list[_Node]) -> Text:
+        first, last = run[0], run[-1]
+        each, _ = unique_counts(first.all_tensors())
+        sub = [t for c in run for t in c.all_tensors()]
+        total, total_bytes = unique_counts(sub)
+        dtypes = "/".join(dict.fromkeys(t.dtype for t in sub))
+        line = Text()
+        line.append(safe_name(f"{prefix}{first.name} … {prefix}{last.name}"), style="bold")
+        line.append(f"  {len(run)} ×")
+        kind = toc.modules.get(first.path)
+        if kind:
+            line.append(f" {safe_name(kind)}", style="green")
+        line.append(f" ({human_count(each)} params each, {human_count(total)} total, {dtypes}, "
+                    f"{human_bytes(total_bytes)})", style="dim")
+        return line
+
+    def add(parent: Tree, node: _Node, level: int, block: str | None) -> None:
+        for t in node.tensors:
+            parent.add(leaf_line(t, node, block))
+        children = list(node.children.values())
+        for run in ([[c] for c in children] if expand else _runs(children, ties, toc.modules)):
+            shown = depth is None or level < depth
+            if len(run) > 1:
+                branch = parent.add(run_line("", run))
+                if shown:
+                    add(branch, run[0], level + 1, run[0].path)
+                continue
+            c = run[0]
+            inner = [] if expand or c.tensors or not shown else _runs(list(c.children.values()), ties, toc.modules)
+            if len(inner) == 1 and len(inner[0]) > 1:  # a ModuleList of identical blocks: one line for both
+                branch = parent.add(run_line(c.name + ".", inner[0]))
+                if depth is None or level + 1 < depth:
+                    add(branch, inner[0][0], level + 2, inner[0][0].path)
+                continue
+            branch = parent.add(module_line(c.name, toc.modules.get(c.path), c.all_tensors()))
+            if shown:
+                add(branch, c, level + 1, block)
+
+    add(tree, root, 1, None)
     return tree
 
 
@@ -244,7 +366,9 @@ def _g(v: float) -> str:
 
 
 def stats_table(results: list) -> Table:
-    """One row per tensor, then a total per top-level module; NaN/Inf in red."""
+    """One row per tensor, ordered as the inspect tree lists them, then a total per top-level module; NaN/Inf
+    in red."""
+    results = people_sorted(results, lambda r: r.name)
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("name", "mean", "std", "min", "max", "zeros", "norm", "nan/inf"):
         table.add_column(col, justify="left" if col == "name" else "right")
@@ -271,12 +395,13 @@ def stats_table(results: list) -> Table:
 
 
 def diff_lines(d) -> list[Text]:
+    """Removed, added, changed (each ordered as the inspect tree lists names), then ties gained and lost."""
     lines = []
-    for n in d.removed:
+    for n in people_order(d.removed):
         lines.append(Text(f"- {safe_name(n)}", style="red"))
-    for n in d.added:
+    for n in people_order(d.added):
         lines.append(Text(f"+ {safe_name(n)}", style="green"))
-    for c in d.changed:
+    for c in people_sorted(d.changed, lambda c: c["name"]):
         a, b = c["a"], c["b"]
         if (a["shape"], a["dtype"]) != (b["shape"], b["dtype"]):
             what = f"{shape_text(a['shape'])} {a['dtype']} -> {shape_text(b['shape'])} {b['dtype']}"

@@ -5,9 +5,10 @@ Works on names only (no torch). Module paths are names without their last part; 
 
 A selector is, in this order of precedence:
 
-1. a positional path ``[0][1][0]`` (``^(\[\d+\])+$``): children indexed in the order they first appear in
-   the checkpoint, as ``rgnet[0][1][0]`` indexes ``nn.Sequential``. A checkpoint only holds modules that have
-   tensors, so parameterless children (``ReLU``) are not counted;
+1. a positional path ``[0][1][0]`` (``^(\[\d+\])+$``): children indexed in the order the inspect tree lists
+   them (``names.sibling_order``: sorted, numbers as numbers, so ``h.2`` before ``h.10`` whatever the file's
+   order), as ``rgnet[0][1][0]`` indexes ``nn.Sequential``. A checkpoint only holds modules that have tensors,
+   so parameterless children (``ReLU``) are not counted;
 2. a module path or a full tensor name, matched exactly: ``0`` selects ``0.weight``, ``0.bias`` and everything
    under module ``0`` (``0.block 1.0.weight``), never ``10.weight``;
 3. a glob, if the selector contains ``*``, ``?`` or ``[``: ``fnmatch`` rules, case-sensitive, matched against
@@ -21,6 +22,7 @@ import fnmatch
 import re
 
 from .errors import ParamtoolError, UsageError
+from .names import sibling_order
 
 POSITIONAL = re.compile(r"^(\[\d+\])+$")
 PARAMS = ("weight", "bias", "all")
@@ -46,7 +48,8 @@ def _under(name: str, path: str) -> bool:
 
 
 def _positional(names: list[str], selector: str) -> str:
-    """``[0][1][0]`` -> the module path reached by indexing children in order of first appearance."""
+    """``[0][1][0]`` -> the module path reached by indexing children as the tree lists them (sorted, numbers
+    as numbers): on GPT-2, ``[0][0][2]`` is ``transformer.h.2`` whatever the file's order."""
     indices = [int(i) for i in re.findall(r"\d+", selector)]
     prefix: list[str] = []
     for depth, index in enumerate(indices):
@@ -55,7 +58,7 @@ def _positional(names: list[str], selector: str) -> str:
             parts = name.split(".")
             if parts[:depth] == prefix and len(parts) > depth + 1:
                 children.setdefault(parts[depth], None)
-        kids = list(children)
+        kids = sibling_order(children)
         if index >= len(kids):
             where = f"module '{'.'.join(prefix)}'" if prefix else "the top level"
             shown = ", ".join(kids[:8]) + (", ..." if len(kids) > 8 else "")

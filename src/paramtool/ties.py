@@ -9,17 +9,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Hashable
 
+from .names import people_key
 from .toc import TensorInfo, itemsize
 
 
 @dataclass(frozen=True)
 class TieGroup:
-    names: tuple[str, ...]  # sorted
+    names: tuple[str, ...]  # sorted by names.people_key: numbers as numbers
     kind: str  # "alias" | "overlap"
     source: str  # "storage" | "metadata" | "values"
 
     def as_json(self) -> dict:
         return {"names": list(self.names), "kind": self.kind, "source": self.source}
+
+
+def names_key(names: tuple[str, ...] | list[str]) -> tuple:
+    """Order of names and of groups in ``ties`` output: numbers in names compare as numbers (``h.2`` < ``h.10``)."""
+    return tuple(people_key(n) for n in names)
+
+
+def group_order(group: TieGroup) -> tuple:
+    """Sort key of a group: by its (sorted) names, so by its first name."""
+    return names_key(group.names)
 
 
 def _same_view(a: TensorInfo, b: TensorInfo) -> bool:
@@ -72,7 +83,7 @@ def group_kind(group: list[TensorInfo]) -> str:
 
 
 def find_ties(tensors: list[TensorInfo], meta_ties: dict[str, str] | None = None) -> list[TieGroup]:
-    """Tie groups, names sorted, groups sorted by first name (the contract's JSON order).
+    """Tie groups, names sorted, groups sorted by first name (the contract's JSON order), numbers as numbers.
 
     ``meta_ties`` (name -> stored name) marks ties that were restored from safetensors metadata.
     """
@@ -80,8 +91,8 @@ def find_ties(tensors: list[TensorInfo], meta_ties: dict[str, str] | None = None
     out = []
     for g in storage_groups(tensors):
         source = "metadata" if any(t.name in meta for t in g) else "storage"
-        out.append(TieGroup(tuple(sorted(t.name for t in g)), group_kind(g), source))
-    out.sort(key=lambda g: g.names)
+        out.append(TieGroup(tuple(sorted((t.name for t in g), key=people_key)), group_kind(g), source))
+    out.sort(key=group_order)
     return out
 
 
@@ -138,6 +149,6 @@ def value_ties(tensor_of: Callable[[str], Any], infos: list[TensorInfo]) -> list
         for info in members:
             raw = tensor_of(info.name).detach().contiguous().reshape(-1).view(torch.uint8).numpy()
             by_hash.setdefault(hashlib.sha256(raw).hexdigest(), []).append(info.name)
-        out.extend(TieGroup(tuple(sorted(n)), "alias", "values") for n in by_hash.values() if len(n) > 1)
-    out.sort(key=lambda g: g.names)
+        out.extend(TieGroup(tuple(sorted(n, key=people_key)), "alias", "values") for n in by_hash.values() if len(n) > 1)
+    out.sort(key=group_order)
     return out

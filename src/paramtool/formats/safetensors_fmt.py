@@ -3,6 +3,12 @@
 Ties: safetensors cannot alias, so a writer keeps one copy and records each dropped name in the header
 metadata (``"<dropped>": "<kept>"``, the convention of ``safetensors.torch.save_model``); a view that is
 not a whole alias is recorded under ``paramtool.ties``. Reading restores both.
+
+Order: the header is a JSON object, and its key order is the file's tensor order. paramtool writes the header
+and the data in the source's order (``safetensors.torch.save_file`` would sort them) and lists a file in its
+header's order (``safe_open().keys()`` sorts). Where a dropped tied name went in that order is recorded under
+``paramtool.order`` (``{"<dropped>": position}``), so a pt -> safetensors -> pt round trip keeps every name in
+place.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_of
 
 MAX_HEADER = 100 * 1024 * 1024
 TIES_KEY = "paramtool.ties"
+ORDER_KEY = "paramtool.order"
 
 # safetensors dtype codes -> torch dtype names
 DTYPES = {
@@ -23,6 +30,7 @@ DTYPES = {
     "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
 }
+CODES = {name: code for code, name in DTYPES.items()}
 
 
 def sniff(head: bytes, file_size: int) -> bool:
@@ -87,6 +95,8 @@ def split_metadata(metadata: dict[str, str], stored: set[str]) -> tuple[dict[str
     views: dict[str, dict] = {}
     rest: dict[str, str] = {}
     for k, v in metadata.items():
+        if k == ORDER_KEY:  # positions of dropped names: read by ``ordered_names``, rewritten by every save
+            continue
         if k == TIES_KEY:
             try:
                 parsed = json.loads(v)
@@ -102,8 +112,30 @@ def split_metadata(metadata: dict[str, str], stored: set[str]) -> tuple[dict[str
     return aliases, views, rest
 
 
+def ordered_names(stored: list[str], dropped: list[str], metadata: dict[str, str]) -> list[str]:
+    """The file's tensor order: stored names in header order, each dropped (tied) name put back at the position
+    ``paramtool.order`` records for it; dropped names without one (files from other writers, whose metadata
+    order is random) go last, numbers as numbers."""
+    from ..names import people_key
+
+    try:
+        positions = json.loads(metadata.get(ORDER_KEY, "{}"))
+    except json.JSONDecodeError:
+        positions = {}
+    if not isinstance(positions, dict):
+        positions = {}
+    wanted = set(dropped)
+    placed = sorted((p, n) for n, p in positions.items() if n in wanted and type(p) is int and p >= 0)
+    names = list(stored)
+    for position, name in placed:  # ascending: every name before ``position`` is already in place
+        names.insert(min(position, len(names)), name)
+    done = {n for _, n in placed}
+    names.extend(sorted((n for n in dropped if n not in done), key=people_key))
+    return names
+
+
 def read_tree(path: str) -> tuple[dict[str, FakeTensor], dict[str, str] | None, dict[str, str]]:
-    """Tensors as ``FakeTensor`` (names sorted, as safe_open lists them), the metadata, and the ties it records.
+    """Tensors as ``FakeTensor`` (in the header's order), the metadata, and the ties it records.
 
     Each stored tensor is its own storage; names recorded as ties point into the storage they share.
     """
@@ -134,19 +166,21 @@ def read_tree(path: str) -> tuple[dict[str, FakeTensor], dict[str, str] | None, 
             raise FormatError(f"{path}: {TIES_KEY} entry for {name!r} reaches outside '{spec['of']}'")
         tensors[name] = FakeTensor(base.storage, offset, shape, stride, base.dtype)
         meta_ties[name] = spec["of"]
-    return {n: tensors[n] for n in sorted(tensors)}, metadata or None, meta_ties
+    order = ordered_names(list(entries), [n for n in tensors if n not in entries], metadata)
+    return {n: tensors[n] for n in order}, metadata or None, meta_ties
 
 
 def load(path: str) -> tuple[dict[str, Any], dict[str, str] | None, dict[str, str]]:
     """Load tensors (memory-mapped by safetensors) and restore ties recorded in metadata."""
     from safetensors import safe_open
 
-    read_header(path)  # validate before handing the file to the Rust reader
+    header, _ = read_header(path)  # validate before handing the file to the Rust reader
+    stored = [n for n in header if n != "__metadata__"]  # the header's order (safe_open's keys() sorts)
     tensors: dict[str, Any] = {}
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata()
-            for name in f.keys():
+            for name in stored:
                 tensors[name] = f.get_tensor(name)
     except Exception as e:  # the Rust reader's errors are plain exceptions
         raise FormatError(f"{path}: cannot read safetensors data: {e}") from None
@@ -157,13 +191,12 @@ def load(path: str) -> tuple[dict[str, Any], dict[str, str] | None, dict[str, st
         base = tensors[spec["of"]]
         tensors[name] = base.as_strided(spec["shape"], spec["stride"], spec["offset"])
     ties = {**aliases, **{n: s["of"] for n, s in views.items()}}
-    return {n: tensors[n] for n in sorted(tensors)}, metadata, ties
+    order = ordered_names(stored, [n for n in tensors if n not in stored], metadata or {})
+    return {n: tensors[n] for n in order}, metadata, ties
 
 
 def save(tensors: dict[str, Any], metadata: dict[str, str] | None, path: str) -> None:
-    """Write ``tensors`` to ``path``; tied names are stored once and recorded in the metadata."""
-    from safetensors.torch import save_file
-
+    """Write ``tensors`` to ``path`` in their order; tied names are stored once and recorded in the metadata."""
     from ..ties import storage_groups, group_kind
     from ..tree import tensor_info
 
@@ -192,16 +225,48 @@ def save(tensors: dict[str, Any], metadata: dict[str, str] | None, path: str) ->
     meta = {**rest, **aliases}
     if views:
         meta[TIES_KEY] = json.dumps(views, sort_keys=True)
-    out = {}
-    for n in tensors:
-        if n in stored_names:
-            t = tensors[n]
-            out[n] = t.contiguous() if not t.is_contiguous() else t
-    # save_file refuses shared storage even between non-overlapping views: give each its own copy
-    seen: set[int] = set()
-    for n, t in out.items():
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen or t.untyped_storage().nbytes() != t.nbytes:
-            out[n] = t.clone()
-        seen.add(ptr)
-    save_file(out, path, metadata=meta or None)
+    dropped = {n: i for i, n in enumerate(tensors) if n not in stored_names}
+    if dropped:
+        meta[ORDER_KEY] = json.dumps(dropped)
+    write_file({n: tensors[n] for n in tensors if n in stored_names}, meta or None, path)
+
+
+def write_file(tensors: dict[str, Any], metadata: dict[str, str] | None, path: str) -> None:
+    """A safetensors file with the header and the data in ``tensors``' order, one tensor in memory at a time.
+
+    ``safetensors.torch.save_file`` sorts both (by dtype, then name) and builds the file in memory. The format
+    asks only that the data be one run without holes, in any order; safetensors reads unaligned tensors.
+    """
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise FormatError("safetensors metadata must map strings to strings")
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    start = 0
+    for name, t in tensors.items():
+        if t.layout != torch.strided:
+            raise FormatError(f"safetensors cannot hold '{name}': a {t.layout} tensor (only dense tensors)")
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in CODES:
+            raise FormatError(f"safetensors cannot hold '{name}': dtype {dtype} has no safetensors code")
+        end = start + t.numel() * t.element_size()
+        header[name] = {"dtype": CODES[dtype], "shape": list(t.shape), "data_offsets": [start, end]}
+        start = end
+    try:
+        raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:  # a name with a lone surrogate: escaped JSON is still valid
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # as safetensors pads: data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            f.write(_raw_bytes(t))
+
+
+def _raw_bytes(t: Any) -> Any:
+    """A tensor's bytes in memory order (little-endian, as safetensors stores them), zero-copy when contiguous."""
+    import torch
+
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy() if flat.numel() else b""
