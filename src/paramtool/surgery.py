@@ -496,14 +496,12 @@ def write(src: Any, listing: Checkpoint, plan: Surgery, output: Any, drop_extra:
 
     Same-format file to file (torch zip, safetensors) is streamed one storage at a time; a sharded checkpoint
     is rewritten shard by shard with its index; anything else is loaded, changed and written whole."""
-    from . import writer
+    from . import surgery_stream, writer
     from .sources import load
 
     if output.format == "sharded":
-        _write_sharded(load(src), plan, output, drop_extra)
+        _write_sharded(listing, plan, output, drop_extra)
         return
-    from . import surgery_stream
-
     if src.kind == "file" and output.format == src.format and surgery_stream.can_stream(listing, plan):
         surgery_stream.write(listing, plan, output)
         return
@@ -527,57 +525,69 @@ def run_on(ckpt: Checkpoint, plan: Surgery) -> None:
     ckpt.names = {n: (s,) + tuple(path) for s, p in parts.items() for n, path in p.names.items()}
 
 
-def _write_sharded(ckpt: Any, plan: Surgery, output: Any, drop_extra: bool) -> None:
-    """Every shard rewritten in its own format beside a new index (names, shard list and total size follow);
-    a shard left with no tensor disappears. ``-o DIR`` appears only once complete; ``--in-place`` replaces
-    each shard atomically and the index last."""
+def _write_sharded(listing: Any, plan: Surgery, output: Any, drop_extra: bool) -> None:
+    """Every shard rewritten in its own format (streamed where it can be) beside a new index (names, shards
+    and total size follow); a shard left with no tensor disappears. ``-o DIR`` appears only once complete;
+    ``--in-place`` replaces each shard atomically and the index last."""
+    import shutil
+    import tempfile
+
     from . import writer
     from .formats.sharded import write_index
-    from .ties import unique_counts
 
-    index = ckpt.index
-    run_on(ckpt, plan)
-    weight_map = {n: path[0] for n, path in ckpt.names.items()}
-    total = sum(unique_counts(p.infos())[1] for p in ckpt.parts.values() if p.names)
-    raw = {**index.raw, "weight_map": weight_map}
-    raw["metadata"] = {**(index.raw.get("metadata") or {}), "total_size": total}
-    new_index = replace(index, weight_map=weight_map, raw=raw)
+    index = listing.index
+    results: dict[str, Checkpoint] = {}
 
     def build(work: str) -> None:
-        for shard, part in ckpt.parts.items():
-            if not part.names:
-                continue
+        for shard, part in listing.parts.items():
             target = os.path.join(work, shard)
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            fmt = "safetensors" if part.format == "safetensors" else "pt"
-            writer.atomic_write(target, lambda tmp, part=part, fmt=fmt: _write_part(part, fmt, tmp, drop_extra))
-        write_index(new_index, work)
+            results[shard] = _write_part(os.path.join(index.directory, shard), part, plan, target, drop_extra)
+        shard_of = {n: s for s, r in results.items() for n in r.names}
+        order = [plan.rename.get(n, n) for n in index.weight_map] + list(shard_of)  # the index's own order
+        weight_map = {n: shard_of[n] for n in dict.fromkeys(order) if n in shard_of}
+        raw = {**index.raw, "weight_map": weight_map}
+        if isinstance(raw.get("metadata"), dict) and "total_size" in raw["metadata"]:
+            from .ties import unique_counts
+
+            total = sum(unique_counts(r.infos())[1] for r in results.values())
+            raw["metadata"] = {**raw["metadata"], "total_size": total}
+        write_index(replace(index, weight_map=weight_map, raw=raw), work)
 
     if not output.in_place:
         writer._replace_directory(output.path, build)
         return
-    import shutil
-    import tempfile
-
     work = tempfile.mkdtemp(prefix=".paramtool-", dir=index.directory)
     try:
         build(work)
-        for shard, part in ckpt.parts.items():
-            if part.names:
+        for shard, result in results.items():
+            if result.names:
                 os.replace(os.path.join(work, shard), os.path.join(index.directory, shard))
         os.replace(os.path.join(work, os.path.basename(index.path)), index.path)
-        for shard, part in ckpt.parts.items():
-            if not part.names:
+        for shard, result in results.items():
+            if not result.names:
                 os.unlink(os.path.join(index.directory, shard))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _write_part(part: Checkpoint, fmt: str, path: str, drop_extra: bool) -> None:
-    from . import writer
+def _write_part(path: str, part: Checkpoint, plan: Surgery, target: str, drop_extra: bool) -> Checkpoint:
+    """One shard: streamed from its listing when possible, else loaded and changed; not written when the
+    plan leaves it empty. Returns what was written (its names)."""
+    from . import surgery_stream, writer
+    from .sources import Source, load, sniff_file
 
-    writer._write_to(part, fmt, path, drop_extra)
-    writer._verify_file(part, fmt, path)
+    fmt = "safetensors" if part.format == "safetensors" else "pt"
+    if surgery_stream.can_stream(part, plan):
+        out = surgery_stream.transformed(part, plan)
+        if out.names:
+            out = surgery_stream.write(part, plan, writer.Output(target, fmt))
+        return out
+    ckpt = load(Source(path, "file", path, sniff_file(path)))
+    plan.run(ckpt)
+    if ckpt.names:
+        writer.write_checkpoint(ckpt, writer.Output(target, fmt), drop_extra)
+    return ckpt
 
 
 # ---------------------------------------------------------------- model-directory helpers (config.json, index)
