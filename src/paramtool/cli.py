@@ -225,7 +225,10 @@ def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, ou
     target = writer.plan_output(src, output, in_place, fmt)
     for w in plan.report.warnings:
         warn(w)
+    seen = len(plan.report.warnings)
     (write or writer.write_plan)(src, listing, plan, target, drop_extra)
+    for w in plan.report.warnings[seen:]:  # found while writing (e.g. values that overflow a cast)
+        warn(w)
     _summary(plan.report, target.label, target.format)
 
 

@@ -241,15 +241,11 @@ def plan_drop(ckpt: Checkpoint, layers: list[str], keys: list[str]) -> Surgery:
         raise UsageError("--key drops a sub-tree of a torch.save training checkpoint; this checkpoint is one flat "
                          "state dict (use --layer)")
     paths = [tree.find_key(ckpt.root, k) for k in keys]
-    remaining = [p for _, p in _walk_paths(ckpt.root) if not any(p[: len(q)] == q for q in paths)]
-    if not remaining:
+    gone = [n for n, p in ckpt.names.items() if any(p[: len(q)] == q for q in paths)]
+    if len(gone) == len(names):
         raise ParamtoolError(f"dropping --key {', '.join(keys)} would remove every tensor; nothing would be left")
     report.changed = report.dropped = [".".join(str(x) for x in p) for p in paths]
     return Surgery(report, lambda c: drop_keys(c, paths))
-
-
-def _walk_paths(root: Any) -> list[tuple[Any, tree.Path]]:
-    return [(t, p) for p, t in tree.walk(root)]
 
 
 def drop_names(ckpt: Checkpoint, gone: set[str]) -> None:
