@@ -456,3 +456,22 @@ def test_transformers_rename_cast_resize_load_cleanly(tmp_path, run):
     assert torch.allclose(grown.transformer.wte.weight[100:], old.mean(0).expand(28, 32))
     out = grown(torch.tensor([[1, 127]])).logits
     assert out.shape == (1, 2, 128)
+
+
+def test_resize_also_resizes_config_tied_head_in_its_own_storage(tmp_path):
+    """What a model directory wires: config ties (tie_word_embeddings) that are separate tensors on disk."""
+    from paramtool import sources, writer
+
+    torch.manual_seed(0)
+    emb = torch.randn(6, 3)
+    save_file({"model.embed_tokens.weight": emb, "lm_head.weight": emb.clone(), "norm.weight": torch.ones(3)},
+              str(tmp_path / "m.safetensors"))
+    src = sources.resolve(str(tmp_path / "m.safetensors"))
+    listing = sources.open_for_plan(src)
+    also = surgery.config_tied_names({"tie_word_embeddings": True}, "model.embed_tokens.weight", list(listing.names))
+    plan = surgery.plan_resize(listing, "model.embed_tokens.weight", 8, surgery.NewRows(), also)
+    assert plan.report.with_ties == {"model.embed_tokens.weight": ["lm_head.weight"]}
+    surgery.write(src, listing, plan, writer.Output(str(tmp_path / "o.safetensors"), "safetensors"))
+    got = load_file(str(tmp_path / "o.safetensors"))
+    assert got["lm_head.weight"].shape == (8, 3) and torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
+    assert torch.allclose(got["lm_head.weight"][6:], emb.mean(0).expand(2, 3))

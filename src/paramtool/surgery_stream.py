@@ -12,7 +12,6 @@ import io
 import json
 import pickle
 from collections import OrderedDict
-from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Hashable
 
@@ -223,11 +222,9 @@ class _Data:
         self.fake = fake
 
 
-def _write_zip(out: Checkpoint, storage_file: Any, path: str, overflows: dict[Hashable, int]) -> None:
-    """A torch zip file as ``torch.save`` writes it: the pickle (tensors rebuilt by torch's own functions),
-    the format records, then each storage, copied or cast, one at a time."""
-    import sys
-
+def _pickled(root: Any) -> tuple[bytes, dict[Hashable, _StorageOut]]:
+    """The container pickled as ``torch.save`` pickles it: tensors rebuilt by torch's own functions from
+    numbered storages (persistent ids); returns the pickle and the storages it names, by input storage key."""
     import torch
 
     storages: dict[Hashable, _StorageOut] = {}
@@ -260,8 +257,18 @@ def _write_zip(out: Checkpoint, storage_file: Any, path: str, overflows: dict[Ha
             return NotImplemented
 
     buf = io.BytesIO()
-    Pickler(buf, protocol=2).dump(out.root)
-    data = buf.getvalue()
+    Pickler(buf, protocol=2).dump(root)
+    return buf.getvalue(), storages
+
+
+def _write_zip(out: Checkpoint, storage_file: Any, path: str, overflows: dict[Hashable, int]) -> None:
+    """A torch zip file as ``torch.save`` writes it: the pickle, the format records, then each storage,
+    copied or cast, one at a time."""
+    import sys
+
+    import torch
+
+    data, storages = _pickled(out.root)
     writer = torch._C.PyTorchFileWriter(path)
     writer.write_record("data.pkl", data, len(data))
     writer.write_record(".format_version", "1", 1)
