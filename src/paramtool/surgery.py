@@ -328,10 +328,9 @@ def cast_storage(flat: Any, dtype: str) -> tuple[Any, int]:
     import torch
 
     out = flat.to(getattr(torch, dtype))
-    if flat.is_floating_point() and torch.finfo(out.dtype).max < torch.finfo(flat.dtype).max:
-        overflow = int((torch.isinf(out) & torch.isfinite(flat)).sum())
-    else:
-        overflow = 0
+    overflow = 0
+    if torch.finfo(out.dtype).max < torch.finfo(flat.dtype).max and bool(torch.isinf(out).any()):
+        overflow = int((torch.isinf(out) & torch.isfinite(flat)).sum())  # the rare case: count exactly
     return out, overflow
 
 

@@ -284,6 +284,5 @@ def _write_zip(out: Checkpoint, storage_file: Any, path: str, overflows: dict[Ha
         else:
             tensor = _produce(storage_file, s.source, s.dtype, overflows)
             writer.write_record(f"data/{s.key}", tensor.untyped_storage(), tensor.untyped_storage().nbytes())
-            storage_file.recycle(tensor)
             del tensor
     writer.write_end_of_file()
