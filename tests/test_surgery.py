@@ -123,7 +123,7 @@ def test_rename_training_checkpoint_keeps_optimizer_and_extras(tmp_path, run):
     want = opt.state_dict()
     assert got["optimizer"]["param_groups"] == want["param_groups"]
     assert torch.equal(got["optimizer"]["state"][0]["exp_avg"], want["state"][0]["exp_avg"])
-    assert got["model"]._metadata == m.state_dict()._metadata
+    assert list(got["model"]._metadata) == ["", "net.0", "net.1", "net.2", "net.3"]  # module versions follow
 
 
 def test_rename_sharded_rewrites_index(tmp_path, run):
@@ -475,3 +475,25 @@ def test_resize_also_resizes_config_tied_head_in_its_own_storage(tmp_path):
     got = load_file(str(tmp_path / "o.safetensors"))
     assert got["lm_head.weight"].shape == (8, 3) and torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
     assert torch.allclose(got["lm_head.weight"][6:], emb.mean(0).expand(2, 3))
+
+
+def test_strip_ddp_prefix_moves_state_dict_metadata_and_loads(tmp_path, run):
+    m = tied_model()
+    torch.save(nn.DataParallel(m).state_dict(), tmp_path / "ddp.pt")
+    ok(run("rename", tmp_path / "ddp.pt", "s/^module\\.//", "-o", tmp_path / "plain.pt"))
+    got = torch.load(tmp_path / "plain.pt", weights_only=True)
+    assert list(got) == list(m.state_dict())
+    assert set(got._metadata) >= {"0", "1", "2", "3"} and "module.0" not in got._metadata
+    fresh = tied_model()
+    assert not fresh.load_state_dict(got).missing_keys
+
+
+def test_rename_sharded_in_place(tmp_path, run):
+    sd = make_sharded(tmp_path / "ck", "bin")
+    ok(run("rename", tmp_path / "ck", "s/^layers\\.//", "--in-place"))
+    index = json.loads((tmp_path / "ck" / "pytorch_model.bin.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(k.removeprefix("layers.") for k in sd)
+    for name, shard in index["weight_map"].items():
+        assert torch.equal(torch.load(tmp_path / "ck" / shard, weights_only=True)[name], sd["layers." + name])
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["model-00001-of-00002.bin", "model-00002-of-00002.bin",
+                                                                   "pytorch_model.bin.index.json"]

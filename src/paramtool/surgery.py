@@ -22,7 +22,7 @@ from . import tree
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError, UsageError
 from .ops import Report
-from .select import select
+from .select import module_path, select
 from .ties import storage_groups
 from .toc import TensorInfo
 from .tree import OPTIMIZER_KEYS
@@ -172,13 +172,15 @@ def _flatten_module(ckpt: Checkpoint) -> None:
 
 
 def _rebuilt(parent: Mapping, renames: dict[Any, Any]) -> Mapping:
-    """A copy of ``parent`` with some keys renamed, in the same order and of the same type (an
-    OrderedDict keeps its ``_metadata``, renamed by the same key map where it names a module)."""
+    """A copy of ``parent`` with some keys renamed, in the same order and of the same type. A state dict's
+    ``_metadata`` (module path -> version, read by ``load_state_dict``) follows the module paths the
+    renames move (``module.0`` -> ``0`` when ``module.`` is stripped)."""
     items = [(renames.get(k, k), v) for k, v in parent.items()]
     out = type(parent)(items) if isinstance(parent, dict) else dict(items)
     meta = getattr(parent, "_metadata", None)
     if meta is not None:
-        out._metadata = meta  # type: ignore[attr-defined]
+        moved = {module_path(str(k)): module_path(str(v)) for k, v in renames.items()}
+        out._metadata = type(meta)((moved.get(k, k), v) for k, v in meta.items())  # type: ignore[attr-defined]
     return out
 
 
