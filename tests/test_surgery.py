@@ -497,3 +497,12 @@ def test_rename_sharded_in_place(tmp_path, run):
         assert torch.equal(torch.load(tmp_path / "ck" / shard, weights_only=True)[name], sd["layers." + name])
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["model-00001-of-00002.bin", "model-00002-of-00002.bin",
                                                                    "pytorch_model.bin.index.json"]
+
+
+def test_dry_run_text_shows_renames_and_drops(tmp_path, run):
+    prefixed_pt(tmp_path / "a.pt")
+    r = ok(run("rename", tmp_path / "a.pt", "--strip-prefix", "_orig_mod.", "s/^3/head/", "--dry-run"))
+    assert "would apply rename to 6 tensor(s):" in r.stdout and "  _orig_mod.3.weight -> head.weight" in r.stdout
+    r = ok(run("drop", tmp_path / "a.pt", "--layer", "_orig_mod.2", "--dry-run", "--json"))
+    assert r.json()["dropped"] == ["_orig_mod.2.weight", "_orig_mod.2.bias"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
