@@ -506,3 +506,33 @@ def test_dry_run_text_shows_renames_and_drops(tmp_path, run):
     r = ok(run("drop", tmp_path / "a.pt", "--layer", "_orig_mod.2", "--dry-run", "--json"))
     assert r.json()["dropped"] == ["_orig_mod.2.weight", "_orig_mod.2.bias"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
+
+
+def test_transformers_sharded_directory_resize_and_rename(tmp_path, run):
+    """A sharded save_pretrained directory: the shards and the index are rewritten; what a model directory
+    adds (config.json's vocab_size) is done here with the helper the lead wires in."""
+    transformers, model = _gpt2(tmp_path)
+    model.save_pretrained(tmp_path / "sh", max_shard_size="40KB")
+    assert (tmp_path / "sh" / "model.safetensors.index.json").exists()
+    ok(run("resize", tmp_path / "sh", "transformer.wte.weight", "--rows", "120", "-o", tmp_path / "grown"))
+    (tmp_path / "grown" / "config.json").write_bytes((tmp_path / "sh" / "config.json").read_bytes())
+    assert surgery.update_config_vocab(str(tmp_path / "grown" / "config.json"), 100, 120)
+    grown = _load_clean(transformers, tmp_path / "grown")
+    assert grown.lm_head.weight.shape == (120, 32)
+
+    ok(run("rename", tmp_path / "sh", "--strip-prefix", "transformer.", "-o", tmp_path / "bare"))
+    ok(run("rename", tmp_path / "bare", r"s/^(?!lm_head)/transformer./", "-o", tmp_path / "back"))
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == json.loads((tmp_path / "sh" / "model.safetensors.index.json").read_text())["weight_map"]
+    (tmp_path / "back" / "config.json").write_bytes((tmp_path / "sh" / "config.json").read_bytes())
+    back = _load_clean(transformers, tmp_path / "back")
+    assert torch.equal(back.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].attn.c_attn.weight)
+
+
+def test_keep_dtype_on_one_tied_name_keeps_the_group(tmp_path, run):
+    prefixed_pt(tmp_path / "a.pt", "")
+    r = ok(run("convert", tmp_path / "a.pt", "--dtype", "fp16", "--keep-dtype", "3.weight", "-o", tmp_path / "b.pt"))
+    assert "warning: kept as they are, because a name they are tied to is kept: 0.weight" in r.stderr
+    got = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert got["0.weight"].dtype == torch.float32 and got["0.weight"].data_ptr() == got["3.weight"].data_ptr()
+    assert got["1.weight"].dtype == torch.float16
