@@ -199,8 +199,30 @@ def _opt(flag: str, kind: type, text: str) -> Any:
     return Annotated[Optional[kind], typer.Option(flag, help=text, show_default=False)]
 
 
+# Scheme options, declared once: init and resize take the same ones.
+MeanOpt = _opt("--mean", float, "normal, trunc_normal: mean.")
+StdOpt = _opt("--std", float, "normal, trunc_normal, sparse: standard deviation.")
+LowOpt = _opt("--low", float, "uniform, trunc_normal, masked_uniform: lower bound.")
+HighOpt = _opt("--high", float, "uniform, trunc_normal, masked_uniform: upper bound.")
+ValueOpt = _opt("--value", float, "constant: the value (required).")
+GainOpt = _opt("--gain", float, "xavier*, orthogonal: gain.")
+NegativeSlopeOpt = _opt("--negative-slope", float, "kaiming*: negative slope of the rectifier.")
+ModeOpt = _opt("--mode", str, "kaiming*: fan_in or fan_out.")
+NonlinearityOpt = _opt("--nonlinearity", str, "kaiming*: relu or leaky_relu.")
+ThresholdOpt = _opt("--threshold", float, "masked_uniform: values with |v| below this become 0.")
+SparsityOpt = _opt("--sparsity", float, "sparse: fraction of zeros per column (required).")
+GroupsOpt = _opt("--groups", int, "dirac: number of groups.")
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Reproducible values: they depend only on the seed, scheme, options and the tensor's name, shape and dtype.",
+                                                show_default=False)]
+
+
+def _scheme_options(**given: Any) -> dict[str, Any]:
+    """The scheme options actually given on the command line."""
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, output: Optional[str], in_place: bool,
-            fmt: Optional[str], drop_extra: bool) -> None:
+            fmt: Optional[str], drop_extra: bool, write: Any = None) -> None:
     """Report a dry run, or carry out the plan on ``listing`` (what it was planned on) and write the result."""
     from . import writer
 
@@ -212,7 +234,10 @@ def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, ou
     target = writer.plan_output(src, output, in_place, fmt)
     for w in plan.report.warnings:
         warn(w)
-    writer.write_plan(src, listing, plan, target, drop_extra)
+    seen = len(plan.report.warnings)
+    (write or writer.write_plan)(src, listing, plan, target, drop_extra)
+    for w in plan.report.warnings[seen:]:  # found while writing (e.g. values that overflow a cast)
+        warn(w)
     _summary(plan.report, target.label, target.format)
 
 
@@ -241,9 +266,11 @@ def _dry_run(report: Any, json_out: bool) -> None:
         return
     console = out_console()
     console.print(f"would apply {report.action} to {len(report.changed)} tensor(s):", markup=False)
+    renamed = getattr(report, "renamed", {})
     for n in report.changed:
         ties = report.with_ties.get(n)
-        console.print(f"  {render.safe_name(n)}" + (f"  (with {', '.join(map(render.safe_name, ties))})" if ties else ""),
+        to = f" -> {render.safe_name(renamed[n])}" if n in renamed else ""
+        console.print(f"  {render.safe_name(n)}{to}" + (f"  (with {', '.join(map(render.safe_name, ties))})" if ties else ""),
                       markup=False)
     for n in report.zeroed:
         console.print(f"  {render.safe_name(n)}  (zeroed)", markup=False)
@@ -256,24 +283,23 @@ def _dry_run(report: Any, json_out: bool) -> None:
 def init(
     source: SourceArg = None,
     scheme: Annotated[str, typer.Option("--scheme", "-s", help="Initializer (see `paramtool schemes`).", show_default=False)] = ...,
-    mean: _opt("--mean", float, "normal, trunc_normal: mean.") = None,
-    std: _opt("--std", float, "normal, trunc_normal, sparse: standard deviation.") = None,
-    low: _opt("--low", float, "uniform, trunc_normal, masked_uniform: lower bound.") = None,
-    high: _opt("--high", float, "uniform, trunc_normal, masked_uniform: upper bound.") = None,
-    value: _opt("--value", float, "constant: the value (required).") = None,
-    gain: _opt("--gain", float, "xavier*, orthogonal: gain.") = None,
-    negative_slope: _opt("--negative-slope", float, "kaiming*: negative slope of the rectifier.") = None,
-    mode: _opt("--mode", str, "kaiming*: fan_in or fan_out.") = None,
-    nonlinearity: _opt("--nonlinearity", str, "kaiming*: relu or leaky_relu.") = None,
-    threshold: _opt("--threshold", float, "masked_uniform: values with |v| below this become 0.") = None,
-    sparsity: _opt("--sparsity", float, "sparse: fraction of zeros per column (required).") = None,
-    groups: _opt("--groups", int, "dirac: number of groups.") = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    low: LowOpt = None,
+    high: HighOpt = None,
+    value: ValueOpt = None,
+    gain: GainOpt = None,
+    negative_slope: NegativeSlopeOpt = None,
+    mode: ModeOpt = None,
+    nonlinearity: NonlinearityOpt = None,
+    threshold: ThresholdOpt = None,
+    sparsity: SparsityOpt = None,
+    groups: GroupsOpt = None,
     layer: LayerOpt = None,
     param: Annotated[str, typer.Option("--param", help="weight, bias or all: narrow by the last part of the name.")] = "weight",
     zero_bias: Annotated[bool, typer.Option("--zero-bias", help="Also zero the biases of the selected modules.")] = False,
     untie: Annotated[bool, typer.Option("--untie", help="Give selected tied names their own copy first, so only they change.")] = False,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Reproducible values: they depend only on the seed, scheme, options and the tensor's name, shape and dtype.",
-                                                show_default=False)] = None,
+    seed: SeedOpt = None,
     dry_run: DryRunOpt = False,
     json_out: PlanJsonOpt = False,
     output: OutOpt = None,
@@ -288,9 +314,9 @@ def init(
     """
     from . import ops, sources
 
-    given = {k: v for k, v in dict(mean=mean, std=std, low=low, high=high, value=value, gain=gain,
-                                   negative_slope=negative_slope, mode=mode, nonlinearity=nonlinearity,
-                                   threshold=threshold, sparsity=sparsity, groups=groups).items() if v is not None}
+    given = _scheme_options(mean=mean, std=std, low=low, high=high, value=value, gain=gain,
+                            negative_slope=negative_slope, mode=mode, nonlinearity=nonlinearity,
+                            threshold=threshold, sparsity=sparsity, groups=groups)
     from .schemes import get_scheme, resolve_options
 
     resolve_options(get_scheme(scheme), given)  # a wrong option is a usage error before any loading
@@ -473,25 +499,167 @@ def diff(
 
 
 @app.command(epilog="Examples:\n\n  paramtool convert model.pt model.safetensors\n\n"
-             "  paramtool convert train.ckpt weights.safetensors --drop-extra\n\n" + EPILOG_HINT)
+             "  paramtool convert train.ckpt weights.safetensors --drop-extra\n\n"
+             "  paramtool convert model.safetensors model-bf16.safetensors --dtype bf16 --keep-dtype '*norm*'\n\n" + EPILOG_HINT)
 def convert(
     source: SourceArg = None,
     target: Annotated[Optional[str], typer.Argument(help="Output path (same as -o).", show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Cast floating-point tensors: bf16, fp16 or fp32 (integers and bools stay).",
+                                                 show_default=False)] = None,
+    keep_dtype: Annotated[Optional[list[str]], typer.Option("--keep-dtype", help="With --dtype: leave these tensors (a selector, as --layer) in their dtype. Repeatable.",
+                                                            show_default=False)] = None,
+    dry_run: DryRunOpt = False,
+    json_out: PlanJsonOpt = False,
     output: OutOpt = None,
     in_place: InPlaceOpt = False,
     fmt: FormatOpt = None,
     drop_extra: DropExtraOpt = False,
     key: KeyOpt = None,
 ) -> None:
-    """Rewrite a checkpoint in another format; ties and metadata are kept."""
+    """Rewrite a checkpoint in another format (ties and metadata kept), or another dtype with --dtype.
+
+    --dtype casts one storage at a time: a tie group is cast once and stays tied, and values that do not fit the
+    new dtype (|v| > 65504 in fp16) are counted in a warning naming the tensors.
+    """
     from . import sources
     from .ops import Plan, Report
 
     if target is not None and output is not None:
         raise UsageError("give the output either as OUTPUT or as -o, not both")
+    if keep_dtype and dtype is None:
+        raise UsageError("--keep-dtype goes with --dtype")
+    if dtype is None:
+        if dry_run or json_out:
+            raise UsageError("--dry-run goes with --dtype (a plain convert changes no tensor)")
+        src = sources.resolve(source)
+        _finish(src, sources.open_for_plan(src, key), Plan(Report("convert"), narrow=True), False, False,
+                target or output, in_place, fmt, drop_extra)
+        return
+    from . import surgery
+
+    to = surgery.target_dtype(dtype)
     src = sources.resolve(source)
-    _finish(src, sources.open_for_plan(src, key), Plan(Report("convert"), narrow=True), False, False, target or output, in_place,
-            fmt, drop_extra)
+    listing = sources.open_for_plan(src, key)
+    plan = surgery.plan_cast(listing, to, list(keep_dtype or []))
+    _finish(src, listing, plan, dry_run, json_out, target or output, in_place, fmt, drop_extra, surgery.write)
+
+
+def _source_then(args: list[str], looks_like_arg: Any) -> tuple[Optional[str], list[str]]:
+    """Split ``SOURCE ARG…`` where SOURCE may be left out when stdin is a pipe (as for ``set``)."""
+    if args and looks_like_arg(args[0]) and not os.path.exists(args[0]) and not sys.stdin.isatty():
+        return None, args
+    return (args[0], args[1:]) if args else (None, [])
+
+
+@app.command(epilog="Examples:\n\n  paramtool rename model.pt --strip-prefix _orig_mod. -o clean.pt\n\n"
+             "  paramtool rename model.safetensors 's/^transformer\\.h\\.(\\d+)\\./layers.\\1./' -o out.safetensors\n\n" + EPILOG_HINT)
+def rename(
+    args: Annotated[Optional[list[str]], typer.Argument(help="SOURCE then RULEs s/REGEX/REPLACEMENT/ (Python regex, \\1 for groups, "
+                                                        "g flag for every match), applied in order. SOURCE may be omitted when stdin is a pipe.",
+                                                        show_default=False)] = None,
+    strip_prefix: Annotated[Optional[str], typer.Option("--strip-prefix", help="Remove this prefix where a name starts with it (module., _orig_mod.).",
+                                                        show_default=False)] = None,
+    dry_run: DryRunOpt = False,
+    json_out: PlanJsonOpt = False,
+    output: OutOpt = None,
+    in_place: InPlaceOpt = False,
+    fmt: FormatOpt = None,
+    drop_extra: DropExtraOpt = False,
+    key: KeyOpt = None,
+) -> None:
+    """Rename tensors by rules; two names becoming one is an error. Ties, metadata and optimizer state are kept."""
+    from . import sources, surgery
+
+    source, texts = _source_then(list(args or []), lambda a: a.startswith("s") and len(a) > 1 and not a[1].isalnum())
+    rules = ([surgery.strip_prefix_rule(strip_prefix)] if strip_prefix else []) + [surgery.parse_rule(t) for t in texts]
+    if not rules:
+        raise UsageError("give at least one RULE (s/REGEX/REPLACEMENT/) or --strip-prefix P")
+    src = sources.resolve(source)
+    listing = sources.open_for_plan(src, key)
+    plan = surgery.plan_rename(listing, rules)
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write)
+
+
+@app.command(epilog="Examples:\n\n  paramtool drop train.ckpt --key optimizer -o weights.ckpt\n\n"
+             "  paramtool drop model.safetensors --layer 'encoder.*' --in-place\n\n" + EPILOG_HINT)
+def drop(
+    source: SourceArg = None,
+    layer: LayerOpt = None,
+    key: Annotated[Optional[list[str]], typer.Option("--key", help="Remove this whole sub-tree of a training checkpoint (optimizer, ema, callbacks). Repeatable.",
+                                                     show_default=False)] = None,
+    dry_run: DryRunOpt = False,
+    json_out: PlanJsonOpt = False,
+    output: OutOpt = None,
+    in_place: InPlaceOpt = False,
+    fmt: FormatOpt = None,
+    drop_extra: DropExtraOpt = False,
+) -> None:
+    """Remove tensors (--layer) or whole sub-trees (--key). A dropped name tied to kept ones leaves them the storage."""
+    from . import sources, surgery
+
+    if bool(layer) == bool(key):
+        raise UsageError("give --layer SEL… (tensors) or --key PATH… (sub-trees), one of the two")
+    src = sources.resolve(source)
+    listing = sources.open_for_plan(src)
+    plan = surgery.plan_drop(listing, list(layer or []), list(key or []))
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write)
+
+
+@app.command(epilog="Examples:\n\n  paramtool resize model.safetensors transformer.wte.weight --rows 50304 -o out.safetensors\n\n"
+             "  paramtool resize model.pt emb.weight --rows 1000 --scheme normal --std 0.02 --seed 0 -o out.pt\n\n" + EPILOG_HINT)
+def resize(
+    source: Annotated[str, typer.Argument(help="Checkpoint (as for inspect); with only one argument, stdin is read.",
+                                          show_default=False)],
+    name: Annotated[Optional[str], typer.Argument(help="The tensor whose dim 0 changes, e.g. an embedding.", show_default=False)] = None,
+    rows: Annotated[int, typer.Option("--rows", help="The new size of dim 0.", show_default=False)] = ...,
+    scheme: Annotated[Optional[str], typer.Option("--scheme", "-s", help="Fill new rows with this initializer (default: the mean of the existing rows).",
+                                                  show_default=False)] = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    low: LowOpt = None,
+    high: HighOpt = None,
+    value: ValueOpt = None,
+    gain: GainOpt = None,
+    negative_slope: NegativeSlopeOpt = None,
+    mode: ModeOpt = None,
+    nonlinearity: NonlinearityOpt = None,
+    threshold: ThresholdOpt = None,
+    sparsity: SparsityOpt = None,
+    groups: GroupsOpt = None,
+    seed: SeedOpt = None,
+    dry_run: DryRunOpt = False,
+    json_out: PlanJsonOpt = False,
+    output: OutOpt = None,
+    in_place: InPlaceOpt = False,
+    fmt: FormatOpt = None,
+    drop_extra: DropExtraOpt = False,
+    key: KeyOpt = None,
+) -> None:
+    """Grow or shrink dim 0 of a tensor (an embedding's vocabulary); every tensor tied to it follows.
+
+    New rows are the mean of the existing rows, or drawn from --scheme (with init's options and --seed).
+    """
+    from . import sources, surgery
+
+    if name is None:  # `cat m.pt | paramtool resize emb.weight --rows 10`
+        if sys.stdin.isatty():
+            raise UsageError("missing NAME (usage: paramtool resize SOURCE NAME --rows N)")
+        source, name = "-", source
+    given = _scheme_options(mean=mean, std=std, low=low, high=high, value=value, gain=gain,
+                            negative_slope=negative_slope, mode=mode, nonlinearity=nonlinearity,
+                            threshold=threshold, sparsity=sparsity, groups=groups)
+    if given and scheme is None:
+        raise UsageError(f"--{next(iter(given)).replace('_', '-')} is a scheme option: give --scheme too")
+    if rows <= 0:
+        raise UsageError(f"--rows must be at least 1, not {rows}")
+    if scheme is not None:
+        from .schemes import get_scheme, resolve_options
+
+        resolve_options(get_scheme(scheme), given)
+    src = sources.resolve(source)
+    listing = sources.open_for_plan(src, key)
+    plan = surgery.plan_resize(listing, name, rows, surgery.NewRows(scheme, given, seed))
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write)
 
 
 @app.command(epilog="Examples:\n\n  paramtool grad 'nn:Sequential(Linear(20, 256), ReLU(), Linear(256, 10))' --input 2,20\n\n"

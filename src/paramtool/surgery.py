@@ -1,0 +1,657 @@
+"""Checkpoint surgery: rename, drop, cast (``convert --dtype``) and resize.
+
+Each operation is planned on names and the table of contents (no tensor data), then carried out on one
+checkpoint at a time: a file, or each shard of a sharded checkpoint (whose index follows the names).
+Ties are storage identity: a tie group is renamed name by name but cast and resized once, as one storage,
+so it stays tied; dropping one name of a group leaves the storage to the others. Safetensors tie metadata
+(``{dropped: kept}`` aliases and ``paramtool.ties`` views) is never edited by hand: it is recomputed from the
+storages when the file is written, so it always names what is really there.
+
+Where input and output are the same byte-range format, ``surgery_stream`` writes the result one storage at a
+time: untouched tensor bytes are copied verbatim and memory stays near one tensor.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from . import tree
+from .checkpoint import Checkpoint
+from .errors import ParamtoolError, UsageError
+from .ops import Report
+from .select import module_path, select
+from .ties import storage_groups
+from .toc import TensorInfo
+from .tree import OPTIMIZER_KEYS
+
+# --dtype spellings -> torch dtype names
+DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+               "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
+FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+
+
+@dataclass
+class SurgeryReport(Report):
+    """A ``Report`` that also says which names were renamed or removed."""
+
+    renamed: dict[str, str] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        return {**super().as_json(), "renamed": self.renamed, "dropped": self.dropped}
+
+
+@dataclass
+class Surgery:
+    """What a surgery command will do: its report, and ``run`` that carries it out on one loaded checkpoint
+    (a file, or one shard: it only touches the names that checkpoint holds)."""
+
+    report: SurgeryReport
+    run: Callable[[Checkpoint], None]
+    rename: dict[str, str] = field(default_factory=dict)  # old -> new, for a sharded index
+    cast: tuple[str, frozenset[str]] | None = None  # (dtype, names to cast), for the streamed writers
+    untie: list[str] = field(default_factory=list)  # (the Plan interface: nothing is ever untied here)
+
+
+# ---------------------------------------------------------------- rename
+
+
+@dataclass(frozen=True)
+class Rule:
+    text: str
+    pattern: re.Pattern
+    repl: str
+    count: int  # 0: every match (the g flag); 1: the first
+
+
+def _split_unescaped(body: str, delim: str) -> list[str]:
+    parts, cur, i = [], [], 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\" and i + 1 < len(body):
+            nxt = body[i + 1]
+            cur.append(nxt if nxt == delim else c + nxt)  # \/ is a literal delimiter
+            i += 2
+            continue
+        if c == delim:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def parse_rule(text: str) -> Rule:
+    """``s/REGEX/REPL/`` (Python regex, ``\\1`` groups; any punctuation as the delimiter, as in sed), optional
+    ``g`` flag: replace every match rather than the first."""
+    if len(text) < 4 or text[0] != "s" or text[1].isalnum() or text[1] in " \\":
+        raise UsageError(f"bad rename rule '{text}': write s/REGEX/REPLACEMENT/ (e.g. 's/^module\\.//')")
+    parts = _split_unescaped(text[2:], text[1])
+    if len(parts) != 3 or parts[2] not in ("", "g"):
+        raise UsageError(f"bad rename rule '{text}': write s/REGEX/REPLACEMENT/ with an optional g flag "
+                         f"(escape a '{text[1]}' inside as '\\{text[1]}')")
+    try:
+        pattern = re.compile(parts[0])
+        pattern.sub(parts[1], "")  # checks the replacement's group references now, not at the first match
+    except re.error as e:
+        raise UsageError(f"bad regular expression in rename rule '{text}': {e}") from None
+    return Rule(text, pattern, parts[1], 0 if parts[2] == "g" else 1)
+
+
+def strip_prefix_rule(prefix: str) -> Rule:
+    return Rule(f"--strip-prefix {prefix}", re.compile("^" + re.escape(prefix)), "", 1)
+
+
+def rename_map(names: list[str], rules: list[Rule]) -> tuple[dict[str, str], list[str]]:
+    """old -> new for every name a rule changes, and the rules that matched nothing.
+
+    Rules apply in order, each to the result of the one before. Two names ending up as one (or a new name
+    equal to a name left as it is) is an error naming both."""
+    mapping: dict[str, str] = {}
+    used = {r.text: False for r in rules}
+    for name in names:
+        new = name
+        for r in rules:
+            out = r.pattern.sub(lambda m, r=r: m.expand(r.repl), new, count=r.count)
+            used[r.text] |= out != new or bool(r.pattern.search(new))
+            new = out
+        if new != name:
+            if not new:
+                raise ParamtoolError(f"rename would make '{name}' an empty name")
+            mapping[name] = new
+    owner: dict[str, str] = {}
+    for name in names:
+        new = mapping.get(name, name)
+        if new in owner:
+            raise ParamtoolError(f"rename collision: '{owner[new]}' and '{name}' would both be named '{new}'")
+        owner[new] = name
+    return mapping, [t for t, hit in used.items() if not hit]
+
+
+def plan_rename(ckpt: Checkpoint, rules: list[Rule]) -> Surgery:
+    """Rename tensors by rules; ties, the container and every non-tensor entry stay as they are."""
+    names = list(ckpt.names)
+    mapping, unused = rename_map(names, rules)
+    report = SurgeryReport("rename", changed=list(mapping), renamed=mapping)
+    for text in unused:
+        report.warnings.append(f"rule '{text}' matched no tensor name")
+    if not mapping:
+        report.warnings.append("no tensor name changed")
+    for old, new in mapping.items():
+        _check_movable(ckpt, old, new)
+    return Surgery(report, lambda c: rename_in(c, mapping), rename=mapping)
+
+
+def _key_prefix(name: str, path: tree.Path) -> str:
+    """The part of ``name`` that names containers above its own key (``""`` for a flat state dict)."""
+    key = str(path[-1])
+    return name[: len(name) - len(key)] if name.endswith(key) else name
+
+
+def _check_movable(ckpt: Checkpoint, old: str, new: str) -> None:
+    path = ckpt.names[old]
+    if tree.is_module(ckpt.root):
+        return  # a model source is renamed as its state dict, which is flat
+    prefix = _key_prefix(old, path)
+    if not isinstance(path[-1], str) or not new.startswith(prefix) or not new[len(prefix):]:
+        raise ParamtoolError(f"cannot rename '{old}' to '{new}': it sits at '{prefix}' inside nested containers, "
+                             "and a rule may only change its own key there")
+
+
+def _flatten_module(ckpt: Checkpoint) -> None:
+    """A model source (nn: or a factory) is edited as its state dict."""
+    if tree.is_module(ckpt.root):
+        ckpt.root = ckpt.root.state_dict()
+        ckpt.names = {n: (n,) for n in ckpt.root}
+        ckpt.format = "module"
+
+
+def _rebuilt(parent: Mapping, renames: dict[Any, Any]) -> Mapping:
+    """A copy of ``parent`` with some keys renamed, in the same order and of the same type. A state dict's
+    ``_metadata`` (module path -> version, read by ``load_state_dict``) follows the module paths the
+    renames move (``module.0`` -> ``0`` when ``module.`` is stripped)."""
+    items = [(renames.get(k, k), v) for k, v in parent.items()]
+    out = type(parent)(items) if isinstance(parent, dict) else dict(items)
+    meta = getattr(parent, "_metadata", None)
+    if meta is not None:
+        moved = {module_path(str(k)): module_path(str(v)) for k, v in renames.items()}
+        out._metadata = type(meta)((moved.get(k, k), v) for k, v in meta.items())  # type: ignore[attr-defined]
+    return out
+
+
+def rename_in(ckpt: Checkpoint, mapping: dict[str, str]) -> None:
+    """Carry out a rename on a loaded checkpoint: each renamed tensor's key is renamed in its container."""
+    _flatten_module(ckpt)
+    _forget_tie_metadata(ckpt)
+    by_parent: dict[tree.Path, dict[Any, Any]] = {}
+    for old, new in mapping.items():
+        if old not in ckpt.names:
+            continue
+        path = ckpt.names[old]
+        by_parent.setdefault(path[:-1], {})[path[-1]] = new[len(_key_prefix(old, path)):]
+    for parent_path, renames in sorted(by_parent.items(), key=lambda kv: -len(kv[0])):
+        parent = tree.get_path(ckpt.root, parent_path)
+        if not isinstance(parent, Mapping):
+            raise ParamtoolError(f"cannot rename inside a {type(parent).__name__}")
+        new_parent = _rebuilt(parent, renames)
+        if parent_path:
+            tree.set_path(ckpt.root, parent_path, new_parent)
+        else:
+            ckpt.root = new_parent
+    names: dict[str, tree.Path] = {}
+    for name, path in ckpt.names.items():
+        new = mapping.get(name, name)
+        names[new] = path[:-1] + (new[len(_key_prefix(name, path)):],) if name in mapping else path
+    ckpt.names = names
+
+
+def _forget_tie_metadata(ckpt: Checkpoint) -> None:
+    """Drop safetensors tie entries from the metadata: the writer records the ties anew from the storages."""
+    if ckpt.metadata:
+        from .formats.safetensors_fmt import TIES_KEY
+
+        ckpt.metadata = {k: v for k, v in ckpt.metadata.items() if k != TIES_KEY and k not in ckpt.meta_ties}
+    ckpt.meta_ties = {}
+
+
+# ---------------------------------------------------------------- drop
+
+
+def plan_drop(ckpt: Checkpoint, layers: list[str], keys: list[str]) -> Surgery:
+    """Remove the selected tensors (``layers``) or whole sub-trees (``keys``, e.g. ``optimizer``)."""
+    if bool(layers) == bool(keys):
+        raise UsageError("give --layer SEL… (tensors) or --key PATH… (sub-trees), one of the two")
+    names = list(ckpt.names)
+    report = SurgeryReport("drop")
+    if layers:
+        gone = select(names, layers, "all")
+        if len(gone) == len(names):
+            raise ParamtoolError(f"dropping {', '.join(layers)} would remove every tensor; nothing would be left")
+        partners = {t.name: [m.name for m in g if m.name not in gone] for g in storage_groups(ckpt.infos()) for t in g}
+        kept_for = {n: partners[n] for n in gone if partners.get(n)}
+        report.changed = report.dropped = gone
+        for n, others in kept_for.items():
+            report.warnings.append(f"'{n}' is tied to {', '.join(others)}: the storage stays for them")
+        _warn_positional_optimizer(ckpt.root, report)
+        return Surgery(report, lambda c: drop_names(c, set(gone)))
+    if tree.is_module(ckpt.root) or ckpt.format in ("safetensors", "sharded"):
+        raise UsageError("--key drops a sub-tree of a torch.save training checkpoint; this checkpoint is one flat "
+                         "state dict (use --layer)")
+    paths = [tree.find_key(ckpt.root, k) for k in keys]
+    gone = [n for n, p in ckpt.names.items() if any(p[: len(q)] == q for q in paths)]
+    if len(gone) == len(names):
+        raise ParamtoolError(f"dropping --key {', '.join(keys)} would remove every tensor; nothing would be left")
+    report.changed = report.dropped = [".".join(str(x) for x in p) for p in paths]
+    return Surgery(report, lambda c: drop_keys(c, paths))
+
+
+def drop_names(ckpt: Checkpoint, gone: set[str]) -> None:
+    """Remove named tensors from their containers; what the others share stays with them."""
+    _flatten_module(ckpt)
+    _forget_tie_metadata(ckpt)
+    for name in [n for n in ckpt.names if n in gone]:
+        _remove(ckpt.root, ckpt.names[name])
+        del ckpt.names[name]
+
+
+def drop_keys(ckpt: Checkpoint, paths: list[tree.Path]) -> None:
+    for path in paths:
+        _remove(ckpt.root, path)
+    ckpt.names = tree.assign_names(ckpt.root, ckpt.key)
+
+
+def _remove(root: Any, path: tree.Path) -> None:
+    parent = tree.get_path(root, path[:-1])
+    if isinstance(parent, Mapping):
+        del parent[path[-1]]  # type: ignore[attr-defined]
+    else:
+        raise ParamtoolError(f"cannot remove '{'.'.join(map(str, path))}' from a {type(parent).__name__}")
+
+
+def _warn_positional_optimizer(root: Any, report: SurgeryReport) -> None:
+    """torch optimizers index parameters by position: removing parameters makes the state point elsewhere."""
+    if not isinstance(root, Mapping):
+        return
+    for key, value in root.items():
+        if str(key) in OPTIMIZER_KEYS and isinstance(value, Mapping) and value.get("state"):
+            report.warnings.append(f"the optimizer state in '{key}' indexes parameters by position; after dropping "
+                                   f"parameters it no longer matches the model: drop it too (--key {key}) or "
+                                   "reset the optimizer when resuming")
+
+
+# ---------------------------------------------------------------- cast
+
+
+def target_dtype(text: str) -> str:
+    if text not in DTYPE_NAMES:
+        raise UsageError(f"--dtype must be bf16, fp16 or fp32, not '{text}'")
+    return DTYPE_NAMES[text]
+
+
+def plan_cast(ckpt: Checkpoint, dtype: str, keep: list[str]) -> Surgery:
+    """Cast floating-point tensors to ``dtype``; integers, bools and the ``keep`` selection stay as they are.
+
+    A tie group is one storage: it is cast as a whole, or (when any name in it is kept) not at all."""
+    infos = ckpt.infos()
+    names = [i.name for i in infos]
+    kept = set(select(names, keep, "all")) if keep else set()
+    groups = {t.name: [m.name for m in g] for g in storage_groups(infos) for t in g}
+    report = SurgeryReport(f"cast to {dtype}")
+    todo: list[str] = []
+    for info in infos:
+        if info.dtype not in FLOAT_DTYPES or info.dtype == dtype:
+            continue
+        group = groups.get(info.name, [info.name])
+        if kept & set(group):
+            if info.name not in kept:
+                report.skipped[info.name] = f"tied to kept {', '.join(sorted(kept & set(group)))}"
+            continue
+        todo.append(info.name)
+    if not todo:
+        floats = [i for i in infos if i.dtype in FLOAT_DTYPES]
+        why = ("no floating-point tensors" if not floats else
+               f"every floating-point tensor is already {dtype} or kept")
+        raise ParamtoolError(f"nothing to cast to {dtype}: {why}")
+    report.changed = todo
+    if report.skipped:
+        report.warnings.append("kept as they are, because a name they are tied to is kept: "
+                               + ", ".join(report.skipped))
+    chosen = frozenset(todo)
+    return Surgery(report, lambda c: cast_in(c, dtype, chosen, report), cast=(dtype, chosen))
+
+
+def cast_storage(flat: Any, dtype: str) -> tuple[Any, int]:
+    """A 1-D storage cast to ``dtype``, and how many finite values became infinite (overflow)."""
+    import torch
+
+    out = flat.to(getattr(torch, dtype))
+    overflow = 0
+    if torch.finfo(out.dtype).max < torch.finfo(flat.dtype).max and bool(torch.isinf(out).any()):
+        overflow = int((torch.isinf(out) & torch.isfinite(flat)).sum())  # the rare case: count exactly
+    return out, overflow
+
+
+def cast_in(ckpt: Checkpoint, dtype: str, chosen: frozenset[str], report: SurgeryReport) -> None:
+    """Cast the chosen names of a loaded checkpoint, one storage at a time; views keep their layout."""
+    import torch
+
+    _flatten_module(ckpt)
+    _forget_tie_metadata(ckpt)
+    infos = [i for i in ckpt.infos() if i.name in chosen]
+    by_storage: dict[Any, list[TensorInfo]] = {}
+    for info in infos:
+        by_storage.setdefault(info.storage, []).append(info)
+    overflows: dict[str, int] = {}
+    for members in by_storage.values():
+        first = ckpt.tensor(members[0].name)
+        size = first.untyped_storage().nbytes() // first.element_size()
+        flat = torch.empty(0, dtype=first.dtype).set_(first.untyped_storage(), 0, (size,), (1,))
+        new, overflow = cast_storage(flat, dtype)
+        if overflow:
+            overflows[members[0].name] = overflow
+        for info in members:
+            _replace_like(ckpt, info.name, new.as_strided(info.shape, info.stride, info.offset))
+    record_overflow(report, overflows, dtype)
+
+
+def record_overflow(report: SurgeryReport, overflows: dict[str, int], dtype: str) -> None:
+    if overflows:
+        total = sum(overflows.values())
+        report.warnings.append(f"{total} value(s) overflow {dtype} and became inf: "
+                               + ", ".join(f"{n} ({k})" for n, k in overflows.items()))
+
+
+def _replace_like(ckpt: Checkpoint, name: str, value: Any) -> None:
+    """Put ``value`` where ``name`` was, as a Parameter if it was one (its requires_grad kept)."""
+    import torch
+
+    old = ckpt.tensor(name)
+    if isinstance(old, torch.nn.Parameter) and not tree.is_module(ckpt.root):
+        value = torch.nn.Parameter(value, requires_grad=old.requires_grad and value.is_floating_point())
+    ckpt.replace(name, value)
+
+
+# ---------------------------------------------------------------- resize
+
+
+@dataclass(frozen=True)
+class NewRows:
+    """Where added rows come from: a scheme (with init's options and seed), or the mean of the existing rows."""
+
+    scheme: str | None = None
+    options: dict = field(default_factory=dict)
+    seed: int | None = None
+
+
+def plan_resize(ckpt: Checkpoint, name: str, rows: int, fill: NewRows, also: list[str] = ()) -> Surgery:
+    """Grow or shrink dim 0 of ``name``; every name sharing its storage (and ``also``: ties a config declares)
+    is resized with it."""
+    if rows <= 0:
+        raise UsageError(f"--rows must be at least 1, not {rows}")
+    infos = {i.name: i for i in ckpt.infos()}
+    if name not in infos:
+        raise ParamtoolError(unknown_name(name, list(infos)))
+    info = infos[name]
+    if not info.shape:
+        raise ParamtoolError(f"'{name}' is a scalar: it has no rows to resize")
+    group = next(([m.name for m in g] for g in storage_groups(list(infos.values())) if name in [m.name for m in g]),
+                 [name])
+    for other in group:
+        o = infos[other]
+        if (o.offset, o.shape, o.stride) != (info.offset, info.shape, info.stride):
+            raise ParamtoolError(f"cannot resize '{name}': '{other}' is a partial view of its storage, not a whole alias")
+    for other in also:
+        if other in infos and other not in group and infos[other].shape[:1] != info.shape[:1]:
+            raise ParamtoolError(f"'{other}' is tied to '{name}' by the config but has a different number of rows")
+    if fill.scheme is not None:
+        from . import schemes
+
+        scheme = schemes.get_scheme(fill.scheme)
+        opts = schemes.resolve_options(scheme, fill.options)
+        new_shape = (max(rows - info.shape[0], 1),) + tuple(info.shape[1:])
+        reason = scheme.accepts(new_shape, info.dtype, opts)
+        if reason and rows > info.shape[0]:
+            raise ParamtoolError(f"scheme '{scheme.name}' cannot fill the new rows of '{name}' ({reason})")
+        fill = NewRows(scheme.name, opts, fill.seed)
+    elif rows > info.shape[0] and info.shape[0] == 0:
+        raise ParamtoolError(f"'{name}' has no rows to take the mean of; give --scheme for the new rows")
+    partners = [n for n in group if n != name] + [n for n in also if n in infos and n not in group]
+    report = SurgeryReport(f"resize to {rows} rows", changed=[name])
+    if partners:
+        report.with_ties[name] = partners
+    if rows == info.shape[0]:
+        report.warnings.append(f"'{name}' already has {rows} rows")
+    _warn_stale_optimizer(ckpt.root, report)
+    return Surgery(report, lambda c: resize_in(c, [name] + partners, rows, fill))
+
+
+def _warn_stale_optimizer(root: Any, report: SurgeryReport) -> None:
+    if isinstance(root, Mapping) and any(str(k) in OPTIMIZER_KEYS for k in root):
+        report.warnings.append("the optimizer state keeps the old shape: reset the optimizer when resuming")
+
+
+def resized(t: Any, rows: int, fill: NewRows, seed_name: str) -> Any:
+    """A new tensor: ``t`` with ``rows`` rows; added rows from ``fill`` (transformers' mean resizing uses the mean
+    of the existing rows; it adds noise from their covariance, which this leaves out so the result is
+    deterministic)."""
+    import torch
+
+    old = t.shape[0]
+    if rows <= old:
+        return t[:rows].clone()
+    out = torch.empty((rows,) + tuple(t.shape[1:]), dtype=t.dtype)
+    out[:old] = t
+    extra = out[old:]
+    with torch.no_grad():
+        if fill.scheme is None:
+            work = torch.float64 if t.dtype == torch.float64 else torch.float32
+            extra.copy_(t.to(work).mean(dim=0, keepdim=True).expand_as(extra).round()
+                        if not t.is_floating_point() else t.to(work).mean(dim=0, keepdim=True).expand_as(extra))
+        else:
+            from . import schemes
+
+            gen = schemes.generator_for(fill.seed, fill.scheme, fill.options, seed_name, tuple(extra.shape), t.dtype)
+            schemes.apply(schemes.get_scheme(fill.scheme), fill.options, extra, gen)
+    return out
+
+
+def resize_in(ckpt: Checkpoint, names: list[str], rows: int, fill: NewRows) -> None:
+    """Resize the first of ``names`` and give every other one the same new tensor (those sharing its storage)
+    or its own resized copy (config ties in another storage)."""
+    _flatten_module(ckpt)
+    present = [n for n in names if n in ckpt.names]
+    if not present:
+        return
+    done: dict[Any, Any] = {}
+    infos = {i.name: i for i in ckpt.infos()}
+    for n in present:
+        storage = infos[n].storage
+        if storage not in done:
+            done[storage] = resized(ckpt.tensor(n), rows, fill, names[0])
+        _replace_like(ckpt, n, done[storage])
+    _forget_tie_metadata(ckpt)
+
+
+def unknown_name(name: str, names: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; names here: {', '.join(names[:6])}"
+    return f"no tensor named '{name}'{hint}"
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write(src: Any, listing: Checkpoint, plan: Surgery, output: Any, drop_extra: bool = False) -> None:
+    """Carry out ``plan`` and write the result where ``output`` says (the OUTPUT rules of ``writer``).
+
+    Same-format file to file (torch zip, safetensors) is streamed one storage at a time; a sharded checkpoint
+    is rewritten shard by shard with its index; anything else is loaded, changed and written whole."""
+    from . import surgery_stream, writer
+    from .sources import load
+
+    if output.format == "sharded":
+        _write_sharded(listing, plan, output, drop_extra)
+        return
+    if src.kind == "file" and output.format == src.format and surgery_stream.can_stream(listing, plan):
+        surgery_stream.write(listing, plan, output)
+        return
+    ckpt = listing if listing.format == "module" else load(src, listing.key)
+    run_on(ckpt, plan)
+    if output.format == "dcp":
+        writer._write_dcp(ckpt, output)
+    else:
+        writer.write_checkpoint(ckpt, output, drop_extra)
+
+
+def run_on(ckpt: Checkpoint, plan: Surgery) -> None:
+    """``plan.run`` on a checkpoint, or on each shard of a sharded one (whose names then follow its parts)."""
+    parts = getattr(ckpt, "parts", None)
+    if not parts:
+        plan.run(ckpt)
+        return
+    for part in parts.values():
+        plan.run(part)
+    ckpt.root = {s: p.root for s, p in parts.items()}
+    ckpt.names = {n: (s,) + tuple(path) for s, p in parts.items() for n, path in p.names.items()}
+
+
+def _write_sharded(listing: Any, plan: Surgery, output: Any, drop_extra: bool) -> None:
+    """Every shard rewritten in its own format (streamed where it can be) beside a new index (names, shards
+    and total size follow); a shard left with no tensor disappears. ``-o DIR`` appears only once complete;
+    ``--in-place`` replaces each shard atomically and the index last."""
+    import shutil
+    import tempfile
+
+    from . import writer
+    from .formats.sharded import write_index
+
+    index = listing.index
+    results: dict[str, Checkpoint] = {}
+
+    def build(work: str) -> None:
+        for shard, part in listing.parts.items():
+            target = os.path.join(work, shard)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            results[shard] = _write_part(os.path.join(index.directory, shard), part, plan, target, drop_extra)
+        shard_of = {n: s for s, r in results.items() for n in r.names}
+        order = [plan.rename.get(n, n) for n in index.weight_map] + list(shard_of)  # the index's own order
+        weight_map = {n: shard_of[n] for n in dict.fromkeys(order) if n in shard_of}
+        raw = {**index.raw, "weight_map": weight_map}
+        if isinstance(raw.get("metadata"), dict) and "total_size" in raw["metadata"]:
+            from .ties import unique_counts
+
+            total = sum(unique_counts(r.infos())[1] for r in results.values())
+            raw["metadata"] = {**raw["metadata"], "total_size": total}
+        write_index(replace(index, weight_map=weight_map, raw=raw), work)
+
+    if not output.in_place:
+        writer._replace_directory(output.path, build)
+        return
+    work = tempfile.mkdtemp(prefix=".paramtool-", dir=index.directory)
+    try:
+        build(work)
+        for shard, result in results.items():
+            if result.names:
+                os.replace(os.path.join(work, shard), os.path.join(index.directory, shard))
+        os.replace(os.path.join(work, os.path.basename(index.path)), index.path)
+        for shard, result in results.items():
+            if not result.names:
+                os.unlink(os.path.join(index.directory, shard))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_part(path: str, part: Checkpoint, plan: Surgery, target: str, drop_extra: bool) -> Checkpoint:
+    """One shard: streamed from its listing when possible, else loaded and changed; not written when the
+    plan leaves it empty. Returns what was written (its names)."""
+    from . import surgery_stream, writer
+    from .sources import Source, load, sniff_file
+
+    fmt = "safetensors" if part.format == "safetensors" else "pt"
+    if surgery_stream.can_stream(part, plan):
+        out = surgery_stream.transformed(part, plan)
+        if out.names:
+            out = surgery_stream.write(part, plan, writer.Output(target, fmt))
+        return out
+    ckpt = load(Source(path, "file", path, sniff_file(path)))
+    plan.run(ckpt)
+    if ckpt.names:
+        writer.write_checkpoint(ckpt, writer.Output(target, fmt), drop_extra)
+    return ckpt
+
+
+# ---------------------------------------------------------------- model-directory helpers (config.json, index)
+
+
+def rename_index(index_path: str, mapping: dict[str, str]) -> None:
+    """Rewrite a sharded checkpoint's index (``weight_map`` keys) after a rename, atomically."""
+    from . import writer
+    from .formats.sharded import read_index, write_index
+
+    index = read_index(index_path)
+    weight_map = {mapping.get(k, k): v for k, v in index.weight_map.items()}
+    new = replace(index, weight_map=weight_map, raw={**index.raw, "weight_map": weight_map})
+    writer.atomic_write(index.path, lambda tmp: _write_index_to(new, tmp, write_index))
+
+
+def _write_index_to(index: Any, tmp: str, write_index: Callable) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(tmp)) as d:
+        write_index(index, d)
+        os.replace(os.path.join(d, os.path.basename(index.path)), tmp)
+
+
+def read_config(config_path: str) -> dict:
+    import json
+
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ParamtoolError(f"{config_path}: not a readable config ({e})") from None
+    if not isinstance(config, dict):
+        raise ParamtoolError(f"{config_path}: not a JSON object")
+    return config
+
+
+def config_tied_names(config: dict, name: str, names: list[str]) -> list[str]:
+    """Names a transformers config ties to ``name`` without shared storage on disk: with
+    ``tie_word_embeddings`` (default true) the output head follows the input embedding."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    tie = config.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
+    if not tie or not re.search(r"(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.weight$", name):
+        return []
+    heads = [n for n in names if re.search(r"(^|\.)(lm_head|embed_out|output)\.weight$", n)]
+    return heads[:1]
+
+
+def update_config_vocab(config_path: str, old_rows: int, new_rows: int) -> bool:
+    """Set ``vocab_size`` (top level, or ``text_config``'s) to ``new_rows`` where it was ``old_rows``;
+    the file is rewritten atomically, keys in their order. Returns whether anything changed."""
+    import json
+
+    from . import writer
+
+    config = read_config(config_path)
+    changed = False
+    for holder in (config, config.get("text_config")):
+        if isinstance(holder, dict) and holder.get("vocab_size") == old_rows:
+            holder["vocab_size"] = new_rows
+            changed = True
+    if changed:
+        text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+
+        writer.atomic_write(config_path, write)
+    return changed
