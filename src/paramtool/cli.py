@@ -494,6 +494,9 @@ def _unknown_name(name: str, names: list[str]) -> str:
 
 
 def main() -> None:
+    from .fsops import install_signal_handlers
+
+    install_signal_handlers()  # Ctrl-C, SIGTERM, a closed pipe: temporaries removed, 130/143/141
     app(prog_name="paramtool")
 
 

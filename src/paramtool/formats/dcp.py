@@ -14,7 +14,7 @@ import pickle
 import warnings
 from typing import Any
 
-from ..errors import FormatError, RefusedGlobal
+from ..errors import FormatError, ParamtoolError, RefusedGlobal
 from ..toc import FakeTensor, StorageRef, contiguous_stride, numel_of
 
 MAX_METADATA = 256 * 1024 * 1024
@@ -232,6 +232,14 @@ def save(state: Any, directory: str) -> None:
     """Write ``state`` as a DCP directory with torch's own writer (single process)."""
     import torch.distributed.checkpoint as dcp
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "torch.distributed is disabled ... assuming a single process"
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(directory))
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.distributed is disabled ... assuming a single process"
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(directory))
+    except CheckpointException as e:  # a BaseException wrapping each rank's error: surface the OSError
+        for exc, _ in e.failures.values():
+            if isinstance(exc, OSError):
+                raise exc from None
+        raise ParamtoolError(f"cannot write {directory}: {next(iter(e.failures.values()))[0]}") from None
