@@ -9,7 +9,7 @@ module, for three reasons:
   before the process ends, and a commit that spans several steps runs with those signals held (``critical``);
 - the steps are counted, so tests can stop a write at any one of them: ``PARAMTOOL_FAULT_AT=N`` kills the
   process with SIGKILL at the N-th step (``PARAMTOOL_FAULT=enospc``: raises "No space left on device" there
-  instead), and ``PARAMTOOL_FAULT_COUNT=FILE`` records how many steps a run took.
+  instead; ``int``/``term``: sends itself SIGINT/SIGTERM), and ``PARAMTOOL_FAULT_COUNT=FILE`` records how many steps a run took.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ import threading
 from collections.abc import Iterator
 
 TMP_TAG = ".paramtool-tmp-"
+OLD_MARK = "old~"  # a temporary holding the previous version of a directory that was moved aside
 
 _lock = threading.RLock()
 _live: dict[str, None] = {}  # temporaries of this process, in creation order
@@ -47,9 +48,10 @@ def step(what: str) -> None:
             f.write(f"{n}\n")
     at = os.environ.get("PARAMTOOL_FAULT_AT")
     if at and at.isdigit() and int(at) == n:
-        if os.environ.get("PARAMTOOL_FAULT", "kill") == "enospc":
+        fault = os.environ.get("PARAMTOOL_FAULT", "kill")
+        if fault == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), {"int": signal.SIGINT, "term": signal.SIGTERM}.get(fault, signal.SIGKILL))
 
 
 def temp_name(directory: str, name: str) -> str:
@@ -123,12 +125,12 @@ def fsync(path: str) -> None:
 
 
 def fsync_dir(path: str) -> None:
-    """fsync a directory after a rename in it; a filesystem that cannot (some network ones) is not an error."""
+    """fsync a directory after a rename in it. The rename has happened: a directory that cannot be flushed
+    (some network filesystems refuse) does not make the write a failure."""
     try:
         fsync(path)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EISDIR):
-            raise
+    except OSError:
+        pass
 
 
 def fsync_tree(root: str) -> None:
@@ -239,13 +241,20 @@ def stale_temporaries(directory: str) -> list[str]:
 
 
 def clean_stale(directory: str) -> None:
-    """Remove what killed writes left in ``directory``; never a file that an index there points to."""
+    """Remove what killed writes left in ``directory``; never a file that an index there points to, and a
+    directory moved aside whose replacement never arrived is moved back."""
     stale = stale_temporaries(directory)
     if not stale:
         return
     in_use = referenced_by_indexes(directory)
     for path in stale:
         if os.path.normpath(path) in in_use:
+            continue
+        base = final_name(path)
+        home = os.path.join(directory, base[len(OLD_MARK):])
+        if base.startswith(OLD_MARK) and not os.path.lexists(home):
+            with contextlib.suppress(OSError):  # killed between two renames: put the old version back
+                os.rename(path, home)
             continue
         try:
             if os.path.isdir(path) and not os.path.islink(path):

@@ -71,6 +71,8 @@ def _finish(directory: str, index_path: str, index_bytes: bytes, relative: dict[
     """Step 3: give the new shards their own names back, then drop the temporary names."""
     for shard, rel in relative.items():
         new, final = os.path.join(directory, rel), os.path.join(directory, shard)
+        if os.path.exists(final) and os.path.samefile(new, final):
+            continue  # done before a kill (rename() of two links to one file would do nothing)
         link = fsops.temp_name(os.path.dirname(final), os.path.basename(final))
         fsops.link(new, link)
         fsops.rename(link, final)
@@ -81,8 +83,10 @@ def _finish(directory: str, index_path: str, index_bytes: bytes, relative: dict[
         fsops.unlink(os.path.join(directory, rel))
 
 
-def recover(directory: str) -> None:
-    """Finish a commit that a killed process left inside step 3 (its index names temporaries)."""
+def recover(directory: str) -> bool:
+    """Finish a commit that a killed process left inside step 3 (its index names temporaries); True if
+    there was one."""
+    recovered = False
     for index_path in glob.glob(os.path.join(glob.escape(directory), "*.index.json")):
         try:
             with open(index_path, encoding="utf-8") as f:
@@ -101,3 +105,5 @@ def recover(directory: str) -> None:
             raw["weight_map"] = {name: back.get(rel, rel) for name, rel in weight_map.items()}
             with fsops.critical():
                 _finish(directory, index_path, _dumps(raw), relative)
+            recovered = True
+    return recovered

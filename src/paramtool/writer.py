@@ -159,9 +159,8 @@ def atomic_write(target: str, write: Callable[[str], None]) -> None:
     user may set them); a new one gets 0666 less the umask. On any failure, or an interrupt, the temporary
     file is removed and the target is as it was.
     """
-    real = os.path.realpath(target)
     try:
-        st = os.stat(real)
+        st = os.stat(target)  # through symlinks: /dev/stdout and /proc/self/fd/1 name a pipe, not a path
     except FileNotFoundError:
         st = None
     except OSError as e:
@@ -171,6 +170,7 @@ def atomic_write(target: str, write: Callable[[str], None]) -> None:
     if st is not None and not stat.S_ISREG(st.st_mode):
         _write_through(target, write, lambda: open(target, "wb"))
         return
+    real = os.path.realpath(target)
     directory = os.path.dirname(real)
     fsops.clean_stale(directory)
     tmp = fsops.temp_name(directory, os.path.basename(real))
@@ -304,6 +304,10 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
     from .ops import Plan
     from .sources import sniff_file
 
+    if output.in_place and shard_commit.recover(listing.index.directory):
+        from .sources import open_listing
+
+        listing = open_listing(src, listing.key)  # the shards have their own names back: list them again
     index = listing.index
     shard_of = {n: p[0] for n, p in listing.names.items()}
 
@@ -330,6 +334,8 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
         return None
 
     def build(work: str) -> dict[str, str]:
+        import torch  # noqa: F401 - imported once here: two threads importing it at once can see it half-made
+
         with ThreadPoolExecutor(max_workers=2) as pool:  # shards are independent
             jobs = {shard: pool.submit(one, shard, work) for shard in listing.parts}
             written = {shard: job.result() for shard, job in jobs.items()}
@@ -340,7 +346,6 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
     if not output.in_place:
         commit_directory(output.path, build)
         return
-    shard_commit.recover(index.directory)
     fsops.clean_stale(index.directory)
     pending: dict[str, str] = {}
     try:
@@ -381,24 +386,39 @@ def commit_directory(final: str, build: Callable[[str], Any]) -> None:
         build(work)
         fsops.fsync_tree(work)
         with fsops.critical():
-            if st is None:
-                fsops.rename(work, final)
-                fsops.forget(work)
-            elif fsops.exchange(work, final):
-                fsops.remove_tree(work)  # now the old tree; a kill here leaves it to clean_stale
-            else:  # no RENAME_EXCHANGE here: two renames, with a moment where ``final`` is absent
-                old = fsops.temp_name(parent, os.path.basename(final))
-                fsops.register(old)
-                fsops.rename(final, old)
-                fsops.rename(work, final)
-                fsops.forget(work)
-                fsops.remove_tree(old)
+            old = _swap_in(work, final, st is not None)
+            fsops.forget(work)
             fsops.fsync_dir(parent)
+            if old is not None:
+                try:  # the new directory is in place: what is left is cleanup, which cannot fail the write
+                    fsops.remove_tree(old)
+                except OSError:
+                    pass  # a stale temporary now, for the next write into ``parent``
     except BaseException as e:
         fsops.discard(work)
         if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
             raise _failure(label, e) from None
         raise
+
+
+def _swap_in(work: str, final: str, exists: bool) -> str | None:
+    """The commit of ``commit_directory``; returns where the old tree now is, to be removed."""
+    if not exists:
+        fsops.rename(work, final)
+        return None
+    if fsops.exchange(work, final):
+        return work  # a kill from here on leaves the old tree to clean_stale
+    # no RENAME_EXCHANGE on this kernel or filesystem: two renames, with a moment where ``final`` is absent
+    old = fsops.temp_name(os.path.dirname(final), fsops.OLD_MARK + os.path.basename(final))
+    fsops.register(old)
+    fsops.rename(final, old)
+    try:
+        fsops.rename(work, final)
+    except BaseException:
+        os.rename(old, final)
+        fsops.forget(old)
+        raise
+    return old
 
 
 def _write_dcp(ckpt: Checkpoint, output: Output) -> None:
