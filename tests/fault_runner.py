@@ -46,6 +46,7 @@ def _child(request: dict) -> None:
 
 def serve() -> None:
     import torch  # noqa: F401 - the shared start-up cost
+    import torch.distributed.checkpoint  # noqa: F401
 
     import paramtool.cli  # noqa: F401
     import paramtool.writer  # noqa: F401

@@ -54,6 +54,22 @@ def step(what: str) -> None:
         os.kill(os.getpid(), {"int": signal.SIGINT, "term": signal.SIGTERM}.get(fault, signal.SIGKILL))
 
 
+def write_error(exc: BaseException, path: str) -> OSError | None:
+    """The operating-system error behind a library's failed write, if there is one. torch's zip writer
+    reports a short write (a full disk) as a RuntimeError, "unexpected pos": the chained exceptions, then the
+    filesystem of ``path`` tell what happened."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    try:
+        full = os.statvfs(os.path.dirname(os.path.abspath(path)) if not os.path.isdir(path) else path).f_bavail == 0
+    except OSError:
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if full else None
+
+
 def temp_name(directory: str, name: str) -> str:
     """A fresh temporary path in ``directory`` that names this process and what it will become."""
     return os.path.join(directory, f"{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}-{name[:120]}")
@@ -187,12 +203,14 @@ def exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), b)
 
 
-def copy_owner_and_mode(path: str, st: os.stat_result) -> None:
-    """Give ``path`` the mode, owner and group of ``st`` (what it replaces), as far as this user may."""
+def copy_owner_and_mode(path: str, st: os.stat_result, uid: int | None = None, gid: int | None = None) -> None:
+    """Give ``path`` the mode, owner and group of ``st`` (what it replaces), as far as this user may;
+    ``uid``/``gid`` override the owner and group."""
+    uid, gid = st.st_uid if uid is None else uid, st.st_gid if gid is None else gid
     os.chmod(path, stat.S_IMODE(st.st_mode))
-    if (os.stat(path).st_uid, os.stat(path).st_gid) == (st.st_uid, st.st_gid):
+    if (os.stat(path).st_uid, os.stat(path).st_gid) == (uid, gid):
         return
-    for uid, gid in ((st.st_uid, st.st_gid), (-1, st.st_gid)):
+    for uid, gid in ((uid, gid), (-1, gid)):
         try:
             os.chown(path, uid, gid)
             break

@@ -310,6 +310,7 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
         listing = open_listing(src, listing.key)  # the shards have their own names back: list them again
     index = listing.index
     shard_of = {n: p[0] for n, p in listing.names.items()}
+    started: list[str] = []  # in place: the new shards' temporary names, as each write begins
 
     def one(shard: str, work: str) -> str | None:
         """Write ``shard`` into ``work``; in place, under a temporary name, which is returned."""
@@ -320,6 +321,7 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
             if output.in_place:
                 target = fsops.temp_name(os.path.dirname(path), os.path.basename(shard))
                 fsops.register(target)
+                started.append(target)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shard_src = Source(path, "file", path, sniff_file(path))
             fmt = "safetensors" if shard_src.format == "safetensors" else "pt"
@@ -347,12 +349,10 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
         commit_directory(output.path, build)
         return
     fsops.clean_stale(index.directory)
-    pending: dict[str, str] = {}
     try:
-        pending = build(index.directory)
-        shard_commit.commit(index.path, index.raw, pending)
+        shard_commit.commit(index.path, index.raw, build(index.directory))
     except BaseException as e:
-        for tmp in pending.values():
+        for tmp in started:  # (none of them once committed: the commit swallows its own cleanup errors)
             fsops.discard(tmp)
         if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
             raise _failure(index.directory, e) from None
@@ -384,6 +384,8 @@ def commit_directory(final: str, build: Callable[[str], Any]) -> None:
         if st is not None:
             fsops.copy_owner_and_mode(work, st)
         build(work)
+        if st is not None:
+            _inherit(work, final, st)
         fsops.fsync_tree(work)
         with fsops.critical():
             old = _swap_in(work, final, st is not None)
@@ -399,6 +401,22 @@ def commit_directory(final: str, build: Callable[[str], Any]) -> None:
         if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
             raise _failure(label, e) from None
         raise
+
+
+def _inherit(work: str, final: str, st: os.stat_result) -> None:
+    """Files of a directory written in place keep the mode, owner and group of the files they replace; new
+    ones get the directory's owner and group."""
+    for here, _, files in os.walk(work):
+        for name in files:
+            path = os.path.join(here, name)
+            try:
+                old = os.stat(os.path.join(final, os.path.relpath(path, work)))
+            except OSError:
+                old = None
+            if old is not None:
+                fsops.copy_owner_and_mode(path, old)
+            else:
+                fsops.copy_owner_and_mode(path, os.stat(path), st.st_uid, st.st_gid)
 
 
 def _swap_in(work: str, final: str, exists: bool) -> str | None:

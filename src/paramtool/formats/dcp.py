@@ -239,7 +239,15 @@ def save(state: Any, directory: str) -> None:
             warnings.simplefilter("ignore")  # "torch.distributed is disabled ... assuming a single process"
             dcp.save(state, storage_writer=dcp.FileSystemWriter(directory))
     except CheckpointException as e:  # a BaseException wrapping each rank's error: surface the OSError
-        for exc, _ in e.failures.values():
-            if isinstance(exc, OSError):
-                raise exc from None
-        raise ParamtoolError(f"cannot write {directory}: {next(iter(e.failures.values()))[0]}") from None
+        raise _os_error(next(iter(e.failures.values()))[0], directory) from None
+
+
+def _os_error(exc: BaseException, directory: str) -> BaseException:
+    """The write error behind a DCP writer failure, as an ``OSError`` the caller reports with the target."""
+    from ..fsops import write_error
+
+    found = write_error(exc, directory)
+    if found is not None:
+        return found
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ParamtoolError(f"cannot write the distributed checkpoint: {first[:200]}")

@@ -41,5 +41,10 @@ def save(root: Any, path: str) -> None:
     write error (disk full), while through a file object the error is an ``OSError`` like any other."""
     import torch
 
-    with open(path, "wb") as f:
-        torch.save(root, f)
+    from ..fsops import write_error
+
+    try:
+        with open(path, "wb") as f:
+            torch.save(root, f)
+    except RuntimeError as e:  # torch's zip writer saw a short write
+        raise (write_error(e, path) or e) from None
