@@ -16,9 +16,12 @@ points to.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import json
 import os
+from collections.abc import Iterator
 
 from . import fsops
 
@@ -46,6 +49,18 @@ def _install(path: str, data: bytes) -> None:
         raise
 
 
+@contextlib.contextmanager
+def _locked(directory: str) -> Iterator[None]:
+    """One commit at a time in a directory: two writers' steps 2-3 never interleave (a reader could see one
+    writer's shards beside the other's)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def commit(index_path: str, raw: dict, pending: dict[str, str]) -> None:
     """Make ``pending`` (shard name as the index has it -> absolute path of its new, complete file) the
     checkpoint: steps 2 and 3 above, with interrupts held until done."""
@@ -55,9 +70,9 @@ def commit(index_path: str, raw: dict, pending: dict[str, str]) -> None:
     relative = {shard: os.path.relpath(tmp, directory) for shard, tmp in pending.items()}
     interim = dict(raw)
     interim["weight_map"] = {name: relative.get(shard, shard) for name, shard in raw["weight_map"].items()}
-    with open(index_path, "rb") as f:
-        original = f.read()  # written back byte for byte once the shards have their names again
-    with fsops.critical():
+    with fsops.critical(), _locked(directory):
+        with open(index_path, "rb") as f:
+            original = f.read()  # written back byte for byte once the shards have their names again
         _install(index_path, _dumps(interim))  # the commit
         for tmp in pending.values():
             fsops.forget(tmp)  # now part of the checkpoint: never removed as a temporary
@@ -103,7 +118,7 @@ def recover(directory: str) -> bool:
             back = {v: k for k, v in relative.items()}
             raw = dict(doc)
             raw["weight_map"] = {name: back.get(rel, rel) for name, rel in weight_map.items()}
-            with fsops.critical():
+            with fsops.critical(), _locked(directory):
                 _finish(directory, index_path, _dumps(raw), relative)
             recovered = True
     return recovered
