@@ -351,3 +351,23 @@ def test_directory_output_errors_are_one_line(tmp_path, runner, kind, case):
     assert r.exit == 1
     one_error_line(r.stderr, *words)
     assert temporaries(tmp_path) == []
+
+
+# --- a full output stream ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["inspect", "--json"], ["convert", "--format", "safetensors"]])
+def test_stdout_on_a_full_device(many_tensors, args):
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run([sys.executable, "-m", "paramtool", args[0], str(many_tensors), *args[1:]], stdout=full,
+                           stderr=subprocess.PIPE, text=True)
+    assert r.returncode == 1
+    one_error_line(r.stderr, "No space left on device")
+
+
+def test_output_to_a_full_device(tmp_path, runner):
+    source = tmp_path / "m.pt"
+    small_checkpoint(source)
+    r = runner.run("init", source, "--scheme", "zeros", "--param", "all", "-o", "/dev/full")
+    assert r.exit == 1
+    one_error_line(r.stderr, "cannot write /dev/full: No space left on device")
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)

@@ -37,6 +37,8 @@ class _Group(typer.core.TyperGroup):
             _quiet_pipe()
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except OSError as e:  # not mapped by the core: a file it names, else the output stream (disk full)
+            _fail(f"{e.filename}: {e.strerror or e}" if e.filename else f"cannot write the output: {e.strerror or e}", 1)
         except Exception as e:  # a bug: still one line, the traceback only on request
             if os.environ.get("PARAMTOOL_DEBUG") == "1":
                 raise
