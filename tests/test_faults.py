@@ -293,6 +293,32 @@ def test_in_place_through_symlink_keeps_the_link(tmp_path, runner):
     assert temporaries(tmp_path) == []
 
 
+def test_in_place_through_a_directory_symlink_keeps_the_link(tmp_path, runner):
+    real = build("dcp", tmp_path / "real")
+    link = tmp_path / "link"
+    os.symlink(real, link)
+    r = runner.run("set", link, "a.weight[:] = 3", "--in-place")
+    assert r.exit == 0, r.stderr
+    assert os.readlink(link) == real
+    assert torch.all(read_state("dcp", real)["a.weight"] == 3)
+    assert temporaries(tmp_path) == []
+
+
+def test_sharded_in_place_with_symlinked_shards(tmp_path, runner):
+    """As in a Hugging Face cache snapshot: the shards are links to blobs, which are left as they were."""
+    ckpt = pathlib.Path(build("sharded", tmp_path / "c"))
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for shard in ckpt.glob("model-*.safetensors"):
+        shard.rename(blobs / shard.name)
+        shard.symlink_to(blobs / shard.name)
+    before = snapshot(blobs)
+    r = runner.run("set", ckpt, "a.weight[:] = 3", "--in-place")
+    assert r.exit == 0, r.stderr
+    assert torch.all(read_state("sharded", str(ckpt))["a.weight"] == 3)
+    assert snapshot(blobs) == before and temporaries(tmp_path) == []
+
+
 # --- owner, group, mode ------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another owner needs root")

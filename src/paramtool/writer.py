@@ -365,7 +365,7 @@ def commit_directory(final: str, build: Callable[[str], Any]) -> None:
     is removed. A reader sees the old directory or the complete new one, never a half-written or missing one.
     The new directory has 0777 less the umask, or the mode, owner and group of the directory it replaces."""
     label = final
-    final = os.path.abspath(final)
+    final = os.path.realpath(final)  # a symlink to the directory is kept; the directory it names is replaced
     parent = os.path.dirname(final)
     try:
         st = os.stat(final)
