@@ -325,7 +325,10 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shard_src = Source(path, "file", path, sniff_file(path))
             fmt = "safetensors" if shard_src.format == "safetensors" else "pt"
-            write_plan(shard_src, listing.parts[shard], sub, Output(target, fmt, output.in_place))
+            try:
+                write_plan(shard_src, listing.parts[shard], sub, Output(target, fmt, output.in_place))
+            except ParamtoolError as e:  # name the shard, not its temporary name
+                raise ParamtoolError(str(e).replace(target, path)) from None
             if output.in_place:
                 fsops.copy_owner_and_mode(target, os.stat(path))
                 return target
@@ -345,9 +348,14 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
             write_index(index, work)
         return {shard: tmp for shard, tmp in written.items() if tmp is not None}
 
-    if not output.in_place:
+    if output.in_place:
+        _commit_in_place(index, build, started)
+    else:
         commit_directory(output.path, build)
-        return
+
+
+def _commit_in_place(index: Any, build: Callable[[str], dict[str, str]], started: list[str]) -> None:
+    """Write the changed shards beside the old ones and commit them through the index (``shard_commit``)."""
     fsops.clean_stale(index.directory)
     try:
         shard_commit.commit(index.path, index.raw, build(index.directory))
