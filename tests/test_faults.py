@@ -319,6 +319,18 @@ def test_sharded_in_place_with_symlinked_shards(tmp_path, runner):
     assert snapshot(blobs) == before and temporaries(tmp_path) == []
 
 
+def test_dcp_in_place_keeps_other_files(tmp_path, runner):
+    ckpt = pathlib.Path(build("dcp", tmp_path / "c"))
+    (ckpt / "notes.txt").write_text("run 12\n")
+    (ckpt / "extra").mkdir()
+    (ckpt / "extra" / "config.yaml").write_text("lr: 0.1\n")
+    r = runner.run("set", ckpt, "a.weight[:] = 3", "--in-place")
+    assert r.exit == 0, r.stderr
+    assert (ckpt / "notes.txt").read_text() == "run 12\n"
+    assert (ckpt / "extra" / "config.yaml").read_text() == "lr: 0.1\n"
+    assert torch.all(read_state("dcp", str(ckpt))["a.weight"] == 3)
+
+
 # --- owner, group, mode ------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another owner needs root")

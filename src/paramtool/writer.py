@@ -453,5 +453,30 @@ def _write_dcp(ckpt: Checkpoint, output: Output) -> None:
     def build(work: str) -> None:
         dcp.save(ckpt.root, work)
         _verify(ckpt, Source(work, "dcp", work), ckpt.key)
+        if output.in_place:
+            _carry_over(output.path, work)
 
     commit_directory(output.path, build)
+
+
+def _carry_over(old: str, new: str) -> None:
+    """Whatever else the old DCP directory held (a config, notes) comes along into the new one, as hard links
+    (no copy); the old ``.metadata`` and ``*.distcp`` files are what the new ones replace."""
+    for name in os.listdir(old):
+        src, dst = os.path.join(old, name), os.path.join(new, name)
+        if name == ".metadata" or name.endswith(".distcp") or fsops.is_temp(name) or os.path.lexists(dst):
+            continue
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
