@@ -237,12 +237,12 @@ def many_tensors(tmp_path_factory):
 @pytest.mark.parametrize("args", [["inspect", "--json"], ["inspect"], ["stats", "--json"],
                                   ["show", "big", "--json"], ["convert", "--format", "safetensors"],
                                   ["set", "big[0, 0] = 1"]])
-def test_closed_pipe_exits_141_quietly(many_tensors, runner, args):
+def test_closed_pipe_exits_141_quietly(many_tensors, runner, tmp_path, args):
     """More output than a pipe holds (64 KiB), and a reader that stops after 10 bytes, as ``| head -c 10``."""
-    r = runner.run(args[0], many_tensors, *args[1:], pipe=10)
+    r = runner.run(args[0], many_tensors, *args[1:], pipe=10, env={"TMPDIR": str(tmp_path)})
     assert len(r.stdout) == 10
     assert r.exit == 141 and r.stderr == ""
-    assert temporaries(many_tensors.parent) == []
+    assert temporaries(many_tensors.parent) == [] and os.listdir(tmp_path) == []  # the checkpoint's temporary too
 
 
 def test_closed_pipe_through_shell(many_tensors):
