@@ -39,7 +39,9 @@ class _Group(typer.core.TyperGroup):
             _fail("interrupted", 130)
         except OSError as e:  # not mapped by the core: a file it names, else the output stream (disk full)
             _fail(f"{e.filename}: {e.strerror or e}" if e.filename else f"cannot write the output: {e.strerror or e}", 1)
-        except Exception as e:  # a bug: still one line, the traceback only on request
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException as e:  # a bug (or a library's BaseException, as DCP's): still one line
             if os.environ.get("PARAMTOOL_DEBUG") == "1":
                 raise
             _fail(f"internal error: {type(e).__name__}: {e}", 1)

@@ -64,10 +64,15 @@ def write_error(exc: BaseException, path: str) -> OSError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     try:
-        full = os.statvfs(os.path.dirname(os.path.abspath(path)) if not os.path.isdir(path) else path).f_bavail == 0
+        fs = os.statvfs(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+        full = fs.f_bavail * fs.f_frsize < (1 << 20)
     except OSError:
-        return None
-    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if full else None
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if "unexpected pos" in str(exc):  # a short write on a filesystem with room: a quota, most likely
+        return OSError(errno.EIO, "the write was cut short (disk quota exceeded?)")
+    return None
 
 
 def temp_name(directory: str, name: str) -> str:
