@@ -251,6 +251,16 @@ def test_closed_pipe_through_shell(many_tensors):
     assert r.stdout.strip() == "141" and r.stderr == ""
 
 
+def test_closed_pipe_from_stdin_to_stdout_leaves_no_temporary(many_tensors, tmp_path):
+    """Both temporaries in $TMPDIR (stdin spooled, the checkpoint made for stdout) go when the pipe closes."""
+    script = f'{sys.executable} -m paramtool convert - --format safetensors < "$0" | head -c 10 >/dev/null; ' \
+             'echo "${PIPESTATUS[0]}"'
+    r = subprocess.run(["bash", "-c", script, str(many_tensors)], capture_output=True, text=True,
+                       env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert r.stdout.strip() == "141" and r.stderr == ""
+    assert os.listdir(tmp_path) == []
+
+
 # --- targets that are not regular files ------------------------------------------------------------------------
 
 def small_checkpoint(path) -> None:

@@ -121,11 +121,12 @@ def discard(path: str) -> None:
     forget(path)
 
 
-def create_file(path: str) -> None:
-    """Create an empty temporary file (mode 0666 less the umask, as any new file)."""
+def create_file(path: str, mode: int = 0o666) -> None:
+    """Create an empty temporary file (by default 0666 less the umask, as any new file; 0600 for one in a
+    shared $TMPDIR)."""
     register(path)
     step("create")
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode))
 
 
 def make_dir(path: str) -> None:

@@ -198,7 +198,7 @@ def _write_through(label: str, write: Callable[[str], None], open_dest: Callable
     tmp = fsops.temp_name(directory, "out")
     try:
         try:
-            fsops.create_file(tmp)
+            fsops.create_file(tmp, 0o600)
             write(tmp)
         except OSError as e:
             raise ParamtoolError(f"cannot write {label}: {e.strerror or e} (temporary file in {directory})") from None
