@@ -1,75 +1,143 @@
-"""SIGKILL at random points during writes: the target is always the old file or the complete new one."""
+"""SIGKILL at every filesystem step of a write: the checkpoint is always all-old or all-new.
+
+``PARAMTOOL_FAULT_AT=N`` makes paramtool kill itself (SIGKILL, no cleanup possible) just before its N-th
+filesystem step (create, fsync, rename, exchange, link, unlink, remove). A clean run reports how many steps a
+write takes (``PARAMTOOL_FAULT_COUNT``); the test then kills a fresh copy at each step 1..N in turn and reads
+what is left with the libraries themselves (torch.load, safetensors, the index as transformers reads it, DCP).
+
+Why a non-atomic implementation fails here:
+- writing the target directly (no temporary + rename): a kill at the step after the file is created leaves it
+  empty or partial, which torch.load / safetensors cannot read, or which holds neither state;
+- sharded in place with one rename per shard: a kill between two shard renames leaves ``new, old`` shards,
+  whose tensors match neither the old nor the new state (two shards change);
+- a DCP directory swapped with two renames: a kill between them leaves no checkpoint directory at all;
+- a temporary that the next write does not remove: the check after the next write finds it.
+``seen == {"old", "new"}`` proves the kills landed on both sides of the commit point.
+"""
 from __future__ import annotations
 
-import hashlib
+import json
 import os
-import random
+import shutil
 import signal
-import subprocess
-import sys
-import time
-import zipfile
+import warnings
 
 import pytest
 import torch
+from fault_runner import Runner
+from safetensors.torch import load_file, save_file
+
+NAMES = ["a.weight", "b.weight", "c.weight"]
+EDITS = ["a.weight[:] = 7", "c.weight[:] = 7"]  # in a sharded checkpoint: the first and the last shard
 
 
-def digest(path) -> str:
-    """Content hash; for a torch zip, every record but the random serialization id torch writes."""
-    data = open(path, "rb").read()
-    if data[:4] != b"PK\x03\x04":
-        return hashlib.sha256(data).hexdigest()
-    h = hashlib.sha256()
-    with zipfile.ZipFile(path) as z:
-        for info in sorted(z.infolist(), key=lambda i: i.filename):
-            if not info.filename.endswith(".data/serialization_id"):
-                h.update(info.filename.split("/", 1)[1].encode() + z.read(info))
-    return h.hexdigest()
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    r = Runner(str(tmp_path_factory.mktemp("runner")))
+    yield r
+    r.close()
 
 
-@pytest.mark.parametrize("kind", ["init-in-place-pt", "init-in-place-safetensors", "convert"])
-def test_sigkill_leaves_old_or_new(tmp_path, kind):
+def build(kind: str, root) -> str:
+    """The checkpoint to edit, under ``root``; returns its path."""
     g = torch.Generator().manual_seed(0)
-    sd = {f"l.{i}.weight": torch.randn(512, 512, generator=g) for i in range(64)}  # 64 MiB: writing takes long enough to be hit
-    ext = ".safetensors" if kind.endswith("safetensors") else ".pt"
-    original = tmp_path / f"orig{ext}"
-    if ext == ".pt":
-        torch.save(sd, original)
-    else:
-        from safetensors.torch import save_file
+    sd = {n: torch.randn(16, 16, generator=g) for n in NAMES}
+    root.mkdir()
+    if kind == "pt":
+        torch.save({"model": sd, "epoch": 3}, root / "model.pt")
+        return str(root / "model.pt")
+    if kind == "safetensors":
+        save_file(sd, str(root / "model.safetensors"), metadata={"format": "pt"})
+        return str(root / "model.safetensors")
+    ckpt = root / "ckpt"
+    if kind == "sharded":
+        ckpt.mkdir()
+        weight_map = {}
+        for i, name in enumerate(NAMES):
+            shard = f"model-{i + 1:05d}-of-00003.safetensors"
+            save_file({name: sd[name]}, str(ckpt / shard), metadata={"format": "pt"})
+            weight_map[name] = shard
+        index = {"metadata": {"total_size": 3 * 16 * 16 * 4}, "weight_map": weight_map}
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (ckpt / "config.json").write_text('{"model_type": "test"}\n')
+        return str(ckpt)
+    import torch.distributed.checkpoint as dcp
 
-        save_file(sd, str(original))
-    exe = [sys.executable, "-m", "paramtool"]
-    if kind == "convert":
-        target = tmp_path / "target.safetensors"
-        target.write_bytes(b"old contents")
-        args = ["convert", str(original), str(target)]
-    else:
-        target = tmp_path / f"target{ext}"
-        target.write_bytes(original.read_bytes())
-        args = ["init", str(target), "--scheme", "xavier", "--seed", "1", "--in-place"]
-    old = digest(target)
-    # the complete new file, from an uninterrupted run on a copy
-    reference = tmp_path / f"ref{target.suffix}"
-    reference.write_bytes(target.read_bytes())
-    ref_args = [reference if a == str(target) else a for a in args]
-    assert subprocess.run(exe + [str(a) for a in ref_args], capture_output=True).returncode == 0
-    new = digest(reference)
-    rng = random.Random(kind)
-    outcomes = set()
-    for _ in range(5):
-        p = subprocess.Popen(exe + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(1.0, 3.0))
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        state = digest(target)
-        assert state in (old, new), "target is neither the old nor the new file"
-        outcomes.add(state == new)
-        if state == new:  # start the next round from the old file again
-            target.write_bytes(original.read_bytes() if kind != "convert" else b"old contents")
-        for stale in tmp_path.glob(".*paramtool-tmp"):
-            stale.unlink()  # a killed run cannot clean up; its temporary file never replaces the target
-    # a clean run leaves no temporary file behind
-    assert subprocess.run(exe + args, capture_output=True).returncode == 0
-    assert digest(target) == new
-    assert not list(tmp_path.glob(".*paramtool-tmp"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(sd, checkpoint_id=str(ckpt))
+    return str(ckpt)
+
+
+def read_state(kind: str, path: str) -> dict:
+    """The tensors as the libraries themselves read them (a reader that knows nothing of paramtool)."""
+    if kind == "pt":
+        return torch.load(path, weights_only=True)["model"]
+    if kind == "safetensors":
+        return load_file(path)
+    if kind == "sharded":
+        with open(os.path.join(path, "model.safetensors.index.json")) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: load_file(os.path.join(path, shard))[name] for name, shard in weight_map.items()}
+    import torch.distributed.checkpoint as dcp
+
+    state = {n: torch.empty(16, 16) for n in NAMES}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=path)
+    return state
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def temporaries(root) -> list[str]:
+    return [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files if ".paramtool-tmp" in n]
+
+
+def listing(root) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, n), root) for d, _, files in os.walk(root) for n in files)
+
+
+@pytest.mark.parametrize("kind", ["pt", "safetensors", "sharded", "dcp"])
+def test_sigkill_at_every_step_leaves_old_or_new(tmp_path, runner, kind):
+    pristine_target = build(kind, tmp_path / "pristine")
+    work = tmp_path / "work"
+    target = pristine_target.replace(str(tmp_path / "pristine"), str(work))
+    command = ["set", target, *EDITS, "--in-place"]
+
+    def fresh() -> None:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(tmp_path / "pristine", work)
+
+    old = read_state(kind, pristine_target)
+    fresh()
+    count = tmp_path / "count"
+    r = runner.run(*command, env={"PARAMTOOL_FAULT_COUNT": str(count)})
+    assert r.exit == 0, r.stderr
+    new = read_state(kind, target)
+    assert not same(new, old) and torch.all(new["a.weight"] == 7) and torch.equal(new["b.weight"], old["b.weight"])
+    clean_listing = listing(work)
+    steps = int(count.read_text())
+    assert steps >= {"pt": 3, "safetensors": 3, "sharded": 12, "dcp": 4}[kind]
+
+    seen = set()
+    for k in range(1, steps + 1):
+        fresh()
+        r = runner.run(*command, env={"PARAMTOOL_FAULT_AT": str(k)})
+        assert r.signal == signal.SIGKILL, f"step {k}: not killed ({r.exit}, {r.stderr})"
+        state = read_state(kind, target)  # readable at all: never half-written, never missing
+        if same(state, old):
+            seen.add("old")
+        elif same(state, new):
+            seen.add("new")
+        else:
+            pytest.fail(f"killed at step {k} of {steps}: the checkpoint is neither all-old nor all-new")
+        # the next write into the directory removes what the killed one left, and completes
+        r = runner.run(*command)
+        assert r.exit == 0, f"step {k}: {r.stderr}"
+        assert same(read_state(kind, target), new)
+        assert temporaries(work) == [], f"step {k}"
+        assert listing(work) == clean_listing, f"step {k}"
+    assert seen == {"old", "new"}

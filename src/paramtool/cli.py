@@ -37,6 +37,8 @@ class _Group(typer.core.TyperGroup):
             _quiet_pipe()
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except OSError as e:  # not mapped by the core: a file it names, else the output stream (disk full)
+            _fail(f"{e.filename}: {e.strerror or e}" if e.filename else f"cannot write the output: {e.strerror or e}", 1)
         except (SystemExit, GeneratorExit):
             raise
         except BaseException as e:  # a bug, or a library's BaseException (torch's CheckpointException): one line
@@ -704,6 +706,9 @@ def _unknown_name(name: str, names: list[str]) -> str:
 
 
 def main() -> None:
+    from .fsops import install_signal_handlers
+
+    install_signal_handlers()  # Ctrl-C, SIGTERM, a closed pipe: temporaries removed, 130/143/141
     app(prog_name="paramtool")
 
 

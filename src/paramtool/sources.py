@@ -34,10 +34,16 @@ class Source:
 
 
 def _spool_stdin() -> str:
-    """Copy standard input to a temporary file (removed at exit) so it can be sniffed and memory-mapped."""
-    fd, path = tempfile.mkstemp(prefix="paramtool-stdin-")
-    atexit.register(lambda: os.path.exists(path) and os.unlink(path))
-    with os.fdopen(fd, "wb") as out:
+    """Copy standard input to a temporary file (removed at exit, on an interrupt or a closed pipe; left by a
+    kill, it is removed by the next paramtool run that uses $TMPDIR) so it can be sniffed and memory-mapped."""
+    from . import fsops
+
+    directory = tempfile.gettempdir()
+    fsops.clean_stale(directory)
+    path = fsops.temp_name(directory, "stdin")
+    fsops.create_file(path, 0o600)
+    atexit.register(fsops.discard, path)
+    with open(path, "wb") as out:
         shutil.copyfileobj(sys.stdin.buffer, out, 1 << 20)
     return path
 

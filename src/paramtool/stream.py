@@ -140,21 +140,35 @@ class ZipStorageFile(StorageFile):
         by_record = {self.spans[k].record: k for k in changed}
         records = [r for r in self.reader.get_all_records() if r not in ("version", ".data/serialization_id")]
         produced = _ahead([by_record[r] for r in records if r in by_record], produce)
-        writer = torch._C.PyTorchFileWriter(out_path)
-        for record in records:  # "version" and the serialization id are written by the writer itself
-            if record in by_record:
-                _, data = next(produced)
-                writer.write_record(record, data.untyped_storage(), data.untyped_storage().nbytes())
-                self.recycle(data)
-                del data
-            else:
-                try:
-                    data = self.reader.get_record(record)
-                except RuntimeError as e:
-                    raise FormatError(f"{self.path}: record '{record}' cannot be read ({_first_line(e)})") from None
-                writer.write_record(record, data, len(data))
-                del data
-        writer.write_end_of_file()
+        from .fsops import write_error
+
+        # through a Python file object: on a path, torch's C++ writer aborts the process on a write error
+        with open(out_path, "wb") as out:
+            writer = torch._C.PyTorchFileWriter(out)
+            try:
+                for record in records:  # "version" and the serialization id are written by the writer itself
+                    if record in by_record:
+                        _, data = next(produced)
+                        writer.write_record(record, data.untyped_storage(), data.untyped_storage().nbytes())
+                        self.recycle(data)
+                        del data
+                    else:
+                        try:
+                            data = self.reader.get_record(record)
+                        except RuntimeError as e:
+                            raise FormatError(f"{self.path}: record '{record}' cannot be read ({_first_line(e)})") from None
+                        writer.write_record(record, data, len(data))
+                        del data
+            except BaseException as e:
+                try:  # finish the (doomed) archive now, so its destructor has nothing left to write
+                    writer.write_end_of_file()
+                except (OSError, RuntimeError):
+                    pass
+                raise (write_error(e, out_path) or e) if isinstance(e, RuntimeError) else e from None
+            try:
+                writer.write_end_of_file()
+            except RuntimeError as e:  # a short write (disk full) seen by torch's zip writer
+                raise (write_error(e, out_path) or e) from None
 
 
 class SafetensorsStorageFile(StorageFile):

@@ -552,7 +552,7 @@ def _write_sharded(listing: Any, plan: Surgery, output: Any, drop_extra: bool) -
         write_index(replace(index, weight_map=weight_map, raw=raw), work)
 
     if not output.in_place:
-        writer._replace_directory(output.path, build)
+        writer.commit_directory(output.path, build)
         return
     work = tempfile.mkdtemp(prefix=".paramtool-", dir=index.directory)
     try:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import tree
+from . import fsops, shard_commit, tree
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError, UsageError
 from .sources import Source
@@ -181,44 +181,76 @@ def _verify_at(ckpt: Checkpoint, written: Source, base: tree.Path | None) -> Non
     _verify(ckpt, written, ckpt.key if base == () else None)  # the same container: the same key
 
 
+def _failure(target: str, e: OSError) -> ParamtoolError:
+    """One readable line naming the target and the reason (ENOSPC, EIO, EDQUOT, EROFS, EACCES, ...)."""
+    return ParamtoolError(f"cannot write {target}: {e.strerror or e}")
+
+
 def atomic_write(target: str, write: Callable[[str], None]) -> None:
     """Write via ``write(tmp_path)`` to a temporary file beside ``target``, then rename it over ``target``.
 
-    Keeps an existing target's permission bits. On any failure the temporary file is removed.
+    A symlink is kept and the file it names is rewritten; a target that is not a regular file (a device, a
+    FIFO) is written into, never replaced. An existing file keeps its mode, owner and group (as far as this
+    user may set them); a new one gets 0666 less the umask. On any failure, or an interrupt, the temporary
+    file is removed and the target is as it was.
     """
-    target_dir = os.path.dirname(os.path.abspath(target))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".paramtool-tmp", dir=target_dir)
+        st = os.stat(target)  # through symlinks: /dev/stdout and /proc/self/fd/1 name a pipe, not a path
+    except FileNotFoundError:
+        st = None
     except OSError as e:
-        raise ParamtoolError(f"cannot write to {target_dir}: {e.strerror or e}") from None
-    os.close(fd)
+        raise _failure(target, e) from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise ParamtoolError(f"cannot write {target}: it is a directory")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        _write_through(target, write, lambda: open(target, "wb"))
+        return
+    real = os.path.realpath(target)
+    directory = os.path.dirname(real)
+    fsops.clean_stale(directory)
+    tmp = fsops.temp_name(directory, os.path.basename(real))
     try:
+        fsops.create_file(tmp)
         write(tmp)
-        if os.path.exists(target):
-            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        if st is not None:
+            fsops.copy_owner_and_mode(tmp, st)
+        fsops.fsync(tmp)
+        fsops.rename(tmp, real)
+        fsops.forget(tmp)
+        fsops.fsync_dir(directory)
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError):
-            raise ParamtoolError(f"cannot write {target}: {e.strerror or e}") from None
+        fsops.discard(tmp)
+        if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
+            raise _failure(target, e) from None
         raise
+
+
+def _write_through(label: str, write: Callable[[str], None], open_dest: Callable[[], Any]) -> None:
+    """Make the whole file in a temporary file under ``$TMPDIR``, then copy it into a stream (stdout, a device,
+    a FIFO): nothing reaches the destination unless the file was complete and verified."""
+    directory = tempfile.gettempdir()
+    fsops.clean_stale(directory)
+    tmp = fsops.temp_name(directory, "out")
     try:
-        dfd = os.open(target_dir, os.O_RDONLY)
         try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+            fsops.create_file(tmp, 0o600)
+            write(tmp)
+        except OSError as e:
+            raise ParamtoolError(f"cannot write {label}: {e.strerror or e} (temporary file in {directory})") from None
+        with open(tmp, "rb") as f:
+            dest = open_dest()
+            try:
+                shutil.copyfileobj(f, dest, 1 << 20)
+                dest.flush()
+            finally:
+                if dest is not sys.stdout.buffer:
+                    dest.close()
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            raise
+        raise _failure(label, e) from None
+    finally:
+        fsops.discard(tmp)
 
 
 def emit(output: Output, write: Callable[[str], None]) -> None:
@@ -226,19 +258,8 @@ def emit(output: Output, write: Callable[[str], None]) -> None:
     if output.path is not None:
         atomic_write(output.path, write)
         return
-    fd, tmp = tempfile.mkstemp(prefix="paramtool-out-")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
-        sys.stdout.buffer.flush()
-    except OSError as e:
-        if isinstance(e, BrokenPipeError):
-            raise
-        raise ParamtoolError(f"cannot write the checkpoint: {e.strerror or e}") from None
-    finally:
-        os.unlink(tmp)
+    sys.stdout.flush()
+    _write_through("the checkpoint to stdout", write, lambda: sys.stdout.buffer)
 
 
 def write_checkpoint(ckpt: Checkpoint, output: Output, drop_extra: bool = False, narrow: bool = False) -> None:
@@ -312,63 +333,155 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
 
 def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None:
     """Each shard the plan touches is rewritten (streamed, in its own format), two at a time; the others are
-    kept (in place) or copied, and the index goes along. A new directory appears only once complete."""
+    kept (in place) or copied, and the index goes along. Either way the new files become the checkpoint in
+    one atomic step: the index (in place), or the whole directory (``-o DIR``)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .formats.sharded import write_index
     from .ops import Plan
     from .sources import sniff_file
 
+    if output.in_place and shard_commit.recover(listing.index.directory):
+        from .sources import open_listing
+
+        listing = open_listing(src, listing.key)  # the shards have their own names back: list them again
     index = listing.index
     shard_of = {n: p[0] for n, p in listing.names.items()}
+    started: list[str] = []  # in place: the new shards' temporary names, as each write begins
 
-    def one(shard: str, work: str) -> None:
+    def one(shard: str, work: str) -> str | None:
+        """Write ``shard`` into ``work``; in place, under a temporary name, which is returned."""
         sub = Plan(plan.report, [a for a in plan.actions if shard_of[a.name] == shard],
                    [n for n in plan.untie if shard_of[n] == shard])
         path, target = os.path.join(index.directory, shard), os.path.join(work, shard)
         if sub.actions or sub.untie:
+            if output.in_place:
+                target = fsops.temp_name(os.path.dirname(path), os.path.basename(shard))
+                fsops.register(target)
+                started.append(target)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shard_src = Source(path, "file", path, sniff_file(path))
             fmt = "safetensors" if shard_src.format == "safetensors" else "pt"
-            write_plan(shard_src, listing.parts[shard], sub, Output(target, fmt, output.in_place))
-        elif not output.in_place:
+            try:
+                write_plan(shard_src, listing.parts[shard], sub, Output(target, fmt, output.in_place))
+            except ParamtoolError as e:  # name the shard, not its temporary name
+                raise ParamtoolError(str(e).replace(target, path)) from None
+            if output.in_place:
+                fsops.copy_owner_and_mode(target, os.stat(path))
+                return target
+            return None
+        if not output.in_place:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.copyfile(path, target)
+        return None
 
-    def build(work: str) -> None:
+    def build(work: str) -> dict[str, str]:
+        import torch  # noqa: F401 - imported once here: two threads importing it at once can see it half-made
+
         with ThreadPoolExecutor(max_workers=2) as pool:  # shards are independent
-            for done in [pool.submit(one, shard, work) for shard in listing.parts]:
-                done.result()
+            jobs = {shard: pool.submit(one, shard, work) for shard in listing.parts}
+            written = {shard: job.result() for shard, job in jobs.items()}
         if work != index.directory:
             write_index(index, work)
+        return {shard: tmp for shard, tmp in written.items() if tmp is not None}
 
     if output.in_place:
-        build(index.directory)
+        _commit_in_place(index, build, started)
     else:
-        _replace_directory(output.path, build)
+        commit_directory(output.path, build)
 
 
-def _replace_directory(final: str, build: Callable[[str], None]) -> None:
-    """Build a directory beside ``final`` and swap it in: ``final`` is never half-written."""
-    final = os.path.abspath(final)
-    work = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.", dir=os.path.dirname(final))
-    old = None
+def _commit_in_place(index: Any, build: Callable[[str], dict[str, str]], started: list[str]) -> None:
+    """Write the changed shards beside the old ones and commit them through the index (``shard_commit``)."""
+    fsops.clean_stale(index.directory)
     try:
-        build(work)
-        if os.path.isdir(final) and os.listdir(final):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old.", dir=os.path.dirname(final))
-            os.rmdir(old)
-            os.rename(final, old)
-        elif os.path.isdir(final):
-            os.rmdir(final)
-        os.rename(work, final)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        if old and not os.path.exists(final):
-            os.rename(old, final)
+        shard_commit.commit(index.path, index.raw, build(index.directory))
+    except BaseException as e:
+        for tmp in started:  # (none of them once committed: the commit swallows its own cleanup errors)
+            fsops.discard(tmp)
+        if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
+            raise _failure(index.directory, e) from None
         raise
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+
+
+def commit_directory(final: str, build: Callable[[str], Any]) -> None:
+    """Build a directory beside ``final`` and make it ``final`` in one atomic step: a rename when ``final``
+    does not exist, else an exchange of the two (``renameat2(RENAME_EXCHANGE)``) after which the old tree
+    is removed. A reader sees the old directory or the complete new one, never a half-written or missing one.
+    The new directory has 0777 less the umask, or the mode, owner and group of the directory it replaces."""
+    label = final
+    final = os.path.realpath(final)  # a symlink to the directory is kept; the directory it names is replaced
+    parent = os.path.dirname(final)
+    try:
+        st = os.stat(final)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise _failure(label, e) from None
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise ParamtoolError(f"cannot write {label}: it exists and is not a directory")
+    if not os.path.isdir(parent):
+        raise ParamtoolError(f"cannot write {label}: the directory {parent} does not exist")
+    fsops.clean_stale(parent)
+    work = fsops.temp_name(parent, os.path.basename(final))
+    try:
+        fsops.make_dir(work)
+        if st is not None:
+            fsops.copy_owner_and_mode(work, st)
+        build(work)
+        if st is not None:
+            _inherit(work, final, st)
+        fsops.fsync_tree(work)
+        with fsops.critical():
+            old = _swap_in(work, final, st is not None)
+            fsops.forget(work)
+            fsops.fsync_dir(parent)
+            if old is not None:
+                try:  # the new directory is in place: what is left is cleanup, which cannot fail the write
+                    fsops.remove_tree(old)
+                except OSError:
+                    pass  # a stale temporary now, for the next write into ``parent``
+    except BaseException as e:
+        fsops.discard(work)
+        if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
+            raise _failure(label, e) from None
+        raise
+
+
+def _inherit(work: str, final: str, st: os.stat_result) -> None:
+    """Files of a directory written in place keep the mode, owner and group of the files they replace; new
+    ones get the directory's owner and group."""
+    for here, _, files in os.walk(work):
+        for name in files:
+            path = os.path.join(here, name)
+            try:
+                old = os.stat(os.path.join(final, os.path.relpath(path, work)))
+            except OSError:
+                old = None
+            if old is not None:
+                fsops.copy_owner_and_mode(path, old)
+            else:
+                fsops.copy_owner_and_mode(path, os.stat(path), st.st_uid, st.st_gid)
+
+
+def _swap_in(work: str, final: str, exists: bool) -> str | None:
+    """The commit of ``commit_directory``; returns where the old tree now is, to be removed."""
+    if not exists:
+        fsops.rename(work, final)
+        return None
+    if fsops.exchange(work, final):
+        return work  # a kill from here on leaves the old tree to clean_stale
+    # no RENAME_EXCHANGE on this kernel or filesystem: two renames, with a moment where ``final`` is absent
+    old = fsops.temp_name(os.path.dirname(final), fsops.OLD_MARK + os.path.basename(final))
+    fsops.register(old)
+    fsops.rename(final, old)
+    try:
+        fsops.rename(work, final)
+    except BaseException:
+        os.rename(old, final)
+        fsops.forget(old)
+        raise
+    return old
 
 
 def _write_dcp(ckpt: Checkpoint, output: Output, narrow: bool = False) -> None:
@@ -381,5 +494,30 @@ def _write_dcp(ckpt: Checkpoint, output: Output, narrow: bool = False) -> None:
     def build(work: str) -> None:
         dcp.save(root, work)
         _verify_at(ckpt, Source(work, "dcp", work), base)
+        if output.in_place:
+            _carry_over(output.path, work)
 
-    _replace_directory(output.path, build)
+    commit_directory(output.path, build)
+
+
+def _carry_over(old: str, new: str) -> None:
+    """Whatever else the old DCP directory held (a config, notes) comes along into the new one, as hard links
+    (no copy); the old ``.metadata`` and ``*.distcp`` files are what the new ones replace."""
+    for name in os.listdir(old):
+        src, dst = os.path.join(old, name), os.path.join(new, name)
+        if name == ".metadata" or name.endswith(".distcp") or fsops.is_temp(name) or os.path.lexists(dst):
+            continue
+        if os.path.isdir(src) and not os.path.islink(src):
+            shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)

@@ -14,7 +14,7 @@ import pickle
 import warnings
 from typing import Any
 
-from ..errors import FormatError, RefusedGlobal
+from ..errors import FormatError, ParamtoolError, RefusedGlobal
 from ..toc import FakeTensor, StorageRef, contiguous_stride, numel_of
 
 MAX_METADATA = 256 * 1024 * 1024
@@ -290,5 +290,20 @@ def save(state: Any, directory: str) -> None:
             dcp.save(state, storage_writer=dcp.FileSystemWriter(directory))
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except BaseException as e:  # torch's CheckpointException is a BaseException
-        raise FormatError(f"cannot write the distributed checkpoint: {_failure(e)}") from None
+    except BaseException as e:  # torch's CheckpointException is a BaseException wrapping each rank's error
+        raise _write_failure(e, directory) from None
+
+
+def _write_failure(exc: BaseException, directory: str) -> BaseException:
+    """A DCP writer failure as the ``OSError`` behind it (the caller reports it with the target), else one line."""
+    from ..fsops import write_error
+
+    failures = getattr(exc, "failures", None)
+    inner = exc
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        inner = first[0] if isinstance(first, tuple) and first else first
+    found = write_error(inner, directory) if isinstance(inner, BaseException) else None
+    if found is not None:
+        return found
+    return FormatError(f"cannot write the distributed checkpoint: {_failure(exc)}")

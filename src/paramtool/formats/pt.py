@@ -35,7 +35,16 @@ def load(path: str, fmt: str) -> Any:
 
 
 def save(root: Any, path: str) -> None:
-    """torch.save in the zip format; shared storages stay shared, as torch.save keeps them."""
+    """torch.save in the zip format; shared storages stay shared, as torch.save keeps them.
+
+    Written through a Python file object, not a path: torch's C++ writer on a path aborts the process on a
+    write error (disk full), while through a file object the error is an ``OSError`` like any other."""
     import torch
 
-    torch.save(root, path)
+    from ..fsops import write_error
+
+    try:
+        with open(path, "wb") as f:
+            torch.save(root, f)
+    except RuntimeError as e:  # torch's zip writer saw a short write
+        raise (write_error(e, path) or e) from None

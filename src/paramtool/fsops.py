@@ -1,0 +1,338 @@
+"""The filesystem steps of a write, and what makes a write survive faults.
+
+Every step that changes the disk (create, fsync, rename, exchange, link, unlink, remove) goes through this
+module, for three reasons:
+
+- temporaries carry one recognisable name, ``.paramtool-tmp-<pid>-<token>-<name>``, so the next write into a
+  directory can remove those whose process is gone (``clean_stale``);
+- the temporaries of this process are remembered, so an interrupt (Ctrl-C, SIGTERM, a closed pipe) removes them
+  before the process ends, and a commit that spans several steps runs with those signals held (``critical``);
+- the steps are counted, so tests can stop a write at any one of them: ``PARAMTOOL_FAULT_AT=N`` kills the
+  process with SIGKILL at the N-th step (``PARAMTOOL_FAULT=enospc``: raises "No space left on device" there
+  instead; ``int``/``term``: sends itself SIGINT/SIGTERM), and ``PARAMTOOL_FAULT_COUNT=FILE`` records how many steps a run took.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import glob
+import json
+import os
+import secrets
+import shutil
+import signal
+import stat
+import threading
+from collections.abc import Iterator
+
+TMP_TAG = ".paramtool-tmp-"
+OLD_MARK = "old~"  # a temporary holding the previous version of a directory that was moved aside
+
+_lock = threading.RLock()
+_live: dict[str, None] = {}  # temporaries of this process, in creation order
+_steps = 0
+_critical = 0
+_pending_signal: int | None = None
+
+
+def step(what: str) -> None:
+    """Count one filesystem step; the fault-injection hook acts here (see the module docstring)."""
+    global _steps
+    with _lock:
+        _steps += 1
+        n = _steps
+    count_file = os.environ.get("PARAMTOOL_FAULT_COUNT")
+    if count_file:
+        with open(count_file, "w") as f:
+            f.write(f"{n}\n")
+    at = os.environ.get("PARAMTOOL_FAULT_AT")
+    if at and at.isdigit() and int(at) == n:
+        fault = os.environ.get("PARAMTOOL_FAULT", "kill")
+        if fault == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.kill(os.getpid(), {"int": signal.SIGINT, "term": signal.SIGTERM}.get(fault, signal.SIGKILL))
+
+
+def write_error(exc: BaseException, path: str) -> OSError | None:
+    """The operating-system error behind a library's failed write, if there is one. torch's zip writer
+    reports a short write (a full disk) as a RuntimeError, "unexpected pos": the chained exceptions, then the
+    filesystem of ``path`` tell what happened."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    try:
+        fs = os.statvfs(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+        full = fs.f_bavail * fs.f_frsize < (1 << 20)
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if "unexpected pos" in str(exc):  # a short write on a filesystem with room: a quota, most likely
+        return OSError(errno.EIO, "the write was cut short (disk quota exceeded?)")
+    return None
+
+
+def temp_name(directory: str, name: str) -> str:
+    """A fresh temporary path in ``directory`` that names this process and what it will become."""
+    return os.path.join(directory, f"{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}-{name[:120]}")
+
+
+def is_temp(name: str) -> bool:
+    return os.path.basename(name).startswith(TMP_TAG)
+
+
+def final_name(name: str) -> str:
+    """The name a temporary stands for: ``.paramtool-tmp-12-ab01cd23-x.bin`` -> ``x.bin``."""
+    base = os.path.basename(name)
+    return base[len(TMP_TAG):].split("-", 2)[2] if is_temp(base) and base.count("-") >= 4 else base
+
+
+def owner_pid(name: str) -> int | None:
+    parts = os.path.basename(name)[len(TMP_TAG):].split("-", 1)
+    return int(parts[0]) if is_temp(name) and parts[0].isdigit() else None
+
+
+def register(path: str) -> None:
+    """Remember a temporary of this process, removed if the process is interrupted or the write fails."""
+    with _lock:
+        _live[path] = None
+
+
+def forget(path: str) -> None:
+    """``path`` is no longer a temporary (it was renamed into place, or removed)."""
+    with _lock:
+        _live.pop(path, None)
+
+
+def discard(path: str) -> None:
+    """Remove a temporary of this process, file or directory, if it is still there (no step: cleanup)."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return
+    forget(path)
+
+
+def create_file(path: str, mode: int = 0o666) -> None:
+    """Create an empty temporary file (by default 0666 less the umask, as any new file; 0600 for one in a
+    shared $TMPDIR)."""
+    register(path)
+    step("create")
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode))
+
+
+def make_dir(path: str) -> None:
+    """Create a temporary directory (mode 0777 less the umask, unlike mkdtemp's 0700)."""
+    register(path)
+    step("mkdir")
+    os.mkdir(path, 0o777)
+
+
+def fsync(path: str) -> None:
+    """Flush a file's (or a directory's entries') data to the disk."""
+    step("fsync")
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory after a rename in it. The rename has happened: a directory that cannot be flushed
+    (some network filesystems refuse) does not make the write a failure."""
+    try:
+        fsync(path)
+    except OSError:
+        pass
+
+
+def fsync_tree(root: str) -> None:
+    """fsync every file and directory under ``root``, deepest first, so a rename of ``root`` publishes data."""
+    for here, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync(os.path.join(here, name))
+        fsync_dir(here)
+
+
+def rename(src: str, dst: str) -> None:
+    step("rename")
+    os.rename(src, dst)
+
+
+def link(src: str, dst: str) -> None:
+    register(dst)
+    step("link")
+    os.link(src, dst)
+
+
+def unlink(path: str) -> None:
+    step("unlink")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    forget(path)
+
+
+def remove_tree(path: str) -> None:
+    step("rmtree")
+    shutil.rmtree(path, ignore_errors=True)
+    forget(path)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``). False where the kernel, the
+    C library or the filesystem cannot; the caller then falls back to two renames."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    step("exchange")
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def copy_owner_and_mode(path: str, st: os.stat_result, uid: int | None = None, gid: int | None = None) -> None:
+    """Give ``path`` the mode, owner and group of ``st`` (what it replaces), as far as this user may;
+    ``uid``/``gid`` override the owner and group."""
+    uid, gid = st.st_uid if uid is None else uid, st.st_gid if gid is None else gid
+    os.chmod(path, stat.S_IMODE(st.st_mode))
+    if (os.stat(path).st_uid, os.stat(path).st_gid) == (uid, gid):
+        return
+    for uid, gid in ((uid, gid), (-1, gid)):
+        try:
+            os.chown(path, uid, gid)
+            break
+        except PermissionError:
+            continue
+    os.chmod(path, stat.S_IMODE(st.st_mode))  # chown clears set-id bits
+
+
+def process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def referenced_by_indexes(directory: str) -> set[str]:
+    """Files named by a sharded index in ``directory``: a temporary name an index points to is in use."""
+    names: set[str] = set()
+    for path in glob.glob(os.path.join(glob.escape(directory), "*.index.json")):
+        try:
+            with open(path, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map") or {}
+            names.update(os.path.normpath(os.path.join(directory, v)) for v in weight_map.values())
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
+    return names
+
+
+def stale_temporaries(directory: str) -> list[str]:
+    """Temporaries in ``directory`` left by paramtool processes that no longer run."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        pid = owner_pid(name)
+        if pid is not None and not process_alive(pid):
+            found.append(os.path.join(directory, name))
+    return found
+
+
+def clean_stale(directory: str) -> None:
+    """Remove what killed writes left in ``directory``; never a file that an index there points to, and a
+    directory moved aside whose replacement never arrived is moved back."""
+    stale = stale_temporaries(directory)
+    if not stale:
+        return
+    in_use = referenced_by_indexes(directory)
+    for path in stale:
+        if os.path.normpath(path) in in_use:
+            continue
+        base = final_name(path)
+        home = os.path.join(directory, base[len(OLD_MARK):])
+        if base.startswith(OLD_MARK) and not os.path.lexists(home):
+            with contextlib.suppress(OSError):  # killed between two renames: put the old version back
+                os.rename(path, home)
+            continue
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+@contextlib.contextmanager
+def critical() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGPIPE while a commit of several steps runs; act on them after it."""
+    global _critical, _pending_signal
+    with _lock:
+        _critical += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _critical -= 1
+            pending = _pending_signal if _critical == 0 else None
+            if pending is not None:
+                _pending_signal = None
+        if pending is not None:
+            _abort(pending)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    global _pending_signal
+    if _critical:
+        _pending_signal = signum
+        return
+    _abort(signum)
+
+
+def _abort(signum: int) -> None:
+    """End the process now: temporaries removed; a closed pipe quietly (141, as SIGPIPE would), an interrupt
+    with one ``error: interrupted`` line and 128 + the signal's number (130 Ctrl-C, 143 SIGTERM)."""
+    with _lock:
+        live = list(_live)
+    for path in reversed(live):
+        discard(path)
+    if signum == signal.SIGPIPE:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        os._exit(141)
+    with contextlib.suppress(OSError):
+        os.write(2, b"error: interrupted\n")
+    os._exit(128 + signum)
+
+
+def install_signal_handlers() -> None:
+    """For the command line only (not for a library user's process): interrupts and a closed pipe end the
+    process through ``_abort``, whatever typer, click or rich would do with the exception."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
+        signal.signal(signum, _on_signal)

@@ -1,0 +1,124 @@
+"""Installing a set of new files into a sharded checkpoint's directory in one atomic step, the index.
+
+A reader finds shards through the index only, so the index is the commit point:
+
+1. the new shards are written under temporary names beside the old ones (flushed, fsynced); until the next
+   step the index names the old shards, and a kill leaves the old checkpoint plus stale temporaries;
+2. an index naming the new shards by their temporary names is renamed over the index: the commit. From here
+   a reader sees the complete new checkpoint;
+3. each new shard is hard-linked to its own name (link + rename, replacing the old shard, which no index
+   names any more), the index with the library's own names is renamed over the index again, and the
+   temporary names are unlinked. Every state in between is the complete new checkpoint.
+
+A kill inside step 3 leaves a valid new checkpoint whose index names some temporaries; the next paramtool
+write into that directory (``recover``) finishes step 3. ``fsops.clean_stale`` never removes a file an index
+points to.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import json
+import os
+from collections.abc import Iterator
+
+from . import fsops
+
+
+def _dumps(doc: dict) -> bytes:
+    return (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode("utf-8")
+
+
+def _install(path: str, data: bytes) -> None:
+    """Atomically replace ``path`` by ``data`` (temporary, fsync, rename), keeping its mode and owner."""
+    directory = os.path.dirname(path)
+    tmp = fsops.temp_name(directory, os.path.basename(path))
+    try:
+        fsops.create_file(tmp)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        if os.path.exists(path):
+            fsops.copy_owner_and_mode(tmp, os.stat(path))
+        fsops.fsync(tmp)
+        fsops.rename(tmp, path)
+        fsops.forget(tmp)
+        fsops.fsync_dir(directory)
+    except BaseException:
+        fsops.discard(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _locked(directory: str) -> Iterator[None]:
+    """One commit at a time in a directory: two writers' steps 2-3 never interleave (a reader could see one
+    writer's shards beside the other's)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def commit(index_path: str, raw: dict, pending: dict[str, str]) -> None:
+    """Make ``pending`` (shard name as the index has it -> absolute path of its new, complete file) the
+    checkpoint: steps 2 and 3 above, with interrupts held until done."""
+    if not pending:
+        return
+    directory = os.path.dirname(os.path.abspath(index_path))
+    relative = {shard: os.path.relpath(tmp, directory) for shard, tmp in pending.items()}
+    interim = dict(raw)
+    interim["weight_map"] = {name: relative.get(shard, shard) for name, shard in raw["weight_map"].items()}
+    with fsops.critical(), _locked(directory):
+        with open(index_path, "rb") as f:
+            original = f.read()  # written back byte for byte once the shards have their names again
+        _install(index_path, _dumps(interim))  # the commit
+        for tmp in pending.values():
+            fsops.forget(tmp)  # now part of the checkpoint: never removed as a temporary
+        try:
+            _finish(directory, index_path, original, relative)
+        except OSError:
+            pass  # the checkpoint is complete and valid; the next write into this directory finishes
+
+
+def _finish(directory: str, index_path: str, index_bytes: bytes, relative: dict[str, str]) -> None:
+    """Step 3: give the new shards their own names back, then drop the temporary names."""
+    for shard, rel in relative.items():
+        new, final = os.path.join(directory, rel), os.path.join(directory, shard)
+        if os.path.exists(final) and os.path.samefile(new, final):
+            continue  # done before a kill (rename() of two links to one file would do nothing)
+        link = fsops.temp_name(os.path.dirname(final), os.path.basename(final))
+        fsops.link(new, link)
+        fsops.rename(link, final)
+        fsops.forget(link)
+    fsops.fsync_dir(directory)
+    _install(index_path, index_bytes)
+    for rel in relative.values():
+        fsops.unlink(os.path.join(directory, rel))
+
+
+def recover(directory: str) -> bool:
+    """Finish a commit that a killed process left inside step 3 (its index names temporaries); True if
+    there was one."""
+    recovered = False
+    for index_path in glob.glob(os.path.join(glob.escape(directory), "*.index.json")):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                doc = json.load(f)
+            weight_map = doc["weight_map"]
+            relative = {}
+            for rel in dict.fromkeys(weight_map.values()):
+                pid = fsops.owner_pid(rel)
+                if pid is not None and not fsops.process_alive(pid) and os.path.isfile(os.path.join(directory, rel)):
+                    relative[os.path.join(os.path.dirname(rel), fsops.final_name(rel))] = rel
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if relative:
+            back = {v: k for k, v in relative.items()}
+            raw = dict(doc)
+            raw["weight_map"] = {name: back.get(rel, rel) for name, rel in weight_map.items()}
+            with fsops.critical(), _locked(directory):
+                _finish(directory, index_path, _dumps(raw), relative)
+            recovered = True
+    return recovered
