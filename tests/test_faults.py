@@ -234,7 +234,7 @@ def many_tensors(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("args", [["inspect", "--json"], ["inspect"], ["stats", "--json"],
+@pytest.mark.parametrize("args", [["inspect", "--json"], ["inspect", "--expand"], ["stats", "--json"],
                                   ["show", "big", "--json"], ["convert", "--format", "safetensors"],
                                   ["set", "big[0, 0] = 1"]])
 def test_closed_pipe_exits_141_quietly(many_tensors, runner, tmp_path, args):
