@@ -139,6 +139,8 @@ def inspect(
     from . import sources
 
     toc = sources.read_toc(sources.resolve(source), key)
+    for w in toc.warnings:
+        warn(w)
     chosen = set(_selected([t.name for t in toc.tensors], layer))
     tensors = [t for t in toc.tensors if t.name in chosen]
     if json_out:
@@ -356,12 +358,19 @@ def ties(
     src = sources.resolve(source)
     if values:
         ckpt = sources.load_lazy(src, key)
-        toc = ckpt.toc()
-        groups = find_ties(toc.tensors, toc.meta_ties) + value_ties(ckpt.tensor, toc.tensors)
+        toc = sources.describe(src, ckpt)
+        groups = find_ties(toc.tensors, toc.meta_ties, toc.config_ties) + value_ties(ckpt.tensor, toc.tensors)
         groups.sort(key=lambda g: g.names)
     else:
         toc = sources.read_toc(src, key)
-        groups = find_ties(toc.tensors, toc.meta_ties)
+        groups = find_ties(toc.tensors, toc.meta_ties, toc.config_ties)
+    for w in toc.warnings:
+        warn(w)
+    if toc.config_pairs:  # stored apart although config.json ties them: are they still equal?
+        from .formats.modeldir import differing_pairs
+
+        for w in differing_pairs(sources.load_lazy(src, key).tensor, toc.config_pairs):
+            warn(w)
     if json_out:
         emit_json({"groups": [g.as_json() for g in groups]})
         return

@@ -68,6 +68,7 @@ def inspect_json(toc: Toc, tensors: list[TensorInfo]) -> dict:
                 "numel": t.numel,
                 "nbytes": t.nbytes,
                 "tied_to": ties.get(t.name),
+                **({"stored": False} if t.name in toc.config_ties else {}),
             }
             for t in tensors
         ],
@@ -148,6 +149,8 @@ def inspect_tree(toc: Toc, tensors: list[TensorInfo], depth: int | None = None) 
             line.append(f"  {shape_text(t.shape)}  {t.dtype}  {t.numel:,}")
             if t.name in ties:
                 line.append(f"  = {safe_name(ties[t.name])}", style="magenta")
+                if t.name in toc.config_ties:
+                    line.append("  (not stored: tied by config.json)", style="dim")
             elif t.name in tied_names:
                 line.append("  (tied)", style="magenta")
             parent.add(line)

@@ -27,6 +27,7 @@ class Source:
     kind: str  # "file" | "nn" | "factory" | "sharded" | "dcp"
     path: str | None = None  # the file to read (stdin is spooled to a temporary file)
     format: str | None = None  # sniffed file format: "pt" | "pt-legacy" | "safetensors"
+    directory: str | None = None  # the model directory the weights sit in (beside config.json, tokenizer files)
 
     @property
     def label(self) -> str:
@@ -76,7 +77,13 @@ def resolve(text: str | None) -> Source:
     if os.path.isdir(text) or text.endswith(".index.json"):
         if os.path.isdir(text) and os.path.exists(os.path.join(text, ".metadata")):
             return Source(text, "dcp", text)
-        return Source(text, "sharded", text)
+        from .formats.modeldir import find_weights
+        from .formats.sharded import has_index
+
+        if os.path.isdir(text) and not has_index(text):  # a model directory with one weights file
+            weights = find_weights(text)
+            return Source(text, "file", weights, sniff_file(weights), directory=text)
+        return Source(text, "sharded", text, directory=text if os.path.isdir(text) else os.path.dirname(text) or ".")
     if not os.path.exists(text):
         raise ParamtoolError(f"{text}: no such file")
     if not os.path.isfile(text):
@@ -162,8 +169,17 @@ def open_listing(src: Source, key: str | None = None) -> Checkpoint:
 def read_toc(src: Source, key: str | None = None) -> Toc:
     """The table of contents. For files this reads headers/pickles only: no torch, no tensor bytes."""
     if src.kind in ("file", "sharded", "dcp"):
-        return open_listing(src, key).toc()
-    return load(src, key).toc()
+        return describe(src, open_listing(src, key))
+    return describe(src, load(src, key))
+
+
+def describe(src: Source, ckpt: Checkpoint) -> Toc:
+    """``ckpt``'s table of contents; in a model directory, with the ties its config.json declares."""
+    if not src.directory:
+        return ckpt.toc()
+    from .formats import modeldir
+
+    return modeldir.annotate(ckpt.toc(), src.directory, single_file=src.kind == "file")
 
 
 def load(src: Source, key: str | None = None) -> Checkpoint:

@@ -1,0 +1,237 @@
+"""Model directories, as ``save_pretrained`` writes them: the weights (one file, or shards and an index) beside
+sidecar files (``config.json``, tokenizer files, ``generation_config.json``, a README).
+
+Read: the weights are read as the file (or sharded checkpoint) they are; ``config.json`` adds the ties the
+library restores at load time but leaves out of the file (``lm_head.weight`` is the input embedding).
+Write: a new directory in the library's layout and naming, every sidecar copied byte for byte.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..errors import FormatError, UsageError
+from ..toc import TensorInfo
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+SAFETENSORS_NAME, PT_NAME = "model.safetensors", "pytorch_model.bin"
+
+
+def find_weights(directory: str) -> str:
+    """The one weights file of a directory without an index; several unrelated ones are an error naming them."""
+    found = sorted(f for f in os.listdir(directory)
+                   if f.lower().endswith(WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(directory, f)))
+    if not found:
+        raise FormatError(f"{directory}: a directory without weights (model.safetensors, pytorch_model.bin, *.pt, "
+                          "*.pth, *.ckpt), an *.index.json or a torch.distributed .metadata")
+    if len(found) > 1:
+        raise FormatError(f"{directory}: several weight files and no index ({', '.join(found)}); "
+                          "name the file to use")
+    return os.path.join(directory, found[0])
+
+
+def weight_files(directory: str, weights: list[str]) -> set[str]:
+    """Names (relative to ``directory``) that belong to the weights: the files, and any index beside them."""
+    own = {os.path.relpath(os.path.abspath(w), os.path.abspath(directory)) for w in weights}
+    return own | {os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(directory), "*.index.json"))}
+
+
+def copy_sidecars(directory: str, weights: set[str], work: str) -> None:
+    """Copy every entry of ``directory`` that is not a weights file into ``work``, byte for byte."""
+    for entry in sorted(os.listdir(directory)):
+        if entry in weights or entry.endswith(".paramtool-tmp"):
+            continue
+        path = os.path.join(directory, entry)
+        if os.path.isdir(path):
+            if not any(w.startswith(entry + os.sep) for w in weights):
+                shutil.copytree(path, os.path.join(work, entry), symlinks=True)
+        else:
+            shutil.copy2(path, os.path.join(work, entry))
+
+
+# --- sizes and shards --------------------------------------------------------------------------------
+
+_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3}
+
+
+def parse_size(text: str) -> int:
+    """A shard size as transformers reads it: ``5GB`` (decimal), ``500MiB`` (binary), ``200KB``, or bytes."""
+    s = text.strip().upper()
+    if s.isdigit():
+        return int(s)
+    for unit, factor in _UNITS.items():
+        if s.endswith(unit) and s[: -len(unit)].strip().isdigit():
+            size = int(s[: -len(unit)]) * factor
+            if text.strip().endswith("b") and unit in ("GB", "MB", "KB"):
+                size //= 8  # transformers: a lower-case b means bits
+            if size > 0:
+                return size
+    raise UsageError(f"--max-shard-size '{text}' is not a size: use an integer followed by a unit, e.g. 500MB, 5GB, 2GiB")
+
+
+def shard_names(fmt: str, count: int) -> list[str]:
+    """The library's file names: ``model-00001-of-00003.safetensors``, ``pytorch_model-00001-of-00003.bin``."""
+    base, ext = ("model", ".safetensors") if fmt == "safetensors" else ("pytorch_model", ".bin")
+    if count == 1:
+        return [base + ext]
+    return [f"{base}-{i:05d}-of-{count:05d}{ext}" for i in range(1, count + 1)]
+
+
+def index_name(fmt: str) -> str:
+    return (SAFETENSORS_NAME if fmt == "safetensors" else PT_NAME) + ".index.json"
+
+
+def group_by_size(infos: list[TensorInfo], max_size: int) -> list[list[str]]:
+    """Shards in checkpoint order, as transformers fills them: a new shard when the next tensor would pass
+    ``max_size``; a tensor larger than that gets a shard of its own. Tied names stay in one shard."""
+    from ..ties import storage_groups, unique_counts
+
+    with_tie: dict[str, list[TensorInfo]] = {}
+    for g in storage_groups(infos):
+        for t in g:
+            with_tie[t.name] = g
+    shards: list[list[str]] = []
+    size, placed = 0, set()
+    for info in infos:
+        if info.name in placed:
+            continue
+        members = with_tie.get(info.name, [info])
+        nbytes = unique_counts(members)[1]
+        if not shards or (size + nbytes > max_size and size > 0):
+            shards.append([])
+            size = 0
+        shards[-1].extend(t.name for t in members)
+        placed.update(t.name for t in members)
+        size += nbytes
+    return shards
+
+
+# --- config ties -------------------------------------------------------------------------------------
+
+# (output name, input name): the pairs transformers ties when the config says tie_word_embeddings
+# (``_tied_weights_keys``). The README lists the architectures these names cover.
+WORD_EMBEDDING_PAIRS = [
+    ("lm_head.weight", "transformer.wte.weight"),  # GPT-2, GPT-J, GPT-Neo, CodeGen
+    ("lm_head.weight", "model.embed_tokens.weight"),  # Llama, Mistral, Qwen2, Gemma, Phi-3, ...
+    ("lm_head.weight", "model.decoder.embed_tokens.weight"),  # OPT
+    ("lm_head.weight", "model.shared.weight"),  # BART, mBART, Pegasus
+    ("lm_head.weight", "shared.weight"),  # T5, mT5
+    ("embed_out.weight", "gpt_neox.embed_in.weight"),  # GPT-NeoX, Pythia
+    ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),  # BERT
+    ("cls.predictions.decoder.bias", "cls.predictions.bias"),  # BERT (the decoder's bias)
+    ("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight"),  # RoBERTa
+    ("lm_head.decoder.bias", "lm_head.bias"),  # RoBERTa
+]
+# encoder-decoder models whose stacks share one embedding by construction
+SHARED_EMBEDDING_PAIRS = [
+    ("encoder.embed_tokens.weight", "shared.weight"),  # T5
+    ("decoder.embed_tokens.weight", "shared.weight"),
+    ("model.encoder.embed_tokens.weight", "model.shared.weight"),  # BART
+    ("model.decoder.embed_tokens.weight", "model.shared.weight"),
+]
+FORCED_TIE = {"t5", "mt5", "umt5"}  # transformers 5 ties these whatever tie_word_embeddings says
+
+
+@dataclass
+class ConfigTies:
+    """What ``config.json`` says is tied: names it restores (absent from the weights), and stored pairs that
+    must be equal."""
+
+    absent: dict[str, str] = field(default_factory=dict)  # output name -> stored input name
+    stored: list[tuple[str, str]] = field(default_factory=list)  # (output, input), both stored separately
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_config(directory: str) -> dict | None:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _declares_tie(config: dict) -> bool:
+    """transformers' rule: ``tie_word_embeddings`` (its default is True unless the config class says
+    otherwise, and config.json written by save_pretrained states it)."""
+    if str(config.get("model_type", "")) in FORCED_TIE:
+        return True
+    return bool(config.get("tie_word_embeddings", True))
+
+
+def _embedding_shape(config: dict) -> tuple[int | None, int | None]:
+    hidden = next((config[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(config.get(k), int)), None)
+    vocab = config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None
+    return vocab, hidden
+
+
+def config_ties(config: dict | None, infos: list[TensorInfo]) -> ConfigTies:
+    """Match the config's tie declaration against the stored names and shapes; never guess."""
+    out = ConfigTies()
+    if not config:
+        return out
+    by_name = {t.name: t for t in infos}
+    vocab, hidden = _embedding_shape(config)
+    pairs = list(SHARED_EMBEDDING_PAIRS)
+    if _declares_tie(config):
+        pairs += WORD_EMBEDDING_PAIRS
+    matched = False
+    for output, source in pairs:
+        src = by_name.get(source)
+        if src is None:
+            continue
+        if source.endswith(".weight") and (vocab, hidden) != (None, None) and src.shape != (vocab, hidden):
+            if (output, source) in WORD_EMBEDDING_PAIRS:
+                out.warnings.append(f"config.json ties '{output}' to '{source}', but '{source}' is "
+                                    f"{list(src.shape)}, not [vocab_size, hidden] = [{vocab}, {hidden}]: no tie assumed")
+            continue
+        matched = matched or (output, source) in WORD_EMBEDDING_PAIRS
+        if output not in by_name:
+            out.absent[output] = out.absent.get(source, source)
+        elif by_name[output].storage != src.storage:
+            if by_name[output].shape == src.shape and by_name[output].dtype == src.dtype:
+                out.stored.append((output, source))
+    if _declares_tie(config) and not matched and "tie_word_embeddings" in config and config["tie_word_embeddings"]:
+        kind = config.get("model_type", "unknown")
+        out.warnings.append(f"config.json declares tie_word_embeddings for model_type '{kind}', but no input/output "
+                            "embedding pair paramtool knows is in the weights: no tie assumed")
+    return out
+
+
+def with_config_ties(infos: list[TensorInfo], ties: ConfigTies) -> list[TensorInfo]:
+    """``infos`` plus a stand-in for each absent tied name, sharing its input embedding's storage (so tie
+    grouping, ``tied_to`` and the counts treat it as tied and count it once)."""
+    by_name = {t.name: t for t in infos}
+    extra = [replace(by_name[src], name=name, path=()) for name, src in ties.absent.items()]
+    return infos + extra
+
+
+def annotate(toc: Any, directory: str, single_file: bool) -> Any:
+    """A model directory's table of contents: format ``directory`` (one weights file), and the ties its
+    config.json declares added as stand-ins marked not stored."""
+    ties = config_ties(read_config(directory), toc.tensors)
+    return replace(toc, format="directory" if single_file else toc.format,
+                   tensors=with_config_ties(toc.tensors, ties), config_ties=dict(ties.absent),
+                   config_pairs=list(ties.stored), warnings=toc.warnings + ties.warnings)
+
+
+def differing_pairs(tensor_of: Any, pairs: list[tuple[str, str]]) -> list[str]:
+    """Warnings for pairs config.json ties but whose stored values differ (a head that drifted from the
+    embedding: the library would load one of them and silently drop the other)."""
+    import torch
+
+    out = []
+    for output, source in pairs:
+        a, b = tensor_of(output), tensor_of(source)
+        if not torch.equal(a, b):
+            out.append(f"config.json ties '{output}' to '{source}', but their stored values differ "
+                       f"(max |diff| {float((a.double() - b.double()).abs().max()):.4g}); loading ties them, and one is lost")
+    return out
