@@ -185,6 +185,8 @@ FormatOpt = Annotated[Optional[str], typer.Option("--format", help="Output forma
                                                   show_default=False)]
 DropExtraOpt = Annotated[bool, typer.Option("--drop-extra", help="Writing safetensors: drop non-tensor entries instead of failing.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Only report what would change; write nothing.")]
+MaxShardOpt = Annotated[Optional[str], typer.Option("--max-shard-size", help="Write a directory of shards of at most this size (500MB, 5GB, 2GiB), named and indexed as transformers does.",
+                                                    show_default=False)]
 PlanJsonOpt = Annotated[bool, typer.Option("--json", help="With --dry-run: the plan as JSON.")]
 
 
@@ -193,7 +195,7 @@ def _opt(flag: str, kind: type, text: str) -> Any:
 
 
 def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, output: Optional[str], in_place: bool,
-            fmt: Optional[str], drop_extra: bool) -> None:
+            fmt: Optional[str], drop_extra: bool, max_shard_size: Optional[str] = None) -> None:
     """Report a dry run, or carry out the plan on ``listing`` (what it was planned on) and write the result."""
     from . import writer
 
@@ -202,7 +204,7 @@ def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, ou
     if dry_run:
         _dry_run(plan.report, json_out)
         return
-    target = writer.plan_output(src, output, in_place, fmt)
+    target = writer.plan_output(src, output, in_place, fmt, max_shard_size)
     for w in plan.report.warnings:
         warn(w)
     writer.write_plan(src, listing, plan, target, drop_extra)
@@ -274,6 +276,7 @@ def init(
     fmt: FormatOpt = None,
     drop_extra: DropExtraOpt = False,
     key: KeyOpt = None,
+    max_shard_size: MaxShardOpt = None,
 ) -> None:
     """Reinitialize the selected tensors with a named scheme and write the result.
 
@@ -290,7 +293,7 @@ def init(
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
     plan = ops.plan_init(listing, scheme, given, list(layer or []), param, zero_bias, untie, seed)
-    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra)
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, max_shard_size)
 
 
 @app.command(name="set", epilog='Examples:\n\n  paramtool set model.pt "0.weight[:] += 1" "0.weight[0, 0] = 42" -o out.pt\n\n'
@@ -305,6 +308,7 @@ def set_(
     fmt: FormatOpt = None,
     drop_extra: DropExtraOpt = False,
     key: KeyOpt = None,
+    max_shard_size: MaxShardOpt = None,
 ) -> None:
     """Edit values directly, applied in order; tied names change together."""
     from . import ops, sources
@@ -318,7 +322,7 @@ def set_(
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
     plan = ops.plan_set(listing, edits)
-    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra)
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, max_shard_size)
 
 
 @app.command(epilog="Example: paramtool schemes --json\n\n" + EPILOG_HINT)
@@ -482,6 +486,7 @@ def convert(
     fmt: FormatOpt = None,
     drop_extra: DropExtraOpt = False,
     key: KeyOpt = None,
+    max_shard_size: MaxShardOpt = None,
 ) -> None:
     """Rewrite a checkpoint in another format; ties and metadata are kept."""
     from . import sources
@@ -491,7 +496,7 @@ def convert(
         raise UsageError("give the output either as OUTPUT or as -o, not both")
     src = sources.resolve(source)
     _finish(src, sources.open_for_plan(src, key), Plan(Report("convert")), False, False, target or output, in_place,
-            fmt, drop_extra)
+            fmt, drop_extra, max_shard_size)
 
 
 def _unknown_name(name: str, names: list[str]) -> str:

@@ -235,3 +235,137 @@ def differing_pairs(tensor_of: Any, pairs: list[tuple[str, str]]) -> list[str]:
             out.append(f"config.json ties '{output}' to '{source}', but their stored values differ "
                        f"(max |diff| {float((a.double() - b.double()).abs().max()):.4g}); loading ties them, and one is lost")
     return out
+
+
+# --- writing a directory -----------------------------------------------------------------------------
+
+
+def weights_format(src: Any) -> str:
+    """The format a source's weights are in: a file's own, or a sharded checkpoint's shards'."""
+    if src.kind == "sharded":
+        from ..sources import sniff_file
+        from .sharded import read_index
+
+        index = read_index(src.path)
+        return "safetensors" if sniff_file(os.path.join(index.directory, index.shards[0])) == "safetensors" else "pt"
+    return "safetensors" if src.format == "safetensors" else "pt"
+
+
+def _shard_metadata(ckpt: Any) -> dict[str, str]:
+    """The source's own metadata, without the tie entries that name its tensors (each shard records its own)."""
+    from .safetensors_fmt import TIES_KEY
+
+    return {k: v for k, v in (ckpt.metadata or {}).items()
+            if k != TIES_KEY and k not in ckpt.names and v not in ckpt.names}
+
+
+def write_shards(ckpt: Any, groups: list[list[str]], fmt: str, work: str, index_metadata: dict) -> None:
+    """One file per group in the library's naming, and (for more than one) its index with ``total_size``."""
+    from ..ties import unique_counts
+    from . import pt, safetensors_fmt
+
+    files = shard_names(fmt, len(groups))
+    infos = {i.name: i for i in ckpt.infos()}
+    weight_map: dict[str, str] = {}
+    total = 0
+    metadata = _shard_metadata(ckpt)
+    for file, group in zip(files, groups):
+        tensors = {n: ckpt.tensor(n) for n in group}
+        path = os.path.join(work, file)
+        if fmt == "safetensors":
+            safetensors_fmt.save(tensors, metadata, path)
+        else:
+            pt.save(tensors, path)
+        weight_map.update((n, file) for n in group)
+        total += unique_counts([infos[n] for n in group])[1]
+    if len(groups) > 1:
+        index = {"metadata": {**index_metadata, "total_size": total}, "weight_map": weight_map}
+        with open(os.path.join(work, index_name(fmt)), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def _groups(src: Any, ckpt: Any, listing: Any, max_size: int | None) -> list[list[str]]:
+    if max_size is not None:
+        return group_by_size(ckpt.infos(), max_size)
+    if src.kind == "sharded":  # the source's grouping, shard by shard
+        by_shard: dict[str, list[str]] = {}
+        for name, path in listing.names.items():
+            by_shard.setdefault(path[0], []).append(name)
+        return [by_shard[s] for s in listing.parts if s in by_shard]
+    return [list(ckpt.names)]
+
+
+def write_directory(src: Any, listing: Any, plan: Any, output: Any, drop_extra: bool) -> None:
+    """Write ``src`` with ``plan`` carried out as a model directory at ``output.path``: the weights in the
+    library's layout (one file keeps its name unless the format changes; shards are named and indexed as
+    transformers does), and every sidecar of the source directory copied byte for byte."""
+    from .. import ops, writer
+    from ..errors import ParamtoolError
+    from ..sources import Source, load
+
+    fmt = output.weights_format
+    single = src.kind == "file" and output.max_shard_size is None
+
+    def build(work: str) -> None:
+        if single:
+            same = weights_format(src) == fmt
+            name = os.path.basename(src.path) if same else shard_names(fmt, 1)[0]
+            inner = Source(src.path, "file", src.path, src.format)
+            writer.write_plan(inner, listing, plan, writer.Output(os.path.join(work, name), fmt), drop_extra)
+            weights = [src.path]
+        else:
+            ckpt = load(src, listing.key)
+            ops.execute(plan, ckpt)
+            extra = writer._non_tensor_entries(ckpt)
+            if extra and not drop_extra:
+                raise ParamtoolError(f"shards hold tensors only, not the non-tensor entries ({', '.join(extra[:6])}); "
+                                     "pass --drop-extra to write the tensors only")
+            index_metadata = dict(listing.index.metadata) if src.kind == "sharded" else {}
+            write_shards(ckpt, _groups(src, ckpt, listing, output.max_shard_size), fmt, work, index_metadata)
+            writer._verify(ckpt, _written(work), None)
+            weights = [os.path.join(listing.index.directory, s) for s in listing.parts] if src.kind == "sharded" else [src.path]
+        if src.directory:
+            copy_sidecars(src.directory, weight_files(src.directory, weights), work)
+
+    writer._replace_directory(output.path, build)
+
+
+def _written(work: str) -> Any:
+    from ..sources import Source, sniff_file
+
+    if glob.glob(os.path.join(glob.escape(work), "*.index.json")):
+        return Source(work, "sharded", work)
+    path = find_weights(work)
+    return Source(path, "file", path, sniff_file(path))
+
+
+def plan_output(src: Any, out: str | None, in_place: bool, fmt: str | None,
+                max_shard_size: str | None) -> tuple[str, str, int | None] | None:
+    """When the output is a model directory: (path, weights format, max shard bytes); else None.
+
+    A model directory's ``-o DIR`` is one, and so is any ``-o DIR`` with ``--max-shard-size``, and a sharded
+    checkpoint's ``-o DIR`` that changes the format (shards of the same format are rewritten as they are)."""
+    size = parse_size(max_shard_size) if max_shard_size is not None else None
+    if size is not None and (src.kind == "dcp" or in_place):
+        raise UsageError("--max-shard-size writes a new directory of shards: use -o DIR"
+                         + (" (a torch.distributed checkpoint keeps its own layout)" if src.kind == "dcp" else ""))
+    if in_place or out in (None, "-") or src.kind == "dcp":
+        if size is not None:
+            raise UsageError("--max-shard-size writes a directory: give -o DIR")
+        return None
+    dir_like = os.path.isdir(out) or not os.path.splitext(out)[1]
+    if size is not None and not dir_like:
+        raise UsageError(f"--max-shard-size writes a directory of shards, and '{out}' names a file: give -o DIR")
+    if src.directory and os.path.isdir(out) and os.path.samefile(out, src.directory):
+        raise UsageError(f"-o names the source directory {out}: use --in-place to rewrite its weights")
+    if not dir_like:
+        return None
+    wanted = fmt or (weights_format(src) if src.kind in ("file", "sharded") else "pt")
+    if src.kind == "sharded" and size is None and wanted == weights_format(src):
+        return None  # shard by shard, as they are
+    if src.kind == "file" and size is None and not src.directory:
+        return None  # a file stays a file, whatever -o is called
+    if os.path.isdir(out) and os.listdir(out):
+        raise UsageError(f"{out} is a directory that is not empty: choose a new one, or use --in-place")
+    return out, wanted, size
