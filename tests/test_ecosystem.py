@@ -192,12 +192,12 @@ def test_unmatched_declaration_warns(tmp_path, run):
 def test_several_weight_files_is_an_error(tmp_path, run):
     d = tmp_path / "m"
     d.mkdir()
-    save_file({"a": torch.zeros(2)}, str(d / "model.safetensors"))
+    save_file({"a": torch.zeros(2)}, str(d / "encoder.safetensors"))
     torch.save({"a": torch.zeros(2)}, d / "other.pt")
     (d / "config.json").write_text("{}")
     r = run("inspect", d)
-    assert r.exit_code == 1 and r.stderr.count("error:") == 1
-    assert "model.safetensors" in r.stderr and "other.pt" in r.stderr
+    assert r.exit_code == 1 and r.stderr.count("error:") == 1 and r.stderr.count("\n") == 1
+    assert "encoder.safetensors" in r.stderr and "other.pt" in r.stderr
 
 
 # --- writing -----------------------------------------------------------------------------------------
@@ -359,3 +359,21 @@ def test_format_metadata_on_every_safetensors_write(tmp_path, run):
     assert run("convert", tmp_path / "a.safetensors", tmp_path / "a.pt").exit_code == 0
     assert run("convert", tmp_path / "a.pt", tmp_path / "c.safetensors").exit_code == 0
     assert safe_open(str(tmp_path / "c.safetensors"), "pt").metadata()["format"] == "pt"
+
+
+def test_trainer_directory_picks_the_library_file(models, run, tmp_path):
+    """A Trainer checkpoint directory: model.safetensors is the weights; optimizer.pt, training_args.bin go along."""
+    d = tmp_path / "checkpoint-2"
+    shutil.copytree(models["llama-untied"][0], d)
+    torch.save({"state": {}, "param_groups": []}, d / "optimizer.pt")
+    (d / "training_args.bin").write_bytes(b"\x80\x04N.")
+    r = run("inspect", d, "--json")
+    assert r.exit_code == 0 and r.json()["num_tensors"] == len(models["llama-untied"][2])
+    assert run("convert", d, "-o", tmp_path / "out", "--format", "pt").exit_code == 0
+    for name in ("optimizer.pt", "training_args.bin"):
+        assert (tmp_path / "out" / name).read_bytes() == (d / name).read_bytes()
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    _load(models["llama-untied"][1], tmp_path / "out")
+    (d / "pytorch_model.bin").write_bytes((tmp_path / "out" / "pytorch_model.bin").read_bytes())
+    r = run("inspect", d)  # two library files: which one is meant is not for paramtool to guess
+    assert r.exit_code == 1 and "model.safetensors" in r.stderr and "pytorch_model.bin" in r.stderr

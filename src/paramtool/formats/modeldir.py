@@ -29,6 +29,9 @@ def find_weights(directory: str) -> str:
     if not found:
         raise FormatError(f"{directory}: a directory without weights (model.safetensors, pytorch_model.bin, *.pt, "
                           "*.pth, *.ckpt), an *.index.json or a torch.distributed .metadata")
+    library = [f for f in found if f in (SAFETENSORS_NAME, PT_NAME)]
+    if len(found) > 1 and len(library) == 1:  # a trainer's directory: optimizer.pt, training_args.bin are sidecars
+        return os.path.join(directory, library[0])
     if len(found) > 1:
         raise FormatError(f"{directory}: several weight files and no index ({', '.join(found)}); "
                           "name the file to use")
@@ -114,24 +117,28 @@ def group_by_size(infos: list[TensorInfo], max_size: int) -> list[list[str]]:
 # --- config ties -------------------------------------------------------------------------------------
 
 # (output name, input name): the pairs transformers ties when the config says tie_word_embeddings
-# (``_tied_weights_keys``). The README lists the architectures these names cover.
-WORD_EMBEDDING_PAIRS = [
+# (its ``_tied_weights_keys``), the first match per output name. The README lists the architectures covered.
+TIED_PAIRS = [
     ("lm_head.weight", "transformer.wte.weight"),  # GPT-2, GPT-J, GPT-Neo, CodeGen
-    ("lm_head.weight", "model.embed_tokens.weight"),  # Llama, Mistral, Qwen2, Gemma, Phi-3, ...
-    ("lm_head.weight", "model.decoder.embed_tokens.weight"),  # OPT
+    ("lm_head.weight", "model.embed_tokens.weight"),  # Llama, Mistral, Qwen2, Gemma, Phi, Phi-3, ...
     ("lm_head.weight", "model.shared.weight"),  # BART, mBART, Pegasus
-    ("lm_head.weight", "shared.weight"),  # T5, mT5
-    ("embed_out.weight", "gpt_neox.embed_in.weight"),  # GPT-NeoX, Pythia
+    ("lm_head.weight", "model.decoder.embed_tokens.weight"),  # OPT, BART/mBART/Pegasus for causal LM
+    ("lm_head.weight", "shared.weight"),  # T5, mT5, UMT5
+    ("lm_head.weight", "transformer.word_embeddings.weight"),  # BLOOM, Falcon
+    ("lm_head.weight", "gpt_neox.embed_in.weight"),  # GPT-NeoX, Pythia (transformers 5 naming)
+    ("embed_out.weight", "gpt_neox.embed_in.weight"),  # GPT-NeoX, Pythia (transformers 4 naming)
     ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),  # BERT
-    ("cls.predictions.decoder.bias", "cls.predictions.bias"),  # BERT (the decoder's bias)
-    ("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight"),  # RoBERTa
-    ("lm_head.decoder.bias", "lm_head.bias"),  # RoBERTa
-]
-# encoder-decoder models whose stacks share one embedding by construction
-SHARED_EMBEDDING_PAIRS = [
-    ("encoder.embed_tokens.weight", "shared.weight"),  # T5
+    ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+    ("lm_head.decoder.weight", "roberta.embeddings.word_embeddings.weight"),  # RoBERTa, XLM-RoBERTa
+    ("lm_head.decoder.bias", "lm_head.bias"),
+    ("predictions.decoder.weight", "albert.embeddings.word_embeddings.weight"),  # ALBERT
+    ("predictions.decoder.bias", "predictions.bias"),
+    ("vocab_projector.weight", "distilbert.embeddings.word_embeddings.weight"),  # DistilBERT
+    ("generator_lm_head.weight", "electra.embeddings.word_embeddings.weight"),  # ELECTRA
+    # encoder-decoder models whose two stacks share the one embedding
+    ("encoder.embed_tokens.weight", "shared.weight"),  # T5, mT5, UMT5
     ("decoder.embed_tokens.weight", "shared.weight"),
-    ("model.encoder.embed_tokens.weight", "model.shared.weight"),  # BART
+    ("model.encoder.embed_tokens.weight", "model.shared.weight"),  # BART, mBART, Pegasus
     ("model.decoder.embed_tokens.weight", "model.shared.weight"),
 ]
 FORCED_TIE = {"t5", "mt5", "umt5"}  # transformers 5 ties these whatever tie_word_embeddings says
@@ -176,30 +183,29 @@ def _embedding_shape(config: dict) -> tuple[int | None, int | None]:
 def config_ties(config: dict | None, infos: list[TensorInfo]) -> ConfigTies:
     """Match the config's tie declaration against the stored names and shapes; never guess."""
     out = ConfigTies()
-    if not config:
+    if not config or not _declares_tie(config):
         return out
     by_name = {t.name: t for t in infos}
     vocab, hidden = _embedding_shape(config)
-    pairs = list(SHARED_EMBEDDING_PAIRS)
-    if _declares_tie(config):
-        pairs += WORD_EMBEDDING_PAIRS
-    matched = False
-    for output, source in pairs:
+    done: set[str] = set()
+    for output, source in TIED_PAIRS:
         src = by_name.get(source)
-        if src is None:
+        if src is None or output in done:
             continue
-        if source.endswith(".weight") and (vocab, hidden) != (None, None) and src.shape != (vocab, hidden):
-            if (output, source) in WORD_EMBEDDING_PAIRS:
-                out.warnings.append(f"config.json ties '{output}' to '{source}', but '{source}' is "
-                                    f"{list(src.shape)}, not [vocab_size, hidden] = [{vocab}, {hidden}]: no tie assumed")
+        if source.endswith(".weight") and None not in (vocab, hidden) and src.shape != (vocab, hidden):
+            out.warnings.append(f"config.json ties '{output}' to '{source}', but '{source}' is "
+                                f"{list(src.shape)}, not [vocab_size, hidden] = [{vocab}, {hidden}]: no tie assumed")
             continue
-        matched = matched or (output, source) in WORD_EMBEDDING_PAIRS
+        done.add(output)
         if output not in by_name:
-            out.absent[output] = out.absent.get(source, source)
+            out.absent[output] = source
         elif by_name[output].storage != src.storage:
             if by_name[output].shape == src.shape and by_name[output].dtype == src.dtype:
                 out.stored.append((output, source))
-    if _declares_tie(config) and not matched and "tie_word_embeddings" in config and config["tie_word_embeddings"]:
+            else:
+                out.warnings.append(f"config.json ties '{output}' to '{source}', but they are stored with different "
+                                    "shapes or dtypes")
+    if not done and config.get("tie_word_embeddings"):
         kind = config.get("model_type", "unknown")
         out.warnings.append(f"config.json declares tie_word_embeddings for model_type '{kind}', but no input/output "
                             "embedding pair paramtool knows is in the weights: no tie assumed")
