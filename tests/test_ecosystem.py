@@ -377,3 +377,35 @@ def test_trainer_directory_picks_the_library_file(models, run, tmp_path):
     (d / "pytorch_model.bin").write_bytes((tmp_path / "out" / "pytorch_model.bin").read_bytes())
     r = run("inspect", d)  # two library files: which one is meant is not for paramtool to guess
     assert r.exit_code == 1 and "model.safetensors" in r.stderr and "pytorch_model.bin" in r.stderr
+
+
+def test_embedding_width_and_shape_checked(tmp_path, run):
+    """ALBERT's embedding is [vocab_size, embedding_size], not hidden_size; a shape the config does not
+    describe is a warning and no tie."""
+    d = tmp_path / "albert"
+    d.mkdir()
+    save_file({"albert.embeddings.word_embeddings.weight": torch.randn(10, 4), "predictions.bias": torch.zeros(10)},
+              str(d / "model.safetensors"), metadata={"format": "pt"})
+    config = {"model_type": "albert", "vocab_size": 10, "hidden_size": 8, "embedding_size": 4}
+    (d / "config.json").write_text(json.dumps(config))
+    r = run("ties", d, "--json")
+    assert r.exit_code == 0 and "warning" not in r.stderr
+    assert [g["names"] for g in r.json()["groups"]] == [
+        ["albert.embeddings.word_embeddings.weight", "predictions.decoder.weight"],
+        ["predictions.bias", "predictions.decoder.bias"]]
+    (d / "config.json").write_text(json.dumps({**config, "vocab_size": 12}))
+    r = run("ties", d, "--json")
+    assert "no tie assumed" in r.stderr and [g["names"] for g in r.json()["groups"]] == [
+        ["predictions.bias", "predictions.decoder.bias"]]
+    (d / "config.json").write_text("{not json")
+    r = run("inspect", d, "--json")
+    assert r.exit_code == 0 and "config.json" in r.stderr and r.json()["num_tensors"] == 2
+
+
+def test_model_directory_listing_imports_no_torch(models):
+    from conftest import listing_without_torch
+
+    for name in ("gpt2", "gpt2-sharded", "t5"):
+        p = listing_without_torch(models[name][0], "ties")
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["groups"][0]["source"] == "config"

@@ -154,16 +154,19 @@ class ConfigTies:
     warnings: list[str] = field(default_factory=list)
 
 
-def read_config(directory: str) -> dict | None:
+def read_config(directory: str) -> tuple[dict | None, str | None]:
+    """config.json beside the weights, or None; and a warning when it is there but unreadable."""
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
-        return None
+        return None, None
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return config if isinstance(config, dict) else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{path}: not readable as JSON ({e}): the ties it may declare are not known"
+    if not isinstance(config, dict):
+        return None, f"{path}: not a JSON object: the ties it may declare are not known"
+    return config, None
 
 
 def _declares_tie(config: dict) -> bool:
@@ -174,10 +177,17 @@ def _declares_tie(config: dict) -> bool:
     return bool(config.get("tie_word_embeddings", True))
 
 
-def _embedding_shape(config: dict) -> tuple[int | None, int | None]:
-    hidden = next((config[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(config.get(k), int)), None)
-    vocab = config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None
-    return vocab, hidden
+EMBEDDING_WIDTH_KEYS = ("hidden_size", "n_embd", "n_embed", "d_model", "dim", "embedding_size", "word_embed_proj_dim")
+
+
+def _fits_embedding(config: dict, shape: tuple[int, ...]) -> bool:
+    """Whether ``shape`` is ``[vocab_size, width]`` for a width the config names (the hidden size, or an
+    embedding size of its own: ALBERT's ``embedding_size``, OPT's ``word_embed_proj_dim``)."""
+    vocab = config.get("vocab_size")
+    widths = {config[k] for k in EMBEDDING_WIDTH_KEYS if isinstance(config.get(k), int)}
+    if not isinstance(vocab, int) or not widths:
+        return True  # nothing to check against
+    return len(shape) == 2 and shape[0] == vocab and shape[1] in widths
 
 
 def config_ties(config: dict | None, infos: list[TensorInfo]) -> ConfigTies:
@@ -186,15 +196,14 @@ def config_ties(config: dict | None, infos: list[TensorInfo]) -> ConfigTies:
     if not config or not _declares_tie(config):
         return out
     by_name = {t.name: t for t in infos}
-    vocab, hidden = _embedding_shape(config)
     done: set[str] = set()
     for output, source in TIED_PAIRS:
         src = by_name.get(source)
         if src is None or output in done:
             continue
-        if source.endswith(".weight") and None not in (vocab, hidden) and src.shape != (vocab, hidden):
-            out.warnings.append(f"config.json ties '{output}' to '{source}', but '{source}' is "
-                                f"{list(src.shape)}, not [vocab_size, hidden] = [{vocab}, {hidden}]: no tie assumed")
+        if source.endswith(".weight") and not _fits_embedding(config, src.shape):
+            out.warnings.append(f"config.json ties '{output}' to '{source}', but '{source}' is {list(src.shape)}, "
+                                f"not [vocab_size ({config.get('vocab_size')}), hidden size]: no tie assumed")
             continue
         done.add(output)
         if output not in by_name:
@@ -223,10 +232,11 @@ def with_config_ties(infos: list[TensorInfo], ties: ConfigTies) -> list[TensorIn
 def annotate(toc: Any, directory: str, single_file: bool) -> Any:
     """A model directory's table of contents: format ``directory`` (one weights file), and the ties its
     config.json declares added as stand-ins marked not stored."""
-    ties = config_ties(read_config(directory), toc.tensors)
+    config, problem = read_config(directory)
+    ties = config_ties(config, toc.tensors)
     return replace(toc, format="directory" if single_file else toc.format,
                    tensors=with_config_ties(toc.tensors, ties), config_ties=dict(ties.absent),
-                   config_pairs=list(ties.stored), warnings=toc.warnings + ties.warnings)
+                   config_pairs=list(ties.stored), warnings=toc.warnings + ([problem] if problem else []) + ties.warnings)
 
 
 def differing_pairs(tensor_of: Any, pairs: list[tuple[str, str]]) -> list[str]:
