@@ -409,3 +409,12 @@ def test_model_directory_listing_imports_no_torch(models):
         p = listing_without_torch(models[name][0], "ties")
         assert p.returncode == 0, p.stderr
         assert json.loads(p.stdout)["groups"][0]["source"] == "config"
+
+
+def test_sharded_same_format_keeps_its_shards(models, run, tmp_path):
+    src = models["gpt2-sharded"][0]
+    r = run("convert", src, "-o", tmp_path / "out", "--format", "safetensors")
+    assert r.exit_code == 0, r.stderr
+    for p in src.iterdir():
+        assert (tmp_path / "out" / p.name).read_bytes() == p.read_bytes(), p.name
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in src.iterdir())

@@ -69,7 +69,8 @@ app = typer.Typer(
     name="paramtool",
     help="Inspect, reinitialize, tie-check and edit the parameters of PyTorch checkpoints.\n\n"
     "SOURCE is a checkpoint file (.pt/.pth/.bin/.ckpt or .safetensors), '-' for stdin, nn:EXPR, "
-    "FILE.py:FUNC, a sharded checkpoint (directory or *.index.json), or a torch.distributed.checkpoint directory.",
+    "FILE.py:FUNC, a sharded checkpoint (directory or *.index.json), a torch.distributed.checkpoint directory, "
+    "or a model directory (config.json beside one weights file).",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -80,7 +81,7 @@ app = typer.Typer(
 # Options shared by several commands, declared once.
 SourceArg = Annotated[
     Optional[str],
-    typer.Argument(help="Checkpoint file, '-' (stdin), nn:EXPR, FILE.py:FUNC, or a sharded/DCP directory. "
+    typer.Argument(help="Checkpoint file, '-' (stdin), nn:EXPR, FILE.py:FUNC, or a sharded/DCP/model directory. "
                    "Omitted: read stdin when it is not a terminal.", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout (no colour, no wrapping).")]

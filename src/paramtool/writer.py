@@ -85,7 +85,8 @@ def _plan_directory_output(src: Source, out: str | None, in_place: bool, fmt: st
     if out is None or out == "-":
         raise UsageError(f"a {src.kind} checkpoint is written to a directory: use -o DIR, --in-place, "
                          "or -o FILE.safetensors (or .pt) to merge it into one file")
-    if fmt is None and (os.path.isdir(out) or not os.path.splitext(out)[1]):
+    if (fmt is None or src.kind == "sharded") and (os.path.isdir(out) or not os.path.splitext(out)[1]):
+        # (a sharded source's -o DIR in another format or resharded is a model directory: formats.modeldir)
         if os.path.isdir(out) and os.listdir(out):
             raise UsageError(f"{out} is a directory that is not empty: choose a new one, or use --in-place")
         return Output(out, src.kind)
