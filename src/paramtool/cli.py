@@ -169,10 +169,12 @@ def show(
         if sys.stdin.isatty():
             raise UsageError("missing NAME (usage: paramtool show SOURCE NAME)")
         source, name = "-", source
-    ckpt = sources.load_lazy(sources.resolve(source), key)
-    if name not in ckpt.names:
+    src = sources.resolve(source)
+    ckpt = sources.load_lazy(src, key)
+    stored = sources.describe(src, ckpt).config_ties.get(name, name) if src.directory else name  # a config tie
+    if stored not in ckpt.names:
         raise ParamtoolError(_unknown_name(name, list(ckpt.names)))
-    t = ckpt.tensor(name)
+    t = ckpt.tensor(stored)
     if json_out:
         emit_json(tensor_json(name, t))
     else:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, field, replace
 from typing import Any
