@@ -172,11 +172,21 @@ def test_stored_pair_that_differs_warns(models, run, tmp_path):
     r = run("ties", d, "--json")
     assert r.exit_code == 0 and r.json()["groups"] == []
     assert "lm_head.weight" in r.stderr and "differ" in r.stderr
+    model, _ = models["llama-untied"][1].from_pretrained(d, output_loading_info=True)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight  # what the warning says transformers does
     sd = load_file(str(d / "model.safetensors"))
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
     r = run("ties", d, "--json")
     assert r.exit_code == 0 and "warning" not in r.stderr
+    r = run("set", d, "lm_head.weight[0, 0] = 5", "-o", tmp_path / "out")  # changes one of an equal, tied pair
+    assert r.exit_code == 0 and "only 'lm_head.weight' changes" in r.stderr
+
+
+def test_edit_names_the_config_tied_names(models, run):
+    r = run("init", models["t5"][0], "--scheme", "zeros", "--layer", "shared", "--dry-run", "--json")
+    assert r.exit_code == 0
+    assert r.json()["ties"] == {"shared.weight": ["lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]}
 
 
 def test_unmatched_declaration_warns(tmp_path, run):

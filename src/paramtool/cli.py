@@ -204,6 +204,11 @@ def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, ou
 
     if json_out and not dry_run:
         raise UsageError("--json describes a --dry-run plan; without --dry-run the output is a checkpoint")
+    if getattr(src, "directory", None):  # a model directory: what its config.json ties goes in the report
+        from .formats.modeldir import note_config_ties
+        from .sources import describe
+
+        note_config_ties(plan.report, describe(src, listing))
     if dry_run:
         _dry_run(plan.report, json_out)
         return

@@ -239,8 +239,8 @@ def annotate(toc: Any, directory: str, single_file: bool) -> Any:
 
 
 def differing_pairs(tensor_of: Any, pairs: list[tuple[str, str]]) -> list[str]:
-    """Warnings for pairs config.json ties but whose stored values differ (a head that drifted from the
-    embedding: the library would load one of them and silently drop the other)."""
+    """Warnings for pairs config.json ties but whose stored values differ: a head that drifted from the
+    embedding, which transformers then loads untied although the config says otherwise."""
     import torch
 
     out = []
@@ -248,7 +248,8 @@ def differing_pairs(tensor_of: Any, pairs: list[tuple[str, str]]) -> list[str]:
         a, b = tensor_of(output), tensor_of(source)
         if not torch.equal(a, b):
             out.append(f"config.json ties '{output}' to '{source}', but their stored values differ "
-                       f"(max |diff| {float((a.double() - b.double()).abs().max()):.4g}); loading ties them, and one is lost")
+                       f"(max |diff| {float((a.double() - b.double()).abs().max()):.4g}): transformers will not tie "
+                       "them; make them equal, or set tie_word_embeddings to false")
     return out
 
 
@@ -384,3 +385,22 @@ def plan_output(src: Any, out: str | None, in_place: bool, fmt: str | None,
     if os.path.isdir(out) and os.listdir(out):
         raise UsageError(f"{out} is a directory that is not empty: choose a new one, or use --in-place")
     return out, wanted, size
+
+
+def note_config_ties(report: Any, toc: Any) -> None:
+    """Add to an edit's report what config.json ties: a name that is not stored changes with its embedding;
+    a head stored apart that changes alone will not survive loading, which ties it to the embedding again."""
+    absent: dict[str, list[str]] = {}
+    for name, stored in toc.config_ties.items():
+        absent.setdefault(stored, []).append(name)
+    changed = report.changed + report.zeroed
+    for name in changed:
+        for other in absent.get(name, []):
+            report.with_ties.setdefault(name, [])
+            if other not in report.with_ties[name]:
+                report.with_ties[name].append(other)
+    for output, source in toc.config_pairs:
+        if (output in changed) != (source in changed):
+            report.warnings.append(f"config.json ties '{output}' to '{source}', which are stored apart, and only "
+                                   f"'{output if output in changed else source}' changes: once they differ, "
+                                   "transformers no longer ties them")
