@@ -83,7 +83,10 @@ def resolve(text: str | None) -> Source:
         if os.path.isdir(text) and not has_index(text):  # a model directory with one weights file
             weights = find_weights(text)
             return Source(text, "file", weights, sniff_file(weights), directory=text)
-        return Source(text, "sharded", text, directory=text if os.path.isdir(text) else os.path.dirname(text) or ".")
+        directory = text if os.path.isdir(text) else os.path.dirname(text) or "."
+        if not os.path.isdir(text) and not os.path.isfile(os.path.join(directory, "config.json")):
+            directory = None  # an index in some directory that is not a model's: no sidecars to carry
+        return Source(text, "sharded", text, directory=directory)
     if not os.path.exists(text):
         raise ParamtoolError(f"{text}: no such file")
     if not os.path.isfile(text):
