@@ -371,17 +371,17 @@ def ties(
     if values:
         ckpt = sources.load_lazy(src, key)
         toc = sources.describe(src, ckpt)
-        groups = find_ties(toc.tensors, toc.meta_ties, toc.config_ties) + value_ties(ckpt.tensor, toc.tensors)
+        groups = find_ties(toc.tensors, toc.meta_ties) + value_ties(ckpt.tensor, toc.tensors)
         groups.sort(key=lambda g: g.names)
     else:
         toc = sources.read_toc(src, key)
-        groups = find_ties(toc.tensors, toc.meta_ties, toc.config_ties)
-    for w in toc.warnings:
-        warn(w)
-    if toc.config_pairs:  # stored apart although config.json ties them: are they still equal?
-        from .formats.modeldir import differing_pairs
+        groups = find_ties(toc.tensors, toc.meta_ties)
+    if src.directory:  # a model directory: the ties its config.json declares, and stored pairs that differ
+        from .formats.modeldir import differing_pairs, mark_config
 
-        for w in differing_pairs(sources.load_lazy(src, key).tensor, toc.config_pairs):
+        groups = mark_config(groups, toc.config_ties)
+        pairs = toc.config_pairs
+        for w in toc.warnings + (differing_pairs(sources.load_lazy(src, key).tensor, pairs) if pairs else []):
             warn(w)
     if json_out:
         emit_json({"groups": [g.as_json() for g in groups]})

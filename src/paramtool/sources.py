@@ -97,6 +97,17 @@ def resolve(text: str | None) -> Source:
         raise ParamtoolError(f"{text}: permission denied") from None
 
 
+def describe(src: Source, ckpt: Checkpoint) -> Toc:
+    """``ckpt``'s table of contents; in a model directory, with the ties its config.json declares."""
+    return _with_config(src, ckpt.toc()) if src.directory else ckpt.toc()
+
+
+def _with_config(src: Source, toc: Toc) -> Toc:
+    from .formats import modeldir
+
+    return modeldir.annotate(toc, src.directory, single_file=src.kind == "file")
+
+
 class ShardedCheckpoint(Checkpoint):
     """One checkpoint made of shard files; each part is a checkpoint of its own, read the same way."""
 
@@ -171,18 +182,12 @@ def open_listing(src: Source, key: str | None = None) -> Checkpoint:
 
 def read_toc(src: Source, key: str | None = None) -> Toc:
     """The table of contents. For files this reads headers/pickles only: no torch, no tensor bytes."""
+    if src.directory:  # a model directory: with the ties its config.json declares
+        return _with_config(src, read_toc(replace(src, directory=None), key))
+
     if src.kind in ("file", "sharded", "dcp"):
-        return describe(src, open_listing(src, key))
-    return describe(src, load(src, key))
-
-
-def describe(src: Source, ckpt: Checkpoint) -> Toc:
-    """``ckpt``'s table of contents; in a model directory, with the ties its config.json declares."""
-    if not src.directory:
-        return ckpt.toc()
-    from .formats import modeldir
-
-    return modeldir.annotate(ckpt.toc(), src.directory, single_file=src.kind == "file")
+        return open_listing(src, key).toc()
+    return load(src, key).toc()
 
 
 def load(src: Source, key: str | None = None) -> Checkpoint:

@@ -16,7 +16,7 @@ from .toc import TensorInfo, itemsize
 class TieGroup:
     names: tuple[str, ...]  # sorted
     kind: str  # "alias" | "overlap"
-    source: str  # "storage" | "metadata" | "values" | "config"
+    source: str  # "storage" | "metadata" | "values"
 
     def as_json(self) -> dict:
         return {"names": list(self.names), "kind": self.kind, "source": self.source}
@@ -71,17 +71,15 @@ def group_kind(group: list[TensorInfo]) -> str:
     return "alias" if all(_same_view(first, t) for t in group[1:]) else "overlap"
 
 
-def find_ties(tensors: list[TensorInfo], meta_ties: dict[str, str] | None = None,
-              config_ties: dict[str, str] | None = None) -> list[TieGroup]:
+def find_ties(tensors: list[TensorInfo], meta_ties: dict[str, str] | None = None) -> list[TieGroup]:
     """Tie groups, names sorted, groups sorted by first name (the contract's JSON order).
 
-    ``meta_ties`` (name -> stored name) marks ties that were restored from safetensors metadata;
-    ``config_ties`` names that are not stored at all but tied by a model directory's config.json.
+    ``meta_ties`` (name -> stored name) marks ties that were restored from safetensors metadata.
     """
-    meta, config = set(meta_ties or {}), set(config_ties or {})
+    meta = set(meta_ties or {})
     out = []
     for g in storage_groups(tensors):
-        source = "config" if any(t.name in config for t in g) else "metadata" if any(t.name in meta for t in g) else "storage"
+        source = "metadata" if any(t.name in meta for t in g) else "storage"
         out.append(TieGroup(tuple(sorted(t.name for t in g)), group_kind(g), source))
     out.sort(key=lambda g: g.names)
     return out

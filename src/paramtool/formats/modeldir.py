@@ -404,3 +404,8 @@ def note_config_ties(report: Any, toc: Any) -> None:
             report.warnings.append(f"config.json ties '{output}' to '{source}', which are stored apart, and only "
                                    f"'{output if output in changed else source}' changes: once they differ, "
                                    "transformers no longer ties them")
+
+
+def mark_config(groups: list, config_ties: dict[str, str]) -> list:
+    """Tie groups holding a name config.json ties (and the file does not store) say so: ``"source": "config"``."""
+    return [replace(g, source="config") if any(n in config_ties for n in g.names) else g for g in groups]
