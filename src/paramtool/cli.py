@@ -151,6 +151,8 @@ def inspect(
     console.print(render.inspect_tree(toc, tensors, depth))
     for line in render.extras_lines(toc):
         console.print(line)
+    for line in render.config_tie_lines(toc):
+        console.print(line)
 
 
 @app.command(epilog="Example: paramtool show model.pt 2.bias\n\n" + EPILOG_HINT)

@@ -149,8 +149,6 @@ def inspect_tree(toc: Toc, tensors: list[TensorInfo], depth: int | None = None) 
             line.append(f"  {shape_text(t.shape)}  {t.dtype}  {t.numel:,}")
             if t.name in ties:
                 line.append(f"  = {safe_name(ties[t.name])}", style="magenta")
-                if t.name in toc.config_ties:
-                    line.append("  (not stored: tied by config.json)", style="dim")
             elif t.name in tied_names:
                 line.append("  (tied)", style="magenta")
             parent.add(line)
@@ -182,6 +180,12 @@ def extras_lines(toc: Toc) -> list[Text]:
         for k, v in rest.items():
             lines.append(Text.assemble(("metadata ", "dim"), (safe_name(k), "bold"), ": ", safe_name(v)))
     return lines
+
+
+def config_tie_lines(toc: Toc) -> list[Text]:
+    """The names a model directory's config.json ties that its weights do not store (listed in the tree)."""
+    return [Text.assemble((safe_name(n), "bold"), f" = {safe_name(s)}: not stored (config.json ties them)")
+            for n, s in toc.config_ties.items()]
 
 
 # --- ties --------------------------------------------------------------------------------------------
