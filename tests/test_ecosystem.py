@@ -433,3 +433,28 @@ def test_sharded_same_format_keeps_its_shards(models, run, tmp_path):
     for p in src.iterdir():
         assert (tmp_path / "out" / p.name).read_bytes() == p.read_bytes(), p.name
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in src.iterdir())
+
+
+def test_output_inside_the_source_directory(models, run, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(models["gpt2"][0], d)
+    r = run("convert", d, "-o", d / "as-pt", "--format", "pt")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.name for p in (d / "as-pt").iterdir()) == sorted(
+        ["pytorch_model.bin", "config.json", "generation_config.json"] + list(SIDECARS))
+    _load(models["gpt2"][1], d / "as-pt")
+
+
+def test_config_without_the_key_ties_as_transformers_4(models, run, tmp_path):
+    """transformers 4 wrote tie_word_embeddings only when it differed from its default, True."""
+    d = tmp_path / "m"
+    shutil.copytree(models["gpt2"][0], d)
+    config = json.loads((d / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (d / "config.json").write_text(json.dumps(config))
+    assert [g["source"] for g in run("ties", d, "--json").json()["groups"]] == ["config"]
+    (d / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    assert run("ties", d, "--json").json()["groups"] == []
+    (d / "config.json").write_text("[" * 100_000 + "]" * 100_000)  # nested past the JSON reader's depth
+    r = run("ties", d, "--json")
+    assert r.exit_code == 0 and r.json()["groups"] == [] and "config.json" in r.stderr

@@ -44,11 +44,13 @@ def weight_files(directory: str, weights: list[str]) -> set[str]:
 
 
 def copy_sidecars(directory: str, weights: set[str], work: str) -> None:
-    """Copy every entry of ``directory`` that is not a weights file into ``work``, byte for byte."""
+    """Copy every entry of ``directory`` that is not a weights file into ``work``, byte for byte (not the
+    directory being built, when the output is inside the source)."""
+    inside = os.path.abspath(work) + os.sep
     for entry in sorted(os.listdir(directory)):
-        if entry in weights or entry.endswith(".paramtool-tmp"):
-            continue
         path = os.path.join(directory, entry)
+        if entry in weights or entry.endswith(".paramtool-tmp") or inside.startswith(os.path.abspath(path) + os.sep):
+            continue
         if os.path.isdir(path):
             if not any(w.startswith(entry + os.sep) for w in weights):
                 shutil.copytree(path, os.path.join(work, entry), symlinks=True)
@@ -161,7 +163,7 @@ def read_config(directory: str) -> tuple[dict | None, str | None]:
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
         return None, f"{path}: not readable as JSON ({e}): the ties it may declare are not known"
     if not isinstance(config, dict):
         return None, f"{path}: not a JSON object: the ties it may declare are not known"
