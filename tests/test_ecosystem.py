@@ -458,3 +458,18 @@ def test_config_without_the_key_ties_as_transformers_4(models, run, tmp_path):
     (d / "config.json").write_text("[" * 100_000 + "]" * 100_000)  # nested past the JSON reader's depth
     r = run("ties", d, "--json")
     assert r.exit_code == 0 and r.json()["groups"] == [] and "config.json" in r.stderr
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_resharding_keeps_tied_names_in_one_shard(run, tmp_path, fmt):
+    spec = "nn:let s = Linear(64, 64) in Sequential(Linear(64, 64), s, ReLU(), s)"  # 1 and 3 are one module
+    r = run("convert", spec, "-o", tmp_path / "d", "--format", fmt, "--max-shard-size", "17KB")
+    assert r.exit_code == 0, r.stderr
+    stem, ext = ("model", ".safetensors") if fmt == "safetensors" else ("pytorch_model", ".bin")
+    index = json.loads((tmp_path / "d" / f"{stem}{ext}.index.json").read_text())
+    shard_of = index["weight_map"]
+    assert shard_of["1.weight"] == shard_of["3.weight"] and shard_of["1.bias"] == shard_of["3.bias"]
+    assert index["metadata"]["total_size"] == 2 * (64 * 64 + 64) * 4  # the tied module counted once
+    assert run("ties", tmp_path / "d", "--json").json()["groups"] == [
+        {"names": ["1.bias", "3.bias"], "kind": "alias", "source": "metadata" if fmt == "safetensors" else "storage"},
+        {"names": ["1.weight", "3.weight"], "kind": "alias", "source": "metadata" if fmt == "safetensors" else "storage"}]
