@@ -217,7 +217,12 @@ def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, ou
     target = writer.plan_output(src, output, in_place, fmt, max_shard_size)
     for w in plan.report.warnings:
         warn(w)
-    writer.write_plan(src, listing, plan, target, drop_extra)
+    if target.format == "directory":  # a model directory: the weights written as always, laid out, sidecars copied
+        from .formats.modeldir import write_directory
+
+        write_directory(src, listing, plan, target, drop_extra, writer.write_plan)
+    else:
+        writer.write_plan(src, listing, plan, target, drop_extra)
     _summary(plan.report, target.label, target.format)
 
 
@@ -303,7 +308,7 @@ def init(
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
     plan = ops.plan_init(listing, scheme, given, list(layer or []), param, zero_bias, untie, seed)
-    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, max_shard_size)
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, max_shard_size=max_shard_size)
 
 
 @app.command(name="set", epilog='Examples:\n\n  paramtool set model.pt "0.weight[:] += 1" "0.weight[0, 0] = 42" -o out.pt\n\n'
@@ -332,7 +337,7 @@ def set_(
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
     plan = ops.plan_set(listing, edits)
-    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, max_shard_size)
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, max_shard_size=max_shard_size)
 
 
 @app.command(epilog="Example: paramtool schemes --json\n\n" + EPILOG_HINT)
@@ -506,7 +511,7 @@ def convert(
         raise UsageError("give the output either as OUTPUT or as -o, not both")
     src = sources.resolve(source)
     _finish(src, sources.open_for_plan(src, key), Plan(Report("convert")), False, False, target or output, in_place,
-            fmt, drop_extra, max_shard_size)
+            fmt, drop_extra, max_shard_size=max_shard_size)
 
 
 def _unknown_name(name: str, names: list[str]) -> str:

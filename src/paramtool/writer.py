@@ -264,11 +264,6 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
     if output.format == "sharded":
         _write_sharded(src, listing, plan, output)
         return
-    if output.format == "directory":
-        from .formats.modeldir import write_directory
-
-        write_directory(src, listing, plan, output, drop_extra)
-        return
     if output.format == "dcp":
         ckpt = load(src, listing.key)
         ops.execute(plan, ckpt)

@@ -303,47 +303,55 @@ def write_shards(ckpt: Any, groups: list[list[str]], fmt: str, work: str, index_
             f.write("\n")
 
 
-def _groups(src: Any, ckpt: Any, listing: Any, max_size: int | None) -> list[list[str]]:
+def _groups(ckpt: Any, listing: Any, max_size: int | None) -> list[list[str]]:
+    """Names by shard: filled up to ``max_size``, or as the source's shards group them (a name the source
+    did not have, e.g. renamed, goes with the name before it)."""
     if max_size is not None:
         return group_by_size(ckpt.infos(), max_size)
-    if src.kind == "sharded":  # the source's grouping, shard by shard
-        by_shard: dict[str, list[str]] = {}
-        for name, path in listing.names.items():
-            by_shard.setdefault(path[0], []).append(name)
-        return [by_shard[s] for s in listing.parts if s in by_shard]
-    return [list(ckpt.names)]
+    parts = list(getattr(listing, "parts", None) or [])
+    shard_of = {name: path[0] for name, path in listing.names.items()} if parts else {}
+    by_shard: dict[str, list[str]] = {}
+    last = parts[0] if parts else ""
+    for name in ckpt.names:
+        last = shard_of.get(name, last)
+        by_shard.setdefault(last, []).append(name)
+    return [by_shard[s] for s in parts if s in by_shard] if parts else [list(ckpt.names)]
 
 
-def write_directory(src: Any, listing: Any, plan: Any, output: Any, drop_extra: bool) -> None:
+def write_directory(src: Any, listing: Any, plan: Any, output: Any, drop_extra: bool, write_plan: Any) -> None:
     """Write ``src`` with ``plan`` carried out as a model directory at ``output.path``: the weights in the
     library's layout (one file keeps its name unless the format changes; shards are named and indexed as
-    transformers does), and every sidecar of the source directory copied byte for byte."""
-    from .. import ops, writer
+    transformers does), and every sidecar of the source directory copied byte for byte.
+
+    ``write_plan(src, listing, plan, output, drop_extra)`` is the command's own writer (edits, renames, casts):
+    it writes the weights file, or for shards one whole file that is then split, so any plan works here."""
+    from .. import writer
     from ..errors import ParamtoolError
-    from ..sources import Source, load
+    from ..sources import Source, load, sniff_file
 
     fmt = output.weights_format
-    single = src.kind == "file" and output.max_shard_size is None
+    ext = ".safetensors" if fmt == "safetensors" else ".bin"
 
     def build(work: str) -> None:
-        if single:
-            same = weights_format(src) == fmt
-            name = os.path.basename(src.path) if same else shard_names(fmt, 1)[0]
+        if src.kind == "file" and output.max_shard_size is None:
+            name = os.path.basename(src.path) if weights_format(src) == fmt else shard_names(fmt, 1)[0]
             inner = Source(src.path, "file", src.path, src.format)
-            writer.write_plan(inner, listing, plan, writer.Output(os.path.join(work, name), fmt), drop_extra)
-            weights = [src.path]
+            write_plan(inner, listing, plan, writer.Output(os.path.join(work, name), fmt), drop_extra)
         else:
-            ckpt = load(src, listing.key)
-            ops.execute(plan, ckpt)
+            whole = os.path.join(work, ".whole" + ext)  # the plan carried out, in one file, then split
+            write_plan(src, listing, plan, writer.Output(whole, fmt), drop_extra)
+            ckpt = load(Source(whole, "file", whole, sniff_file(whole)), listing.key if fmt == "pt" else None)
             extra = writer._non_tensor_entries(ckpt)
             if extra and not drop_extra:
                 raise ParamtoolError(f"shards hold tensors only, not the non-tensor entries ({', '.join(extra[:6])}); "
                                      "pass --drop-extra to write the tensors only")
             index_metadata = dict(listing.index.metadata) if src.kind == "sharded" else {}
-            write_shards(ckpt, _groups(src, ckpt, listing, output.max_shard_size), fmt, work, index_metadata)
+            write_shards(ckpt, _groups(ckpt, listing, output.max_shard_size), fmt, work, index_metadata)
+            os.unlink(whole)
             writer._verify(ckpt, _written(work), None)
-            weights = [os.path.join(listing.index.directory, s) for s in listing.parts] if src.kind == "sharded" else [src.path]
         if src.directory:
+            parts = getattr(listing, "parts", None)
+            weights = [os.path.join(listing.index.directory, s) for s in parts] if parts else [src.path]
             copy_sidecars(src.directory, weight_files(src.directory, weights), work)
 
     writer._replace_directory(output.path, build)
