@@ -29,11 +29,17 @@ def test_safetensors_header_and_other_bytes_kept(samples, tmp_path, run):
     src = samples / "rgnet.safetensors"
     run("init", src, "--scheme", "ones", "--layer", "1", "-o", tmp_path / "o.safetensors")
     a, b = src.read_bytes(), (tmp_path / "o.safetensors").read_bytes()
-    n = int.from_bytes(a[:8], "little")
-    assert a[: 8 + n] == b[: 8 + n] and len(a) == len(b)
+    n, m = int.from_bytes(a[:8], "little"), int.from_bytes(b[:8], "little")
     header = json.loads(a[8 : 8 + n])
-    start, end = (8 + n + x for x in header["1.weight"]["data_offsets"])
-    assert a[:start] == b[:start] and a[end:] == b[end:] and a[start:end] != b[start:end]
+    assert "format" not in header.get("__metadata__", {})  # the one header change: "format": "pt" is added
+    meta = {**header.get("__metadata__", {}), "format": "pt"}
+    assert json.loads(b[8 : 8 + m]) == {**header, "__metadata__": meta}
+    a, b = a[8 + n :], b[8 + m :]  # the data sections
+    start, end = header["1.weight"]["data_offsets"]
+    assert len(a) == len(b) and a[:start] == b[:start] and a[end:] == b[end:] and a[start:end] != b[start:end]
+    # a header that already names its format is copied verbatim
+    run("init", tmp_path / "o.safetensors", "--scheme", "zeros", "--layer", "1", "-o", tmp_path / "p.safetensors")
+    assert (tmp_path / "o.safetensors").read_bytes()[: 8 + m] == (tmp_path / "p.safetensors").read_bytes()[: 8 + m]
 
 
 def test_whole_overwrite_reads_nothing(samples, tmp_path, run, monkeypatch):

@@ -73,7 +73,8 @@ app = typer.Typer(
     name="paramtool",
     help="Inspect, reinitialize, tie-check and edit the parameters of PyTorch checkpoints.\n\n"
     "SOURCE is a checkpoint file (.pt/.pth/.bin/.ckpt or .safetensors), '-' for stdin, nn:EXPR, "
-    "FILE.py:FUNC, a sharded checkpoint (directory or *.index.json), or a torch.distributed.checkpoint directory.",
+    "FILE.py:FUNC, a sharded checkpoint (directory or *.index.json), a torch.distributed.checkpoint directory, "
+    "or a model directory (config.json beside one weights file).",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -84,7 +85,7 @@ app = typer.Typer(
 # Options shared by several commands, declared once.
 SourceArg = Annotated[
     Optional[str],
-    typer.Argument(help="Checkpoint file, '-' (stdin), nn:EXPR, FILE.py:FUNC, or a sharded/DCP directory. "
+    typer.Argument(help="Checkpoint file, '-' (stdin), nn:EXPR, FILE.py:FUNC, or a sharded/DCP/model directory. "
                    "Omitted: read stdin when it is not a terminal.", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout (no colour, no wrapping).")]
@@ -147,6 +148,8 @@ def inspect(
     from . import sources
 
     toc = sources.read_toc(sources.resolve(source), key)
+    for w in toc.warnings:
+        warn(w)
     chosen = set(_selected([t.name for t in toc.tensors], layer))
     tensors = [t for t in toc.tensors if t.name in chosen]
     if json_out:
@@ -158,6 +161,8 @@ def inspect(
         return
     console.print(render.inspect_tree(toc, tensors, depth, expand))
     for line in render.extras_lines(toc):
+        console.print(line)
+    for line in render.config_tie_lines(toc):
         console.print(line)
 
 
@@ -177,10 +182,12 @@ def show(
         if sys.stdin.isatty():
             raise UsageError("missing NAME (usage: paramtool show SOURCE NAME)")
         source, name = "-", source
-    ckpt = sources.load_lazy(sources.resolve(source), key)
-    if name not in ckpt.names:
+    src = sources.resolve(source)
+    ckpt = sources.load_lazy(src, key)
+    stored = sources.describe(src, ckpt).config_ties.get(name, name) if src.directory else name  # a config tie
+    if stored not in ckpt.names:
         raise ParamtoolError(_unknown_name(name, list(ckpt.names)))
-    t = ckpt.tensor(name)
+    t = ckpt.tensor(stored)
     if json_out:
         emit_json(tensor_json(name, t))
     else:
@@ -194,6 +201,8 @@ FormatOpt = Annotated[Optional[str], typer.Option("--format", help="Output forma
                                                   show_default=False)]
 DropExtraOpt = Annotated[bool, typer.Option("--drop-extra", help="Writing safetensors: drop non-tensor entries instead of failing.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Only report what would change; write nothing.")]
+MaxShardOpt = Annotated[Optional[str], typer.Option("--max-shard-size", help="Write a directory of shards of at most this size (500MB, 5GB, 2GiB), named and indexed as transformers does.",
+                                                    show_default=False)]
 PlanJsonOpt = Annotated[bool, typer.Option("--json", help="With --dry-run: the plan as JSON.")]
 
 
@@ -224,20 +233,30 @@ def _scheme_options(**given: Any) -> dict[str, Any]:
 
 
 def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, output: Optional[str], in_place: bool,
-            fmt: Optional[str], drop_extra: bool, write: Any = None) -> None:
+            fmt: Optional[str], drop_extra: bool, write: Any = None, max_shard_size: Optional[str] = None) -> None:
     """Report a dry run, or carry out the plan on ``listing`` (what it was planned on) and write the result."""
     from . import writer
 
     if json_out and not dry_run:
         raise UsageError("--json describes a --dry-run plan; without --dry-run the output is a checkpoint")
+    if getattr(src, "directory", None):  # a model directory: what its config.json ties goes in the report
+        from .formats.modeldir import note_config_ties
+        from .sources import describe
+
+        note_config_ties(plan.report, describe(src, listing))
     if dry_run:
         _dry_run(plan.report, json_out)
         return
-    target = writer.plan_output(src, output, in_place, fmt)
+    target = writer.plan_output(src, output, in_place, fmt, max_shard_size)
     for w in plan.report.warnings:
         warn(w)
     seen = len(plan.report.warnings)
-    (write or writer.write_plan)(src, listing, plan, target, drop_extra)
+    if target.format == "directory":  # a model directory: the weights written as always, laid out, sidecars copied
+        from .formats.modeldir import write_directory
+
+        write_directory(src, listing, plan, target, drop_extra, write or writer.write_plan)
+    else:
+        (write or writer.write_plan)(src, listing, plan, target, drop_extra)
     for w in plan.report.warnings[seen:]:  # found while writing (e.g. values that overflow a cast)
         warn(w)
     _summary(plan.report, target.label, target.format)
@@ -309,6 +328,7 @@ def init(
     fmt: FormatOpt = None,
     drop_extra: DropExtraOpt = False,
     key: KeyOpt = None,
+    max_shard_size: MaxShardOpt = None,
 ) -> None:
     """Reinitialize the selected tensors with a named scheme and write the result.
 
@@ -325,7 +345,7 @@ def init(
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
     plan = ops.plan_init(listing, scheme, given, list(layer or []), param, zero_bias, untie, seed)
-    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra)
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, max_shard_size=max_shard_size)
 
 
 @app.command(name="set", epilog='Examples:\n\n  paramtool set model.pt "0.weight[:] += 1" "0.weight[0, 0] = 42" -o out.pt\n\n'
@@ -340,6 +360,7 @@ def set_(
     fmt: FormatOpt = None,
     drop_extra: DropExtraOpt = False,
     key: KeyOpt = None,
+    max_shard_size: MaxShardOpt = None,
 ) -> None:
     """Edit values directly, applied in order; tied names change together."""
     from . import ops, sources
@@ -353,7 +374,7 @@ def set_(
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
     plan = ops.plan_set(listing, edits)
-    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra)
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, max_shard_size=max_shard_size)
 
 
 @app.command(epilog="Example: paramtool schemes --json\n\n" + EPILOG_HINT)
@@ -393,12 +414,19 @@ def ties(
     src = sources.resolve(source)
     if values:
         ckpt = sources.load_lazy(src, key)
-        toc = ckpt.toc()
+        toc = sources.describe(src, ckpt)
         groups = find_ties(toc.tensors, toc.meta_ties) + value_ties(ckpt.tensor, toc.tensors)
         groups.sort(key=group_order)
     else:
         toc = sources.read_toc(src, key)
         groups = find_ties(toc.tensors, toc.meta_ties)
+    if src.directory:  # a model directory: the ties its config.json declares, and stored pairs that differ
+        from .formats.modeldir import differing_pairs, mark_config
+
+        groups = mark_config(groups, toc.config_ties)
+        pairs = toc.config_pairs
+        for w in toc.warnings + (differing_pairs(sources.load_lazy(src, key).tensor, pairs) if pairs else []):
+            warn(w)
     if json_out:
         emit_json({"groups": [g.as_json() for g in groups]})
         return
@@ -517,6 +545,7 @@ def convert(
     fmt: FormatOpt = None,
     drop_extra: DropExtraOpt = False,
     key: KeyOpt = None,
+    max_shard_size: MaxShardOpt = None,
 ) -> None:
     """Rewrite a checkpoint in another format (ties and metadata kept), or another dtype with --dtype.
 
@@ -535,7 +564,7 @@ def convert(
             raise UsageError("--dry-run goes with --dtype (a plain convert changes no tensor)")
         src = sources.resolve(source)
         _finish(src, sources.open_for_plan(src, key), Plan(Report("convert"), narrow=True), False, False,
-                target or output, in_place, fmt, drop_extra)
+                target or output, in_place, fmt, drop_extra, max_shard_size=max_shard_size)
         return
     from . import surgery
 
@@ -543,7 +572,8 @@ def convert(
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
     plan = surgery.plan_cast(listing, to, list(keep_dtype or []))
-    _finish(src, listing, plan, dry_run, json_out, target or output, in_place, fmt, drop_extra, surgery.write)
+    _finish(src, listing, plan, dry_run, json_out, target or output, in_place, fmt, drop_extra, surgery.write,
+            max_shard_size=max_shard_size)
 
 
 def _source_then(args: list[str], looks_like_arg: Any) -> tuple[Optional[str], list[str]]:
@@ -568,6 +598,7 @@ def rename(
     fmt: FormatOpt = None,
     drop_extra: DropExtraOpt = False,
     key: KeyOpt = None,
+    max_shard_size: MaxShardOpt = None,
 ) -> None:
     """Rename tensors by rules; two names becoming one is an error. Ties, metadata and optimizer state are kept."""
     from . import sources, surgery
@@ -579,7 +610,8 @@ def rename(
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
     plan = surgery.plan_rename(listing, rules)
-    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write)
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,
+            max_shard_size=max_shard_size)
 
 
 @app.command(epilog="Examples:\n\n  paramtool drop train.ckpt --key optimizer -o weights.ckpt\n\n"
@@ -595,6 +627,7 @@ def drop(
     in_place: InPlaceOpt = False,
     fmt: FormatOpt = None,
     drop_extra: DropExtraOpt = False,
+    max_shard_size: MaxShardOpt = None,
 ) -> None:
     """Remove tensors (--layer) or whole sub-trees (--key). A dropped name tied to kept ones leaves them the storage."""
     from . import sources, surgery
@@ -604,7 +637,8 @@ def drop(
     src = sources.resolve(source)
     listing = sources.open_for_plan(src)
     plan = surgery.plan_drop(listing, list(layer or []), list(key or []))
-    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write)
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,
+            max_shard_size=max_shard_size)
 
 
 @app.command(epilog="Examples:\n\n  paramtool resize model.safetensors transformer.wte.weight --rows 50304 -o out.safetensors\n\n"
@@ -636,6 +670,7 @@ def resize(
     fmt: FormatOpt = None,
     drop_extra: DropExtraOpt = False,
     key: KeyOpt = None,
+    max_shard_size: MaxShardOpt = None,
 ) -> None:
     """Grow or shrink dim 0 of a tensor (an embedding's vocabulary); every tensor tied to it follows.
 
@@ -661,7 +696,8 @@ def resize(
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
     plan = surgery.plan_resize(listing, name, rows, surgery.NewRows(scheme, given, seed))
-    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write)
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,
+            max_shard_size=max_shard_size)
 
 
 @app.command(epilog="Examples:\n\n  paramtool grad 'nn:Sequential(Linear(20, 256), ReLU(), Linear(256, 10))' --input 2,20\n\n"

@@ -69,6 +69,7 @@ def inspect_json(toc: Toc, tensors: list[TensorInfo]) -> dict:
                 "numel": t.numel,
                 "nbytes": t.nbytes,
                 "tied_to": ties.get(t.name),
+                **({"stored": False} if t.name in toc.config_ties else {}),
             }
             for t in tensors
         ],
@@ -333,6 +334,12 @@ def extras_lines(toc: Toc) -> list[Text]:
         for k, v in rest.items():
             lines.append(Text.assemble(("metadata ", "dim"), (safe_name(k), "bold"), ": ", safe_name(v)))
     return lines
+
+
+def config_tie_lines(toc: Toc) -> list[Text]:
+    """The names a model directory's config.json ties that its weights do not store (listed in the tree)."""
+    return [Text.assemble((safe_name(n), "bold"), f" = {safe_name(s)}: not stored (config.json ties them)")
+            for n, s in toc.config_ties.items()]
 
 
 # --- ties --------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ class Source:
     kind: str  # "file" | "nn" | "factory" | "sharded" | "dcp"
     path: str | None = None  # the file to read (stdin is spooled to a temporary file)
     format: str | None = None  # sniffed file format: "pt" | "pt-legacy" | "safetensors"
+    directory: str | None = None  # the model directory the weights sit in (beside config.json, tokenizer files)
 
     @property
     def label(self) -> str:
@@ -82,7 +83,16 @@ def resolve(text: str | None) -> Source:
     if os.path.isdir(text) or text.endswith(".index.json"):
         if os.path.isdir(text) and os.path.exists(os.path.join(text, ".metadata")):
             return Source(text, "dcp", text)
-        return Source(text, "sharded", text)
+        from .formats.modeldir import find_weights
+        from .formats.sharded import has_index
+
+        if os.path.isdir(text) and not has_index(text):  # a model directory with one weights file
+            weights = find_weights(text)
+            return Source(text, "file", weights, sniff_file(weights), directory=text)
+        directory = text if os.path.isdir(text) else os.path.dirname(text) or "."
+        if not os.path.isdir(text) and not os.path.isfile(os.path.join(directory, "config.json")):
+            directory = None  # an index in some directory that is not a model's: no sidecars to carry
+        return Source(text, "sharded", text, directory=directory)
     if not os.path.exists(text):
         raise ParamtoolError(f"{text}: no such file")
     if not os.path.isfile(text):
@@ -91,6 +101,17 @@ def resolve(text: str | None) -> Source:
         return Source(text, "file", text, sniff_file(text))
     except PermissionError:
         raise ParamtoolError(f"{text}: permission denied") from None
+
+
+def describe(src: Source, ckpt: Checkpoint) -> Toc:
+    """``ckpt``'s table of contents; in a model directory, with the ties its config.json declares."""
+    return _with_config(src, ckpt.toc()) if src.directory else ckpt.toc()
+
+
+def _with_config(src: Source, toc: Toc) -> Toc:
+    from .formats import modeldir
+
+    return modeldir.annotate(toc, src.directory, single_file=src.kind == "file")
 
 
 class ShardedCheckpoint(Checkpoint):
@@ -167,6 +188,9 @@ def open_listing(src: Source, key: str | None = None) -> Checkpoint:
 
 def read_toc(src: Source, key: str | None = None) -> Toc:
     """The table of contents. For files this reads headers/pickles only: no torch, no tensor bytes."""
+    if src.directory:  # a model directory: with the ties its config.json declares
+        return _with_config(src, read_toc(replace(src, directory=None), key))
+
     if src.kind in ("file", "sharded", "dcp"):
         listing = open_listing(src, key)
         if src.kind == "dcp" and key and not listing.names:  # DCP keeps values in the data files: read them

@@ -193,9 +193,15 @@ class SafetensorsStorageFile(StorageFile):
         changed = set(changed)
         ordered = sorted(self.spans.items(), key=lambda kv: kv[1].offset)
         produced = _ahead([k for k, _ in ordered if k in changed], produce)
+        from .formats.safetensors_fmt import header_with_format
+
+        header = header_with_format(self.path)  # every safetensors file written says "format": "pt"
         with open(out_path, "wb") as out:
             self._file.seek(0)
-            _copy(self._file, out, self.data_start)
+            if header is None:
+                _copy(self._file, out, self.data_start)
+            else:
+                out.write(header)
             pos = self.data_start
             for key, span in ordered:
                 if span.offset > pos:  # padding between ranges, if any

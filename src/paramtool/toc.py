@@ -103,9 +103,12 @@ class Toc:
     """What ``inspect`` and ``ties`` need, and nothing that requires tensor bytes."""
 
     source: str
-    format: str  # "pt" | "pt-legacy" | "safetensors" | "sharded" | "dcp" | "module"
+    format: str  # "pt" | "pt-legacy" | "safetensors" | "sharded" | "dcp" | "module" | "directory"
     tensors: list[TensorInfo]
     extras: dict[str, str] = field(default_factory=dict)  # non-tensor entries: dotted path -> short repr
+    config_ties: dict[str, str] = field(default_factory=dict)  # name -> stored name: not stored, config.json ties it
+    config_pairs: list[tuple[str, str]] = field(default_factory=list)  # stored apart, though config.json ties them
+    warnings: list[str] = field(default_factory=list)  # what the reader could not settle (unmatched declarations)
     metadata: dict[str, str] | None = None  # safetensors header metadata
     modules: dict[str, str] = field(default_factory=dict)  # module path -> repr, for module sources
     meta_ties: dict[str, str] = field(default_factory=dict)  # name -> stored name, ties restored from metadata

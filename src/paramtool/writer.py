@@ -25,18 +25,26 @@ PT_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
 @dataclass(frozen=True)
 class Output:
     path: str | None  # None: standard output
-    format: str  # "pt" | "safetensors"
+    format: str  # "pt" | "safetensors" | "sharded" | "dcp" | "directory" (a model directory, see formats.modeldir)
     in_place: bool = False
+    weights_format: str | None = None  # "directory": the format of the weight files
+    max_shard_size: int | None = None  # "directory": reshard to at most this many bytes per file
 
     @property
     def label(self) -> str:
         return self.path or "-"
 
 
-def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None) -> Output:
+def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
+                max_shard_size: str | None = None) -> Output:
     """Apply the contract's OUTPUT rules: ``-o``, ``--in-place``, or stdout when it is not a terminal."""
     if fmt is not None and fmt not in ("pt", "safetensors"):
         raise UsageError(f"--format must be pt or safetensors, not '{fmt}'")
+    from .formats import modeldir
+
+    directory = modeldir.plan_output(src, out, in_place, fmt, max_shard_size)
+    if directory is not None:
+        return Output(directory[0], "directory", weights_format=directory[1], max_shard_size=directory[2])
     if src.kind in ("sharded", "dcp"):
         return _plan_directory_output(src, out, in_place, fmt)
     is_input_file = src.kind == "file" and src.text != "-"
@@ -77,7 +85,8 @@ def _plan_directory_output(src: Source, out: str | None, in_place: bool, fmt: st
     if out is None or out == "-":
         raise UsageError(f"a {src.kind} checkpoint is written to a directory: use -o DIR, --in-place, "
                          "or -o FILE.safetensors (or .pt) to merge it into one file")
-    if fmt is None and (os.path.isdir(out) or not os.path.splitext(out)[1]):
+    if (fmt is None or src.kind == "sharded") and (os.path.isdir(out) or not os.path.splitext(out)[1]):
+        # (a sharded source's -o DIR in another format or resharded is a model directory: formats.modeldir)
         if os.path.isdir(out) and os.listdir(out):
             raise UsageError(f"{out} is a directory that is not empty: choose a new one, or use --in-place")
         return Output(out, src.kind)
@@ -383,6 +392,11 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
             written = {shard: job.result() for shard, job in jobs.items()}
         if work != index.directory:
             write_index(index, work)
+            if src.directory:  # a model directory: config.json, tokenizer files, ... go along
+                from .formats.modeldir import copy_sidecars, weight_files
+
+                shards = [os.path.join(index.directory, s) for s in listing.parts]
+                copy_sidecars(src.directory, weight_files(src.directory, shards), work)
         return {shard: tmp for shard, tmp in written.items() if tmp is not None}
 
     if output.in_place:

@@ -195,6 +195,19 @@ def load(path: str) -> tuple[dict[str, Any], dict[str, str] | None, dict[str, st
     return {n: tensors[n] for n in order}, metadata, ties
 
 
+def header_with_format(path: str) -> bytes | None:
+    """The file's length-prefixed header with ``"format": "pt"`` added to its metadata, or None when the
+    metadata already names a format. Tensor offsets are relative to the data, so the data bytes follow as they are."""
+    header, _ = read_header(path)
+    metadata = header.get("__metadata__") or {}
+    if "format" in metadata:
+        return None
+    rest = {k: v for k, v in header.items() if k != "__metadata__"}
+    text = json.dumps({"__metadata__": {**metadata, "format": "pt"}, **rest}, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
 def save(tensors: dict[str, Any], metadata: dict[str, str] | None, path: str) -> None:
     """Write ``tensors`` to ``path`` in their order; tied names are stored once and recorded in the metadata."""
     from ..ties import storage_groups, group_kind
@@ -223,6 +236,7 @@ def save(tensors: dict[str, Any], metadata: dict[str, str] | None, path: str) ->
                 }
     _, _, rest = split_metadata(dict(metadata or {}), set(tensors))
     meta = {**rest, **aliases}
+    meta.setdefault("format", "pt")  # transformers refuses a file without it; a source's own value is kept
     if views:
         meta[TIES_KEY] = json.dumps(views, sort_keys=True)
     dropped = {n: i for i, n in enumerate(tensors) if n not in stored_names}

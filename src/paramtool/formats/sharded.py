@@ -24,6 +24,10 @@ class Index:
         return list(dict.fromkeys(self.weight_map.values()))
 
 
+def has_index(directory: str) -> bool:
+    return bool(glob.glob(os.path.join(glob.escape(directory), "*.index.json")))
+
+
 def find_index(path: str) -> str:
     """The index file of a sharded checkpoint given as a directory or as the index itself."""
     if not os.path.isdir(path):
