@@ -87,7 +87,6 @@ PAYLOADS = {
     "NEWOBJ_EX": (b"\x80\x04\x8c\nsubprocess\x8c\x05Popen\x93)}\x92.", "subprocess.Popen"),
     "builtins.__import__": (b"cbuiltins\n__import__\n(S'os'\ntR.", "builtins.__import__"),
     "nt.system": (b"cnt\nsystem\n(S'touch {m}'\ntR.", "nt.system"),
-    "unknown class": (b"\x80\x02cmymodule\nEvil\n)\x81.", "mymodule.Evil"),
     "prefix is not enough": (b"\x80\x02ctorch.nn.modules.linear\nos\n)\x81.", "torch.nn.modules.linear.os"),
     "torch.load itself": (b"ctorch\nload\n(S'x'\ntR.", "torch.load"),
 }
@@ -107,6 +106,15 @@ def test_bare_pickle_refused(tmp_path, case):
         read_legacy_tree(str(tmp_path / "x.pt"))
     assert e.value.name == name
     assert not marker.exists()
+
+
+def test_unknown_class_is_inert_not_refused():
+    # issue 10: a class paramtool does not know is kept as a record of its name, never created nor refused
+    from paramtool.formats.unpickle import Inert, unpickle
+
+    obj, names = unpickle(b"\x80\x02cmymodule\nEvil\n)\x81.")
+    assert isinstance(obj, Inert) and obj.name == "mymodule.Evil" and names == {"mymodule.Evil"}
+    assert "mymodule" not in sys.modules
 
 
 @pytest.mark.parametrize("case", ["os.system GLOBAL", "STACK_GLOBAL", "builtins.exec"])
