@@ -155,8 +155,10 @@ def open_listing(src: Source, key: str | None = None) -> Checkpoint:
         return Checkpoint(src.label, "safetensors", root, {n: (n,) for n in root}, metadata, meta_ties, src.path)
     from .formats import torchfile
 
-    root = torchfile.read_zip_tree(src.path) if src.format == "pt" else torchfile.read_legacy_tree(src.path)
-    return _named(src, src.format, root, key)
+    listing = torchfile.read_torch(src.path, src.format)
+    ckpt = _named(src, src.format, listing.root, key)
+    ckpt.globals = sorted(listing.globals)
+    return ckpt
 
 
 def read_toc(src: Source, key: str | None = None) -> Toc:
@@ -174,10 +176,12 @@ def load(src: Source, key: str | None = None) -> Checkpoint:
         names = {n: (n,) for n in tensors}
         return Checkpoint(src.label, "safetensors", tensors, names, metadata, meta_ties, src.path)
     if src.kind == "file":
-        from .formats import pt
+        from .formats import pt, torchfile
 
-        open_listing(src, key)  # the allowlist pass: refuses hostile pickles before torch sees them
-        return _named(src, src.format, pt.load(src.path, src.format), key)
+        listing = torchfile.read_torch(src.path, src.format)  # refuses a hostile pickle; locates every storage
+        ckpt = _named(src, src.format, pt.load(src.path, listing), key)
+        ckpt.globals = sorted(listing.globals)
+        return ckpt
     if src.kind == "sharded":
         return _sharded(src, load)
     if src.kind == "dcp":

@@ -109,6 +109,7 @@ class Toc:
     metadata: dict[str, str] | None = None  # safetensors header metadata
     modules: dict[str, str] = field(default_factory=dict)  # module path -> repr, for module sources
     meta_ties: dict[str, str] = field(default_factory=dict)  # name -> stored name, ties restored from metadata
+    globals: list[str] | None = None  # global names a pickle refers to (torch files); None for other formats
 
 
 @dataclass

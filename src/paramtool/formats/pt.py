@@ -1,41 +1,164 @@
-"""torch.save files: load with torch under the weights-only rules, save with torch.save."""
+"""torch.save files: tensors rebuilt by paramtool from the storages it located; saved with torch.save.
+
+Loading never unpickles a file a second time and never calls ``torch.load``: the listing (``TorchFile``,
+read by the inert unpickler) says where each storage's bytes are, and each ``FakeTensor`` view becomes a real
+tensor over a copy-on-write memory map of those bytes. Tensors that share a storage in the file share one
+here. Modules stay ``FakeModule`` and other objects stay ``Inert``: nothing a file names is built or called.
+
+Saving re-serializes that tree with torch's zip writer and a pickler that writes a stand-in back as the same
+GLOBAL, arguments and state it was read from, without importing the module it names.
+"""
 from __future__ import annotations
 
+import mmap
 import pickle
-import warnings
-from typing import Any
+from typing import Any, Hashable
 
-from ..errors import FormatError, RefusedGlobal
+from ..errors import FormatError
+from ..toc import FakeModule, FakeTensor
+from .torchfile import TorchFile
+from .unpickle import Global, Inert, module_class
 
 
-def load(path: str, fmt: str) -> Any:
-    """Load a torch.save file on the CPU, memory-mapped when it is a zip file.
-
-    The caller has already run the listing unpickler over it, which refuses any global outside the
-    allowlist; torch's own weights-only unpickler is a second, independent gate.
-    """
+def load(path: str, listing: TorchFile) -> Any:
+    """The file's object tree with real tensors (memory-mapped, copy-on-write) in place of ``FakeTensor``."""
     import torch
 
-    from .torchfile import torch_safe_globals
+    storages: dict[Hashable, Any] = {}
+    with open(path, "rb") as f:
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if listing.storages else None
+        except (ValueError, OSError) as e:
+            raise FormatError(f"{path}: cannot map the file ({e})") from None
+    for key, ref in listing.storages.items():
+        offset = listing.data_offset.get(key)
+        nbytes = ref.nbytes
+        if nbytes == 0:
+            flat = torch.empty(0, dtype=torch.uint8)
+        elif offset is None:  # a compressed zip record (not written by torch): read into memory
+            import zipfile
 
-    try:
-        with torch.serialization.safe_globals(torch_safe_globals()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 0": the allowlist pass already read it
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=(fmt == "pt"))
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        marker = "GLOBAL "
-        if marker in text:
-            name = text.split(marker, 1)[1].split()[0]
-            raise RefusedGlobal(name, path) from None
-        raise FormatError(f"{path}: cannot load: {text.splitlines()[0] if text else type(e).__name__}") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise FormatError(f"{path}: cannot load torch checkpoint: {first}") from None
+            with zipfile.ZipFile(path) as z:
+                data = bytearray(z.read(listing.records[key]))
+            flat = torch.frombuffer(data, dtype=torch.uint8, count=nbytes)
+        else:
+            if offset + nbytes > len(mapped):
+                raise FormatError(f"{path}: truncated: storage {key[1]!r} ends beyond the file")
+            flat = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset)
+        storages[key] = flat.untyped_storage()
+    done: dict[int, Any] = {}
+
+    def tensor(fake: FakeTensor) -> Any:
+        dtype = getattr(torch, fake.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise FormatError(f"{path}: tensors of dtype {fake.dtype} are not supported")
+        t = torch.empty(0, dtype=dtype)
+        t.set_(storages[fake.storage.key], fake.offset, fake.shape, fake.stride)
+        if fake.is_parameter:
+            return torch.nn.Parameter(t, requires_grad=fake.requires_grad)
+        if fake.requires_grad:
+            t.requires_grad_(True)
+        return t
+
+    def real(obj: Any) -> Any:
+        if id(obj) in done:
+            return done[id(obj)]
+        if isinstance(obj, FakeTensor):
+            out: Any = tensor(obj)
+        elif isinstance(obj, FakeModule):
+            out = FakeModule.__new__(type(obj))
+            out.cls, out.state = obj.cls, {}
+            done[id(obj)] = out
+            out.state.update({k: real(v) for k, v in obj.state.items()})
+        elif isinstance(obj, Inert):
+            out = Inert(obj.cls, (), obj.how)
+            done[id(obj)] = out
+            out.args, out.kwargs = real(obj.args), {k: real(v) for k, v in obj.kwargs.items()}
+            out.state, out.has_state = real(obj.state), obj.has_state
+            out.items, out.dict_items = real(obj.items), {k: real(v) for k, v in obj.dict_items.items()}
+        elif type(obj) in (dict, list) or isinstance(obj, dict):
+            out = obj.__class__() if type(obj) is not list else []
+            done[id(obj)] = out
+            if isinstance(obj, dict):
+                out.update((k, real(v)) for k, v in obj.items())
+                if getattr(obj, "__dict__", None):
+                    out.__dict__.update({k: real(v) for k, v in obj.__dict__.items()})
+            else:
+                out.extend(real(v) for v in obj)
+        elif type(obj) is tuple:
+            out = tuple(real(v) for v in obj)
+        else:
+            return obj  # numbers, text, bytes, sets of those, Global names
+        done[id(obj)] = out
+        return out
+
+    return real(listing.root)
+
+
+class _Pickler(pickle._Pickler):  # the pure-Python pickler: it lets a stand-in write its own opcodes
+    """Writes ``Global``, ``Inert`` and ``FakeModule`` as the GLOBAL name (never imported), arguments and state
+    they were read from; everything else as torch.save does."""
+
+    def save(self, obj: Any, save_persistent_id: bool = True) -> None:
+        if isinstance(obj, (Global, Inert, FakeModule)):
+            memo = self.memo.get(id(obj))
+            if memo is not None:
+                self.write(self.get(memo[0]))
+                return
+            if isinstance(obj, Global):
+                self._global(obj)
+            elif isinstance(obj, Inert):
+                self._inert(obj)
+            else:
+                self._module(obj)
+            return
+        super().save(obj, save_persistent_id)
+
+    def _global(self, ref: Global) -> None:
+        self.write(pickle.GLOBAL + ref.module.encode("utf-8") + b"\n" + ref.qualname.encode("utf-8") + b"\n")
+        self.memoize(ref)
+
+    def _inert(self, obj: Inert) -> None:
+        self.save(obj.cls)
+        self.save(tuple(obj.args))
+        if obj.how == "newobj" and obj.kwargs:
+            self.save(dict(obj.kwargs))
+            self.write(pickle.NEWOBJ_EX)
+        else:
+            self.write(pickle.NEWOBJ if obj.how == "newobj" else pickle.REDUCE)
+        self.memoize(obj)
+        if obj.items:
+            self._batch_appends(iter(obj.items))
+        if obj.dict_items:
+            self._batch_setitems(iter(obj.dict_items.items()))
+        if obj.has_state:
+            self.save(obj.state)
+            self.write(pickle.BUILD)
+
+    def _module(self, obj: FakeModule) -> None:
+        module, _, name = obj.cls.rpartition(".")
+        self.save(Global(module, name))
+        self.save(())
+        self.write(pickle.NEWOBJ)
+        self.memoize(obj)
+        self.save(obj.state)
+        self.write(pickle.BUILD)
+
+
+class _PickleModule:
+    """What ``torch.save(pickle_module=...)`` needs: a ``Pickler`` class."""
+
+    Pickler = _Pickler
+    Unpickler = pickle.Unpickler  # never used for loading: torch.save only pickles
+    HIGHEST_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 def save(root: Any, path: str) -> None:
-    """torch.save in the zip format; shared storages stay shared, as torch.save keeps them."""
+    """torch.save in the zip format; shared storages stay shared, as torch.save keeps them. Stand-ins read
+    from a file (modules, inert objects, names) are written back as they were read."""
     import torch
 
-    torch.save(root, path)
+    torch.save(root, path, pickle_module=_PickleModule)
+
+
+__all__ = ["load", "save", "module_class"]

@@ -156,8 +156,33 @@ def _short(v: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_NUMPY_CODES = {"f8": "d", "f4": "f", "f2": "e", "i8": "q", "i4": "i", "i2": "h", "i1": "b", "u8": "Q", "u4": "I",
+                "u2": "H", "u1": "B", "b1": "?"}
+_NUMPY_NAMES = {"f": "float", "i": "int", "u": "uint", "b": "bool"}
+
+
+def _numpy_scalar(obj: Inert) -> str | None:
+    """``numpy.float64(0.75)`` for a pickled numpy scalar (dtype record + raw bytes), decoded, not built."""
+    if not obj.name.endswith("multiarray.scalar") or len(obj.args) != 2 or not isinstance(obj.args[1], bytes):
+        return None
+    dtype = obj.args[0]
+    if not isinstance(dtype, Inert) or not dtype.args or dtype.args[0] not in _NUMPY_CODES:
+        return None
+    code = dtype.args[0]
+    order = dtype.state[1] if isinstance(dtype.state, tuple) and len(dtype.state) > 1 else "<"
+    try:
+        value = struct.unpack(("<" if order in ("<", "|", "=") else ">") + _NUMPY_CODES[code], obj.args[1])[0]
+    except struct.error:
+        return None
+    kind = _NUMPY_NAMES[code[0]] + (str(int(code[1:]) * 8) if code != "b1" else "_")
+    return f"numpy.{kind}({value!r})"
+
+
 def describe(obj: Inert, limit: int = 200) -> str:
     """``argparse.Namespace(lr=0.1, model='resnet50')``: the name, its arguments, its state's fields."""
+    scalar = _numpy_scalar(obj)
+    if scalar:
+        return scalar
     parts = [_short(a) for a in obj.args if not isinstance(a, Global) or a.name != obj.name]
     parts += [f"{k}={_short(v)}" for k, v in obj.kwargs.items()]
     state = obj.state
