@@ -81,6 +81,11 @@ def inspect_json(toc: Toc, tensors: list[TensorInfo]) -> dict:
         out["metadata"] = toc.metadata
     if toc.modules:
         out["modules"] = toc.modules
+    if toc.globals is not None:  # a pickle: what torch.load(weights_only=True) would need allowlisted
+        from .formats.weights_only import beyond
+
+        out["globals"] = beyond(toc.globals)
+        out["weights_only_loadable"] = not out["globals"]
     return out
 
 
@@ -178,6 +183,14 @@ def extras_lines(toc: Toc) -> list[Text]:
         _, _, rest = split_metadata(toc.metadata, {t.name for t in toc.tensors})
         for k, v in rest.items():
             lines.append(Text.assemble(("metadata ", "dim"), (safe_name(k), "bold"), ": ", safe_name(v)))
+    if toc.globals:
+        from .formats.weights_only import beyond
+
+        needed = beyond(toc.globals)
+        if needed:
+            lines.append(Text.assemble(("globals", "bold"), ": ", safe_name(", ".join(needed)),
+                                       (" (beyond torch's weights_only allowlist: torch.load(weights_only=True) "
+                                        "refuses this file; paramtool reads it without running anything)", "dim")))
     return lines
 
 

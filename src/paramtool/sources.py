@@ -121,10 +121,12 @@ def _sharded(src: Source, open_part: Any) -> ShardedCheckpoint:
             raise FormatError(f"{index.path}: '{name}' is mapped to shard '{shard}', which does not hold it")
         names[name] = (shard,) + tuple(parts[shard].names[name])
     meta_ties = {n: t for p in parts.values() for n, t in p.meta_ties.items()}
+    part_globals = [p.globals for p in parts.values() if p.globals is not None]
     metadata = {k: v for p in parts.values() for k, v in (p.metadata or {}).items()}  # the shards' own
     ckpt = ShardedCheckpoint(src.label, "sharded", {s: p.root for s, p in parts.items()}, names,
                              metadata or None, meta_ties, src.path)
     ckpt.parts, ckpt.index = parts, index
+    ckpt.globals = sorted(set().union(*part_globals)) if part_globals else None
     return ckpt
 
 
