@@ -22,14 +22,22 @@ from .unpickle import Global, Inert, module_class
 
 def load(path: str, listing: TorchFile) -> Any:
     """The file's object tree with real tensors (memory-mapped, copy-on-write) in place of ``FakeTensor``."""
+    mapped = None
+    if listing.storages and any(listing.storages[k].nbytes for k in listing.storages):
+        with open(path, "rb") as f:
+            try:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (ValueError, OSError) as e:
+                raise FormatError(f"{path}: cannot map the file ({e})") from None
+    return materialize(listing, mapped, path)
+
+
+def materialize(listing: TorchFile, mapped: Any, path: str, zip_bytes: Any = None) -> Any:
+    """``listing``'s tree with real tensors over ``mapped`` (the file's bytes: an mmap or a bytearray).
+    ``zip_bytes``: where a compressed record is read from, when the zip is not the file at ``path``."""
     import torch
 
     storages: dict[Hashable, Any] = {}
-    with open(path, "rb") as f:
-        try:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if listing.storages else None
-        except (ValueError, OSError) as e:
-            raise FormatError(f"{path}: cannot map the file ({e})") from None
     for key, ref in listing.storages.items():
         offset = listing.data_offset.get(key)
         nbytes = ref.nbytes
@@ -38,11 +46,11 @@ def load(path: str, listing: TorchFile) -> Any:
         elif offset is None:  # a compressed zip record (not written by torch): read into memory
             import zipfile
 
-            with zipfile.ZipFile(path) as z:
+            with zipfile.ZipFile(zip_bytes if zip_bytes is not None else path) as z:
                 data = bytearray(z.read(listing.records[key]))
             flat = torch.frombuffer(data, dtype=torch.uint8, count=nbytes)
         else:
-            if offset + nbytes > len(mapped):
+            if mapped is None or offset + nbytes > len(mapped):
                 raise FormatError(f"{path}: truncated: storage {key[1]!r} ends beyond the file")
             flat = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset)
         storages[key] = flat.untyped_storage()

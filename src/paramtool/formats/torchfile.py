@@ -241,10 +241,12 @@ def _data_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int | None:
     return info.header_offset + 30 + name_len + extra_len
 
 
-def read_zip(path: str) -> TorchFile:
-    """A torch zip checkpoint read without running it: reads ``data.pkl`` and the zip directory only."""
+def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
+    """A torch zip checkpoint read without running it: reads ``data.pkl`` and the zip directory only.
+
+    ``fileobj``: the zip is these bytes (a record inside a DCP data file), ``path`` only names it."""
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(fileobj if fileobj is not None else path)
     except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as e:  # e.g. "zip file version 6.4"
         raise FormatError(f"{path}: not a valid torch zip file ({type(e).__name__}: {e})") from None
     with archive:
@@ -279,10 +281,14 @@ def read_zip(path: str) -> TorchFile:
 
         data = _read_record(archive, info.filename, path)
         out.root = _unpickle(data, storage, path, out.globals)
-        with open(path, "rb") as f:
+        f = fileobj if fileobj is not None else open(path, "rb")
+        try:
             for ref in seen.values():
                 out.storages[ref.key] = ref
                 out.data_offset[ref.key] = _data_offset(f, records[out.records[ref.key]])
+        finally:
+            if fileobj is None:
+                f.close()
     return out
 
 
