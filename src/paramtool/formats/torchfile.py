@@ -152,6 +152,8 @@ def _check_graph(root: Any) -> None:
             if grand is None or id(child) in done:
                 continue
             if id(child) in on_path:
+                if isinstance(child, Inert):  # an object's link back to its parent (omegaconf's _parent):
+                    continue  # tree walks never enter an Inert, so the cycle is harmless
                 raise FormatError("the pickle holds a container that contains itself: not a checkpoint")
             if len(stack) >= MAX_DEPTH:
                 raise FormatError(f"containers nested deeper than {MAX_DEPTH} levels: not a checkpoint")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import codecs
 import collections
 import io
+import reprlib
 import struct
 from typing import Any, BinaryIO, Callable
 
@@ -69,12 +70,10 @@ DENIED_PREFIXES = (
     "transformers.trainer_utils", "huggingface_hub", "__main__.eval", "__main__.exec", "__main__.os",
 )
 # Harmless names under an otherwise denied module: plain values the weights-only loader also accepts.
-ALLOWED_IN_DENIED = frozenset({
-    "builtins.set", "builtins.frozenset", "builtins.slice", "builtins.complex", "builtins.bytearray",
-    "builtins.bytes", "builtins.str", "builtins.int", "builtins.float", "builtins.bool", "builtins.list",
-    "builtins.dict", "builtins.tuple", "builtins.range", "builtins.object", "builtins.NoneType",
-    "__builtin__.set", "__builtin__.frozenset", "__builtin__.slice", "__builtin__.complex",
-    "__builtin__.bytearray", "__builtin__.object", "__builtin__.unicode", "__builtin__.long",
+_PLAIN_BUILTINS = ("set", "frozenset", "slice", "complex", "bytearray", "bytes", "str", "int", "float", "bool",
+                   "list", "dict", "tuple", "range", "object", "NoneType", "unicode", "long", "type", "Ellipsis",
+                   "NotImplemented", "ValueError", "KeyError", "TypeError", "RuntimeError", "Exception")
+ALLOWED_IN_DENIED = frozenset({f"{m}.{n}" for m in ("builtins", "__builtin__") for n in _PLAIN_BUILTINS} | {
     "torch.serialization._get_layout", "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.PurePosixPath",
     "pathlib.PureWindowsPath", "pathlib.Path", "types.SimpleNamespace", "types.MappingProxyType",
 })
@@ -151,9 +150,26 @@ class Inert:
         return None
 
 
-def _short(v: Any, limit: int = 60) -> str:
-    text = repr(v)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+class _Repr(reprlib.Repr):
+    """Bounded reprs: a pickle's values may be shared exponentially or cyclic; nesting stops at a few levels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother = 3, 50, 60
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = self.maxfrozenset = 6
+
+    def repr_Inert(self, x: Inert, level: int) -> str:
+        return describe(x, level=level - 1) if level > 0 else f"{x.name}(...)"
+
+    def repr_Global(self, x: Global, level: int) -> str:
+        return x.name
+
+
+_REPR = _Repr()
+
+
+def _short(v: Any, level: int = 3) -> str:
+    return _REPR.repr1(v, level)
 
 
 _NUMPY_CODES = {"f8": "d", "f4": "f", "f2": "e", "i8": "q", "i4": "i", "i2": "h", "i1": "b", "u8": "Q", "u4": "I",
@@ -178,25 +194,25 @@ def _numpy_scalar(obj: Inert) -> str | None:
     return f"numpy.{kind}({value!r})"
 
 
-def describe(obj: Inert, limit: int = 200) -> str:
+def describe(obj: Inert, limit: int = 200, level: int = 3) -> str:
     """``argparse.Namespace(lr=0.1, model='resnet50')``: the name, its arguments, its state's fields."""
     scalar = _numpy_scalar(obj)
     if scalar:
         return scalar
-    parts = [_short(a) for a in obj.args if not isinstance(a, Global) or a.name != obj.name]
-    parts += [f"{k}={_short(v)}" for k, v in obj.kwargs.items()]
+    parts = [_short(a, level) for a in obj.args if not isinstance(a, Global) or a.name != obj.name]
+    parts += [f"{k}={_short(v, level)}" for k, v in obj.kwargs.items()]
     state = obj.state
     if isinstance(state, tuple) and len(state) == 2 and (state[0] is None or isinstance(state[0], dict)) \
             and isinstance(state[1], dict):
         state = {**(state[0] or {}), **state[1]}
     if isinstance(state, dict):
-        parts += [f"{k}={_short(v)}" for k, v in state.items()]
+        parts += [f"{k}={_short(v, level)}" for k, v in state.items()]
     elif obj.has_state and state is not None:
-        parts.append(f"state={_short(state)}")
+        parts.append(f"state={_short(state, level)}")
     if obj.dict_items:
-        parts.append(_short(obj.dict_items))
+        parts.append(_short(obj.dict_items, level))
     if obj.items:
-        parts.append(_short(obj.items))
+        parts.append(_short(obj.items, level))
     text = f"{obj.name}({', '.join(parts)})"
     return text if len(text) <= limit else text[: limit - 4] + "...)"
 

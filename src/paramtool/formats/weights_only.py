@@ -157,9 +157,21 @@ WEIGHTS_ONLY_GLOBALS: frozenset[str] = frozenset(
 )
 
 
+def python3_name(name: str) -> str:
+    """The name as Python 3 (and torch's loader) reads a protocol-2 GLOBAL: ``__builtin__.set`` is ``builtins.set``."""
+    from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+
+    module, _, qualname = name.rpartition(".")
+    if (module, qualname) in NAME_MAPPING:
+        module, qualname = NAME_MAPPING[(module, qualname)]
+    elif module in IMPORT_MAPPING:
+        module = IMPORT_MAPPING[module]
+    return f"{module}.{qualname}"
+
+
 def beyond(names: set[str] | list[str]) -> list[str]:
-    """The names torch's weights-only loader would refuse, sorted."""
-    return sorted(n for n in names if n not in WEIGHTS_ONLY_GLOBALS)
+    """The names torch's weights-only loader would refuse (as it reads them), sorted."""
+    return sorted({python3_name(n) for n in names} - WEIGHTS_ONLY_GLOBALS)
 
 
 def current() -> list[str]:
