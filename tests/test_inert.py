@@ -360,6 +360,14 @@ def test_dcp_pickled_records_read_by_the_inert_unpickler(tmp_path, run):
     assert torch.load(tmp_path / "one.pt", weights_only=True).keys() >= {"weight", "bias"}
     r = run("init", ck, "--scheme", "zeros", "-o", tmp_path / "ck2")
     assert r.exit_code == 0, r.stderr
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": {"weight": torch.empty(2, 3), "bias": torch.empty(2)}, "epoch": 0, "args": None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=str(tmp_path / "ck2"))  # torch's own reader (our own test file)
+    assert state["args"] == argparse.Namespace(lr=0.5, name="x") and state["epoch"] == 3
+    assert torch.count_nonzero(state["model"]["weight"]) == 0
     marker = tmp_path / "MARKER"
     bad = tmp_path / "bad"
     _make_dcp(bad, {"hook": _Evil(marker)})

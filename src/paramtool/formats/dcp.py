@@ -220,9 +220,23 @@ def load(directory: str) -> Any:
 
 
 def save(state: Any, directory: str) -> None:
-    """Write ``state`` as a DCP directory with torch's own writer (single process)."""
+    """Write ``state`` as a DCP directory with torch's own writer (single process). Non-tensor entries are
+    torch.save'd with paramtool's pickler, so objects read as inert records go back as they came."""
+    import torch
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultSavePlanner
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    from .pt import _PickleModule
+
+    class Planner(DefaultSavePlanner):
+        def transform_object(self, write_item: Any, object: Any) -> Any:
+            if write_item.type == WriteItemType.BYTE_IO:
+                buf = io.BytesIO()
+                torch.save(object, buf, pickle_module=_PickleModule)
+                return buf
+            return object
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "torch.distributed is disabled ... assuming a single process"
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(directory))
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(directory), planner=Planner())
