@@ -522,3 +522,23 @@ def test_inert_objects_round_trip_through_the_writer(tmp_path):
     assert back["cfg"] == original["cfg"] and back["ns"] == original["ns"] and back["p"] == original["p"]
     assert back["n"] == 5 and back["n"].dtype == np.int32 and torch.equal(back["w"], original["w"])
     assert io  # (imported for readers of this file who extend it with in-memory cases)
+
+
+def test_real_module_from_a_pickled_module_runs_none_of_its_hooks(tmp_path):
+    import collections
+
+    from paramtool import sources
+    from paramtool.formats.pt import real_module
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    x = torch.randn(2, 3)
+    expected = net(x)
+    net._state_dict_hooks[0] = collections.OrderedDict  # would raise a TypeError if state_dict() called it
+    net[0]._forward_hooks[0] = collections.OrderedDict
+    for legacy in (False, True):
+        torch.save(net, tmp_path / "m.pt", _use_new_zipfile_serialization=not legacy)
+        module = real_module(sources.load(sources.resolve(str(tmp_path / "m.pt"))).root)
+        assert isinstance(module, torch.nn.Sequential) and isinstance(module[0], torch.nn.Linear)
+        assert torch.allclose(module(x), expected)
+        assert list(module.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+        assert not module._state_dict_hooks and not module[0]._forward_hooks

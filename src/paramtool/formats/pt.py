@@ -103,6 +103,44 @@ def materialize(listing: TorchFile, mapped: Any, path: str, zip_bytes: Any = Non
     return real(listing.root)
 
 
+def real_module(obj: Any) -> Any:
+    """A real ``torch.nn`` module built from a ``FakeModule`` (for commands that run a model): paramtool creates
+    the known torch.nn class itself and gives it the pickled ``__dict__``; hook tables are emptied, so nothing the
+    file names is ever called. Children are converted too; tensors must already be real (``load``)."""
+    import collections
+    import importlib
+
+    import torch
+
+    from .nn_classes import NN_MODULE_CLASSES
+
+    done: dict[int, Any] = {}
+
+    def convert(m: Any) -> Any:
+        if id(m) in done:
+            return done[id(m)]
+        if m.cls not in NN_MODULE_CLASSES:
+            raise FormatError(f"{m.cls} is not a known torch.nn class")
+        module_name, _, name = m.cls.rpartition(".")
+        cls = getattr(importlib.import_module(module_name), name)
+        out = cls.__new__(cls)
+        done[id(m)] = out
+        state = {}
+        for key, value in m.state.items():
+            if "hook" in key and isinstance(value, dict):
+                value = collections.OrderedDict()  # hooks are code the file names: never carried over
+            elif key == "_modules" and isinstance(value, dict):
+                value = collections.OrderedDict((k, convert(v) if isinstance(v, FakeModule) else v)
+                                                for k, v in value.items())
+            elif isinstance(value, (FakeModule, Inert, Global)):
+                raise FormatError(f"{m.cls}.{key} holds {value!r}, not a plain value")
+            state[key] = value
+        torch.nn.Module.__setstate__(out, state)
+        return out
+
+    return convert(obj)
+
+
 class _Pickler(pickle._Pickler):  # the pure-Python pickler: it lets a stand-in write its own opcodes
     """Writes ``Global``, ``Inert`` and ``FakeModule`` as the GLOBAL name (never imported), arguments and state
     they were read from; everything else as torch.save does."""

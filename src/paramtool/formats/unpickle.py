@@ -58,6 +58,7 @@ DENIED_NAMES = frozenset({
     "read_text", "urlopen", "create_connection", "connect", "ctypes", "cdll", "CDLL", "PyDLL", "LoadLibrary",
     "_load", "_load_from_bytes", "load_state_dict_from_url", "download_url_to_file", "os", "sys", "subprocess",
     "builtins", "__builtin__", "posix", "nt", "runpy", "importlib", "shutil", "socket", "pty", "webbrowser",
+    "_popen", "_get_command_stdout", "getstatus", "system_command", "run_command", "pipepager", "tempfilepager",
 })
 # Prefixes inside torch (and friends) that compile, load, fetch or call native code.
 DENIED_PREFIXES = (
@@ -68,10 +69,11 @@ DENIED_PREFIXES = (
     "numpy.testing", "numpy.f2py", "numpy.distutils", "numpy.load", "numpy.lib.npyio", "numpy.ctypeslib",
     "pandas.io", "pandas.read_", "scipy.weave", "IPython", "jupyter", "nbformat", "yaml.load", "yaml.unsafe",
     "transformers.trainer_utils", "huggingface_hub", "__main__.eval", "__main__.exec", "__main__.os",
+    "logging.config", "numpy.lib.format", "pandas.read_pickle", "torch.utils.collect_env", "torch.utils.hooks",
 )
 # Harmless names under an otherwise denied module: plain values the weights-only loader also accepts.
 _PLAIN_BUILTINS = ("set", "frozenset", "slice", "complex", "bytearray", "bytes", "str", "int", "float", "bool",
-                   "list", "dict", "tuple", "range", "object", "NoneType", "unicode", "long", "type", "Ellipsis",
+                   "list", "dict", "tuple", "range", "object", "NoneType", "unicode", "long", "Ellipsis",
                    "NotImplemented", "ValueError", "KeyError", "TypeError", "RuntimeError", "Exception")
 ALLOWED_IN_DENIED = frozenset({f"{m}.{n}" for m in ("builtins", "__builtin__") for n in _PLAIN_BUILTINS} | {
     "torch.serialization._get_layout", "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.PurePosixPath",
