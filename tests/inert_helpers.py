@@ -33,3 +33,13 @@ def lightning_module_class():
             return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
     return TinyModule
+
+
+class AttrDict(dict):
+    """A dict with attribute access, as EasyDict / AttributeDict-style checkpoints use for their state."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None

@@ -542,3 +542,24 @@ def test_real_module_from_a_pickled_module_runs_none_of_its_hooks(tmp_path):
         assert torch.allclose(module(x), expected)
         assert list(module.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
         assert not module._state_dict_hooks and not module[0]._forward_hooks
+
+
+def test_tensors_inside_a_dict_subclass_are_listed_and_edited(tmp_path, run):
+    from inert_helpers import AttrDict
+
+    torch.manual_seed(3)
+    ck = AttrDict(state_dict=AttrDict({"fc.weight": torch.randn(2, 3), "fc.bias": torch.randn(2)}), epoch=4)
+    torch.save(ck, tmp_path / "a.pt")
+    doc = run("inspect", tmp_path / "a.pt", "--json").json()
+    assert [t["name"] for t in doc["tensors"]] == ["fc.weight", "fc.bias"]
+    assert "inert_helpers.AttrDict" in doc["globals"]
+    for extra in ([], ["--untie"]):
+        r = run("init", tmp_path / "a.pt", "--scheme", "zeros", "--layer", "fc", *extra, "-o", tmp_path / "o.pt")
+        assert r.exit_code == 0, r.stderr
+        back = torch.load(tmp_path / "o.pt", weights_only=False)
+        assert type(back) is AttrDict and type(back.state_dict) is AttrDict and back.epoch == 4
+        assert torch.count_nonzero(back.state_dict["fc.weight"]) == 0
+        assert torch.equal(back.state_dict["fc.bias"], ck.state_dict["fc.bias"])
+    r = run("convert", tmp_path / "a.pt", "-o", tmp_path / "a.safetensors")
+    assert r.exit_code == 1 and "epoch" in r.stderr
+    assert run("convert", tmp_path / "a.pt", "--drop-extra", "-o", tmp_path / "a.safetensors").exit_code == 0

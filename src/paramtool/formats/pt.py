@@ -80,10 +80,11 @@ def materialize(listing: TorchFile, mapped: Any, path: str, zip_bytes: Any = Non
             out.state.update({k: real(v) for k, v in obj.state.items()})
         elif isinstance(obj, Inert):
             out = Inert(obj.cls, (), obj.how)
+            out.__class__ = type(obj)
             done[id(obj)] = out
             out.args, out.kwargs = real(obj.args), {k: real(v) for k, v in obj.kwargs.items()}
             out.state, out.has_state = real(obj.state), obj.has_state
-            out.items, out.dict_items = real(obj.items), {k: real(v) for k, v in obj.dict_items.items()}
+            out.list_items, out.dict_items = real(obj.list_items), {k: real(v) for k, v in obj.dict_items.items()}
         elif type(obj) in (dict, list) or isinstance(obj, dict):
             out = obj.__class__() if type(obj) is not list else []
             done[id(obj)] = out
@@ -173,8 +174,8 @@ class _Pickler(pickle._Pickler):  # the pure-Python pickler: it lets a stand-in 
         else:
             self.write(pickle.NEWOBJ if obj.how == "newobj" else pickle.REDUCE)
         self.memoize(obj)
-        if obj.items:
-            self._batch_appends(iter(obj.items))
+        if obj.list_items:
+            self._batch_appends(iter(obj.list_items))
         if obj.dict_items:
             self._batch_setitems(iter(obj.dict_items.items()))
         if obj.has_state:

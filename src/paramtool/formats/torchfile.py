@@ -126,7 +126,7 @@ def _children(obj: Any) -> list | None:
     if isinstance(obj, FakeModule):
         return [obj.state]
     if isinstance(obj, Inert):
-        return [obj.args, obj.kwargs, obj.state, obj.items, obj.dict_items]
+        return [obj.args, obj.kwargs, obj.state, obj.list_items, obj.dict_items]
     if isinstance(obj, dict):
         return list(obj.values())
     if isinstance(obj, (list, tuple, set, frozenset)):

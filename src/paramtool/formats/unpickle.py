@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import collections.abc
 import io
 import reprlib
 import struct
@@ -116,8 +117,9 @@ class Inert:
     """An object of a class paramtool does not know, kept as data: how the pickle builds it, never built.
 
     ``how`` is "reduce" (``name(*args)``) or "newobj" (``name.__new__(name, *args, **kwargs)``); ``state`` is
-    what BUILD gives it; ``items`` and ``dict_items`` what APPEND(S) and SETITEM(S) add (list and dict
-    subclasses). The writer emits the same GLOBAL, arguments and state again.
+    what BUILD gives it; ``list_items`` and ``dict_items`` what APPEND(S) and SETITEM(S) add (list and dict
+    subclasses; a dict subclass becomes an ``InertMapping``). The writer emits the same GLOBAL, arguments, items
+    and state again.
     """
 
     def __init__(self, cls: Global, args: tuple = (), how: str = "reduce", kwargs: dict | None = None) -> None:
@@ -128,7 +130,7 @@ class Inert:
         self.kwargs = kwargs or {}
         self.state: Any = None
         self.has_state = False
-        self.items: list = []
+        self.list_items: list = []
         self.dict_items: dict = {}
 
     def __repr__(self) -> str:
@@ -163,11 +165,34 @@ class _Repr(reprlib.Repr):
     def repr_Inert(self, x: Inert, level: int) -> str:
         return describe(x, level=level - 1) if level > 0 else f"{x.name}(...)"
 
+    repr_InertMapping = repr_Inert
+
     def repr_Global(self, x: Global, level: int) -> str:
         return x.name
 
 
 _REPR = _Repr()
+
+
+class InertMapping(Inert, collections.abc.Mapping):
+    """An inert object that SETITEM filled (a dict subclass: ``AttributeDict``, ``EasyDict``, ...): its entries
+    are a mapping, so tensors kept in it are listed, edited and written back like a dict's."""
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.dict_items[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.dict_items[key] = value
+
+    def __iter__(self) -> Any:
+        return iter(self.dict_items)
+
+    def __len__(self) -> int:
+        return len(self.dict_items)
+
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+    __repr__ = Inert.__repr__
 
 
 def _short(v: Any, level: int = 3) -> str:
@@ -213,8 +238,8 @@ def describe(obj: Inert, limit: int = 200, level: int = 3) -> str:
         parts.append(f"state={_short(state, level)}")
     if obj.dict_items:
         parts.append(_short(obj.dict_items, level))
-    if obj.items:
-        parts.append(_short(obj.items, level))
+    if obj.list_items:
+        parts.append(_short(obj.list_items, level))
     text = f"{obj.name}({', '.join(parts)})"
     return text if len(text) <= limit else text[: limit - 4] + "...)"
 
@@ -623,6 +648,8 @@ def _setitems(target: Any, items: list) -> Any:
         k, v = items[i], items[i + 1]
         try:
             if isinstance(target, Inert):
+                if type(target) is Inert:
+                    target.__class__ = InertMapping  # a dict subclass: its entries are listed like a dict's
                 target.dict_items[k] = v
             elif isinstance(target, dict):
                 target[k] = v
@@ -655,7 +682,7 @@ def _extend(target: Any, items: list) -> None:
     if type(target) is list:
         target.extend(items)
     elif isinstance(target, Inert):
-        target.items.extend(items)
+        target.list_items.extend(items)
     else:
         raise FormatError(f"APPEND on a {type(target).__name__}: not a checkpoint")
 
