@@ -563,3 +563,24 @@ def test_tensors_inside_a_dict_subclass_are_listed_and_edited(tmp_path, run):
     r = run("convert", tmp_path / "a.pt", "-o", tmp_path / "a.safetensors")
     assert r.exit_code == 1 and "epoch" in r.stderr
     assert run("convert", tmp_path / "a.pt", "--drop-extra", "-o", tmp_path / "a.safetensors").exit_code == 0
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_plain = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=5) | st.tuples(inner, inner) | st.dictionaries(st.text(max_size=8), inner, max_size=5)
+    | st.frozensets(st.integers(), max_size=4) | st.sets(st.text(max_size=4), max_size=4),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(obj=_plain, protocol=st.integers(0, 5))
+def test_plain_values_read_as_pickle_reads_them(obj, protocol):
+    from paramtool.formats.unpickle import unpickle
+
+    data = pickle.dumps(obj, protocol=protocol)
+    assert unpickle(data)[0] == pickle.loads(data)

@@ -471,6 +471,8 @@ def _known_call(name: str, args: tuple) -> Any:
         if len(args) == 2 and isinstance(args[0], str):
             return bytearray(_encode(*args))
         raise FormatError("bytearray with unexpected arguments")
+    if short == "bytes" and not args:
+        return b""
     if short == "bytes" and len(args) == 1 and isinstance(args[0], (bytes, bytearray, list)):
         try:
             return bytes(args[0])
