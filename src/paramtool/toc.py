@@ -8,15 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Hashable
 
-# dtype name (as torch prints it, without "torch.") -> bytes per element
-DTYPE_SIZES: dict[str, int] = {
-    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
-    "complex128": 16, "complex64": 8, "complex32": 4,
-    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1,
-    "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1,
-    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
-    "qint8": 1, "quint8": 1, "qint32": 4,
-}
+from .formats.dtypes import SIZES as DTYPE_SIZES  # dtype name (as torch prints it) -> bytes per element
 
 
 def itemsize(dtype: str) -> int:

@@ -18,6 +18,7 @@ from typing import Any, BinaryIO, Callable, Hashable
 
 from ..errors import FormatError, RefusedGlobal
 from ..toc import FakeModule, FakeTensor, StorageRef, itemsize
+from .dtypes import STORAGE_TYPES
 from .nn_classes import NN_MODULE_CLASSES
 from .unpickle import TORCH_REBUILDS, Global, Hooks, Inert, unpickle
 
@@ -25,17 +26,7 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _PICKLE_OPCODES = frozenset(op.code.encode("latin-1") for op in pickletools.opcodes)
 MAX_PICKLE = 256 << 20  # a data.pkl beyond 256 MiB is not a state dict (real ones are KBs to a few MBs)
 
-STORAGE_DTYPES = {
-    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
-    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
-    "ByteStorage": "uint8", "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
-    "ComplexDoubleStorage": "complex128", "QInt8Storage": "qint8", "QUInt8Storage": "quint8", "QInt32Storage": "qint32",
-}
-DTYPE_GLOBALS = {
-    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool", "complex64",
-    "complex128", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64", "double", "float", "half", "long",
-    "int", "short",
-}
+STORAGE_DTYPES = STORAGE_TYPES
 
 
 MAX_DEPTH = 200  # containers nested deeper than this are not a checkpoint (and would exhaust a recursive walk)
