@@ -117,6 +117,7 @@ def test_static_allowlist_matches_installed_torch():
 def test_objects_are_shown_by_name_and_fields(files, run):
     extras = run("inspect", files / "timm.pt", "--json").json()["extras"]
     assert extras["args"].startswith("argparse.Namespace(model='resnet50', lr=0.1, epochs=3")
+    assert "output=pathlib.PosixPath('/out')" in extras["args"]
     assert extras["metric"] == "numpy.float64(0.75)"
     extras = run("inspect", files / "misc.pt", "--json").json()["extras"]
     assert extras["config"].startswith("inert_helpers.TrainConfig(lr=0.01, name='exp'")
@@ -125,6 +126,11 @@ def test_objects_are_shown_by_name_and_fields(files, run):
     doc = run("inspect", files / "lightning.pt", "--json").json()
     assert doc["extras"]["hyper_parameters"] == "dict (3 entries)"
     assert {"omegaconf.dictconfig.DictConfig", "lightning.fabric.utilities.data.AttributeDict"} <= set(doc["globals"])
+    from paramtool.formats.torchfile import read_zip
+
+    hp = read_zip(str(files / "lightning.pt")).root["hyper_parameters"]
+    assert repr(hp["cfg"]) == "omegaconf.DictConfig({'data': {'batch': 4}, 'model': {'act': 'relu', 'hidden': 8}})"
+    assert repr(hp["extra"]) == "lightning.fabric.utilities.data.AttributeDict({'seed': 3, 'tags': ['a', 'b']})"
 
 
 AUDIT = r'''

@@ -221,11 +221,39 @@ def _numpy_scalar(obj: Inert) -> str | None:
     return f"numpy.{kind}({value!r})"
 
 
+def _plain_value(obj: Any, level: int) -> Any:
+    """An omegaconf node's value, or a config container's content as plain dicts and lists (for display)."""
+    if level < 0:
+        return ...
+    if isinstance(obj, Inert) and obj.name.startswith("omegaconf."):
+        if obj.name.endswith(("DictConfig", "ListConfig")):
+            return _plain_value(obj.field("_content"), level - 1)
+        if obj.name.endswith("Node"):  # AnyNode, StringNode, ...: the value is in _val
+            return _plain_value(obj.field("_val"), level - 1)
+    if isinstance(obj, dict):
+        return {k: _plain_value(v, level - 1) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain_value(v, level - 1) for v in obj]
+    return obj
+
+
+def _short_name(name: str) -> str:
+    """``omegaconf.dictconfig.DictConfig`` -> ``omegaconf.DictConfig`` (how the library is usually named)."""
+    parts = name.split(".")
+    return f"{parts[0]}.{parts[-1]}" if len(parts) > 2 and parts[0] in ("omegaconf", "pathlib") else name
+
+
 def describe(obj: Inert, limit: int = 200, level: int = 3) -> str:
     """``argparse.Namespace(lr=0.1, model='resnet50')``: the name, its arguments, its state's fields."""
     scalar = _numpy_scalar(obj)
     if scalar:
         return scalar
+    if obj.name.startswith("pathlib.") and obj.args and all(isinstance(a, str) for a in obj.args):
+        joined = "/".join(a.rstrip("/") if i == 0 and a != "/" else a for i, a in enumerate(obj.args))
+        return f"{obj.name}({(joined[1:] if joined.startswith('//') else joined)!r})"
+    if obj.name.startswith("omegaconf.") and obj.name.endswith(("DictConfig", "ListConfig")):
+        text = f"{_short_name(obj.name)}({_short(_plain_value(obj, 6), level)})"
+        return text if len(text) <= limit else text[: limit - 4] + "...)"
     parts = [_short(a, level) for a in obj.args if not isinstance(a, Global) or a.name != obj.name]
     parts += [f"{k}={_short(v, level)}" for k, v in obj.kwargs.items()]
     state = obj.state
