@@ -590,3 +590,17 @@ def test_plain_values_read_as_pickle_reads_them(obj, protocol):
 
     data = pickle.dumps(obj, protocol=protocol)
     assert unpickle(data)[0] == pickle.loads(data)
+
+
+def test_torchscript_archive_and_stray_pickle_records(tmp_path, run):
+    marker = tmp_path / "MARKER"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "ts.pt"))
+    r = run("inspect", tmp_path / "ts.pt")
+    assert r.exit_code == 1 and "TorchScript" in r.stderr and "torch.jit.load" in r.stderr
+    torch.save({"a": torch.ones(2)}, tmp_path / "ok.pt")
+    records = _zip_of(tmp_path / "ok.pt")
+    prefix = records[0][0].split("/")[0]
+    _write_zip(tmp_path / "stray.pt", records + [(f"{prefix}/extra.pkl", _evil_pickle(marker))])
+    r = run("stats", tmp_path / "stray.pt")
+    assert r.exit_code == 1 and "'os.system'" in r.stderr, r.stderr
+    assert "extra.pkl" in r.stderr and not marker.exists()

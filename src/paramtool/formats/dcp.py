@@ -176,6 +176,17 @@ def load(directory: str) -> Any:
     path = os.path.join(directory, ".metadata")
     md = _metadata(directory)
     items = _items(directory, md)
+    try:
+        return _load_entries(directory, md, items)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:  # a chunk torch cannot place
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise FormatError(f"{directory}: cannot load the distributed checkpoint ({type(e).__name__}: {first})") from None
+
+
+def _load_entries(directory: str, md: Inert, items: dict) -> dict:
+    import torch
+
+    path = os.path.join(directory, ".metadata")
     state: dict = {}
     for fqn, where, entry in _entries(directory, md):
         label = f"{directory}: entry '{fqn}'"

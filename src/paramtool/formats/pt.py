@@ -68,6 +68,13 @@ def materialize(listing: TorchFile, mapped: Any, path: str, zip_bytes: Any = Non
             t.requires_grad_(True)
         return t
 
+    def real_checked(obj: Any) -> Any:
+        try:
+            return real(obj)
+        except (RuntimeError, ValueError, TypeError, KeyError) as e:  # a view torch cannot make of its storage
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise FormatError(f"{path}: cannot rebuild a tensor ({type(e).__name__}: {first})") from None
+
     def real(obj: Any) -> Any:
         if id(obj) in done:
             return done[id(obj)]
@@ -101,7 +108,7 @@ def materialize(listing: TorchFile, mapped: Any, path: str, zip_bytes: Any = Non
         done[id(obj)] = out
         return out
 
-    return real(listing.root)
+    return real_checked(listing.root)
 
 
 def real_module(obj: Any) -> Any:

@@ -272,8 +272,12 @@ def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
             out.records[("zip", key)] = record
             return seen[key]
 
+        if prefix + "constants.pkl" in records:
+            raise FormatError(f"{path}: a TorchScript archive (it holds constants.pkl): torch.load hands it to "
+                              "torch.jit.load, which runs its code; paramtool does not read TorchScript")
         data = _read_record(archive, info.filename, path)
         out.root = _unpickle(data, storage, path, out.globals)
+        _scan_other_pickles(archive, records, info.filename, path)
         f = fileobj if fileobj is not None else open(path, "rb")
         try:
             for ref in seen.values():
@@ -283,6 +287,27 @@ def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
             if fileobj is None:
                 f.close()
     return out
+
+
+class _AnyStorage(Hooks):
+    """For pickles torch does not load (stray ``*.pkl`` records): only their global names matter."""
+
+    def persistent_load(self, pid: Any) -> Any:
+        return None
+
+
+def _scan_other_pickles(archive: zipfile.ZipFile, records: dict, data_pkl: str, path: str) -> None:
+    """Refuse, by name, a code-running global in any other pickle record of the archive: torch never loads
+    those, but a scanner (and anyone unpacking the archive) would see them, and so should the user."""
+    for name, info in records.items():
+        if name == data_pkl or not name.endswith(".pkl") or info.file_size > MAX_PICKLE:
+            continue
+        try:
+            unpickle(_read_record(archive, name, path), _AnyStorage())
+        except RefusedGlobal as e:
+            raise RefusedGlobal(e.name, f"{path} (record {name})") from None
+        except Exception:  # not a pickle, or a broken one: torch ignores the record, and so does paramtool
+            continue
 
 
 def read_zip_tree(path: str) -> Any:
