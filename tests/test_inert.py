@@ -604,3 +604,15 @@ def test_torchscript_archive_and_stray_pickle_records(tmp_path, run):
     r = run("stats", tmp_path / "stray.pt")
     assert r.exit_code == 1 and "'os.system'" in r.stderr, r.stderr
     assert "extra.pkl" in r.stderr and not marker.exists()
+
+
+def test_legacy_storage_count_must_match_the_pickle(tmp_path, run):
+    torch.save({"a": torch.arange(4.0)}, tmp_path / "l.pt", _use_new_zipfile_serialization=False)
+    data = bytearray((tmp_path / "l.pt").read_bytes())
+    at = len(data) - 16 - 8  # the 8-byte element count before the 4 float32 values
+    assert int.from_bytes(data[at:at + 8], "little") == 4
+    data[at:at + 8] = (2).to_bytes(8, "little")
+    (tmp_path / "bad.pt").write_bytes(bytes(data))
+    r = run("show", tmp_path / "bad.pt", "a")
+    assert r.exit_code == 1 and "ambiguous" in r.stderr and "4 by the pickle" in r.stderr
+    assert run("show", tmp_path / "l.pt", "a").exit_code == 0

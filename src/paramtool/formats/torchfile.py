@@ -376,12 +376,19 @@ def _read_legacy(path: str) -> TorchFile:
         keys = _unpickle(f, no_storage, path, out.globals)
         if not isinstance(keys, list) or set(map(str, keys)) != set(seen) or len(keys) != len(seen):
             raise FormatError(f"{path}: the storage list does not match the tensors")
-        # each storage follows as an 8-byte element count and its bytes; check they fit without reading them
+        # each storage follows as an 8-byte element count and its bytes; torch sizes it by that count, so a
+        # count that disagrees with the pickle would make two readers see two different tensors
         pos = f.tell()
         for key in keys:
             ref = seen[str(key)]
             out.storages[ref.key] = ref
             out.data_offset[ref.key] = pos + 8
+            if pos + 8 <= size:
+                f.seek(pos)
+                count = int.from_bytes(f.read(8), "little")
+                if count != ref.numel:
+                    raise FormatError(f"{path}: ambiguous file: storage '{key}' holds {count} elements by its own "
+                                      f"header but {ref.numel} by the pickle")
             pos += 8 + ref.nbytes
         if pos > size:
             raise FormatError(f"{path}: truncated: the storages need {pos} bytes, the file has {size}")
