@@ -35,6 +35,16 @@ def load(path: str, listing: TorchFile) -> Any:
 def materialize(listing: TorchFile, mapped: Any, path: str, zip_bytes: Any = None) -> Any:
     """``listing``'s tree with real tensors over ``mapped`` (the file's bytes: an mmap or a bytearray).
     ``zip_bytes``: where a compressed record is read from, when the zip is not the file at ``path``."""
+    storages = _storages(listing, mapped, path, zip_bytes)
+    try:
+        return _Rebuild(storages, path).real(listing.root)
+    except (RuntimeError, ValueError, TypeError, KeyError) as e:  # a view torch cannot make of its storage
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise FormatError(f"{path}: cannot rebuild a tensor ({type(e).__name__}: {first})") from None
+
+
+def _storages(listing: TorchFile, mapped: Any, path: str, zip_bytes: Any) -> dict[Hashable, Any]:
+    """Each storage the listing located, as an untyped storage over the mapped bytes (no copy)."""
     import torch
 
     storages: dict[Hashable, Any] = {}
@@ -54,32 +64,36 @@ def materialize(listing: TorchFile, mapped: Any, path: str, zip_bytes: Any = Non
                 raise FormatError(f"{path}: truncated: storage {key[1]!r} ends beyond the file")
             flat = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset)
         storages[key] = flat.untyped_storage()
-    done: dict[int, Any] = {}
+    return storages
 
-    def tensor(fake: FakeTensor) -> Any:
+
+class _Rebuild:
+    """The stand-in tree copied with real tensors; shared objects (ties, memoized values) stay shared."""
+
+    def __init__(self, storages: dict[Hashable, Any], path: str) -> None:
+        self.storages, self.path = storages, path
+        self.done: dict[int, Any] = {}
+
+    def tensor(self, fake: FakeTensor) -> Any:
+        import torch
+
         dtype = getattr(torch, fake.dtype, None)
         if not isinstance(dtype, torch.dtype):
-            raise FormatError(f"{path}: tensors of dtype {fake.dtype} are not supported")
+            raise FormatError(f"{self.path}: tensors of dtype {fake.dtype} are not supported")
         t = torch.empty(0, dtype=dtype)
-        t.set_(storages[fake.storage.key], fake.offset, fake.shape, fake.stride)
+        t.set_(self.storages[fake.storage.key], fake.offset, fake.shape, fake.stride)
         if fake.is_parameter:
             return torch.nn.Parameter(t, requires_grad=fake.requires_grad)
         if fake.requires_grad:
             t.requires_grad_(True)
         return t
 
-    def real_checked(obj: Any) -> Any:
-        try:
-            return real(obj)
-        except (RuntimeError, ValueError, TypeError, KeyError) as e:  # a view torch cannot make of its storage
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise FormatError(f"{path}: cannot rebuild a tensor ({type(e).__name__}: {first})") from None
-
-    def real(obj: Any) -> Any:
+    def real(self, obj: Any) -> Any:
+        done, real = self.done, self.real
         if id(obj) in done:
             return done[id(obj)]
         if isinstance(obj, FakeTensor):
-            out: Any = tensor(obj)
+            out: Any = self.tensor(obj)
         elif isinstance(obj, FakeModule):
             out = FakeModule.__new__(type(obj))
             out.cls, out.state = obj.cls, {}
@@ -92,7 +106,7 @@ def materialize(listing: TorchFile, mapped: Any, path: str, zip_bytes: Any = Non
             out.args, out.kwargs = real(obj.args), {k: real(v) for k, v in obj.kwargs.items()}
             out.state, out.has_state = real(obj.state), obj.has_state
             out.list_items, out.dict_items = real(obj.list_items), {k: real(v) for k, v in obj.dict_items.items()}
-        elif type(obj) in (dict, list) or isinstance(obj, dict):
+        elif isinstance(obj, (dict, list)):
             out = obj.__class__() if type(obj) is not list else []
             done[id(obj)] = out
             if isinstance(obj, dict):
@@ -107,8 +121,6 @@ def materialize(listing: TorchFile, mapped: Any, path: str, zip_bytes: Any = Non
             return obj  # numbers, text, bytes, sets of those, Global names
         done[id(obj)] = out
         return out
-
-    return real_checked(listing.root)
 
 
 def real_module(obj: Any) -> Any:
