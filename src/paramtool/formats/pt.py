@@ -17,7 +17,7 @@ from typing import Any, Hashable
 from ..errors import FormatError
 from ..toc import FakeModule, FakeTensor
 from .torchfile import TorchFile
-from .unpickle import Global, Inert, module_class
+from .unpickle import Global, Inert
 
 
 def load(path: str, listing: TorchFile) -> Any:
@@ -227,4 +227,3 @@ def save(root: Any, path: str) -> None:
     torch.save(root, path, pickle_module=_PickleModule)
 
 
-__all__ = ["load", "save", "module_class"]
