@@ -225,5 +225,3 @@ def save(root: Any, path: str) -> None:
     import torch
 
     torch.save(root, path, pickle_module=_PickleModule)
-
-
