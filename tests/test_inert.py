@@ -50,7 +50,7 @@ def _misc(path: pathlib.Path) -> None:
     torch.save({"model": {"w": torch.randn(3, 4), "b": torch.zeros(3)},
                 "config": TrainConfig(lr=0.01, name="exp"),
                 "paths": [pathlib.PurePosixPath("a/b.txt"), pathlib.Path("/data/train")],
-                "best": np.float32(1.5), "step": np.int64(7), "flag": np.bool_(True),
+                "best": np.float32(1.5), "step": np.int64(7), "flag": np.bool_(True), "curve": np.arange(3.0),
                 "dtype": torch.bfloat16, "device": torch.device("cpu")}, path)
 
 
@@ -122,6 +122,7 @@ def test_objects_are_shown_by_name_and_fields(files, run):
     extras = run("inspect", files / "misc.pt", "--json").json()["extras"]
     assert extras["config"].startswith("inert_helpers.TrainConfig(lr=0.01, name='exp'")
     assert extras["best"] == "numpy.float32(1.5)" and extras["step"] == "numpy.int64(7)"
+    assert extras["curve"] == "numpy.ndarray(shape=(3,), dtype='f8')" and extras["flag"] == "numpy.bool_(True)"
     assert extras["dtype"] == "torch.bfloat16"
     doc = run("inspect", files / "lightning.pt", "--json").json()
     assert doc["extras"]["hyper_parameters"] == "dict (3 entries)"

@@ -221,6 +221,16 @@ def _numpy_scalar(obj: Inert) -> str | None:
     return f"numpy.{kind}({value!r})"
 
 
+def _numpy_array(obj: Inert) -> str | None:
+    """``numpy.ndarray(shape=(3,), dtype='f8')`` for a pickled numpy array (its BUILD state), not built."""
+    state = obj.state
+    if not obj.name.endswith("multiarray._reconstruct") or not isinstance(state, tuple) or len(state) != 5:
+        return None
+    dtype = state[2]
+    code = dtype.args[0] if isinstance(dtype, Inert) and dtype.args else "?"
+    return f"numpy.ndarray(shape={state[1]!r}, dtype={code!r})"
+
+
 def _plain_value(obj: Any, level: int) -> Any:
     """An omegaconf node's value, or a config container's content as plain dicts and lists (for display)."""
     if level < 0:
@@ -245,7 +255,7 @@ def _short_name(name: str) -> str:
 
 def describe(obj: Inert, limit: int = 200, level: int = 3) -> str:
     """``argparse.Namespace(lr=0.1, model='resnet50')``: the name, its arguments, its state's fields."""
-    scalar = _numpy_scalar(obj)
+    scalar = _numpy_scalar(obj) or _numpy_array(obj)
     if scalar:
         return scalar
     if obj.name.startswith("pathlib.") and obj.args and all(isinstance(a, str) for a in obj.args):
