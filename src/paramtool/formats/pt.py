@@ -215,7 +215,6 @@ class _PickleModule:
     """What ``torch.save(pickle_module=...)`` needs: a ``Pickler`` class."""
 
     Pickler = _Pickler
-    Unpickler = pickle.Unpickler  # never used for loading: torch.save only pickles
     HIGHEST_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
