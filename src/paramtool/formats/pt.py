@@ -223,4 +223,7 @@ def save(root: Any, path: str) -> None:
     from a file (modules, inert objects, names) are written back as they were read."""
     import torch
 
-    torch.save(root, path, pickle_module=_PickleModule)
+    try:
+        torch.save(root, path, pickle_module=_PickleModule)
+    except RecursionError:
+        raise FormatError("the checkpoint's containers are nested too deeply to write back") from None
