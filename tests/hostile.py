@@ -50,6 +50,16 @@ def payloads(marker: str) -> dict[str, tuple[bytes, str]]:
                            + _global("os", "system") + b"sb", "os.system"),
         "getattr-chain": (_global("builtins", "getattr") + _global("os", "path") + _str4("join") + b"\x86R",
                           "builtins.getattr"),
+        # issue 10: names the scanners flag beyond the classics, and a payload hidden inside an inert object
+        "pty.spawn": (_global("pty", "spawn") + _str4("sh") + b"\x85R", "pty.spawn"),
+        "webbrowser.open": (_global("webbrowser", "open") + _str4("http://example.invalid") + b"\x85R",
+                            "webbrowser.open"),
+        "nested-pickle-loader": (_global("torch.storage", "_load_from_bytes") + b"C\x01." + b"\x85R",
+                                 "torch.storage._load_from_bytes"),
+        "numpy-runstring": (_global("numpy.testing._private.utils", "runstring") + _str4(py) + b"}\x86R",
+                            "numpy.testing._private.utils.runstring"),
+        "inside-an-inert-object": (_global("argparse", "Namespace") + b")\x81}" + _str4("x")
+                                   + _global("os", "system") + _str4(touch) + b"\x85Rsb", "os.system"),
     }
 
 

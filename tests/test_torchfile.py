@@ -87,7 +87,6 @@ PAYLOADS = {
     "NEWOBJ_EX": (b"\x80\x04\x8c\nsubprocess\x8c\x05Popen\x93)}\x92.", "subprocess.Popen"),
     "builtins.__import__": (b"cbuiltins\n__import__\n(S'os'\ntR.", "builtins.__import__"),
     "nt.system": (b"cnt\nsystem\n(S'touch {m}'\ntR.", "nt.system"),
-    "unknown class": (b"\x80\x02cmymodule\nEvil\n)\x81.", "mymodule.Evil"),
     "prefix is not enough": (b"\x80\x02ctorch.nn.modules.linear\nos\n)\x81.", "torch.nn.modules.linear.os"),
     "torch.load itself": (b"ctorch\nload\n(S'x'\ntR.", "torch.load"),
 }
@@ -107,6 +106,15 @@ def test_bare_pickle_refused(tmp_path, case):
         read_legacy_tree(str(tmp_path / "x.pt"))
     assert e.value.name == name
     assert not marker.exists()
+
+
+def test_unknown_class_is_inert_not_refused():
+    # issue 10: a class paramtool does not know is kept as a record of its name, never created nor refused
+    from paramtool.formats.unpickle import Inert, unpickle
+
+    obj, names = unpickle(b"\x80\x02cmymodule\nEvil\n)\x81.")
+    assert isinstance(obj, Inert) and obj.name == "mymodule.Evil" and names == {"mymodule.Evil"}
+    assert "mymodule" not in sys.modules
 
 
 @pytest.mark.parametrize("case", ["os.system GLOBAL", "STACK_GLOBAL", "builtins.exec"])
@@ -171,7 +179,7 @@ def test_listing_imports_neither_torch_nor_numpy(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# More of the contract: ties, requires_grad, whole modules, storages, torch_safe_globals, hostile variants.
+# More of the contract: ties, requires_grad, whole modules, storages, hostile variants.
 
 
 def _zip_pkl(path):
@@ -229,19 +237,6 @@ def test_state_dict_metadata_build_is_kept(tmp_path):
     root = read_zip_tree(str(tmp_path / "s.pt"))
     assert isinstance(root, collections.OrderedDict) and list(root) == ["weight", "bias"]
     assert root._metadata[""]["version"] == 1  # BUILD on OrderedDict sets _metadata as torch does
-
-
-def test_torch_safe_globals_load_whole_module(tmp_path):
-    from paramtool.formats.torchfile import torch_safe_globals
-
-    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
-    torch.save(net, tmp_path / "m.pt")
-    with pytest.raises(Exception):  # without the extra globals torch refuses the module classes
-        torch.load(tmp_path / "m.pt", weights_only=True, mmap=True)
-    with torch.serialization.safe_globals(torch_safe_globals()):
-        back = torch.load(tmp_path / "m.pt", weights_only=True, mmap=True)
-    assert isinstance(back, torch.nn.Sequential) and torch.equal(back[0].weight, net[0].weight)
-    assert set in torch_safe_globals() and torch.nn.Linear in torch_safe_globals()
 
 
 def test_nn_module_classes_exported_and_exact():

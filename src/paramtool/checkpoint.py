@@ -22,6 +22,7 @@ class Checkpoint:
     meta_ties: dict[str, str] = field(default_factory=dict)  # ties restored from safetensors metadata
     path: str | None = None  # the file it came from, if any
     key: str | None = None  # the --key sub-tree the names are relative to
+    globals: list[str] | None = None  # the global names a torch file's pickle refers to (None: not a pickle)
 
     def tensor(self, name: str) -> Any:
         return tree.get_path(self.root, self.names[name])
@@ -55,6 +56,7 @@ class Checkpoint:
             meta_ties=dict(self.meta_ties),
             key=self.key,
             values=values,
+            globals=self.globals,
         )
 
 

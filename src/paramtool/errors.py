@@ -18,14 +18,14 @@ class UsageError(ParamtoolError):
 
 
 class RefusedGlobal(ParamtoolError):
-    """A pickle asked for a global that is not on the allowlist; nothing was run."""
+    """A pickle names a global that runs code or reaches the system when loaded the ordinary way; nothing ran."""
 
     def __init__(self, name: str, where: str = "") -> None:
         self.name = name
         place = f" in {where}" if where else ""
         super().__init__(
-            f"refused to load{place}: the pickle needs the global '{name}', which is not allowed "
-            "(paramtool only loads tensors, containers and torch.nn module classes; it never runs code from a file)"
+            f"refused to load{place}: the pickle names the global '{name}', which runs code or reaches the system "
+            "when the file is loaded the ordinary way: this file is built to run code (paramtool ran nothing)"
         )
 
 

@@ -87,6 +87,11 @@ def inspect_json(toc: Toc, tensors: list[TensorInfo]) -> dict:
         out["key"] = toc.key
     if toc.values is not None:
         out["values"] = toc.values
+    from .formats.weights_only import beyond
+
+    # what torch.load(weights_only=True) would need allowlisted; a format without a pickle needs nothing
+    out["globals"] = beyond(toc.globals) if toc.globals is not None else []
+    out["weights_only_loadable"] = not out["globals"]
     return out
 
 
@@ -333,6 +338,14 @@ def extras_lines(toc: Toc) -> list[Text]:
         _, _, rest = split_metadata(toc.metadata, {t.name for t in toc.tensors})
         for k, v in rest.items():
             lines.append(Text.assemble(("metadata ", "dim"), (safe_name(k), "bold"), ": ", safe_name(v)))
+    if toc.globals:
+        from .formats.weights_only import beyond
+
+        needed = beyond(toc.globals)
+        if needed:
+            lines.append(Text.assemble(("globals", "bold"), ": ", safe_name(", ".join(needed)),
+                                       (" (beyond torch's weights_only allowlist: torch.load(weights_only=True) "
+                                        "refuses this file; paramtool reads it without running anything)", "dim")))
     return lines
 
 

@@ -113,14 +113,9 @@ def _dtype_name(dtype: Any) -> str:
 
 
 def _dtype_kind(dtype: Any) -> str:
-    name = _dtype_name(dtype)
-    if name.startswith(("float", "bfloat")) or name in ("half", "double"):
-        return "float"
-    if name.startswith(("complex", "cfloat", "cdouble", "chalf")):
-        return "complex"
-    if name == "bool":
-        return "bool"
-    return "int"
+    from .formats.dtypes import kind
+
+    return kind(_dtype_name(dtype))
 
 
 _GAIN = Option("gain", float, 1.0, help="scaling factor")

@@ -148,10 +148,12 @@ def _sharded(src: Source, open_part: Any) -> ShardedCheckpoint:
             raise FormatError(f"{index.path}: '{name}' is mapped to shard '{shard}', which does not hold it")
         names[name] = (shard,) + tuple(parts[shard].names[name])
     meta_ties = {n: t for p in parts.values() for n, t in p.meta_ties.items()}
+    part_globals = [p.globals for p in parts.values() if p.globals is not None]
     metadata = {k: v for p in parts.values() for k, v in (p.metadata or {}).items()}  # the shards' own
     ckpt = ShardedCheckpoint(src.label, "sharded", {s: p.root for s, p in parts.items()}, names,
                              metadata or None, meta_ties, src.path)
     ckpt.parts, ckpt.index = parts, index
+    ckpt.globals = sorted(set().union(*part_globals)) if part_globals else None
     return ckpt
 
 
@@ -182,8 +184,10 @@ def open_listing(src: Source, key: str | None = None) -> Checkpoint:
         return Checkpoint(src.label, "safetensors", root, {n: (n,) for n in root}, metadata, meta_ties, src.path)
     from .formats import torchfile
 
-    root = torchfile.read_zip_tree(src.path) if src.format == "pt" else torchfile.read_legacy_tree(src.path)
-    return _named(src, src.format, root, key)
+    listing = torchfile.read_torch(src.path, src.format)
+    ckpt = _named(src, src.format, listing.root, key)
+    ckpt.globals = sorted(listing.globals)
+    return ckpt
 
 
 def read_toc(src: Source, key: str | None = None) -> Toc:
@@ -209,10 +213,12 @@ def load(src: Source, key: str | None = None) -> Checkpoint:
         names = {n: (n,) for n in tensors}
         return Checkpoint(src.label, "safetensors", tensors, names, metadata, meta_ties, src.path)
     if src.kind == "file":
-        from .formats import pt
+        from .formats import pt, torchfile
 
-        open_listing(src, key)  # the allowlist pass: refuses hostile pickles before torch sees them
-        return _named(src, src.format, pt.load(src.path, src.format), key)
+        listing = torchfile.read_torch(src.path, src.format)  # refuses a hostile pickle; locates every storage
+        ckpt = _named(src, src.format, pt.load(src.path, listing), key)
+        ckpt.globals = sorted(listing.globals)
+        return ckpt
     if src.kind == "sharded":
         return _sharded(src, load)
     if src.kind == "dcp":

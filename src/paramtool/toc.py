@@ -8,15 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Hashable
 
-# dtype name (as torch prints it, without "torch.") -> bytes per element
-DTYPE_SIZES: dict[str, int] = {
-    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
-    "complex128": 16, "complex64": 8, "complex32": 4,
-    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1,
-    "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1,
-    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
-    "qint8": 1, "quint8": 1, "qint32": 4,
-}
+from .formats.dtypes import SIZES as DTYPE_SIZES  # dtype name (as torch prints it) -> bytes per element
 
 
 def itemsize(dtype: str) -> int:
@@ -114,6 +106,7 @@ class Toc:
     meta_ties: dict[str, str] = field(default_factory=dict)  # name -> stored name, ties restored from metadata
     key: str | None = None  # the --key sub-tree listed
     values: Any = None  # a --key sub-tree without tensors: its values, JSON-ready (tree.plain_values)
+    globals: list[str] | None = None  # global names a pickle refers to (torch files); None for other formats
 
 
 @dataclass

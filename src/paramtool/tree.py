@@ -99,6 +99,17 @@ def set_path(root: Any, path: Path, value: Any) -> None:
     """Replace the object at ``path`` (used to give a tensor its own storage)."""
     parent = get_path(root, path[:-1])
     key = path[-1]
+    if isinstance(parent, FakeModule):  # a pickled module: its entry in _parameters, _buffers or _modules
+        torch = _torch()
+        for slot in ("_parameters", "_buffers", "_modules"):
+            entries = parent.state.get(slot)
+            if isinstance(entries, dict) and key in entries:
+                old = entries[key]
+                if torch is not None and isinstance(old, torch.nn.Parameter) and not isinstance(value, torch.nn.Parameter):
+                    value = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+                entries[key] = value
+                return
+        raise ParamtoolError(f"cannot replace '{key}': not found in module {parent.cls}")
     if is_module(parent) and not isinstance(parent, FakeModule):
         torch = _torch()
         old = getattr(parent, key)
@@ -184,8 +195,13 @@ def extras(root: Any, names: dict[str, Path]) -> dict[str, str]:
 
 
 def describe_value(v: Any) -> str:
+    from .formats.unpickle import Global, Inert
+
     if is_tensor(v):
         return "tensor"
+    if isinstance(v, (Inert, Global)):  # an object kept as data: its name, arguments and fields
+        text = repr(v)
+        return text if len(text) <= 120 else text[:117] + "..."
     if isinstance(v, (int, float, bool, str, type(None))):
         text = repr(v)
         return text if len(text) <= 60 else text[:57] + "..."

@@ -1,98 +1,24 @@
 """torch.distributed.checkpoint (DCP) directories: ``.metadata`` plus ``__R_S.distcp`` files.
 
 ``.metadata`` is a pickle, and torch's own ``FileSystemReader.read_metadata`` unpickles it without any
-allowlist. Here it is read twice over the same bytes: first by a stand-in unpickler with an exact allowlist
-(no torch; this is what listing uses, and what refuses a hostile file), then, for loading, by an unpickler
-that maps the same allowlisted names, and only those, to torch's real classes. Tensor data is read and
-written by torch's DCP machinery itself; non-tensor entries are read with ``weights_only=True``.
+allowlist. Here it is read by the inert unpickler (nothing it names is built or called; its dataclasses stay
+``Inert`` records read by field). Tensor data is read by paramtool too: each item of a data file is the byte
+range ``.metadata`` gives (resolved inside the checkpoint directory, or refused), holding a ``torch.save`` zip
+that the torch-file reader lists and rebuilds, or raw bytes. Non-tensor entries are such zips as well, read
+the same way: never ``torch.load``. Writing uses torch's DCP writer.
 """
 from __future__ import annotations
 
 import io
 import os
-import pickle
 import warnings
 from typing import Any
 
-from ..errors import FormatError, ParamtoolError, RefusedGlobal
-from ..toc import FakeTensor, StorageRef, contiguous_stride, numel_of
+from ..errors import FormatError, RefusedGlobal
+from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_of
+from .unpickle import Global, Inert, unpickle
 
 MAX_METADATA = 256 * 1024 * 1024
-_MD = "torch.distributed.checkpoint.metadata"
-
-# Exactly the globals a DCP .metadata file names.
-ALLOWED = frozenset({
-    f"{_MD}.Metadata", f"{_MD}.TensorStorageMetadata", f"{_MD}.BytesStorageMetadata",
-    f"{_MD}.ChunkStorageMetadata", f"{_MD}.TensorProperties", f"{_MD}.MetadataIndex", f"{_MD}.StorageMeta",
-    f"{_MD}._MEM_FORMAT_ENCODING", "torch.distributed.checkpoint.filesystem._StorageInfo",
-    "torch.serialization._get_layout", "torch.Size", "pathlib.PosixPath", "pathlib.WindowsPath",
-    "pathlib.PurePosixPath", "collections.OrderedDict",
-}) | {f"torch.{d}" for d in ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
-                              "uint8", "bool", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2")}
-
-
-class _Record:
-    """Stand-in for a DCP metadata dataclass: keeps whatever state pickle gives it."""
-
-    def __init__(self, cls: str) -> None:
-        self.cls = cls
-        self.state: Any = None
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def get(self, field: str, position: int | None = None) -> Any:
-        if isinstance(self.state, dict):
-            return self.state.get(field)
-        if isinstance(self.state, tuple) and len(self.state) == 2 and isinstance(self.state[1], dict):
-            return self.state[1].get(field)  # (dict state, slot state)
-        if isinstance(self.state, tuple) and position is not None and position < len(self.state):
-            return self.state[position]
-        return None
-
-
-def _record_class(dotted: str) -> type:
-    def __new__(klass: type, *args: Any) -> _Record:
-        obj = object.__new__(klass)
-        _Record.__init__(obj, dotted)
-        if args:
-            obj.state = args
-        return obj
-
-    return type(dotted.rsplit(".", 1)[-1], (_Record,), {"__new__": __new__})
-
-
-def _stand_in(dotted: str) -> Any:
-    if dotted == "collections.OrderedDict":
-        import collections
-
-        return collections.OrderedDict
-    if dotted == "torch.Size":
-        return tuple
-    if dotted.startswith("pathlib."):
-        return lambda *parts: "/".join(str(p) for p in parts)
-    if dotted in ("torch.serialization._get_layout", f"{_MD}._MEM_FORMAT_ENCODING"):
-        return lambda *args: f"{dotted}{args}"
-    if dotted.startswith("torch.") and dotted.count(".") == 1:
-        return dotted  # a dtype: kept as its name
-    return _record_class(dotted)
-
-
-class _ListingUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        dotted = f"{module}.{name}"
-        if dotted not in ALLOWED:
-            raise RefusedGlobal(dotted)
-        return _stand_in(dotted)
-
-
-class _RealUnpickler(pickle.Unpickler):
-    """The same allowlist, resolving to torch's real classes (used only after the listing pass accepted)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if f"{module}.{name}" not in ALLOWED:
-            raise RefusedGlobal(f"{module}.{name}")
-        return super().find_class(module, name)
 
 
 def _read_bytes(directory: str) -> bytes:
@@ -107,56 +33,63 @@ def _read_bytes(directory: str) -> bytes:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-def _unpickle(cls: type, data: bytes, path: str) -> Any:
+def _metadata(directory: str) -> Inert:
+    path = os.path.join(directory, ".metadata")
     try:
-        return cls(io.BytesIO(data)).load()
+        md, _ = unpickle(_read_bytes(directory))
     except RefusedGlobal as e:
         raise RefusedGlobal(e.name, path) from None
+    except FormatError as e:
+        raise FormatError(f"{path}: not a readable DCP .metadata ({e})") from None
     except Exception as e:
         raise FormatError(f"{path}: not a readable DCP .metadata ({type(e).__name__}: {str(e)[:100]})") from None
+    if not isinstance(md, Inert) or not isinstance(md.field("state_dict_metadata"), dict):
+        raise FormatError(f"{path}: not a torch.distributed.checkpoint Metadata object")
+    return md
+
+
+def _dtype_name(value: Any) -> str | None:
+    if isinstance(value, Global) and value.module == "torch":
+        return value.qualname
+    return None
+
+
+def _entries(directory: str, md: Inert) -> list[tuple[str, tuple, Any]]:
+    """(fqn, where in the nested state, tensor entry or None for a non-tensor entry)."""
+    path = os.path.join(directory, ".metadata")
+    planner = md.field("planner_data")
+    out = []
+    for fqn, entry in md.field("state_dict_metadata").items():
+        if not isinstance(fqn, str):
+            raise FormatError(f"{path}: an entry name that is not text")
+        where = tuple(planner[fqn]) if isinstance(planner, dict) and isinstance(planner.get(fqn), (list, tuple)) \
+            and planner[fqn] else (fqn,)
+        tensor = isinstance(entry, Inert) and entry.name.endswith("TensorStorageMetadata")
+        out.append((fqn, where, entry if tensor else None))
+    return out
+
+
+def _fake(path: str, fqn: str, entry: Inert) -> FakeTensor:
+    props = entry.field("properties")
+    dtype = _dtype_name(props.field("dtype", 0)) if isinstance(props, Inert) else None
+    if dtype is None:
+        raise FormatError(f"{path}: tensor '{fqn}' has no dtype")
+    size = entry.field("size")
+    if not isinstance(size, tuple) or not all(isinstance(d, int) and d >= 0 for d in size):
+        raise FormatError(f"{path}: tensor '{fqn}' has an invalid size")
+    numel = numel_of(size)
+    return FakeTensor(StorageRef(("dcp", fqn), dtype, numel), 0, size, contiguous_stride(size), dtype)
 
 
 def read_tree(directory: str) -> Any:
     """The checkpoint's nested structure with ``FakeTensor`` leaves (non-tensor entries as "<bytes>")."""
     path = os.path.join(directory, ".metadata")
-    md = _unpickle(_ListingUnpickler, _read_bytes(directory), path)
-    if not isinstance(md, _Record) or not isinstance(md.get("state_dict_metadata"), dict):
-        raise FormatError(f"{path}: not a torch.distributed.checkpoint Metadata object")
-    planner = md.get("planner_data")
+    md = _metadata(directory)
     root: dict = {}
-    for fqn, entry in md.get("state_dict_metadata").items():
-        where = tuple(planner[fqn]) if isinstance(planner, dict) and fqn in planner else (fqn,)
-        value: Any = "<bytes>"
-        if isinstance(entry, _Record) and entry.cls.endswith("TensorStorageMetadata"):
-            props = entry.get("properties")
-            dtype = props.get("dtype", 0) if isinstance(props, _Record) else None
-            shape = tuple(int(d) for d in (entry.get("size") or ()))
-            if not isinstance(dtype, str):
-                raise FormatError(f"{path}: tensor '{fqn}' has no dtype")
-            dtype = dtype.removeprefix("torch.")
-            numel = numel_of(shape)
-            value = FakeTensor(StorageRef(("dcp", fqn), dtype, numel), 0, shape, contiguous_stride(shape), dtype)
-        node = root
-        for part in where[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise FormatError(f"{path}: entry '{fqn}' nests inside a non-container")
-        node[where[-1]] = value
+    for fqn, where, entry in _entries(directory, md):
+        _place(path, root, fqn, where, _fake(path, fqn, entry) if entry is not None else "<bytes>")
+    _check_paths(directory, md)
     return _lists(root)
-
-
-def _only(root: Any, path: tuple) -> Any:
-    """``root`` cut down to the sub-tree at ``path`` (nesting kept); the whole of it when a list is on the way
-    (DCP keys a list's items by position, which a cut-down list cannot keep)."""
-    node, kept = root, {}
-    out = kept
-    for i, key in enumerate(path):
-        if not isinstance(node, dict) or key not in node:
-            return root
-        node = node[key]
-        out[key] = node if i == len(path) - 1 else {}
-        out = out[key]
-    return kept if path else root
 
 
 def _lists(node: Any) -> Any:
@@ -174,93 +107,144 @@ def _lists(node: Any) -> Any:
     return out
 
 
-def _reader(directory: str) -> Any:
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class AllowlistReader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            data = _read_bytes(directory)
-            path = os.path.join(directory, ".metadata")
-            _unpickle(_ListingUnpickler, data, path)  # refuses before any real class is touched
-            metadata = _unpickle(_RealUnpickler, data, path)
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return AllowlistReader(directory)
+def _place(path: str, root: dict, fqn: str, where: tuple, value: Any) -> None:
+    node = root
+    for part in where[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise FormatError(f"{path}: entry '{fqn}' nests inside a non-container")
+    node[where[-1]] = value
 
 
-def _planner() -> Any:
-    import torch
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    from .torchfile import torch_safe_globals
-
-    class WeightsOnlyPlanner(DefaultLoadPlanner):
-        """Non-tensor entries are torch.save bytes: read them under the weights-only rules, never plain pickle."""
-
-        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-            with torch.serialization.safe_globals(torch_safe_globals()):
-                try:
-                    obj = torch.load(value, weights_only=True)
-                except pickle.UnpicklingError as e:
-                    raise FormatError(f"DCP entry '{read_item.dest_index.fqn}' refused: {str(e).splitlines()[0]}") from None
-            if self.flatten_state_dict:
-                from torch.distributed.checkpoint._traverse import set_element  # what the base class uses
-
-                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-            else:
-                self.state_dict[read_item.dest_index.fqn] = obj
-
-    return WeightsOnlyPlanner()
+def resolve_inside(directory: str, name: Any, what: str) -> str:
+    """``directory/name`` if it stays inside ``directory`` (no absolute path, no ``..``, no symlink out)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise FormatError(f"{directory}: {what} {str(name)[:80]!r} is not a file name")
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or name.startswith("\\") or ".." in parts or (parts and ":" in parts[0]):
+        raise FormatError(f"{directory}: {what} '{name}' points outside the checkpoint directory")
+    full = os.path.join(directory, name)
+    real_dir = os.path.realpath(directory)
+    if os.path.commonpath([real_dir, os.path.realpath(full)]) != real_dir:
+        raise FormatError(f"{directory}: {what} '{name}' leads outside the checkpoint directory (a symlink)")
+    return full
 
 
-def _check_sizes(directory: str, skeleton: Any) -> None:
-    """Refuse, before allocating, tensors that could not come from the data files on disk."""
-    from ..toc import itemsize
-    from ..tree import walk
+def _storage(md: Inert) -> list[tuple[Any, Any]]:
+    data = md.field("storage_data")
+    if not isinstance(data, dict):
+        raise FormatError("the .metadata has no storage_data")
+    return list(data.items())
 
-    on_disk = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory) if f.endswith(".distcp"))
-    needed = sum(t.numel * itemsize(t.dtype) for _, t in walk(skeleton))
-    if needed > on_disk:
-        raise FormatError(f"{directory}: .metadata describes {needed} bytes of tensors but the .distcp files hold "
-                          f"{on_disk}")
+
+def _check_paths(directory: str, md: Inert) -> None:
+    for _, info in _storage(md):
+        relative = info.field("relative_path", 0) if isinstance(info, Inert) else None
+        resolve_inside(directory, relative, "relative_path")
+
+
+def _items(directory: str, md: Inert) -> dict[str, list[tuple[tuple, str, int, int]]]:
+    """fqn -> [(chunk offset, data file, byte offset, byte length)], every path checked."""
+    out: dict[str, list] = {}
+    for index, info in _storage(md):
+        if not isinstance(index, Inert) or not isinstance(info, Inert):
+            raise FormatError(f"{directory}: malformed storage_data entry")
+        fqn = index.field("fqn", 0)
+        offset = index.field("offset", 1)
+        relative, start, length = (info.field("relative_path", 0), info.field("offset", 1),
+                                   info.field("length", 2))
+        if info.field("transform_descriptors", 3):
+            raise FormatError(f"{directory}: entry '{fqn}' is stored with transforms (not supported)")
+        full = resolve_inside(directory, relative, "relative_path")
+        if not all(isinstance(v, int) and v >= 0 for v in (start, length)):
+            raise FormatError(f"{directory}: entry '{fqn}' has an invalid byte range")
+        out.setdefault(fqn, []).append((tuple(offset) if isinstance(offset, (tuple, list)) else None,
+                                        full, start, length))
+    return out
+
+
+def _read_range(path: str, start: int, length: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(length)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(data) != length:
+        raise FormatError(f"{path}: truncated: an item ends beyond the file")
+    return data
+
+
+def _unzip_object(data: bytes, label: str) -> Any:
+    """A ``torch.save`` blob (one DCP item) read by the torch-file reader and rebuilt by paramtool."""
+    from . import pt, torchfile
+
+    blob = io.BytesIO(data)
+    listing = torchfile.read_zip(label, blob)
+    return pt.materialize(listing, bytearray(data), label, io.BytesIO(data))
 
 
 def load(directory: str, only: tuple = ()) -> Any:
-    """The whole checkpoint as nested dicts of real tensors and values, read by torch's DCP reader.
+    """The whole checkpoint as nested dicts of real tensors and values, every byte read by paramtool.
 
     ``only`` (a path of mapping keys) reads just that sub-tree, within the same nesting: ``inspect --key
     hyper_parameters`` does not read every tensor of a large checkpoint.
     """
-    import torch
-    import torch.distributed.checkpoint as dcp
-
-    skeleton = _only(read_tree(directory), only)
-
-    def fill(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: fill(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [fill(v) for v in node]
-        if isinstance(node, FakeTensor):
-            return torch.empty(node.shape, dtype=getattr(torch, node.dtype))
-        return None  # a non-tensor entry: DCP puts the loaded value here
-
-    _check_sizes(directory, skeleton)
-    state = fill(skeleton)
+    md = _metadata(directory)
+    items = _items(directory, md)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "torch.distributed is disabled ... assuming a single process"
-            dcp.load(state, storage_reader=_reader(directory), planner=_planner())
-    except (RefusedGlobal, FormatError):
-        raise
-    except (KeyboardInterrupt, SystemExit, GeneratorExit):
-        raise
-    except BaseException as e:  # torch's CheckpointException is a BaseException
-        raise FormatError(f"{directory}: cannot load the distributed checkpoint: {_failure(e)}") from None
+        return _lists(_load_entries(directory, md, items, tuple(only)))
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:  # a chunk torch cannot place
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise FormatError(f"{directory}: cannot load the distributed checkpoint ({type(e).__name__}: {first})") from None
+
+
+def _load_entries(directory: str, md: Inert, items: dict, only: tuple = ()) -> dict:
+    import torch
+
+    path = os.path.join(directory, ".metadata")
+    state: dict = {}
+    entries = _entries(directory, md)
+    inside = [e for e in entries if tuple(e[1][:len(only)]) == only]
+    for fqn, where, entry in inside or entries:  # a path that names nothing (a list on the way): everything
+        label = f"{directory}: entry '{fqn}'"
+        chunks = items.get(fqn)
+        if not chunks:
+            raise FormatError(f"{path}: entry '{fqn}' has no data")
+        if entry is None:
+            _, file, start, length = chunks[0]
+            value = _unzip_object(_read_range(file, start, length), label)
+        else:
+            fake = _fake(path, fqn, entry)
+            if fake.numel * itemsize(fake.dtype) > sum(c[3] for c in chunks):  # before allocating anything
+                raise FormatError(f"{label}: .metadata describes more bytes than its data files hold")
+            dtype = getattr(torch, fake.dtype, None)
+            if not isinstance(dtype, torch.dtype):
+                raise FormatError(f"{label}: unsupported dtype {fake.dtype}")
+            value = torch.empty(fake.shape, dtype=dtype) if len(chunks) > 1 else None
+            for offset, file, start, length in chunks:
+                data = _read_range(file, start, length)
+                if data[:4] == b"PK\x03\x04":
+                    part = _unzip_object(data, label)
+                else:  # SAFETENSORS serialization: the raw bytes of the chunk
+                    part = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype) if data else \
+                        torch.empty(0, dtype=dtype)
+                if not isinstance(part, torch.Tensor) or part.dtype != dtype:
+                    raise FormatError(f"{label}: its data is not a {fake.dtype} tensor")
+                if len(chunks) == 1:
+                    if part.numel() != fake.numel:
+                        raise FormatError(f"{label}: its data holds {part.numel()} elements, not {fake.numel}")
+                    value = part.reshape(fake.shape)
+                else:
+                    if offset is None or len(offset) != len(fake.shape):
+                        raise FormatError(f"{label}: a chunk without a valid offset")
+                    view = value
+                    for dim, (o, n) in enumerate(zip(offset, part.shape if part.dim() == len(offset) else ())):
+                        view = view.narrow(dim, o, n)
+                    if part.dim() != len(offset) or view.shape != part.shape:
+                        raise FormatError(f"{label}: a chunk that does not fit the tensor")
+                    view.copy_(part)
+        _place(path, state, fqn, where, value)
     return state
 
 
@@ -281,8 +265,22 @@ def _failure(e: BaseException) -> str:
 
 
 def save(state: Any, directory: str) -> None:
-    """Write ``state`` as a DCP directory with torch's own writer (single process)."""
+    """Write ``state`` as a DCP directory with torch's own writer (single process). Non-tensor entries are
+    torch.save'd with paramtool's pickler, so objects read as inert records go back as they came."""
+    import torch
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultSavePlanner
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    from .pt import _PickleModule
+
+    class Planner(DefaultSavePlanner):
+        def transform_object(self, write_item: Any, object: Any) -> Any:
+            if write_item.type == WriteItemType.BYTE_IO:
+                buf = io.BytesIO()
+                torch.save(object, buf, pickle_module=_PickleModule)
+                return buf
+            return object
 
     try:
         with warnings.catch_warnings():

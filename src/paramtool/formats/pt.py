@@ -1,41 +1,226 @@
-"""torch.save files: load with torch under the weights-only rules, save with torch.save."""
+"""torch.save files: tensors rebuilt by paramtool from the storages it located; saved with torch.save.
+
+Loading never unpickles a file a second time and never calls ``torch.load``: the listing (``TorchFile``,
+read by the inert unpickler) says where each storage's bytes are, and each ``FakeTensor`` view becomes a real
+tensor over a copy-on-write memory map of those bytes. Tensors that share a storage in the file share one
+here. Modules stay ``FakeModule`` and other objects stay ``Inert``: nothing a file names is built or called.
+
+Saving re-serializes that tree with torch's zip writer and a pickler that writes a stand-in back as the same
+GLOBAL, arguments and state it was read from, without importing the module it names.
+"""
 from __future__ import annotations
 
+import mmap
 import pickle
-import warnings
-from typing import Any
+from typing import Any, Hashable
 
-from ..errors import FormatError, RefusedGlobal
+from ..errors import FormatError
+from ..toc import FakeModule, FakeTensor
+from .torchfile import TorchFile
+from .unpickle import Global, Inert
 
 
-def load(path: str, fmt: str) -> Any:
-    """Load a torch.save file on the CPU, memory-mapped when it is a zip file.
+def load(path: str, listing: TorchFile) -> Any:
+    """The file's object tree with real tensors (memory-mapped, copy-on-write) in place of ``FakeTensor``."""
+    mapped = None
+    if listing.storages and any(listing.storages[k].nbytes for k in listing.storages):
+        with open(path, "rb") as f:
+            try:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (ValueError, OSError) as e:
+                raise FormatError(f"{path}: cannot map the file ({e})") from None
+    return materialize(listing, mapped, path)
 
-    The caller has already run the listing unpickler over it, which refuses any global outside the
-    allowlist; torch's own weights-only unpickler is a second, independent gate.
-    """
+
+def materialize(listing: TorchFile, mapped: Any, path: str, zip_bytes: Any = None) -> Any:
+    """``listing``'s tree with real tensors over ``mapped`` (the file's bytes: an mmap or a bytearray).
+    ``zip_bytes``: where a compressed record is read from, when the zip is not the file at ``path``."""
+    storages = _storages(listing, mapped, path, zip_bytes)
+    try:
+        return _Rebuild(storages, path).real(listing.root)
+    except (RuntimeError, ValueError, TypeError, KeyError) as e:  # a view torch cannot make of its storage
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise FormatError(f"{path}: cannot rebuild a tensor ({type(e).__name__}: {first})") from None
+
+
+def _storages(listing: TorchFile, mapped: Any, path: str, zip_bytes: Any) -> dict[Hashable, Any]:
+    """Each storage the listing located, as an untyped storage over the mapped bytes (no copy)."""
     import torch
 
-    from .torchfile import torch_safe_globals
+    storages: dict[Hashable, Any] = {}
+    for key, ref in listing.storages.items():
+        offset = listing.data_offset.get(key)
+        nbytes = ref.nbytes
+        if nbytes == 0:
+            flat = torch.empty(0, dtype=torch.uint8)
+        elif offset is None:  # a compressed zip record (not written by torch): read into memory
+            import zipfile
 
-    try:
-        with torch.serialization.safe_globals(torch_safe_globals()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 0": the allowlist pass already read it
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=(fmt == "pt"))
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        marker = "GLOBAL "
-        if marker in text:
-            name = text.split(marker, 1)[1].split()[0]
-            raise RefusedGlobal(name, path) from None
-        raise FormatError(f"{path}: cannot load: {text.splitlines()[0] if text else type(e).__name__}") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise FormatError(f"{path}: cannot load torch checkpoint: {first}") from None
+            with zipfile.ZipFile(zip_bytes if zip_bytes is not None else path) as z:
+                data = bytearray(z.read(listing.records[key]))
+            flat = torch.frombuffer(data, dtype=torch.uint8, count=nbytes)
+        else:
+            if mapped is None or offset + nbytes > len(mapped):
+                raise FormatError(f"{path}: truncated: storage {key[1]!r} ends beyond the file")
+            flat = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=offset)
+        storages[key] = flat.untyped_storage()
+    return storages
+
+
+class _Rebuild:
+    """The stand-in tree copied with real tensors; shared objects (ties, memoized values) stay shared."""
+
+    def __init__(self, storages: dict[Hashable, Any], path: str) -> None:
+        self.storages, self.path = storages, path
+        self.done: dict[int, Any] = {}
+
+    def tensor(self, fake: FakeTensor) -> Any:
+        import torch
+
+        dtype = getattr(torch, fake.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise FormatError(f"{self.path}: tensors of dtype {fake.dtype} are not supported")
+        t = torch.empty(0, dtype=dtype)
+        t.set_(self.storages[fake.storage.key], fake.offset, fake.shape, fake.stride)
+        if fake.is_parameter:
+            return torch.nn.Parameter(t, requires_grad=fake.requires_grad)
+        if fake.requires_grad:
+            t.requires_grad_(True)
+        return t
+
+    def real(self, obj: Any) -> Any:
+        done, real = self.done, self.real
+        if id(obj) in done:
+            return done[id(obj)]
+        if isinstance(obj, FakeTensor):
+            out: Any = self.tensor(obj)
+        elif isinstance(obj, FakeModule):
+            out = FakeModule.__new__(type(obj))
+            out.cls, out.state = obj.cls, {}
+            done[id(obj)] = out
+            out.state.update({k: real(v) for k, v in obj.state.items()})
+        elif isinstance(obj, Inert):
+            out = Inert(obj.cls, (), obj.how)
+            out.__class__ = type(obj)
+            done[id(obj)] = out
+            out.args, out.kwargs = real(obj.args), {k: real(v) for k, v in obj.kwargs.items()}
+            out.state, out.has_state = real(obj.state), obj.has_state
+            out.list_items, out.dict_items = real(obj.list_items), {k: real(v) for k, v in obj.dict_items.items()}
+        elif isinstance(obj, (dict, list)):
+            out = obj.__class__() if type(obj) is not list else []
+            done[id(obj)] = out
+            if isinstance(obj, dict):
+                out.update((k, real(v)) for k, v in obj.items())
+                if getattr(obj, "__dict__", None):
+                    out.__dict__.update({k: real(v) for k, v in obj.__dict__.items()})
+            else:
+                out.extend(real(v) for v in obj)
+        elif type(obj) is tuple:
+            out = tuple(real(v) for v in obj)
+        else:
+            return obj  # numbers, text, bytes, sets of those, Global names
+        done[id(obj)] = out
+        return out
+
+
+def real_module(obj: Any) -> Any:
+    """A real ``torch.nn`` module built from a ``FakeModule`` (for commands that run a model): paramtool creates
+    the known torch.nn class itself and gives it the pickled ``__dict__``; hook tables are emptied, so nothing the
+    file names is ever called. Children are converted too; tensors must already be real (``load``)."""
+    import collections
+    import importlib
+
+    import torch
+
+    from .nn_classes import NN_MODULE_CLASSES
+
+    done: dict[int, Any] = {}
+
+    def convert(m: Any) -> Any:
+        if id(m) in done:
+            return done[id(m)]
+        if m.cls not in NN_MODULE_CLASSES:
+            raise FormatError(f"{m.cls} is not a known torch.nn class")
+        module_name, _, name = m.cls.rpartition(".")
+        cls = getattr(importlib.import_module(module_name), name)
+        out = cls.__new__(cls)
+        done[id(m)] = out
+        state = {}
+        for key, value in m.state.items():
+            if "hook" in key and isinstance(value, dict):
+                value = collections.OrderedDict()  # hooks are code the file names: never carried over
+            elif key == "_modules" and isinstance(value, dict):
+                value = collections.OrderedDict((k, convert(v) if isinstance(v, FakeModule) else v)
+                                                for k, v in value.items())
+            elif isinstance(value, (FakeModule, Inert, Global)):
+                raise FormatError(f"{m.cls}.{key} holds {value!r}, not a plain value")
+            state[key] = value
+        torch.nn.Module.__setstate__(out, state)
+        return out
+
+    return convert(obj)
+
+
+class _Pickler(pickle._Pickler):  # the pure-Python pickler: it lets a stand-in write its own opcodes
+    """Writes ``Global``, ``Inert`` and ``FakeModule`` as the GLOBAL name (never imported), arguments and state
+    they were read from; everything else as torch.save does."""
+
+    def save(self, obj: Any, save_persistent_id: bool = True) -> None:
+        if isinstance(obj, (Global, Inert, FakeModule)):
+            memo = self.memo.get(id(obj))
+            if memo is not None:
+                self.write(self.get(memo[0]))
+                return
+            if isinstance(obj, Global):
+                self._global(obj)
+            elif isinstance(obj, Inert):
+                self._inert(obj)
+            else:
+                self._module(obj)
+            return
+        super().save(obj, save_persistent_id)
+
+    def _global(self, ref: Global) -> None:
+        self.write(pickle.GLOBAL + ref.module.encode("utf-8") + b"\n" + ref.qualname.encode("utf-8") + b"\n")
+        self.memoize(ref)
+
+    def _inert(self, obj: Inert) -> None:
+        self.save(obj.cls)
+        self.save(tuple(obj.args))
+        if obj.how == "newobj" and obj.kwargs:
+            self.save(dict(obj.kwargs))
+            self.write(pickle.NEWOBJ_EX)
+        else:
+            self.write(pickle.NEWOBJ if obj.how == "newobj" else pickle.REDUCE)
+        self.memoize(obj)
+        if obj.list_items:
+            self._batch_appends(iter(obj.list_items))
+        if obj.dict_items:
+            self._batch_setitems(iter(obj.dict_items.items()))
+        if obj.has_state:
+            self.save(obj.state)
+            self.write(pickle.BUILD)
+
+    def _module(self, obj: FakeModule) -> None:
+        module, _, name = obj.cls.rpartition(".")
+        self.save(Global(module, name))
+        self.save(())
+        self.write(pickle.NEWOBJ)
+        self.memoize(obj)
+        self.save(obj.state)
+        self.write(pickle.BUILD)
+
+
+class _PickleModule:
+    """What ``torch.save(pickle_module=...)`` needs: a ``Pickler`` class."""
+
+    Pickler = _Pickler
+    HIGHEST_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 def save(root: Any, path: str) -> None:
-    """torch.save in the zip format; shared storages stay shared, as torch.save keeps them.
+    """torch.save in the zip format; shared storages stay shared, as torch.save keeps them. Stand-ins read
+    from a file (modules, inert objects, names) are written back as they were read.
 
     Written through a Python file object, not a path: torch's C++ writer on a path aborts the process on a
     write error (disk full), while through a file object the error is an ``OSError`` like any other."""
@@ -45,6 +230,8 @@ def save(root: Any, path: str) -> None:
 
     try:
         with open(path, "wb") as f:
-            torch.save(root, f)
+            torch.save(root, f, pickle_module=_PickleModule)
+    except RecursionError:
+        raise FormatError("the checkpoint's containers are nested too deeply to write back") from None
     except RuntimeError as e:  # torch's zip writer saw a short write
         raise (write_error(e, path) or e) from None

@@ -18,18 +18,13 @@ from typing import Any
 
 from ..errors import FormatError
 from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_of
+from .dtypes import SAFETENSORS
 
 MAX_HEADER = 100 * 1024 * 1024
 TIES_KEY = "paramtool.ties"
 ORDER_KEY = "paramtool.order"
 
-# safetensors dtype codes -> torch dtype names
-DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-    "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
-}
+DTYPES = SAFETENSORS  # safetensors dtype codes -> torch dtype names
 CODES = {name: code for code, name in DTYPES.items()}
 
 

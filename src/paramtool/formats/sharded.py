@@ -55,9 +55,12 @@ def read_index(path: str) -> Index:
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise FormatError(f"{index_path}: no weight_map of tensor names to shard files")
     directory = os.path.dirname(os.path.abspath(index_path))
+    from .dcp import resolve_inside
+
     for shard in dict.fromkeys(weight_map.values()):
         if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
             raise FormatError(f"{index_path}: shard '{shard}' points outside the checkpoint directory")
+        resolve_inside(directory, shard, "shard")  # also refuses a symlink that leads out
         if not os.path.isfile(os.path.join(directory, shard)):
             raise FormatError(f"{index_path}: shard '{shard}' is missing")
     return Index(index_path, directory, raw.get("metadata") or {}, weight_map, raw)

@@ -1,98 +1,37 @@
 """torch.save files, read without torch and without reading tensor bytes.
 
-The pickle inside a torch file is read by an unpickler with an exact allowlist: every global the pickle
-names is looked up in an exact table (``_allowed``) and replaced by a harmless stand-in (``FakeTensor``, ``FakeModule``,
-plain containers). Anything else is refused by name before anything is called; the pickle's own code
-never runs. Storages are recorded (key, dtype, size), never read.
+The pickle inside a torch file is read by the inert unpickler (``unpickle.py``), which calls nothing the
+file names: tensor rebuild functions are interpreted here into ``FakeTensor`` views (checked against their
+storage when made), torch.nn classes become ``FakeModule``, other classes inert records, and names that run
+code are refused. The container is read the way torch reads it (zip prefix from the first record, tar before
+legacy pickle); what two readers could read differently is refused as ambiguous. Storages are recorded
+(key, dtype, size, byte offset), never read here.
 """
 from __future__ import annotations
 
-import collections
-import io
 import os
-import pickle
 import pickletools
+import struct
 import zipfile
-from dataclasses import replace
-from typing import Any, BinaryIO, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, BinaryIO, Callable, Hashable
 
 from ..errors import FormatError, RefusedGlobal
 from ..toc import FakeModule, FakeTensor, StorageRef, itemsize
+from .dtypes import STORAGE_TYPES
 from .nn_classes import NN_MODULE_CLASSES
+from .unpickle import TORCH_REBUILDS, Global, Hooks, Inert, unpickle
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _PICKLE_OPCODES = frozenset(op.code.encode("latin-1") for op in pickletools.opcodes)
 MAX_PICKLE = 256 << 20  # a data.pkl beyond 256 MiB is not a state dict (real ones are KBs to a few MBs)
 
-STORAGE_DTYPES = {
-    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
-    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
-    "ByteStorage": "uint8", "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
-    "ComplexDoubleStorage": "complex128", "QInt8Storage": "qint8", "QUInt8Storage": "quint8", "QInt32Storage": "qint32",
-}
-DTYPE_GLOBALS = {
-    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool", "complex64",
-    "complex128", "float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64", "double", "float", "half", "long",
-    "int", "short",
-}
+STORAGE_DTYPES = STORAGE_TYPES
 
 
 MAX_DEPTH = 200  # containers nested deeper than this are not a checkpoint (and would exhaust a recursive walk)
 MAX_ENTRIES = 50_000_000  # entries reachable through shared references (a "billion laughs" DAG is refused)
 MAX_BROADCAST = 1 << 32  # elements a stride-0 (expanded) view may claim beyond its storage
-
-
-class _Frozen:
-    """Base of the stand-ins ``find_class`` hands out: BUILD (``__setstate__``) on them is refused."""
-
-    __slots__ = ()
-
-    def __setstate__(self, state: Any) -> None:
-        raise FormatError(f"the pickle tries to modify {self!r} (BUILD on a global): not a checkpoint")
-
-
-class _StorageType(_Frozen):
-    """Stand-in for ``torch.FloatStorage`` and friends: only its dtype matters."""
-
-    __slots__ = ("dtype",)
-
-    def __init__(self, dtype: str) -> None:
-        self.dtype = dtype
-
-    def __repr__(self) -> str:
-        return f"<storage type {self.dtype}>"
-
-
-class _Stand(_Frozen):
-    """Stand-in for a harmless torch value (a dtype, a device, a layout): kept as its name."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __call__(self, *args: Any) -> str:  # torch.device("cuda", 0) and the like
-        if not all(isinstance(a, (str, int)) for a in args):
-            raise FormatError(f"{self.name} called with unexpected arguments")
-        return ":".join(str(a) for a in args) or self.name
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-class _Call(_Frozen):
-    """An allowlisted function, wrapped so that BUILD cannot reach the function object itself."""
-
-    __slots__ = ("fn", "name")
-
-    def __init__(self, fn: Callable, name: str) -> None:
-        self.fn, self.name = fn, name
-
-    def __call__(self, *args: Any) -> Any:
-        return self.fn(*args)
-
-    def __repr__(self) -> str:
-        return self.name
 
 
 def _check_view(storage: StorageRef, offset: Any, size: tuple, stride: tuple) -> None:
@@ -114,153 +53,71 @@ def _check_view(storage: StorageRef, offset: Any, size: tuple, stride: tuple) ->
                           f"than the {storage.numel} elements its storage has")
 
 
-class _Load:
-    """One file's unpickling: the stand-ins it may call, and every object it created, to check after."""
 
-    def __init__(self) -> None:
-        self.made: list[tuple[Any, dict]] = []  # (FakeTensor | StorageRef, its fields when created)
-        self.table = _allowed(self)
+class TorchHooks(Hooks):
+    """How a torch file's pickle becomes stand-ins: storages from persistent ids, views checked on creation."""
 
-    def keep(self, obj: Any) -> Any:
-        self.made.append((obj, dict(vars(obj))))
-        return obj
-
-    def check(self) -> None:
-        # FakeTensor and StorageRef are frozen dataclasses, but pickle's BUILD writes __dict__ directly:
-        # a pickle that alters a tensor after its view was checked is refused here.
-        for obj, fields in self.made:
-            if vars(obj) != fields:
-                raise FormatError(f"the pickle modifies a {type(obj).__name__} after creating it: not a checkpoint")
-
-    def rebuild_tensor_v2(self, storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
-                          backward_hooks: Any = None, metadata: Any = None) -> FakeTensor:
-        if type(storage) is not StorageRef:
-            raise FormatError("tensor without a storage record")
-        if not isinstance(size, tuple) or not isinstance(stride, tuple):
-            raise FormatError("tensor with invalid shape or stride")
-        _check_view(storage, offset, size, stride)
-        return self.keep(FakeTensor(storage, offset, size, stride, storage.dtype, bool(requires_grad)))
-
-    def rebuild_tensor(self, storage: Any, offset: Any, size: Any, stride: Any) -> FakeTensor:
-        return self.rebuild_tensor_v2(storage, offset, size, stride)
-
-    def rebuild_parameter(self, data: Any, requires_grad: Any, backward_hooks: Any, state: Any = None) -> FakeTensor:
-        if type(data) is not FakeTensor:
-            raise FormatError("parameter without tensor data")
-        return self.keep(replace(data, requires_grad=bool(requires_grad), is_parameter=True))
-
-    def storage(self, kind: Any, key: str, location: Any, numel: int) -> StorageRef:
-        return self.keep(StorageRef(key, _storage_type(kind), numel, str(location)))
-
-
-def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
-    # ``func`` is a value of the pickle: only a stand-in ``find_class`` handed out can be callable
-    if not isinstance(func, _Call) or not isinstance(args, tuple):
-        raise FormatError("_rebuild_from_type_v2 without a tensor rebuild function")
-    return func(*args)
-
-
-def _encode(text: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-    """``_codecs.encode``, used by protocol-2 pickles for bytes; only the plain text codecs."""
-    if not isinstance(text, str) or not isinstance(encoding, str) or errors != "strict":
-        raise FormatError("_codecs.encode with unexpected arguments")
-    if encoding.lower().replace("-", "").replace("_", "") not in ("latin1", "utf8", "ascii", "iso88591"):
-        raise RefusedGlobal(f"_codecs.encode({encoding!r})")
-    return text.encode(encoding, errors)
-
-
-def _bytearray(*args: Any) -> bytearray:
-    """``bytearray`` from bytes or (str, encoding) only: ``bytearray(10**12)`` would allocate a terabyte."""
-    if args and not isinstance(args[0], (bytes, bytearray, str)):
-        raise FormatError("bytearray with unexpected arguments")
-    if len(args) == 2:
-        return bytearray(_encode(*args))
-    if len(args) > 1:
-        raise FormatError("bytearray with unexpected arguments")
-    return bytearray(*args)
-
-
-_module_classes: dict[str, type] = {}
-
-
-def _module_stand_in(qualname: str) -> type:
-    """A class for one torch.nn module: pickle's NEWOBJ creates it, BUILD fills its ``__dict__``.
-
-    BUILD on the class object itself finds the unbound ``FakeModule.__setstate__`` and fails with a TypeError,
-    so the cached classes cannot be altered by a pickle.
-    """
-    if qualname not in _module_classes:
-
-        def __new__(klass: type, *args: Any, **kwargs: Any) -> FakeModule:
-            obj = object.__new__(klass)
-            obj.cls = qualname
-            obj.state = {}
-            return obj
-
-        _module_classes[qualname] = type(qualname.rsplit(".", 1)[-1], (FakeModule,), {"__new__": __new__})
-    return _module_classes[qualname]
-
-
-def _allowed(load: _Load) -> dict[str, Any]:
-    """The exact allowlist, one fresh table per file: no stand-in is shared between two loads."""
-    table: dict[str, Any] = {
-        "collections.OrderedDict": collections.OrderedDict,
-        "builtins.set": set, "__builtin__.set": set,
-        "builtins.frozenset": frozenset, "__builtin__.frozenset": frozenset,
-        "builtins.slice": slice, "__builtin__.slice": slice,
-        "builtins.complex": complex, "__builtin__.complex": complex,
-        "builtins.bytearray": _Call(_bytearray, "builtins.bytearray"),
-        "__builtin__.bytearray": _Call(_bytearray, "__builtin__.bytearray"),
-        "_codecs.encode": _Call(_encode, "_codecs.encode"),
-        "torch._utils._rebuild_tensor_v2": _Call(load.rebuild_tensor_v2, "torch._utils._rebuild_tensor_v2"),
-        "torch._utils._rebuild_tensor": _Call(load.rebuild_tensor, "torch._utils._rebuild_tensor"),
-        "torch._utils._rebuild_parameter": _Call(load.rebuild_parameter, "torch._utils._rebuild_parameter"),
-        "torch._utils._rebuild_parameter_with_state": _Call(load.rebuild_parameter,
-                                                            "torch._utils._rebuild_parameter_with_state"),
-        "torch._tensor._rebuild_from_type_v2": _Call(_rebuild_from_type_v2, "torch._tensor._rebuild_from_type_v2"),
-        "torch.nn.parameter.Parameter": _Stand("torch.nn.parameter.Parameter"),
-        "torch.Tensor": _Stand("torch.Tensor"),
-        "torch.Size": tuple,
-        "torch.device": _Stand("device"),
-        "torch.strided": _Stand("torch.strided"),
-        "torch.storage.UntypedStorage": _StorageType("uint8"),
-        "torch.UntypedStorage": _StorageType("uint8"),
-    }
-    for name, dtype in STORAGE_DTYPES.items():
-        table[f"torch.{name}"] = _StorageType(dtype)
-    for name in DTYPE_GLOBALS:
-        table[f"torch.{name}"] = _Stand(f"torch.{name}")
-    return table
-
-
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: BinaryIO, storage: Callable[[tuple], StorageRef], load: _Load) -> None:
-        super().__init__(file)
+    def __init__(self, storage: Callable[[tuple], StorageRef]) -> None:
         self._storage = storage
-        self._table = load.table
-
-    def find_class(self, module: str, name: str) -> Any:
-        dotted = f"{module}.{name}"
-        if dotted in self._table:
-            return self._table[dotted]
-        if dotted in NN_MODULE_CLASSES:
-            return _module_stand_in(dotted)
-        raise RefusedGlobal(dotted)
 
     def persistent_load(self, pid: Any) -> Any:
         if isinstance(pid, tuple) and pid and pid[0] == "module":
-            # legacy files save a module class as ('module', cls, source_file, source); cls came through find_class
-            if len(pid) != 4 or pid[1] not in _module_classes.values():
+            # legacy files save a module class as ('module', cls, source_file, source); cls is a name already read
+            if len(pid) != 4 or not isinstance(pid[1], Global):
                 raise FormatError("malformed module record")
             return pid[1]
         if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
             raise FormatError(f"unknown persistent id {str(pid)[:60]!r}")
         return self._storage(pid)
 
+    def rebuild(self, name: str, args: tuple) -> Any:
+        if name == "torch._tensor._rebuild_from_type_v2":
+            if len(args) != 4 or not isinstance(args[0], Global) or not isinstance(args[2], tuple):
+                raise FormatError("_rebuild_from_type_v2 without a tensor rebuild function")
+            func, new_type, inner, _state = args
+            if func.name not in TORCH_REBUILDS or func.name == name:
+                raise FormatError(f"_rebuild_from_type_v2 with {func.name}")
+            made = self.rebuild(func.name, inner)
+            if isinstance(made, FakeTensor) and isinstance(new_type, Global) and new_type.name.endswith("Parameter"):
+                made = replace(made, is_parameter=True)
+            return made
+        if name in ("torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state"):
+            if len(args) < 2 or type(args[0]) is not FakeTensor:
+                raise FormatError("parameter without tensor data")
+            return replace(args[0], requires_grad=bool(args[1]), is_parameter=True)
+        if name in ("torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2"):
+            if len(args) < 4:
+                raise FormatError(f"{name} with too few arguments")
+            storage, offset, size, stride = args[:4]
+            requires_grad = args[4] if len(args) > 4 else False
+            if type(storage) is not StorageRef:
+                raise FormatError("tensor without a storage record")
+            if not isinstance(size, tuple) or not isinstance(stride, tuple):
+                raise FormatError("tensor with invalid shape or stride")
+            _check_view(storage, offset, size, stride)
+            return FakeTensor(storage, offset, size, stride, storage.dtype, bool(requires_grad))
+        return None
+
+
+def _storage_type(value: Any) -> str:
+    name = value.name if isinstance(value, Global) else None
+    short = name.rsplit(".", 1)[-1] if name and name.startswith("torch.") else None
+    if short in STORAGE_DTYPES:
+        return STORAGE_DTYPES[short]
+    if short == "UntypedStorage":
+        return "uint8"
+    raise FormatError(f"storage of unknown type {value!r}")
+
+
+def _is_graph_node(obj: Any) -> bool:
+    return isinstance(obj, (FakeModule, Inert, dict, list, tuple, set, frozenset))
+
 
 def _children(obj: Any) -> list | None:
     if isinstance(obj, FakeModule):
         return [obj.state]
+    if isinstance(obj, Inert):
+        return [obj.args, obj.kwargs, obj.state, obj.list_items, obj.dict_items]
     if isinstance(obj, dict):
         return list(obj.values())
     if isinstance(obj, (list, tuple, set, frozenset)):
@@ -286,6 +143,8 @@ def _check_graph(root: Any) -> None:
             if grand is None or id(child) in done:
                 continue
             if id(child) in on_path:
+                if isinstance(child, Inert):  # an object's link back to its parent (omegaconf's _parent):
+                    continue  # tree walks never enter an Inert, so the cycle is harmless
                 raise FormatError("the pickle holds a container that contains itself: not a checkpoint")
             if len(stack) >= MAX_DEPTH:
                 raise FormatError(f"containers nested deeper than {MAX_DEPTH} levels: not a checkpoint")
@@ -300,11 +159,14 @@ def _check_graph(root: Any) -> None:
             done[id(node)] = entries
 
 
-def _unpickle(f: BinaryIO, storage: Callable[[tuple], StorageRef], path: str, load: _Load) -> Any:
+def _unpickle(f: BinaryIO | bytes, storage: Callable[[tuple], StorageRef], path: str,
+              seen: set[str] | None = None) -> Any:
+    """One pickle through the inert unpickler; the globals it names are added to ``seen``."""
     try:
-        obj = _Unpickler(f, storage, load).load()
-        load.check()
+        obj, names = unpickle(f, TorchHooks(storage))
         _check_graph(obj)
+        if seen is not None:
+            seen.update(names)
         return obj
     except RefusedGlobal as e:
         raise RefusedGlobal(e.name, path) from None
@@ -315,39 +177,81 @@ def _unpickle(f: BinaryIO, storage: Callable[[tuple], StorageRef], path: str, lo
         raise FormatError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {msg})") from None
 
 
-def _storage_type(value: Any) -> str:
-    if not isinstance(value, _StorageType):
-        raise FormatError(f"storage of unknown type {value!r}")
-    return value.dtype
+@dataclass
+class TorchFile:
+    """A torch file as read without running it: the object tree (stand-ins), the globals its pickle names, and
+    where each storage's bytes are (``data_offset`` into the file; None for a compressed zip record)."""
+
+    root: Any
+    globals: set[str]
+    storages: dict[Hashable, StorageRef] = field(default_factory=dict)
+    data_offset: dict[Hashable, int | None] = field(default_factory=dict)
+    records: dict[Hashable, str] = field(default_factory=dict)  # zip record name of each storage
 
 
 def sniff_torch(head: bytes) -> str | None:
     """"pt" for a zip file, "pt-legacy" for anything that starts like a pickle, else None."""
     if head.startswith(b"PK\x03\x04"):
         return "pt"
-    if head[:1] and head[:1] in _PICKLE_OPCODES:  # any pickle: the allowlist unpickler decides
+    if head[:1] and head[:1] in _PICKLE_OPCODES:  # any pickle: the inert unpickler decides
         return "pt-legacy"
     return None
 
 
-def read_zip_tree(path: str) -> Any:
-    """The object tree of a torch zip checkpoint, tensors as ``FakeTensor``: reads ``data.pkl`` only."""
+def _zip_prefix(archive: zipfile.ZipFile, path: str) -> str:
+    """The archive prefix as torch takes it (from the FIRST record); refuse what two readers could read apart."""
+    infos = archive.infolist()
+    if not infos:
+        raise FormatError(f"{path}: empty zip file: not a torch checkpoint")
+    names = [i.orig_filename for i in infos]
+    if any("\0" in n for n in names):
+        bad = next(n for n in names if "\0" in n)
+        raise FormatError(f"{path}: ambiguous zip: record name {bad!r} holds a NUL byte (readers disagree on it)")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise FormatError(f"{path}: ambiguous zip: two records are named '{dup}'")
+    prefix = names[0].split("/", 1)[0] + "/" if "/" in names[0] else ""
+    pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+    if not pkls:
+        raise FormatError(f"{path}: zip file without a data.pkl record: not a torch checkpoint")
+    if len(pkls) > 1:
+        raise FormatError(f"{path}: ambiguous zip: data.pkl under two prefixes ({', '.join(pkls[:3])})")
+    if pkls[0] != prefix + "data.pkl":
+        raise FormatError(f"{path}: ambiguous zip: the first record '{names[0]}' names the archive "
+                          f"'{prefix.rstrip('/')}', but data.pkl is '{pkls[0]}'")
+    return prefix
+
+
+def _data_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int | None:
+    """Where a stored (uncompressed) record's bytes start in the file; None if compressed."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    f.seek(info.header_offset)
+    head = f.read(30)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+        raise FormatError(f"bad local header for zip record '{info.filename}'")
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
+    """A torch zip checkpoint read without running it: reads ``data.pkl`` and the zip directory only.
+
+    ``fileobj``: the zip is these bytes (a record inside a DCP data file), ``path`` only names it."""
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(fileobj if fileobj is not None else path)
     except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as e:  # e.g. "zip file version 6.4"
         raise FormatError(f"{path}: not a valid torch zip file ({type(e).__name__}: {e})") from None
     with archive:
-        pkls = [i for i in archive.infolist() if i.filename.endswith("/data.pkl") and i.filename.count("/") == 1]
-        if not pkls:
-            raise FormatError(f"{path}: zip file without a data.pkl record: not a torch checkpoint")
-        info = pkls[0]
-        prefix = info.filename[: -len("data.pkl")]
+        prefix = _zip_prefix(archive, path)
+        info = archive.getinfo(prefix + "data.pkl")
         if info.file_size > MAX_PICKLE:
             raise FormatError(f"{path}: data.pkl is {info.file_size} bytes, above the {MAX_PICKLE} byte limit")
-        records = {i.filename: i.file_size for i in archive.infolist()}
+        records = {i.filename: i for i in archive.infolist()}
         byteorder = _read_record(archive, prefix + "byteorder", path).strip() if prefix + "byteorder" in records else b"little"
         if byteorder not in (b"little", b""):
             raise FormatError(f"{path}: big-endian checkpoints are not supported")
+        out = TorchFile(None, set())
         seen: dict[str, StorageRef] = {}
 
         def storage(pid: tuple) -> StorageRef:
@@ -361,15 +265,54 @@ def read_zip_tree(path: str) -> Any:
             record = f"{prefix}data/{key}"
             if record not in records:
                 raise FormatError(f"storage record '{key}' is missing from the zip")
-            if not isinstance(numel, int) or numel < 0 or numel * itemsize(dtype) > records[record]:
+            if not isinstance(numel, int) or numel < 0 or numel * itemsize(dtype) > records[record].file_size:
                 raise FormatError(f"storage '{key}' claims {numel} {dtype} elements but its record holds "
-                                  f"{records[record]} bytes")
-            seen[key] = load.storage(kind, ("zip", key), location, numel)
+                                  f"{records[record].file_size} bytes")
+            seen[key] = StorageRef(("zip", key), dtype, numel, str(location))
+            out.records[("zip", key)] = record
             return seen[key]
 
-        load = _Load()
+        if prefix + "constants.pkl" in records:
+            raise FormatError(f"{path}: a TorchScript archive (it holds constants.pkl): torch.load hands it to "
+                              "torch.jit.load, which runs its code; paramtool does not read TorchScript")
         data = _read_record(archive, info.filename, path)
-    return _unpickle(io.BytesIO(data), storage, path, load)
+        out.root = _unpickle(data, storage, path, out.globals)
+        _scan_other_pickles(archive, records, info.filename, path)
+        f = fileobj if fileobj is not None else open(path, "rb")
+        try:
+            for ref in seen.values():
+                out.storages[ref.key] = ref
+                out.data_offset[ref.key] = _data_offset(f, records[out.records[ref.key]])
+        finally:
+            if fileobj is None:
+                f.close()
+    return out
+
+
+class _AnyStorage(Hooks):
+    """For pickles torch does not load (stray ``*.pkl`` records): only their global names matter."""
+
+    def persistent_load(self, pid: Any) -> Any:
+        return None
+
+
+def _scan_other_pickles(archive: zipfile.ZipFile, records: dict, data_pkl: str, path: str) -> None:
+    """Refuse, by name, a code-running global in any other pickle record of the archive: torch never loads
+    those, but a scanner (and anyone unpacking the archive) would see them, and so should the user."""
+    for name, info in records.items():
+        if name == data_pkl or not name.endswith(".pkl") or info.file_size > MAX_PICKLE:
+            continue
+        try:
+            unpickle(_read_record(archive, name, path), _AnyStorage())
+        except RefusedGlobal as e:
+            raise RefusedGlobal(e.name, f"{path} (record {name})") from None
+        except Exception:  # not a pickle, or a broken one: torch ignores the record, and so does paramtool
+            continue
+
+
+def read_zip_tree(path: str) -> Any:
+    """The object tree of a torch zip checkpoint, tensors as ``FakeTensor``: reads ``data.pkl`` only."""
+    return read_zip(path).root
 
 
 def _read_record(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
@@ -379,10 +322,32 @@ def _read_record(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
         raise FormatError(f"{path}: zip record '{name}' cannot be read ({type(e).__name__}: {e})") from None
 
 
-def read_legacy_tree(path: str) -> Any:
-    """The object tree of a legacy (pre-zip) torch file, or of a bare pickle; storages are not read."""
+def _is_tar(path: str) -> bool:
+    """Does the file open as a tar archive? torch.load tries that before the legacy pickle."""
+    import tarfile
+
+    try:
+        with tarfile.open(path, "r:") as t:
+            return t.next() is not None
+    except (tarfile.TarError, OSError, ValueError, EOFError):
+        return False
+
+
+def read_legacy(path: str) -> TorchFile:
+    """A legacy (pre-zip) torch file, or a bare pickle, read without running it; storages are not read."""
+    if _is_tar(path):
+        try:
+            _read_legacy(path)
+        except (FormatError, RefusedGlobal):
+            raise FormatError(f"{path}: a tar archive (torch's oldest checkpoint format, not supported)") from None
+        raise FormatError(f"{path}: ambiguous file: it is both a tar archive and a legacy torch pickle "
+                          "(torch.load would read the tar)")
+    return _read_legacy(path)
+
+
+def _read_legacy(path: str) -> TorchFile:
+    out = TorchFile(None, set())
     seen: dict[str, StorageRef] = {}
-    load = _Load()
 
     def storage(pid: tuple) -> StorageRef:
         if len(pid) != 6:
@@ -392,7 +357,7 @@ def read_legacy_tree(path: str) -> Any:
         if key not in seen:
             if not isinstance(numel, int) or numel < 0:
                 raise FormatError(f"storage '{key}' has an invalid size")
-            seen[key] = load.storage(kind, ("legacy", key), location, numel)
+            seen[key] = StorageRef(("legacy", key), _storage_type(kind), numel, str(location))
         return seen[key]
 
     def no_storage(pid: tuple) -> StorageRef:
@@ -400,39 +365,40 @@ def read_legacy_tree(path: str) -> Any:
 
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        magic = _unpickle(f, no_storage, path, load)
+        magic = _unpickle(f, no_storage, path, out.globals)
         if magic != LEGACY_MAGIC:
             raise FormatError(f"{path}: a pickle, but not a torch checkpoint (no torch magic number)")
-        protocol = _unpickle(f, no_storage, path, load)
+        protocol = _unpickle(f, no_storage, path, out.globals)
         if protocol != 1001:
             raise FormatError(f"{path}: unsupported legacy protocol version {protocol!r}")
-        _unpickle(f, no_storage, path, load)  # sys_info
-        root = _unpickle(f, storage, path, load)
-        keys = _unpickle(f, no_storage, path, load)
-        if not isinstance(keys, list) or set(map(str, keys)) != set(seen):
+        _unpickle(f, no_storage, path, out.globals)  # sys_info
+        out.root = _unpickle(f, storage, path, out.globals)
+        keys = _unpickle(f, no_storage, path, out.globals)
+        if not isinstance(keys, list) or set(map(str, keys)) != set(seen) or len(keys) != len(seen):
             raise FormatError(f"{path}: the storage list does not match the tensors")
-        # each storage follows as an 8-byte element count and its bytes; check they fit without reading them
+        # each storage follows as an 8-byte element count and its bytes; torch sizes it by that count, so a
+        # count that disagrees with the pickle would make two readers see two different tensors
         pos = f.tell()
         for key in keys:
             ref = seen[str(key)]
+            out.storages[ref.key] = ref
+            out.data_offset[ref.key] = pos + 8
+            if pos + 8 <= size:
+                f.seek(pos)
+                count = int.from_bytes(f.read(8), "little")
+                if count != ref.numel:
+                    raise FormatError(f"{path}: ambiguous file: storage '{key}' holds {count} elements by its own "
+                                      f"header but {ref.numel} by the pickle")
             pos += 8 + ref.nbytes
         if pos > size:
             raise FormatError(f"{path}: truncated: the storages need {pos} bytes, the file has {size}")
-    return root
-
-
-def torch_safe_globals() -> list:
-    """The real classes torch.load's weights-only unpickler must also accept: standard nn module classes."""
-    import importlib
-
-    out: list = [set]
-    for dotted in sorted(NN_MODULE_CLASSES):
-        module_name, _, qualname = dotted.rpartition(".")
-        try:
-            obj = importlib.import_module(module_name)
-            for part in qualname.split("."):
-                obj = getattr(obj, part)
-        except (ImportError, AttributeError):  # another torch version may lack a class; it cannot appear then
-            continue
-        out.append(obj)
     return out
+
+
+def read_legacy_tree(path: str) -> Any:
+    """The object tree of a legacy (pre-zip) torch file, or of a bare pickle; storages are not read."""
+    return read_legacy(path).root
+
+
+def read_torch(path: str, fmt: str) -> TorchFile:
+    return read_zip(path) if fmt == "pt" else read_legacy(path)

@@ -1,0 +1,43 @@
+"""The one dtype table: names as torch prints them (without "torch."), their sizes, and each format's codes.
+
+Imports nothing: listing uses it without torch.
+"""
+from __future__ import annotations
+
+# dtype name -> bytes per element
+SIZES: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "complex128": 16, "complex64": 8, "complex32": 4,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1,
+    "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
+    "qint8": 1, "quint8": 1, "qint32": 4,
+}
+
+# safetensors dtype codes -> dtype names
+SAFETENSORS: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64",
+}
+
+# torch's legacy typed storage classes (named in every torch.save pickle) -> dtype names
+STORAGE_TYPES: dict[str, str] = {
+    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
+    "ByteStorage": "uint8", "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128", "QInt8Storage": "qint8", "QUInt8Storage": "quint8", "QInt32Storage": "qint32",
+}
+
+
+def kind(name: str) -> str:
+    """"float", "complex", "bool" or "int" for a dtype name (``torch.float32``, ``half`` and friends too)."""
+    name = str(name).removeprefix("torch.")
+    if name.startswith(("float", "bfloat")) or name in ("half", "double"):
+        return "float"
+    if name.startswith(("complex", "cfloat", "cdouble", "chalf")):
+        return "complex"
+    if name == "bool":
+        return "bool"
+    return "int"
