@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import io
 import subprocess
 import sys
 import zipfile

@@ -19,7 +19,6 @@ from typing import Any, BinaryIO, Callable, Hashable
 from ..errors import FormatError, RefusedGlobal
 from ..toc import FakeModule, FakeTensor, StorageRef, itemsize
 from .dtypes import STORAGE_TYPES
-from .nn_classes import NN_MODULE_CLASSES
 from .unpickle import TORCH_REBUILDS, Global, Hooks, Inert, unpickle
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
