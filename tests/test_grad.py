@@ -461,11 +461,16 @@ def test_missing_input_is_a_usage_error(run):
     assert r.exit_code == 2 and "--input" in r.stderr
 
 
-def test_legacy_pickled_model_is_a_clear_error(run, tmp_path):
+def test_legacy_pickled_model_runs_too(run, tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
     path = tmp_path / "legacy.pt"
-    torch.save(nn.Linear(2, 2), path, _use_new_zipfile_serialization=False)
-    r = run("grad", path, "--input", "2,2")
-    assert r.exit_code == 1 and len(r.stderr.splitlines()) == 1 and "legacy" in r.stderr
+    torch.save(net, path, _use_new_zipfile_serialization=False)
+    doc = run("grad", path, "--input", "2,2", "--json").json()
+    torch.manual_seed(0)
+    net(torch.rand(2, 2)).sum().backward()
+    got = {p["name"]: p["grad_norm"] for p in doc["params"]}
+    assert got == pytest.approx({n: p.grad.norm().item() for n, p in net.named_parameters()}, rel=1e-5)
 
 
 def test_grad_is_in_the_readme():

@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .errors import ParamtoolError, UsageError
-from .toc import FakeModule, FakeTensor
+from .toc import FakeModule
 
 NEEDS_MODEL = "grad needs a model: give nn:EXPR, FILE.py:FUNC or a pickled module"
 _SHAPE = re.compile(r"^\s*[(\[]?\s*(\d+(\s*[,x]\s*\d+)*)?\s*,?\s*[)\]]?\s*$")
@@ -59,106 +59,15 @@ def build_model(src: Any, seed: int) -> Any:
 
 
 def _pickled_model(src: Any) -> Any:
-    """A ``torch.save(model)`` file as a real module: listed by the inert unpickler, then rebuilt here."""
+    """A ``torch.save(model)`` file as a real module: loaded by the inert unpickler (tensors rebuilt by
+    paramtool), then the known torch.nn classes instantiated by ``pt.real_module``."""
     from . import sources
-    from .stream import open_storage_file
+    from .formats.pt import real_module
 
-    listing = sources.open_listing(src)
-    if not isinstance(listing.root, FakeModule):
+    ckpt = sources.load(src)
+    if not isinstance(ckpt.root, FakeModule):
         raise ParamtoolError(f"{src.label}: a state dict, not a whole model; {NEEDS_MODEL}")
-    storage_file = open_storage_file(listing)
-    if storage_file is None:
-        raise ParamtoolError(f"{src.label}: a pickled model in torch's legacy (pre-1.6) format; grad reads "
-                             "pickled models from zip files: re-save it with torch.save, or give FILE.py:FUNC")
-    storages: dict[Any, Any] = {}
-
-    def tensor_of(fake: FakeTensor) -> Any:
-        """One read per storage, so views of one storage share memory as torch.load would make them."""
-        key = fake.storage.key
-        if key not in storages:
-            if key not in storage_file.spans:
-                raise ParamtoolError(f"{src.label}: a non-persistent buffer cannot be rebuilt for grad")
-            storages[key] = storage_file.read_storage(key)
-        return storages[key].as_strided(fake.shape, fake.stride, fake.offset)
-
-    try:
-        return rebuild_module(listing.root, tensor_of)
-    finally:
-        storage_file.close()
-
-
-def _nn_class(qualname: str) -> Any:
-    """The real class of an allowlisted ``torch.nn`` module name (the listing refused every other name)."""
-    import importlib
-
-    from .formats.nn_classes import NN_MODULE_CLASSES
-
-    if qualname not in NN_MODULE_CLASSES:
-        raise ParamtoolError(f"cannot rebuild '{qualname}': not a standard torch.nn module class")
-    module_name, _, name = qualname.rpartition(".")
-    return getattr(importlib.import_module(module_name), name)
-
-
-def _plain(value: Any) -> bool:
-    if isinstance(value, (bool, int, float, str, type(None))):
-        return True
-    return isinstance(value, (tuple, list)) and all(_plain(v) for v in value)
-
-
-def rebuild_module(fake: FakeModule, tensor_of: Callable[[FakeTensor], Any], memo: dict | None = None) -> Any:
-    """A real module from a listed one: ``cls.__new__`` and ``nn.Module.__init__`` of the allowlisted class, then
-    its tensors, children and plain attributes (numbers, strings, booleans, None, tuples and lists of them and of
-    its own tensors).
-
-    Nothing the file names is called, and no constructor runs: a pickled model's ``__dict__`` already holds
-    everything its ``forward`` reads; the class's own (torch's) ``__setstate__`` takes the plain attributes, as
-    unpickling would give them to it. One object in the file (a module or a Parameter used twice) is one object
-    here, so ties survive.
-    """
-    import torch
-
-    memo = {} if memo is None else memo
-    if id(fake) in memo:
-        return memo[id(fake)]
-    cls = _nn_class(fake.cls)
-    module = cls.__new__(cls)
-    torch.nn.Module.__init__(module)
-    memo[id(fake)] = module
-
-    def tensor(t: Any, what: str) -> Any:
-        if not isinstance(t, FakeTensor):
-            raise ParamtoolError(f"cannot rebuild {fake.cls}: {what} is a {type(t).__name__}, not a tensor")
-        if id(t) not in memo:
-            data = tensor_of(t)
-            memo[id(t)] = torch.nn.Parameter(data, requires_grad=t.requires_grad) if t.is_parameter else data
-        return memo[id(t)]
-
-    state: dict[str, Any] = {}
-    for key, value in fake.state.items():
-        if key in ("_parameters", "_buffers", "_modules"):
-            entries: dict[str, Any] = {}
-            for name, v in (value or {}).items():
-                if v is None or key != "_modules":
-                    entries[name] = None if v is None else tensor(v, f"'{name}'")
-                elif isinstance(v, FakeModule):
-                    entries[name] = rebuild_module(v, tensor_of, memo)
-                else:
-                    raise ParamtoolError(f"cannot rebuild {fake.cls}: child '{name}' is not a module")
-            getattr(module, key).update(entries)
-        elif key == "_non_persistent_buffers_set":
-            module._non_persistent_buffers_set = {str(n) for n in (value or ())}
-        elif key in module.__dict__ and key != "training":
-            continue  # hooks and other nn.Module bookkeeping: fresh and empty, as __init__ made them
-        elif _plain(value):
-            state[key] = list(value) if isinstance(value, list) else value
-        elif isinstance(value, (list, tuple)) and all(_plain(v) or isinstance(v, FakeTensor) for v in value):
-            items = [tensor(v, f"'{key}'") if isinstance(v, FakeTensor) else v for v in value]  # RNN._flat_weights
-            state[key] = items if isinstance(value, list) else tuple(items)
-        else:
-            raise ParamtoolError(f"cannot rebuild {fake.cls}: attribute '{key}' is a {type(value).__name__}, "
-                                 "not a number, string, tuple or tensor")
-    cls.__setstate__(module, state)  # torch's own code for this class (an RNN rebuilds its weight references)
-    return module
+    return real_module(ckpt.root)
 
 
 # --- the pass ----------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import pickle
 from collections import OrderedDict
 from dataclasses import replace
 from typing import Any, Hashable
@@ -240,7 +239,9 @@ def _pickled(root: Any) -> tuple[bytes, dict[Hashable, _StorageOut]]:
         return (torch._utils._rebuild_tensor_v2,
                 (storage_of(ft), ft.offset, tuple(ft.shape), tuple(ft.stride), requires_grad, OrderedDict()))
 
-    class Pickler(pickle.Pickler):
+    from .formats.pt import _Pickler
+
+    class Pickler(_Pickler):  # paramtool's: stand-ins read from a file (inert objects, modules) go back as read
         def persistent_id(self, obj: Any) -> Any:
             if type(obj) is _StorageOut:
                 kind = getattr(torch, type_names[getattr(torch, obj.dtype)])
@@ -269,20 +270,23 @@ def _write_zip(out: Checkpoint, storage_file: Any, path: str, overflows: dict[Ha
     import torch
 
     data, storages = _pickled(out.root)
-    writer = torch._C.PyTorchFileWriter(path)
-    writer.write_record("data.pkl", data, len(data))
-    writer.write_record(".format_version", "1", 1)
-    alignment = str(torch.serialization._get_storage_alignment())
-    writer.write_record(".storage_alignment", alignment, len(alignment))
-    writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-    for s in storages.values():
-        span = storage_file.spans[s.source]
-        if span.dtype == s.dtype:  # untouched: the record's bytes as they are
-            raw = storage_file.reader.get_record(span.record)
-            writer.write_record(f"data/{s.key}", raw, len(raw))
-            del raw
-        else:
-            tensor = _produce(storage_file, s.source, s.dtype, overflows)
-            writer.write_record(f"data/{s.key}", tensor.untyped_storage(), tensor.untyped_storage().nbytes())
-            del tensor
-    writer.write_end_of_file()
+    # through a Python file object: on a path, torch's C++ writer aborts the process on a write error, and it
+    # takes the archive name from the file name (a temporary's leading dot makes it invalid)
+    with open(path, "wb") as f:
+        writer = torch._C.PyTorchFileWriter(f)
+        writer.write_record("data.pkl", data, len(data))
+        writer.write_record(".format_version", "1", 1)
+        alignment = str(torch.serialization._get_storage_alignment())
+        writer.write_record(".storage_alignment", alignment, len(alignment))
+        writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        for s in storages.values():
+            span = storage_file.spans[s.source]
+            if span.dtype == s.dtype:  # untouched: the record's bytes as they are
+                raw = storage_file.reader.get_record(span.record)
+                writer.write_record(f"data/{s.key}", raw, len(raw))
+                del raw
+            else:
+                tensor = _produce(storage_file, s.source, s.dtype, overflows)
+                writer.write_record(f"data/{s.key}", tensor.untyped_storage(), tensor.untyped_storage().nbytes())
+                del tensor
+        writer.write_end_of_file()

@@ -116,8 +116,11 @@ def _place(path: str, root: dict, fqn: str, where: tuple, value: Any) -> None:
     node[where[-1]] = value
 
 
-def resolve_inside(directory: str, name: Any, what: str) -> str:
-    """``directory/name`` if it stays inside ``directory`` (no absolute path, no ``..``, no symlink out)."""
+def resolve_inside(directory: str, name: Any, what: str, file_link_ok: bool = False) -> str:
+    """``directory/name`` if it stays inside ``directory`` (no absolute path, no ``..``, no symlink out).
+
+    ``file_link_ok``: the file itself may be a symlink (a Hugging Face cache snapshot links each shard to its
+    blob); the directories on the way must still stay inside."""
     if not isinstance(name, str) or not name or "\0" in name:
         raise FormatError(f"{directory}: {what} {str(name)[:80]!r} is not a file name")
     parts = name.replace("\\", "/").split("/")
@@ -125,7 +128,8 @@ def resolve_inside(directory: str, name: Any, what: str) -> str:
         raise FormatError(f"{directory}: {what} '{name}' points outside the checkpoint directory")
     full = os.path.join(directory, name)
     real_dir = os.path.realpath(directory)
-    if os.path.commonpath([real_dir, os.path.realpath(full)]) != real_dir:
+    checked = os.path.dirname(full) if file_link_ok else full
+    if os.path.commonpath([real_dir, os.path.realpath(checked)]) != real_dir:
         raise FormatError(f"{directory}: {what} '{name}' leads outside the checkpoint directory (a symlink)")
     return full
 
@@ -285,7 +289,7 @@ def save(state: Any, directory: str) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is disabled ... assuming a single process"
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(directory))
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(directory), planner=Planner())
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as e:  # torch's CheckpointException is a BaseException wrapping each rank's error

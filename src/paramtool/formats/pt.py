@@ -123,42 +123,70 @@ class _Rebuild:
         return out
 
 
-def real_module(obj: Any) -> Any:
-    """A real ``torch.nn`` module built from a ``FakeModule`` (for commands that run a model): paramtool creates
-    the known torch.nn class itself and gives it the pickled ``__dict__``; hook tables are emptied, so nothing the
-    file names is ever called. Children are converted too; tensors must already be real (``load``)."""
-    import collections
+def _plain(value: Any) -> bool:
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return True
+    return isinstance(value, (tuple, list)) and all(_plain(v) for v in value)
+
+
+def real_module(fake: Any, memo: dict | None = None) -> Any:
+    """A real ``torch.nn`` module from a loaded ``FakeModule`` (tensors already real, see ``load``), for the
+    commands that run a model: ``cls.__new__`` and ``nn.Module.__init__`` of the allowlisted class, then its
+    tensors, children and plain attributes (numbers, strings, booleans, None, tuples and lists of them and of its
+    own tensors).
+
+    Nothing the file names is called and no constructor runs: a pickled model's ``__dict__`` already holds what
+    its ``forward`` reads. Hook tables stay fresh and empty (hooks are code the file names). The class's own
+    (torch's) ``__setstate__`` takes the plain attributes, as unpickling would give them (an RNN rebuilds its
+    weight references there). One object in the file (a module or a Parameter used twice) is one object here.
+    """
     import importlib
 
     import torch
 
     from .nn_classes import NN_MODULE_CLASSES
 
-    done: dict[int, Any] = {}
+    memo = {} if memo is None else memo
+    if id(fake) in memo:
+        return memo[id(fake)]
+    if fake.cls not in NN_MODULE_CLASSES:
+        raise FormatError(f"cannot rebuild '{fake.cls}': not a standard torch.nn module class")
+    module_name, _, name = fake.cls.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), name)
+    module = cls.__new__(cls)
+    torch.nn.Module.__init__(module)
+    memo[id(fake)] = module
 
-    def convert(m: Any) -> Any:
-        if id(m) in done:
-            return done[id(m)]
-        if m.cls not in NN_MODULE_CLASSES:
-            raise FormatError(f"{m.cls} is not a known torch.nn class")
-        module_name, _, name = m.cls.rpartition(".")
-        cls = getattr(importlib.import_module(module_name), name)
-        out = cls.__new__(cls)
-        done[id(m)] = out
-        state = {}
-        for key, value in m.state.items():
-            if "hook" in key and isinstance(value, dict):
-                value = collections.OrderedDict()  # hooks are code the file names: never carried over
-            elif key == "_modules" and isinstance(value, dict):
-                value = collections.OrderedDict((k, convert(v) if isinstance(v, FakeModule) else v)
-                                                for k, v in value.items())
-            elif isinstance(value, (FakeModule, Inert, Global)):
-                raise FormatError(f"{m.cls}.{key} holds {value!r}, not a plain value")
-            state[key] = value
-        torch.nn.Module.__setstate__(out, state)
-        return out
+    def tensor(t: Any, what: str) -> Any:
+        if not isinstance(t, torch.Tensor):
+            raise FormatError(f"cannot rebuild {fake.cls}: {what} is a {type(t).__name__}, not a tensor")
+        return t
 
-    return convert(obj)
+    state: dict[str, Any] = {}
+    for key, value in fake.state.items():
+        if key in ("_parameters", "_buffers", "_modules"):
+            entries: dict[str, Any] = {}
+            for child, v in (value or {}).items():
+                if v is None or key != "_modules":
+                    entries[child] = None if v is None else tensor(v, f"'{child}'")
+                elif isinstance(v, FakeModule):
+                    entries[child] = real_module(v, memo)
+                else:
+                    raise FormatError(f"cannot rebuild {fake.cls}: child '{child}' is not a module")
+            getattr(module, key).update(entries)
+        elif key == "_non_persistent_buffers_set":
+            module._non_persistent_buffers_set = {str(n) for n in (value or ())}
+        elif key in module.__dict__ and key != "training":
+            continue  # hooks and other nn.Module bookkeeping: fresh and empty, as __init__ made them
+        elif _plain(value):
+            state[key] = list(value) if isinstance(value, list) else value
+        elif isinstance(value, (list, tuple)) and all(_plain(v) or isinstance(v, torch.Tensor) for v in value):
+            state[key] = list(value) if isinstance(value, list) else tuple(value)  # RNN._flat_weights
+        else:
+            raise FormatError(f"cannot rebuild {fake.cls}: attribute '{key}' is a {type(value).__name__}, "
+                              "not a number, string, tuple or tensor")
+    cls.__setstate__(module, state)  # torch's own code for this class
+    return module
 
 
 class _Pickler(pickle._Pickler):  # the pure-Python pickler: it lets a stand-in write its own opcodes

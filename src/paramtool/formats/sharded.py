@@ -60,7 +60,7 @@ def read_index(path: str) -> Index:
     for shard in dict.fromkeys(weight_map.values()):
         if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
             raise FormatError(f"{index_path}: shard '{shard}' points outside the checkpoint directory")
-        resolve_inside(directory, shard, "shard")  # also refuses a symlink that leads out
+        resolve_inside(directory, shard, "shard", file_link_ok=True)  # refuses a symlinked directory that leads out
         if not os.path.isfile(os.path.join(directory, shard)):
             raise FormatError(f"{index_path}: shard '{shard}' is missing")
     return Index(index_path, directory, raw.get("metadata") or {}, weight_map, raw)
