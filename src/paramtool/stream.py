@@ -8,6 +8,7 @@ were.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Hashable
@@ -61,8 +62,10 @@ class StorageFile:
     def _buffer(self, nbytes: int) -> Any:
         import torch
 
-        spare = self._spare.get(nbytes)
-        return spare.pop() if spare else torch.empty(nbytes, dtype=torch.uint8)
+        try:
+            return self._spare[nbytes].pop()  # (list.pop is atomic: safe from pool threads)
+        except (KeyError, IndexError):
+            return torch.empty(nbytes, dtype=torch.uint8)
 
     def recycle(self, storage: Any) -> None:
         """Hand back a produced storage once written; the next one of the same size reuses its memory."""
@@ -77,13 +80,12 @@ class StorageFile:
         self._file.close()
 
     def read_storage(self, key: Hashable) -> Any:
-        """The storage's bytes in fresh memory, as a 1-D tensor of its dtype."""
-        import torch
+        """The storage's bytes in fresh memory, as a 1-D tensor of its dtype.
 
+        Positional reads (no shared file position), so pool threads may read different storages at once."""
         span = self.spans[key]
         buf = self._buffer(span.nbytes)
-        self._file.seek(span.offset)
-        if span.nbytes and self._file.readinto(buf.numpy()) != span.nbytes:  # type: ignore[arg-type]
+        if span.nbytes and _pread_into(self._file.fileno(), buf.numpy(), span.offset) != span.nbytes:
             raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the file")
         return buf.view(_torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else buf
 
@@ -216,6 +218,18 @@ def _ahead(keys: list[Hashable], produce: Callable[[Hashable], Any]) -> Iterator
             pending = pool.submit(produce, keys[i + 1]) if i + 1 < len(keys) else None
             yield key, value
             del value
+
+
+def _pread_into(fd: int, buf: Any, offset: int) -> int:
+    """Fill ``buf`` (a writable byte array) from ``offset``; the byte count read (short only at end of file)."""
+    view = memoryview(buf).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done : done + (1 << 30)]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
 
 
 def _first_line(e: BaseException) -> str:
