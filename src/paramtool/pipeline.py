@@ -8,6 +8,7 @@ duration, so the pool and torch do not fight over the same cores.
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,6 +17,24 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+_local = threading.local()
+SCRATCH = 1 << 18  # float64 values: 2 MiB, small enough for the passes over it to stay in the CPU cache
+
+
+def scratch(n: int, slot: int = 0) -> Any:
+    """This thread's reusable float64 buffer number ``slot``, ``n`` values long: chunk after chunk reuses
+    the same (cache-warm) memory instead of faulting in fresh pages."""
+    import torch
+
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.numel() < n:
+        buf = bufs[slot] = torch.empty(max(n, SCRATCH), dtype=torch.float64)
+    return buf[:n]
 
 
 def default_workers() -> int:

@@ -5,10 +5,11 @@ A 10 GB memory-mapped checkpoint is read a few million values at a time; nothing
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
+
+from .pipeline import scratch
 
 CHUNK = 1 << 18  # values per chunk: 2 MiB as float64, so the passes over one chunk run from the CPU cache
 
@@ -45,19 +46,6 @@ def _chunks(t: Any):
         yield flat[start : start + CHUNK]
 
 
-_local = threading.local()
-
-
-def _wide(n: int) -> Any:
-    """This thread's reusable float64 buffer: no fresh pages to fault in for every chunk."""
-    import torch
-
-    buf = getattr(_local, "buf", None)
-    if buf is None or buf.numel() < n:
-        buf = _local.buf = torch.empty(max(n, CHUNK), dtype=torch.float64)
-    return buf[:n]
-
-
 @dataclass
 class _Moments:
     """Running count, mean and sum of squared deviations (Chan et al.'s merge), sum of squares, extremes."""
@@ -82,7 +70,7 @@ class _Moments:
 
         k = chunk.numel()
         own = chunk if str(chunk.dtype).removeprefix("torch.") in _NATIVE else None
-        wide = _wide(k)
+        wide = scratch(k)
         wide.copy_(chunk.real if chunk.is_complex() else chunk)
         lo, hi = torch.aminmax(own if own is not None else wide)
         self.zeros += k - int(torch.count_nonzero(own if own is not None else wide))
