@@ -8,6 +8,7 @@ were.
 """
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -245,6 +246,57 @@ def _as_bytes(t: Any) -> Any:
 
 
 def _copy(src: Any, dst: Any, n: int) -> None:
+    """Copy ``n`` bytes from ``src``'s position to ``dst``'s, both positions advancing.
+
+    The kernel copies (``os.copy_file_range``: no trip through user space, and a reflink on filesystems
+    that share extents), and holes of a sparse source stay holes (``SEEK_DATA``/``SEEK_HOLE``), so a write
+    costs what it changes; where the kernel cannot (another filesystem, an old kernel, a pipe), bytes go
+    through a buffer as before.
+    """
+    if n <= 0:
+        return
+    src_off = src.tell()
+    dst.flush()
+    dst_off = dst.tell()
+    try:
+        _kernel_copy(src.fileno(), dst.fileno(), src_off, dst_off, n)
+    except (OSError, AttributeError, ValueError):  # no kernel copy here: the plain loop, from the start
+        src.seek(src_off)
+        dst.seek(dst_off)
+        _buffered_copy(src, dst, n)
+        return
+    src.seek(src_off + n)
+    dst.seek(dst_off + n)
+
+
+def _kernel_copy(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int) -> None:
+    """``copy_file_range`` over the data segments of ``[src_off, src_off + n)``; holes are skipped and the
+    destination is extended over a trailing one, so it reads back the same."""
+    end = src_off + n
+    pos = src_off
+    while pos < end:
+        try:
+            data = os.lseek(src_fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # only a hole from here to the end of the file
+                raise
+            data = end
+        data = min(data, end)
+        if data >= end:
+            break
+        hole = min(os.lseek(src_fd, data, os.SEEK_HOLE), end)
+        off = data
+        while off < hole:
+            done = os.copy_file_range(src_fd, dst_fd, hole - off, off, dst_off + (off - src_off))
+            if done <= 0:
+                raise FormatError("input file ended early while copying")
+            off += done
+        pos = hole
+    if os.fstat(dst_fd).st_size < dst_off + n:
+        os.ftruncate(dst_fd, dst_off + n)
+
+
+def _buffered_copy(src: Any, dst: Any, n: int) -> None:
     while n > 0:
         chunk = src.read(min(COPY_CHUNK, n))
         if not chunk:
