@@ -54,6 +54,7 @@ class _Moments:
     mean: float = 0.0
     m2: float = 0.0
     sumsq: float = 0.0
+    total: float = 0.0  # plain sum: the mean when infinities make the running mean meaningless
     lo: float = math.inf
     hi: float = -math.inf
     zeros: int = 0
@@ -75,6 +76,7 @@ class _Moments:
         lo, hi = torch.aminmax(own if own is not None else wide)
         self.zeros += k - int(torch.count_nonzero(own if own is not None else wide))
         s = wide.sum().item()
+        self.total += s
         self.sumsq += torch.dot(wide, wide).item()
         if not math.isfinite(s):  # NaN/Inf present: count them (only then)
             self.nan += int(torch.isnan(wide).sum())
@@ -93,6 +95,8 @@ class _Moments:
         n = self.count
         std = math.sqrt(self.m2 / (n - 1)) if n > 1 and not self.inf else float("nan")
         mean, lo, hi = self.mean, self.lo, self.hi
+        if self.inf:  # +inf (or -inf, or both: NaN), as torch's mean gives
+            mean = self.total / n
         if self.nan:  # NaN propagates, as in torch
             mean = std = lo = hi = float("nan")
         return TensorStats(name, n, mean, std, lo, hi, self.zeros / n, math.sqrt(self.sumsq), self.nan, self.inf)
