@@ -96,6 +96,9 @@ class ShardedCheckpoint(Checkpoint):
     def tensor(self, name: str) -> Any:
         return self.parts[self.names[name][0]].tensor(name)
 
+    def release(self, name: str, tensor: Any) -> None:
+        self.parts[self.names[name][0]].release(name, tensor)
+
     def infos(self) -> list[TensorInfo]:
         out = {}
         for shard, part in self.parts.items():
@@ -208,6 +211,9 @@ class StreamedCheckpoint(Checkpoint):
 
     def tensor(self, name: str) -> Any:
         return self.storage_file.tensor(name)
+
+    def release(self, name: str, tensor: Any) -> None:
+        self.storage_file.recycle(tensor)
 
 
 def load_lazy(src: Source, key: str | None = None) -> Checkpoint:

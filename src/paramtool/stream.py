@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Hashable
@@ -58,24 +59,34 @@ class StorageFile:
         self.spans = spans
         self.infos = {t.name: t for t in toc.tensors}
         self._file = open(path, "rb")
-        self._spare: dict[int, list[Any]] = {}  # written storages' buffers, reused: no fresh pages to fault in
+        self._spare: list[Any] = []  # finished storages' buffers, reused: no fresh pages to fault in
+        self._lock = threading.Lock()  # pool threads read and recycle at once
+
+    SPARES = 4  # buffers kept: the pool's workers + the one read ahead, and one being written
 
     def _buffer(self, nbytes: int) -> Any:
+        """``nbytes`` of memory: the smallest spare buffer that holds them, else a fresh one.
+
+        Faulting in fresh pages costs more than reading the bytes (on this project's VMs, 4x), so storages
+        are read into the same few buffers over and over."""
         import torch
 
-        try:
-            return self._spare[nbytes].pop()  # (list.pop is atomic: safe from pool threads)
-        except (KeyError, IndexError):
-            return torch.empty(nbytes, dtype=torch.uint8)
+        with self._lock:
+            fits = [i for i, b in enumerate(self._spare) if b.numel() >= nbytes]
+            if fits:
+                return self._spare.pop(min(fits, key=lambda i: self._spare[i].numel()))[:nbytes]
+        return torch.empty(nbytes, dtype=torch.uint8)
 
-    def recycle(self, storage: Any) -> None:
-        """Hand back a produced storage once written; the next one of the same size reuses its memory."""
+    def recycle(self, tensor: Any) -> None:
+        """Hand back a storage (or any view of it) once nothing uses it any more: a later read reuses its
+        memory. Only the largest few are kept."""
         import torch
 
-        flat = storage.view(torch.uint8) if storage.dtype != torch.uint8 else storage
-        spare = self._spare.setdefault(flat.numel(), [])
-        if len(spare) < 2:
-            spare.append(flat)
+        whole = torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage())
+        with self._lock:
+            self._spare.append(whole)
+            if len(self._spare) > self.SPARES:
+                self._spare.pop(min(range(len(self._spare)), key=lambda i: self._spare[i].numel()))
 
     def close(self) -> None:
         self._file.close()
@@ -147,7 +158,7 @@ class ZipStorageFile(StorageFile):
         for record in records:  # "version" and the serialization id are written by the writer itself
             if record in by_record:
                 _, data = next(produced)
-                writer.write_record(record, data.untyped_storage(), data.untyped_storage().nbytes())
+                writer.write_record(record, data.data_ptr(), data.nbytes)  # (a reused buffer may be larger)
                 self.recycle(data)
                 del data
             else:
