@@ -41,6 +41,7 @@ class StorageReader:
     read: Callable[[Hashable], Any]
     nbytes: Callable[[Hashable], int]
     close: Callable[[], None]
+    recycle: Callable[[Hashable, Any], None] = lambda key, t: None  # written: its memory serves the next read
 
 
 # --- readers --------------------------------------------------------------------------------------------
@@ -52,7 +53,7 @@ def _file_reader(listing: Any) -> StorageReader | None:
     sf = open_storage_file(listing)
     if sf is None:
         return None
-    return StorageReader(sf.read_storage, lambda k: sf.spans[k].nbytes, sf.close)
+    return StorageReader(sf.read_storage, lambda k: sf.spans[k].nbytes, sf.close, lambda k, t: sf.recycle(t))
 
 
 def _sharded_reader(listing: Any) -> StorageReader | None:
@@ -69,7 +70,8 @@ def _sharded_reader(listing: Any) -> StorageReader | None:
         for r in files.values():
             r.close()
 
-    return StorageReader(lambda k: files[k[0]].read(k[1]), lambda k: files[k[0]].nbytes(k[1]), close)
+    return StorageReader(lambda k: files[k[0]].read(k[1]), lambda k: files[k[0]].nbytes(k[1]), close,
+                         lambda k, t: files[k[0]].recycle(k[1], t))
 
 
 def _dcp_reader(listing: Any) -> StorageReader:
@@ -181,12 +183,15 @@ def write_safetensors(path: str, infos: list[TensorInfo], metadata: dict[str, st
         storage = reader.read(t.storage)
         if t.offset == 0 and tuple(t.stride) == contiguous_stride(t.shape) and storage.numel() == t.numel:
             return storage
-        return storage.as_strided(t.shape, t.stride, t.offset).contiguous()
+        view = storage.as_strided(t.shape, t.stride, t.offset).contiguous()
+        reader.recycle(t.storage, storage)
+        return view
 
     with open(path, "wb") as out:
         out.write(_header(stored, meta))
-        for _, data in _ahead(stored, produce):
+        for t, data in _ahead(stored, produce):
             out.write(_as_bytes(data))
+            reader.recycle(t.storage, data)
             del data
 
 
@@ -271,6 +276,7 @@ def write_pt(path: str, infos: list[TensorInfo], reader: StorageReader) -> None:
         _zip_record(zf, "byteorder", b"little")
         for key, data in _ahead(list(keys), reader.read):
             _zip_record(zf, f"data/{keys[key].key}", _as_bytes(data))
+            reader.recycle(key, data)
             del data
         _zip_record(zf, "version", b"3\n")
         _zip_record(zf, ".data/serialization_id", uuid.uuid4().hex.encode()[:40].ljust(40, b"0"))
