@@ -26,9 +26,6 @@ class Checkpoint:
     def tensor(self, name: str) -> Any:
         return tree.get_path(self.root, self.names[name])
 
-    def release(self, name: str, tensor: Any) -> None:
-        """The caller is done with ``tensor`` (read by ``tensor(name)``): a streamed reader may reuse its memory."""
-
     def tensors(self) -> dict[str, Any]:
         return {n: self.tensor(n) for n in self.names}
 

@@ -357,7 +357,7 @@ def ties(
     if values:
         ckpt = sources.load_lazy(src, key)
         toc = ckpt.toc()
-        groups = find_ties(toc.tensors, toc.meta_ties) + value_ties(ckpt.tensor, toc.tensors, ckpt.release)
+        groups = find_ties(toc.tensors, toc.meta_ties) + value_ties(ckpt.tensor, toc.tensors)
         groups.sort(key=lambda g: g.names)
     else:
         toc = sources.read_toc(src, key)
@@ -388,7 +388,7 @@ def stats(
     ckpt = sources.load_lazy(sources.resolve(source), key)
     names = _selected(list(ckpt.names), layer)
     with _progress(len(names), "stats") as advance:  # each tensor is read once, for numbers and histograms
-        done = st.stats_many(ckpt.tensor, names, bins if hist else None, bool(hist_png), advance, release=ckpt.release)
+        done = st.stats_many(ckpt.tensor, names, bins if hist else None, bool(hist_png), advance)
     results, hists = done.results, done.hists
     if hist_png:
         st.histogram_png([(n, done.png[n]) for n in names], hist_png)

@@ -55,7 +55,7 @@ def _equal(ca: Any, cb: Any, rtol: float, atol: float) -> bool:
 
     fa, fb = ca.reshape(-1), cb.reshape(-1)
     if rtol == 0 and atol == 0:  # the bits, compared as the widest integers that tile them (8x fewer than bytes)
-        return torch.equal(_as_words(fa), _as_words(fb))
+        return torch.equal(*_as_words(fa, fb))
     for start in range(0, fa.numel(), CHUNK):
         xa, xb = fa[start : start + CHUNK], fb[start : start + CHUNK]
         wa, wb = scratch(xa.numel(), 0), scratch(xb.numel(), 1)
@@ -66,14 +66,15 @@ def _equal(ca: Any, cb: Any, rtol: float, atol: float) -> bool:
     return True
 
 
-def _as_words(flat: Any) -> Any:
+def _as_words(fa: Any, fb: Any) -> tuple[Any, Any]:
+    """Both tensors' bytes as the widest integers that tile them (and that both addresses are aligned to)."""
     import torch
 
-    raw = flat.view(torch.uint8) if flat.dtype != torch.bool else flat.view(torch.uint8)
+    ra, rb = fa.view(torch.uint8), fb.view(torch.uint8)
     for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
-        if raw.numel() % size == 0 and raw.data_ptr() % size == 0:
-            return raw.view(dtype)
-    return raw
+        if ra.numel() % size == 0 and ra.data_ptr() % size == 0 and rb.data_ptr() % size == 0:
+            return ra.view(dtype), rb.view(dtype)
+    return ra, rb
 
 
 def _differences(ca: Any, cb: Any) -> tuple[float, float, float, float, float]:
@@ -138,11 +139,7 @@ def diff(a: Checkpoint, b: Checkpoint, rtol: float = 0.0, atol: float = 0.0) -> 
         ia, ib = infos_a[name], infos_b[name]
         if (ia.shape, ia.dtype) != (ib.shape, ib.dtype):  # no data needed to say so
             return {"max_abs_diff": None, "a": _info(ia), "b": _info(ib)}
-        ta, tb = a.tensor(name), b.tensor(name)
-        change = compare_tensors(ta, tb, rtol, atol)
-        a.release(name, ta)
-        b.release(name, tb)
-        return change
+        return compare_tensors(a.tensor(name), b.tensor(name), rtol, atol)
 
     common = [n for n in a.names if n in names_b]
     for name, change in zip(common, ordered_map(one, common)):  # two pairs at a time, one read ahead

@@ -96,9 +96,6 @@ class ShardedCheckpoint(Checkpoint):
     def tensor(self, name: str) -> Any:
         return self.parts[self.names[name][0]].tensor(name)
 
-    def release(self, name: str, tensor: Any) -> None:
-        self.parts[self.names[name][0]].release(name, tensor)
-
     def infos(self) -> list[TensorInfo]:
         out = {}
         for shard, part in self.parts.items():
@@ -205,15 +202,12 @@ def _from_object(src: Source, obj: Any, key: str | None) -> Checkpoint:
 
 
 class StreamedCheckpoint(Checkpoint):
-    """A file checkpoint whose tensors are read one storage at a time, into fresh memory, on request."""
+    """A file checkpoint whose tensors are mapped one storage at a time, read-only, on request."""
 
     storage_file: Any = None
 
     def tensor(self, name: str) -> Any:
-        return self.storage_file.tensor(name)
-
-    def release(self, name: str, tensor: Any) -> None:
-        self.storage_file.recycle(tensor)
+        return self.storage_file.mapped_tensor(name)  # read-only: value commands only read
 
 
 def load_lazy(src: Source, key: str | None = None) -> Checkpoint:

@@ -234,8 +234,7 @@ class StatsRun:
 
 
 def stats_many(tensor_of: Callable[[str], Any], names: list[str], bins: int | None, png: bool,
-               advance: Callable[[], None] = lambda: None, workers: int | None = None,
-               release: Callable[[str, Any], None] = lambda name, t: None) -> StatsRun:
+               advance: Callable[[], None] = lambda: None, workers: int | None = None) -> StatsRun:
     """Every selected tensor read once (two at a time, one read ahead) for its numbers and histograms;
     only the numbers are kept, so memory is a few storages whatever the checkpoint's size."""
     from .pipeline import ordered_map
@@ -245,7 +244,6 @@ def stats_many(tensor_of: Callable[[str], Any], names: list[str], bins: int | No
         r = tensor_stats(name, t)
         h = histogram(t, bins) if bins else None
         p = histogram(t, PNG_BINS) if png else None
-        release(name, t)
         return r, h, p
 
     out = StatsRun([], {}, {})

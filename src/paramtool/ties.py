@@ -122,8 +122,7 @@ def _raw(t: Any) -> Any:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
-def value_ties(tensor_of: Callable[[str], Any], infos: list[TensorInfo],
-               release: Callable[[str, Any], None] = lambda name, t: None) -> list[TieGroup]:
+def value_ties(tensor_of: Callable[[str], Any], infos: list[TensorInfo]) -> list[TieGroup]:
     """Distinct storages holding identical bytes (ties lost by an earlier conversion).
 
     Only tensors that share their shape and dtype with another are read, two at a time with one read
@@ -146,10 +145,7 @@ def value_ties(tensor_of: Callable[[str], Any], infos: list[TensorInfo],
     kind_of = {info.name: k for k, members in by_kind.items() for info in members}
 
     def checksum(name: str) -> int:
-        t = tensor_of(name)
-        crc = zlib.crc32(_raw(t).numpy())
-        release(name, t)  # its memory serves the next read
-        return crc
+        return zlib.crc32(_raw(tensor_of(name)).numpy())
 
     by_hash: dict[tuple, list[str]] = {}
     for name, crc in zip(candidates, ordered_map(checksum, candidates)):
@@ -157,14 +153,8 @@ def value_ties(tensor_of: Callable[[str], Any], infos: list[TensorInfo],
     out: list[TieGroup] = []
     for names in by_hash.values():
         while len(names) > 1:  # split by actual bytes: the first name and those equal to it, then the rest
-            first = tensor_of(names[0])
-            same = [names[0]]
-            for n in names[1:]:
-                other = tensor_of(n)
-                if torch.equal(_raw(first), _raw(other)):
-                    same.append(n)
-                release(n, other)
-            release(names[0], first)
+            first = _raw(tensor_of(names[0]))
+            same = [names[0]] + [n for n in names[1:] if torch.equal(first, _raw(tensor_of(n)))]
             if len(same) > 1:
                 out.append(TieGroup(tuple(sorted(same)), "alias", "values"))
             names = [n for n in names if n not in same]
