@@ -1,6 +1,7 @@
 """Both cores for value commands: a bounded pool that reads one storage ahead while others are computed.
 
-Reading (``os.preadv``) and torch's kernels both release the GIL, so threads are enough. At most
+Reading (page faults on mapped storages, ``os.preadv``) happens inside torch's kernels and file writes, which
+release the GIL, so threads are enough. At most
 ``workers + 1`` items are in flight, so memory stays near (workers + 1) x the largest storage whatever the
 checkpoint's size; results come back in input order. torch's own intra-op threads are lowered for the
 duration, so the pool and torch do not fight over the same cores.
