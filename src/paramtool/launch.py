@@ -24,12 +24,13 @@ def _parse(argv: list[str]) -> tuple[str, str | None, dict[str, list[str]]] | No
     source: str | None = None
     opts: dict[str, list[str]] = {}
     rest = argv[1:]
+    json_flag = False
     i = 0
     while i < len(rest):
         arg = rest[i]
         name, eq, value = arg.partition("=")
         if arg == "--json":
-            pass
+            json_flag = True
         elif name in takes and eq and name.startswith("--"):
             opts.setdefault(name, []).append(value)
         elif arg in takes and i + 1 < len(rest):
@@ -40,7 +41,7 @@ def _parse(argv: list[str]) -> tuple[str, str | None, dict[str, list[str]]] | No
         else:
             return None  # anything else: the full CLI decides
         i += 1
-    if any(len(v) > 1 for k, v in opts.items() if k in ("--depth", "--key")):
+    if not json_flag or any(len(v) > 1 for k, v in opts.items() if k in ("--depth", "--key")):
         return None
     if "--depth" in opts and not (opts["--depth"][0].isdigit()):
         return None  # the full CLI reports the usage error
