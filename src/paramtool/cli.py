@@ -357,7 +357,7 @@ def ties(
     if values:
         ckpt = sources.load_lazy(src, key)
         toc = ckpt.toc()
-        groups = find_ties(toc.tensors, toc.meta_ties) + value_ties(ckpt.tensor, toc.tensors)
+        groups = find_ties(toc.tensors, toc.meta_ties) + value_ties(ckpt.tensor, toc.tensors, ckpt.raw_bytes)
         groups.sort(key=lambda g: g.names)
     else:
         toc = sources.read_toc(src, key)

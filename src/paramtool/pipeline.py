@@ -9,6 +9,7 @@ duration, so the pool and torch do not fight over the same cores.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -46,8 +47,10 @@ def default_workers() -> int:
 @contextmanager
 def torch_threads(workers: int) -> Iterator[None]:
     """Give each pool worker its share of the cores for torch's intra-op parallelism, then restore."""
-    import torch
-
+    torch = sys.modules.get("torch")
+    if torch is None:  # nothing to tune (and no reason to import it: byte-level work needs no torch)
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
     try:

@@ -96,6 +96,9 @@ class ShardedCheckpoint(Checkpoint):
     def tensor(self, name: str) -> Any:
         return self.parts[self.names[name][0]].tensor(name)
 
+    def raw_bytes(self, name: str) -> Any:
+        return self.parts[self.names[name][0]].raw_bytes(name)
+
     def infos(self) -> list[TensorInfo]:
         out = {}
         for shard, part in self.parts.items():
@@ -208,6 +211,9 @@ class StreamedCheckpoint(Checkpoint):
 
     def tensor(self, name: str) -> Any:
         return self.storage_file.mapped_tensor(name)  # read-only: value commands only read
+
+    def raw_bytes(self, name: str) -> Any:
+        return self.storage_file.raw(name)
 
 
 def load_lazy(src: Source, key: str | None = None) -> Checkpoint:

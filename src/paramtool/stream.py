@@ -125,6 +125,26 @@ class StorageFile:
             raw = torch.frombuffer(mm, dtype=torch.uint8, count=span.nbytes, offset=span.offset - base)
         return raw.view(_torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else raw
 
+    def raw(self, name: str) -> Any:
+        """The bytes of tensor ``name`` as a read-only memoryview of a mapping, without torch; None when the
+        tensor is not its whole storage laid out contiguously (then only torch can say what its bytes are).
+
+        Lets ``diff`` and ``ties --values`` compare and checksum bytes with no torch import at all."""
+        import mmap
+
+        info = self.infos[name]
+        if not self.covers(info):
+            return None
+        span = self.spans[info.storage]
+        if span.offset + span.nbytes > os.fstat(self._file.fileno()).st_size:
+            raise FormatError(f"{self.path}: truncated: storage {info.storage!r} ends beyond the file")
+        if span.nbytes == 0:
+            return memoryview(b"")
+        base = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(self._file.fileno(), span.offset + span.nbytes - base, flags=mmap.MAP_SHARED,
+                       prot=mmap.PROT_READ, offset=base)
+        return memoryview(mm)[span.offset - base : span.offset - base + span.nbytes]
+
     def mapped_tensor(self, name: str) -> Any:
         """``tensor(name)`` over mapped, read-only memory (see ``map_storage``)."""
         info = self.infos[name]

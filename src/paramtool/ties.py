@@ -122,7 +122,8 @@ def _raw(t: Any) -> Any:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
-def value_ties(tensor_of: Callable[[str], Any], infos: list[TensorInfo]) -> list[TieGroup]:
+def value_ties(tensor_of: Callable[[str], Any], infos: list[TensorInfo],
+               raw_of: Callable[[str], Any] = lambda name: None) -> list[TieGroup]:
     """Distinct storages holding identical bytes (ties lost by an earlier conversion).
 
     Only tensors that share their shape and dtype with another are read, two at a time with one read
@@ -132,8 +133,7 @@ def value_ties(tensor_of: Callable[[str], Any], infos: list[TensorInfo]) -> list
     """
     import zlib
 
-    import torch
-
+    from .compare import bytes_equal
     from .pipeline import ordered_map
 
     tied = {t.name for g in storage_groups(infos) for t in g[1:]}
@@ -145,7 +145,16 @@ def value_ties(tensor_of: Callable[[str], Any], infos: list[TensorInfo]) -> list
     kind_of = {info.name: k for k, members in by_kind.items() for info in members}
 
     def checksum(name: str) -> int:
-        return zlib.crc32(_raw(tensor_of(name)).numpy())
+        raw = raw_of(name)  # mapped bytes where the reader has them: no torch needed
+        return zlib.crc32(raw if raw is not None else _raw(tensor_of(name)).numpy())
+
+    def same_bytes(x: str, y: str) -> bool:
+        rx, ry = raw_of(x), raw_of(y)
+        if rx is not None and ry is not None:
+            return bytes_equal(rx, ry)
+        import torch
+
+        return torch.equal(_raw(tensor_of(x)), _raw(tensor_of(y)))
 
     by_hash: dict[tuple, list[str]] = {}
     for name, crc in zip(candidates, ordered_map(checksum, candidates)):
@@ -153,8 +162,7 @@ def value_ties(tensor_of: Callable[[str], Any], infos: list[TensorInfo]) -> list
     out: list[TieGroup] = []
     for names in by_hash.values():
         while len(names) > 1:  # split by actual bytes: the first name and those equal to it, then the rest
-            first = _raw(tensor_of(names[0]))
-            same = [names[0]] + [n for n in names[1:] if torch.equal(first, _raw(tensor_of(n)))]
+            same = [names[0]] + [n for n in names[1:] if same_bytes(names[0], n)]
             if len(same) > 1:
                 out.append(TieGroup(tuple(sorted(same)), "alias", "values"))
             names = [n for n in names if n not in same]
