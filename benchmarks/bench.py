@@ -410,8 +410,9 @@ def main() -> int:
           "for both sides.")
     print("speed ratio = baseline/paramtool (>1: paramtool faster); RSS ratio = paramtool/baseline (<1: paramtool "
           "smaller). MB = MiB.\n")
-    print_row(HEADER)
-    print_row(tuple("---" for _ in HEADER))
+    if args.only != "values":
+        print_row(HEADER)
+        print_row(tuple("---" for _ in HEADER))
 
     work = tempfile.mkdtemp(prefix="paramtool-bench-")
     inspect_times: dict[str, dict[int, float]] = {"pt": {}, "safetensors": {}}
