@@ -400,3 +400,26 @@ def test_fast_json_path_answers_like_the_full_cli(tmp_path, run):
     usage = subprocess.run([sys.executable, "-m", "paramtool", "inspect", str(tmp_path / "m.pt"), "--json", "--depth", "x"],
                            capture_output=True, text=True)
     assert usage.returncode == 2  # the full CLI's usage error
+
+
+@pytest.mark.parametrize("argv", [["diff", "{f}", "{g}", "--json"], ["ties", "{f}", "--values", "--json"]])
+def test_equal_bytes_need_no_torch(tmp_path, argv):
+    """Identical data is recognised from the mapped bytes: torch is never imported for it."""
+    x = torch.randn(64, 64)
+    save_file({"a": x, "b": x.clone(), "c": torch.zeros(3)}, str(tmp_path / "f.safetensors"))
+    save_file({"a": x.clone(), "b": x.clone(), "c": torch.zeros(3)}, str(tmp_path / "g.safetensors"))
+    args = [a.replace("{f}", str(tmp_path / "f.safetensors")).replace("{g}", str(tmp_path / "g.safetensors")) for a in argv]
+    code = (
+        "import sys\n"
+        "from paramtool.launch import main\n"
+        f"sys.argv = ['paramtool', *{args!r}]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    if argv[0] == "diff":
+        assert doc["same"] == 3 and doc["changed"] == []
+    else:
+        assert [g["names"] for g in doc["groups"]] == [["a", "b"]]
