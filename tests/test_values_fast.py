@@ -423,3 +423,20 @@ def test_equal_bytes_need_no_torch(tmp_path, argv):
         assert doc["same"] == 3 and doc["changed"] == []
     else:
         assert [g["names"] for g in doc["groups"]] == [["a", "b"]]
+
+
+@pytest.mark.parametrize("ext", [".pt", ".safetensors"])
+def test_mapped_reads_are_copy_on_write(tmp_path, ext):
+    """Value commands read storages mapped from the file; writing into one (as a future command might) gets a
+    private copy: no crash, and the file is unchanged."""
+    from paramtool import sources
+
+    path = tmp_path / f"m{ext}"
+    sd = {"w": torch.arange(12.0).reshape(3, 4), "b": torch.ones(3)}
+    torch.save(sd, path) if ext == ".pt" else save_file(sd, str(path))
+    before = path.read_bytes()
+    ckpt = sources.load_lazy(sources.resolve(str(path)))
+    t = ckpt.tensor("w")
+    t.mul_(-1)
+    assert t[2, 3].item() == -11.0
+    assert torch.equal(ckpt.tensor("w"), sd["w"]) and path.read_bytes() == before

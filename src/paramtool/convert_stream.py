@@ -53,7 +53,7 @@ def _file_reader(listing: Any) -> StorageReader | None:
     sf = open_storage_file(listing)
     if sf is None:
         return None
-    return StorageReader(sf.map_storage, lambda k: sf.spans[k].nbytes, sf.close)  # mapped: read, never written
+    return StorageReader(sf.map_storage, lambda k: sf.spans[k].nbytes, sf.close)  # mapped, copy-on-write
 
 
 def _sharded_reader(listing: Any) -> StorageReader | None:

@@ -205,12 +205,12 @@ def _from_object(src: Source, obj: Any, key: str | None) -> Checkpoint:
 
 
 class StreamedCheckpoint(Checkpoint):
-    """A file checkpoint whose tensors are mapped one storage at a time, read-only, on request."""
+    """A file checkpoint whose tensors are mapped one storage at a time (copy-on-write), on request."""
 
     storage_file: Any = None
 
     def tensor(self, name: str) -> Any:
-        return self.storage_file.mapped_tensor(name)  # read-only: value commands only read
+        return self.storage_file.mapped_tensor(name)  # mapped, copy-on-write: the file never changes
 
     def raw_bytes(self, name: str) -> Any:
         return self.storage_file.raw(name)
