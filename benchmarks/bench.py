@@ -371,6 +371,35 @@ def value_section(work: str, size_mb: int, sharded_mb: int, shards: int, repeat:
             os.unlink(st_path)
 
 
+def sparse_init(work: str, size_mb: int) -> None:
+    """``init --layer layers.3 -o OUT`` on a sparse safetensors file of ``size_mb`` (512 MiB tensors, data all
+    holes): the time should follow the 512 MiB changed, not the file; OUT keeps the holes. Beside ``cp``."""
+    import json
+
+    path, out = os.path.join(work, "sparse.safetensors"), os.path.join(work, "sparse_out.safetensors")
+    per = 512 * MiB
+    n = max(4, size_mb * MiB // per)
+    rows = per // 4 // COLS
+    header = {f"layers.{i}.weight": {"dtype": "F32", "shape": [rows, COLS], "data_offsets": [i * per, (i + 1) * per]}
+              for i in range(n)}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + n * per)
+    ours = measure([*PARAMTOOL, "init", path, "--scheme", "normal", "--seed", "0", "--layer", "layers.3", "-o", out],
+                   1, warm=False)
+    report_failure("paramtool init on a sparse file", ours)
+    used = os.stat(out).st_blocks * 512 / MiB if os.path.exists(out) else 0
+    cp = measure(["cp", path, os.path.join(work, "sparse_cp.safetensors")], 1, warm=False)
+    print(f"\nsparse {n * per // MiB} MB safetensors (all holes), init one 512 MiB tensor: paramtool "
+          f"{ours.seconds:.2f} s, {ours.rss_mib:.0f} MB peak RSS; output uses {used:.0f} MB on disk; "
+          f"cp of the same file: {cp.seconds:.2f} s")
+    for f in (path, out, os.path.join(work, "sparse_cp.safetensors")):
+        if os.path.exists(f):
+            os.unlink(f)
+
+
 def listing_check(work: str, size_mb: int, runs: int = 15) -> None:
     """``inspect --json`` on a file of ``size_mb``: median of ``runs`` (target: 0.06 s), beside bare Python."""
     pt, st = generate(work, size_mb)
@@ -393,10 +422,11 @@ def main() -> int:
     parser.add_argument("--shards", type=int, default=4, help="shards of the sharded checkpoint")
     parser.add_argument("--only", choices=("all", "listing", "values"), default="all",
                         help="listing/init rows only, value-command rows only, or both")
+    parser.add_argument("--sparse-size", default="20G", help="init on a sparse file of this size (0: skip)")
     parser.add_argument("--quick", action="store_true", help="small sizes, one run: check the benchmark itself")
     args = parser.parse_args()
     if args.quick:
-        args.sizes, args.size, args.sharded_size, args.repeat = "100", "128M", "256M", 1
+        args.sizes, args.size, args.sharded_size, args.repeat, args.sparse_size = "100", "128M", "256M", 1, "2G"
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
     repeat = max(1, args.repeat)
     import torch
@@ -460,6 +490,8 @@ def main() -> int:
         if args.only != "listing":
             listing_check(work, parse_size(args.size))
             value_section(work, parse_size(args.size), parse_size(args.sharded_size), args.shards, 1)
+            if parse_size(args.sparse_size):
+                sparse_init(work, parse_size(args.sparse_size))
     finally:
         if args.keep:
             print(f"kept {work}")
