@@ -45,8 +45,13 @@ from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
-PARAMTOOL = os.path.join(VENV_BIN, "paramtool")
 PYTHON = os.path.join(VENV_BIN, "python") if os.path.exists(os.path.join(VENV_BIN, "python")) else sys.executable
+# this checkout's paramtool: its venv's script, else its sources run by the current interpreter
+if os.path.exists(os.path.join(VENV_BIN, "paramtool")):
+    PARAMTOOL: list[str] = [os.path.join(VENV_BIN, "paramtool")]
+else:
+    PARAMTOOL = [PYTHON, "-m", "paramtool"]
+    os.environ["PYTHONPATH"] = os.path.join(ROOT, "src") + os.pathsep + os.environ.get("PYTHONPATH", "")
 TIME_BIN = "/usr/bin/time"
 COLS = 4096  # a full matrix is 4096 x 4096 float32 = 64 MiB
 MiB = 2**20
@@ -87,6 +92,50 @@ for v in sd.values():
         torch.nn.init.xavier_uniform_(v)
 save_file(sd, sys.argv[2])
 """
+# Value commands: the obvious per-tensor scripts. sys.argv[1] is a .safetensors file or a sharded directory.
+_ST_ITER = """
+import glob, os, sys, torch
+from safetensors import safe_open
+def tensors(path):
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else [path]
+    for f in files:
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                yield k, h.get_tensor(k)
+"""
+STATS_SCRIPT = _ST_ITER + """
+for k, t in tensors(sys.argv[1]):
+    f = t.double()
+    print(k, f.mean().item(), f.std().item(), f.min().item(), f.max().item(), (f == 0).double().mean().item(),
+          f.norm().item(), int(torch.isnan(f).sum()), int(torch.isinf(f).sum()))
+"""
+DIFF_SCRIPT = _ST_ITER + """
+other = dict(tensors(sys.argv[2]))
+for k, t in tensors(sys.argv[1]):
+    u = other.pop(k)
+    if not torch.equal(t, u):
+        d = (t.double() - u.double()).abs()
+        print(k, d.max().item())
+"""
+TIES_SCRIPT = _ST_ITER + """
+import hashlib
+seen = {}
+for k, t in tensors(sys.argv[1]):
+    seen.setdefault((tuple(t.shape), t.dtype, hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()), []).append(k)
+print([v for v in seen.values() if len(v) > 1])
+"""
+CONVERT_PT_ST = """
+import sys, torch
+from safetensors.torch import save_file
+save_file(torch.load(sys.argv[1], weights_only=True), sys.argv[2])
+"""
+CONVERT_BF16 = """
+import sys, torch
+from safetensors.torch import save_file
+save_file({k: v.to(torch.bfloat16) for k, v in torch.load(sys.argv[1], weights_only=True).items()}, sys.argv[2])
+"""
+TORCH_IMPORT = "import torch"
+
 # Fallback when /usr/bin/time is missing: a fresh process per run, so RUSAGE_CHILDREN covers one child only.
 RUSAGE_WRAPPER = """
 import resource, subprocess, sys
@@ -146,15 +195,17 @@ def run_once(cmd: list[str]) -> tuple[float, float, int, str]:
     return elapsed, rss_kb / 1024, p.returncode, "\n".join(own)
 
 
-def measure(cmd: list[str], repeat: int) -> Result:
-    """One untimed warm-up, then ``repeat`` runs: median wall time and largest peak RSS."""
+def measure(cmd: list[str], repeat: int, warm: bool = True) -> Result:
+    """One untimed warm-up (unless ``warm`` is False), then ``repeat`` runs: median wall time and largest
+    peak RSS. ``diff`` exits 1 when its inputs differ: that is not a failure."""
     times: list[float] = []
     peaks: list[float] = []
-    for i in range(repeat + 1):
+    skip = 1 if warm else 0
+    for i in range(repeat + skip):
         elapsed, rss, rc, err = run_once(cmd)
-        if rc != 0:
+        if rc != 0 and not (rc == 1 and "diff" in cmd and not err.strip()):
             return Result(error=f"exit status {rc}: {' '.join(cmd)}\n{err[-3000:]}")
-        if i > 0:
+        if i >= skip:
             times.append(elapsed)
             peaks.append(rss)
     return Result(statistics.median(times), max(peaks))
@@ -187,12 +238,195 @@ def report_failure(who: str, r: Result) -> None:
         print(f"\n{who} FAILED, {r.error}\n", file=sys.stderr, flush=True)
 
 
+def parse_size(text: str) -> int:
+    """``1G``, ``512M``, ``4096`` (MiB) -> MiB."""
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text.endswith("G"):
+        return int(float(text[:-1]) * 1024)
+    if text.endswith("M"):
+        return int(float(text[:-1]))
+    return int(text)
+
+
+def generate_sharded(directory: str, size_mb: int, shards: int) -> str:
+    """A sharded safetensors checkpoint (``model-0000i-of-0000n.safetensors`` + index) of about ``size_mb``."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    root = os.path.join(directory, f"sharded_{size_mb}MB")
+    os.makedirs(root)
+    g = torch.Generator().manual_seed(size_mb + 1)
+    per = size_mb // shards
+    weight_map = {}
+    layer = 0
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        sd = {}
+        remaining = per * MiB // 4
+        while remaining >= COLS:
+            rows = min(COLS, remaining // COLS)
+            sd[f"layers.{layer}.weight"] = torch.randn(rows, COLS, generator=g)
+            remaining -= rows * COLS
+            layer += 1
+        save_file(sd, os.path.join(root, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in sd})
+        del sd
+    with open(os.path.join(root, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return root
+
+
+def has_dtype_flag() -> bool:
+    """``convert --dtype`` arrives with another change: the benchmark skips its row until it exists."""
+    p = subprocess.run([*PARAMTOOL, "convert", "--help"], capture_output=True, text=True)
+    return "--dtype" in p.stdout
+
+
+VALUE_HEADER = ("checkpoint", "command", "paramtool s", "script s", "speed ratio", "floor s", "paramtool / floor",
+                "paramtool MB", "script MB", "RSS ratio")
+
+
+def value_row(label: str, op: str, ours: Result, base: Result, floor: float) -> tuple[str, ...]:
+    """speed = script/paramtool; floor = cat + torch import; RSS = paramtool/script."""
+    ok = ours.error is None and base.error is None
+    t = lambda r: "FAILED" if r.error else f"{r.seconds:.2f}"  # noqa: E731
+    m = lambda r: "FAILED" if r.error else f"{r.rss_mib:.0f}"  # noqa: E731
+    return (label, op, t(ours), t(base), f"{base.seconds / ours.seconds:.2f}x" if ok else "-", f"{floor:.2f}",
+            f"{ours.seconds / floor:.2f}" if ours.error is None else "-", m(ours), m(base),
+            f"{ours.rss_mib / base.rss_mib:.2f}" if ok and base.rss_mib else "-")
+
+
+def cat_seconds(paths: list[str]) -> float:
+    """The read floor: ``cat FILES > /dev/null`` (files already in the page cache)."""
+    start = time.perf_counter()
+    subprocess.run(["cat", *paths], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - start
+
+
+def files_of(path: str) -> list[str]:
+    return sorted(os.path.join(path, f) for f in os.listdir(path)) if os.path.isdir(path) else [path]
+
+
+def value_section(work: str, size_mb: int, sharded_mb: int, shards: int, repeat: int) -> None:
+    """stats, diff, ties --values, convert (and convert --dtype bf16) beside their obvious scripts and the read
+    floor, at one file of ``size_mb`` and on a sharded checkpoint of ``sharded_mb``."""
+    print(f"\nvalue commands: one run each after the files are read once (page cache warm); floor = cat + "
+          f"torch import; speed = script/paramtool; RSS = paramtool/script.\n")
+    print_row(VALUE_HEADER)
+    print_row(tuple("---" for _ in VALUE_HEADER))
+    torch_import = measure([PYTHON, "-c", TORCH_IMPORT], repeat).seconds
+    dtype_flag = has_dtype_flag()
+    pt, st = generate(work, size_mb)
+    cases = [(f"{size_mb} MB file", pt, st)]
+    if sharded_mb:
+        cases.append((f"{sharded_mb} MB sharded ({shards})", None, generate_sharded(work, sharded_mb, shards)))
+    for label, pt_path, st_path in cases:
+        cat_seconds(files_of(st_path))  # warm the page cache
+        floor = cat_seconds(files_of(st_path)) + torch_import
+        rows = [("stats --json", [*PARAMTOOL, "stats", st_path, "--json"], [PYTHON, "-c", STATS_SCRIPT, st_path]),
+                ("diff (equal)", [*PARAMTOOL, "diff", st_path, st_path, "--json"],
+                 [PYTHON, "-c", DIFF_SCRIPT, st_path, st_path]),
+                ("ties --values", [*PARAMTOOL, "ties", st_path, "--values", "--json"],
+                 [PYTHON, "-c", TIES_SCRIPT, st_path])]
+        for op, ours_cmd, base_cmd in rows:
+            ours = measure(ours_cmd, repeat, warm=False)
+            report_failure(f"paramtool {op} ({label})", ours)
+            base = measure(base_cmd, repeat, warm=False)
+            report_failure(f"script {op} ({label})", base)
+            print_row(value_row(label, op, ours, base, floor * (2 if op.startswith("diff") else 1)))
+        converts = []
+        if pt_path is not None:
+            cat_seconds([pt_path])
+            floor_pt = cat_seconds([pt_path]) + torch_import
+            out_ours, out_base = os.path.join(work, "conv_ours.safetensors"), os.path.join(work, "conv_base.safetensors")
+            converts.append(("convert pt->safetensors", [*PARAMTOOL, "convert", pt_path, out_ours],
+                             [PYTHON, "-c", CONVERT_PT_ST, pt_path, out_base], floor_pt))
+            if dtype_flag:
+                converts.append(("convert --dtype bf16", [*PARAMTOOL, "convert", pt_path, out_ours, "--dtype", "bf16"],
+                                 [PYTHON, "-c", CONVERT_BF16, pt_path, out_base], floor_pt))
+            else:
+                print_row((label, "convert --dtype bf16", "skipped: this paramtool has no convert --dtype", *[""] * 7))
+        else:
+            out_ours = os.path.join(work, "merged_ours.safetensors")
+            converts.append(("convert sharded->one file", [*PARAMTOOL, "convert", st_path, "-o", out_ours],
+                             [PYTHON, "-c", _ST_ITER + "from safetensors.torch import save_file\n"
+                              "save_file(dict(tensors(sys.argv[1])), sys.argv[2])", st_path,
+                              os.path.join(work, "merged_base.safetensors")], floor))
+        for op, ours_cmd, base_cmd, fl in converts:
+            ours = measure(ours_cmd, repeat, warm=False)
+            report_failure(f"paramtool {op} ({label})", ours)
+            base = measure(base_cmd, repeat, warm=False)
+            report_failure(f"script {op} ({label})", base)
+            print_row(value_row(label, op, ours, base, fl))
+            for f in os.listdir(work):  # outputs go as soon as they are measured: disk space
+                if f.startswith(("conv_", "merged_")):
+                    os.unlink(os.path.join(work, f))
+        for f in ([pt_path] if pt_path else []):
+            os.unlink(f)
+        if os.path.isdir(st_path):
+            shutil.rmtree(st_path)
+        elif os.path.exists(st_path):
+            os.unlink(st_path)
+
+
+def sparse_init(work: str, size_mb: int) -> None:
+    """``init --layer layers.3 -o OUT`` on a sparse safetensors file of ``size_mb`` (512 MiB tensors, data all
+    holes): the time should follow the 512 MiB changed, not the file; OUT keeps the holes. Beside ``cp``."""
+    import json
+
+    path, out = os.path.join(work, "sparse.safetensors"), os.path.join(work, "sparse_out.safetensors")
+    per = 512 * MiB
+    n = max(4, size_mb * MiB // per)
+    rows = per // 4 // COLS
+    header = {f"layers.{i}.weight": {"dtype": "F32", "shape": [rows, COLS], "data_offsets": [i * per, (i + 1) * per]}
+              for i in range(n)}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + n * per)
+    ours = measure([*PARAMTOOL, "init", path, "--scheme", "normal", "--seed", "0", "--layer", "layers.3", "-o", out],
+                   1, warm=False)
+    report_failure("paramtool init on a sparse file", ours)
+    used = os.stat(out).st_blocks * 512 / MiB if os.path.exists(out) else 0
+    cp = measure(["cp", path, os.path.join(work, "sparse_cp.safetensors")], 1, warm=False)
+    print(f"\nsparse {n * per // MiB} MB safetensors (all holes), init one 512 MiB tensor: paramtool "
+          f"{ours.seconds:.2f} s, {ours.rss_mib:.0f} MB peak RSS; output uses {used:.0f} MB on disk; "
+          f"cp of the same file: {cp.seconds:.2f} s")
+    for f in (path, out, os.path.join(work, "sparse_cp.safetensors")):
+        if os.path.exists(f):
+            os.unlink(f)
+
+
+def listing_check(work: str, size_mb: int, runs: int = 15) -> None:
+    """``inspect --json`` on a file of ``size_mb``: median of ``runs`` (target: 0.06 s), beside bare Python."""
+    pt, st = generate(work, size_mb)
+    for path in (pt, st):
+        ours = [run_once([*PARAMTOOL, "inspect", path, "--json"])[0] for _ in range(runs)]
+        bare = [run_once([PYTHON, "-c", "pass"])[0] for _ in range(runs)]
+        print(f"listing {os.path.basename(path)} --json: median {statistics.median(ours):.3f} s "
+              f"(bare python start-up {statistics.median(bare):.3f} s; target 0.06 s)")
+    os.unlink(pt)
+    os.unlink(st)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--sizes", default="100,1000", help="checkpoint sizes in MB (MiB), comma-separated")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per command (after one warm-up)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory and its files")
+    parser.add_argument("--size", default="1G", help="value commands: the single-file checkpoint size (1G, 256M)")
+    parser.add_argument("--sharded-size", default="4G", help="value commands: the sharded checkpoint size (0: none)")
+    parser.add_argument("--shards", type=int, default=4, help="shards of the sharded checkpoint")
+    parser.add_argument("--only", choices=("all", "listing", "values"), default="all",
+                        help="listing/init rows only, value-command rows only, or both")
+    parser.add_argument("--sparse-size", default="20G", help="init on a sparse file of this size (0: skip)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, one run: check the benchmark itself")
     args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.size, args.sharded_size, args.repeat, args.sparse_size = "100", "128M", "256M", 1, "2G"
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
     repeat = max(1, args.repeat)
     import torch
@@ -206,17 +440,20 @@ def main() -> int:
           "for both sides.")
     print("speed ratio = baseline/paramtool (>1: paramtool faster); RSS ratio = paramtool/baseline (<1: paramtool "
           "smaller). MB = MiB.\n")
-    print_row(HEADER)
-    print_row(tuple("---" for _ in HEADER))
+    if args.only != "values":
+        print_row(HEADER)
+        print_row(tuple("---" for _ in HEADER))
 
     work = tempfile.mkdtemp(prefix="paramtool-bench-")
     inspect_times: dict[str, dict[int, float]] = {"pt": {}, "safetensors": {}}
+    if args.only == "values":
+        sizes = []
     try:
         for size in sizes:
             pt, st = generate(work, size)
             for fmt, path, ext in (("pt", pt, ".pt"), ("safetensors", st, ".safetensors")):
                 # listing
-                ours = measure([PARAMTOOL, "inspect", path, "--json"], repeat)
+                ours = measure([*PARAMTOOL, "inspect", path, "--json"], repeat)
                 report_failure(f"paramtool inspect ({size} MB {fmt})", ours)
                 if ours.error is None:
                     inspect_times[fmt][size] = ours.seconds
@@ -229,7 +466,7 @@ def main() -> int:
                 # init
                 out_ours = os.path.join(work, f"init_paramtool_{size}MB{ext}")
                 out_base = os.path.join(work, f"init_baseline_{size}MB{ext}")
-                ours = measure([PARAMTOOL, "init", path, "--scheme", "xavier", "--seed", "0", "-o", out_ours], repeat)
+                ours = measure([*PARAMTOOL, "init", path, "--scheme", "xavier", "--seed", "0", "-o", out_ours], repeat)
                 report_failure(f"paramtool init ({size} MB {fmt})", ours)
                 name = "torch.load + xavier_ + torch.save" if fmt == "pt" else "load_file + xavier_ + save_file"
                 base = measure([PYTHON, "-c", INIT_PT if fmt == "pt" else INIT_ST, path, out_base], repeat)
@@ -243,13 +480,18 @@ def main() -> int:
                 os.unlink(pt)
                 os.unlink(st)
         print()
-        lo, hi = sizes[0], sizes[-1]
-        for fmt, times in inspect_times.items():
+        lo, hi = (sizes[0], sizes[-1]) if sizes else (0, 0)
+        for fmt, times in inspect_times.items() if sizes else ():
             if lo in times and hi in times:
                 print(f"size-independence ({fmt}): inspect time at largest / smallest size "
                       f"({hi} MB / {lo} MB) = {times[hi] / times[lo]:.2f}")
             else:
                 print(f"size-independence ({fmt}): n/a (paramtool inspect failed)")
+        if args.only != "listing":
+            listing_check(work, parse_size(args.size))
+            value_section(work, parse_size(args.size), parse_size(args.sharded_size), args.shards, 1)
+            if parse_size(args.sparse_size):
+                sparse_init(work, parse_size(args.sparse_size))
     finally:
         if args.keep:
             print(f"kept {work}")

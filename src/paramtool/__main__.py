@@ -1,3 +1,3 @@
-from paramtool.cli import main
+from paramtool.launch import main
 
 main()

@@ -27,6 +27,10 @@ class Checkpoint:
     def tensor(self, name: str) -> Any:
         return tree.get_path(self.root, self.names[name])
 
+    def raw_bytes(self, name: str) -> Any:
+        """The tensor's bytes without torch (a memoryview), where the reader can give them; else None."""
+        return None
+
     def tensors(self) -> dict[str, Any]:
         return {n: self.tensor(n) for n in self.names}
 

@@ -415,7 +415,7 @@ def ties(
     if values:
         ckpt = sources.load_lazy(src, key)
         toc = sources.describe(src, ckpt)
-        groups = find_ties(toc.tensors, toc.meta_ties) + value_ties(ckpt.tensor, toc.tensors)
+        groups = find_ties(toc.tensors, toc.meta_ties) + value_ties(ckpt.tensor, toc.tensors, ckpt.raw_bytes)
         groups.sort(key=group_order)
     else:
         toc = sources.read_toc(src, key)
@@ -452,17 +452,11 @@ def stats(
 
     ckpt = sources.load_lazy(sources.resolve(source), key)
     names = _selected(list(ckpt.names), layer)
-    results, hists = [], {}
-    with _progress(len(names), "stats") as advance:
-        for n in names:  # each tensor is read once, for its numbers and its histogram
-            t = ckpt.tensor(n)
-            results.append(st.tensor_stats(n, t))
-            if hist:
-                hists[n] = st.histogram(t, bins)
-            del t
-            advance()
+    with _progress(len(names), "stats") as advance:  # each tensor is read once, for numbers and histograms
+        done = st.stats_many(ckpt.tensor, names, bins if hist else None, bool(hist_png), advance)
+    results, hists = done.results, done.hists
     if hist_png:
-        st.histogram_png([(n, ckpt.tensor(n)) for n in names], hist_png)
+        st.histogram_png([(n, done.png[n]) for n in names], hist_png)
     if json_out:
         doc: dict[str, Any] = {"tensors": [r.as_json() for r in results]}
         if hist:

@@ -9,14 +9,31 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.table import Table
-from rich.text import Text
-from rich.tree import Tree
-
 from .names import people_order, people_sorted, sibling_order
 from .select import module_path
 from .ties import tied_to, unique_counts
 from .toc import TensorInfo, Toc
+
+
+class _Lazy:
+    """A rich class imported on first use, so the ``--json`` paths never load rich (start-up time)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def _get(self) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._get()(*args, **kwargs)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._get(), attr)
+
+
+Table, Text, Tree = _Lazy("rich.table", "Table"), _Lazy("rich.text", "Text"), _Lazy("rich.tree", "Tree")
 
 
 def safe_name(name: Any) -> str:

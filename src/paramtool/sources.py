@@ -123,6 +123,9 @@ class ShardedCheckpoint(Checkpoint):
     def tensor(self, name: str) -> Any:
         return self.parts[self.names[name][0]].tensor(name)
 
+    def raw_bytes(self, name: str) -> Any:
+        return self.parts[self.names[name][0]].raw_bytes(name)
+
     def infos(self) -> list[TensorInfo]:
         out = {}
         for shard, part in self.parts.items():
@@ -243,12 +246,15 @@ def _from_object(src: Source, obj: Any, key: str | None) -> Checkpoint:
 
 
 class StreamedCheckpoint(Checkpoint):
-    """A file checkpoint whose tensors are read one storage at a time, into fresh memory, on request."""
+    """A file checkpoint whose tensors are mapped one storage at a time (copy-on-write), on request."""
 
     storage_file: Any = None
 
     def tensor(self, name: str) -> Any:
-        return self.storage_file.tensor(name)
+        return self.storage_file.mapped_tensor(name)  # mapped, copy-on-write: the file never changes
+
+    def raw_bytes(self, name: str) -> Any:
+        return self.storage_file.raw(name)
 
 
 def load_lazy(src: Source, key: str | None = None) -> Checkpoint:

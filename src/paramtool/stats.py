@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-CHUNK = 1 << 22  # values per chunk: 32 MiB as float64
+from .pipeline import scratch
+
+CHUNK = 1 << 18  # values per chunk: 2 MiB as float64, so the passes over one chunk run from the CPU cache
+
+# dtypes torch's aminmax / count_nonzero take as they are; the others are read through the float64 buffer
+_NATIVE = ("float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8")
 
 
 @dataclass
@@ -40,43 +46,71 @@ def _chunks(t: Any):
         yield flat[start : start + CHUNK]
 
 
+@dataclass
+class _Moments:
+    """Running count, mean and sum of squared deviations (Chan et al.'s merge), sum of squares, extremes."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+    sumsq: float = 0.0
+    total: float = 0.0  # plain sum: the mean when infinities make the running mean meaningless
+    lo: float = math.inf
+    hi: float = -math.inf
+    zeros: int = 0
+    nan: int = 0
+    inf: int = 0
+
+    def add(self, chunk: Any) -> None:
+        """One chunk: its own dtype for min/max and zeros, one float64 copy for the exact sums.
+
+        The chunk's squared deviations are taken from its own mean (two passes over a cache-resident
+        buffer), so the variance is as exact as torch's float64 computation, whatever the data's offset.
+        """
+        import torch
+
+        k = chunk.numel()
+        own = chunk if str(chunk.dtype).removeprefix("torch.") in _NATIVE else None
+        wide = scratch(k)
+        wide.copy_(chunk.real if chunk.is_complex() else chunk)
+        lo, hi = torch.aminmax(own if own is not None else wide)
+        self.zeros += k - int(torch.count_nonzero(own if own is not None else wide))
+        s = wide.sum().item()
+        self.total += s
+        self.sumsq += torch.dot(wide, wide).item()
+        if not math.isfinite(s):  # NaN/Inf present: count them (only then)
+            self.nan += int(torch.isnan(wide).sum())
+            self.inf += int(torch.isinf(wide).sum())
+        cm = s / k
+        wide.sub_(cm)
+        cm2 = torch.dot(wide, wide).item()
+        delta = cm - self.mean
+        total = self.count + k
+        self.mean += delta * k / total
+        self.m2 += cm2 + delta * delta * self.count * k / total
+        self.count = total
+        self.lo, self.hi = min(self.lo, float(lo)), max(self.hi, float(hi))
+
+    def result(self, name: str) -> TensorStats:
+        n = self.count
+        std = math.sqrt(self.m2 / (n - 1)) if n > 1 and not self.inf else float("nan")
+        mean, lo, hi = self.mean, self.lo, self.hi
+        if self.inf:  # +inf (or -inf, or both: NaN), as torch's mean gives
+            mean = self.total / n
+        if self.nan:  # NaN propagates, as in torch
+            mean = std = lo = hi = float("nan")
+        return TensorStats(name, n, mean, std, lo, hi, self.zeros / n, math.sqrt(self.sumsq), self.nan, self.inf)
+
+
 def tensor_stats(name: str, t: Any) -> TensorStats:
     """mean/std/min/max as torch computes them (NaN propagates), plus zeros, L2 norm and NaN/Inf counts."""
-    import torch
-
-    n = t.numel()
-    if n == 0:
+    if t.numel() == 0:
         nan = float("nan")
         return TensorStats(name, 0, nan, nan, nan, nan, 0.0, 0.0, 0, 0)
-    count = 0
-    mean = 0.0
-    m2 = 0.0  # Chan et al.'s parallel variance: merge chunk means and squared deviations
-    lo, hi = math.inf, -math.inf
-    zeros = nans = infs = 0
-    sumsq = 0.0
-    saw_nan = False
+    acc = _Moments()
     for chunk in _chunks(t):
-        c = chunk.to(torch.float64) if chunk.dtype != torch.bool else chunk.to(torch.float64)
-        k = c.numel()
-        cm = c.mean().item()
-        cm2 = ((c - cm) ** 2).sum().item()
-        delta = cm - mean
-        total = count + k
-        mean += delta * k / total
-        m2 += cm2 + delta * delta * count * k / total
-        count = total
-        isnan = torch.isnan(c)
-        nans += int(isnan.sum())
-        infs += int(torch.isinf(c).sum())
-        saw_nan = saw_nan or bool(isnan.any())
-        lo = min(lo, c.min().item())
-        hi = max(hi, c.max().item())
-        zeros += int((c == 0).sum())
-        sumsq += (c * c).sum().item()
-    std = math.sqrt(m2 / (count - 1)) if count > 1 else float("nan")
-    if saw_nan:
-        mean = std = lo = hi = float("nan")
-    return TensorStats(name, n, mean, std, lo, hi, zeros / n, math.sqrt(sumsq), nans, infs)
+        acc.add(chunk)
+    return acc.result(name)
 
 
 # --- histograms --------------------------------------------------------------------------------------
@@ -162,8 +196,12 @@ def histogram_lines(h: Histogram, width: int = 40) -> list[str]:
     return lines
 
 
-def histogram_png(named: list[tuple[str, Any]], path: str) -> None:
-    """The same histograms as an image; needs matplotlib (the ``plot`` extra)."""
+PNG_BINS = 60
+
+
+def histogram_png(named: list[tuple[str, Histogram]], path: str) -> None:
+    """The histograms as an image, drawn from counts already taken in the one pass over the values
+    (nothing is read twice, no tensor is held); needs matplotlib (the ``plot`` extra)."""
     from .errors import ParamtoolError
 
     try:
@@ -173,14 +211,47 @@ def histogram_png(named: list[tuple[str, Any]], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ParamtoolError("--hist-png needs matplotlib: pip install 'paramtool[plot]'") from None
-    import torch
 
-    fig, axes = plt.subplots(len(named), 1, figsize=(8, 2.2 * len(named)), squeeze=False)
-    for ax, (name, t) in zip(axes[:, 0], named):
-        values = t.detach().reshape(-1).to(torch.float32)
-        values = values[torch.isfinite(values)]
-        ax.hist(values.numpy(), bins=60)
+    fig, axes = plt.subplots(max(1, len(named)), 1, figsize=(8, 2.2 * max(1, len(named))), squeeze=False)
+    for ax, (name, h) in zip(axes[:, 0], named):
+        ax.stairs(h.counts, h.edges, fill=True)
+        if h.zeros:  # exact zeros: a bar of their own at 0, as in the terminal histogram
+            width = (h.edges[-1] - h.edges[0]) / max(1, len(h.counts)) or 1.0
+            ax.bar([0.0], [h.zeros], width=width, color="tab:orange")
         ax.set_title(name, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
+
+
+@dataclass
+class StatsRun:
+    """What ``stats`` reports for a selection: numbers per tensor, and the histograms asked for."""
+
+    results: list[TensorStats]
+    hists: dict[str, Histogram]
+    png: dict[str, Histogram]
+
+
+def stats_many(tensor_of: Callable[[str], Any], names: list[str], bins: int | None, png: bool,
+               advance: Callable[[], None] = lambda: None, workers: int | None = None) -> StatsRun:
+    """Every selected tensor read once (two at a time, one read ahead) for its numbers and histograms;
+    only the numbers are kept, so memory is a few storages whatever the checkpoint's size."""
+    from .pipeline import ordered_map
+
+    def one(name: str) -> tuple[TensorStats, Histogram | None, Histogram | None]:
+        t = tensor_of(name)
+        r = tensor_stats(name, t)
+        h = histogram(t, bins) if bins else None
+        p = histogram(t, PNG_BINS) if png else None
+        return r, h, p
+
+    out = StatsRun([], {}, {})
+    for name, (r, h, p) in zip(names, ordered_map(one, names, workers)):
+        out.results.append(r)
+        if h is not None:
+            out.hists[name] = h
+        if p is not None:
+            out.png[name] = p
+        advance()
+    return out

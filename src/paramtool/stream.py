@@ -8,6 +8,9 @@ were.
 """
 from __future__ import annotations
 
+import errno
+import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Hashable
@@ -56,36 +59,93 @@ class StorageFile:
         self.spans = spans
         self.infos = {t.name: t for t in toc.tensors}
         self._file = open(path, "rb")
-        self._spare: dict[int, list[Any]] = {}  # written storages' buffers, reused: no fresh pages to fault in
+        self._spare: list[Any] = []  # finished storages' buffers, reused: no fresh pages to fault in
+        self._lock = threading.Lock()  # pool threads read and recycle at once
+
+    SPARES = 4  # buffers kept: the pool's workers + the one read ahead, and one being written
 
     def _buffer(self, nbytes: int) -> Any:
+        """``nbytes`` of memory: the smallest spare buffer that holds them, else a fresh one.
+
+        Faulting in fresh pages costs more than reading the bytes (on this project's VMs, 4x), so storages
+        are read into the same few buffers over and over."""
         import torch
 
-        spare = self._spare.get(nbytes)
-        return spare.pop() if spare else torch.empty(nbytes, dtype=torch.uint8)
+        with self._lock:
+            fits = [i for i, b in enumerate(self._spare) if b.numel() >= nbytes]
+            if fits:
+                return self._spare.pop(min(fits, key=lambda i: self._spare[i].numel()))[:nbytes]
+        return torch.empty(nbytes, dtype=torch.uint8)
 
-    def recycle(self, storage: Any) -> None:
-        """Hand back a produced storage once written; the next one of the same size reuses its memory."""
+    def recycle(self, tensor: Any) -> None:
+        """Hand back a storage (or any view of it) once nothing uses it any more: a later read reuses its
+        memory. Only the largest few are kept."""
         import torch
 
-        flat = storage.view(torch.uint8) if storage.dtype != torch.uint8 else storage
-        spare = self._spare.setdefault(flat.numel(), [])
-        if len(spare) < 2:
-            spare.append(flat)
+        whole = torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage())
+        with self._lock:
+            self._spare.append(whole)
+            if len(self._spare) > self.SPARES:
+                self._spare.pop(min(range(len(self._spare)), key=lambda i: self._spare[i].numel()))
 
     def close(self) -> None:
         self._file.close()
 
     def read_storage(self, key: Hashable) -> Any:
-        """The storage's bytes in fresh memory, as a 1-D tensor of its dtype."""
+        """The storage's bytes in fresh memory, as a 1-D tensor of its dtype.
+
+        Positional reads (no shared file position), so pool threads may read different storages at once."""
+        span = self.spans[key]
+        buf = self._buffer(span.nbytes)
+        if span.nbytes and _pread_into(self._file.fileno(), buf.numpy(), span.offset) != span.nbytes:
+            raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the file")
+        return buf.view(_torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else buf
+
+    def map_storage(self, key: Hashable) -> Any:
+        """The storage's bytes mapped from the page cache (copy-on-write), as a 1-D tensor of its dtype.
+
+        No copy and no fresh pages, which on this project's VMs reads 2-3x faster than copying into memory;
+        the mapping goes when the tensor does, so memory stays bounded by the storages in use. A write into
+        it gets a private copy of the page and never reaches the file."""
+        import mmap
+
         import torch
 
         span = self.spans[key]
-        buf = self._buffer(span.nbytes)
-        self._file.seek(span.offset)
-        if span.nbytes and self._file.readinto(buf.numpy()) != span.nbytes:  # type: ignore[arg-type]
+        if span.offset + span.nbytes > os.fstat(self._file.fileno()).st_size:
             raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the file")
-        return buf.view(_torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else buf
+        if span.nbytes == 0:
+            return torch.empty(0, dtype=_torch_dtype(span.dtype))
+        base = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(self._file.fileno(), span.offset + span.nbytes - base, flags=mmap.MAP_PRIVATE,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+        raw = torch.frombuffer(mm, dtype=torch.uint8, count=span.nbytes, offset=span.offset - base)
+        return raw.view(_torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else raw
+
+    def raw(self, name: str) -> Any:
+        """The bytes of tensor ``name`` as a read-only memoryview of a mapping, without torch; None when the
+        tensor is not its whole storage laid out contiguously (then only torch can say what its bytes are).
+
+        Lets ``diff`` and ``ties --values`` compare and checksum bytes with no torch import at all."""
+        import mmap
+
+        info = self.infos[name]
+        if not self.covers(info):
+            return None
+        span = self.spans[info.storage]
+        if span.offset + span.nbytes > os.fstat(self._file.fileno()).st_size:
+            raise FormatError(f"{self.path}: truncated: storage {info.storage!r} ends beyond the file")
+        if span.nbytes == 0:
+            return memoryview(b"")
+        base = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(self._file.fileno(), span.offset + span.nbytes - base, flags=mmap.MAP_SHARED,
+                       prot=mmap.PROT_READ, offset=base)
+        return memoryview(mm)[span.offset - base : span.offset - base + span.nbytes]
+
+    def mapped_tensor(self, name: str) -> Any:
+        """``tensor(name)`` over mapped, copy-on-write memory (see ``map_storage``)."""
+        info = self.infos[name]
+        return self.view(self.map_storage(info.storage), info)
 
     def empty_storage(self, key: Hashable) -> Any:
         span = self.spans[key]
@@ -149,7 +209,7 @@ class ZipStorageFile(StorageFile):
                 for record in records:  # "version" and the serialization id are written by the writer itself
                     if record in by_record:
                         _, data = next(produced)
-                        writer.write_record(record, data.untyped_storage(), data.untyped_storage().nbytes())
+                        writer.write_record(record, data.data_ptr(), data.nbytes)  # (a reused buffer may be larger)
                         self.recycle(data)
                         del data
                     else:
@@ -238,6 +298,18 @@ def _ahead(keys: list[Hashable], produce: Callable[[Hashable], Any]) -> Iterator
             del value
 
 
+def _pread_into(fd: int, buf: Any, offset: int) -> int:
+    """Fill ``buf`` (a writable byte array) from ``offset``; the byte count read (short only at end of file)."""
+    view = memoryview(buf).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done : done + (1 << 30)]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:160] if text else type(e).__name__
@@ -251,6 +323,57 @@ def _as_bytes(t: Any) -> Any:
 
 
 def _copy(src: Any, dst: Any, n: int) -> None:
+    """Copy ``n`` bytes from ``src``'s position to ``dst``'s, both positions advancing.
+
+    The kernel copies (``os.copy_file_range``: no trip through user space, and a reflink on filesystems
+    that share extents), and holes of a sparse source stay holes (``SEEK_DATA``/``SEEK_HOLE``), so a write
+    costs what it changes; where the kernel cannot (another filesystem, an old kernel, a pipe), bytes go
+    through a buffer as before.
+    """
+    if n <= 0:
+        return
+    src_off = src.tell()
+    dst.flush()
+    dst_off = dst.tell()
+    try:
+        _kernel_copy(src.fileno(), dst.fileno(), src_off, dst_off, n)
+    except (OSError, AttributeError, ValueError):  # no kernel copy here: the plain loop, from the start
+        src.seek(src_off)
+        dst.seek(dst_off)
+        _buffered_copy(src, dst, n)
+        return
+    src.seek(src_off + n)
+    dst.seek(dst_off + n)
+
+
+def _kernel_copy(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int) -> None:
+    """``copy_file_range`` over the data segments of ``[src_off, src_off + n)``; holes are skipped and the
+    destination is extended over a trailing one, so it reads back the same."""
+    end = src_off + n
+    pos = src_off
+    while pos < end:
+        try:
+            data = os.lseek(src_fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # only a hole from here to the end of the file
+                raise
+            data = end
+        data = min(data, end)
+        if data >= end:
+            break
+        hole = min(os.lseek(src_fd, data, os.SEEK_HOLE), end)
+        off = data
+        while off < hole:
+            done = os.copy_file_range(src_fd, dst_fd, hole - off, off, dst_off + (off - src_off))
+            if done <= 0:
+                raise FormatError("input file ended early while copying")
+            off += done
+        pos = hole
+    if os.fstat(dst_fd).st_size < dst_off + n:
+        os.ftruncate(dst_fd, dst_off + n)
+
+
+def _buffered_copy(src: Any, dst: Any, n: int) -> None:
     while n > 0:
         chunk = src.read(min(COPY_CHUNK, n))
         if not chunk:

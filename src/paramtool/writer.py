@@ -335,6 +335,12 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
         finally:
             storage_file.close()
         return
+    if not plan.actions and not plan.untie and src.kind in ("file", "sharded", "dcp"):  # a conversion: streamed
+        from .convert_stream import convert_streamed
+
+        if convert_streamed(src, listing, output, drop_extra, _non_tensor_entries,
+                            lambda path: _verify_file(listing, output.format, path), emit):
+            return
     ckpt = listing if listing.format == "module" else load(src, listing.key)
     ops.execute(plan, ckpt)
     write_checkpoint(ckpt, output, drop_extra, narrow)

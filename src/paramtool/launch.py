@@ -1,0 +1,117 @@
+"""The program's entry point: the listing commands' ``--json`` forms are answered before typer is imported.
+
+``inspect``, ``ties`` and ``schemes`` with ``--json`` are what scripts call in loops; for them Python's own
+start-up should be the only fixed cost. A command line made only of what these forms take (SOURCE,
+``--json``, ``--layer``/``-l``, ``--depth``, ``--key``) is run here with no typer, click or rich imported;
+anything else (help, other options, other commands, a usage error) goes to the full CLI unchanged, which
+then answers it exactly as before.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+# command -> the options that take a value (--json is the flag every fast form requires)
+_FAST = {"inspect": {"--layer", "-l", "--depth", "--key"}, "ties": {"--key"}, "schemes": set()}
+
+
+def _parse(argv: list[str]) -> tuple[str, str | None, dict[str, list[str]]] | None:
+    """(command, SOURCE, options) when argv is a fast form, else None."""
+    if not argv or argv[0] not in _FAST or "--json" not in argv:
+        return None
+    command, takes = argv[0], _FAST[argv[0]]
+    source: str | None = None
+    opts: dict[str, list[str]] = {}
+    rest = argv[1:]
+    json_flag = False
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        name, eq, value = arg.partition("=")
+        if arg == "--json":
+            json_flag = True
+        elif name in takes and eq and name.startswith("--"):
+            opts.setdefault(name, []).append(value)
+        elif arg in takes and i + 1 < len(rest):
+            opts.setdefault(arg, []).append(rest[i + 1])
+            i += 1
+        elif (not arg.startswith("-") or arg == "-") and source is None and command != "schemes":
+            source = arg
+        else:
+            return None  # anything else: the full CLI decides
+        i += 1
+    if not json_flag or any(len(v) > 1 for k, v in opts.items() if k in ("--depth", "--key")):
+        return None
+    if "--depth" in opts and not (opts["--depth"][0].isdigit()):
+        return None  # the full CLI reports the usage error
+    return command, source, opts
+
+
+def _run(command: str, source: str | None, opts: dict[str, list[str]]) -> None:
+    from .render import dumps
+
+    if command == "schemes":
+        from .schemes import schemes_table
+
+        doc: Any = {"schemes": schemes_table()}
+    else:
+        from . import sources
+
+        key = (opts.get("--key") or [None])[0]
+        toc = sources.read_toc(sources.resolve(source), key)
+        if command == "ties":
+            from .ties import find_ties
+
+            doc = {"groups": [g.as_json() for g in find_ties(toc.tensors, toc.meta_ties)]}
+        else:
+            from .render import inspect_json
+            from .select import select
+
+            layers = opts.get("--layer", []) + opts.get("-l", [])
+            chosen = set(select([t.name for t in toc.tensors], layers, "all"))
+            doc = inspect_json(toc, [t for t in toc.tensors if t.name in chosen])
+    sys.stdout.write(dumps(doc) + "\n")
+    sys.stdout.flush()
+
+
+def _fast(argv: list[str]) -> int | None:
+    """The exit status of a fast form, or None to hand the command line to the full CLI."""
+    parsed = _parse(argv)
+    if parsed is None:
+        return None
+    from .errors import ParamtoolError, UsageError
+
+    try:
+        _run(*parsed)
+    except UsageError:
+        return None  # usage errors are worded (and exit 2) by the full CLI
+    except ParamtoolError as e:
+        from .render import safe_name
+
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "failed"
+        sys.stderr.write(f"error: {safe_name(first)}\n")
+        return e.exit_code
+    except BrokenPipeError:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        return 130
+    except Exception:
+        if os.environ.get("PARAMTOOL_DEBUG") == "1":
+            raise
+        return None  # a bug here: let the full CLI run it and report it its way
+    return 0
+
+
+def main() -> None:
+    code = _fast(sys.argv[1:])
+    if code is not None:
+        sys.exit(code)
+    from .cli import main as full
+
+    full()
