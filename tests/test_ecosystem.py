@@ -7,6 +7,8 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,6 +155,22 @@ def test_config_ties_listed(models, run, name):
     for group in CONFIG_GROUPS[name]:  # show reads a tied name that is not stored as what it is tied to
         shown = {n: run("show", d, n, "--json").json()["values"] for n in group}
         assert all(v == shown[group[0]] for v in shown.values())
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt2-sharded"])
+def test_positions_skip_the_config_tied_head(models, run, name):
+    """``[0][0][1]`` is ``transformer.h.1`` in a model directory as in its weights file: the head that config.json
+    ties (listed, not stored) is selected by name but is no position."""
+    d, _, _ = models[name]
+    r = run("inspect", d, "--layer", "[0][0][1]", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert {t["name"].rsplit(".", 2)[0] for t in r.json()["tensors"]} >= {"transformer.h.1.attn", "transformer.h.1.mlp"}
+    assert all(t["name"].startswith("transformer.h.1.") for t in r.json()["tensors"])
+    assert [t["name"] for t in run("inspect", d, "--layer", "lm_head", "--json").json()["tensors"]] == ["lm_head.weight"]
+    # the --json fast path (launch.py) agrees
+    fast = subprocess.run([sys.executable, "-m", "paramtool", "inspect", str(d), "--layer", "[0][0][1]", "--json"],
+                          capture_output=True, text=True)
+    assert fast.returncode == 0 and json.loads(fast.stdout)["tensors"][0]["name"].startswith("transformer.h.1."), fast.stderr
 
 
 def test_bin_directories(models, run):

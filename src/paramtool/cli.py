@@ -123,10 +123,11 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def _selected(names: list[str], layers: Optional[list[str]], param: str = "all") -> list[str]:
+def _selected(names: list[str], layers: Optional[list[str]], param: str = "all",
+              unstored: frozenset[str] = frozenset()) -> list[str]:
     from .select import select
 
-    return select(names, list(layers or []), param)
+    return select(names, list(layers or []), param, unstored)
 
 
 @app.command(epilog="Example: paramtool inspect model.pt --layer 0 --depth 2\n\n" + EPILOG_HINT)
@@ -150,7 +151,7 @@ def inspect(
     toc = sources.read_toc(sources.resolve(source), key)
     for w in toc.warnings:
         warn(w)
-    chosen = set(_selected([t.name for t in toc.tensors], layer))
+    chosen = set(_selected([t.name for t in toc.tensors], layer, unstored=frozenset(toc.config_ties)))
     tensors = [t for t in toc.tensors if t.name in chosen]
     if json_out:
         emit_json(render.inspect_json(toc, tensors))

@@ -48,6 +48,10 @@ def _parse(argv: list[str]) -> tuple[str, str | None, dict[str, list[str]]] | No
     return command, source, opts
 
 
+class _Slow(Exception):
+    """This command line needs the full CLI after all."""
+
+
 def _run(command: str, source: str | None, opts: dict[str, list[str]]) -> None:
     from .render import dumps
 
@@ -59,7 +63,10 @@ def _run(command: str, source: str | None, opts: dict[str, list[str]]) -> None:
         from . import sources
 
         key = (opts.get("--key") or [None])[0]
-        toc = sources.read_toc(sources.resolve(source), key)
+        src = sources.resolve(source)
+        if src.directory:  # a model directory: config.json ties and warnings are the full CLI's to report
+            raise _Slow
+        toc = sources.read_toc(src, key)
         if command == "ties":
             from .ties import find_ties
 
@@ -84,7 +91,7 @@ def _fast(argv: list[str]) -> int | None:
 
     try:
         _run(*parsed)
-    except UsageError:
+    except (UsageError, _Slow):
         return None  # usage errors are worded (and exit 2) by the full CLI
     except ParamtoolError as e:
         from .render import safe_name

@@ -69,9 +69,9 @@ def _positional(names: list[str], selector: str) -> str:
     return ".".join(prefix)
 
 
-def _match(names: list[str], selector: str) -> list[str]:
+def _match(names: list[str], selector: str, counted: list[str]) -> list[str]:
     if POSITIONAL.match(selector):
-        path = _positional(names, selector)
+        path = _positional(counted, selector)
         return [n for n in names if _under(n, path)]
     exact = [n for n in names if _under(n, selector)]
     if exact or not any(c in selector for c in "*?["):
@@ -88,8 +88,12 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-def select(names: list[str], layers: list[str], param: str = "all") -> list[str]:
+def select(names: list[str], layers: list[str], param: str = "all", unstored: frozenset[str] = frozenset()) -> list[str]:
     """The names chosen by the union of ``layers`` (all when empty), narrowed by ``param``; input order kept.
+
+    ``unstored`` names (listed only because config.json ties them, as GPT-2's ``lm_head.weight``) are selected
+    by name and glob but do not count as positions: ``[0][0][2]`` is ``transformer.h.2`` in a model directory
+    as in its weights file.
 
     Globs follow ``fnmatch``: ``*`` also crosses dots, so ``*.attn.*`` finds attention at any depth.
     Raises ParamtoolError when a selector matches nothing, or ``param`` leaves nothing; UsageError for a bad
@@ -99,7 +103,7 @@ def select(names: list[str], layers: list[str], param: str = "all") -> list[str]
         raise UsageError(f"--param must be weight, bias or all, not '{param}'")
     chosen: set[str] = set()
     for selector in layers:
-        hit = _match(names, selector)
+        hit = _match(names, selector, [n for n in names if n not in unstored])
         if not hit:
             paths = module_paths(names)
             shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
