@@ -75,38 +75,25 @@ def _sharded_reader(listing: Any) -> StorageReader | None:
 
 
 def _dcp_reader(listing: Any) -> StorageReader:
-    """One tensor per ``dcp.load`` call (its own state dict of one entry), the metadata read once."""
-    import warnings
-
-    import torch
-    import torch.distributed.checkpoint as dcp
-
-    from .formats.dcp import _planner, _reader
+    """One tensor entry at a time, read by ``dcp.read_tensor`` (paramtool's own DCP reader); the
+    metadata read once. Keys are the listing's ``("dcp", fqn)``."""
+    from .formats import dcp
     from .tree import walk
 
-    fakes = {fake.storage.key: (path, fake) for path, fake in walk(listing.root)}
-    reader = _reader(listing.path)
-    metadata = reader.read_metadata()
-    reader.read_metadata = lambda *a, **k: metadata  # type: ignore[method-assign]
+    md = dcp._metadata(listing.path)
+    items = dcp._items(listing.path, md)
+    entries = {fqn: entry for fqn, _, entry in dcp._entries(listing.path, md) if entry is not None}
+    refs = {fake.storage.key: fake.storage for _, fake in walk(listing.root)}
 
     def read(key: Hashable) -> Any:
-        path, fake = fakes[key]
-        t = torch.empty(fake.shape, dtype=getattr(torch, fake.dtype))
-        state: dict = {}
-        node = state
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = t
+        fqn = key[1]
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "torch.distributed is disabled ... assuming a single process"
-                dcp.load(state, storage_reader=reader, planner=_planner())
-        except Exception as e:
+            return dcp.read_tensor(listing.path, fqn, entries[fqn], items.get(fqn, [])).reshape(-1)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:  # a chunk torch cannot place
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise FormatError(f"{listing.path}: cannot read '{key[1]}': {first[:200]}") from None
-        return t.reshape(-1)
+            raise FormatError(f"{listing.path}: cannot read '{fqn}': {first[:200]}") from None
 
-    return StorageReader(read, lambda k: fakes[k][1].numel * itemsize(fakes[k][1].dtype), lambda: None)
+    return StorageReader(read, lambda k: refs[k].nbytes, lambda: None)
 
 
 def open_reader(src: Any, listing: Any) -> StorageReader | None:
