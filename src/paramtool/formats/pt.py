@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import mmap
 import pickle
+import sys
 import uuid
 import zipfile
 from collections import OrderedDict
@@ -305,7 +306,8 @@ def pickle_with_storages(root: Any) -> tuple[bytes, dict[Hashable, StorageOut]]:
     def storage_of(ft: FakeTensor) -> StorageOut:
         ref = ft.storage
         if ref.key not in storages:
-            storages[ref.key] = StorageOut(str(len(storages)), ref.dtype, ref.numel, ref.location, ref.key)
+            # (one location string object, as torch.save's: the pickle memoizes it once, byte for byte torch's)
+            storages[ref.key] = StorageOut(str(len(storages)), ref.dtype, ref.numel, sys.intern(ref.location), ref.key)
         return storages[ref.key]
 
     def tensor_reduce(ft: FakeTensor, requires_grad: bool) -> tuple:
