@@ -24,6 +24,7 @@ from .errors import FormatError, ParamtoolError
 from .toc import TensorInfo, contiguous_stride
 from .tree import walk
 
+
 @dataclass
 class StorageReader:
     """The storages of a listing, read one at a time: ``read(key)`` gives a 1-D tensor of the storage's
