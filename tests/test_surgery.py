@@ -96,6 +96,7 @@ def test_rename_safetensors_renames_alias_metadata_and_copies_data_verbatim(tmp_
     ok(run("rename", tmp_path / "a.safetensors", "s/^/model./", "-o", tmp_path / "b.safetensors"))
     with safe_open(str(tmp_path / "b.safetensors"), "pt") as f:
         meta, keys = f.metadata(), set(f.keys())
+    assert json.loads(meta.pop("paramtool.order")).keys() == {"model.3.weight"}  # where the dropped name goes
     assert meta == {"format": "pt", "note": "kept", "model.3.weight": "model.0.weight"}
     assert "model.3.weight" not in keys and "model.0.weight" in keys
     assert st_data(tmp_path / "a.safetensors") == st_data(tmp_path / "b.safetensors")
@@ -267,7 +268,9 @@ def test_cast_safetensors_keeps_alias_and_metadata(tmp_path, run):
     sd = tied_safetensors(tmp_path / "a.safetensors")
     ok(run("convert", tmp_path / "a.safetensors", "--dtype", "bf16", "--keep-dtype", "2", "-o", tmp_path / "b.safetensors"))
     with safe_open(str(tmp_path / "b.safetensors"), "pt") as f:
-        assert f.metadata() == {"format": "pt", "note": "kept", "3.weight": "0.weight"}
+        meta = f.metadata()
+        assert json.loads(meta.pop("paramtool.order")).keys() == {"3.weight"}  # where the dropped name goes
+        assert meta == {"format": "pt", "note": "kept", "3.weight": "0.weight"}
         assert f.get_tensor("2.weight").dtype == torch.float32
         assert torch.equal(f.get_tensor("0.weight"), sd["0.weight"].to(torch.bfloat16))
 

@@ -6,31 +6,23 @@ header (safetensors) or the pickle (torch zip) is written first and the storages
 the source, written, and freed before the next (with one read ahead). A checkpoint larger than memory
 converts; memory stays near two storages.
 
-- safetensors: the header's offsets are computed from the listing; ties are stored once and recorded in
-  the metadata exactly as ``safetensors_fmt.save`` records them.
-- torch zip: the pickle is what ``torch.save`` writes for a dict of tensors (``_rebuild_tensor_v2`` over
-  persistent storage ids), made by a pickler of its own over stand-ins; records are written with Python's
-  ``zipfile`` (stored, 64-byte aligned data, as torch writes them), so every write error is a Python
-  exception naming the cause, never an abort inside torch's C++ writer.
+- safetensors: the header is ``safetensors_fmt.layout``'s, the one ``safetensors_fmt.save`` writes (ties,
+  order, format metadata).
+- torch zip: the pickle is what ``torch.save`` writes for the container the loaded path would save
+  (``writer._pt_root``), made by ``formats.pt.pickle_with_storages`` over the stand-ins; records are written
+  by ``formats.pt.write_zip``. Where the stand-ins cannot say what the loaded container holds (a DCP
+  checkpoint's non-tensor entries), the caller loads it whole instead.
 """
 from __future__ import annotations
 
-import io
-import json
 import os
-import pickle
-import uuid
-import zipfile
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import FormatError, ParamtoolError
-from .toc import TensorInfo, contiguous_stride, itemsize
-
-ALIGN = 64  # torch's storage alignment inside the zip
-ARCHIVE = "archive"
+from .toc import TensorInfo, contiguous_stride
+from .tree import walk
 
 
 @dataclass
@@ -75,38 +67,24 @@ def _sharded_reader(listing: Any) -> StorageReader | None:
 
 
 def _dcp_reader(listing: Any) -> StorageReader:
-    """One tensor per ``dcp.load`` call (its own state dict of one entry), the metadata read once."""
-    import warnings
+    """One tensor entry at a time, read by ``dcp.read_tensor`` (paramtool's own DCP reader); the
+    metadata read once. Keys are the listing's ``("dcp", fqn)``."""
+    from .formats import dcp
 
-    import torch
-    import torch.distributed.checkpoint as dcp
-
-    from .formats.dcp import _planner, _reader
-    from .tree import walk
-
-    fakes = {fake.storage.key: (path, fake) for path, fake in walk(listing.root)}
-    reader = _reader(listing.path)
-    metadata = reader.read_metadata()
-    reader.read_metadata = lambda *a, **k: metadata  # type: ignore[method-assign]
+    md = dcp._metadata(listing.path)
+    items = dcp._items(listing.path, md)
+    entries = {fqn: entry for fqn, _, entry in dcp._entries(listing.path, md) if entry is not None}
+    refs = {fake.storage.key: fake.storage for _, fake in walk(listing.root)}
 
     def read(key: Hashable) -> Any:
-        path, fake = fakes[key]
-        t = torch.empty(fake.shape, dtype=getattr(torch, fake.dtype))
-        state: dict = {}
-        node = state
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = t
+        fqn = key[1]
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "torch.distributed is disabled ... assuming a single process"
-                dcp.load(state, storage_reader=reader, planner=_planner())
-        except Exception as e:
+            return dcp.read_tensor(listing.path, fqn, entries[fqn], items.get(fqn, [])).reshape(-1)
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:  # a chunk torch cannot place
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise FormatError(f"{listing.path}: cannot read '{key[1]}': {first[:200]}") from None
-        return t.reshape(-1)
+            raise FormatError(f"{listing.path}: cannot read '{fqn}': {first[:200]}") from None
 
-    return StorageReader(read, lambda k: fakes[k][1].numel * itemsize(fakes[k][1].dtype), lambda: None)
+    return StorageReader(read, lambda k: refs[k].nbytes, lambda: None)
 
 
 def open_reader(src: Any, listing: Any) -> StorageReader | None:
@@ -124,58 +102,15 @@ def open_reader(src: Any, listing: Any) -> StorageReader | None:
 # --- safetensors ----------------------------------------------------------------------------------------
 
 
-def _st_code(dtype: str) -> str | None:
-    from .formats.safetensors_fmt import DTYPES
-
-    return next((code for code, name in DTYPES.items() if name == dtype), None)
-
-
-def safetensors_layout(infos: list[TensorInfo], metadata: dict[str, str] | None) -> tuple[list[TensorInfo], dict[str, str]]:
-    """(the tensors stored, in order; the header metadata): each tie group stores its largest, earliest
-    view once; the others are recorded as aliases or views, the convention ``safetensors_fmt.save`` uses."""
-    from .formats.safetensors_fmt import TIES_KEY, split_metadata
-    from .ties import group_kind, storage_groups
-
-    order = {t.name: i for i, t in enumerate(infos)}
-    dropped: set[str] = set()
-    aliases: dict[str, str] = {}
-    views: dict[str, dict] = {}
-    for group in storage_groups(infos):
-        keep = max(group, key=lambda t: (t.numel, -order[t.name]))
-        for t in group:
-            if t.name == keep.name:
-                continue
-            dropped.add(t.name)
-            if (t.offset, t.shape, t.stride) == (keep.offset, keep.shape, keep.stride) and group_kind([keep, t]) == "alias":
-                aliases[t.name] = keep.name
-            else:
-                views[t.name] = {"of": keep.name, "offset": t.offset - keep.offset, "shape": list(t.shape),
-                                 "stride": list(t.stride)}
-    _, _, rest = split_metadata(dict(metadata or {}), {t.name for t in infos})
-    meta = {**rest, **aliases}
-    if views:
-        meta[TIES_KEY] = json.dumps(views, sort_keys=True)
-    return [t for t in infos if t.name not in dropped], meta
-
-
-def _header(stored: list[TensorInfo], meta: dict[str, str]) -> bytes:
-    header: dict[str, Any] = {"__metadata__": meta} if meta else {}
-    pos = 0
-    for t in stored:
-        header[t.name] = {"dtype": _st_code(t.dtype), "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
-        pos += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors pads it
-    return len(raw).to_bytes(8, "little") + raw
-
-
 def write_safetensors(path: str, infos: list[TensorInfo], metadata: dict[str, str] | None,
                       reader: StorageReader) -> None:
-    """Header first (offsets from the listing), then each stored tensor's bytes, one storage in memory."""
+    """The header ``safetensors_fmt.save`` would write (its ``layout``), then each stored tensor's bytes, one
+    storage in memory."""
+    from .formats import safetensors_fmt
     from .stream import _ahead, _as_bytes
 
-    stored, meta = safetensors_layout(infos, metadata)
-    bad = next((t for t in stored if _st_code(t.dtype) is None), None)
+    stored, meta = safetensors_fmt.layout(infos, metadata)
+    bad = next((t for t in stored if t.dtype not in safetensors_fmt.CODES), None)
     if bad is not None:
         raise ParamtoolError(f"safetensors cannot hold {bad.dtype} tensors ('{bad.name}')")
 
@@ -188,7 +123,7 @@ def write_safetensors(path: str, infos: list[TensorInfo], metadata: dict[str, st
         return view
 
     with open(path, "wb") as out:
-        out.write(_header(stored, meta))
+        out.write(safetensors_fmt.header([(t.name, t.dtype, tuple(t.shape)) for t in stored], meta))
         for t, data in _ahead(stored, produce):
             out.write(_as_bytes(data))
             reader.recycle(t.storage, data)
@@ -198,21 +133,6 @@ def write_safetensors(path: str, infos: list[TensorInfo], metadata: dict[str, st
 # --- torch zip ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _StorageId:
-    key: str
-    dtype: str
-    numel: int
-
-
-@dataclass(frozen=True)
-class _TensorStub:
-    storage: _StorageId
-    offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-
-
 def _storage_type(dtype: str) -> Any:
     import torch
 
@@ -220,76 +140,64 @@ def _storage_type(dtype: str) -> Any:
     return getattr(torch, name) if name else None
 
 
-class _Pickler(pickle.Pickler):
-    """Pickles stand-ins exactly as ``torch.save`` pickles tensors: ``_rebuild_tensor_v2`` over a
-    persistent ``('storage', <dtype>Storage, key, 'cpu', numel)``; no tensor data is needed."""
+def _only_tensors(root: Any) -> bool:
+    """Containers of stand-in tensors only: nothing a DCP listing holds as a placeholder ("<bytes>")."""
+    from .toc import FakeTensor
 
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, _TensorStub):
-            import torch
-
-            return torch._utils._rebuild_tensor_v2, (obj.storage, obj.offset, obj.shape, obj.stride, False,
-                                                     OrderedDict())
-        return NotImplemented
-
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, _StorageId):
-            return ("storage", _storage_type(obj.dtype), obj.key, "cpu", obj.numel)
-        return None
+    if isinstance(root, FakeTensor):
+        return True
+    if type(root) is dict:
+        return all(_only_tensors(v) for v in root.values())
+    if type(root) is list:
+        return all(_only_tensors(v) for v in root)
+    return False
 
 
-def _zip_record(zf: zipfile.ZipFile, name: str, data: Any) -> None:
-    """One stored record whose data starts on a 64-byte boundary (padding in the local header's extra
-    field, as torch pads it), so torch can memory-map the storages."""
-    view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else data
-    info = zipfile.ZipInfo(f"{ARCHIVE}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
-    info.compress_type = zipfile.ZIP_STORED
-    info.file_size = info.compress_size = len(view)
-    info.CRC = 0  # (zipfile computes it while writing; FileHeader needs a value to measure its length)
-    zip64 = info.file_size > zipfile.ZIP64_LIMIT * 0.9
-    header = len(info.FileHeader(zip64))
-    pad = -(zf.fp.tell() + header + 4) % ALIGN
-    info.extra = b"FB" + pad.to_bytes(2, "little") + b"Z" * pad
-    with zf.open(info, "w", force_zip64=zip64) as f:
-        f.write(view)
+def _sharded_root(listing: Any) -> dict[str, Any]:
+    """The merged flat state dict (``pt_root``'s for shards) with each stand-in's storage keyed as the sharded
+    reader names it, ``(shard, key in shard)``; one stand-in stays one (a tie within a shard)."""
+    from dataclasses import replace
+
+    done: dict[int, Any] = {}
+    out: dict[str, Any] = {}
+    for name, path in listing.names.items():
+        ft = listing.tensor(name)
+        if id(ft) not in done:
+            done[id(ft)] = replace(ft, storage=replace(ft.storage, key=(path[0], ft.storage.key)))
+        out[name] = done[id(ft)]
+    return out
 
 
-def write_pt(path: str, infos: list[TensorInfo], reader: StorageReader) -> None:
-    """A ``torch.save`` zip of the flat state dict ``{name: tensor}``: ties stay shared storages."""
-    keys: dict[Hashable, _StorageId] = {}
-    state: dict[str, _TensorStub] = {}
-    for t in infos:
-        if t.storage not in keys:
-            nbytes = reader.nbytes(t.storage)
-            if _storage_type(t.dtype) is None:
-                raise ParamtoolError(f"this torch cannot save {t.dtype} tensors ('{t.name}')")
-            keys[t.storage] = _StorageId(str(len(keys)), t.dtype, nbytes // itemsize(t.dtype))
-        state[t.name] = _TensorStub(keys[t.storage], t.offset, tuple(t.shape), tuple(t.stride))
-    buf = io.BytesIO()
-    _Pickler(buf, protocol=2).dump(state)
+def write_pt(path: str, root: Any, reader: StorageReader) -> None:
+    """``torch.save(root)`` without the data in memory: the pickle of the stand-in container (``formats.pt``'s,
+    the one torch.save gets), then each storage read, written and freed in turn."""
+    from .formats import pt
     from .stream import _ahead, _as_bytes
 
-    with open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        _zip_record(zf, "data.pkl", buf.getvalue())
-        _zip_record(zf, ".format_version", b"1")
-        _zip_record(zf, ".storage_alignment", str(ALIGN).encode())
-        _zip_record(zf, "byteorder", b"little")
-        for key, data in _ahead(list(keys), reader.read):
-            _zip_record(zf, f"data/{keys[key].key}", _as_bytes(data))
+    pickled, storages = pt.pickle_with_storages(root)
+
+    def records() -> Any:
+        for key, data in _ahead(list(storages), reader.read):
+            out = storages[key]
+            if data.numel() * data.element_size() != out.nbytes:
+                raise FormatError(f"storage of '{out.source}' holds {data.numel() * data.element_size()} bytes, "
+                                  f"not the {out.nbytes} its tensors need")
+            yield out.key, _as_bytes(data)
             reader.recycle(key, data)
             del data
-        _zip_record(zf, "version", b"3\n")
-        _zip_record(zf, ".data/serialization_id", uuid.uuid4().hex.encode()[:40].ljust(40, b"0"))
+
+    pt.write_zip(path, pickled, records())
 
 
 # --- entry point ----------------------------------------------------------------------------------------
 
 
 def convert_streamed(src: Any, listing: Any, output: Any, drop_extra: bool,
-                     non_tensor: Callable[[Any], list[str]], verify: Callable[[str], None],
-                     emit: Callable[[Any, Callable[[str], None]], None]) -> bool:
-    """Write ``listing`` as ``output`` storage by storage; False when the source cannot be streamed (the
-    caller then loads it whole). ``non_tensor``, ``verify`` and ``emit`` are the writer's own rules."""
+                     non_tensor: Callable[[Any], list[str]], pt_root: Callable[[Any], Any],
+                     verify: Callable[[str], None], emit: Callable[[Any, Callable[[str], None]], None]) -> bool:
+    """Write ``listing`` as ``output`` storage by storage; False when the source cannot be streamed, or when
+    the streamed file would differ from the loaded path's (the caller then loads it whole). ``non_tensor``,
+    ``pt_root`` (what a torch file holds), ``verify`` and ``emit`` are the writer's own rules."""
     if output.format not in ("pt", "safetensors") or os.name != "posix":
         return False
     if output.format == "pt" and src.kind == "file" and src.format == "pt":
@@ -301,8 +209,12 @@ def convert_streamed(src: Any, listing: Any, output: Any, drop_extra: bool,
             shown = ", ".join(dropped[:6]) + (f" and {len(dropped) - 6} more" if len(dropped) > 6 else "")
             raise ParamtoolError(
                 f"safetensors cannot hold non-tensor entries ({shown}); pass --drop-extra to write the tensors only")
-    elif any(_storage_type(t.dtype) is None for t in infos):
-        return False
+    else:
+        root = _sharded_root(listing) if src.kind == "sharded" else pt_root(listing)
+        if src.kind == "dcp" and (not _only_tensors(root) or (listing.key and root is listing.root)):
+            return False  # non-tensor entries are placeholders here; a --key load reads only its sub-tree
+        if any(_storage_type(t.dtype) is None for _, t in walk(root)):
+            return False
     reader = open_reader(src, listing)
     if reader is None:
         return False
@@ -312,7 +224,7 @@ def convert_streamed(src: Any, listing: Any, output: Any, drop_extra: bool,
                 if output.format == "safetensors":
                     write_safetensors(path, infos, listing.metadata, reader)
                 else:
-                    write_pt(path, infos, reader)
+                    write_pt(path, root, reader)
             except MemoryError:
                 raise ParamtoolError("out of memory while converting (one storage at a time did not fit)") from None
             except RuntimeError as e:  # torch's allocator: "DefaultCPUAllocator: can't allocate memory"

@@ -8,8 +8,6 @@ the largest storage whatever the size of the checkpoint.
 from __future__ import annotations
 
 import copy
-import io
-import json
 from collections import OrderedDict
 from dataclasses import replace
 from typing import Any, Hashable
@@ -150,143 +148,48 @@ def _whole(members: list[TensorInfo]) -> TensorInfo | None:
 
 def _write_safetensors(listing: Checkpoint, out: Checkpoint, storage_file: Any, path: str,
                        overflows: dict[Hashable, int]) -> None:
-    from .formats.safetensors_fmt import TIES_KEY, split_metadata
+    """``safetensors_fmt.layout``'s header (the one ``save`` writes), then each stored tensor: the input's
+    bytes as they are, or read and cast."""
+    from .formats import safetensors_fmt
     from .stream import _as_bytes, _copy
 
-    groups = _by_storage(out.infos())
-    ordered = sorted(groups, key=lambda k: storage_file.spans[k].offset)
-    stored = set(listing.names) - set(listing.meta_ties)
-    _, _, meta = split_metadata(dict(listing.metadata or {}), stored)
-    meta.setdefault("format", "pt")
-    views: dict[str, dict] = {}
-    header: dict[str, Any] = {}
-    pos = 0
-    codes = {v: k for k, v in _dtype_codes().items()}
-    for key in ordered:
-        members = groups[key]
-        keep = _whole(members)
-        nbytes = keep.numel * itemsize(keep.dtype)
-        header[keep.name] = {"dtype": codes[keep.dtype], "shape": list(keep.shape), "data_offsets": [pos, pos + nbytes]}
-        pos += nbytes
-        for t in members:
-            if t.name == keep.name:
-                continue
-            if (t.offset, t.shape, t.stride) == (keep.offset, keep.shape, keep.stride):
-                meta[t.name] = keep.name
-            else:
-                views[t.name] = {"of": keep.name, "offset": t.offset, "shape": list(t.shape), "stride": list(t.stride)}
-    if views:
-        meta[TIES_KEY] = json.dumps(views, sort_keys=True)
-    text = json.dumps({"__metadata__": meta, **header}, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    old_stored = set(listing.names) - set(listing.meta_ties)
+    _, _, rest = safetensors_fmt.split_metadata(dict(listing.metadata or {}), old_stored)  # old tie records go
+    stored, meta = safetensors_fmt.layout(out.infos(), rest)
     with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        for key in ordered:
-            dtype = _whole(groups[key]).dtype
-            span = storage_file.spans[key]
-            if span.dtype == dtype:  # untouched: the bytes as they are
+        f.write(safetensors_fmt.header([(t.name, t.dtype, tuple(t.shape)) for t in stored], meta))
+        for t in stored:
+            span = storage_file.spans[t.storage]
+            whole = t.offset == 0 and t.numel * itemsize(span.dtype) == span.nbytes \
+                and tuple(t.stride) == contiguous_stride(t.shape)
+            if span.dtype == t.dtype and whole:  # untouched: the bytes as they are
                 storage_file._file.seek(span.offset)
                 _copy(storage_file._file, f, span.nbytes)
-            else:
-                data = _produce(storage_file, key, dtype, overflows)
-                f.write(_as_bytes(data))
-                del data
-
-
-def _dtype_codes() -> dict[str, str]:
-    from .formats.safetensors_fmt import DTYPES
-
-    return DTYPES
+                continue
+            data = _produce(storage_file, t.storage, t.dtype, overflows)
+            if not whole:
+                data = data.as_strided(t.shape, t.stride, t.offset).contiguous()
+            f.write(_as_bytes(data))
+            del data
 
 
 # ---------------------------------------------------------------- torch zip
 
 
-class _StorageOut:
-    """A storage of the output file, as the pickle refers to it."""
-
-    __slots__ = ("key", "dtype", "numel", "location", "source")
-
-    def __init__(self, key: str, dtype: str, numel: int, location: str, source: Hashable) -> None:
-        self.key, self.dtype, self.numel, self.location, self.source = key, dtype, numel, location, source
-
-
-class _Data:
-    """A parameter's data: pickled as a plain tensor inside ``_rebuild_parameter``."""
-
-    __slots__ = ("fake",)
-
-    def __init__(self, fake: FakeTensor) -> None:
-        self.fake = fake
-
-
-def _pickled(root: Any) -> tuple[bytes, dict[Hashable, _StorageOut]]:
-    """The container pickled as ``torch.save`` pickles it: tensors rebuilt by torch's own functions from
-    numbered storages (persistent ids); returns the pickle and the storages it names, by input storage key."""
-    import torch
-
-    storages: dict[Hashable, _StorageOut] = {}
-    type_names = torch.storage._dtype_to_storage_type_map()
-
-    def storage_of(ft: FakeTensor) -> _StorageOut:
-        ref = ft.storage
-        if ref.key not in storages:
-            storages[ref.key] = _StorageOut(str(len(storages)), ref.dtype, ref.numel, ref.location, ref.key)
-        return storages[ref.key]
-
-    def tensor_reduce(ft: FakeTensor, requires_grad: bool) -> tuple:
-        return (torch._utils._rebuild_tensor_v2,
-                (storage_of(ft), ft.offset, tuple(ft.shape), tuple(ft.stride), requires_grad, OrderedDict()))
-
-    from .formats.pt import _Pickler
-
-    class Pickler(_Pickler):  # paramtool's: stand-ins read from a file (inert objects, modules) go back as read
-        def persistent_id(self, obj: Any) -> Any:
-            if type(obj) is _StorageOut:
-                kind = getattr(torch, type_names[getattr(torch, obj.dtype)])
-                return ("storage", kind, obj.key, obj.location, obj.numel)
-            return None
-
-        def reducer_override(self, obj: Any) -> Any:
-            if type(obj) is FakeTensor:
-                if obj.is_parameter:
-                    return (torch._utils._rebuild_parameter, (_Data(obj), obj.requires_grad, OrderedDict()))
-                return tensor_reduce(obj, obj.requires_grad)
-            if type(obj) is _Data:
-                return tensor_reduce(obj.fake, False)
-            return NotImplemented
-
-    buf = io.BytesIO()
-    Pickler(buf, protocol=2).dump(root)
-    return buf.getvalue(), storages
-
-
 def _write_zip(out: Checkpoint, storage_file: Any, path: str, overflows: dict[Hashable, int]) -> None:
-    """A torch zip file as ``torch.save`` writes it: the pickle, the format records, then each storage,
-    copied or cast, one at a time."""
-    import sys
+    """A torch zip file as ``torch.save`` writes it (``formats.pt``'s pickle and zip writer): the pickle, the
+    format records, then each storage, copied or cast, one at a time."""
+    from .formats import pt
+    from .stream import _as_bytes
 
-    import torch
+    data, storages = pt.pickle_with_storages(out.root)
 
-    data, storages = _pickled(out.root)
-    # through a Python file object: on a path, torch's C++ writer aborts the process on a write error, and it
-    # takes the archive name from the file name (a temporary's leading dot makes it invalid)
-    with open(path, "wb") as f:
-        writer = torch._C.PyTorchFileWriter(f)
-        writer.write_record("data.pkl", data, len(data))
-        writer.write_record(".format_version", "1", 1)
-        alignment = str(torch.serialization._get_storage_alignment())
-        writer.write_record(".storage_alignment", alignment, len(alignment))
-        writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+    def records() -> Any:
         for s in storages.values():
             span = storage_file.spans[s.source]
             if span.dtype == s.dtype:  # untouched: the record's bytes as they are
-                raw = storage_file.reader.get_record(span.record)
-                writer.write_record(f"data/{s.key}", raw, len(raw))
-                del raw
+                yield s.key, storage_file.reader.get_record(span.record)
             else:
-                tensor = _produce(storage_file, s.source, s.dtype, overflows)
-                writer.write_record(f"data/{s.key}", tensor.untyped_storage(), tensor.untyped_storage().nbytes())
-                del tensor
-        writer.write_end_of_file()
+                yield s.key, _as_bytes(_produce(storage_file, s.source, s.dtype, overflows))
+
+    pt.write_zip(path, data, records())

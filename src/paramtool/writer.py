@@ -339,7 +339,8 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
         from .convert_stream import convert_streamed
 
         if convert_streamed(src, listing, output, drop_extra, _non_tensor_entries,
-                            lambda path: _verify_file(listing, output.format, path), emit):
+                            lambda c: _pt_root(c, narrow, drop_extra)[0],
+                            lambda path: _verify_file(listing, output.format, path, narrow, drop_extra), emit):
             return
     ckpt = listing if listing.format == "module" else load(src, listing.key)
     ops.execute(plan, ckpt)

@@ -204,8 +204,6 @@ def load(directory: str, only: tuple = ()) -> Any:
 
 
 def _load_entries(directory: str, md: Inert, items: dict, only: tuple = ()) -> dict:
-    import torch
-
     path = os.path.join(directory, ".metadata")
     state: dict = {}
     entries = _entries(directory, md)
@@ -219,37 +217,50 @@ def _load_entries(directory: str, md: Inert, items: dict, only: tuple = ()) -> d
             _, file, start, length = chunks[0]
             value = _unzip_object(_read_range(file, start, length), label)
         else:
-            fake = _fake(path, fqn, entry)
-            if fake.numel * itemsize(fake.dtype) > sum(c[3] for c in chunks):  # before allocating anything
-                raise FormatError(f"{label}: .metadata describes more bytes than its data files hold")
-            dtype = getattr(torch, fake.dtype, None)
-            if not isinstance(dtype, torch.dtype):
-                raise FormatError(f"{label}: unsupported dtype {fake.dtype}")
-            value = torch.empty(fake.shape, dtype=dtype) if len(chunks) > 1 else None
-            for offset, file, start, length in chunks:
-                data = _read_range(file, start, length)
-                if data[:4] == b"PK\x03\x04":
-                    part = _unzip_object(data, label)
-                else:  # SAFETENSORS serialization: the raw bytes of the chunk
-                    part = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype) if data else \
-                        torch.empty(0, dtype=dtype)
-                if not isinstance(part, torch.Tensor) or part.dtype != dtype:
-                    raise FormatError(f"{label}: its data is not a {fake.dtype} tensor")
-                if len(chunks) == 1:
-                    if part.numel() != fake.numel:
-                        raise FormatError(f"{label}: its data holds {part.numel()} elements, not {fake.numel}")
-                    value = part.reshape(fake.shape)
-                else:
-                    if offset is None or len(offset) != len(fake.shape):
-                        raise FormatError(f"{label}: a chunk without a valid offset")
-                    view = value
-                    for dim, (o, n) in enumerate(zip(offset, part.shape if part.dim() == len(offset) else ())):
-                        view = view.narrow(dim, o, n)
-                    if part.dim() != len(offset) or view.shape != part.shape:
-                        raise FormatError(f"{label}: a chunk that does not fit the tensor")
-                    view.copy_(part)
+            value = read_tensor(directory, fqn, entry, chunks)
         _place(path, state, fqn, where, value)
     return state
+
+
+def read_tensor(directory: str, fqn: str, entry: Inert, chunks: list[tuple[tuple, str, int, int]]) -> Any:
+    """One tensor entry (``_entries``' entry, ``_items``' chunks), every chunk read and placed: what
+    ``load`` does per tensor, and what a streamed convert reads one storage at a time."""
+    import torch
+
+    path = os.path.join(directory, ".metadata")
+    label = f"{directory}: entry '{fqn}'"
+    if not chunks:
+        raise FormatError(f"{path}: entry '{fqn}' has no data")
+    fake = _fake(path, fqn, entry)
+    if fake.numel * itemsize(fake.dtype) > sum(c[3] for c in chunks):  # before allocating anything
+        raise FormatError(f"{label}: .metadata describes more bytes than its data files hold")
+    dtype = getattr(torch, fake.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise FormatError(f"{label}: unsupported dtype {fake.dtype}")
+    value = torch.empty(fake.shape, dtype=dtype) if len(chunks) > 1 else None
+    for offset, file, start, length in chunks:
+        data = _read_range(file, start, length)
+        if data[:4] == b"PK\x03\x04":
+            part = _unzip_object(data, label)
+        else:  # SAFETENSORS serialization: the raw bytes of the chunk
+            part = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype) if data else \
+                torch.empty(0, dtype=dtype)
+        if not isinstance(part, torch.Tensor) or part.dtype != dtype:
+            raise FormatError(f"{label}: its data is not a {fake.dtype} tensor")
+        if len(chunks) == 1:
+            if part.numel() != fake.numel:
+                raise FormatError(f"{label}: its data holds {part.numel()} elements, not {fake.numel}")
+            value = part.reshape(fake.shape)
+        else:
+            if offset is None or len(offset) != len(fake.shape):
+                raise FormatError(f"{label}: a chunk without a valid offset")
+            view = value
+            for dim, (o, n) in enumerate(zip(offset, part.shape if part.dim() == len(offset) else ())):
+                view = view.narrow(dim, o, n)
+            if part.dim() != len(offset) or view.shape != part.shape:
+                raise FormatError(f"{label}: a chunk that does not fit the tensor")
+            view.copy_(part)
+    return value
 
 
 def _failure(e: BaseException) -> str:

@@ -10,12 +10,18 @@ GLOBAL, arguments and state it was read from, without importing the module it na
 """
 from __future__ import annotations
 
+import io
 import mmap
 import pickle
+import sys
+import uuid
+import zipfile
+from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any, Hashable
 
 from ..errors import FormatError
-from ..toc import FakeModule, FakeTensor
+from ..toc import FakeModule, FakeTensor, itemsize
 from .torchfile import TorchFile
 from .unpickle import Global, Inert
 
@@ -263,3 +269,107 @@ def save(root: Any, path: str) -> None:
         raise FormatError("the checkpoint's containers are nested too deeply to write back") from None
     except RuntimeError as e:  # torch's zip writer saw a short write
         raise (write_error(e, path) or e) from None
+
+
+class StorageOut:
+    """A storage of a file being written, as its pickle names it: record ``data/<key>``; ``source`` is the
+    stand-in's storage key in the checkpoint it came from."""
+
+    __slots__ = ("key", "dtype", "numel", "location", "source")
+
+    def __init__(self, key: str, dtype: str, numel: int, location: str, source: Hashable) -> None:
+        self.key, self.dtype, self.numel, self.location, self.source = key, dtype, numel, location, source
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+
+class _Data:
+    """A parameter's data: pickled as a plain tensor inside ``_rebuild_parameter``."""
+
+    __slots__ = ("fake",)
+
+    def __init__(self, fake: FakeTensor) -> None:
+        self.fake = fake
+
+
+def pickle_with_storages(root: Any) -> tuple[bytes, dict[Hashable, StorageOut]]:
+    """``root`` (with ``FakeTensor`` stand-ins, no data) pickled as ``torch.save`` pickles it: tensors rebuilt by
+    torch's own functions from numbered storages (persistent ids), other stand-ins written back as read.
+    Returns the pickle and the storages it names, by the stand-ins' storage keys, in record order."""
+    import torch
+
+    storages: dict[Hashable, StorageOut] = {}
+    type_names = torch.storage._dtype_to_storage_type_map()
+
+    def storage_of(ft: FakeTensor) -> StorageOut:
+        ref = ft.storage
+        if ref.key not in storages:
+            # (one location string object, as torch.save's: the pickle memoizes it once, byte for byte torch's)
+            storages[ref.key] = StorageOut(str(len(storages)), ref.dtype, ref.numel, sys.intern(ref.location), ref.key)
+        return storages[ref.key]
+
+    def tensor_reduce(ft: FakeTensor, requires_grad: bool) -> tuple:
+        return (torch._utils._rebuild_tensor_v2,
+                (storage_of(ft), ft.offset, tuple(ft.shape), tuple(ft.stride), requires_grad, OrderedDict()))
+
+    class Pickler(_Pickler):
+        def persistent_id(self, obj: Any) -> Any:
+            if type(obj) is StorageOut:
+                kind = getattr(torch, type_names[getattr(torch, obj.dtype)])
+                return ("storage", kind, obj.key, obj.location, obj.numel)
+            return None
+
+        def reducer_override(self, obj: Any) -> Any:
+            if type(obj) is FakeTensor:
+                if obj.is_parameter:
+                    return (torch._utils._rebuild_parameter, (_Data(obj), obj.requires_grad, OrderedDict()))
+                return tensor_reduce(obj, obj.requires_grad)
+            if type(obj) is _Data:
+                return tensor_reduce(obj.fake, False)
+            return NotImplemented
+
+    buf = io.BytesIO()
+    try:
+        Pickler(buf, protocol=2).dump(root)
+    except RecursionError:
+        raise FormatError("the checkpoint's containers are nested too deeply to write back") from None
+    return buf.getvalue(), storages
+
+
+ALIGN = 64  # torch's storage alignment inside the zip
+
+
+def _zip_record(zf: zipfile.ZipFile, name: str, data: Any) -> None:
+    """One stored record whose data starts on a 64-byte boundary (padding in the local header's extra
+    field, as torch pads it), so torch can memory-map the storages."""
+    view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else data
+    info = zipfile.ZipInfo(f"archive/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = info.compress_size = len(view)
+    info.CRC = 0  # (zipfile computes it while writing; FileHeader needs a value to measure its length)
+    zip64 = info.file_size > zipfile.ZIP64_LIMIT * 0.9
+    header = len(info.FileHeader(zip64))
+    pad = -(zf.fp.tell() + header + 4) % ALIGN
+    info.extra = b"FB" + pad.to_bytes(2, "little") + b"Z" * pad
+    with zf.open(info, "w", force_zip64=zip64) as f:
+        f.write(view)
+
+
+def write_zip(path: str, pickled: bytes, records: Iterable[tuple[str, Any]]) -> None:
+    """A torch zip file as ``torch.save`` lays it out: the pickle, the format records, then each storage
+    record ``(key, bytes-like)`` as the iterable produces it (one at a time), the version records last.
+
+    Written by Python's ``zipfile``: a write error (disk full) is an ``OSError`` naming the cause, never an
+    abort inside torch's C++ writer."""
+    with open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        _zip_record(zf, "data.pkl", pickled)
+        _zip_record(zf, ".format_version", b"1")
+        _zip_record(zf, ".storage_alignment", str(ALIGN).encode())
+        _zip_record(zf, "byteorder", b"little")
+        for key, data in records:
+            _zip_record(zf, f"data/{key}", data)
+            del data
+        _zip_record(zf, "version", b"3\n")
+        _zip_record(zf, ".data/serialization_id", uuid.uuid4().hex.encode()[:40].ljust(40, b"0"))

@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from ..errors import FormatError
-from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_of
+from ..toc import FakeTensor, StorageRef, TensorInfo, contiguous_stride, itemsize, numel_of
 from .dtypes import SAFETENSORS
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -203,41 +203,65 @@ def header_with_format(path: str) -> bytes | None:
     return len(text).to_bytes(8, "little") + text
 
 
-def save(tensors: dict[str, Any], metadata: dict[str, str] | None, path: str) -> None:
-    """Write ``tensors`` to ``path`` in their order; tied names are stored once and recorded in the metadata."""
-    from ..ties import storage_groups, group_kind
-    from ..tree import tensor_info
+def layout(infos: list[TensorInfo], metadata: dict[str, str] | None) -> tuple[list[TensorInfo], dict[str, str]]:
+    """What a safetensors file of ``infos`` (in their order) holds: (the tensors stored, in order; the header
+    metadata). Each tie group stores its largest, earliest view once; the others are recorded as aliases or
+    views, with their positions under ``paramtool.order``; ``"format": "pt"`` unless the source names one.
+    Used by ``save`` (tensors in memory) and by the streamed writers (storages read one at a time)."""
+    from ..ties import group_kind, storage_groups
 
-    infos = [tensor_info(n, (n,), t) for n, t in tensors.items()]
-    stored_names = set(tensors)
+    order = {t.name: i for i, t in enumerate(infos)}
+    dropped: set[str] = set()
     aliases: dict[str, str] = {}
     views: dict[str, dict] = {}
     for group in storage_groups(infos):
-        # keep the largest, earliest whole-storage view; everything else refers to it
-        keep = max(group, key=lambda t: (t.numel, -infos.index(t)))
-        base = tensors[keep.name]
+        keep = max(group, key=lambda t: (t.numel, -order[t.name]))
         for t in group:
             if t.name == keep.name:
                 continue
-            stored_names.discard(t.name)
+            dropped.add(t.name)
             if (t.offset, t.shape, t.stride) == (keep.offset, keep.shape, keep.stride) and group_kind([keep, t]) == "alias":
                 aliases[t.name] = keep.name
             else:
-                views[t.name] = {
-                    "of": keep.name,
-                    "offset": t.offset - base.storage_offset(),
-                    "shape": list(t.shape),
-                    "stride": list(t.stride),
-                }
-    _, _, rest = split_metadata(dict(metadata or {}), set(tensors))
+                views[t.name] = {"of": keep.name, "offset": t.offset - keep.offset, "shape": list(t.shape),
+                                 "stride": list(t.stride)}
+    _, _, rest = split_metadata(dict(metadata or {}), set(order))
     meta = {**rest, **aliases}
     meta.setdefault("format", "pt")  # transformers refuses a file without it; a source's own value is kept
     if views:
         meta[TIES_KEY] = json.dumps(views, sort_keys=True)
-    dropped = {n: i for i, n in enumerate(tensors) if n not in stored_names}
-    if dropped:
-        meta[ORDER_KEY] = json.dumps(dropped)
-    write_file({n: tensors[n] for n in tensors if n in stored_names}, meta or None, path)
+    positions = {t.name: i for i, t in enumerate(infos) if t.name in dropped}
+    if positions:
+        meta[ORDER_KEY] = json.dumps(positions)
+    return [t for t in infos if t.name not in dropped], meta
+
+
+def header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None) -> bytes:
+    """The length-prefixed header for ``(name, dtype, shape)`` stored in that order, data back to back."""
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise FormatError("safetensors metadata must map strings to strings")
+    out: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    start = 0
+    for name, dtype, shape in entries:
+        if dtype not in CODES:
+            raise FormatError(f"safetensors cannot hold '{name}': dtype {dtype} has no safetensors code")
+        end = start + numel_of(shape) * itemsize(dtype)
+        out[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [start, end]}
+        start = end
+    try:
+        raw = json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:  # a name with a lone surrogate: escaped JSON is still valid
+        raw = json.dumps(out, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # as safetensors pads: data starts 8-byte aligned
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def save(tensors: dict[str, Any], metadata: dict[str, str] | None, path: str) -> None:
+    """Write ``tensors`` to ``path`` in their order; tied names are stored once and recorded in the metadata."""
+    from ..tree import tensor_info
+
+    stored, meta = layout([tensor_info(n, (n,), t) for n, t in tensors.items()], metadata)
+    write_file({t.name: tensors[t.name] for t in stored}, meta or None, path)
 
 
 def write_file(tensors: dict[str, Any], metadata: dict[str, str] | None, path: str) -> None:
@@ -246,28 +270,13 @@ def write_file(tensors: dict[str, Any], metadata: dict[str, str] | None, path: s
     ``safetensors.torch.save_file`` sorts both (by dtype, then name) and builds the file in memory. The format
     asks only that the data be one run without holes, in any order; safetensors reads unaligned tensors.
     """
-    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise FormatError("safetensors metadata must map strings to strings")
     import torch
 
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    start = 0
     for name, t in tensors.items():
         if t.layout != torch.strided:
             raise FormatError(f"safetensors cannot hold '{name}': a {t.layout} tensor (only dense tensors)")
-        dtype = str(t.dtype).removeprefix("torch.")
-        if dtype not in CODES:
-            raise FormatError(f"safetensors cannot hold '{name}': dtype {dtype} has no safetensors code")
-        end = start + t.numel() * t.element_size()
-        header[name] = {"dtype": CODES[dtype], "shape": list(t.shape), "data_offsets": [start, end]}
-        start = end
-    try:
-        raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    except UnicodeEncodeError:  # a name with a lone surrogate: escaped JSON is still valid
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # as safetensors pads: data starts 8-byte aligned
+    raw = header([(n, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in tensors.items()], metadata)
     with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for t in tensors.values():
             f.write(_raw_bytes(t))
