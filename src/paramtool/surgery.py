@@ -54,6 +54,7 @@ class Surgery:
     rename: dict[str, str] = field(default_factory=dict)  # old -> new, for a sharded index
     cast: tuple[str, frozenset[str]] | None = None  # (dtype, names to cast), for the streamed writers
     untie: list[str] = field(default_factory=list)  # (the Plan interface: nothing is ever untied here)
+    sidecars: dict[str, bytes] = field(default_factory=dict)  # model-directory files written anew (config.json)
 
 
 # ---------------------------------------------------------------- rename
@@ -497,7 +498,7 @@ def write(src: Any, listing: Checkpoint, plan: Surgery, output: Any, drop_extra:
     from .sources import load
 
     if output.format == "sharded":
-        _write_sharded(listing, plan, output, drop_extra)
+        _write_sharded(src, listing, plan, output, drop_extra)
         return
     if src.kind == "file" and output.format == src.format and surgery_stream.can_stream(listing, plan):
         surgery_stream.write(listing, plan, output)
@@ -522,59 +523,63 @@ def run_on(ckpt: Checkpoint, plan: Surgery) -> None:
     ckpt.names = {n: (s,) + tuple(path) for s, p in parts.items() for n, path in p.names.items()}
 
 
-def _write_sharded(listing: Any, plan: Surgery, output: Any, drop_extra: bool) -> None:
+def _write_sharded(src: Any, listing: Any, plan: Surgery, output: Any, drop_extra: bool) -> None:
     """Every shard rewritten in its own format (streamed where it can be) beside a new index (names, shards
-    and total size follow); a shard left with no tensor disappears. ``-o DIR`` appears only once complete;
-    ``--in-place`` replaces each shard atomically and the index last."""
-    import shutil
-    import tempfile
-
-    from . import writer
+    and total size follow); a shard left with no tensor disappears. As ``writer``'s sharded writes: ``-o DIR``
+    appears only once complete; ``--in-place`` commits the new shards and the new index in one atomic step
+    (``shard_commit``), after finishing a commit a killed write left."""
+    from . import shard_commit, writer
     from .formats.sharded import write_index
+    from .sources import open_for_plan
 
+    if output.in_place and shard_commit.recover(listing.index.directory):
+        listing = open_for_plan(src, listing.key)  # the shards have their own names back: list them again
     index = listing.index
     results: dict[str, Checkpoint] = {}
+    started: list[str] = []  # in place: the new shards' temporary names
 
-    def build(work: str) -> None:
+    def build(work: str) -> dict[str, str]:
+        pending = {}
         for shard, part in listing.parts.items():
-            target = os.path.join(work, shard)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            results[shard] = _write_part(os.path.join(index.directory, shard), part, plan, target, drop_extra)
+            path = os.path.join(index.directory, shard)
+
+            def write(target: str, fmt: str, shard: str = shard, part: Checkpoint = part, path: str = path) -> None:
+                results[shard] = _write_part(path, part, plan, target, fmt, drop_extra)
+
+            target = writer.write_shard(index, shard, work, output.in_place, started, write)
+            if output.in_place and results[shard].names:
+                pending[shard] = target
+        if not output.in_place:
+            raw = new_index()
+            write_index(replace(index, weight_map=raw["weight_map"], raw=raw), work)
+            writer.copy_shard_sidecars(src, listing, work, plan.sidecars)
+        return pending
+
+    def new_index() -> dict:
+        """The index document of what ``build`` wrote: names renamed, in the index's own order; shards left
+        empty gone; total_size recounted."""
         shard_of = {n: s for s, r in results.items() for n in r.names}
         order = [plan.rename.get(n, n) for n in index.weight_map] + list(shard_of)  # the index's own order
-        weight_map = {n: shard_of[n] for n in dict.fromkeys(order) if n in shard_of}
-        raw = {**index.raw, "weight_map": weight_map}
+        raw = {**index.raw, "weight_map": {n: shard_of[n] for n in dict.fromkeys(order) if n in shard_of}}
         if isinstance(raw.get("metadata"), dict) and "total_size" in raw["metadata"]:
             from .ties import unique_counts
 
             total = sum(unique_counts(r.infos())[1] for r in results.values())
             raw["metadata"] = {**raw["metadata"], "total_size": total}
-        write_index(replace(index, weight_map=weight_map, raw=raw), work)
+        return raw
 
-    if not output.in_place:
+    if output.in_place:
+        writer._commit_in_place(index, build, started, new_index)
+    else:
         writer.commit_directory(output.path, build)
-        return
-    work = tempfile.mkdtemp(prefix=".paramtool-", dir=index.directory)
-    try:
-        build(work)
-        for shard, result in results.items():
-            if result.names:
-                os.replace(os.path.join(work, shard), os.path.join(index.directory, shard))
-        os.replace(os.path.join(work, os.path.basename(index.path)), index.path)
-        for shard, result in results.items():
-            if not result.names:
-                os.unlink(os.path.join(index.directory, shard))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
-def _write_part(path: str, part: Checkpoint, plan: Surgery, target: str, drop_extra: bool) -> Checkpoint:
+def _write_part(path: str, part: Checkpoint, plan: Surgery, target: str, fmt: str, drop_extra: bool) -> Checkpoint:
     """One shard: streamed from its listing when possible, else loaded and changed; not written when the
     plan leaves it empty. Returns what was written (its names)."""
     from . import surgery_stream, writer
     from .sources import Source, load, sniff_file
 
-    fmt = "safetensors" if part.format == "safetensors" else "pt"
     if surgery_stream.can_stream(part, plan):
         out = surgery_stream.transformed(part, plan)
         if out.names:

@@ -269,20 +269,23 @@ def _write_zip(out: Checkpoint, storage_file: Any, path: str, overflows: dict[Ha
     import torch
 
     data, storages = _pickled(out.root)
-    writer = torch._C.PyTorchFileWriter(path)
-    writer.write_record("data.pkl", data, len(data))
-    writer.write_record(".format_version", "1", 1)
-    alignment = str(torch.serialization._get_storage_alignment())
-    writer.write_record(".storage_alignment", alignment, len(alignment))
-    writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-    for s in storages.values():
-        span = storage_file.spans[s.source]
-        if span.dtype == s.dtype:  # untouched: the record's bytes as they are
-            raw = storage_file.reader.get_record(span.record)
-            writer.write_record(f"data/{s.key}", raw, len(raw))
-            del raw
-        else:
-            tensor = _produce(storage_file, s.source, s.dtype, overflows)
-            writer.write_record(f"data/{s.key}", tensor.untyped_storage(), tensor.untyped_storage().nbytes())
-            del tensor
-    writer.write_end_of_file()
+    # through a Python file object, as torch.save and stream.py do: on a path, torch's C++ writer aborts the
+    # process on a write error, and rejects a temporary's name (".paramtool-tmp-...-out" has no stem)
+    with open(path, "wb") as f:
+        writer = torch._C.PyTorchFileWriter(f)
+        writer.write_record("data.pkl", data, len(data))
+        writer.write_record(".format_version", "1", 1)
+        alignment = str(torch.serialization._get_storage_alignment())
+        writer.write_record(".storage_alignment", alignment, len(alignment))
+        writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        for s in storages.values():
+            span = storage_file.spans[s.source]
+            if span.dtype == s.dtype:  # untouched: the record's bytes as they are
+                raw = storage_file.reader.get_record(span.record)
+                writer.write_record(f"data/{s.key}", raw, len(raw))
+                del raw
+            else:
+                tensor = _produce(storage_file, s.source, s.dtype, overflows)
+                writer.write_record(f"data/{s.key}", tensor.untyped_storage(), tensor.untyped_storage().nbytes())
+                del tensor
+        writer.write_end_of_file()
