@@ -389,12 +389,26 @@ class NewRows:
     seed: int | None = None
 
 
-def plan_resize(ckpt: Checkpoint, name: str, rows: int, fill: NewRows, also: list[str] = ()) -> Surgery:
-    """Grow or shrink dim 0 of ``name``; every name sharing its storage (and ``also``: ties a config declares)
-    is resized with it."""
+def plan_resize(ckpt: Checkpoint, name: str, rows: int, fill: NewRows, also: list[str] = (),
+                directory: str | None = None) -> Surgery:
+    """Grow or shrink dim 0 of ``name``; every name sharing its storage (and ``also``) is resized with it.
+
+    In a model directory (``directory``), config.json decides too: a name it ties but the file does not
+    store stands for its embedding, the other embedding of the pair is resized with it (``vocab_partners``),
+    and config.json's ``vocab_size`` follows (``Surgery.sidecars``)."""
     if rows <= 0:
         raise UsageError(f"--rows must be at least 1, not {rows}")
     infos = {i.name: i for i in ckpt.infos()}
+    sidecars: dict[str, bytes] = {}
+    if directory is not None:
+        from .formats import modeldir
+
+        config = modeldir.read_config(directory)[0]
+        name = modeldir.config_ties(config, list(infos.values())).absent.get(name, name)  # lm_head -> wte
+        also = list(also) + modeldir.vocab_partners(config, list(infos.values()), name)
+        new_config = modeldir.config_with_vocab(config, list(infos.values()), name, rows)
+        if new_config is not None:
+            sidecars["config.json"] = new_config
     if name not in infos:
         raise ParamtoolError(unknown_name(name, list(infos)))
     info = infos[name]
@@ -428,7 +442,7 @@ def plan_resize(ckpt: Checkpoint, name: str, rows: int, fill: NewRows, also: lis
     if rows == info.shape[0]:
         report.warnings.append(f"'{name}' already has {rows} rows")
     _warn_stale_optimizer(ckpt.root, report)
-    return Surgery(report, lambda c: resize_in(c, [name] + partners, rows, fill))
+    return Surgery(report, lambda c: resize_in(c, [name] + partners, rows, fill), sidecars=sidecars)
 
 
 def _warn_stale_optimizer(root: Any, report: SurgeryReport) -> None:
@@ -493,10 +507,18 @@ def write(src: Any, listing: Checkpoint, plan: Surgery, output: Any, drop_extra:
     """Carry out ``plan`` and write the result where ``output`` says (the OUTPUT rules of ``writer``).
 
     Same-format file to file (torch zip, safetensors) is streamed one storage at a time; a sharded checkpoint
-    is rewritten shard by shard with its index; anything else is loaded, changed and written whole."""
+    is rewritten shard by shard with its index; anything else is loaded, changed and written whole. A model
+    directory whose sidecars change (config.json's vocab_size) is rewritten in place as a whole directory, in
+    one atomic step, so that the weights and config.json never disagree."""
     from . import surgery_stream, writer
     from .sources import load
 
+    if output.in_place and plan.sidecars and src.directory:  # weights and config.json change together
+        from .formats import modeldir
+
+        whole = writer.Output(src.directory, "directory", True, modeldir.weights_format(src))
+        modeldir.write_directory(src, listing, plan, whole, drop_extra, write)
+        return
     if output.format == "sharded":
         _write_sharded(src, listing, plan, output, drop_extra)
         return
@@ -590,73 +612,3 @@ def _write_part(path: str, part: Checkpoint, plan: Surgery, target: str, fmt: st
     if ckpt.names:
         writer.write_checkpoint(ckpt, writer.Output(target, fmt), drop_extra)
     return ckpt
-
-
-# ---------------------------------------------------------------- model-directory helpers (config.json, index)
-
-
-def rename_index(index_path: str, mapping: dict[str, str]) -> None:
-    """Rewrite a sharded checkpoint's index (``weight_map`` keys) after a rename, atomically."""
-    from . import writer
-    from .formats.sharded import read_index, write_index
-
-    index = read_index(index_path)
-    weight_map = {mapping.get(k, k): v for k, v in index.weight_map.items()}
-    new = replace(index, weight_map=weight_map, raw={**index.raw, "weight_map": weight_map})
-    writer.atomic_write(index.path, lambda tmp: _write_index_to(new, tmp, write_index))
-
-
-def _write_index_to(index: Any, tmp: str, write_index: Callable) -> None:
-    import tempfile
-
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(tmp)) as d:
-        write_index(index, d)
-        os.replace(os.path.join(d, os.path.basename(index.path)), tmp)
-
-
-def read_config(config_path: str) -> dict:
-    import json
-
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ParamtoolError(f"{config_path}: not a readable config ({e})") from None
-    if not isinstance(config, dict):
-        raise ParamtoolError(f"{config_path}: not a JSON object")
-    return config
-
-
-def config_tied_names(config: dict, name: str, names: list[str]) -> list[str]:
-    """Names a transformers config ties to ``name`` without shared storage on disk: with
-    ``tie_word_embeddings`` (default true) the output head follows the input embedding."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    tie = config.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
-    if not tie or not re.search(r"(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.weight$", name):
-        return []
-    heads = [n for n in names if re.search(r"(^|\.)(lm_head|embed_out|output)\.weight$", n)]
-    return heads[:1]
-
-
-def update_config_vocab(config_path: str, old_rows: int, new_rows: int) -> bool:
-    """Set ``vocab_size`` (top level, or ``text_config``'s) to ``new_rows`` where it was ``old_rows``;
-    the file is rewritten atomically, keys in their order. Returns whether anything changed."""
-    import json
-
-    from . import writer
-
-    config = read_config(config_path)
-    changed = False
-    for holder in (config, config.get("text_config")):
-        if isinstance(holder, dict) and holder.get("vocab_size") == old_rows:
-            holder["vocab_size"] = new_rows
-            changed = True
-    if changed:
-        text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-
-        writer.atomic_write(config_path, write)
-    return changed
