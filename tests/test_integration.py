@@ -137,3 +137,88 @@ def test_resize_of_another_tensor_leaves_config_alone(tmp_path, run):
     before = sidecars(tmp_path / "hf")
     ok(run("resize", tmp_path / "hf", "transformer.wpe.weight", "--rows", "80", "-o", tmp_path / "new"))
     assert sidecars(tmp_path / "new") == before
+
+
+# ---------------------------------------------------------------- rename, drop, convert --dtype keep the sidecars
+
+
+def copy_of(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def write_to(run, command, src, in_place, dst, *args):
+    """``command SRC ARGS`` written to ``dst`` (-o NEWDIR), or in place into a copy of SRC made at ``dst``."""
+    if in_place:
+        ok(run(command, copy_of(src, dst), *args, "--in-place"))
+    else:
+        r = ok(run(command, src, *args, "-o", dst))
+        assert "(directory)" in r.stderr  # written as a model directory, not as a bare weights file
+    return dst
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_rename_directory_and_back_loads(tmp_path, run, in_place):
+    model = gpt2_dir(tmp_path / "hf")
+    before = sidecars(tmp_path / "hf")
+    bare = write_to(run, "rename", tmp_path / "hf", in_place, tmp_path / "bare", "--strip-prefix", "transformer.")
+    assert sidecars(bare) == before
+    assert "wte.weight" in stored(bare / "model.safetensors") and "transformer.wte.weight" not in stored(bare / "model.safetensors")
+    back = write_to(run, "rename", bare, in_place, tmp_path / "back", "s/^/transformer./")
+    assert sidecars(back) == before
+    assert sorted(os.listdir(back)) == sorted(os.listdir(tmp_path / "hf"))
+    loaded = load_clean(transformers.GPT2LMHeadModel, back)
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_drop_directory_loads_without_the_dropped_name(tmp_path, run, in_place):
+    model = llama_dir(tmp_path / "hf")
+    before = sidecars(tmp_path / "hf")
+    gone = "model.layers.1.mlp.gate_proj.weight"
+    out = write_to(run, "drop", tmp_path / "hf", in_place, tmp_path / "out", "--layer", gone)
+    assert sidecars(out) == before
+    assert gone not in stored(out / "model.safetensors")
+    loaded, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert info["missing_keys"] == {gone} and not info["unexpected_keys"] and not info["mismatched_keys"]
+    for name, value in model.state_dict().items():
+        if name != gone:
+            assert torch.equal(loaded.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_convert_dtype_directory_loads(tmp_path, run, in_place):
+    model = llama_dir(tmp_path / "hf")
+    before = sidecars(tmp_path / "hf")
+    out = write_to(run, "convert", tmp_path / "hf", in_place, tmp_path / "out", "--dtype", "bf16", "--keep-dtype", "*norm*")
+    assert sidecars(out) == before  # config.json too: its dtype entry is left as it is
+    weights = stored(out / "model.safetensors")
+    assert weights["model.norm.weight"].dtype == torch.float32 and weights["lm_head.weight"].dtype == torch.bfloat16
+    loaded = load_clean(transformers.LlamaForCausalLM, out)
+    for name, value in model.state_dict().items():
+        want = value if "norm" in name else value.to(torch.bfloat16).float()
+        assert torch.equal(loaded.state_dict()[name].float(), want), name
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_pytorch_model_bin_directory(tmp_path, run, in_place):
+    """A directory with pytorch_model.bin (torch.save of the state dict): renamed and cast, it stays a .bin
+    that from_pretrained loads, beside the same sidecars."""
+    model = llama_dir(tmp_path / "st")
+    d = tmp_path / "hf"
+    d.mkdir()
+    for name, data in sidecars(tmp_path / "st").items():
+        (d / name).write_bytes(data)
+    torch.save(model.state_dict(), d / "pytorch_model.bin")
+    before = sidecars(d)
+    bare = write_to(run, "rename", d, in_place, tmp_path / "bare", "--strip-prefix", "model.")
+    back = write_to(run, "rename", bare, in_place, tmp_path / "back", "s/^(?!lm_head)/model./")
+    cast = write_to(run, "convert", back, in_place, tmp_path / "cast", "--dtype", "fp16")
+    for out in (bare, back, cast):
+        assert sorted(os.listdir(out)) == sorted(os.listdir(d)) and sidecars(out) == before
+    saved = torch.load(cast / "pytorch_model.bin", weights_only=True)
+    assert list(saved) == list(model.state_dict()) and saved["lm_head.weight"].dtype == torch.float16
+    loaded = load_clean(transformers.LlamaForCausalLM, cast)
+    assert torch.equal(loaded.model.embed_tokens.weight.half(), model.model.embed_tokens.weight.half())
