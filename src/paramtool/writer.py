@@ -415,17 +415,14 @@ def write_shard(index: Any, shard: str, work: str, in_place: bool, started: list
     return target
 
 
-def copy_shard_sidecars(src: Source, listing: Any, work: str, replaced: Mapping[str, bytes] | None = None) -> None:
+def copy_shard_sidecars(src: Source, listing: Any, work: str, replaced: dict[str, bytes] | None = None) -> None:
     """A sharded model directory written to a new directory: config.json, tokenizer files, ... go along
     (``replaced``: sidecars written with new contents, e.g. a config.json whose vocab_size changed)."""
     if src.directory:
         from .formats.modeldir import copy_sidecars, weight_files
 
         shards = [os.path.join(listing.index.directory, s) for s in listing.parts]
-        copy_sidecars(src.directory, weight_files(src.directory, shards), work)
-    for name, data in (replaced or {}).items():
-        with open(os.path.join(work, name), "wb") as f:
-            f.write(data)
+        copy_sidecars(src.directory, weight_files(src.directory, shards), work, replaced)
 
 
 def _commit_in_place(index: Any, build: Callable[[str], dict[str, str]], started: list[str],

@@ -44,9 +44,10 @@ def weight_files(directory: str, weights: list[str]) -> set[str]:
     return own | {os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(directory), "*.index.json"))}
 
 
-def copy_sidecars(directory: str, weights: set[str], work: str) -> None:
+def copy_sidecars(directory: str, weights: set[str], work: str, replaced: dict[str, bytes] | None = None) -> None:
     """Copy every entry of ``directory`` that is not a weights file into ``work``, byte for byte (not the
-    directory being built, when the output is inside the source)."""
+    directory being built, when the output is inside the source); ``replaced`` (name -> contents) are written
+    anew instead (config.json with a new vocab_size)."""
     inside = os.path.abspath(work) + os.sep
     for entry in sorted(os.listdir(directory)):
         path = os.path.join(directory, entry)
@@ -57,6 +58,9 @@ def copy_sidecars(directory: str, weights: set[str], work: str) -> None:
                 shutil.copytree(path, os.path.join(work, entry), symlinks=True)
         else:
             shutil.copy2(path, os.path.join(work, entry))
+    for name, data in (replaced or {}).items():
+        with open(os.path.join(work, name), "wb") as f:
+            f.write(data)
 
 
 # --- sizes and shards --------------------------------------------------------------------------------
@@ -405,10 +409,7 @@ def write_directory(src: Any, listing: Any, plan: Any, output: Any, drop_extra: 
         if src.directory:
             parts = getattr(listing, "parts", None)
             weights = [os.path.join(listing.index.directory, s) for s in parts] if parts else [src.path]
-            copy_sidecars(src.directory, weight_files(src.directory, weights), work)
-        for name, data in getattr(plan, "sidecars", {}).items():  # e.g. config.json with a new vocab_size
-            with open(os.path.join(work, name), "wb") as f:
-                f.write(data)
+            copy_sidecars(src.directory, weight_files(src.directory, weights), work, getattr(plan, "sidecars", None))
 
     writer.commit_directory(output.path, build)
 
