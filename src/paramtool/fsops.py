@@ -56,7 +56,6 @@ def step(what: str) -> None:
             threading.Event().wait()  # the interrupt came before this step: a worker thread never takes it
 
 
-
 def write_error(exc: BaseException, path: str) -> OSError | None:
     """The operating-system error behind a library's failed write, if there is one. torch's zip writer
     reports a short write (a full disk) as a RuntimeError, "unexpected pos": the chained exceptions, then the
