@@ -222,3 +222,23 @@ def test_pytorch_model_bin_directory(tmp_path, run, in_place):
     assert list(saved) == list(model.state_dict()) and saved["lm_head.weight"].dtype == torch.float16
     loaded = load_clean(transformers.LlamaForCausalLM, cast)
     assert torch.equal(loaded.model.embed_tokens.weight.half(), model.model.embed_tokens.weight.half())
+
+
+def test_sharded_surgery_in_place_keeps_an_unchanged_index_byte_for_byte(tmp_path, run):
+    from safetensors.torch import save_file
+
+    d = tmp_path / "ck"
+    d.mkdir()
+    weight_map = {}
+    for i, name in enumerate(["a.weight", "b.weight"]):
+        save_file({name: torch.full((4, 4), float(i))}, str(d / f"part{i}.safetensors"))
+        weight_map[name] = f"part{i}.safetensors"
+    text = json.dumps({"weight_map": weight_map, "metadata": {"total_size": 128}})  # not as paramtool writes it
+    (d / "model.safetensors.index.json").write_text(text)
+    r = ok(run("rename", d, "s/^nothing//", "--in-place"))
+    assert "matched no tensor name" in r.stderr
+    assert (d / "model.safetensors.index.json").read_text() == text
+    ok(run("drop", d, "--layer", "a.weight", "--in-place"))
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    assert index == {"weight_map": {"b.weight": "part1.safetensors"}, "metadata": {"total_size": 64}}
+    assert sorted(os.listdir(d)) == ["model.safetensors.index.json", "part1.safetensors"]

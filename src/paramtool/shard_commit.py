@@ -73,7 +73,9 @@ def commit(index_path: str, raw: dict, pending: dict[str, str], final: dict | No
     checkpoint: steps 2 and 3 above, with interrupts held until done.
 
     ``final``: the new index document, when it changes (its shards may be fewer than ``raw``'s: those it no
-    longer names are removed); None keeps the index as it is, byte for byte."""
+    longer names are removed); None (or ``raw`` itself) keeps the index as it is, byte for byte."""
+    if final == raw:
+        final = None  # the same document: its bytes are kept
     if not pending and final is None:
         return
     directory = os.path.dirname(os.path.abspath(index_path))
