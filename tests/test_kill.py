@@ -141,3 +141,70 @@ def test_sigkill_at_every_step_leaves_old_or_new(tmp_path, runner, kind):
         assert temporaries(work) == [], f"step {k}"
         assert listing(work) == clean_listing, f"step {k}"
     assert seen == {"old", "new"}
+
+
+SURGERY = {
+    "rename": ["rename", "{ckpt}", "s/^b\\./bee./", "--in-place"],  # the index's names change
+    "drop": ["drop", "{ckpt}", "--layer", "b.weight", "--in-place"],  # the middle shard disappears
+}
+NOOP = ["rename", "{ckpt}", "s/^nothing-matches//", "--in-place"]  # rewrites every shard, changes nothing
+
+
+@pytest.mark.parametrize("command", sorted(SURGERY))
+def test_sigkill_during_sharded_surgery_in_place_leaves_old_or_new(tmp_path, runner, command):
+    """Surgery changes the index itself (names, shards, total_size): a kill at any step leaves the old
+    checkpoint or the new one, index included, and the next write removes what the kill left (the dropped
+    shard too) and ends in the same files as a clean run."""
+    build("sharded", tmp_path / "pristine")
+    work = tmp_path / "work"
+    target = str(work / "ckpt")
+    argv = [a.format(ckpt=target) for a in SURGERY[command]]
+    noop = [a.format(ckpt=target) for a in NOOP]
+    index_path = os.path.join(target, "model.safetensors.index.json")
+
+    def fresh() -> None:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(tmp_path / "pristine", work)
+
+    def index() -> dict:
+        with open(index_path) as f:
+            return json.load(f)
+
+    fresh()
+    old, old_index = read_state("sharded", target), index()
+    count = tmp_path / "count"
+    r = runner.run(*argv, env={"PARAMTOOL_FAULT_COUNT": str(count)})
+    assert r.exit == 0, r.stderr
+    new, new_index = read_state("sharded", target), index()
+    assert not same(new, old)
+    if command == "rename":
+        assert "bee.weight" in new and torch.equal(new["bee.weight"], old["b.weight"])
+    else:
+        assert sorted(new) == ["a.weight", "c.weight"]
+        assert new_index["metadata"]["total_size"] == 2 * 16 * 16 * 4
+    clean_listing = listing(work)
+    assert ("model-00002-of-00003.safetensors" in " ".join(clean_listing)) == (command == "rename")
+    steps = int(count.read_text())
+    assert steps >= 10
+
+    seen = set()
+    for k in range(1, steps + 1):
+        fresh()
+        r = runner.run(*argv, env={"PARAMTOOL_FAULT_AT": str(k)})
+        assert r.signal == signal.SIGKILL, f"step {k}: not killed ({r.exit}, {r.stderr})"
+        state = read_state("sharded", target)
+        if same(state, old):
+            seen.add("old")
+            assert index() == old_index, f"step {k}"
+            r = runner.run(*argv)  # the write again, from the old checkpoint
+        elif same(state, new):
+            seen.add("new")
+            r = runner.run(*noop)  # any next write into the directory finishes what the kill left
+        else:
+            pytest.fail(f"killed at step {k} of {steps}: the checkpoint is neither all-old nor all-new")
+        assert r.exit == 0, f"step {k}: {r.stderr}"
+        assert same(read_state("sharded", target), new)
+        assert index() == new_index, f"step {k}"
+        assert temporaries(work) == [], f"step {k}"
+        assert listing(work) == clean_listing, f"step {k}"
+    assert seen == {"old", "new"}

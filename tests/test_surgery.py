@@ -389,20 +389,27 @@ def test_help_has_an_example(run, command):
     assert f"paramtool {command} " in r.stdout and "Example" in r.stdout
 
 
-def test_rename_index_and_config_helpers(tmp_path):
-    make_sharded(tmp_path / "ck")
-    index = tmp_path / "ck" / "model.safetensors.index.json"
-    surgery.rename_index(str(index), {"layers.0.bias": "head.bias"})
-    weight_map = json.loads(index.read_text())["weight_map"]
-    assert "head.bias" in weight_map and "layers.0.bias" not in weight_map
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({"model_type": "gpt2", "vocab_size": 100, "n_embd": 32}))
-    assert surgery.update_config_vocab(str(config), 100, 128)
-    assert json.loads(config.read_text()) == {"model_type": "gpt2", "vocab_size": 128, "n_embd": 32}
-    assert not surgery.update_config_vocab(str(config), 100, 140)  # not the vocabulary it names
-    names = ["model.embed_tokens.weight", "lm_head.weight"]
-    assert surgery.config_tied_names({}, names[0], names) == ["lm_head.weight"]
-    assert surgery.config_tied_names({"tie_word_embeddings": False}, names[0], names) == []
+def test_config_vocab_helpers():
+    """formats.modeldir decides from config.json what resizes with an embedding and the new config.json."""
+    from paramtool.formats import modeldir
+    from paramtool.toc import TensorInfo
+
+    def info(name, shape, storage):
+        return TensorInfo(name, shape, "float32", storage, 0, (shape[1], 1), (name,))
+
+    infos = [info("model.embed_tokens.weight", (100, 32), 1), info("lm_head.weight", (100, 32), 2),
+             info("model.norm.weight", (32, 1), 3)]  # (not a vocabulary tensor: 32 rows)
+    config = {"model_type": "llama", "vocab_size": 100, "hidden_size": 32, "tie_word_embeddings": False}
+    assert modeldir.vocab_partners(config, infos, "model.embed_tokens.weight") == ["lm_head.weight"]
+    assert modeldir.vocab_partners(config, infos, "lm_head.weight") == ["model.embed_tokens.weight"]
+    assert modeldir.vocab_partners({**config, "vocab_size": 90}, infos, "model.embed_tokens.weight") == []
+    assert modeldir.vocab_partners(None, infos, "model.embed_tokens.weight") == []
+    new = modeldir.config_with_vocab(config, infos, "model.embed_tokens.weight", 128)
+    assert json.loads(new) == {**config, "vocab_size": 128} and new.endswith(b"}\n")
+    assert modeldir.config_with_vocab(config, infos, "model.norm.weight", 16) is None  # not a vocabulary tensor
+    assert modeldir.config_with_vocab(config, infos, "model.embed_tokens.weight", 100) is None  # unchanged
+    nested = {"model_type": "llava", "text_config": {"vocab_size": 100, "hidden_size": 32}}
+    assert json.loads(modeldir.config_with_vocab(nested, infos, "lm_head.weight", 120))["text_config"]["vocab_size"] == 120
 
 
 # ---------------------------------------------------------------- transformers
@@ -448,10 +455,8 @@ def test_transformers_rename_cast_resize_load_cleanly(tmp_path, run):
         assert f.get_tensor("transformer.wte.weight").dtype == torch.bfloat16
     assert torch.equal(cast.transformer.wte.weight.to(torch.bfloat16), model.transformer.wte.weight.to(torch.bfloat16))
 
-    ok(run("resize", st, "transformer.wte.weight", "--rows", "128", "-o", tmp_path / "big.safetensors"))
-    d = _assemble(tmp_path, "resized", tmp_path / "big.safetensors", tmp_path / "hf")
-    assert surgery.update_config_vocab(str(d / "config.json"), 100, 128)
-    grown = _load_clean(transformers, d)
+    ok(run("resize", tmp_path / "hf", "transformer.wte.weight", "--rows", "128", "-o", tmp_path / "resized"))
+    grown = _load_clean(transformers, tmp_path / "resized")  # config.json's vocab_size follows
     assert grown.config.vocab_size == 128 and grown.lm_head.weight.shape == (128, 32)
     assert grown.lm_head.weight.data_ptr() == grown.transformer.wte.weight.data_ptr()
     old = model.transformer.wte.weight.detach()
@@ -471,8 +476,7 @@ def test_resize_also_resizes_config_tied_head_in_its_own_storage(tmp_path):
               str(tmp_path / "m.safetensors"))
     src = sources.resolve(str(tmp_path / "m.safetensors"))
     listing = sources.open_for_plan(src)
-    also = surgery.config_tied_names({"tie_word_embeddings": True}, "model.embed_tokens.weight", list(listing.names))
-    plan = surgery.plan_resize(listing, "model.embed_tokens.weight", 8, surgery.NewRows(), also)
+    plan = surgery.plan_resize(listing, "model.embed_tokens.weight", 8, surgery.NewRows(), ["lm_head.weight"])
     assert plan.report.with_ties == {"model.embed_tokens.weight": ["lm_head.weight"]}
     surgery.write(src, listing, plan, writer.Output(str(tmp_path / "o.safetensors"), "safetensors"))
     got = load_file(str(tmp_path / "o.safetensors"))
@@ -512,14 +516,13 @@ def test_dry_run_text_shows_renames_and_drops(tmp_path, run):
 
 
 def test_transformers_sharded_directory_resize_and_rename(tmp_path, run):
-    """A sharded save_pretrained directory: the shards and the index are rewritten; what a model directory
-    adds (config.json's vocab_size) is done here with the helper the lead wires in."""
+    """A sharded save_pretrained directory: the shards and the index are rewritten, the sidecars come along
+    and config.json's vocab_size follows a resize."""
     transformers, model = _gpt2(tmp_path)
     model.save_pretrained(tmp_path / "sh", max_shard_size="40KB")
     assert (tmp_path / "sh" / "model.safetensors.index.json").exists()
     ok(run("resize", tmp_path / "sh", "transformer.wte.weight", "--rows", "120", "-o", tmp_path / "grown"))
-    (tmp_path / "grown" / "config.json").write_bytes((tmp_path / "sh" / "config.json").read_bytes())
-    assert surgery.update_config_vocab(str(tmp_path / "grown" / "config.json"), 100, 120)
+    assert (tmp_path / "grown" / "generation_config.json").read_bytes() == (tmp_path / "sh" / "generation_config.json").read_bytes()
     grown = _load_clean(transformers, tmp_path / "grown")
     assert grown.lm_head.weight.shape == (120, 32)
 

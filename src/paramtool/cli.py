@@ -690,7 +690,7 @@ def resize(
         resolve_options(get_scheme(scheme), given)
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
-    plan = surgery.plan_resize(listing, name, rows, surgery.NewRows(scheme, given, seed))
+    plan = surgery.plan_resize(listing, name, rows, surgery.NewRows(scheme, given, seed), directory=src.directory)
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,
             max_shard_size=max_shard_size)
 

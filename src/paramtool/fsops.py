@@ -52,6 +52,8 @@ def step(what: str) -> None:
         if fault == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         os.kill(os.getpid(), {"int": signal.SIGINT, "term": signal.SIGTERM}.get(fault, signal.SIGKILL))
+        if threading.current_thread() is not threading.main_thread() and not _critical:
+            threading.Event().wait()  # the interrupt came before this step: a worker thread never takes it
 
 
 def write_error(exc: BaseException, path: str) -> OSError | None:

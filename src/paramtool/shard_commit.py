@@ -13,6 +13,11 @@ A reader finds shards through the index only, so the index is the commit point:
 A kill inside step 3 leaves a valid new checkpoint whose index names some temporaries; the next paramtool
 write into that directory (``recover``) finishes step 3. ``fsops.clean_stale`` never removes a file an index
 points to.
+
+The index itself may change too (surgery renames names, drops a whole shard, changes ``total_size``): the
+commit then installs the new document rather than the old bytes, and the shards it no longer names are
+removed in step 3. Until they are, the index written in step 2 lists them under ``UNLINK_KEY``, so that
+``recover`` removes them too and ends in the same new index.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ import os
 from collections.abc import Iterator
 
 from . import fsops
+
+UNLINK_KEY = "paramtool.unlink"  # step 2's index only: shards the new index no longer names, to remove
 
 
 def _dumps(doc: dict) -> bytes:
@@ -61,29 +68,43 @@ def _locked(directory: str) -> Iterator[None]:
         os.close(fd)
 
 
-def commit(index_path: str, raw: dict, pending: dict[str, str]) -> None:
+def commit(index_path: str, raw: dict, pending: dict[str, str], final: dict | None = None) -> None:
     """Make ``pending`` (shard name as the index has it -> absolute path of its new, complete file) the
-    checkpoint: steps 2 and 3 above, with interrupts held until done."""
-    if not pending:
+    checkpoint: steps 2 and 3 above, with interrupts held until done.
+
+    ``final``: the new index document, when it changes (its shards may be fewer than ``raw``'s: those it no
+    longer names are removed); None (or ``raw`` itself) keeps the index as it is, byte for byte."""
+    if final == raw:
+        final = None  # the same document: its bytes are kept
+    if not pending and final is None:
         return
     directory = os.path.dirname(os.path.abspath(index_path))
+    doc = raw if final is None else final
     relative = {shard: os.path.relpath(tmp, directory) for shard, tmp in pending.items()}
-    interim = dict(raw)
-    interim["weight_map"] = {name: relative.get(shard, shard) for name, shard in raw["weight_map"].items()}
+    removed = sorted(set(raw["weight_map"].values()) - set(doc["weight_map"].values()) - set(pending))
+    interim = dict(doc)
+    interim["weight_map"] = {name: relative.get(shard, shard) for name, shard in doc["weight_map"].items()}
+    if removed:
+        interim[UNLINK_KEY] = removed
     with fsops.critical(), _locked(directory):
-        with open(index_path, "rb") as f:
-            original = f.read()  # written back byte for byte once the shards have their names again
+        if final is None:
+            with open(index_path, "rb") as f:
+                index_bytes = f.read()  # written back byte for byte once the shards have their names again
+        else:
+            index_bytes = _dumps(final)
         _install(index_path, _dumps(interim))  # the commit
         for tmp in pending.values():
             fsops.forget(tmp)  # now part of the checkpoint: never removed as a temporary
         try:
-            _finish(directory, index_path, original, relative)
+            _finish(directory, index_path, index_bytes, relative, removed)
         except OSError:
             pass  # the checkpoint is complete and valid; the next write into this directory finishes
 
 
-def _finish(directory: str, index_path: str, index_bytes: bytes, relative: dict[str, str]) -> None:
-    """Step 3: give the new shards their own names back, then drop the temporary names."""
+def _finish(directory: str, index_path: str, index_bytes: bytes, relative: dict[str, str],
+            removed: list[str] = ()) -> None:
+    """Step 3: give the new shards their own names back, remove the shards the index dropped, then drop
+    the temporary names."""
     for shard, rel in relative.items():
         new, final = os.path.join(directory, rel), os.path.join(directory, shard)
         if os.path.exists(final) and os.path.samefile(new, final):
@@ -92,6 +113,9 @@ def _finish(directory: str, index_path: str, index_bytes: bytes, relative: dict[
         fsops.link(new, link)
         fsops.rename(link, final)
         fsops.forget(link)
+    for shard in removed:
+        if os.path.lexists(os.path.join(directory, shard)):  # (gone already when a recovery repeats this)
+            fsops.unlink(os.path.join(directory, shard))
     fsops.fsync_dir(directory)
     _install(index_path, index_bytes)
     for rel in relative.values():
@@ -107,6 +131,7 @@ def recover(directory: str) -> bool:
             with open(index_path, encoding="utf-8") as f:
                 doc = json.load(f)
             weight_map = doc["weight_map"]
+            removed = [str(s) for s in doc.get(UNLINK_KEY) or []]
             relative = {}
             for rel in dict.fromkeys(weight_map.values()):
                 pid = fsops.owner_pid(rel)
@@ -114,11 +139,13 @@ def recover(directory: str) -> bool:
                     relative[os.path.join(os.path.dirname(rel), fsops.final_name(rel))] = rel
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        if relative:
+        if relative or removed:
             back = {v: k for k, v in relative.items()}
-            raw = dict(doc)
+            raw = {k: v for k, v in doc.items() if k != UNLINK_KEY}
             raw["weight_map"] = {name: back.get(rel, rel) for name, rel in weight_map.items()}
+            removed = [s for s in removed if s not in raw["weight_map"].values()
+                       and not os.path.isabs(s) and ".." not in s.replace("\\", "/").split("/")]
             with fsops.critical(), _locked(directory):
-                _finish(directory, index_path, _dumps(raw), relative)
+                _finish(directory, index_path, _dumps(raw), relative, removed)
             recovered = True
     return recovered

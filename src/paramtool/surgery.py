@@ -54,6 +54,7 @@ class Surgery:
     rename: dict[str, str] = field(default_factory=dict)  # old -> new, for a sharded index
     cast: tuple[str, frozenset[str]] | None = None  # (dtype, names to cast), for the streamed writers
     untie: list[str] = field(default_factory=list)  # (the Plan interface: nothing is ever untied here)
+    sidecars: dict[str, bytes] = field(default_factory=dict)  # model-directory files written anew (config.json)
 
 
 # ---------------------------------------------------------------- rename
@@ -388,12 +389,26 @@ class NewRows:
     seed: int | None = None
 
 
-def plan_resize(ckpt: Checkpoint, name: str, rows: int, fill: NewRows, also: list[str] = ()) -> Surgery:
-    """Grow or shrink dim 0 of ``name``; every name sharing its storage (and ``also``: ties a config declares)
-    is resized with it."""
+def plan_resize(ckpt: Checkpoint, name: str, rows: int, fill: NewRows, also: list[str] = (),
+                directory: str | None = None) -> Surgery:
+    """Grow or shrink dim 0 of ``name``; every name sharing its storage (and ``also``) is resized with it.
+
+    In a model directory (``directory``), config.json decides too: a name it ties but the file does not
+    store stands for its embedding, the other embedding of the pair is resized with it (``vocab_partners``),
+    and config.json's ``vocab_size`` follows (``Surgery.sidecars``)."""
     if rows <= 0:
         raise UsageError(f"--rows must be at least 1, not {rows}")
     infos = {i.name: i for i in ckpt.infos()}
+    sidecars: dict[str, bytes] = {}
+    if directory is not None:
+        from .formats import modeldir
+
+        config = modeldir.read_config(directory)[0]
+        name = modeldir.config_ties(config, list(infos.values())).absent.get(name, name)  # lm_head -> wte
+        also = list(also) + modeldir.vocab_partners(config, list(infos.values()), name)
+        new_config = modeldir.config_with_vocab(config, list(infos.values()), name, rows)
+        if new_config is not None:
+            sidecars["config.json"] = new_config
     if name not in infos:
         raise ParamtoolError(unknown_name(name, list(infos)))
     info = infos[name]
@@ -427,7 +442,7 @@ def plan_resize(ckpt: Checkpoint, name: str, rows: int, fill: NewRows, also: lis
     if rows == info.shape[0]:
         report.warnings.append(f"'{name}' already has {rows} rows")
     _warn_stale_optimizer(ckpt.root, report)
-    return Surgery(report, lambda c: resize_in(c, [name] + partners, rows, fill))
+    return Surgery(report, lambda c: resize_in(c, [name] + partners, rows, fill), sidecars=sidecars)
 
 
 def _warn_stale_optimizer(root: Any, report: SurgeryReport) -> None:
@@ -492,12 +507,20 @@ def write(src: Any, listing: Checkpoint, plan: Surgery, output: Any, drop_extra:
     """Carry out ``plan`` and write the result where ``output`` says (the OUTPUT rules of ``writer``).
 
     Same-format file to file (torch zip, safetensors) is streamed one storage at a time; a sharded checkpoint
-    is rewritten shard by shard with its index; anything else is loaded, changed and written whole."""
+    is rewritten shard by shard with its index; anything else is loaded, changed and written whole. A model
+    directory whose sidecars change (config.json's vocab_size) is rewritten in place as a whole directory, in
+    one atomic step, so that the weights and config.json never disagree."""
     from . import surgery_stream, writer
     from .sources import load
 
+    if output.in_place and plan.sidecars and src.directory:  # weights and config.json change together
+        from .formats import modeldir
+
+        whole = writer.Output(src.directory, "directory", True, modeldir.weights_format(src))
+        modeldir.write_directory(src, listing, plan, whole, drop_extra, write)
+        return
     if output.format == "sharded":
-        _write_sharded(listing, plan, output, drop_extra)
+        _write_sharded(src, listing, plan, output, drop_extra)
         return
     if src.kind == "file" and output.format == src.format and surgery_stream.can_stream(listing, plan):
         surgery_stream.write(listing, plan, output)
@@ -522,59 +545,63 @@ def run_on(ckpt: Checkpoint, plan: Surgery) -> None:
     ckpt.names = {n: (s,) + tuple(path) for s, p in parts.items() for n, path in p.names.items()}
 
 
-def _write_sharded(listing: Any, plan: Surgery, output: Any, drop_extra: bool) -> None:
+def _write_sharded(src: Any, listing: Any, plan: Surgery, output: Any, drop_extra: bool) -> None:
     """Every shard rewritten in its own format (streamed where it can be) beside a new index (names, shards
-    and total size follow); a shard left with no tensor disappears. ``-o DIR`` appears only once complete;
-    ``--in-place`` replaces each shard atomically and the index last."""
-    import shutil
-    import tempfile
-
-    from . import writer
+    and total size follow); a shard left with no tensor disappears. As ``writer``'s sharded writes: ``-o DIR``
+    appears only once complete; ``--in-place`` commits the new shards and the new index in one atomic step
+    (``shard_commit``), after finishing a commit a killed write left."""
+    from . import shard_commit, writer
     from .formats.sharded import write_index
+    from .sources import open_for_plan
 
+    if output.in_place and shard_commit.recover(listing.index.directory):
+        listing = open_for_plan(src, listing.key)  # the shards have their own names back: list them again
     index = listing.index
     results: dict[str, Checkpoint] = {}
+    started: list[str] = []  # in place: the new shards' temporary names
 
-    def build(work: str) -> None:
+    def build(work: str) -> dict[str, str]:
+        pending = {}
         for shard, part in listing.parts.items():
-            target = os.path.join(work, shard)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            results[shard] = _write_part(os.path.join(index.directory, shard), part, plan, target, drop_extra)
+            path = os.path.join(index.directory, shard)
+
+            def write(target: str, fmt: str, shard: str = shard, part: Checkpoint = part, path: str = path) -> None:
+                results[shard] = _write_part(path, part, plan, target, fmt, drop_extra)
+
+            target = writer.write_shard(index, shard, work, output.in_place, started, write)
+            if output.in_place and results[shard].names:
+                pending[shard] = target
+        if not output.in_place:
+            raw = new_index()
+            write_index(replace(index, weight_map=raw["weight_map"], raw=raw), work)
+            writer.copy_shard_sidecars(src, listing, work, plan.sidecars)
+        return pending
+
+    def new_index() -> dict:
+        """The index document of what ``build`` wrote: names renamed, in the index's own order; shards left
+        empty gone; total_size recounted."""
         shard_of = {n: s for s, r in results.items() for n in r.names}
         order = [plan.rename.get(n, n) for n in index.weight_map] + list(shard_of)  # the index's own order
-        weight_map = {n: shard_of[n] for n in dict.fromkeys(order) if n in shard_of}
-        raw = {**index.raw, "weight_map": weight_map}
+        raw = {**index.raw, "weight_map": {n: shard_of[n] for n in dict.fromkeys(order) if n in shard_of}}
         if isinstance(raw.get("metadata"), dict) and "total_size" in raw["metadata"]:
             from .ties import unique_counts
 
             total = sum(unique_counts(r.infos())[1] for r in results.values())
             raw["metadata"] = {**raw["metadata"], "total_size": total}
-        write_index(replace(index, weight_map=weight_map, raw=raw), work)
+        return raw
 
-    if not output.in_place:
+    if output.in_place:
+        writer._commit_in_place(index, build, started, new_index)
+    else:
         writer.commit_directory(output.path, build)
-        return
-    work = tempfile.mkdtemp(prefix=".paramtool-", dir=index.directory)
-    try:
-        build(work)
-        for shard, result in results.items():
-            if result.names:
-                os.replace(os.path.join(work, shard), os.path.join(index.directory, shard))
-        os.replace(os.path.join(work, os.path.basename(index.path)), index.path)
-        for shard, result in results.items():
-            if not result.names:
-                os.unlink(os.path.join(index.directory, shard))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
-def _write_part(path: str, part: Checkpoint, plan: Surgery, target: str, drop_extra: bool) -> Checkpoint:
+def _write_part(path: str, part: Checkpoint, plan: Surgery, target: str, fmt: str, drop_extra: bool) -> Checkpoint:
     """One shard: streamed from its listing when possible, else loaded and changed; not written when the
     plan leaves it empty. Returns what was written (its names)."""
     from . import surgery_stream, writer
     from .sources import Source, load, sniff_file
 
-    fmt = "safetensors" if part.format == "safetensors" else "pt"
     if surgery_stream.can_stream(part, plan):
         out = surgery_stream.transformed(part, plan)
         if out.names:
@@ -585,73 +612,3 @@ def _write_part(path: str, part: Checkpoint, plan: Surgery, target: str, drop_ex
     if ckpt.names:
         writer.write_checkpoint(ckpt, writer.Output(target, fmt), drop_extra)
     return ckpt
-
-
-# ---------------------------------------------------------------- model-directory helpers (config.json, index)
-
-
-def rename_index(index_path: str, mapping: dict[str, str]) -> None:
-    """Rewrite a sharded checkpoint's index (``weight_map`` keys) after a rename, atomically."""
-    from . import writer
-    from .formats.sharded import read_index, write_index
-
-    index = read_index(index_path)
-    weight_map = {mapping.get(k, k): v for k, v in index.weight_map.items()}
-    new = replace(index, weight_map=weight_map, raw={**index.raw, "weight_map": weight_map})
-    writer.atomic_write(index.path, lambda tmp: _write_index_to(new, tmp, write_index))
-
-
-def _write_index_to(index: Any, tmp: str, write_index: Callable) -> None:
-    import tempfile
-
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(tmp)) as d:
-        write_index(index, d)
-        os.replace(os.path.join(d, os.path.basename(index.path)), tmp)
-
-
-def read_config(config_path: str) -> dict:
-    import json
-
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ParamtoolError(f"{config_path}: not a readable config ({e})") from None
-    if not isinstance(config, dict):
-        raise ParamtoolError(f"{config_path}: not a JSON object")
-    return config
-
-
-def config_tied_names(config: dict, name: str, names: list[str]) -> list[str]:
-    """Names a transformers config ties to ``name`` without shared storage on disk: with
-    ``tie_word_embeddings`` (default true) the output head follows the input embedding."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    tie = config.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
-    if not tie or not re.search(r"(embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.weight$", name):
-        return []
-    heads = [n for n in names if re.search(r"(^|\.)(lm_head|embed_out|output)\.weight$", n)]
-    return heads[:1]
-
-
-def update_config_vocab(config_path: str, old_rows: int, new_rows: int) -> bool:
-    """Set ``vocab_size`` (top level, or ``text_config``'s) to ``new_rows`` where it was ``old_rows``;
-    the file is rewritten atomically, keys in their order. Returns whether anything changed."""
-    import json
-
-    from . import writer
-
-    config = read_config(config_path)
-    changed = False
-    for holder in (config, config.get("text_config")):
-        if isinstance(holder, dict) and holder.get("vocab_size") == old_rows:
-            holder["vocab_size"] = new_rows
-            changed = True
-    if changed:
-        text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-
-        writer.atomic_write(config_path, write)
-    return changed

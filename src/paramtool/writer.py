@@ -369,26 +369,17 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
         """Write ``shard`` into ``work``; in place, under a temporary name, which is returned."""
         sub = Plan(plan.report, [a for a in plan.actions if shard_of[a.name] == shard],
                    [n for n in plan.untie if shard_of[n] == shard])
-        path, target = os.path.join(index.directory, shard), os.path.join(work, shard)
+        path = os.path.join(index.directory, shard)
         if sub.actions or sub.untie:
-            if output.in_place:
-                target = fsops.temp_name(os.path.dirname(path), os.path.basename(shard))
-                fsops.register(target)
-                started.append(target)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shard_src = Source(path, "file", path, sniff_file(path))
-            fmt = "safetensors" if shard_src.format == "safetensors" else "pt"
-            try:
+            def write(target: str, fmt: str) -> None:
+                shard_src = Source(path, "file", path, sniff_file(path))
                 write_plan(shard_src, listing.parts[shard], sub, Output(target, fmt, output.in_place))
-            except ParamtoolError as e:  # name the shard, not its temporary name
-                raise ParamtoolError(str(e).replace(target, path)) from None
-            if output.in_place:
-                fsops.copy_owner_and_mode(target, os.stat(path))
-                return target
-            return None
+
+            target = write_shard(index, shard, work, output.in_place, started, write)
+            return target if output.in_place else None
         if not output.in_place:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.copyfile(path, target)
+            os.makedirs(os.path.dirname(os.path.join(work, shard)), exist_ok=True)
+            shutil.copyfile(path, os.path.join(work, shard))
         return None
 
     def build(work: str) -> dict[str, str]:
@@ -399,11 +390,7 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
             written = {shard: job.result() for shard, job in jobs.items()}
         if work != index.directory:
             write_index(index, work)
-            if src.directory:  # a model directory: config.json, tokenizer files, ... go along
-                from .formats.modeldir import copy_sidecars, weight_files
-
-                shards = [os.path.join(index.directory, s) for s in listing.parts]
-                copy_sidecars(src.directory, weight_files(src.directory, shards), work)
+            copy_shard_sidecars(src, listing, work)
         return {shard: tmp for shard, tmp in written.items() if tmp is not None}
 
     if output.in_place:
@@ -412,11 +399,47 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
         commit_directory(output.path, build)
 
 
-def _commit_in_place(index: Any, build: Callable[[str], dict[str, str]], started: list[str]) -> None:
-    """Write the changed shards beside the old ones and commit them through the index (``shard_commit``)."""
+def write_shard(index: Any, shard: str, work: str, in_place: bool, started: list[str],
+                write: Callable[[str, str], Any]) -> str:
+    """Rewrite one shard of a sharded checkpoint with ``write(target, fmt)`` (in the shard's own format) and
+    return the target: ``work/shard`` for a new directory, or, in place, a temporary name beside the shard
+    (registered, and listed in ``started`` for cleanup) that ``shard_commit`` makes the shard. Errors name
+    the shard, not its temporary."""
+    from .sources import sniff_file
+
+    path, target = os.path.join(index.directory, shard), os.path.join(work, shard)
+    if in_place:
+        target = fsops.temp_name(os.path.dirname(path), os.path.basename(shard))
+        fsops.register(target)
+        started.append(target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    try:
+        write(target, "safetensors" if sniff_file(path) == "safetensors" else "pt")
+    except ParamtoolError as e:
+        raise ParamtoolError(str(e).replace(target, path)) from None
+    if in_place and os.path.exists(target):
+        fsops.copy_owner_and_mode(target, os.stat(path))
+    return target
+
+
+def copy_shard_sidecars(src: Source, listing: Any, work: str, replaced: dict[str, bytes] | None = None) -> None:
+    """A sharded model directory written to a new directory: config.json, tokenizer files, ... go along
+    (``replaced``: sidecars written with new contents, e.g. a config.json whose vocab_size changed)."""
+    if src.directory:
+        from .formats.modeldir import copy_sidecars, weight_files
+
+        shards = [os.path.join(listing.index.directory, s) for s in listing.parts]
+        copy_sidecars(src.directory, weight_files(src.directory, shards), work, replaced)
+
+
+def _commit_in_place(index: Any, build: Callable[[str], dict[str, str]], started: list[str],
+                     final: Callable[[], dict | None] = lambda: None) -> None:
+    """Write the changed shards beside the old ones and commit them through the index (``shard_commit``);
+    ``final()`` (asked once the shards are written): the new index document, when the index changes."""
     fsops.clean_stale(index.directory)
     try:
-        shard_commit.commit(index.path, index.raw, build(index.directory))
+        pending = build(index.directory)
+        shard_commit.commit(index.path, index.raw, pending, final())
     except BaseException as e:
         for tmp in started:  # (none of them once committed: the commit swallows its own cleanup errors)
             fsops.discard(tmp)

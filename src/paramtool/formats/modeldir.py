@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import FormatError, UsageError
+from ..fsops import is_temp
 from ..toc import TensorInfo
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -43,19 +44,23 @@ def weight_files(directory: str, weights: list[str]) -> set[str]:
     return own | {os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(directory), "*.index.json"))}
 
 
-def copy_sidecars(directory: str, weights: set[str], work: str) -> None:
+def copy_sidecars(directory: str, weights: set[str], work: str, replaced: dict[str, bytes] | None = None) -> None:
     """Copy every entry of ``directory`` that is not a weights file into ``work``, byte for byte (not the
-    directory being built, when the output is inside the source)."""
+    directory being built, when the output is inside the source); ``replaced`` (name -> contents) are written
+    anew instead (config.json with a new vocab_size)."""
     inside = os.path.abspath(work) + os.sep
     for entry in sorted(os.listdir(directory)):
         path = os.path.join(directory, entry)
-        if entry in weights or entry.endswith(".paramtool-tmp") or inside.startswith(os.path.abspath(path) + os.sep):
+        if entry in weights or entry.endswith(".paramtool-tmp") or is_temp(entry) or inside.startswith(os.path.abspath(path) + os.sep):
             continue
         if os.path.isdir(path):
             if not any(w.startswith(entry + os.sep) for w in weights):
                 shutil.copytree(path, os.path.join(work, entry), symlinks=True)
         else:
             shutil.copy2(path, os.path.join(work, entry))
+    for name, data in (replaced or {}).items():
+        with open(os.path.join(work, name), "wb") as f:
+            f.write(data)
 
 
 # --- sizes and shards --------------------------------------------------------------------------------
@@ -222,6 +227,58 @@ def config_ties(config: dict | None, infos: list[TensorInfo]) -> ConfigTies:
     return out
 
 
+def _vocab_size(config: dict) -> int | None:
+    """``vocab_size`` at the top level, or (a multimodal model) in ``text_config``."""
+    for holder in (config, config.get("text_config")):
+        if isinstance(holder, dict) and isinstance(holder.get("vocab_size"), int):
+            return holder["vocab_size"]
+    return None
+
+
+def _is_vocab_tensor(config: dict, info: TensorInfo) -> bool:
+    """A tensor with one row per token: dim 0 is ``vocab_size`` and it is a known embedding or head, or
+    ``[vocab_size, width]`` for a width the config names."""
+    vocab = _vocab_size(config)
+    if vocab is None or not info.shape or info.shape[0] != vocab:
+        return False
+    known = any(info.name in pair for pair in TIED_PAIRS)
+    widths = {config[k] for k in EMBEDDING_WIDTH_KEYS if isinstance(config.get(k), int)}
+    return known or (len(info.shape) == 2 and info.shape[1] in widths)
+
+
+def vocab_partners(config: dict | None, infos: list[TensorInfo], name: str) -> list[str]:
+    """The stored names that change size with ``name`` when it is resized: the other side of each known
+    input/output embedding pair (``TIED_PAIRS``) with the same number of rows, tied or not. As transformers'
+    ``resize_token_embeddings`` resizes the input and the output embeddings together, so does ``resize``:
+    an untied ``lm_head.weight`` (``tie_word_embeddings: false``) is resized with ``model.embed_tokens.weight``."""
+    by_name = {t.name: t for t in infos}
+    info = by_name.get(name)
+    if not config or info is None or not _is_vocab_tensor(config, info):
+        return []
+    out: list[str] = []
+    for output, source in TIED_PAIRS:
+        other = source if output == name else output if source == name else None
+        if other in by_name and other not in out and by_name[other].shape[:1] == info.shape[:1]:
+            out.append(other)
+    return out
+
+
+def config_with_vocab(config: dict | None, infos: list[TensorInfo], name: str, rows: int) -> bytes | None:
+    """config.json with ``vocab_size`` (top level and ``text_config``) set to ``rows`` when ``name`` is a
+    vocabulary tensor (see ``_is_vocab_tensor``) whose rows change; None when nothing changes. Written as
+    transformers writes it (2-space indent, a final newline), keys in their order."""
+    info = next((t for t in infos if t.name == name), None)
+    if not config or info is None or not _is_vocab_tensor(config, info) or info.shape[0] == rows:
+        return None
+    import copy
+
+    new = copy.deepcopy(config)
+    for holder in (new, new.get("text_config")):
+        if isinstance(holder, dict) and holder.get("vocab_size") == info.shape[0]:
+            holder["vocab_size"] = rows
+    return (json.dumps(new, indent=2) + "\n").encode("utf-8")
+
+
 def with_config_ties(infos: list[TensorInfo], ties: ConfigTies) -> list[TensorInfo]:
     """``infos`` plus a stand-in for each absent tied name, sharing its input embedding's storage (so tie
     grouping, ``tied_to`` and the counts treat it as tied and count it once)."""
@@ -352,7 +409,7 @@ def write_directory(src: Any, listing: Any, plan: Any, output: Any, drop_extra: 
         if src.directory:
             parts = getattr(listing, "parts", None)
             weights = [os.path.join(listing.index.directory, s) for s in parts] if parts else [src.path]
-            copy_sidecars(src.directory, weight_files(src.directory, weights), work)
+            copy_sidecars(src.directory, weight_files(src.directory, weights), work, getattr(plan, "sidecars", None))
 
     writer.commit_directory(output.path, build)
 
