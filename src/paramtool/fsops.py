@@ -14,7 +14,6 @@ module, for three reasons:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import glob
 import json
@@ -219,6 +218,8 @@ _AT_FDCWD = -100
 def exchange(a: str, b: str) -> bool:
     """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``). False where the kernel, the
     C library or the filesystem cannot; the caller then falls back to two renames."""
+    import ctypes  # here: the listing commands' fast start-up imports this module for its signal handling
+
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):
