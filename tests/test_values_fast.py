@@ -322,6 +322,7 @@ def _sparse_safetensors(path, n: int, rows: int) -> int:
     """A safetensors file whose data section is one hole (all zeros, no blocks) and its data offset."""
     header = {f"layers.{i}.weight": {"dtype": "F32", "shape": [rows, 1024],
                                       "data_offsets": [i * rows * 4096, (i + 1) * rows * 4096]} for i in range(n)}
+    header["__metadata__"] = {"format": "pt"}  # what paramtool writes into every safetensors file: kept verbatim
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:

@@ -14,7 +14,6 @@ module, for three reasons:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import glob
 import json
@@ -34,14 +33,30 @@ _live: dict[str, None] = {}  # temporaries of this process, in creation order
 _steps = 0
 _critical = 0
 _pending_signal: int | None = None
+_ending: int | None = None  # the thread ending the process after an interrupt (``_abort``), once one is
+_signal_handled = threading.Event()
+
+
+def _ending_elsewhere() -> bool:
+    """Is another thread ending the process? Then this one must not create or rename anything more: the
+    temporaries are being removed, and one made after that would be left behind. Ask with ``_lock`` held."""
+    return _ending is not None and _ending != threading.get_ident()
+
+
+def _park() -> None:
+    """Stop this (worker) thread for good, ``_lock`` not held: the process is ending in another thread."""
+    threading.Event().wait()
 
 
 def step(what: str) -> None:
     """Count one filesystem step; the fault-injection hook acts here (see the module docstring)."""
     global _steps
     with _lock:
+        ending = _ending_elsewhere()
         _steps += 1
         n = _steps
+    if ending:
+        _park()
     count_file = os.environ.get("PARAMTOOL_FAULT_COUNT")
     if count_file:
         with open(count_file, "w") as f:
@@ -52,8 +67,8 @@ def step(what: str) -> None:
         if fault == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         os.kill(os.getpid(), {"int": signal.SIGINT, "term": signal.SIGTERM}.get(fault, signal.SIGKILL))
-        if threading.current_thread() is not threading.main_thread() and not _critical:
-            threading.Event().wait()  # the interrupt came before this step: a worker thread never takes it
+        if threading.current_thread() is not threading.main_thread():
+            _signal_handled.wait(10)  # as if the signal came now: the main thread handles it before this one goes on
 
 
 def write_error(exc: BaseException, path: str) -> OSError | None:
@@ -128,7 +143,12 @@ def create_file(path: str, mode: int = 0o666) -> None:
     shared $TMPDIR)."""
     register(path)
     step("create")
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode))
+    with _lock:  # created before ``_abort`` lists the temporaries (and so removed by it), or not at all
+        ending = _ending_elsewhere()
+        if not ending:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode))
+    if ending:
+        _park()
 
 
 def make_dir(path: str) -> None:
@@ -198,6 +218,8 @@ _AT_FDCWD = -100
 def exchange(a: str, b: str) -> bool:
     """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``). False where the kernel, the
     C library or the filesystem cannot; the caller then falls back to two renames."""
+    import ctypes  # here: the listing commands' fast start-up imports this module for its signal handling
+
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (AttributeError, OSError):
@@ -320,8 +342,11 @@ def _on_signal(signum: int, frame: object) -> None:
 def _abort(signum: int) -> None:
     """End the process now: temporaries removed; a closed pipe quietly (141, as SIGPIPE would), an interrupt
     with one ``error: interrupted`` line and 128 + the signal's number (130 Ctrl-C, 143 SIGTERM)."""
+    global _ending
     with _lock:
+        _ending = threading.get_ident()
         live = list(_live)
+    _signal_handled.set()
     for path in reversed(live):
         discard(path)
     if signum == signal.SIGPIPE:

@@ -116,6 +116,9 @@ def _fast(argv: list[str]) -> int | None:
 
 
 def main() -> None:
+    from .fsops import install_signal_handlers
+
+    install_signal_handlers()  # the same handling as the full CLI's (a closed pipe: quiet 141), before any output
     code = _fast(sys.argv[1:])
     if code is not None:
         sys.exit(code)

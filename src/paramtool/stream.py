@@ -209,7 +209,7 @@ class ZipStorageFile(StorageFile):
                 for record in records:  # "version" and the serialization id are written by the writer itself
                     if record in by_record:
                         _, data = next(produced)
-                        writer.write_record(record, data.data_ptr(), data.nbytes)  # (a reused buffer may be larger)
+                        writer.write_record(record, _exact_storage(data), data.nbytes)
                         self.recycle(data)
                         del data
                     else:
@@ -280,6 +280,14 @@ class SafetensorsStorageFile(StorageFile):
             end = self._file.tell()
             self._file.seek(pos)
             _copy(self._file, out, end - pos)
+
+
+def _exact_storage(tensor: Any) -> Any:
+    """The bytes of a contiguous tensor as a storage of exactly its size, sharing its memory (a slice of an
+    untyped storage is a view): a reused buffer's storage may be larger, and torch's writer takes a storage,
+    not a pointer (that form is deprecated and prints a warning on stderr)."""
+    start = tensor.storage_offset() * tensor.element_size()
+    return tensor.untyped_storage()[start:start + tensor.nbytes]
 
 
 def _ahead(keys: list[Hashable], produce: Callable[[Hashable], Any]) -> Iterator[tuple[Hashable, Any]]:

@@ -29,6 +29,7 @@ class Output:
     in_place: bool = False
     weights_format: str | None = None  # "directory": the format of the weight files
     max_shard_size: int | None = None  # "directory": reshard to at most this many bytes per file
+    temporary: bool = False  # path is already a temporary of this process's write: written directly
 
     @property
     def label(self) -> str:
@@ -264,6 +265,14 @@ def _write_through(label: str, write: Callable[[str], None], open_dest: Callable
 
 def emit(output: Output, write: Callable[[str], None]) -> None:
     """Run ``write(path)`` for ``output``: atomically onto a file, or through a temporary file to stdout."""
+    if output.temporary:  # (a shard of an in-place sharded write): no temporary of the temporary
+        try:
+            fsops.create_file(output.path)
+            write(output.path)
+            fsops.fsync(output.path)
+        except OSError as e:  # the caller removes the temporary
+            raise e if isinstance(e, BrokenPipeError) else _failure(output.path, e) from None
+        return
     if output.path is not None:
         atomic_write(output.path, write)
         return
@@ -373,7 +382,8 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
         if sub.actions or sub.untie:
             def write(target: str, fmt: str) -> None:
                 shard_src = Source(path, "file", path, sniff_file(path))
-                write_plan(shard_src, listing.parts[shard], sub, Output(target, fmt, output.in_place))
+                write_plan(shard_src, listing.parts[shard], sub, Output(target, fmt, output.in_place,
+                                                                         temporary=output.in_place))
 
             target = write_shard(index, shard, work, output.in_place, started, write)
             return target if output.in_place else None
