@@ -24,6 +24,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from conftest import listing_without_torch
 from inert_helpers import TrainConfig, lightning_module_class
 from safetensors import safe_open
@@ -106,6 +107,10 @@ def test_plain_state_dict_is_weights_only_loadable(tmp_path, run):
     torch.save(torch.nn.Linear(2, 2), tmp_path / "m.pt")  # a whole module needs its classes allowlisted
     doc = run("inspect", tmp_path / "m.pt", "--json").json()
     assert doc["globals"] == ["torch.nn.modules.linear.Linear"] and doc["weights_only_loadable"] is False
+    save_file({"w": torch.zeros(2)}, tmp_path / "w.safetensors")  # no pickle: the contract's keys all the same
+    for args in (["inspect", tmp_path / "w.safetensors", "--json"], ["inspect", "nn:Linear(2, 2)", "--json"]):
+        doc = run(*args).json()
+        assert doc["globals"] == [] and doc["weights_only_loadable"] is True
 
 
 def test_static_allowlist_matches_installed_torch():
