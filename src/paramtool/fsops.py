@@ -18,8 +18,6 @@ import errno
 import glob
 import json
 import os
-import secrets
-import shutil
 import signal
 import stat
 import threading
@@ -94,7 +92,7 @@ def write_error(exc: BaseException, path: str) -> OSError | None:
 
 def temp_name(directory: str, name: str) -> str:
     """A fresh temporary path in ``directory`` that names this process and what it will become."""
-    return os.path.join(directory, f"{TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}-{name[:120]}")
+    return os.path.join(directory, f"{TMP_TAG}{os.getpid()}-{os.urandom(4).hex()}-{name[:120]}")
 
 
 def is_temp(name: str) -> bool:
@@ -124,11 +122,18 @@ def forget(path: str) -> None:
         _live.pop(path, None)
 
 
+def _rmtree(path: str, ignore_errors: bool = False) -> None:
+    """``shutil.rmtree``, imported on first use: the fast ``--json`` listing path imports this module."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
 def discard(path: str) -> None:
     """Remove a temporary of this process, file or directory, if it is still there (no step: cleanup)."""
     try:
         if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
+            _rmtree(path, ignore_errors=True)
         else:
             os.unlink(path)
     except FileNotFoundError:
@@ -207,7 +212,7 @@ def unlink(path: str) -> None:
 
 def remove_tree(path: str) -> None:
     step("rmtree")
-    shutil.rmtree(path, ignore_errors=True)
+    _rmtree(path, ignore_errors=True)
     forget(path)
 
 
@@ -306,7 +311,7 @@ def clean_stale(directory: str) -> None:
             continue
         try:
             if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
+                    _rmtree(path)
             else:
                 os.unlink(path)
         except OSError:
