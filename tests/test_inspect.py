@@ -240,6 +240,18 @@ def test_every_command_has_help_with_example(run):
         assert "Example" in r.stdout, name
 
 
+def test_every_command_is_in_the_readme():
+    import pathlib
+
+    import typer.main
+
+    from paramtool.cli import app
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [name for name in typer.main.get_command(app).commands if f"| `paramtool {name} " not in readme]
+    assert not missing, f"commands missing from the README's command table: {missing}"
+
+
 def test_training_checkpoint_shapes(tmp_path, run):
     net = torch.nn.Sequential(torch.nn.Linear(2, 3))
     sd = net.state_dict()
