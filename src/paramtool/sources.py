@@ -17,7 +17,8 @@ from typing import Any
 from . import tree
 from .checkpoint import Checkpoint
 from .errors import FormatError, ParamtoolError, UsageError
-from .formats import safetensors_fmt
+from . import formats
+from .formats import Format, safetensors_fmt
 from .toc import TensorInfo, Toc
 
 
@@ -32,6 +33,12 @@ class Source:
     @property
     def label(self) -> str:
         return "-" if self.text == "-" else self.text
+
+    @property
+    def layout(self) -> Format | None:
+        """The on-disk format read (a file's sniffed format, or the container: sharded, DCP); None for a
+        model built in Python."""
+        return formats.find(self.format or self.kind)
 
 
 def _spool_stdin() -> str:
@@ -50,19 +57,8 @@ def _spool_stdin() -> str:
 
 
 def sniff_file(path: str) -> str:
-    from .formats.torchfile import sniff_torch
-
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if not head:
-        raise FormatError(f"{path}: empty file")
-    if safetensors_fmt.sniff(head, size):
-        return "safetensors"
-    kind = sniff_torch(head)
-    if kind:
-        return kind
-    raise FormatError(f"{path}: not a checkpoint (neither a torch.save file nor safetensors)")
+    """The contract's format string for a file, from its first bytes (``formats.sniff_file``)."""
+    return formats.sniff_file(path).name
 
 
 def resolve(text: str | None) -> Source:
@@ -198,7 +194,7 @@ def read_toc(src: Source, key: str | None = None) -> Toc:
     if src.directory:  # a model directory: with the ties its config.json declares
         return _with_config(src, read_toc(replace(src, directory=None), key))
 
-    if src.kind in ("file", "sharded", "dcp"):
+    if src.layout is not None:
         listing = open_listing(src, key)
         if src.kind == "dcp" and key and not listing.names:  # DCP keeps values in the data files: read them
             from .formats import dcp
@@ -261,7 +257,7 @@ def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
     """For reading values (show, stats, diff): streamed where the format has byte ranges, else loaded."""
     if src.kind == "sharded":
         return _sharded(src, load_lazy)
-    if src.kind == "file" and src.format in ("pt", "safetensors"):
+    if src.kind == "file" and src.layout.byte_ranges:
         from .stream import open_storage_file
 
         listing = open_listing(src, key)
@@ -273,4 +269,4 @@ def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
 
 def open_for_plan(src: Source, key: str | None = None) -> Checkpoint:
     """What an edit is planned on: the stand-in listing for files (no data), the built model otherwise."""
-    return open_listing(src, key) if src.kind in ("file", "sharded", "dcp") else load(src, key)
+    return open_listing(src, key) if src.layout is not None else load(src, key)
