@@ -12,9 +12,9 @@ PT_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
 SAFETENSORS = SafetensorsFormat("safetensors", (".safetensors",), single_file=True, byte_ranges=True, flat=True)
 PT = TorchFormat("pt", PT_EXTENSIONS, single_file=True, byte_ranges=True, holds_non_tensors=True, pickled=True)
 PT_LEGACY = TorchFormat("pt-legacy", holds_non_tensors=True, pickled=True)
-SHARDED = Format("sharded", flat=True, is_container=True)
-DCP = Format("dcp", holds_non_tensors=True, is_container=True)
-DIRECTORY = Format("directory", is_container=True)
+SHARDED = Format("sharded", flat=True, is_container=True, split=True)
+DCP = Format("dcp", holds_non_tensors=True, is_container=True, placeholder_values=True)
+DIRECTORY = Format("directory", is_container=True, sidecars=True)
 MODULE = Format("module", in_memory=True)
 
 # Sniffed in this order: a safetensors header is checked before the torch magic numbers.

@@ -21,6 +21,9 @@ class Format:
     flat: bool = False  # one flat name -> tensor mapping: no nesting, so no --key
     pickled: bool = False  # a torch pickle, which may hold a whole nn.Module
     is_container: bool = False  # a directory of parts (shards, DCP data files, a model directory)
+    split: bool = False  # one flat state dict split over part files by an index (shards)
+    placeholder_values: bool = False  # non-tensor values are stand-ins in the listing, kept in the data files
+    sidecars: bool = False  # weights beside config.json and tokenizer files (a model directory)
     in_memory: bool = False  # built in Python (nn:, a factory), never read from disk
 
     def sniff(self, head: bytes, size: int) -> bool:
