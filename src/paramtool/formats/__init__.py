@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..errors import FormatError
-from .base import Format, SafetensorsFormat, TorchFormat
+from .base import DcpFormat, Format, SafetensorsFormat, TorchFormat
 
 PT_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
 
@@ -13,7 +13,7 @@ SAFETENSORS = SafetensorsFormat("safetensors", (".safetensors",), single_file=Tr
 PT = TorchFormat("pt", PT_EXTENSIONS, single_file=True, byte_ranges=True, holds_non_tensors=True, pickled=True)
 PT_LEGACY = TorchFormat("pt-legacy", holds_non_tensors=True, pickled=True)
 SHARDED = Format("sharded", flat=True, is_container=True, split=True)
-DCP = Format("dcp", holds_non_tensors=True, is_container=True, placeholder_values=True)
+DCP = DcpFormat("dcp", holds_non_tensors=True, is_container=True, placeholder_values=True)
 DIRECTORY = Format("directory", is_container=True, sidecars=True)
 MODULE = Format("module", in_memory=True)
 

@@ -9,6 +9,10 @@ in the registry (``formats/__init__.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,23 @@ class Format:
         """Can a file in this format be written as ``other`` by copying its bytes and patching storages?"""
         return self.byte_ranges and other is self
 
+    def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
+        """The checkpoint with stand-in tensors: names, shapes, storages, the container; no tensor data, no
+        torch. (A container of part files, sharded, is read part by part by ``sources``.)"""
+        raise NotImplementedError(f"{self.name} has no reader of its own")
+
+    def load(self, label: str, path: str, key: str | None) -> Checkpoint:
+        """The checkpoint with its tensor data (memory-mapped where the format allows)."""
+        raise NotImplementedError(f"{self.name} has no reader of its own")
+
+
+def named(label: str, fmt: Format, root: Any, path: str | None, key: str | None) -> Checkpoint:
+    """A checkpoint over ``root`` with its tensors named (relative to ``--key`` when given)."""
+    from .. import tree
+    from ..checkpoint import Checkpoint
+
+    return Checkpoint(label, fmt.name, root, tree.assign_names(root, key), path=path, key=key)
+
 
 class SafetensorsFormat(Format):
     def names_path(self, path: str) -> bool:
@@ -53,9 +74,65 @@ class SafetensorsFormat(Format):
 
         return sniff(head, size)
 
+    def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
+        from ..checkpoint import Checkpoint
+        from .safetensors_fmt import read_tree
+
+        _flat_only(key)
+        root, metadata, meta_ties = read_tree(path)
+        return Checkpoint(label, self.name, root, {n: (n,) for n in root}, metadata, meta_ties, path)
+
+    def load(self, label: str, path: str, key: str | None) -> Checkpoint:
+        from ..checkpoint import Checkpoint
+        from .safetensors_fmt import load
+
+        _flat_only(key)
+        tensors, metadata, meta_ties = load(path)
+        return Checkpoint(label, self.name, tensors, {n: (n,) for n in tensors}, metadata, meta_ties, path)
+
+
+
+def _flat_only(key: str | None) -> None:
+    from ..errors import UsageError
+
+    if key:
+        raise UsageError("--key applies to torch.save files; a safetensors file is one flat state dict")
+
 
 class TorchFormat(Format):
     def sniff(self, head: bytes, size: int) -> bool:
         from .torchfile import sniff_torch
 
         return sniff_torch(head) == self.name
+
+    def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
+        from .torchfile import read_torch
+
+        listing = read_torch(path, self.name)
+        ckpt = named(label, self, listing.root, path, key)
+        ckpt.globals = sorted(listing.globals)
+        return ckpt
+
+    def load(self, label: str, path: str, key: str | None) -> Checkpoint:
+        from . import pt
+        from .torchfile import read_torch
+
+        listing = read_torch(path, self.name)  # refuses a hostile pickle; locates every storage
+        ckpt = named(label, self, pt.load(path, listing), path, key)
+        ckpt.globals = sorted(listing.globals)
+        return ckpt
+
+
+class DcpFormat(Format):
+    def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
+        from . import dcp
+
+        return named(label, self, dcp.read_tree(path), path, key)
+
+    def load(self, label: str, path: str, key: str | None, within: Checkpoint | None = None) -> Checkpoint:
+        """``within``: a listing of this checkpoint whose ``--key`` sub-tree alone is read."""
+        from .. import tree
+        from . import dcp
+
+        root = dcp.load(path) if within is None else dcp.load(path, tree.find_key(within.root, key))
+        return named(label, self, root, path, key)
