@@ -49,7 +49,7 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
 
     directory = modeldir.plan_output(src, out, in_place, fmt, max_shard_size)
     if directory is not None:
-        return Output(directory[0], "directory", weights_format=directory[1], max_shard_size=directory[2])
+        return Output(directory[0], formats.DIRECTORY.name, weights_format=directory[1], max_shard_size=directory[2])
     if src.layout is not None and src.layout.is_container:
         return _plan_directory_output(src, out, in_place, fmt)
     is_input_file = src.kind == "file" and src.text != "-"
@@ -81,7 +81,7 @@ def _plan_directory_output(src: Source, out: str | None, in_place: bool, fmt: st
     if out is None or out == "-":
         raise UsageError(f"a {src.kind} checkpoint is written to a directory: use -o DIR, --in-place, "
                          "or -o FILE.safetensors (or .pt) to merge it into one file")
-    if (fmt is None or src.kind == "sharded") and (os.path.isdir(out) or not os.path.splitext(out)[1]):
+    if (fmt is None or src.layout.split) and (os.path.isdir(out) or not os.path.splitext(out)[1]):
         # (a sharded source's -o DIR in another format or resharded is a model directory: formats.modeldir)
         if os.path.isdir(out) and os.listdir(out):
             raise UsageError(f"{out} is a directory that is not empty: choose a new one, or use --in-place")
@@ -321,10 +321,10 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
     from .sources import load
     from .stream import open_storage_file
 
-    if output.format == "sharded":
+    if output.layout.split:
         _write_sharded(src, listing, plan, output)
         return
-    if output.format == "dcp":
+    if output.layout.placeholder_values:  # DCP
         ckpt = load(src, listing.key)
         ops.execute(plan, ckpt)
         _write_dcp(ckpt, output, plan.narrow)
