@@ -137,9 +137,8 @@ def _pt_root(ckpt: Checkpoint, narrow: bool, drop_extra: bool) -> tuple[Any, tre
 
 
 def _write_to(ckpt: Checkpoint, fmt: str, path: str, drop_extra: bool, narrow: bool = False) -> None:
-    if not formats.by_name(fmt).holds_non_tensors:  # safetensors
-        from .formats import safetensors_fmt
-
+    layout = formats.by_name(fmt)
+    if not layout.holds_non_tensors:  # safetensors
         dropped = _non_tensor_entries(ckpt)
         if dropped and not drop_extra:
             # (the CLI escapes the whole error line before it reaches a terminal)
@@ -147,11 +146,9 @@ def _write_to(ckpt: Checkpoint, fmt: str, path: str, drop_extra: bool, narrow: b
             raise ParamtoolError(
                 f"safetensors cannot hold non-tensor entries ({shown}); pass --drop-extra to write the tensors only"
             )
-        safetensors_fmt.save(ckpt.tensors(), ckpt.metadata, path)
+        layout.save(ckpt.tensors(), ckpt.metadata, path)
     else:
-        from .formats import pt
-
-        pt.save(_pt_root(ckpt, narrow, drop_extra)[0], path)
+        layout.save(_pt_root(ckpt, narrow, drop_extra)[0], None, path)
 
 
 def _verify(ckpt: Checkpoint, written: Source, key: str | None) -> None:

@@ -56,6 +56,11 @@ class Format:
         """The checkpoint with its tensor data (memory-mapped where the format allows)."""
         raise NotImplementedError(f"{self.name} has no reader of its own")
 
+    def save(self, root: Any, metadata: dict[str, str] | None, path: str) -> None:
+        """Write ``root`` (a flat state dict where not ``holds_non_tensors``) to ``path`` as one file. The
+        writer decides what goes in, and makes the write atomic (``writer.py``)."""
+        raise NotImplementedError(f"{self.name} is not written as one file")
+
 
 def named(label: str, fmt: Format, root: Any, path: str | None, key: str | None) -> Checkpoint:
     """A checkpoint over ``root`` with its tensors named (relative to ``--key`` when given)."""
@@ -90,6 +95,11 @@ class SafetensorsFormat(Format):
         tensors, metadata, meta_ties = load(path)
         return Checkpoint(label, self.name, tensors, {n: (n,) for n in tensors}, metadata, meta_ties, path)
 
+    def save(self, root: Any, metadata: dict[str, str] | None, path: str) -> None:
+        from .safetensors_fmt import save
+
+        save(root, metadata, path)
+
 
 
 def _flat_only(key: str | None) -> None:
@@ -121,6 +131,12 @@ class TorchFormat(Format):
         ckpt = named(label, self, pt.load(path, listing), path, key)
         ckpt.globals = sorted(listing.globals)
         return ckpt
+
+    def save(self, root: Any, metadata: dict[str, str] | None, path: str) -> None:
+        """torch.save's zip format (``pt.save``); a pickle keeps no header metadata."""
+        from . import pt
+
+        pt.save(root, path)
 
 
 class DcpFormat(Format):
