@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import tree
+from . import formats, tree
+from .formats import Format
 from .toc import FakeModule, TensorInfo, Toc
 
 
@@ -23,6 +24,11 @@ class Checkpoint:
     path: str | None = None  # the file it came from, if any
     key: str | None = None  # the --key sub-tree the names are relative to
     globals: list[str] | None = None  # the global names a torch file's pickle refers to (None: not a pickle)
+
+    @property
+    def layout(self) -> Format:
+        """The format it was read from, as the object to ask (``formats.base.Format``)."""
+        return formats.by_name(self.format)
 
     def tensor(self, name: str) -> Any:
         return tree.get_path(self.root, self.names[name])

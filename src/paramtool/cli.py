@@ -252,7 +252,7 @@ def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, ou
     for w in plan.report.warnings:
         warn(w)
     seen = len(plan.report.warnings)
-    if target.format == "directory":  # a model directory: the weights written as always, laid out, sidecars copied
+    if target.layout.sidecars:  # a model directory: the weights written as always, laid out, sidecars copied
         from .formats.modeldir import write_directory
 
         write_directory(src, listing, plan, target, drop_extra, write or writer.write_plan)

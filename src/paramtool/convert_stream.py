@@ -52,7 +52,7 @@ def _sharded_reader(listing: Any) -> StorageReader | None:
     """Keys are ``(shard, key in shard)``, as the sharded listing names them."""
     files: dict[str, StorageReader] = {}
     for shard, part in listing.parts.items():
-        if part.format not in ("pt", "safetensors"):
+        if not part.layout.byte_ranges:
             for r in files.values():
                 r.close()
             return None
@@ -90,11 +90,14 @@ def _dcp_reader(listing: Any) -> StorageReader:
 def open_reader(src: Any, listing: Any) -> StorageReader | None:
     """A storage reader for sources with byte ranges (zip torch files, safetensors, their shards, DCP);
     None where the data can only be loaded whole (legacy torch files, models built in Python)."""
-    if src.kind == "file" and src.format in ("pt", "safetensors"):
+    layout = src.layout
+    if layout is None:
+        return None
+    if src.kind == "file" and layout.byte_ranges:
         return _file_reader(listing)
-    if src.kind == "sharded":
+    if layout.split:
         return _sharded_reader(listing)
-    if src.kind == "dcp":
+    if layout.placeholder_values:
         return _dcp_reader(listing)
     return None
 
@@ -198,20 +201,20 @@ def convert_streamed(src: Any, listing: Any, output: Any, drop_extra: bool,
     """Write ``listing`` as ``output`` storage by storage; False when the source cannot be streamed, or when
     the streamed file would differ from the loaded path's (the caller then loads it whole). ``non_tensor``,
     ``pt_root`` (what a torch file holds), ``verify`` and ``emit`` are the writer's own rules."""
-    if output.format not in ("pt", "safetensors") or os.name != "posix":
+    if not output.layout.single_file or os.name != "posix":
         return False
-    if output.format == "pt" and src.kind == "file" and src.format == "pt":
+    if src.kind == "file" and src.layout.can_patch(output.layout) and output.layout.pickled:
         return False  # same format: the patched copy keeps every byte (the caller's streamed path)
     infos = listing.infos()
-    if output.format == "safetensors":
+    if not output.layout.holds_non_tensors:  # safetensors
         dropped = non_tensor(listing)
         if dropped and not drop_extra:
             shown = ", ".join(dropped[:6]) + (f" and {len(dropped) - 6} more" if len(dropped) > 6 else "")
             raise ParamtoolError(
                 f"safetensors cannot hold non-tensor entries ({shown}); pass --drop-extra to write the tensors only")
     else:
-        root = _sharded_root(listing) if src.kind == "sharded" else pt_root(listing)
-        if src.kind == "dcp" and (not _only_tensors(root) or (listing.key and root is listing.root)):
+        root = _sharded_root(listing) if src.layout.split else pt_root(listing)
+        if src.layout.placeholder_values and (not _only_tensors(root) or (listing.key and root is listing.root)):
             return False  # non-tensor entries are placeholders here; a --key load reads only its sub-tree
         if any(_storage_type(t.dtype) is None for _, t in walk(root)):
             return False
@@ -221,7 +224,7 @@ def convert_streamed(src: Any, listing: Any, output: Any, drop_extra: bool,
     try:
         def write(path: str) -> None:
             try:
-                if output.format == "safetensors":
+                if not output.layout.holds_non_tensors:
                     write_safetensors(path, infos, listing.metadata, reader)
                 else:
                     write_pt(path, root, reader)

@@ -53,7 +53,7 @@ def build_model(src: Any, seed: int) -> Any:
         if not isinstance(obj, torch.nn.Module):
             raise ParamtoolError(f"{src.text}: returned a state dict; {NEEDS_MODEL}")
         return obj
-    if src.kind == "file" and src.format in ("pt", "pt-legacy"):
+    if src.kind == "file" and src.layout.pickled:
         return _pickled_model(src)
     raise ParamtoolError(f"{src.label}: a {src.format or src.kind} checkpoint holds no module; {NEEDS_MODEL}")
 

@@ -17,7 +17,8 @@ from typing import Any
 from . import tree
 from .checkpoint import Checkpoint
 from .errors import FormatError, ParamtoolError, UsageError
-from .formats import safetensors_fmt
+from . import formats
+from .formats import Format
 from .toc import TensorInfo, Toc
 
 
@@ -32,6 +33,12 @@ class Source:
     @property
     def label(self) -> str:
         return "-" if self.text == "-" else self.text
+
+    @property
+    def layout(self) -> Format | None:
+        """The on-disk format read (a file's sniffed format, or the container: sharded, DCP); None for a
+        model built in Python."""
+        return formats.find(self.format or self.kind)
 
 
 def _spool_stdin() -> str:
@@ -50,19 +57,8 @@ def _spool_stdin() -> str:
 
 
 def sniff_file(path: str) -> str:
-    from .formats.torchfile import sniff_torch
-
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if not head:
-        raise FormatError(f"{path}: empty file")
-    if safetensors_fmt.sniff(head, size):
-        return "safetensors"
-    kind = sniff_torch(head)
-    if kind:
-        return kind
-    raise FormatError(f"{path}: not a checkpoint (neither a torch.save file nor safetensors)")
+    """The contract's format string for a file, from its first bytes (``formats.sniff_file``)."""
+    return formats.sniff_file(path).name
 
 
 def resolve(text: str | None) -> Source:
@@ -153,21 +149,11 @@ def _sharded(src: Source, open_part: Any) -> ShardedCheckpoint:
     meta_ties = {n: t for p in parts.values() for n, t in p.meta_ties.items()}
     part_globals = [p.globals for p in parts.values() if p.globals is not None]
     metadata = {k: v for p in parts.values() for k, v in (p.metadata or {}).items()}  # the shards' own
-    ckpt = ShardedCheckpoint(src.label, "sharded", {s: p.root for s, p in parts.items()}, names,
+    ckpt = ShardedCheckpoint(src.label, formats.SHARDED.name, {s: p.root for s, p in parts.items()}, names,
                              metadata or None, meta_ties, src.path)
     ckpt.parts, ckpt.index = parts, index
     ckpt.globals = sorted(set().union(*part_globals)) if part_globals else None
     return ckpt
-
-
-def _named(src: Source, fmt: str, root: Any, key: str | None) -> Checkpoint:
-    """A checkpoint over ``root`` with its tensors named (relative to ``--key`` when given)."""
-    return Checkpoint(src.label, fmt, root, tree.assign_names(root, key), path=src.path, key=key)
-
-
-def _flat_only(key: str | None) -> None:
-    if key:
-        raise UsageError("--key applies to torch.save files; a safetensors file is one flat state dict")
 
 
 def open_listing(src: Source, key: str | None = None) -> Checkpoint:
@@ -175,22 +161,9 @@ def open_listing(src: Source, key: str | None = None) -> Checkpoint:
 
     Reads headers and pickles only; imports no torch.
     """
-    if src.kind == "sharded":
+    if src.layout.split:  # a container over part files, each read as the file it is
         return _sharded(src, open_listing)
-    if src.kind == "dcp":
-        from .formats import dcp
-
-        return _named(src, "dcp", dcp.read_tree(src.path), key)
-    if src.format == "safetensors":
-        _flat_only(key)
-        root, metadata, meta_ties = safetensors_fmt.read_tree(src.path)
-        return Checkpoint(src.label, "safetensors", root, {n: (n,) for n in root}, metadata, meta_ties, src.path)
-    from .formats import torchfile
-
-    listing = torchfile.read_torch(src.path, src.format)
-    ckpt = _named(src, src.format, listing.root, key)
-    ckpt.globals = sorted(listing.globals)
-    return ckpt
+    return src.layout.read_listing(src.label, src.path, key)
 
 
 def read_toc(src: Source, key: str | None = None) -> Toc:
@@ -198,36 +171,18 @@ def read_toc(src: Source, key: str | None = None) -> Toc:
     if src.directory:  # a model directory: with the ties its config.json declares
         return _with_config(src, read_toc(replace(src, directory=None), key))
 
-    if src.kind in ("file", "sharded", "dcp"):
+    if src.layout is not None:
         listing = open_listing(src, key)
-        if src.kind == "dcp" and key and not listing.names:  # DCP keeps values in the data files: read them
-            from .formats import dcp
-
-            return _named(src, "dcp", dcp.load(src.path, tree.find_key(listing.root, key)), key).toc()
+        if src.layout.placeholder_values and key and not listing.names:  # DCP keeps values in the data files
+            return src.layout.load(src.label, src.path, key, within=listing).toc()
         return listing.toc()
     return load(src, key).toc()
 
 
 def load(src: Source, key: str | None = None) -> Checkpoint:
     """Load tensor data (memory-mapped where the format allows)."""
-    if src.kind == "file" and src.format == "safetensors":
-        _flat_only(key)
-        tensors, metadata, meta_ties = safetensors_fmt.load(src.path)
-        names = {n: (n,) for n in tensors}
-        return Checkpoint(src.label, "safetensors", tensors, names, metadata, meta_ties, src.path)
-    if src.kind == "file":
-        from .formats import pt, torchfile
-
-        listing = torchfile.read_torch(src.path, src.format)  # refuses a hostile pickle; locates every storage
-        ckpt = _named(src, src.format, pt.load(src.path, listing), key)
-        ckpt.globals = sorted(listing.globals)
-        return ckpt
-    if src.kind == "sharded":
-        return _sharded(src, load)
-    if src.kind == "dcp":
-        from .formats import dcp
-
-        return _named(src, "dcp", dcp.load(src.path), key)
+    if src.layout is not None:
+        return _sharded(src, load) if src.layout.split else src.layout.load(src.label, src.path, key)
     if src.kind == "nn":
         from .nnspec import build_module
 
@@ -241,7 +196,7 @@ def load(src: Source, key: str | None = None) -> Checkpoint:
 
 def _from_object(src: Source, obj: Any, key: str | None) -> Checkpoint:
     if tree.is_module(obj) or isinstance(obj, Mapping):
-        return Checkpoint(src.label, "module", obj, tree.assign_names(obj, key))
+        return Checkpoint(src.label, formats.MODULE.name, obj, tree.assign_names(obj, key))
     raise ParamtoolError(f"{src.text}: returned {type(obj).__name__}, not an nn.Module or a state dict")
 
 
@@ -259,9 +214,9 @@ class StreamedCheckpoint(Checkpoint):
 
 def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
     """For reading values (show, stats, diff): streamed where the format has byte ranges, else loaded."""
-    if src.kind == "sharded":
+    if src.layout is not None and src.layout.split:
         return _sharded(src, load_lazy)
-    if src.kind == "file" and src.format in ("pt", "safetensors"):
+    if src.kind == "file" and src.layout.byte_ranges:
         from .stream import open_storage_file
 
         listing = open_listing(src, key)
@@ -273,4 +228,4 @@ def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
 
 def open_for_plan(src: Source, key: str | None = None) -> Checkpoint:
     """What an edit is planned on: the stand-in listing for files (no data), the built model otherwise."""
-    return open_listing(src, key) if src.kind in ("file", "sharded", "dcp") else load(src, key)
+    return open_listing(src, key) if src.layout is not None else load(src, key)

@@ -394,9 +394,9 @@ def open_storage_file(listing: Any) -> StorageFile | None:
     """A streaming reader over a file's listing (its stand-in tree, already read): zip torch files and
     safetensors; None for formats without byte ranges."""
     release_freed_memory()
-    if listing.format == "safetensors":
+    if not listing.layout.byte_ranges:
+        return None
+    if listing.layout.flat:  # safetensors
         return SafetensorsStorageFile.open(listing.path, listing.toc())
-    if listing.format == "pt":
-        return ZipStorageFile.open(listing.path, listing.toc(), listing.root)
-    return None
+    return ZipStorageFile.open(listing.path, listing.toc(), listing.root)  # a torch zip file
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import tree
+from . import formats, tree
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError, UsageError
 from .ops import Report
@@ -169,7 +169,7 @@ def _flatten_module(ckpt: Checkpoint) -> None:
     if tree.is_module(ckpt.root):
         ckpt.root = ckpt.root.state_dict()
         ckpt.names = {n: (n,) for n in ckpt.root}
-        ckpt.format = "module"
+        ckpt.format = formats.MODULE.name
 
 
 def _rebuilt(parent: Mapping, renames: dict[Any, Any]) -> Mapping:
@@ -240,7 +240,7 @@ def plan_drop(ckpt: Checkpoint, layers: list[str], keys: list[str]) -> Surgery:
             report.warnings.append(f"'{n}' is tied to {', '.join(others)}: the storage stays for them")
         _warn_positional_optimizer(ckpt.root, report)
         return Surgery(report, lambda c: drop_names(c, set(gone)))
-    if tree.is_module(ckpt.root) or ckpt.format in ("safetensors", "sharded"):
+    if tree.is_module(ckpt.root) or ckpt.layout.flat:
         raise UsageError("--key drops a sub-tree of a torch.save training checkpoint; this checkpoint is one flat "
                          "state dict (use --layer)")
     paths = [tree.find_key(ckpt.root, k) for k in keys]
@@ -516,18 +516,18 @@ def write(src: Any, listing: Checkpoint, plan: Surgery, output: Any, drop_extra:
     if output.in_place and plan.sidecars and src.directory:  # weights and config.json change together
         from .formats import modeldir
 
-        whole = writer.Output(src.directory, "directory", True, modeldir.weights_format(src))
+        whole = writer.Output(src.directory, formats.DIRECTORY.name, True, modeldir.weights_format(src))
         modeldir.write_directory(src, listing, plan, whole, drop_extra, write)
         return
-    if output.format == "sharded":
+    if output.layout.split:
         _write_sharded(src, listing, plan, output, drop_extra)
         return
-    if src.kind == "file" and output.format == src.format and surgery_stream.can_stream(listing, plan):
+    if src.kind == "file" and src.layout.can_patch(output.layout) and surgery_stream.can_stream(listing, plan):
         surgery_stream.write(listing, plan, output)
         return
-    ckpt = listing if listing.format == "module" else load(src, listing.key)
+    ckpt = listing if listing.layout.in_memory else load(src, listing.key)
     run_on(ckpt, plan)
-    if output.format == "dcp":
+    if output.layout.placeholder_values:  # DCP
         writer._write_dcp(ckpt, output)
     else:
         writer.write_checkpoint(ckpt, output, drop_extra)

@@ -21,15 +21,15 @@ _PLAIN = (str, int, float, bool, bytes, type(None))
 
 def can_stream(listing: Checkpoint, plan: Any) -> bool:
     """Can ``plan`` be written straight from ``listing``'s bytes (same format, structure only plain containers)?"""
-    if plan.report.action.startswith("resize") or not listing.path or listing.format not in ("pt", "safetensors"):
+    if plan.report.action.startswith("resize") or not listing.path or not listing.layout.byte_ranges:
         return False
-    if listing.format == "pt" and not _plain_tree(listing.root):
+    if listing.layout.holds_non_tensors and not _plain_tree(listing.root):
         return False
     out = transformed(listing, plan)
-    groups = _by_storage(out.infos() if listing.format == "safetensors" else _all_infos(out.root))
+    groups = _by_storage(out.infos() if listing.layout.flat else _all_infos(out.root))
     if plan.cast and any(len({t.dtype for t in members}) > 1 for members in groups.values()):
         return False  # a storage holding both cast and uncast views cannot be written once
-    if listing.format == "safetensors":
+    if listing.layout.flat:
         return all(_whole(members) is not None for members in groups.values())
     return True
 
@@ -94,7 +94,7 @@ def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
     overflows: dict[str, int] = {}
 
     def write_to(path: str) -> None:
-        if listing.format == "safetensors":
+        if listing.layout.flat:
             _write_safetensors(listing, out, storage_file, path, overflows)
         else:
             _write_zip(out, storage_file, path, overflows)

@@ -14,12 +14,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import fsops, shard_commit, tree
+from . import formats, fsops, shard_commit, tree
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError, UsageError
+from .formats import Format
 from .sources import Source
-
-PT_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
 
 
 @dataclass(frozen=True)
@@ -35,18 +34,23 @@ class Output:
     def label(self) -> str:
         return self.path or "-"
 
+    @property
+    def layout(self) -> Format:
+        """The format written, as the object to ask (``formats.base.Format``)."""
+        return formats.by_name(self.format)
+
 
 def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
                 max_shard_size: str | None = None) -> Output:
     """Apply the contract's OUTPUT rules: ``-o``, ``--in-place``, or stdout when it is not a terminal."""
-    if fmt is not None and fmt not in ("pt", "safetensors"):
+    if fmt is not None and not getattr(formats.find(fmt), "single_file", False):
         raise UsageError(f"--format must be pt or safetensors, not '{fmt}'")
     from .formats import modeldir
 
     directory = modeldir.plan_output(src, out, in_place, fmt, max_shard_size)
     if directory is not None:
-        return Output(directory[0], "directory", weights_format=directory[1], max_shard_size=directory[2])
-    if src.kind in ("sharded", "dcp"):
+        return Output(directory[0], formats.DIRECTORY.name, weights_format=directory[1], max_shard_size=directory[2])
+    if src.layout is not None and src.layout.is_container:
         return _plan_directory_output(src, out, in_place, fmt)
     is_input_file = src.kind == "file" and src.text != "-"
     if out == "-":
@@ -63,17 +67,8 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
         out = src.path
     if out is None and not in_place and sys.stdout.isatty():
         raise UsageError("refusing to write a checkpoint to a terminal: use -o PATH, --in-place, or a pipe")
-    default = "safetensors" if src.format == "safetensors" else "pt"
-    return Output(out, fmt or _format_of(out, default), in_place)
-
-
-def _format_of(path: str | None, default: str) -> str:
-    """The output format a path's extension names (``.safetensors``, ``.pt .pth .bin .ckpt ...``), else ``default``."""
-    if path is not None and path.endswith(".safetensors"):
-        return "safetensors"
-    if path is not None and path.lower().endswith(PT_EXTENSIONS):
-        return "pt"
-    return default
+    default = src.layout if src.layout is not None and src.layout.single_file else formats.PT
+    return Output(out, fmt or formats.for_output_path(out, default).name, in_place)
 
 
 def _plan_directory_output(src: Source, out: str | None, in_place: bool, fmt: str | None) -> Output:
@@ -86,12 +81,12 @@ def _plan_directory_output(src: Source, out: str | None, in_place: bool, fmt: st
     if out is None or out == "-":
         raise UsageError(f"a {src.kind} checkpoint is written to a directory: use -o DIR, --in-place, "
                          "or -o FILE.safetensors (or .pt) to merge it into one file")
-    if (fmt is None or src.kind == "sharded") and (os.path.isdir(out) or not os.path.splitext(out)[1]):
+    if (fmt is None or src.layout.split) and (os.path.isdir(out) or not os.path.splitext(out)[1]):
         # (a sharded source's -o DIR in another format or resharded is a model directory: formats.modeldir)
         if os.path.isdir(out) and os.listdir(out):
             raise UsageError(f"{out} is a directory that is not empty: choose a new one, or use --in-place")
         return Output(out, src.kind)
-    return Output(out, fmt or _format_of(out, "pt"))
+    return Output(out, fmt or formats.for_output_path(out, formats.PT).name)
 
 
 def _non_tensor_entries(ckpt: Checkpoint) -> list[str]:
@@ -131,9 +126,9 @@ def _pt_root(ckpt: Checkpoint, narrow: bool, drop_extra: bool) -> tuple[Any, tre
     came, a DCP checkpoint's optimizer state and nesting included.
     """
     root = ckpt.root
-    if ckpt.format == "module" and tree.is_module(root):  # an nn: or factory model: its state dict
+    if ckpt.layout.in_memory and tree.is_module(root):  # an nn: or factory model: its state dict
         return root.state_dict(), None
-    if drop_extra or ckpt.format == "sharded":  # merged shards: one flat state dict
+    if drop_extra or (ckpt.layout.is_container and ckpt.layout.flat):  # merged shards: one flat state dict
         return ckpt.tensors(), None
     if narrow and ckpt.key:
         base = _key_base(ckpt)
@@ -142,9 +137,8 @@ def _pt_root(ckpt: Checkpoint, narrow: bool, drop_extra: bool) -> tuple[Any, tre
 
 
 def _write_to(ckpt: Checkpoint, fmt: str, path: str, drop_extra: bool, narrow: bool = False) -> None:
-    if fmt == "safetensors":
-        from .formats import safetensors_fmt
-
+    layout = formats.by_name(fmt)
+    if not layout.holds_non_tensors:  # safetensors
         dropped = _non_tensor_entries(ckpt)
         if dropped and not drop_extra:
             # (the CLI escapes the whole error line before it reaches a terminal)
@@ -152,11 +146,9 @@ def _write_to(ckpt: Checkpoint, fmt: str, path: str, drop_extra: bool, narrow: b
             raise ParamtoolError(
                 f"safetensors cannot hold non-tensor entries ({shown}); pass --drop-extra to write the tensors only"
             )
-        safetensors_fmt.save(ckpt.tensors(), ckpt.metadata, path)
+        layout.save(ckpt.tensors(), ckpt.metadata, path)
     else:
-        from .formats import pt
-
-        pt.save(_pt_root(ckpt, narrow, drop_extra)[0], path)
+        layout.save(_pt_root(ckpt, narrow, drop_extra)[0], None, path)
 
 
 def _verify(ckpt: Checkpoint, written: Source, key: str | None) -> None:
@@ -173,7 +165,7 @@ def _verify_file(ckpt: Checkpoint, fmt: str, path: str, narrow: bool = False, dr
     from .sources import sniff_file
 
     written = Source(path, "file", path, sniff_file(path))
-    base = _pt_root(ckpt, narrow, drop_extra)[1] if fmt == "pt" and ckpt.format in ("pt", "pt-legacy", "dcp") else None
+    base = _pt_root(ckpt, narrow, drop_extra)[1] if formats.by_name(fmt).holds_non_tensors and ckpt.layout.holds_non_tensors else None
     _verify_at(ckpt, written, base)
 
 
@@ -326,17 +318,17 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
     from .sources import load
     from .stream import open_storage_file
 
-    if output.format == "sharded":
+    if output.layout.split:
         _write_sharded(src, listing, plan, output)
         return
-    if output.format == "dcp":
+    if output.layout.placeholder_values:  # DCP
         ckpt = load(src, listing.key)
         ops.execute(plan, ckpt)
         _write_dcp(ckpt, output, plan.narrow)
         return
-    same_format = src.format == output.format and src.format in ("pt", "safetensors")
+    same_format = src.layout is not None and src.layout.can_patch(output.layout)
     narrow = plan.narrow and listing.key is not None
-    whole = not narrow and not (drop_extra and output.format == "pt")  # else the container is cut down
+    whole = not narrow and not (drop_extra and output.layout.holds_non_tensors)  # else the container is cut down
     if src.kind == "file" and same_format and not plan.untie and whole:
         storage_file = open_storage_file(listing)
         try:
@@ -344,14 +336,14 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
         finally:
             storage_file.close()
         return
-    if not plan.actions and not plan.untie and src.kind in ("file", "sharded", "dcp"):  # a conversion: streamed
+    if not plan.actions and not plan.untie and src.layout is not None:  # a conversion: streamed
         from .convert_stream import convert_streamed
 
         if convert_streamed(src, listing, output, drop_extra, _non_tensor_entries,
                             lambda c: _pt_root(c, narrow, drop_extra)[0],
                             lambda path: _verify_file(listing, output.format, path, narrow, drop_extra), emit):
             return
-    ckpt = listing if listing.format == "module" else load(src, listing.key)
+    ckpt = listing if listing.layout.in_memory else load(src, listing.key)
     ops.execute(plan, ckpt)
     write_checkpoint(ckpt, output, drop_extra, narrow)
 
@@ -415,8 +407,6 @@ def write_shard(index: Any, shard: str, work: str, in_place: bool, started: list
     return the target: ``work/shard`` for a new directory, or, in place, a temporary name beside the shard
     (registered, and listed in ``started`` for cleanup) that ``shard_commit`` makes the shard. Errors name
     the shard, not its temporary."""
-    from .sources import sniff_file
-
     path, target = os.path.join(index.directory, shard), os.path.join(work, shard)
     if in_place:
         target = fsops.temp_name(os.path.dirname(path), os.path.basename(shard))
@@ -424,7 +414,8 @@ def write_shard(index: Any, shard: str, work: str, in_place: bool, started: list
         started.append(target)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     try:
-        write(target, "safetensors" if sniff_file(path) == "safetensors" else "pt")
+        fmt = formats.sniff_file(path)
+        write(target, (fmt if fmt.single_file else formats.PT).name)
     except ParamtoolError as e:
         raise ParamtoolError(str(e).replace(target, path)) from None
     if in_place and os.path.exists(target):

@@ -1,0 +1,154 @@
+"""The one format interface: what paramtool asks of an on-disk format, instead of comparing format strings.
+
+A ``Format`` is a descriptor: its ``name`` is the contract's JSON ``"format"`` string, its attributes say what
+the format can do (hold non-tensor entries, give storages by byte range, be patched in place, hold parts), and
+its methods do the format's own work, importing the reading module only when called, so that the listing path
+stays free of torch. Modules outside ``formats/`` ask the object; adding a format is one module plus one line
+in the registry (``formats/__init__.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str  # the contract's JSON "format" string
+    extensions: tuple[str, ...] = ()  # output paths ending so are written in this format (lower case)
+    single_file: bool = False  # one file that -o/--format may name (a --format value)
+    byte_ranges: bool = False  # storages located by byte range: streamed reads, patched copies
+    holds_non_tensors: bool = False  # a container that may hold more than tensors (a training checkpoint)
+    flat: bool = False  # one flat name -> tensor mapping: no nesting, so no --key
+    pickled: bool = False  # a torch pickle, which may hold a whole nn.Module
+    is_container: bool = False  # a directory of parts (shards, DCP data files, a model directory)
+    split: bool = False  # one flat state dict split over part files by an index (shards)
+    placeholder_values: bool = False  # non-tensor values are stand-ins in the listing, kept in the data files
+    sidecars: bool = False  # weights beside config.json and tokenizer files (a model directory)
+    in_memory: bool = False  # built in Python (nn:, a factory), never read from disk
+
+    def sniff(self, head: bytes, size: int) -> bool:
+        """Do the first bytes of a file (``head``, of a file of ``size`` bytes) say it is in this format?"""
+        return False
+
+    def names_path(self, path: str) -> bool:
+        """Does an output path's extension name this format?"""
+        return bool(self.extensions) and path.lower().endswith(self.extensions)
+
+    @property
+    def extension(self) -> str:
+        """The extension a file written in this format gets by default ("" for containers)."""
+        return self.extensions[0] if self.extensions else ""
+
+    def can_patch(self, other: Format) -> bool:
+        """Can a file in this format be written as ``other`` by copying its bytes and patching storages?"""
+        return self.byte_ranges and other is self
+
+    def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
+        """The checkpoint with stand-in tensors: names, shapes, storages, the container; no tensor data, no
+        torch. (A container of part files, sharded, is read part by part by ``sources``.)"""
+        raise NotImplementedError(f"{self.name} has no reader of its own")
+
+    def load(self, label: str, path: str, key: str | None) -> Checkpoint:
+        """The checkpoint with its tensor data (memory-mapped where the format allows)."""
+        raise NotImplementedError(f"{self.name} has no reader of its own")
+
+    def save(self, root: Any, metadata: dict[str, str] | None, path: str) -> None:
+        """Write ``root`` (a flat state dict where not ``holds_non_tensors``) to ``path`` as one file. The
+        writer decides what goes in, and makes the write atomic (``writer.py``)."""
+        raise NotImplementedError(f"{self.name} is not written as one file")
+
+
+def named(label: str, fmt: Format, root: Any, path: str | None, key: str | None) -> Checkpoint:
+    """A checkpoint over ``root`` with its tensors named (relative to ``--key`` when given)."""
+    from .. import tree
+    from ..checkpoint import Checkpoint
+
+    return Checkpoint(label, fmt.name, root, tree.assign_names(root, key), path=path, key=key)
+
+
+class SafetensorsFormat(Format):
+    def names_path(self, path: str) -> bool:
+        return path.endswith(self.extensions)  # as written, ".safetensors"
+
+    def sniff(self, head: bytes, size: int) -> bool:
+        from .safetensors_fmt import sniff
+
+        return sniff(head, size)
+
+    def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
+        from ..checkpoint import Checkpoint
+        from .safetensors_fmt import read_tree
+
+        _flat_only(key)
+        root, metadata, meta_ties = read_tree(path)
+        return Checkpoint(label, self.name, root, {n: (n,) for n in root}, metadata, meta_ties, path)
+
+    def load(self, label: str, path: str, key: str | None) -> Checkpoint:
+        from ..checkpoint import Checkpoint
+        from .safetensors_fmt import load
+
+        _flat_only(key)
+        tensors, metadata, meta_ties = load(path)
+        return Checkpoint(label, self.name, tensors, {n: (n,) for n in tensors}, metadata, meta_ties, path)
+
+    def save(self, root: Any, metadata: dict[str, str] | None, path: str) -> None:
+        from .safetensors_fmt import save
+
+        save(root, metadata, path)
+
+
+
+def _flat_only(key: str | None) -> None:
+    from ..errors import UsageError
+
+    if key:
+        raise UsageError("--key applies to torch.save files; a safetensors file is one flat state dict")
+
+
+class TorchFormat(Format):
+    def sniff(self, head: bytes, size: int) -> bool:
+        from .torchfile import sniff_torch
+
+        return sniff_torch(head) == self.name
+
+    def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
+        from .torchfile import read_torch
+
+        listing = read_torch(path, self.name)
+        ckpt = named(label, self, listing.root, path, key)
+        ckpt.globals = sorted(listing.globals)
+        return ckpt
+
+    def load(self, label: str, path: str, key: str | None) -> Checkpoint:
+        from . import pt
+        from .torchfile import read_torch
+
+        listing = read_torch(path, self.name)  # refuses a hostile pickle; locates every storage
+        ckpt = named(label, self, pt.load(path, listing), path, key)
+        ckpt.globals = sorted(listing.globals)
+        return ckpt
+
+    def save(self, root: Any, metadata: dict[str, str] | None, path: str) -> None:
+        """torch.save's zip format (``pt.save``); a pickle keeps no header metadata."""
+        from . import pt
+
+        pt.save(root, path)
+
+
+class DcpFormat(Format):
+    def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
+        from . import dcp
+
+        return named(label, self, dcp.read_tree(path), path, key)
+
+    def load(self, label: str, path: str, key: str | None, within: Checkpoint | None = None) -> Checkpoint:
+        """``within``: a listing of this checkpoint whose ``--key`` sub-tree alone is read."""
+        from .. import tree
+        from . import dcp
+
+        root = dcp.load(path) if within is None else dcp.load(path, tree.find_key(within.root, key))
+        return named(label, self, root, path, key)
