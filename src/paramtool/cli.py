@@ -16,6 +16,9 @@ from .errors import ParamtoolError, UsageError
 EPILOG_HINT = "Exit status: 0 done, 1 input or operation failed, 2 bad command line."
 
 
+_FAILURE = [1]  # the exit status of a failure the core did not map: 1, but 2 for diff (as cmp)
+
+
 class _Group(typer.core.TyperGroup):
     """Every failure becomes one ``error:`` line on stderr; a closed pipe ends quietly."""
 
@@ -38,13 +41,14 @@ class _Group(typer.core.TyperGroup):
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except OSError as e:  # not mapped by the core: a file it names, else the output stream (disk full)
-            _fail(f"{e.filename}: {e.strerror or e}" if e.filename else f"cannot write the output: {e.strerror or e}", 1)
+            _fail(f"{e.filename}: {e.strerror or e}" if e.filename else f"cannot write the output: {e.strerror or e}",
+                  _FAILURE[0])
         except (SystemExit, GeneratorExit):
             raise
         except BaseException as e:  # a bug, or a library's BaseException (torch's CheckpointException): one line
             if os.environ.get("PARAMTOOL_DEBUG") == "1":
                 raise
-            _fail(f"internal error: {type(e).__name__}: {e}", 1)
+            _fail(f"internal error: {type(e).__name__}: {e}", _FAILURE[0])
         sys.exit(code or 0)
 
 
@@ -506,6 +510,7 @@ def diff(
     """Added, removed, reshaped/retyped and changed tensors, with the largest difference; ties gained or lost."""
     from . import compare, sources
 
+    _FAILURE[0] = 2  # diff follows cmp: any error is 2, an unforeseen one too
     try:
         ca = sources.load_lazy(sources.resolve(a), key)
         cb = sources.load_lazy(sources.resolve(b), key)

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import FormatError, RefusedGlobal
 from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_of
+from .torchfile import MAX_DEPTH
 from .unpickle import Global, Inert, unpickle
 
 MAX_METADATA = 256 * 1024 * 1024
@@ -64,6 +65,8 @@ def _entries(directory: str, md: Inert) -> list[tuple[str, tuple, Any]]:
             raise FormatError(f"{path}: an entry name that is not text")
         where = tuple(planner[fqn]) if isinstance(planner, dict) and isinstance(planner.get(fqn), (list, tuple)) \
             and planner[fqn] else (fqn,)
+        if len(where) > MAX_DEPTH or not all(type(part) in (str, int) for part in where):
+            raise FormatError(f"{path}: entry '{fqn[:80]}' has an invalid place in the checkpoint")
         tensor = isinstance(entry, Inert) and entry.name.endswith("TensorStorageMetadata")
         out.append((fqn, where, entry if tensor else None))
     return out
@@ -159,12 +162,23 @@ def _items(directory: str, md: Inert) -> dict[str, list[tuple[tuple, str, int, i
                                    info.field("length", 2))
         if info.field("transform_descriptors", 3):
             raise FormatError(f"{directory}: entry '{fqn}' is stored with transforms (not supported)")
+        if not isinstance(fqn, str):
+            raise FormatError(f"{directory}: a storage_data entry whose name is not text")
         full = resolve_inside(directory, relative, "relative_path")
         if not all(isinstance(v, int) and v >= 0 for v in (start, length)):
             raise FormatError(f"{directory}: entry '{fqn}' has an invalid byte range")
+        if start + length > _size(full):  # before anything is allocated for it
+            raise FormatError(f"{full}: truncated: entry '{fqn[:80]}' ends beyond the file")
         out.setdefault(fqn, []).append((tuple(offset) if isinstance(offset, (tuple, list)) else None,
                                         full, start, length))
     return out
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def _read_range(path: str, start: int, length: int) -> bytes:

@@ -47,13 +47,17 @@ def weight_files(directory: str, weights: list[str]) -> set[str]:
 def copy_sidecars(directory: str, weights: set[str], work: str, replaced: dict[str, bytes] | None = None) -> None:
     """Copy every entry of ``directory`` that is not a weights file into ``work``, byte for byte (not the
     directory being built, when the output is inside the source); ``replaced`` (name -> contents) are written
-    anew instead (config.json with a new vocab_size)."""
+    anew instead (config.json with a new vocab_size). A symlink that leads outside the directory is written as
+    a link to the same target, not followed: paramtool reads nothing outside the checkpoint."""
     inside = os.path.abspath(work) + os.sep
     for entry in sorted(os.listdir(directory)):
         path = os.path.join(directory, entry)
         if entry in weights or entry.endswith(".paramtool-tmp") or is_temp(entry) or inside.startswith(os.path.abspath(path) + os.sep):
             continue
-        if os.path.isdir(path):
+        real, root = os.path.realpath(path), os.path.realpath(directory)
+        if os.path.islink(path) and os.path.commonpath([root, real]) != root:
+            os.symlink(real, os.path.join(work, entry))  # (a Hugging Face cache blob): linked, never read
+        elif os.path.isdir(path):
             if not any(w.startswith(entry + os.sep) for w in weights):
                 shutil.copytree(path, os.path.join(work, entry), symlinks=True)
         else:

@@ -51,8 +51,8 @@ def read_header(path: str) -> tuple[dict[str, Any], int]:
         text = f.read(n)
     try:
         header = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{path}: safetensors header is not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: safetensors header is not a JSON object")
     data_size = size - 8 - n
@@ -67,7 +67,7 @@ def read_header(path: str) -> tuple[dict[str, Any], int]:
             dtype = DTYPES[entry["dtype"]]
             shape = [int(d) for d in entry["shape"]]
             start, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise FormatError(f"{path}: tensor {name!r} has a malformed header entry") from None
         if any(d < 0 for d in shape) or not 0 <= start <= end <= data_size:
             raise FormatError(f"{path}: tensor {name!r} has offsets [{start}, {end}) outside the {data_size} data bytes")
@@ -154,7 +154,7 @@ def read_tree(path: str) -> tuple[dict[str, FakeTensor], dict[str, str] | None, 
             shape = tuple(int(d) for d in spec["shape"])
             stride = tuple(int(d) for d in spec["stride"])
             offset = int(spec["offset"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise FormatError(f"{path}: {TIES_KEY} entry for {name!r} is malformed") from None
         extent = offset + sum((d - 1) * st for d, st in zip(shape, stride)) if all(shape) else 0
         if offset < 0 or extent >= base.storage.numel or len(shape) != len(stride):

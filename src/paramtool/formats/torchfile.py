@@ -247,6 +247,9 @@ def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
         if info.file_size > MAX_PICKLE:
             raise FormatError(f"{path}: data.pkl is {info.file_size} bytes, above the {MAX_PICKLE} byte limit")
         records = {i.filename: i for i in archive.infolist()}
+        packed = [n for n, i in records.items() if n.endswith(".pkl") and i.compress_type != zipfile.ZIP_STORED]
+        if packed:  # torch stores every record as is; a compressed pickle is a decompression bomb's shape
+            raise FormatError(f"{path}: compressed pickle record '{packed[0]}' (torch stores records uncompressed)")
         byteorder = _read_record(archive, prefix + "byteorder", path).strip() if prefix + "byteorder" in records else b"little"
         if byteorder not in (b"little", b""):
             raise FormatError(f"{path}: big-endian checkpoints are not supported")

@@ -21,6 +21,7 @@ import codecs
 import collections
 import collections.abc
 import io
+import re
 import reprlib
 import struct
 from typing import Any, BinaryIO, Callable
@@ -29,6 +30,7 @@ from ..errors import FormatError, RefusedGlobal
 from ..toc import FakeModule, FakeTensor
 from .nn_classes import NN_MODULE_CLASSES
 
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 MAX_BYTES = 256 << 20  # one bytes/str value of a pickle (real checkpoints hold nothing near this)
 MAX_MEMO = 10_000_000
 
@@ -71,6 +73,8 @@ DENIED_PREFIXES = (
     "pandas.io", "pandas.read_", "scipy.weave", "IPython", "jupyter", "nbformat", "yaml.load", "yaml.unsafe",
     "transformers.trainer_utils", "huggingface_hub", "__main__.eval", "__main__.exec", "__main__.os",
     "logging.config", "numpy.lib.format", "pandas.read_pickle", "torch.utils.collect_env", "torch.utils.hooks",
+    "_osx_support", "_aix_support", "torch.utils.bottleneck", "torch.distributed.elastic", "torch.from_file",
+    "torch.save", "numpy.fromfile", "numpy.memmap", "numpy.save", "numpy.core.memmap", "numpy._core.memmap",
 )
 # Harmless names under an otherwise denied module: plain values the weights-only loader also accepts.
 _PLAIN_BUILTINS = ("set", "frozenset", "slice", "complex", "bytearray", "bytes", "str", "int", "float", "bool",
@@ -347,6 +351,8 @@ class Unpickler:
 
     def _global(self, module: str, name: str) -> Global:
         dotted = f"{module}.{name}"
+        if not (_DOTTED.fullmatch(module) and _DOTTED.fullmatch(name)):  # written back as text: no opcodes inside
+            raise FormatError(f"the pickle names a global that is not a Python name: {dotted[:80]!r}")
         if refused(dotted):
             raise RefusedGlobal(dotted)
         self.globals_seen.add(dotted)
@@ -445,9 +451,8 @@ class Unpickler:
             if inst.has_state:
                 raise FormatError(f"the pickle builds {inst.name} twice")
             inst.state, inst.has_state = state, True
-        elif type(inst) is collections.OrderedDict and isinstance(state, dict) and all(
-                isinstance(k, str) and not k.startswith("__") for k in state):
-            inst.__dict__.update(state)  # a state dict's ``_metadata``, as torch's own loader does
+        elif type(inst) is collections.OrderedDict and isinstance(state, dict) and set(state) <= {"_metadata"}:
+            inst.__dict__.update(state)  # a state dict's ``_metadata``, as torch's own loader does (nothing else)
         elif type(inst) is collections.OrderedDict and isinstance(state, tuple) and state and state[0] is None:
             pass  # (None, {}) slot state from some pickles
         else:

@@ -1,0 +1,164 @@
+"""Crafted files found by the final review: each is refused with one ``error:`` line (never ``internal error``),
+nothing from the file runs, and nothing outside the checkpoint is read."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import rewrite_zip
+
+
+def one_error(r, code: int = 1) -> None:
+    assert r.exit_code == code, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "internal error" not in lines[0], r.stderr
+
+
+def _with_pickle(tmp_path, name: str, payload: bytes):
+    """A real torch zip whose data.pkl is replaced by ``payload``."""
+    src, dst = tmp_path / "src.pt", tmp_path / name
+    torch.save({"w": torch.zeros(2)}, src)
+    rewrite_zip(src, dst, lambda n, data: payload if n.endswith("/data.pkl") else data)
+    return dst
+
+
+def test_global_names_cannot_carry_opcodes(tmp_path, run):
+    """A GLOBAL written back as text must not smuggle opcodes: a name with a newline is not a Python name."""
+    marker = tmp_path / "MARKER"
+    name = f"Namespace\n0cposix\nsystem\n(S'touch {marker}'\ntR0cargparse\nNamespace"
+    payload = (b"\x80\x02}X\x01\x00\x00\x00a" + b"\x8c\x08argparse" + b"\x8c" + bytes([len(name)]) + name.encode()
+               + b"\x93)\x81s.")
+    path = _with_pickle(tmp_path, "inject.pt", payload)
+    for args in (["inspect"], ["convert", "-o", str(tmp_path / "out.pt")]):
+        one_error(run(args[0], path, *args[1:]))
+    assert not marker.exists() and not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("dotted", ["_osx_support._read_output", "_aix_support._read_cmd_output",
+                                    "torch.utils.bottleneck.__main__.run_cprofile", "numpy.memmap", "torch.from_file"])
+def test_more_code_running_names_refused(tmp_path, run, dotted):
+    module, name = dotted.rsplit(".", 1)
+    payload = b"\x80\x02c" + module.encode() + b"\n" + name.encode() + b"\n)R."
+    r = run("inspect", _with_pickle(tmp_path, "g.pt", payload))
+    one_error(r)
+    assert dotted in r.stderr
+
+
+def test_ordered_dict_build_sets_only_metadata(tmp_path, run):
+    """BUILD on an OrderedDict may set ``_metadata`` (as torch's loader does), never shadow a method."""
+    payload = b"\x80\x02ccollections\nOrderedDict\n)R}X\x05\x00\x00\x00itemsK\x01sb."
+    one_error(run("inspect", _with_pickle(tmp_path, "od.pt", payload)))
+
+
+def test_compressed_pickle_record_refused(tmp_path, run):
+    src, dst = tmp_path / "src.pt", tmp_path / "deflated.pt"
+    torch.save({"w": torch.zeros(2)}, src)
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
+        for info in z.infolist():
+            data = z.read(info)
+            if info.filename.endswith("data.pkl"):
+                info.compress_type = zipfile.ZIP_DEFLATED
+            out.writestr(info, data)
+    r = run("inspect", dst)
+    one_error(r)
+    assert "compressed" in r.stderr
+
+
+def _safetensors_with_header(path, header: str) -> None:
+    raw = header.encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+
+
+def test_hostile_safetensors_headers(tmp_path, run):
+    deep = tmp_path / "deep.safetensors"
+    _safetensors_with_header(deep, "[" * 100_000 + "]" * 100_000)
+    huge = tmp_path / "inf.safetensors"
+    _safetensors_with_header(huge, json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+                             .replace("[1]", "[1e400]"))
+    for path in (deep, huge):
+        one_error(run("inspect", path))
+        one_error(run("diff", path, path), code=2)  # diff follows cmp: an error is 2
+
+
+def test_hostile_index(tmp_path, run):
+    d = tmp_path / "ck"
+    d.mkdir()
+    save_file({"w": torch.zeros(2)}, str(d / "model-00001-of-00001.safetensors"))
+    index = d / "model.safetensors.index.json"
+    index.write_text("[" * 100_000 + "]" * 100_000)
+    one_error(run("inspect", d))
+    index.write_text(json.dumps({"metadata": [1, 2], "weight_map": {"w": "model-00001-of-00001.safetensors"}}))
+    one_error(run("inspect", d))
+
+
+def _dcp(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    d = tmp_path / "dcp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": {"w": torch.arange(4.0)}}, checkpoint_id=str(d))
+    return d
+
+
+def _rewrite_metadata(d, edit) -> None:
+    with open(d / ".metadata", "rb") as f:
+        md = pickle.load(f)  # our own test file
+    edit(md)
+    with open(d / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+
+
+def test_dcp_lengths_beyond_the_file_refused_before_allocating(tmp_path, run):
+    d = _dcp(tmp_path)
+
+    def grow(md):
+        for info in md.storage_data.values():
+            info.length = 1 << 62
+
+    _rewrite_metadata(d, grow)
+    for command in ("stats", "show"):
+        r = run(command, d, *(["model.w"] if command == "show" else []))
+        one_error(r)
+        assert "beyond the file" in r.stderr
+
+
+def test_dcp_deep_or_unhashable_places_refused(tmp_path, run):
+    d = _dcp(tmp_path)
+
+    def deep(md):
+        md.planner_data = {fqn: tuple(f"p{i}" for i in range(5000)) for fqn in md.state_dict_metadata}
+
+    _rewrite_metadata(d, deep)
+    one_error(run("inspect", d))
+    d2 = _dcp(tmp_path / "b")
+
+    def unhashable(md):
+        md.planner_data = {fqn: ("model", ["x"]) for fqn in md.state_dict_metadata}
+
+    _rewrite_metadata(d2, unhashable)
+    one_error(run("inspect", d2))
+
+
+def test_sidecar_symlink_leading_out_is_linked_not_read(tmp_path, run):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    d = tmp_path / "model"
+    d.mkdir()
+    save_file({"w": torch.zeros(2)}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text("{}")
+    (d / "tokenizer.json").symlink_to(secret)
+    r = run("convert", d, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.stderr
+    out = tmp_path / "out" / "tokenizer.json"
+    assert out.is_symlink() and os.path.realpath(out) == os.path.realpath(secret)
+    assert (tmp_path / "out" / "config.json").read_text() == "{}"
