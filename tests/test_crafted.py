@@ -162,3 +162,71 @@ def test_sidecar_symlink_leading_out_is_linked_not_read(tmp_path, run):
     out = tmp_path / "out" / "tokenizer.json"
     assert out.is_symlink() and os.path.realpath(out) == os.path.realpath(secret)
     assert (tmp_path / "out" / "config.json").read_text() == "{}"
+
+
+# --- from the review of the writers --------------------------------------------------------------------------
+
+def _sharded(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100,
+                                                                 n_positions=64))
+    d = tmp_path / "gsh"
+    model.save_pretrained(d, max_shard_size="50KB")
+    return d
+
+
+def test_output_inside_a_sharded_source_is_refused(tmp_path, run):
+    d = _sharded(tmp_path)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    for target in ("model.safetensors.index.json", "model-00001-of-00003.safetensors"):
+        r = run("convert", d, "-o", d / target)
+        assert r.exit_code == 2 and "file of the sharded checkpoint" in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
+def test_in_place_never_changes_a_files_format(tmp_path, run):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"format": "pt"})
+    before = path.read_bytes()
+    for args in (["--in-place", "--format", "pt"], ["-o", str(path), "--format", "pt"]):
+        r = run("convert", path, *args)
+        assert r.exit_code == 2 and "--in-place keeps" in r.stderr, r.stderr
+    assert path.read_bytes() == before
+    legacy = tmp_path / "l.pt"
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    assert run("convert", legacy, "--in-place", "--format", "pt").exit_code == 0  # torch stays torch
+    assert torch.equal(torch.load(legacy, weights_only=True)["w"], torch.ones(2))
+
+
+def test_sharded_drop_recounts_the_index_metadata(tmp_path, run):
+    d = _sharded(tmp_path)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    index["metadata"]["total_parameters"] = 1  # whatever it says, the write recounts it
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    r = run("drop", d, "--layer", "transformer.h.1", "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.stderr
+    meta = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["metadata"]
+    from safetensors import safe_open
+
+    numel = size = 0
+    for shard in set(json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"].values()):
+        with safe_open(str(tmp_path / "out" / shard), "pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                numel, size = numel + t.numel(), size + t.numel() * t.element_size()
+    assert meta["total_parameters"] == numel and meta["total_size"] == size
+
+
+def test_non_finite_numbers_are_strings_in_every_json(tmp_path, run):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"w": torch.tensor([float("nan"), 1.0, float("inf")])}, str(a))
+    save_file({"w": torch.tensor([float("nan"), float("inf"), 2.0])}, str(b))
+    stats = run("stats", a, "--json")
+    assert stats.exit_code == 0 and "NaN" not in stats.stdout and "Infinity" not in stats.stdout
+    row = stats.json()["tensors"][0]
+    assert row["mean"] == "nan"  # (it was null before: the contract's strings everywhere)
+    d = run("diff", a, b, "--json")
+    assert d.exit_code == 1 and "NaN" not in d.stdout and "Infinity" not in d.stdout
+    assert d.json()["changed"][0]["max_abs_diff"] in ("nan", "inf")
+    bad = run("diff", a, b, "--rtol", "-1")
+    assert bad.exit_code == 2

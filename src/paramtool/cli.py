@@ -503,8 +503,8 @@ def diff(
     a: Annotated[str, typer.Argument(help="First checkpoint.", show_default=False)],
     b: Annotated[str, typer.Argument(help="Second checkpoint.", show_default=False)],
     json_out: JsonOpt = False,
-    rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance (as torch.isclose).")] = 0.0,
-    atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance; 0 and 0 means bit-exact.")] = 0.0,
+    rtol: Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance (as torch.isclose).")] = 0.0,
+    atol: Annotated[float, typer.Option("--atol", min=0.0, help="Absolute tolerance; 0 and 0 means bit-exact.")] = 0.0,
     key: KeyOpt = None,
 ) -> None:
     """Added, removed, reshaped/retyped and changed tensors, with the largest difference; ties gained or lost."""

@@ -11,7 +11,6 @@ Nothing here knows about terminals: :func:`compute` returns a :class:`GradReport
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,11 +122,11 @@ class ParamGrad:
             "dtype": self.dtype,
             "requires_grad": self.requires_grad,
             "has_grad": self.grad is not None,
-            "grad_norm": _num(self.number("norm")),
-            "grad_mean": _num(self.number("mean")),
-            "grad_max_abs": _num(self.number("max")),
-            "uses": [{"at": u.at, "norm": _num(self.use_norm(u))} for u in self.uses],
-            "sum_error": _num(self.sum_error),
+            "grad_norm": self.number("norm"),
+            "grad_mean": self.number("mean"),
+            "grad_max_abs": self.number("max"),
+            "uses": [{"at": u.at, "norm": self.use_norm(u)} for u in self.uses],
+            "sum_error": self.sum_error,
         }
 
 
@@ -156,13 +155,6 @@ class GradReport:
         }
 
 
-def _num(v: float | None) -> Any:
-    """JSON has no NaN/Infinity: the strings "nan", "inf", "-inf" (the contract's convention)."""
-    if v is None or math.isfinite(v):
-        return v
-    return str(v)
-
-
 def _output_json(label: str, t: Any) -> dict:
     import torch
 
@@ -171,7 +163,7 @@ def _output_json(label: str, t: Any) -> dict:
         flat = torch.view_as_real(flat).reshape(-1)
     values = [float(v) if flat.is_floating_point() else v for v in flat.tolist()]
     return {"at": label, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-            "values": [_num(v) if isinstance(v, float) else v for v in values]}
+            "values": values}
 
 
 def _first_line(e: BaseException) -> str:

@@ -6,6 +6,7 @@ named with control characters cannot drive the terminal.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,8 +62,19 @@ def human_bytes(n: int) -> str:
 
 
 def dumps(obj: Any) -> str:
-    """JSON for stdout: no colour, no wrapping, one document."""
-    return json.dumps(obj, ensure_ascii=False, allow_nan=True)
+    """JSON for stdout: no colour, no wrapping, one document; non-finite numbers are the strings "nan", "inf"
+    and "-inf" (the contract's one convention, applied here for every command)."""
+    return json.dumps(_json_safe(obj), ensure_ascii=False, allow_nan=False)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else ("nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf"))
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def shape_text(shape: tuple[int, ...]) -> str:

@@ -97,8 +97,11 @@ def commit(index_path: str, raw: dict, pending: dict[str, str], final: dict | No
             fsops.forget(tmp)  # now part of the checkpoint: never removed as a temporary
         try:
             _finish(directory, index_path, index_bytes, relative, removed)
-        except OSError:
-            pass  # the checkpoint is complete and valid; the next write into this directory finishes
+        except OSError as e:  # the checkpoint is complete and valid; the next write into this directory finishes
+            import sys
+
+            sys.stderr.write(f"warning: {directory}: the new shards are committed, but giving them back their "
+                             f"names failed ({e.strerror or e}); the next paramtool write there finishes it\n")
 
 
 def _finish(directory: str, index_path: str, index_bytes: bytes, relative: dict[str, str],
@@ -110,8 +113,12 @@ def _finish(directory: str, index_path: str, index_bytes: bytes, relative: dict[
         if os.path.exists(final) and os.path.samefile(new, final):
             continue  # done before a kill (rename() of two links to one file would do nothing)
         link = fsops.temp_name(os.path.dirname(final), os.path.basename(final))
-        fsops.link(new, link)
-        fsops.rename(link, final)
+        try:
+            fsops.link(new, link)
+            fsops.rename(link, final)
+        except OSError:
+            fsops.discard(link)
+            raise
         fsops.forget(link)
     for shard in removed:
         if os.path.lexists(os.path.join(directory, shard)):  # (gone already when a recovery repeats this)

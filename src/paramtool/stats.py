@@ -31,13 +31,7 @@ class TensorStats:
     inf: int
 
     def as_json(self) -> dict:
-        return {k: _num(v) for k, v in self.__dict__.items()}
-
-
-def _num(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    return v
+        return dict(self.__dict__)  # (render.dumps writes non-finite numbers as "nan", "inf", "-inf")
 
 
 def _chunks(t: Any):

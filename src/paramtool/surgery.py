@@ -276,10 +276,11 @@ def _remove(root: Any, path: tree.Path) -> None:
 
 def _warn_positional_optimizer(root: Any, report: SurgeryReport) -> None:
     """torch optimizers index parameters by position: removing parameters makes the state point elsewhere."""
-    if not isinstance(root, Mapping):
-        return
-    for key, value in root.items():
-        if str(key) in OPTIMIZER_KEYS and isinstance(value, Mapping) and value.get("state"):
+    from .ops import _optimizer_states  # (one recogniser of optimizer state dicts: by structure, anywhere)
+
+    for where, opt in _optimizer_states(root, ()):
+        if opt.get("state"):
+            key = ".".join(str(p) for p in where) or "(root)"
             report.warnings.append(f"the optimizer state in '{key}' indexes parameters by position; after dropping "
                                    f"parameters it no longer matches the model: drop it too (--key {key}) or "
                                    "reset the optimizer when resuming")
@@ -583,11 +584,12 @@ def _write_sharded(src: Any, listing: Any, plan: Surgery, output: Any, drop_extr
         shard_of = {n: s for s, r in results.items() for n in r.names}
         order = [plan.rename.get(n, n) for n in index.weight_map] + list(shard_of)  # the index's own order
         raw = {**index.raw, "weight_map": {n: shard_of[n] for n in dict.fromkeys(order) if n in shard_of}}
-        if isinstance(raw.get("metadata"), dict) and "total_size" in raw["metadata"]:
+        if isinstance(raw.get("metadata"), dict):  # what transformers records: recounted, tied storage once
             from .ties import unique_counts
 
-            total = sum(unique_counts(r.infos())[1] for r in results.values())
-            raw["metadata"] = {**raw["metadata"], "total_size": total}
+            counts = [unique_counts(r.infos()) for r in results.values()]
+            recount = {"total_parameters": sum(c[0] for c in counts), "total_size": sum(c[1] for c in counts)}
+            raw["metadata"] = {**raw["metadata"], **{k: v for k, v in recount.items() if k in raw["metadata"]}}
         return raw
 
     if output.in_place:

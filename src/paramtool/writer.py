@@ -64,6 +64,9 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
     if in_place:
         if not is_input_file:
             raise UsageError(f"--in-place needs a checkpoint file as SOURCE, not '{src.text}'")
+        if fmt is not None and src.layout is not None and formats.by_name(fmt).pickled != src.layout.pickled:
+            raise UsageError(f"--in-place keeps {src.path} a {src.layout.name} file: to write {fmt}, "
+                             "give -o PATH with a new name")
         out = src.path
     if out is None and not in_place and sys.stdout.isatty():
         raise UsageError("refusing to write a checkpoint to a terminal: use -o PATH, --in-place, or a pipe")
@@ -81,6 +84,10 @@ def _plan_directory_output(src: Source, out: str | None, in_place: bool, fmt: st
     if out is None or out == "-":
         raise UsageError(f"a {src.kind} checkpoint is written to a directory: use -o DIR, --in-place, "
                          "or -o FILE.safetensors (or .pt) to merge it into one file")
+    if os.path.exists(out) and os.path.isdir(src.path) and not os.path.isdir(out) and \
+            os.path.commonpath([os.path.realpath(src.path), os.path.realpath(out)]) == os.path.realpath(src.path):
+        raise UsageError(f"-o {out} is a file of the {src.kind} checkpoint being read: choose a path outside it, "
+                         "or use --in-place")
     if (fmt is None or src.layout.split) and (os.path.isdir(out) or not os.path.splitext(out)[1]):
         # (a sharded source's -o DIR in another format or resharded is a model directory: formats.modeldir)
         if os.path.isdir(out) and os.listdir(out):
