@@ -24,8 +24,9 @@ N = 300_001  # more than one chunk (stats.CHUNK), not a multiple of it
 
 
 def _num(v: float):
-    """The CLI's JSON convention for a float: NaN -> None, +-inf -> strings."""
-    return st._num(float(v))
+    """The contract's JSON convention for a float: non-finite numbers are the strings "nan", "inf", "-inf"."""
+    v = float(v)
+    return v if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -65,11 +66,11 @@ def test_stats_equal_plain_torch(tmp_path, run, ext):
         assert row["nan"] == int(torch.isnan(d).sum()) and row["inf"] == int(torch.isinf(d).sum()), name
         assert row["zeros"] == (d == 0).double().mean().item(), name
         if row["nan"]:
-            assert row["mean"] is None and row["std"] is None and row["min"] is None and row["max"] is None
+            assert row["mean"] == row["std"] == row["min"] == row["max"] == "nan"
             continue
         assert row["min"] == _num(d.min().item()) and row["max"] == _num(d.max().item()), name
         if row["inf"]:
-            assert row["mean"] == _num(d.mean().item()) and row["std"] is None and row["norm"] == "inf"
+            assert row["mean"] == _num(d.mean().item()) and row["std"] == "nan" and row["norm"] == "inf"
             continue
         assert math.isclose(row["mean"], d.mean().item(), rel_tol=1e-9, abs_tol=1e-12), name
         if d.numel() > 1:
@@ -143,7 +144,7 @@ def test_diff_nan_propagates(tmp_path, run):
     torch.save({"w": a}, tmp_path / "a.pt")
     torch.save({"w": torch.tensor([1.0, 2.5, 0.0])}, tmp_path / "b.pt")
     c = run("diff", tmp_path / "a.pt", tmp_path / "b.pt", "--json").json()["changed"][0]
-    assert c["max_abs_diff"] is None and c["cosine"] is None
+    assert c["max_abs_diff"] == "nan" and c["cosine"] == "nan"
 
 
 def test_ties_values_equal_bytes_only(tmp_path, run, monkeypatch):

@@ -121,7 +121,7 @@ def compare_tensors(a: Any, b: Any, rtol: float, atol: float) -> dict | None:
         return None
     max_abs, denom, dot, na2, nb2 = _differences(ca, cb)
     na, nb = math.sqrt(na2), math.sqrt(nb2)
-    cosine = dot / (na * nb) if na > 0 and nb > 0 else None
+    cosine = dot / (na * nb) if na > 0 and nb > 0 else (math.nan if math.isnan(na + nb) else None)  # NaN propagates
     return {
         "max_abs_diff": max_abs,  # (non-finite: "nan"/"inf" in JSON, by render.dumps)
         "max_rel_diff": max_abs / denom if denom > 0 else None,
