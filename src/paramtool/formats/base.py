@@ -38,11 +38,6 @@ class Format:
         """Does an output path's extension name this format?"""
         return bool(self.extensions) and path.lower().endswith(self.extensions)
 
-    @property
-    def extension(self) -> str:
-        """The extension a file written in this format gets by default ("" for containers)."""
-        return self.extensions[0] if self.extensions else ""
-
     def can_patch(self, other: Format) -> bool:
         """Can a file in this format be written as ``other`` by copying its bytes and patching storages?"""
         return self.byte_ranges and other is self

@@ -108,10 +108,6 @@ def _storage_type(value: Any) -> str:
     raise FormatError(f"storage of unknown type {value!r}")
 
 
-def _is_graph_node(obj: Any) -> bool:
-    return isinstance(obj, (FakeModule, Inert, dict, list, tuple, set, frozenset))
-
-
 def _children(obj: Any) -> list | None:
     if isinstance(obj, FakeModule):
         return [obj.state]
