@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import FormatError, ParamtoolError
+from .errors import FormatError, ParamtoolError, first_line
 from .toc import TensorInfo, contiguous_stride
 from .tree import walk
 
@@ -81,8 +81,7 @@ def _dcp_reader(listing: Any) -> StorageReader:
         try:
             return dcp.read_tensor(listing.path, fqn, entries[fqn], items.get(fqn, [])).reshape(-1)
         except (RuntimeError, ValueError, TypeError, IndexError) as e:  # a chunk torch cannot place
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise FormatError(f"{listing.path}: cannot read '{fqn}': {first[:200]}") from None
+            raise FormatError(f"{listing.path}: cannot read '{fqn}': {first_line(e, 200)}") from None
 
     return StorageReader(read, lambda k: refs[k].nbytes, lambda: None)
 

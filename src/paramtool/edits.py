@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ParamtoolError, UsageError
+from .errors import ParamtoolError, UsageError, first_line
 
 OPS = ("+=", "-=", "*=", "/=", "=")  # longest first: "+=" must win over "="
 _INT = re.compile(r"^[+-]?\d+$")
@@ -174,9 +174,9 @@ def apply_edit(edit: Edit, tensor: Any) -> None:
     except ParamtoolError:
         raise
     except IndexError as e:
-        raise ParamtoolError(f"{where}: {_first_line(e)} (tensor '{edit.name}' has shape {list(tensor.shape)})") from None
+        raise ParamtoolError(f"{where}: {first_line(e)} (tensor '{edit.name}' has shape {list(tensor.shape)})") from None
     except (RuntimeError, TypeError, ValueError, OverflowError, NotImplementedError, ZeroDivisionError) as e:
-        raise ParamtoolError(f"{where}: {_first_line(e)} (tensor '{edit.name}' is "
+        raise ParamtoolError(f"{where}: {first_line(e)} (tensor '{edit.name}' is "
                              f"{str(tensor.dtype)[6:]} of shape {list(tensor.shape)})") from None
 
 
@@ -322,6 +322,3 @@ def _arith(t: Any, op: str, value: float | int | bool) -> Any:
     return t / value
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__

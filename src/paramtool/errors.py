@@ -31,3 +31,10 @@ class RefusedGlobal(ParamtoolError):
 
 class FormatError(ParamtoolError):
     """A file is not a valid checkpoint of the format it claims to be."""
+
+
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """An exception's first non-empty line (its type's name when it has none), cut at ``limit`` characters:
+    a library's multi-line message as part of one ``error:`` line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:limit]

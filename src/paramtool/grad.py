@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ParamtoolError, UsageError
+from .errors import ParamtoolError, UsageError, first_line
 from .toc import FakeModule
 
 NEEDS_MODEL = "grad needs a model: give nn:EXPR, FILE.py:FUNC or a pickled module"
@@ -166,11 +166,6 @@ def _output_json(label: str, t: Any) -> dict:
             "values": values}
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 def _flatten(out: Any, label: str = "output") -> list[tuple[str, Any]]:
     """The tensors of a forward's result: the tensor itself, or those inside tuples, lists and dicts."""
     import torch
@@ -284,7 +279,7 @@ def compute(model: Any, shapes: list[tuple[int, ...]], seed: int, source: str = 
                     out = model(*xs)
             except Exception as e:  # a shape mismatch, a wrong dtype: torch's own words, one line
                 given = " and ".join("[" + ", ".join(map(str, s)) + "]" for s in shapes)
-                raise ParamtoolError(f"forward pass failed on input {given}: {_first_line(e)}") from None
+                raise ParamtoolError(f"forward pass failed on input {given}: {first_line(e)}") from None
             outputs = _flatten(out)
             parts = [(label, t) for label, t in outputs if t.requires_grad]
             if not parts:
@@ -294,7 +289,7 @@ def compute(model: Any, shapes: list[tuple[int, ...]], seed: int, source: str = 
             try:
                 loss.backward()
             except RuntimeError as e:
-                raise ParamtoolError(f"backward pass failed: {_first_line(e)}") from None
+                raise ParamtoolError(f"backward pass failed: {first_line(e)}") from None
             params = [ParamGrad(names, tuple(p.shape), str(p.dtype).removeprefix("torch."), p.requires_grad,
                                 p.grad, tracker.uses(p)) for names, p in groups]
     loss_text = " + ".join(f"{label}.sum()" for label, _ in parts)

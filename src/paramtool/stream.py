@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Hashable
 
-from .errors import FormatError
+from .errors import FormatError, first_line
 from .toc import TensorInfo, Toc, contiguous_stride, itemsize
 
 COPY_CHUNK = 1 << 24
@@ -189,7 +189,7 @@ class ZipStorageFile(StorageFile):
                     record = f"data/{ref.key[1]}"
                     spans[ref.key] = Span(reader.get_record_offset(record), ref.nbytes, ref.dtype, record)
         except RuntimeError as e:  # torch's zip reader: corrupt or truncated archive
-            raise FormatError(f"{path}: corrupt torch zip file ({_first_line(e)})") from None
+            raise FormatError(f"{path}: corrupt torch zip file ({first_line(e, 160)})") from None
         self = cls(path, toc, spans)
         self.reader = reader
         return self
@@ -216,7 +216,7 @@ class ZipStorageFile(StorageFile):
                         try:
                             data = self.reader.get_record(record)
                         except RuntimeError as e:
-                            raise FormatError(f"{self.path}: record '{record}' cannot be read ({_first_line(e)})") from None
+                            raise FormatError(f"{self.path}: record '{record}' cannot be read ({first_line(e, 160)})") from None
                         writer.write_record(record, data, len(data))
                         del data
             except BaseException as e:
@@ -316,11 +316,6 @@ def _pread_into(fd: int, buf: Any, offset: int) -> int:
             break
         done += n
     return done
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:160] if text else type(e).__name__
 
 
 def _as_bytes(t: Any) -> Any:

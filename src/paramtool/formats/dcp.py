@@ -14,7 +14,7 @@ import os
 import warnings
 from typing import Any
 
-from ..errors import FormatError, RefusedGlobal
+from ..errors import FormatError, RefusedGlobal, first_line
 from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_of
 from .torchfile import MAX_DEPTH
 from .unpickle import Global, Inert, unpickle
@@ -213,8 +213,8 @@ def load(directory: str, only: tuple = ()) -> Any:
     try:
         return _lists(_load_entries(directory, md, items, tuple(only)))
     except (RuntimeError, ValueError, TypeError, IndexError) as e:  # a chunk torch cannot place
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise FormatError(f"{directory}: cannot load the distributed checkpoint ({type(e).__name__}: {first})") from None
+        raise FormatError(f"{directory}: cannot load the distributed checkpoint ({type(e).__name__}: "
+                          f"{first_line(e, 160)})") from None
 
 
 def _load_entries(directory: str, md: Inert, items: dict, only: tuple = ()) -> dict:

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, Hashable
 
-from ..errors import FormatError
+from ..errors import FormatError, first_line
 from ..toc import FakeModule, FakeTensor, itemsize
 from .torchfile import TorchFile
 from .unpickle import Global, Inert
@@ -45,8 +45,7 @@ def materialize(listing: TorchFile, mapped: Any, path: str, zip_bytes: Any = Non
     try:
         return _Rebuild(storages, path).real(listing.root)
     except (RuntimeError, ValueError, TypeError, KeyError) as e:  # a view torch cannot make of its storage
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise FormatError(f"{path}: cannot rebuild a tensor ({type(e).__name__}: {first})") from None
+        raise FormatError(f"{path}: cannot rebuild a tensor ({type(e).__name__}: {first_line(e, 160)})") from None
 
 
 def _storages(listing: TorchFile, mapped: Any, path: str, zip_bytes: Any) -> dict[Hashable, Any]:
