@@ -189,7 +189,7 @@ def test_failed_write_leaves_target(samples, tmp_path, run, monkeypatch, source)
     target = tmp_path / "t.pt"
     target.write_bytes(b"precious")
     import paramtool.formats.pt as pt
-    import paramtool.stream as stream
+    import paramtool.formats.storage as stream
 
     def boom(*args):
         path = next(a for a in args if isinstance(a, str))

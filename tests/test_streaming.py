@@ -7,7 +7,7 @@ import zipfile
 
 import torch
 
-import paramtool.stream as stream
+import paramtool.formats.storage as stream
 
 
 def records(path):

@@ -351,7 +351,7 @@ def test_init_copies_unchanged_bytes_and_keeps_holes(tmp_path, run):
 def test_copy_falls_back_without_a_kernel_copy(tmp_path):
     import io
 
-    from paramtool.stream import _copy
+    from paramtool.formats.storage import _copy
 
     data = os.urandom(3 << 20)
     dst = io.BytesIO()

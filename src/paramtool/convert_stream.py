@@ -40,7 +40,7 @@ class StorageReader:
 
 
 def _file_reader(listing: Any) -> StorageReader | None:
-    from .stream import open_storage_file
+    from .formats.storage import open_storage_file
 
     sf = open_storage_file(listing)
     if sf is None:
@@ -109,7 +109,7 @@ def write_safetensors(path: str, infos: list[TensorInfo], metadata: dict[str, st
     """The header ``safetensors_fmt.save`` would write (its ``layout``), then each stored tensor's bytes, one
     storage in memory."""
     from .formats import safetensors_fmt
-    from .stream import _ahead, _as_bytes
+    from .formats.storage import _ahead, _as_bytes
 
     stored, meta = safetensors_fmt.layout(infos, metadata)
     bad = next((t for t in stored if t.dtype not in safetensors_fmt.CODES), None)
@@ -174,7 +174,7 @@ def write_pt(path: str, root: Any, reader: StorageReader) -> None:
     """``torch.save(root)`` without the data in memory: the pickle of the stand-in container (``formats.pt``'s,
     the one torch.save gets), then each storage read, written and freed in turn."""
     from .formats import pt
-    from .stream import _ahead, _as_bytes
+    from .formats.storage import _ahead, _as_bytes
 
     pickled, storages = pt.pickle_with_storages(root)
 

@@ -217,7 +217,7 @@ def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
     if src.layout is not None and src.layout.split:
         return _sharded(src, load_lazy)
     if src.kind == "file" and src.layout.byte_ranges:
-        from .stream import open_storage_file
+        from .formats.storage import open_storage_file
 
         listing = open_listing(src, key)
         ckpt = StreamedCheckpoint(**{f: getattr(listing, f) for f in listing.__dataclass_fields__})

@@ -87,7 +87,7 @@ def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
     """Write the plan's result as ``output`` (a file, atomically, or stdout), then verify it; returns the
     result's listing."""
     from . import writer
-    from .stream import open_storage_file
+    from .formats.storage import open_storage_file
 
     storage_file = open_storage_file(listing)
     out = transformed(listing, plan)
@@ -151,7 +151,7 @@ def _write_safetensors(listing: Checkpoint, out: Checkpoint, storage_file: Any, 
     """``safetensors_fmt.layout``'s header (the one ``save`` writes), then each stored tensor: the input's
     bytes as they are, or read and cast."""
     from .formats import safetensors_fmt
-    from .stream import _as_bytes, _copy
+    from .formats.storage import _as_bytes, _copy
 
     old_stored = set(listing.names) - set(listing.meta_ties)
     _, _, rest = safetensors_fmt.split_metadata(dict(listing.metadata or {}), old_stored)  # old tie records go
@@ -180,7 +180,7 @@ def _write_zip(out: Checkpoint, storage_file: Any, path: str, overflows: dict[Ha
     """A torch zip file as ``torch.save`` writes it (``formats.pt``'s pickle and zip writer): the pickle, the
     format records, then each storage, copied or cast, one at a time."""
     from .formats import pt
-    from .stream import _as_bytes
+    from .formats.storage import _as_bytes
 
     data, storages = pt.pickle_with_storages(out.root)
 

@@ -323,7 +323,7 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
     format and the plan keeps the structure, else through a full load."""
     from . import ops
     from .sources import load
-    from .stream import open_storage_file
+    from .formats.storage import open_storage_file
 
     if output.layout.split:
         _write_sharded(src, listing, plan, output)

@@ -42,6 +42,12 @@ class Format:
         """Can a file in this format be written as ``other`` by copying its bytes and patching storages?"""
         return self.byte_ranges and other is self
 
+    def open_storages(self, listing: Checkpoint) -> Any:
+        """A reader of this file's storages by byte range (``formats.storage``: streamed reads, patched copies),
+        made from the validated listing, which says where each storage is; None for formats without byte
+        ranges (they are loaded whole)."""
+        return None
+
     def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
         """The checkpoint with stand-in tensors: names, shapes, storages, the container; no tensor data, no
         torch. (A container of part files, sharded, is read part by part by ``sources``.)"""
@@ -66,6 +72,11 @@ def named(label: str, fmt: Format, root: Any, path: str | None, key: str | None)
 
 
 class SafetensorsFormat(Format):
+    def open_storages(self, listing: Checkpoint) -> Any:
+        from .storage import SafetensorsStorageFile
+
+        return SafetensorsStorageFile.open(listing.path, listing.toc())
+
     def names_path(self, path: str) -> bool:
         return path.endswith(self.extensions)  # as written, ".safetensors"
 
@@ -105,6 +116,13 @@ def _flat_only(key: str | None) -> None:
 
 
 class TorchFormat(Format):
+    def open_storages(self, listing: Checkpoint) -> Any:
+        if not self.byte_ranges:  # the legacy format: storages follow the pickle, read with it
+            return None
+        from .storage import ZipStorageFile
+
+        return ZipStorageFile.open(listing.path, listing.toc(), listing.root)
+
     def sniff(self, head: bytes, size: int) -> bool:
         from .torchfile import sniff_torch
 

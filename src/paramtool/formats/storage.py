@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Hashable
 
-from .errors import FormatError, first_line
-from .toc import TensorInfo, Toc, contiguous_stride, itemsize
+from ..errors import FormatError, first_line
+from ..toc import TensorInfo, Toc, contiguous_stride, itemsize
 
 COPY_CHUNK = 1 << 24
 
@@ -178,7 +178,7 @@ class ZipStorageFile(StorageFile):
     def open(cls, path: str, toc: Toc, root: Any) -> "ZipStorageFile":
         import torch
 
-        from .tree import walk
+        from ..tree import walk
 
         spans: dict[Hashable, Span] = {}
         try:
@@ -200,7 +200,7 @@ class ZipStorageFile(StorageFile):
         by_record = {self.spans[k].record: k for k in changed}
         records = [r for r in self.reader.get_all_records() if r not in ("version", ".data/serialization_id")]
         produced = _ahead([by_record[r] for r in records if r in by_record], produce)
-        from .fsops import write_error
+        from ..fsops import write_error
 
         # through a Python file object: on a path, torch's C++ writer aborts the process on a write error
         with open(out_path, "wb") as out:
@@ -236,7 +236,7 @@ class SafetensorsStorageFile(StorageFile):
 
     @classmethod
     def open(cls, path: str, toc: Toc) -> "SafetensorsStorageFile":
-        from .formats.safetensors_fmt import DTYPES, read_header
+        from .safetensors_fmt import DTYPES, read_header
 
         header, data_start = read_header(path)
         spans = {}
@@ -253,7 +253,7 @@ class SafetensorsStorageFile(StorageFile):
         changed = set(changed)
         ordered = sorted(self.spans.items(), key=lambda kv: kv[1].offset)
         produced = _ahead([k for k, _ in ordered if k in changed], produce)
-        from .formats.safetensors_fmt import header_with_format
+        from .safetensors_fmt import header_with_format
 
         header = header_with_format(self.path)  # every safetensors file written says "format": "pt"
         with open(out_path, "wb") as out:
@@ -386,12 +386,8 @@ def _buffered_copy(src: Any, dst: Any, n: int) -> None:
 
 
 def open_storage_file(listing: Any) -> StorageFile | None:
-    """A streaming reader over a file's listing (its stand-in tree, already read): zip torch files and
-    safetensors; None for formats without byte ranges."""
+    """A streaming reader over a file's listing (its stand-in tree, already read), as its format opens one:
+    zip torch files and safetensors; None for formats without byte ranges."""
     release_freed_memory()
-    if not listing.layout.byte_ranges:
-        return None
-    if listing.layout.flat:  # safetensors
-        return SafetensorsStorageFile.open(listing.path, listing.toc())
-    return ZipStorageFile.open(listing.path, listing.toc(), listing.root)  # a torch zip file
+    return listing.layout.open_storages(listing)
 
