@@ -394,7 +394,7 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
     def build(work: str) -> dict[str, str]:
         import torch  # noqa: F401 - imported once here: two threads importing it at once can see it half-made
 
-        with ThreadPoolExecutor(max_workers=2) as pool:  # shards are independent
+        with ThreadPoolExecutor(max_workers=fsops.shard_workers()) as pool:  # shards are independent
             jobs = {shard: pool.submit(one, shard, work) for shard in listing.parts}
             written = {shard: job.result() for shard, job in jobs.items()}
         if work != index.directory:
