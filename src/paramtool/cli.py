@@ -191,7 +191,9 @@ def show(
     ckpt = sources.load_lazy(src, key)
     stored = sources.describe(src, ckpt).config_ties.get(name, name) if src.directory else name  # a config tie
     if stored not in ckpt.names:
-        raise ParamtoolError(_unknown_name(name, list(ckpt.names)))
+        from .select import unknown_name
+
+        raise ParamtoolError(unknown_name(name, list(ckpt.names)))
     t = ckpt.tensor(stored)
     if json_out:
         emit_json(tensor_json(name, t))
@@ -731,14 +733,6 @@ def grad(
     console = out_console()
     for line in render.grad_lines(report, params):
         console.print(line)
-
-
-def _unknown_name(name: str, names: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, names, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; names here: {', '.join(names[:6])}"
-    return f"no tensor named '{render.safe_name(name)}'{render.safe_name(hint)}"
 
 
 def main() -> None:

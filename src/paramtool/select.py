@@ -116,3 +116,12 @@ def select(names: list[str], layers: list[str], param: str = "all", unstored: fr
             raise ParamtoolError(f"no '{param}' tensors among the {len(picked)} selected (try --param all)")
         picked = narrowed
     return picked
+
+
+def unknown_name(name: str, names: list[str]) -> str:
+    """The error for a tensor name that is not there, with the closest names (the CLI escapes the line)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; names here: {', '.join(names[:6])}"
+    return f"no tensor named '{name}'{hint}"

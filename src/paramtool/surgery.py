@@ -22,7 +22,7 @@ from . import formats, tree
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError, UsageError
 from .ops import Report
-from .select import module_path, select
+from .select import module_path, select, unknown_name
 from .ties import storage_groups
 from .toc import TensorInfo
 from .tree import OPTIMIZER_KEYS
@@ -491,14 +491,6 @@ def resize_in(ckpt: Checkpoint, names: list[str], rows: int, fill: NewRows) -> N
             done[storage] = resized(ckpt.tensor(n), rows, fill, names[0])
         _replace_like(ckpt, n, done[storage])
     _forget_tie_metadata(ckpt)
-
-
-def unknown_name(name: str, names: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, names, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; names here: {', '.join(names[:6])}"
-    return f"no tensor named '{name}'{hint}"
 
 
 # ---------------------------------------------------------------- writing
