@@ -5,8 +5,11 @@ non-tensor entries and every untouched tensor go back to disk as they came.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from .records import dataclass, field
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 from . import formats, tree
 from .formats import Format

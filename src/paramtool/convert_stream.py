@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from .records import dataclass, replace
 from typing import Any
 
 from .errors import FormatError, ParamtoolError, first_line
@@ -158,8 +158,6 @@ def _only_tensors(root: Any) -> bool:
 def _sharded_root(listing: Any) -> dict[str, Any]:
     """The merged flat state dict (``pt_root``'s for shards) with each stand-in's storage keyed as the sharded
     reader names it, ``(shard, key in shard)``; one stand-in stays one (a tie within a shard)."""
-    from dataclasses import replace
-
     done: dict[int, Any] = {}
     out: dict[str, Any] = {}
     for name, path in listing.names.items():

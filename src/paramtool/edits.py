@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from .records import dataclass
 from typing import Any
 
 from .errors import ParamtoolError, UsageError, first_line

@@ -22,7 +22,10 @@ import os
 import re
 import sys
 from collections.abc import Iterator, Mapping
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 from .errors import ParamtoolError
 

@@ -12,7 +12,7 @@ Nothing here knows about terminals: :func:`compute` returns a :class:`GradReport
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from .records import dataclass, field
 from typing import Any
 
 from .errors import ParamtoolError, UsageError, first_line

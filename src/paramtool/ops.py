@@ -6,7 +6,7 @@ unless ``untie`` gives the selected names their own copy first.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from .records import dataclass, field
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 

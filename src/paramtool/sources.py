@@ -5,14 +5,14 @@ Order (the contract's): ``-``/stdin, ``nn:EXPR``, ``FILE.py:FUNC``/``module:FUNC
 """
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from .records import dataclass, fields, replace
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 from . import tree
 from .checkpoint import Checkpoint
@@ -44,6 +44,10 @@ class Source:
 def _spool_stdin() -> str:
     """Copy standard input to a temporary file (removed at exit, on an interrupt or a closed pipe; left by a
     kill, it is removed by the next paramtool run that uses $TMPDIR) so it can be sniffed and memory-mapped."""
+    import atexit
+    import shutil
+    import tempfile
+
     from . import fsops
 
     directory = tempfile.gettempdir()
@@ -220,7 +224,7 @@ def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
         from .formats.storage import open_storage_file
 
         listing = open_listing(src, key)
-        ckpt = StreamedCheckpoint(**{f: getattr(listing, f) for f in listing.__dataclass_fields__})
+        ckpt = StreamedCheckpoint(**{f: getattr(listing, f) for f in fields(listing)})
         ckpt.storage_file = open_storage_file(listing)
         return ckpt
     return load(src, key)

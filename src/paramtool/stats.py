@@ -5,7 +5,7 @@ A 10 GB memory-mapped checkpoint is read a few million values at a time; nothing
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from .records import dataclass
 from collections.abc import Callable
 from typing import Any
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from .records import dataclass, field, replace
 from typing import Any
 
 from . import formats, tree

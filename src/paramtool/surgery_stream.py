@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from dataclasses import replace
+from .records import replace
 from typing import Any, Hashable
 
 from . import tree

@@ -6,8 +6,11 @@ Works on ``TensorInfo`` records, so the same code answers for a table of content
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Hashable
+from .records import dataclass
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Any, Hashable
 
 from .names import people_key
 from .toc import TensorInfo, itemsize

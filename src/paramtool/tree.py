@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Mapping
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 from .errors import ParamtoolError, UsageError
 from .toc import FakeModule, FakeTensor, TensorInfo, contiguous_stride
 
-Path = tuple[Any, ...]
+Path = tuple[object, ...]
 
 # Top-level entries of a training checkpoint that hold optimizer/scheduler state rather than parameters.
 # Their tensors are kept on write but are not listed as parameters unless picked with --key.

@@ -11,7 +11,7 @@ import stat
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from .records import dataclass
 from typing import Any
 
 from . import formats, fsops, shard_commit, tree

@@ -8,10 +8,12 @@ in the registry (``formats/__init__.py``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from ..records import dataclass
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 
 if TYPE_CHECKING:
+    from typing import Any
     from ..checkpoint import Checkpoint
 
 

@@ -11,7 +11,7 @@ import glob
 import json
 import os
 import shutil
-from dataclasses import dataclass, field, replace
+from ..records import dataclass, field, replace
 from typing import Any
 
 from ..errors import FormatError, UsageError

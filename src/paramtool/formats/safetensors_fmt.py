@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 from ..errors import FormatError
 from ..toc import FakeTensor, StorageRef, TensorInfo, contiguous_stride, itemsize, numel_of

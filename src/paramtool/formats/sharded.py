@@ -6,7 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from dataclasses import dataclass
+from ..records import dataclass
 
 from ..errors import FormatError, ParamtoolError
 

@@ -12,7 +12,7 @@ import errno
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from ..records import dataclass
 from typing import Any, Hashable
 
 from ..errors import FormatError, first_line

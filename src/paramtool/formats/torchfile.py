@@ -10,19 +10,20 @@ legacy pickle); what two readers could read differently is refused as ambiguous.
 from __future__ import annotations
 
 import os
-import pickletools
 import struct
 import zipfile
-from dataclasses import dataclass, field, replace
-from typing import Any, BinaryIO, Callable, Hashable
+from ..records import dataclass, field, replace
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO, Callable, Hashable
 
 from ..errors import FormatError, RefusedGlobal
 from ..toc import FakeModule, FakeTensor, StorageRef, itemsize
 from .dtypes import STORAGE_TYPES
-from .unpickle import TORCH_REBUILDS, Global, Hooks, Inert, unpickle
+from .unpickle import OPCODES, TORCH_REBUILDS, Global, Hooks, Inert, unpickle
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_PICKLE_OPCODES = frozenset(op.code.encode("latin-1") for op in pickletools.opcodes)
 MAX_PICKLE = 256 << 20  # a data.pkl beyond 256 MiB is not a state dict (real ones are KBs to a few MBs)
 
 STORAGE_DTYPES = STORAGE_TYPES
@@ -188,7 +189,7 @@ def sniff_torch(head: bytes) -> str | None:
     """"pt" for a zip file, "pt-legacy" for anything that starts like a pickle, else None."""
     if head.startswith(b"PK\x03\x04"):
         return "pt"
-    if head[:1] and head[:1] in _PICKLE_OPCODES:  # any pickle: the inert unpickler decides
+    if head[:1] and head[:1] in OPCODES:  # any pickle: the inert unpickler decides
         return "pt-legacy"
     return None
 

@@ -24,7 +24,10 @@ import io
 import re
 import reprlib
 import struct
-from typing import Any, BinaryIO, Callable
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO, Callable
 
 from ..errors import FormatError, RefusedGlobal
 from ..toc import FakeModule, FakeTensor
@@ -907,6 +910,7 @@ _DISPATCH: dict[int, Callable[[Unpickler], None]] = {
     ord(b"R"): _reduce, 0x81: _newobj, 0x92: _newobj_ex, ord(b"i"): _inst, ord(b"o"): _obj, ord(b"b"): _build,
     ord(b"P"): _persid_text, ord(b"Q"): _binpersid,
 }
+OPCODES = frozenset(bytes([op]) for op in _DISPATCH)  # every pickle opcode (pickletools.opcodes' 68), as bytes
 
 
 def unpickle(data: bytes | BinaryIO, hooks: Hooks | None = None) -> tuple[Any, set[str]]:
