@@ -303,7 +303,8 @@ def test_convert_larger_than_its_memory_limit(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="address-space limits are Linux's")
 def test_convert_out_of_memory_is_one_error_line(tmp_path):
-    torch.save({f"w{i}": torch.randn(1024, 1024) for i in range(4)}, tmp_path / "a.pt")
+    whole = torch.randn(4096, 1024)  # tensors that are slices of one storage: their bytes need torch to cut out
+    torch.save({f"w{i}": whole[i * 1024:(i + 1) * 1024] for i in range(4)}, tmp_path / "a.pt")
     base = _vm_peak_kib("import typer")
     for extra_mib in (64, 160):  # where torch itself cannot load, and a little above
         r = subprocess.run([sys.executable, "-m", "paramtool", "convert", str(tmp_path / "a.pt"),
@@ -314,6 +315,23 @@ def test_convert_out_of_memory_is_one_error_line(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr
         assert not (tmp_path / "b.safetensors").exists()
         assert not [p for p in os.listdir(tmp_path) if "paramtool-tmp" in p]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="address-space limits are Linux's")
+def test_convert_moving_bytes_needs_no_torch_and_little_memory(tmp_path):
+    """Whole storages are written as the bytes they are (copied by the kernel, or from a mapping into the zip):
+    no torch import, so this converts both ways where torch itself could not even be imported."""
+    sd = {f"w{i}": torch.randn(1024, 1024) for i in range(4)}
+    sd["tied"] = sd["w0"]
+    torch.save(sd, tmp_path / "a.pt")
+    base = _vm_peak_kib("import typer")
+    for src, dst in (("a.pt", "b.safetensors"), ("b.safetensors", "c.pt")):
+        r = subprocess.run([sys.executable, "-m", "paramtool", "convert", str(tmp_path / src), str(tmp_path / dst)],
+                           capture_output=True, text=True, preexec_fn=_limited((base + 64 * 1024) * 1024))
+        assert r.returncode == 0, r.stderr
+    back = torch.load(tmp_path / "c.pt", weights_only=True)
+    _same(sd, back)
+    assert back["tied"].data_ptr() == back["w0"].data_ptr()
 
 
 # --- patched copies through the kernel -----------------------------------------------------------------------

@@ -27,6 +27,7 @@ class Checkpoint:
     path: str | None = None  # the file it came from, if any
     key: str | None = None  # the --key sub-tree the names are relative to
     globals: list[str] | None = None  # the global names a torch file's pickle refers to (None: not a pickle)
+    located: dict | None = None  # torch zip: storage key -> (offset of its bytes, None if compressed; its record)
 
     @property
     def layout(self) -> Format:

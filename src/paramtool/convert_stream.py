@@ -21,7 +21,8 @@ from .records import dataclass, replace
 from typing import Any
 
 from .errors import FormatError, ParamtoolError, first_line
-from .toc import TensorInfo, contiguous_stride
+from .formats.pt import STORAGE_CLASSES
+from .toc import TensorInfo, contiguous_stride, itemsize
 from .tree import walk
 
 
@@ -34,6 +35,9 @@ class StorageReader:
     nbytes: Callable[[Hashable], int]
     close: Callable[[], None]
     recycle: Callable[[Hashable, Any], None] = lambda key, t: None  # written: its memory serves the next read
+    # where storages are byte ranges of files: their bytes as they are, without torch
+    raw: Callable[[Hashable], Any] | None = None  # a read-only memoryview (mapped)
+    copy: Callable[[Hashable, Any], None] | None = None  # appended to a file by the kernel
 
 
 # --- readers --------------------------------------------------------------------------------------------
@@ -45,7 +49,8 @@ def _file_reader(listing: Any) -> StorageReader | None:
     sf = open_storage_file(listing)
     if sf is None:
         return None
-    return StorageReader(sf.map_storage, lambda k: sf.spans[k].nbytes, sf.close)  # mapped, copy-on-write
+    return StorageReader(sf.map_storage, lambda k: sf.spans[k].nbytes, sf.close,  # mapped, copy-on-write
+                         raw=sf.raw_storage, copy=sf.copy_storage)
 
 
 def _sharded_reader(listing: Any) -> StorageReader | None:
@@ -63,7 +68,8 @@ def _sharded_reader(listing: Any) -> StorageReader | None:
             r.close()
 
     return StorageReader(lambda k: files[k[0]].read(k[1]), lambda k: files[k[0]].nbytes(k[1]), close,
-                         lambda k, t: files[k[0]].recycle(k[1], t))
+                         lambda k, t: files[k[0]].recycle(k[1], t), lambda k: files[k[0]].raw(k[1]),
+                         lambda k, out: files[k[0]].copy(k[1], out))
 
 
 def _dcp_reader(listing: Any) -> StorageReader:
@@ -116,6 +122,13 @@ def write_safetensors(path: str, infos: list[TensorInfo], metadata: dict[str, st
     if bad is not None:
         raise ParamtoolError(f"safetensors cannot hold {bad.dtype} tensors ('{bad.name}')")
 
+    if reader.copy is not None and all(_whole(t, reader) for t in stored):  # bytes as they are: no torch
+        with open(path, "wb") as out:
+            out.write(safetensors_fmt.header([(t.name, t.dtype, tuple(t.shape)) for t in stored], meta))
+            for t in stored:
+                reader.copy(t.storage, out)
+        return
+
     def produce(t: TensorInfo) -> Any:
         storage = reader.read(t.storage)
         if t.offset == 0 and tuple(t.stride) == contiguous_stride(t.shape) and storage.numel() == t.numel:
@@ -132,14 +145,13 @@ def write_safetensors(path: str, infos: list[TensorInfo], metadata: dict[str, st
             del data
 
 
+def _whole(t: TensorInfo, reader: StorageReader) -> bool:
+    """Is ``t`` its whole storage, laid out contiguously (so its bytes are the storage's, as they are)?"""
+    return t.offset == 0 and tuple(t.stride) == contiguous_stride(t.shape) and \
+        t.numel * itemsize(t.dtype) == reader.nbytes(t.storage)
+
+
 # --- torch zip ------------------------------------------------------------------------------------------
-
-
-def _storage_type(dtype: str) -> Any:
-    import torch
-
-    name = torch.storage._dtype_to_storage_type_map().get(getattr(torch, dtype, None))
-    return getattr(torch, name) if name else None
 
 
 def _only_tensors(root: Any) -> bool:
@@ -177,16 +189,26 @@ def write_pt(path: str, root: Any, reader: StorageReader) -> None:
     pickled, storages = pt.pickle_with_storages(root)
 
     def records() -> Any:
+        if reader.raw is not None:  # mapped bytes as they are: no torch
+            for key, out in storages.items():
+                data = reader.raw(key)
+                _check_size(out, len(data))
+                yield out.key, data
+                del data
+            return
         for key, data in _ahead(list(storages), reader.read):
             out = storages[key]
-            if data.numel() * data.element_size() != out.nbytes:
-                raise FormatError(f"storage of '{out.source}' holds {data.numel() * data.element_size()} bytes, "
-                                  f"not the {out.nbytes} its tensors need")
+            _check_size(out, data.numel() * data.element_size())
             yield out.key, _as_bytes(data)
             reader.recycle(key, data)
             del data
 
     pt.write_zip(path, pickled, records())
+
+
+def _check_size(out: Any, nbytes: int) -> None:
+    if nbytes != out.nbytes:
+        raise FormatError(f"storage of '{out.source}' holds {nbytes} bytes, not the {out.nbytes} its tensors need")
 
 
 # --- entry point ----------------------------------------------------------------------------------------
@@ -213,7 +235,7 @@ def convert_streamed(src: Any, listing: Any, output: Any, drop_extra: bool,
         root = _sharded_root(listing) if src.layout.split else pt_root(listing)
         if src.layout.placeholder_values and (not _only_tensors(root) or (listing.key and root is listing.root)):
             return False  # non-tensor entries are placeholders here; a --key load reads only its sub-tree
-        if any(_storage_type(t.dtype) is None for _, t in walk(root)):
+        if any(t.dtype not in STORAGE_CLASSES for _, t in walk(root)):  # torch.save's own path names the rest
             return False
     reader = open_reader(src, listing)
     if reader is None:

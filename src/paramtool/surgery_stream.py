@@ -187,8 +187,8 @@ def _write_zip(out: Checkpoint, storage_file: Any, path: str, overflows: dict[Ha
     def records() -> Any:
         for s in storages.values():
             span = storage_file.spans[s.source]
-            if span.dtype == s.dtype:  # untouched: the record's bytes as they are
-                yield s.key, storage_file.reader.get_record(span.record)
+            if span.dtype == s.dtype:  # untouched: the storage's bytes as they are (mapped)
+                yield s.key, storage_file.raw_storage(s.source)
             else:
                 yield s.key, _as_bytes(_produce(storage_file, s.source, s.dtype, overflows))
 

@@ -123,7 +123,7 @@ class TorchFormat(Format):
             return None
         from .storage import ZipStorageFile
 
-        return ZipStorageFile.open(listing.path, listing.toc(), listing.root)
+        return ZipStorageFile.open(listing.path, listing.toc(), listing.root, listing.located)
 
     def sniff(self, head: bytes, size: int) -> bool:
         from .torchfile import sniff_torch
@@ -136,6 +136,7 @@ class TorchFormat(Format):
         listing = read_torch(path, self.name)
         ckpt = named(label, self, listing.root, path, key)
         ckpt.globals = sorted(listing.globals)
+        ckpt.located = {k: (listing.data_offset.get(k), listing.records.get(k, "")) for k in listing.storages}
         return ckpt
 
     def load(self, label: str, path: str, key: str | None) -> Checkpoint:

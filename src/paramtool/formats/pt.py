@@ -22,6 +22,7 @@ from typing import Any, Hashable
 
 from ..errors import FormatError, first_line
 from ..toc import FakeModule, FakeTensor, itemsize
+from .dtypes import STORAGE_TYPES
 from .torchfile import TorchFile
 from .unpickle import Global, Inert
 
@@ -217,15 +218,30 @@ class _Pickler(pickle._Pickler):  # the pure-Python pickler: it lets a stand-in 
         self.write(pickle.GLOBAL + ref.module.encode("utf-8") + b"\n" + ref.qualname.encode("utf-8") + b"\n")
         self.memoize(ref)
 
-    def _inert(self, obj: Inert) -> None:
-        self.save(obj.cls)
-        self.save(tuple(obj.args))
-        if obj.how == "newobj" and obj.kwargs:
-            self.save(dict(obj.kwargs))
-            self.write(pickle.NEWOBJ_EX)
-        else:
-            self.write(pickle.NEWOBJ if obj.how == "newobj" else pickle.REDUCE)
+    def _call(self, func: Global, args: tuple, obj: Any) -> None:
+        """``obj`` pickled as ``func(*args)`` (REDUCE), ``func`` written by name: what ``save_reduce`` writes
+        for a callable, for a name that is never resolved. Memoized, as pickle memoizes what it reduces."""
+        memo = self.memo.get(id(obj))
+        if memo is not None:
+            self.write(self.get(memo[0]))
+            return
+        self.save(func)
+        self.save(args)
+        self.write(pickle.REDUCE)
         self.memoize(obj)
+
+    def _inert(self, obj: Inert) -> None:
+        if obj.how != "newobj":
+            self._call(obj.cls, tuple(obj.args), obj)
+        else:
+            self.save(obj.cls)
+            self.save(tuple(obj.args))
+            if obj.kwargs:
+                self.save(dict(obj.kwargs))
+                self.write(pickle.NEWOBJ_EX)
+            else:
+                self.write(pickle.NEWOBJ)
+            self.memoize(obj)
         if obj.list_items:
             self._batch_appends(iter(obj.list_items))
         if obj.dict_items:
@@ -296,11 +312,17 @@ class _Data:
 def pickle_with_storages(root: Any) -> tuple[bytes, dict[Hashable, StorageOut]]:
     """``root`` (with ``FakeTensor`` stand-ins, no data) pickled as ``torch.save`` pickles it: tensors rebuilt by
     torch's own functions from numbered storages (persistent ids), other stand-ins written back as read.
-    Returns the pickle and the storages it names, by the stand-ins' storage keys, in record order."""
-    import torch
+    Returns the pickle and the storages it names, by the stand-ins' storage keys, in record order.
 
+    torch's functions and storage classes are written as the GLOBAL names torch.save writes for them (one
+    ``Global`` per name, memoized as torch's objects are), so this needs no torch: a conversion that only
+    moves bytes never imports it. A dtype without a storage class (``storage_class``) is the caller's to
+    refuse first."""
     storages: dict[Hashable, StorageOut] = {}
-    type_names = torch.storage._dtype_to_storage_type_map()
+    names: dict[tuple[str, str], Global] = {}
+
+    def name(module: str, qualname: str) -> Global:
+        return names.setdefault((module, qualname), Global(module, qualname))
 
     def storage_of(ft: FakeTensor) -> StorageOut:
         ref = ft.storage
@@ -310,24 +332,25 @@ def pickle_with_storages(root: Any) -> tuple[bytes, dict[Hashable, StorageOut]]:
         return storages[ref.key]
 
     def tensor_reduce(ft: FakeTensor, requires_grad: bool) -> tuple:
-        return (torch._utils._rebuild_tensor_v2,
+        return (name("torch._utils", "_rebuild_tensor_v2"),
                 (storage_of(ft), ft.offset, tuple(ft.shape), tuple(ft.stride), requires_grad, OrderedDict()))
 
     class Pickler(_Pickler):
         def persistent_id(self, obj: Any) -> Any:
             if type(obj) is StorageOut:
-                kind = getattr(torch, type_names[getattr(torch, obj.dtype)])
-                return ("storage", kind, obj.key, obj.location, obj.numel)
+                return ("storage", name("torch", STORAGE_CLASSES[obj.dtype]), obj.key, obj.location, obj.numel)
             return None
 
-        def reducer_override(self, obj: Any) -> Any:
+        def save(self, obj: Any, save_persistent_id: bool = True) -> None:
             if type(obj) is FakeTensor:
                 if obj.is_parameter:
-                    return (torch._utils._rebuild_parameter, (_Data(obj), obj.requires_grad, OrderedDict()))
-                return tensor_reduce(obj, obj.requires_grad)
-            if type(obj) is _Data:
-                return tensor_reduce(obj.fake, False)
-            return NotImplemented
+                    self._call(name("torch._utils", "_rebuild_parameter"), (_Data(obj), obj.requires_grad, OrderedDict()), obj)
+                else:
+                    self._call(*tensor_reduce(obj, obj.requires_grad), obj)
+            elif type(obj) is _Data:
+                self._call(*tensor_reduce(obj.fake, False), obj)
+            else:
+                super().save(obj, save_persistent_id)
 
     buf = io.BytesIO()
     try:
@@ -338,6 +361,7 @@ def pickle_with_storages(root: Any) -> tuple[bytes, dict[Hashable, StorageOut]]:
 
 
 ALIGN = 64  # torch's storage alignment inside the zip
+STORAGE_CLASSES = {dtype: cls for cls, dtype in STORAGE_TYPES.items()}  # dtype -> the class torch.save names
 
 
 def _zip_record(zf: zipfile.ZipFile, name: str, data: Any) -> None:

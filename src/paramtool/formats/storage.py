@@ -127,20 +127,30 @@ class StorageFile:
         tensor is not its whole storage laid out contiguously (then only torch can say what its bytes are).
 
         Lets ``diff`` and ``ties --values`` compare and checksum bytes with no torch import at all."""
+        info = self.infos[name]
+        return self.raw_storage(info.storage) if self.covers(info) else None
+
+    def raw_storage(self, key: Hashable) -> Any:
+        """A storage's bytes as a read-only memoryview of a mapping, without torch (a conversion writes them
+        as they are)."""
         import mmap
 
-        info = self.infos[name]
-        if not self.covers(info):
-            return None
-        span = self.spans[info.storage]
+        span = self.spans[key]
         if span.offset + span.nbytes > os.fstat(self._file.fileno()).st_size:
-            raise FormatError(f"{self.path}: truncated: storage {info.storage!r} ends beyond the file")
+            raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the file")
         if span.nbytes == 0:
             return memoryview(b"")
         base = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
         mm = mmap.mmap(self._file.fileno(), span.offset + span.nbytes - base, flags=mmap.MAP_SHARED,
                        prot=mmap.PROT_READ, offset=base)
         return memoryview(mm)[span.offset - base : span.offset - base + span.nbytes]
+
+    def copy_storage(self, key: Hashable, out: Any) -> None:
+        """Append a storage's bytes to the file ``out`` as they are, copied by the kernel (see ``_copy``)."""
+        span = self.spans[key]
+        with self._lock:  # the file position is shared
+            self._file.seek(span.offset)
+            _copy(self._file, out, span.nbytes)
 
     def mapped_tensor(self, name: str) -> Any:
         """``tensor(name)`` over mapped, copy-on-write memory (see ``map_storage``)."""
@@ -175,24 +185,32 @@ class ZipStorageFile(StorageFile):
     """A torch zip checkpoint; records are copied with torch's own zip writer, which keeps alignment."""
 
     @classmethod
-    def open(cls, path: str, toc: Toc, root: Any) -> "ZipStorageFile":
-        import torch
-
+    def open(cls, path: str, toc: Toc, root: Any, located: dict[Hashable, tuple[int | None, str]]) -> "ZipStorageFile":
+        """``located``: each storage's data offset and record, as the listing's zip reading found them (no torch)."""
         from ..tree import walk
 
         spans: dict[Hashable, Span] = {}
-        try:
-            reader = torch._C.PyTorchFileReader(path)
-            for _, fake in walk(root):
-                ref = fake.storage
-                if ref.key not in spans:
-                    record = f"data/{ref.key[1]}"
-                    spans[ref.key] = Span(reader.get_record_offset(record), ref.nbytes, ref.dtype, record)
-        except RuntimeError as e:  # torch's zip reader: corrupt or truncated archive
-            raise FormatError(f"{path}: corrupt torch zip file ({first_line(e, 160)})") from None
-        self = cls(path, toc, spans)
-        self.reader = reader
-        return self
+        for _, fake in walk(root):
+            ref = fake.storage
+            if ref.key not in spans:
+                offset, record = located[ref.key]
+                if offset is None:  # torch stores every record as is; a byte range of deflated bytes means nothing
+                    raise FormatError(f"{path}: storage record '{record}' is compressed (torch stores records "
+                                      "uncompressed; save it again with torch.save)")
+                spans[ref.key] = Span(offset, ref.nbytes, ref.dtype, f"data/{ref.key[1]}")  # as torch's reader names it
+        return cls(path, toc, spans)
+
+    @property
+    def reader(self) -> Any:
+        """torch's own zip reader, for ``patch``, which copies records with torch's writer."""
+        if getattr(self, "_reader", None) is None:
+            import torch
+
+            try:
+                self._reader = torch._C.PyTorchFileReader(self.path)
+            except RuntimeError as e:  # torch's zip reader: corrupt or truncated archive
+                raise FormatError(f"{self.path}: corrupt torch zip file ({first_line(e, 160)})") from None
+        return self._reader
 
     def patch(self, out_path: str, changed: Iterable[Hashable], produce: Callable[[Hashable], Any]) -> None:
         import torch
