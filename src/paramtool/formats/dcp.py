@@ -324,6 +324,8 @@ class Entries:
     ``("dcp", fqn)``; pool threads may read different entries at once."""
 
     def __init__(self, directory: str) -> None:
+        import torch  # noqa: F401  now, not on a pool thread: another one would meet a half-imported torch
+
         from .storage import release_freed_memory
 
         release_freed_memory()  # entry-sized buffers go back to the system when freed (see there)
