@@ -5,7 +5,9 @@ allowlist. Here it is read by the inert unpickler (nothing it names is built or 
 ``Inert`` records read by field). Tensor data is read by paramtool too: each item of a data file is the byte
 range ``.metadata`` gives (resolved inside the checkpoint directory, or refused), holding a ``torch.save`` zip
 that the torch-file reader lists and rebuilds, or raw bytes. Non-tensor entries are such zips as well, read
-the same way: never ``torch.load``. Writing uses torch's DCP writer.
+the same way: never ``torch.load``. Values are read one tensor entry at a time (``Entries``: the value
+commands' checkpoint, ``load_lazy``, and a streamed ``convert``), each item read once into the memory its
+tensor uses. Writing uses torch's DCP writer.
 """
 from __future__ import annotations
 
@@ -13,13 +15,16 @@ import io
 import os
 import warnings
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, RefusedGlobal, first_line
 from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_of
 from .torchfile import MAX_DEPTH
 from .unpickle import Global, Inert, unpickle
+
+if TYPE_CHECKING:
+    from .base import Format
 
 MAX_METADATA = 256 * 1024 * 1024
 
@@ -370,7 +375,7 @@ class Entries:
         """Nothing stays open between reads."""
 
 
-def load_lazy(label: str, path: str, key: str | None, fmt: Any) -> Any:
+def load_lazy(label: str, path: str, key: str | None, fmt: Format) -> EntryCheckpoint:
     """The checkpoint as ``load`` gives it (non-tensor entries read, names and ``--key`` the same) whose
     tensors are read one entry at a time when asked for (``EntryCheckpoint``)."""
     from .. import tree
