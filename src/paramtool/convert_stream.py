@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable
 from .records import dataclass, replace
 from typing import Any
 
-from .errors import FormatError, ParamtoolError, first_line
+from .errors import FormatError, ParamtoolError
 from .formats.pt import STORAGE_CLASSES
 from .toc import TensorInfo, contiguous_stride, itemsize
 from .tree import walk
@@ -73,23 +73,10 @@ def _sharded_reader(listing: Any) -> StorageReader | None:
 
 
 def _dcp_reader(listing: Any) -> StorageReader:
-    """One tensor entry at a time, read by ``dcp.read_tensor`` (paramtool's own DCP reader); the
-    metadata read once. Keys are the listing's ``("dcp", fqn)``."""
-    from .formats import dcp
-
-    md = dcp._metadata(listing.path)
-    items = dcp._items(listing.path, md)
-    entries = {fqn: entry for fqn, _, entry in dcp._entries(listing.path, md) if entry is not None}
-    refs = {fake.storage.key: fake.storage for _, fake in walk(listing.root)}
-
-    def read(key: Hashable) -> Any:
-        fqn = key[1]
-        try:
-            return dcp.read_tensor(listing.path, fqn, entries[fqn], items.get(fqn, [])).reshape(-1)
-        except (RuntimeError, ValueError, TypeError, IndexError) as e:  # a chunk torch cannot place
-            raise FormatError(f"{listing.path}: cannot read '{fqn}': {first_line(e, 200)}") from None
-
-    return StorageReader(read, lambda k: refs[k].nbytes, lambda: None)
+    """One tensor entry at a time, as the value commands read them (``formats.dcp.Entries``, the DCP format's
+    storage reader). Keys are the listing's ``("dcp", fqn)``."""
+    entries = listing.layout.open_storages(listing)
+    return StorageReader(entries.read_storage, entries.nbytes, entries.close)
 
 
 def open_reader(src: Any, listing: Any) -> StorageReader | None:

@@ -217,9 +217,12 @@ class StreamedCheckpoint(Checkpoint):
 
 
 def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
-    """For reading values (show, stats, diff): streamed where the format has byte ranges, else loaded."""
+    """For reading values (show, stats, diff): streamed where the format has byte ranges or (DCP) entries
+    read one at a time, else loaded."""
     if src.layout is not None and src.layout.split:
         return _sharded(src, load_lazy)
+    if src.layout is not None and src.layout.placeholder_values:  # DCP: one tensor entry at a time
+        return src.layout.load_lazy(src.label, src.path, key)
     if src.kind == "file" and src.layout.byte_ranges:
         from .formats.storage import open_storage_file
 

@@ -156,6 +156,18 @@ class TorchFormat(Format):
 
 
 class DcpFormat(Format):
+    def open_storages(self, listing: Checkpoint) -> Any:
+        """Not byte ranges: each tensor entry read whole, one at a time (``dcp.Entries``)."""
+        from .dcp import Entries
+
+        return Entries(listing.path)
+
+    def load_lazy(self, label: str, path: str, key: str | None) -> Checkpoint:
+        """The checkpoint ``load`` gives, with each tensor entry read only when asked for."""
+        from .dcp import load_lazy
+
+        return load_lazy(label, path, key, self)
+
     def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
         from . import dcp
 

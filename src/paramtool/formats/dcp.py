@@ -5,19 +5,26 @@ allowlist. Here it is read by the inert unpickler (nothing it names is built or 
 ``Inert`` records read by field). Tensor data is read by paramtool too: each item of a data file is the byte
 range ``.metadata`` gives (resolved inside the checkpoint directory, or refused), holding a ``torch.save`` zip
 that the torch-file reader lists and rebuilds, or raw bytes. Non-tensor entries are such zips as well, read
-the same way: never ``torch.load``. Writing uses torch's DCP writer.
+the same way: never ``torch.load``. Values are read one tensor entry at a time (``Entries``: the value
+commands' checkpoint, ``load_lazy``, and a streamed ``convert``), each item read once into the memory its
+tensor uses. Writing uses torch's DCP writer.
 """
 from __future__ import annotations
 
 import io
 import os
 import warnings
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any
 
+from ..checkpoint import Checkpoint
 from ..errors import FormatError, RefusedGlobal, first_line
 from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_of
 from .torchfile import MAX_DEPTH
 from .unpickle import Global, Inert, unpickle
+
+if TYPE_CHECKING:
+    from .base import Format
 
 MAX_METADATA = 256 * 1024 * 1024
 
@@ -181,25 +188,60 @@ def _size(path: str) -> int:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-def _read_range(path: str, start: int, length: int) -> bytes:
+def _read_range(path: str, start: int, length: int) -> bytearray:
+    """The item's bytes, read straight into the writable buffer its tensors are then built over (one copy)."""
+    data = bytearray(length)
     try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            data = f.read(length)
+        with open(path, "rb", buffering=0) as f:
+            done = 0
+            view = memoryview(data)
+            while done < length:
+                n = os.preadv(f.fileno(), [view[done:]], start + done)
+                if n <= 0:
+                    break
+                done += n
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
-    if len(data) != length:
+    if done != length:
         raise FormatError(f"{path}: truncated: an item ends beyond the file")
     return data
 
 
-def _unzip_object(data: bytes, label: str) -> Any:
-    """A ``torch.save`` blob (one DCP item) read by the torch-file reader and rebuilt by paramtool."""
+class _BufferFile(io.RawIOBase):
+    """A read-only file over a buffer that is not copied (``io.BytesIO`` copies a bytearray): the zip reader
+    reads an item's directory and pickle from it while its tensors are built over the same buffer."""
+
+    def __init__(self, data: bytearray) -> None:
+        super().__init__()
+        self._view, self._pos = memoryview(data), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = max(0, min(len(b), len(self._view) - self._pos))
+        b[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = max(0, offset + (0, self._pos, len(self._view))[whence])
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _unzip_object(data: bytearray, label: str) -> Any:
+    """A ``torch.save`` blob (one DCP item) read by the torch-file reader and rebuilt by paramtool over the
+    same bytes (no copy)."""
     from . import pt, torchfile
 
-    blob = io.BytesIO(data)
-    listing = torchfile.read_zip(label, blob)
-    return pt.materialize(listing, bytearray(data), label, io.BytesIO(data))
+    listing = torchfile.read_zip(label, _BufferFile(data))
+    return pt.materialize(listing, data, label, _BufferFile(data))
 
 
 def load(directory: str, only: tuple = ()) -> Any:
@@ -217,7 +259,10 @@ def load(directory: str, only: tuple = ()) -> Any:
                           f"{first_line(e, 160)})") from None
 
 
-def _load_entries(directory: str, md: Inert, items: dict, only: tuple = ()) -> dict:
+def _load_entries(directory: str, md: Inert, items: dict, only: tuple = (),
+                  tensor: Callable[[str, str, Inert, list], Any] | None = None) -> dict:
+    """The nested state, every non-tensor entry read; a tensor entry is ``tensor(directory, fqn, entry,
+    chunks)``: ``read_tensor`` (its data), or a stand-in to read later (``Entries``)."""
     path = os.path.join(directory, ".metadata")
     state: dict = {}
     entries = _entries(directory, md)
@@ -231,7 +276,7 @@ def _load_entries(directory: str, md: Inert, items: dict, only: tuple = ()) -> d
             _, file, start, length = chunks[0]
             value = _unzip_object(_read_range(file, start, length), label)
         else:
-            value = read_tensor(directory, fqn, entry, chunks)
+            value = (tensor or read_tensor)(directory, fqn, entry, chunks)
         _place(path, state, fqn, where, value)
     return state
 
@@ -275,6 +320,82 @@ def read_tensor(directory: str, fqn: str, entry: Inert, chunks: list[tuple[tuple
                 raise FormatError(f"{label}: a chunk that does not fit the tensor")
             view.copy_(part)
     return value
+
+
+class Entries:
+    """A DCP checkpoint's tensor entries read one at a time, on request: ``.metadata`` read (and every item's
+    path and byte range checked) once. What the value commands (``load_lazy``) and a streamed ``convert``
+    read from, so memory stays near one entry, never the checkpoint. Storage keys are the listing's
+    ``("dcp", fqn)``; pool threads may read different entries at once."""
+
+    def __init__(self, directory: str) -> None:
+        import torch  # noqa: F401  now, not on a pool thread: another one would meet a half-imported torch
+
+        from .storage import release_freed_memory
+
+        release_freed_memory()  # entry-sized buffers go back to the system when freed (see there)
+        self.directory = directory
+        self._md = _metadata(directory)
+        self._items = _items(directory, self._md)
+        self._tensors = {fqn: entry for fqn, _, entry in _entries(directory, self._md) if entry is not None}
+
+    def tree(self) -> Any:
+        """The nested state as ``load`` gives it, except that each tensor entry is its stand-in
+        (``FakeTensor``): the non-tensor entries (step, epoch, hyper-parameters) are read now, so names and
+        ``--key`` resolve exactly as on the loaded checkpoint."""
+        path = os.path.join(self.directory, ".metadata")
+        return _lists(_load_entries(self.directory, self._md, self._items, (),
+                                    lambda _, fqn, entry, chunks: _fake(path, fqn, entry)))
+
+    def nbytes(self, key: Hashable) -> int:
+        return _fake(os.path.join(self.directory, ".metadata"), key[1], self._tensors[key[1]]).storage.nbytes
+
+    def read_entry(self, fqn: str) -> Any:
+        """The entry's tensor, its chunks read and placed (``read_tensor``)."""
+        if fqn not in self._tensors:
+            raise FormatError(f"{self.directory}: no tensor entry '{fqn[:80]}'")
+        try:
+            return read_tensor(self.directory, fqn, self._tensors[fqn], self._items.get(fqn, []))
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:  # a chunk torch cannot place
+            raise FormatError(f"{self.directory}: cannot read '{fqn}': {first_line(e, 200)}") from None
+
+    def read_storage(self, key: Hashable) -> Any:
+        """Storage ``key`` as a contiguous 1-D tensor of its dtype (what a streamed writer takes)."""
+        return self.read_entry(key[1]).reshape(-1)
+
+    def tensor(self, fake: FakeTensor) -> Any:
+        """The real tensor a stand-in of ``tree()`` describes: its entry read, viewed as the stand-in says."""
+        value = self.read_entry(fake.storage.key[1])
+        if fake.offset == 0 and tuple(value.shape) == tuple(fake.shape) and \
+                tuple(fake.stride) == contiguous_stride(fake.shape):
+            return value  # the entry itself, as ``load`` gives it
+        return value.reshape(-1).as_strided(fake.shape, fake.stride, fake.offset)
+
+    def close(self) -> None:
+        """Nothing stays open between reads."""
+
+
+def load_lazy(label: str, path: str, key: str | None, fmt: Format) -> EntryCheckpoint:
+    """The checkpoint as ``load`` gives it (non-tensor entries read, names and ``--key`` the same) whose
+    tensors are read one entry at a time when asked for (``EntryCheckpoint``)."""
+    from .. import tree
+
+    entries = Entries(path)
+    root = entries.tree()
+    ckpt = EntryCheckpoint(label, fmt.name, root, tree.assign_names(root, key), path=path, key=key)
+    ckpt.entries = entries
+    return ckpt
+
+
+class EntryCheckpoint(Checkpoint):
+    """A DCP checkpoint whose tensors are stand-ins read on request, one entry at a time; a tensor held inside
+    a non-tensor entry (a pickled tuple) was read with that entry and is already real."""
+
+    entries: Entries | None = None
+
+    def tensor(self, name: str) -> Any:
+        value = super().tensor(name)
+        return self.entries.tensor(value) if isinstance(value, FakeTensor) else value
 
 
 def _failure(e: BaseException) -> str:
