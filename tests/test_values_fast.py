@@ -162,6 +162,16 @@ def test_ties_values_equal_bytes_only(tmp_path, run, monkeypatch):
     assert groups == [["a", "b", "d"], ["h", "i"]]
 
 
+def test_ties_values_samples_only_filter(tmp_path, run):
+    """Equal 4 KiB samples (start, middle, end) are only a filter: a difference between them still decides."""
+    x = torch.randn(300, 400, generator=torch.Generator().manual_seed(5))
+    y = x.clone()
+    y[100] += 1  # bytes 160000..161600: outside every sample
+    save_file({"a": x, "b": y, "c": x.clone(), "d": y.clone()}, str(tmp_path / "m.safetensors"))
+    groups = [g["names"] for g in run("ties", tmp_path / "m.safetensors", "--values", "--json").json()["groups"]]
+    assert groups == [["a", "c"], ["b", "d"]]
+
+
 # --- convert: streamed, bit-exact, for every pair ---------------------------------------------------------
 
 
