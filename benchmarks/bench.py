@@ -1,6 +1,8 @@
 """Benchmark paramtool against the obvious torch / safetensors scripts, in one run on one machine.
 
     python benchmarks/bench.py [--sizes 100,1000] [--repeat 3] [--keep]
+    python benchmarks/bench.py --only values --size 1G --sharded-size 4G
+    python benchmarks/bench.py --quick        # small sizes, one run: checks the benchmark itself
 
 What is measured, and why
 -------------------------
@@ -21,12 +23,29 @@ on both sides -- that is what a user pays when they run a CLI or a one-off scrip
   ``torch.load(weights_only=True)`` (or ``load_file``), ``xavier_uniform_`` on every tensor with
   dim >= 2, and ``torch.save`` (or ``save_file``) to OUT.
 
+Before anything is timed, the paramtool package that runs is byte-compiled (``python -m compileall -q``) and
+PYTHONDONTWRITEBYTECODE is unset for the children: an installed package ships its bytecode, while an editable
+install run with that variable set (or with stale ``__pycache__``) recompiles its sources at every start.
+
 Each command runs once untimed (a warm-up: the page cache cannot be dropped without root, so both
 sides are measured with the file already cached) and then ``--repeat`` times. Reported: the median
 wall time and the largest peak RSS, read from ``/usr/bin/time -v`` ("Maximum resident set size") when
 it exists, else from ``getrusage(RUSAGE_CHILDREN)`` inside a fresh wrapper process per run. Ratios:
 speed = baseline/paramtool (above 1: paramtool is faster), RSS = paramtool/baseline (below 1:
-paramtool uses less memory). A paramtool command that fails is reported with its stderr and its row is
+paramtool uses less memory).
+
+Value commands (``--only values``, and after the listing rows by default), each run once with its inputs in the
+page cache, beside the obvious script and the read floor (``cat`` of the command's input files, timed in this run,
+plus a bare ``python -c 'import torch'``, median of 3 in this run): on one ``--size`` file, ``stats --json``
+(safetensors and .pt), ``diff`` of the file with itself and with a copy where every value is + 1e-3 (floor: cat
+of both inputs), ``ties --values``, ``convert`` pt -> safetensors and back, ``convert --dtype bf16``; on a
+``--sharded-size`` checkpoint of ``--shards`` safetensors shards, the same minus the .pt rows, with ``convert``
+(and ``--dtype bf16``) into one file. The obvious scripts: ``safe_open`` + ``get_tensor`` (or
+``torch.load(mmap=True)``) + torch ops per tensor; ``load_file``/``torch.load`` (+ ``.to(torch.bfloat16)``) +
+``save_file``/``torch.save``. The ``targets`` column and the closing lines say which of the issue's targets each
+row meets: speed ratio >= 3, paramtool / floor <= 2, RSS ratio <= 0.3 (and the listing median <= 0.06 s).
+
+A paramtool command that fails is reported with its stderr and its row is
 marked FAILED; the script goes on and always exits 0.
 """
 from __future__ import annotations
