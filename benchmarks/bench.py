@@ -467,8 +467,8 @@ def value_section(work: str, size_mb: int, sharded_mb: int, shards: int, repeat:
     for label, met in summary:
         good = [op for op, m in met if all(m.values())]
         missed = [f"{op} ({', '.join(k for k, v in m.items() if v is not True)})" for op, m in met if not all(m.values())]
-        print(f"targets, {label}: all met by {', '.join(good) or 'none'}; missed by "
-              f"{'; '.join(missed) or 'none'}")
+        print(f"targets, {label}: all three met by: {', '.join(good) or 'no row'}; missed by: "
+              f"{'; '.join(missed) or 'no row'}")
 
 
 def sparse_init(work: str, size_mb: int) -> None:
