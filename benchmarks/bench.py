@@ -128,26 +128,29 @@ for k, t in tensors(sys.argv[1]):
     print(k, f.mean().item(), f.std().item(), f.min().item(), f.max().item(), (f == 0).double().mean().item(),
           f.norm().item(), int(torch.isnan(f).sum()), int(torch.isinf(f).sum()))
 """
-# diff: both sides opened with safe_open, tensors read in pairs (a sharded directory: every shard's handle)
-DIFF_SCRIPT = """
-import glob, os, sys, torch
-from safetensors import safe_open
-def handles(path):
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else [path]
-    out = {}
-    for f in files:
-        h = safe_open(f, "pt")
-        out.update((k, h) for k in h.keys())
-    return out
-a, b = handles(sys.argv[1]), handles(sys.argv[2])
-print("added", sorted(b.keys() - a.keys()), "removed", sorted(a.keys() - b.keys()))
-for k in a.keys() & b.keys():
-    x, y = a[k].get_tensor(k), b[k].get_tensor(k)
+# diff: both sides read with safe_open, tensor by tensor (b's file opened per tensor, so that neither side's
+# mapping stays resident for the whole run: a sharded directory's shards one at a time)
+DIFF_SCRIPT = _ST_ITER + """
+def files(path):
+    return sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else [path]
+where = {}
+for f in files(sys.argv[2]):
+    with safe_open(f, "pt") as h:
+        where.update((k, f) for k in h.keys())
+seen = set()
+for k, x in tensors(sys.argv[1]):
+    seen.add(k)
+    if k not in where:
+        print("removed", k)
+        continue
+    with safe_open(where[k], "pt") as h:
+        y = h.get_tensor(k)
     if x.shape != y.shape or x.dtype != y.dtype:
         print(k, x.shape, x.dtype, y.shape, y.dtype)
     elif not torch.equal(x, y):
         d = (x - y).abs().max().item()
         print(k, d, d / y.abs().max().item(), torch.nn.functional.cosine_similarity(x.flatten(), y.flatten(), dim=0).item())
+print("added", sorted(where.keys() - seen))
 """
 TIES_SCRIPT = _ST_ITER + """
 import hashlib
