@@ -149,7 +149,8 @@ for k, x in tensors(sys.argv[1]):
         print(k, x.shape, x.dtype, y.shape, y.dtype)
     elif not torch.equal(x, y):
         d = (x - y).abs().max().item()
-        print(k, d, d / y.abs().max().item(), torch.nn.functional.cosine_similarity(x.flatten(), y.flatten(), dim=0).item())
+        cosine = torch.nn.functional.cosine_similarity(x.flatten(), y.flatten(), dim=0).item()
+        print(k, d, d / y.abs().max().item(), cosine)
 print("added", sorted(where.keys() - seen))
 """
 TIES_SCRIPT = _ST_ITER + """
@@ -469,7 +470,8 @@ def value_section(work: str, size_mb: int, sharded_mb: int, shards: int, repeat:
     print()
     for label, met in summary:
         good = [op for op, m in met if all(m.values())]
-        missed = [f"{op} ({', '.join(k for k, v in m.items() if v is not True)})" for op, m in met if not all(m.values())]
+        missed = [f"{op} ({', '.join(k for k, v in m.items() if v is not True)})"
+                  for op, m in met if not all(m.values())]
         print(f"targets, {label}: all three met by: {', '.join(good) or 'no row'}; missed by: "
               f"{'; '.join(missed) or 'no row'}")
 
