@@ -36,7 +36,7 @@ class StorageReader:
     close: Callable[[], None]
     recycle: Callable[[Hashable, Any], None] = lambda key, t: None  # written: its memory serves the next read
     # where storages are byte ranges of files: their bytes as they are, without torch
-    raw: Callable[[Hashable], Any] | None = None  # a read-only memoryview (mapped)
+    chunks: Callable[[Hashable], Any] | None = None  # ``formats.storage.Chunks``, read through a small buffer
     copy: Callable[[Hashable, Any], None] | None = None  # appended to a file by the kernel
 
 
@@ -50,7 +50,7 @@ def _file_reader(listing: Any) -> StorageReader | None:
     if sf is None:
         return None
     return StorageReader(sf.map_storage, lambda k: sf.spans[k].nbytes, sf.close,  # mapped, copy-on-write
-                         raw=sf.raw_storage, copy=sf.copy_storage)
+                         chunks=sf.chunks, copy=sf.copy_storage)
 
 
 def _sharded_reader(listing: Any) -> StorageReader | None:
@@ -68,7 +68,7 @@ def _sharded_reader(listing: Any) -> StorageReader | None:
             r.close()
 
     return StorageReader(lambda k: files[k[0]].read(k[1]), lambda k: files[k[0]].nbytes(k[1]), close,
-                         lambda k, t: files[k[0]].recycle(k[1], t), lambda k: files[k[0]].raw(k[1]),
+                         lambda k, t: files[k[0]].recycle(k[1], t), lambda k: files[k[0]].chunks(k[1]),
                          lambda k, out: files[k[0]].copy(k[1], out))
 
 
@@ -176,12 +176,11 @@ def write_pt(path: str, root: Any, reader: StorageReader) -> None:
     pickled, storages = pt.pickle_with_storages(root)
 
     def records() -> Any:
-        if reader.raw is not None:  # mapped bytes as they are: no torch
+        if reader.chunks is not None:  # the bytes as they are, read through a small buffer: no torch
             for key, out in storages.items():
-                data = reader.raw(key)
+                data = reader.chunks(key)
                 _check_size(out, len(data))
                 yield out.key, data
-                del data
             return
         for key, data in _ahead(list(storages), reader.read):
             out = storages[key]

@@ -23,6 +23,7 @@ from typing import Any, Hashable
 from ..errors import FormatError, first_line
 from ..toc import FakeModule, FakeTensor, itemsize
 from .dtypes import STORAGE_TYPES
+from .storage import Chunks
 from .torchfile import TorchFile
 from .unpickle import Global, Inert
 
@@ -366,18 +367,20 @@ STORAGE_CLASSES = {dtype: cls for cls, dtype in STORAGE_TYPES.items()}  # dtype 
 
 def _zip_record(zf: zipfile.ZipFile, name: str, data: Any) -> None:
     """One stored record whose data starts on a 64-byte boundary (padding in the local header's extra
-    field, as torch pads it), so torch can memory-map the storages."""
-    view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else data
+    field, as torch pads it), so torch can memory-map the storages. ``data``: bytes-like, or ``Chunks``."""
+    parts = data if isinstance(data, Chunks) else \
+        (memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else data,)
     info = zipfile.ZipInfo(f"archive/{name}", date_time=(1980, 1, 1, 0, 0, 0))
     info.compress_type = zipfile.ZIP_STORED
-    info.file_size = info.compress_size = len(view)
+    info.file_size = info.compress_size = len(data) if isinstance(data, Chunks) else len(parts[0])
     info.CRC = 0  # (zipfile computes it while writing; FileHeader needs a value to measure its length)
     zip64 = info.file_size > zipfile.ZIP64_LIMIT * 0.9
     header = len(info.FileHeader(zip64))
     pad = -(zf.fp.tell() + header + 4) % ALIGN
     info.extra = b"FB" + pad.to_bytes(2, "little") + b"Z" * pad
     with zf.open(info, "w", force_zip64=zip64) as f:
-        f.write(view)
+        for part in parts:
+            f.write(part)
 
 
 def write_zip(path: str, pickled: bytes, records: Iterable[tuple[str, Any]]) -> None:

@@ -29,6 +29,32 @@ class Span:
     record: str | None = None  # zip record name ("data/0") for torch files
 
 
+class Chunks:
+    """A storage's bytes as chunks read one after another into one small reused buffer (``os.preadv``), for
+    writers that must see the bytes as they go (a zip record's CRC-32). Each chunk is valid until the next.
+
+    Reading through a small buffer costs a fraction of faulting in a mapping of the same bytes: writing 1 GiB
+    into a zip took 0.6-0.9 s this way and 2-3.7 s from a mapping on this project's VMs."""
+
+    SIZE = 1 << 22
+
+    def __init__(self, fd: int, offset: int, nbytes: int, path: str) -> None:
+        self.fd, self.offset, self.nbytes, self.path = fd, offset, nbytes, path
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def __iter__(self) -> Iterator[memoryview]:
+        view = memoryview(bytearray(min(self.SIZE, self.nbytes)))
+        done = 0
+        while done < self.nbytes:
+            n = os.preadv(self.fd, [view[:min(len(view), self.nbytes - done)]], self.offset + done)
+            if n <= 0:
+                raise FormatError(f"{self.path}: truncated: a storage ends beyond the file")
+            yield view[:n]
+            done += n
+
+
 def release_freed_memory() -> None:
     """Make glibc give large freed blocks back to the system at once.
 
@@ -144,6 +170,13 @@ class StorageFile:
         mm = mmap.mmap(self._file.fileno(), span.offset + span.nbytes - base, flags=mmap.MAP_SHARED,
                        prot=mmap.PROT_READ, offset=base)
         return memoryview(mm)[span.offset - base : span.offset - base + span.nbytes]
+
+    def chunks(self, key: Hashable) -> Chunks:
+        """A storage's bytes as ``Chunks`` (read through one small buffer), without torch."""
+        span = self.spans[key]
+        if span.offset + span.nbytes > os.fstat(self._file.fileno()).st_size:
+            raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the file")
+        return Chunks(self._file.fileno(), span.offset, span.nbytes, self.path)
 
     def copy_storage(self, key: Hashable, out: Any) -> None:
         """Append a storage's bytes to the file ``out`` as they are, copied by the kernel (see ``_copy``)."""
