@@ -56,34 +56,25 @@ class _Moments:
     inf: int = 0
 
     def add(self, chunk: Any) -> None:
-        """One chunk: its own dtype for min/max and zeros, one float64 copy for the exact sums.
+        """One torch chunk (see ``_torch_moments``)."""
+        self.merge(*_torch_moments(chunk))
 
-        The chunk's squared deviations are taken from its own mean (two passes over a cache-resident
-        buffer), so the variance is as exact as torch's float64 computation, whatever the data's offset.
-        """
-        import torch
-
-        k = chunk.numel()
-        own = chunk if str(chunk.dtype).removeprefix("torch.") in _NATIVE else None
-        wide = scratch(k)
-        wide.copy_(chunk.real if chunk.is_complex() else chunk)
-        lo, hi = torch.aminmax(own if own is not None else wide)
-        self.zeros += k - int(torch.count_nonzero(own if own is not None else wide))
-        s = wide.sum().item()
+    def merge(self, k: int, lo: float, hi: float, zeros: int, s: float, sumsq: float, m2: float, nan: int,
+              inf: int) -> None:
+        """One chunk's own numbers (count, extremes, zeros, sum, sum of squares, squared deviations from its
+        mean, NaN/Inf counts) merged into the running ones."""
+        self.zeros += zeros
         self.total += s
-        self.sumsq += torch.dot(wide, wide).item()
-        if not math.isfinite(s):  # NaN/Inf present: count them (only then)
-            self.nan += int(torch.isnan(wide).sum())
-            self.inf += int(torch.isinf(wide).sum())
+        self.sumsq += sumsq
+        self.nan += nan
+        self.inf += inf
         cm = s / k
-        wide.sub_(cm)
-        cm2 = torch.dot(wide, wide).item()
         delta = cm - self.mean
         total = self.count + k
         self.mean += delta * k / total
-        self.m2 += cm2 + delta * delta * self.count * k / total
+        self.m2 += m2 + delta * delta * self.count * k / total
         self.count = total
-        self.lo, self.hi = min(self.lo, float(lo)), max(self.hi, float(hi))
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
 
     def result(self, name: str) -> TensorStats:
         n = self.count
@@ -94,6 +85,61 @@ class _Moments:
         if self.nan:  # NaN propagates, as in torch
             mean = std = lo = hi = float("nan")
         return TensorStats(name, n, mean, std, lo, hi, self.zeros / n, math.sqrt(self.sumsq), self.nan, self.inf)
+
+
+def _torch_moments(chunk: Any) -> tuple[int, float, float, int, float, float, float, int, int]:
+    """One chunk's numbers with torch: its own dtype for min/max and zeros, one float64 copy for the exact sums.
+
+    The chunk's squared deviations are taken from its own mean (two passes over a cache-resident
+    buffer), so the variance is as exact as torch's float64 computation, whatever the data's offset.
+    """
+    import torch
+
+    k = chunk.numel()
+    own = chunk if str(chunk.dtype).removeprefix("torch.") in _NATIVE else None
+    wide = scratch(k)
+    wide.copy_(chunk.real if chunk.is_complex() else chunk)
+    lo, hi = torch.aminmax(own if own is not None else wide)
+    zeros = k - int(torch.count_nonzero(own if own is not None else wide))
+    s = wide.sum().item()
+    sumsq = torch.dot(wide, wide).item()
+    nan = inf = 0
+    if not math.isfinite(s):  # NaN/Inf present: count them (only then)
+        nan = int(torch.isnan(wide).sum())
+        inf = int(torch.isinf(wide).sum())
+    wide.sub_(s / k)
+    return k, float(lo), float(hi), zeros, s, sumsq, torch.dot(wide, wide).item(), nan, inf
+
+
+def raw_stats(name: str, raw: Any, dtype: str) -> TensorStats:
+    """``tensor_stats`` from a tensor's bytes with numpy (``numeric``): no torch needed."""
+    from . import numeric
+
+    acc = _Moments()
+    with numeric.quiet():
+        for x in numeric.values(raw, dtype):
+            acc.merge(*numeric.moments(x))
+    if acc.count == 0:
+        nan = float("nan")
+        return TensorStats(name, 0, nan, nan, nan, nan, 0.0, 0.0, 0, 0)
+    return acc.result(name)
+
+
+def raw_reader(ckpt: Any) -> Callable[[str], tuple[Any, str] | None]:
+    """``name -> (bytes, dtype)`` for the tensors of ``ckpt`` whose bytes are at hand without torch, in a dtype
+    ``numeric`` reads; None for the others (they go through torch)."""
+    from . import numeric
+
+    dtypes = {i.name: i.dtype for i in ckpt.infos()}
+
+    def raw_of(name: str) -> tuple[Any, str] | None:
+        dtype = dtypes.get(name)
+        if dtype is None or not numeric.supports(dtype):
+            return None
+        raw = ckpt.raw_bytes(name)
+        return None if raw is None else (raw, dtype)
+
+    return raw_of
 
 
 def tensor_stats(name: str, t: Any) -> TensorStats:
@@ -228,12 +274,19 @@ class StatsRun:
 
 
 def stats_many(tensor_of: Callable[[str], Any], names: list[str], bins: int | None, png: bool,
-               advance: Callable[[], None] = lambda: None, workers: int | None = None) -> StatsRun:
+               advance: Callable[[], None] = lambda: None, workers: int | None = None,
+               raw_of: Callable[[str], tuple[Any, str] | None] | None = None) -> StatsRun:
     """Every selected tensor read once (two at a time, one read ahead) for its numbers and histograms;
-    only the numbers are kept, so memory is a few storages whatever the checkpoint's size."""
+    only the numbers are kept, so memory is a few storages whatever the checkpoint's size.
+
+    ``raw_of`` (see ``raw_reader``): tensors whose bytes it gives are computed with numpy, without torch,
+    when no histogram is asked for."""
     from .pipeline import ordered_map
 
     def one(name: str) -> tuple[TensorStats, Histogram | None, Histogram | None]:
+        raw = raw_of(name) if raw_of is not None and not bins and not png else None
+        if raw is not None:
+            return raw_stats(name, *raw), None, None
         t = tensor_of(name)
         r = tensor_stats(name, t)
         h = histogram(t, bins) if bins else None

@@ -1,0 +1,175 @@
+"""Value kernels over a tensor's raw bytes with numpy, for the commands that only read numbers (stats, diff).
+
+Importing torch costs about 1.5 s, more than computing the statistics of a 1 GiB checkpoint; numpy imports in
+60 ms. Where the bytes of a tensor are at hand without torch (a mapped storage that the tensor covers, see
+``Checkpoint.raw_bytes``) and numpy holds its dtype exactly, the numbers are computed here, chunk by chunk,
+with the same float64 accumulation as the torch path in ``stats``/``compare``: the same values to within
+float64 rounding. Everything else (float8, complex, views into larger storages, formats without byte ranges,
+histograms) goes through torch as before.
+
+Mapped pages are dropped from the process behind the chunk being computed (``MADV_DONTNEED`` on a read-only
+shared mapping: the page cache keeps them), so memory stays at a few chunks whatever the tensor's size.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+CHUNK = 1 << 18  # values per chunk: 2 MiB as float64, so the passes over one chunk run from the CPU cache
+
+# paramtool dtype name -> numpy dtype (little-endian, as both formats store them); bfloat16 is read as its
+# 16 bits and widened exactly to float32 (its upper half)
+_DTYPES = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int64": "<i8",
+           "int32": "<i4", "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "?"}
+
+_local = threading.local()
+
+
+def numpy() -> Any:
+    """numpy, with its BLAS on one thread: the pool already runs one chunk per core, and OpenBLAS's own threads
+    spin on a busy machine (a 2 MiB dot product measured 50x slower). Only effective when this is the first
+    import of numpy in the process."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    import numpy as np
+
+    return np
+
+
+def supports(dtype: str) -> bool:
+    """Can these kernels read this dtype (and is numpy installed)?"""
+    if dtype not in _DTYPES:
+        return False
+    try:
+        numpy()
+    except ImportError:
+        return False
+    return True
+
+
+def _buffer(slot: str, n: int, dtype: str) -> Any:
+    """This thread's reusable buffer ``slot`` of ``n`` values: chunk after chunk reuses cache-warm memory."""
+    np = numpy()
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.size < n:
+        buf = bufs[slot] = np.ones(max(n, CHUNK), dtype=dtype)  # ones: the "ones" slot is used as such
+    return buf[:n]
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _madvise() -> Any:
+    libc = getattr(_local, "libc", None)
+    if libc is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True).madvise
+            libc.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            libc = False
+        _local.libc = libc
+    return libc
+
+
+MADV_DONTNEED = 4
+
+
+def drop_pages(address: int, nbytes: int) -> None:
+    """Unmap from this process the whole pages of ``[address, address + nbytes)`` of a read-only shared file
+    mapping: the bytes stay in the page cache (a later access faults them back in), but they no longer count
+    toward this process's memory. A no-op where madvise is not available."""
+    madvise = _madvise()
+    start = -(-address // _PAGE) * _PAGE
+    end = (address + nbytes) // _PAGE * _PAGE
+    if madvise and end > start:
+        madvise(start, end - start, MADV_DONTNEED)
+
+
+def values(raw: memoryview, dtype: str, chunk: int = CHUNK) -> Iterator[Any]:
+    """The values in ``raw`` (a tensor's bytes) as numpy arrays of ``chunk`` values, in their own dtype
+    (bfloat16 widened to float32). When ``raw`` is a read-only file mapping (``StorageFile.raw``), the pages of
+    each chunk are dropped once the next one is asked for."""
+    import mmap
+
+    np = numpy()
+    arr = np.frombuffer(raw, dtype=_DTYPES[dtype])
+    mapped = isinstance(raw.obj, mmap.mmap) and raw.readonly  # never other memory: DONTNEED would zero it
+    address = arr.ctypes.data if arr.size and mapped else 0
+    size = arr.itemsize
+    for start in range(0, arr.size, chunk):
+        x = arr[start : start + chunk]
+        if dtype == "bfloat16":
+            wide = _buffer("bf16", x.size, "<u4")
+            np.left_shift(x, 16, out=wide, dtype="<u4")
+            x = wide.view("<f4")
+        yield x
+        if address:
+            drop_pages(address + start * size, min(chunk, arr.size - start) * size)
+
+
+def moments(x: Any) -> tuple[int, float, float, int, float, float, float, int, int]:
+    """One chunk's (count, min, max, zeros, sum, sum of squares, sum of squared deviations from its own mean,
+    NaNs, infinities), accumulated in float64. NaN/Inf are counted only when the sum says there are some.
+
+    The squared deviations are ``sumsq - sum * mean`` when that loses at most 6 bits (the chunk's mean within
+    8 standard deviations of zero, as weights are); otherwise a second pass subtracts the mean, so the variance
+    is as exact as torch's float64 computation whatever the data's offset."""
+    np = numpy()
+    k = x.size
+    wide = _buffer("wide", k, "<f8")
+    np.copyto(wide, x, casting="unsafe")
+    own = x if x.dtype.kind in "iub" or x.dtype.char in "fd" else wide  # float16: numpy's min/max are slow
+    lo, hi = float(own.min()), float(own.max())
+    zeros = int(np.count_nonzero(np.equal(own, 0, out=_buffer("mask", k, "?"))))
+    ones = _buffer("ones", k, "<f8")
+    s = float(np.dot(wide, ones))
+    sumsq = float(np.dot(wide, wide))
+    nan = inf = 0
+    if not math.isfinite(s):
+        nan = int(np.count_nonzero(np.isnan(wide, out=_buffer("mask", k, "?"))))
+        inf = int(np.count_nonzero(np.isinf(wide, out=_buffer("mask", k, "?"))))
+    cm = s / k
+    m2 = sumsq - s * cm
+    if not (m2 > sumsq / 64 and math.isfinite(m2)):  # cancellation (or overflow): deviations from the mean
+        np.subtract(wide, cm, out=wide)
+        m2 = float(np.dot(wide, wide))
+    return k, lo, hi, zeros, s, sumsq, m2, nan, inf
+
+
+def differences(xa: Any, xb: Any) -> tuple[float, float, float, float, float]:
+    """One chunk pair's (max |a - b|, max |b|, a.b, |a|^2, |b|^2) in float64; NaN propagates (as max does)."""
+    np = numpy()
+    k = xa.size
+    wa, wb = _buffer("wide", k, "<f8"), _buffer("wide_b", k, "<f8")
+    np.copyto(wa, xa, casting="unsafe")
+    np.copyto(wb, xb, casting="unsafe")
+    dot, na2, nb2 = float(np.dot(wa, wb)), float(np.dot(wa, wa)), float(np.dot(wb, wb))
+    lo, hi = float(wb.min()), float(wb.max())
+    max_b = math.nan if math.isnan(hi) else max(-lo, hi)
+    np.subtract(wa, wb, out=wa)
+    max_abs = float(np.abs(wa, out=wa).max())
+    return max_abs, max_b, dot, na2, nb2
+
+
+def all_close(xa: Any, xb: Any, rtol: float, atol: float) -> bool:
+    """``torch.isclose(a, b, rtol, atol, equal_nan=True).all()`` for one chunk pair, in float64."""
+    np = numpy()
+    k = xa.size
+    wa, wb = _buffer("wide", k, "<f8"), _buffer("wide_b", k, "<f8")
+    np.copyto(wa, xa, casting="unsafe")
+    np.copyto(wb, xb, casting="unsafe")
+    return bool(np.isclose(wa, wb, rtol=rtol, atol=atol, equal_nan=True).all())
+
+
+def quiet() -> Any:
+    """numpy's floating-point warnings off (inf - inf in a sum is expected here, and reported as numbers)."""
+    return numpy().errstate(all="ignore")
