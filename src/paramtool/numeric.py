@@ -7,8 +7,8 @@ with the same float64 accumulation as the torch path in ``stats``/``compare``: t
 float64 rounding. Everything else (float8, complex, views into larger storages, formats without byte ranges,
 histograms) goes through torch as before.
 
-Mapped pages are dropped from the process behind the chunk being computed (``MADV_DONTNEED`` on a read-only
-shared mapping: the page cache keeps them), so memory stays at a few chunks whatever the tensor's size.
+Mapped pages are dropped from the process behind the chunk being computed (``storage.drop_mapped``), so memory
+stays at a few chunks whatever the tensor's size.
 """
 from __future__ import annotations
 
@@ -63,57 +63,24 @@ def _buffer(slot: str, n: int, dtype: str) -> Any:
     return buf[:n]
 
 
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def _madvise() -> Any:
-    libc = getattr(_local, "libc", None)
-    if libc is None:
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True).madvise
-            libc.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        except (OSError, AttributeError):
-            libc = False
-        _local.libc = libc
-    return libc
-
-
-MADV_DONTNEED = 4
-
-
-def drop_pages(address: int, nbytes: int) -> None:
-    """Unmap from this process the whole pages of ``[address, address + nbytes)`` of a read-only shared file
-    mapping: the bytes stay in the page cache (a later access faults them back in), but they no longer count
-    toward this process's memory. A no-op where madvise is not available."""
-    madvise = _madvise()
-    start = -(-address // _PAGE) * _PAGE
-    end = (address + nbytes) // _PAGE * _PAGE
-    if madvise and end > start:
-        madvise(start, end - start, MADV_DONTNEED)
-
-
-def values(raw: memoryview, dtype: str, chunk: int = CHUNK) -> Iterator[Any]:
+def values(raw: memoryview, dtype: str, slot: int = 0, chunk: int = CHUNK) -> Iterator[Any]:
     """The values in ``raw`` (a tensor's bytes) as numpy arrays of ``chunk`` values, in their own dtype
     (bfloat16 widened to float32). When ``raw`` is a read-only file mapping (``StorageFile.raw``), the pages of
-    each chunk are dropped once the next one is asked for."""
-    import mmap
+    each chunk are dropped once the next one is asked for. Generators read in step need their own ``slot``
+    (the buffer bfloat16 is widened into)."""
+    from .formats.storage import drop_mapped
 
     np = numpy()
     arr = np.frombuffer(raw, dtype=_DTYPES[dtype])
-    mapped = isinstance(raw.obj, mmap.mmap) and raw.readonly  # never other memory: DONTNEED would zero it
-    address = arr.ctypes.data if arr.size and mapped else 0
     size = arr.itemsize
     for start in range(0, arr.size, chunk):
         x = arr[start : start + chunk]
         if dtype == "bfloat16":
-            wide = _buffer("bf16", x.size, "<u4")
+            wide = _buffer(f"bf16.{slot}", x.size, "<u4")
             np.left_shift(x, 16, out=wide, dtype="<u4")
             x = wide.view("<f4")
         yield x
-        if address:
-            drop_pages(address + start * size, min(chunk, arr.size - start) * size)
+        drop_mapped(raw, start * size, min(start + chunk, arr.size) * size)
 
 
 def moments(x: Any) -> tuple[int, float, float, int, float, float, float, int, int]:
@@ -161,13 +128,27 @@ def differences(xa: Any, xb: Any) -> tuple[float, float, float, float, float]:
 
 
 def all_close(xa: Any, xb: Any, rtol: float, atol: float) -> bool:
-    """``torch.isclose(a, b, rtol, atol, equal_nan=True).all()`` for one chunk pair, in float64."""
+    """``torch.isclose(a, b, rtol, atol, equal_nan=True).all()`` for one chunk pair, in float64:
+    ``|a - b| <= atol + rtol * |b|`` for finite values; where that fails, equal values (an infinity and
+    itself) or two NaNs."""
     np = numpy()
     k = xa.size
     wa, wb = _buffer("wide", k, "<f8"), _buffer("wide_b", k, "<f8")
     np.copyto(wa, xa, casting="unsafe")
     np.copyto(wb, xb, casting="unsafe")
-    return bool(np.isclose(wa, wb, rtol=rtol, atol=atol, equal_nan=True).all())
+    tol = _buffer("tol", k, "<f8")
+    np.abs(wb, out=tol)
+    tol *= rtol
+    tol += atol
+    np.minimum(tol, np.finfo("<f8").max, out=tol)  # an infinity is close only to itself, as in torch
+    diff = np.subtract(wa, wb, out=_buffer("diff", k, "<f8"))
+    np.abs(diff, out=diff)
+    close = np.less_equal(diff, tol, out=_buffer("mask", k, "?"))
+    if close.all():
+        return True
+    far = ~close
+    a, b = wa[far], wb[far]
+    return bool(((a == b) | (np.isnan(a) & np.isnan(b))).all())
 
 
 def quiet() -> Any:
