@@ -90,8 +90,10 @@ class _Moments:
 def _torch_moments(chunk: Any) -> tuple[int, float, float, int, float, float, float, int, int]:
     """One chunk's numbers with torch: its own dtype for min/max and zeros, one float64 copy for the exact sums.
 
-    The chunk's squared deviations are taken from its own mean (two passes over a cache-resident
-    buffer), so the variance is as exact as torch's float64 computation, whatever the data's offset.
+    The chunk's squared deviations are ``sumsq - sum * mean`` when that loses at most 6 bits (the chunk's mean
+    within 8 standard deviations of zero, as weights are); otherwise they are taken from the chunk's own mean
+    (two more passes over a cache-resident buffer), so the variance is as exact as torch's float64
+    computation, whatever the data's offset (``numeric.moments`` does the same with numpy).
     """
     import torch
 
@@ -107,8 +109,11 @@ def _torch_moments(chunk: Any) -> tuple[int, float, float, int, float, float, fl
     if not math.isfinite(s):  # NaN/Inf present: count them (only then)
         nan = int(torch.isnan(wide).sum())
         inf = int(torch.isinf(wide).sum())
-    wide.sub_(s / k)
-    return k, float(lo), float(hi), zeros, s, sumsq, torch.dot(wide, wide).item(), nan, inf
+    m2 = sumsq - s * (s / k)
+    if not (m2 > sumsq / 64 and math.isfinite(m2)):  # cancellation (or overflow): deviations from the mean
+        wide.sub_(s / k)
+        m2 = torch.dot(wide, wide).item()
+    return k, float(lo), float(hi), zeros, s, sumsq, m2, nan, inf
 
 
 def raw_stats(name: str, raw: Any, dtype: str) -> TensorStats:
