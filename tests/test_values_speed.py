@@ -217,3 +217,36 @@ def test_drop_mapped_leaves_other_memory_alone(tmp_path):
         assert bytes(view) == copy[100:]  # a read-only file mapping reads back the same
         view.release()
         ro.close()
+
+
+@pytest.mark.parametrize("bins", [2, 20, 60])
+def test_numpy_histograms_equal_torch_histograms(tmp_path, bins):
+    sd = _data()
+    sd["positive"] = torch.rand(N, generator=torch.Generator().manual_seed(5)) + 0.5
+    sd["negative_f16"] = -(torch.rand(N, generator=torch.Generator().manual_seed(6)) + 0.5).half()
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    raw_of = st.raw_reader(sources.load_lazy(sources.resolve(str(tmp_path / "m.safetensors"))))
+    for name, t in sd.items():
+        ours, theirs = st.raw_histogram(*raw_of(name), bins), st.histogram(t, bins)
+        assert ours == theirs, name
+    assert sum(st.raw_histogram(*raw_of("f32"), bins).counts) == N
+
+
+def test_stats_hist_cli_without_torch(tmp_path):
+    """--hist on a safetensors file: the histogram is torch's, and torch is never imported."""
+    import json
+
+    t = torch.randn(5000, generator=torch.Generator().manual_seed(8))
+    t[::10] = 0
+    t[3] = float("nan")
+    save_file({"w": t}, str(tmp_path / "m.safetensors"))
+    code = ("import sys\nfrom paramtool.cli import main\n"
+            f"sys.argv = ['paramtool', 'stats', {str(tmp_path / 'm.safetensors')!r}, '--hist', '--bins', '7', '--json']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    h = json.loads(r.stdout)["histograms"]["w"]
+    expected = st.histogram(t, 7)
+    assert (h["edges"], h["counts"], h["zeros"]) == (expected.edges, expected.counts, expected.zeros)
+    assert expected.zeros == 500 and expected.nonfinite == 1

@@ -151,6 +151,24 @@ def all_close(xa: Any, xb: Any, rtol: float, atol: float) -> bool:
     return bool(((a == b) | (np.isnan(a) & np.isnan(b))).all())
 
 
+def finite_nonzero(x: Any) -> tuple[Any, int, int]:
+    """One chunk's finite non-zero values in float64 (a new array), its zeros and its non-finite values."""
+    np = numpy()
+    wide = _buffer("wide", x.size, "<f8")
+    np.copyto(wide, x, casting="unsafe")
+    finite = wide[np.isfinite(wide)]
+    nz = finite[finite != 0]
+    return nz, finite.size - nz.size, x.size - finite.size
+
+
+def bucket_counts(values: Any, inner_edges: list[float], n: int) -> list[int]:
+    """``torch.bucketize(right=True)`` + ``bincount``: how many values fall in each of ``n`` bins
+    [edge, next edge), the last one closed."""
+    np = numpy()
+    idx = np.searchsorted(np.asarray(inner_edges, dtype="<f8"), values, side="right")
+    return np.bincount(idx, minlength=n).tolist()
+
+
 def quiet() -> Any:
     """numpy's floating-point warnings off (inf - inf in a sum is expected here, and reported as numbers)."""
     return numpy().errstate(all="ignore")

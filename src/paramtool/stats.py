@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from .records import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .pipeline import scratch
@@ -173,19 +173,50 @@ class Histogram:
 
 
 def histogram(t: Any, bins: int = 20) -> Histogram:
+    return _histogram(lambda: _torch_nonzero(t), bins, _torch_bucket_counts)
+
+
+def raw_histogram(raw: Any, dtype: str, bins: int = 20) -> Histogram:
+    """``histogram`` from a tensor's bytes with numpy (``numeric``): the same bins and counts, no torch."""
+    from . import numeric
+
+    def nonzero() -> Iterator[tuple[Any, int, int]]:
+        return (numeric.finite_nonzero(x) for x in numeric.values(raw, dtype))
+
+    return _histogram(nonzero, bins, numeric.bucket_counts)
+
+
+def _torch_nonzero(t: Any) -> Iterator[tuple[Any, int, int]]:
+    """Per chunk: its finite non-zero values in float64, its zeros, its non-finite values."""
     import torch
 
-    lo = hi = None
-    zeros = nonfinite = 0
     for chunk in _chunks(t):
         c = chunk.to(torch.float64)
         finite = c[torch.isfinite(c)]
-        nonfinite += c.numel() - finite.numel()
         nz = finite[finite != 0]
-        zeros += finite.numel() - nz.numel()
-        if nz.numel():
-            lo = nz.min().item() if lo is None else min(lo, nz.min().item())
-            hi = nz.max().item() if hi is None else max(hi, nz.max().item())
+        yield nz, finite.numel() - nz.numel(), c.numel() - finite.numel()
+
+
+def _torch_bucket_counts(values: Any, inner_edges: list[float], n: int) -> list[int]:
+    """How many values fall in each of ``n`` bins; a bin is [edge, next edge), the last one closed."""
+    import torch
+
+    idx = torch.bucketize(values, torch.tensor(inner_edges, dtype=torch.float64), right=True)
+    return torch.bincount(idx, minlength=n).tolist()
+
+
+def _histogram(nonzero: Callable[[], Iterator[tuple[Any, int, int]]], bins: int,
+               bucket_counts: Callable[[Any, list[float], int], list[int]]) -> Histogram:
+    """Two passes over ``nonzero()`` (chunks of finite non-zero float64 values, with their zero and non-finite
+    counts): the range, then the counts in bins laid out over it."""
+    lo = hi = None
+    zeros = nonfinite = 0
+    for nz, z, nf in nonzero():
+        zeros += z
+        nonfinite += nf
+        if len(nz):
+            lo = float(nz.min()) if lo is None else min(lo, float(nz.min()))
+            hi = float(nz.max()) if hi is None else max(hi, float(nz.max()))
     if lo is None:
         return Histogram([0.0, 0.0], [0], zeros, 0 if zeros else -1, nonfinite)
     if lo < 0 < hi:  # split the bins at zero, in proportion to each side's width
@@ -200,15 +231,11 @@ def histogram(t: Any, bins: int = 20) -> Histogram:
             edges = [lo + (hi - lo) * i / bins for i in range(bins + 1)]
         zero_at = (0 if lo > 0 else len(edges) - 1) if zeros else -1
     counts = [0] * (len(edges) - 1)
-    edge_t = torch.tensor(edges[1:-1], dtype=torch.float64)
-    for chunk in _chunks(t):
-        c = chunk.to(torch.float64)
-        c = c[torch.isfinite(c) & (c != 0)]
-        if c.numel() == 0:
+    for nz, _, _ in nonzero():
+        if len(nz) == 0:
             continue
         # bins are [lo, hi), the last one closed; zeros were counted apart
-        idx = torch.bucketize(c, edge_t, right=True)
-        for i, n in enumerate(torch.bincount(idx, minlength=len(counts)).tolist()):
+        for i, n in enumerate(bucket_counts(nz, edges[1:-1], len(counts))):
             counts[i] += n
     return Histogram(edges, counts, zeros, zero_at if zeros else -1, nonfinite)
 
@@ -284,14 +311,14 @@ def stats_many(tensor_of: Callable[[str], Any], names: list[str], bins: int | No
     """Every selected tensor read once (two at a time, one read ahead) for its numbers and histograms;
     only the numbers are kept, so memory is a few storages whatever the checkpoint's size.
 
-    ``raw_of`` (see ``raw_reader``): tensors whose bytes it gives are computed with numpy, without torch,
-    when no histogram is asked for."""
+    ``raw_of`` (see ``raw_reader``): tensors whose bytes it gives are computed with numpy, without torch."""
     from .pipeline import ordered_map
 
     def one(name: str) -> tuple[TensorStats, Histogram | None, Histogram | None]:
-        raw = raw_of(name) if raw_of is not None and not bins and not png else None
+        raw = raw_of(name) if raw_of is not None else None
         if raw is not None:
-            return raw_stats(name, *raw), None, None
+            return (raw_stats(name, *raw), raw_histogram(*raw, bins) if bins else None,
+                    raw_histogram(*raw, PNG_BINS) if png else None)
         t = tensor_of(name)
         r = tensor_stats(name, t)
         h = histogram(t, bins) if bins else None
