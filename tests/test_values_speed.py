@@ -250,3 +250,29 @@ def test_stats_hist_cli_without_torch(tmp_path):
     expected = st.histogram(t, 7)
     assert (h["edges"], h["counts"], h["zeros"]) == (expected.edges, expected.counts, expected.zeros)
     assert expected.zeros == 500 and expected.nonfinite == 1
+
+
+def _edges(lo: float, hi: float, bins: int) -> list[float]:
+    return st._histogram(lambda: iter([(torch.tensor([lo, hi], dtype=torch.float64), 0, 0)]), bins,
+                         lambda v, e, n: [0] * n).edges
+
+
+def test_bucket_counts_are_searchsorted_exactly():
+    """The grid lookup puts every value in the bin torch.bucketize(right=True) gives, values on and next to
+    every edge included, for ranges from subnormal to 1e305 and bins split at zero."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ranges = [(-1e-9, 1.0), (-1.0, 1e-9), (1e-300, 2e-300), (5e-324, 2e-323), (-1e305, 1e305), (3.0, 3.0),
+              (-1e308, -1e307), (1.0, 1.0000000000000002), (-4.2, 3.9)]
+    ranges += [tuple(sorted(rng.standard_normal(2) * rng.choice([1e-6, 1, 1e6, 1e300]))) for _ in range(60)]
+    for lo, hi in ranges:
+        for bins in (2, 3, 20, 60, 200):
+            edges = _edges(lo, hi, bins)
+            v = list(rng.uniform(lo, hi, 500)) + edges
+            v += [np.nextafter(e, np.inf) for e in edges] + [np.nextafter(e, -np.inf) for e in edges]
+            values = np.array([x for x in v if x != 0 and lo <= x <= hi])
+            n = len(edges) - 1
+            expected = torch.bincount(torch.bucketize(torch.from_numpy(values), torch.tensor(edges[1:-1],
+                                      dtype=torch.float64), right=True), minlength=n).tolist()
+            assert numeric.bucket_counts(values, edges, n) == expected, (lo, hi, bins)

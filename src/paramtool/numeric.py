@@ -152,21 +152,59 @@ def all_close(xa: Any, xb: Any, rtol: float, atol: float) -> bool:
 
 
 def finite_nonzero(x: Any) -> tuple[Any, int, int]:
-    """One chunk's finite non-zero values in float64 (a new array), its zeros and its non-finite values."""
+    """One chunk's finite non-zero values in float64, its zeros and its non-finite values. Valid until the
+    next call on this thread (the common chunk, all finite and non-zero, is this thread's buffer as it is)."""
     np = numpy()
-    wide = _buffer("wide", x.size, "<f8")
+    k = x.size
+    wide = _buffer("wide", k, "<f8")
     np.copyto(wide, x, casting="unsafe")
-    finite = wide[np.isfinite(wide)]
-    nz = finite[finite != 0]
-    return nz, finite.size - nz.size, x.size - finite.size
+    mask = np.isfinite(wide, out=_buffer("mask", k, "?"))
+    finite = int(np.count_nonzero(mask))
+    zeros = int(np.count_nonzero(np.equal(wide, 0, out=_buffer("mask0", k, "?"))))
+    if finite == k and not zeros:
+        return wide, 0, 0
+    np.not_equal(wide, 0, out=_buffer("mask0", k, "?"))
+    mask &= _buffer("mask0", k, "?")
+    return wide[mask], zeros, k - finite
 
 
-def bucket_counts(values: Any, inner_edges: list[float], n: int) -> list[int]:
-    """``torch.bucketize(right=True)`` + ``bincount``: how many values fall in each of ``n`` bins
-    [edge, next edge), the last one closed."""
+def bucket_counts(values: Any, edges: list[float], n: int) -> list[int]:
+    """``torch.bucketize(right=True)`` + ``bincount``: how many values (all within ``edges[0]..edges[-1]``)
+    fall in each of the ``n`` bins [edge, next edge), the last one closed.
+
+    A binary search per value (``searchsorted``) costs 20 ns. Here each value gets a cell of a fine uniform
+    grid, by float operations that never decrease as the value grows; the inner edges get their cells the
+    same way. A value in a cell that holds no edge is therefore above exactly the edges of the cells below its
+    own: values are counted per cell, and cells summed into bins. Only values in an edge's cell (about one in
+    64) are searched."""
     np = numpy()
-    idx = np.searchsorted(np.asarray(inner_edges, dtype="<f8"), values, side="right")
-    return np.bincount(idx, minlength=n).tolist()
+    inner = np.asarray(edges[1:-1], dtype="<f8")
+    cells = 64 * n
+    with quiet():
+        scale = cells / (edges[-1] - edges[0]) if edges[-1] > edges[0] else 0.0
+    if len(inner) == 0 or not (0 < scale < math.inf):
+        idx = np.searchsorted(inner, values, side="right")
+        return np.bincount(idx, minlength=n).tolist()
+
+    def cell_of(v: Any) -> Any:
+        c = np.subtract(v, edges[0], out=_buffer("cell", v.size, "<f8"))
+        c *= scale
+        np.clip(c, 0, cells - 1, out=c)
+        return c.astype(np.intp)
+
+    edge_cells = cell_of(inner)  # non-decreasing, as the edges are
+    table = np.searchsorted(edge_cells, np.arange(cells), side="left")  # edges in the cells below each cell
+    holds_edge = np.zeros(cells, dtype=bool)
+    holds_edge[edge_cells] = True
+    cell = cell_of(values)
+    per_cell = np.bincount(cell, minlength=cells)
+    per_cell[holds_edge] = 0
+    counts = np.zeros(n, dtype=np.int64)
+    np.add.at(counts, table, per_cell)
+    near = holds_edge[cell]
+    if near.any():
+        counts += np.bincount(np.searchsorted(inner, values[near], side="right"), minlength=n)
+    return counts.tolist()
 
 
 def quiet() -> Any:

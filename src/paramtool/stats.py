@@ -197,11 +197,11 @@ def _torch_nonzero(t: Any) -> Iterator[tuple[Any, int, int]]:
         yield nz, finite.numel() - nz.numel(), c.numel() - finite.numel()
 
 
-def _torch_bucket_counts(values: Any, inner_edges: list[float], n: int) -> list[int]:
+def _torch_bucket_counts(values: Any, edges: list[float], n: int) -> list[int]:
     """How many values fall in each of ``n`` bins; a bin is [edge, next edge), the last one closed."""
     import torch
 
-    idx = torch.bucketize(values, torch.tensor(inner_edges, dtype=torch.float64), right=True)
+    idx = torch.bucketize(values, torch.tensor(edges[1:-1], dtype=torch.float64), right=True)
     return torch.bincount(idx, minlength=n).tolist()
 
 
@@ -235,7 +235,7 @@ def _histogram(nonzero: Callable[[], Iterator[tuple[Any, int, int]]], bins: int,
         if len(nz) == 0:
             continue
         # bins are [lo, hi), the last one closed; zeros were counted apart
-        for i, n in enumerate(bucket_counts(nz, edges[1:-1], len(counts))):
+        for i, n in enumerate(bucket_counts(nz, edges, len(counts))):
             counts[i] += n
     return Histogram(edges, counts, zeros, zero_at if zeros else -1, nonfinite)
 
