@@ -4,8 +4,8 @@ Importing torch costs about 1.5 s, more than computing the statistics of a 1 GiB
 60 ms. Where the bytes of a tensor are at hand without torch (a mapped storage that the tensor covers, see
 ``Checkpoint.raw_bytes``) and numpy holds its dtype exactly, the numbers are computed here, chunk by chunk,
 with the same float64 accumulation as the torch path in ``stats``/``compare``: the same values to within
-float64 rounding. Everything else (float8, complex, views into larger storages, formats without byte ranges,
-histograms) goes through torch as before.
+float64 rounding, and the same histogram bins. Everything else (float8, complex, views into larger storages,
+formats without byte ranges) goes through torch as before.
 
 Mapped pages are dropped from the process behind the chunk being computed (``storage.drop_mapped``), so memory
 stays at a few chunks whatever the tensor's size.
@@ -59,7 +59,8 @@ def _buffer(slot: str, n: int, dtype: str) -> Any:
         bufs = _local.bufs = {}
     buf = bufs.get(slot)
     if buf is None or buf.size < n:
-        buf = bufs[slot] = np.ones(max(n, CHUNK), dtype=dtype)  # ones: the "ones" slot is used as such
+        make = np.ones if slot == "ones" else np.empty  # "ones": a vector of ones, for sums as dot products
+        buf = bufs[slot] = make(max(n, CHUNK), dtype=dtype)
     return buf[:n]
 
 
