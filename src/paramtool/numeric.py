@@ -193,11 +193,12 @@ def bucket_counts(values: Any, edges: list[float], n: int) -> list[int]:
         np.clip(c, 0, cells - 1, out=c)
         return c.astype(np.intp)
 
-    edge_cells = cell_of(inner)  # non-decreasing, as the edges are
+    with quiet():  # a value far from the first edge overflows to inf: the last cell, as it should be
+        edge_cells = cell_of(inner)  # non-decreasing, as the edges are
+        cell = cell_of(values)
     table = np.searchsorted(edge_cells, np.arange(cells), side="left")  # edges in the cells below each cell
     holds_edge = np.zeros(cells, dtype=bool)
     holds_edge[edge_cells] = True
-    cell = cell_of(values)
     per_cell = np.bincount(cell, minlength=cells)
     per_cell[holds_edge] = 0
     counts = np.zeros(n, dtype=np.int64)
