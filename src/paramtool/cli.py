@@ -460,7 +460,8 @@ def stats(
     ckpt = sources.load_lazy(sources.resolve(source), key)
     names = _selected(list(ckpt.names), layer)
     with _progress(len(names), "stats") as advance:  # each tensor is read once, for numbers and histograms
-        done = st.stats_many(ckpt.tensor, names, bins if hist else None, bool(hist_png), advance)
+        done = st.stats_many(ckpt.tensor, names, bins if hist else None, bool(hist_png), advance,
+                             raw_of=st.raw_reader(ckpt))
     results, hists = done.results, done.hists
     if hist_png:
         st.histogram_png([(n, done.png[n]) for n in names], hist_png)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from .records import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .pipeline import scratch
@@ -56,34 +56,25 @@ class _Moments:
     inf: int = 0
 
     def add(self, chunk: Any) -> None:
-        """One chunk: its own dtype for min/max and zeros, one float64 copy for the exact sums.
+        """One torch chunk (see ``_torch_moments``)."""
+        self.merge(*_torch_moments(chunk))
 
-        The chunk's squared deviations are taken from its own mean (two passes over a cache-resident
-        buffer), so the variance is as exact as torch's float64 computation, whatever the data's offset.
-        """
-        import torch
-
-        k = chunk.numel()
-        own = chunk if str(chunk.dtype).removeprefix("torch.") in _NATIVE else None
-        wide = scratch(k)
-        wide.copy_(chunk.real if chunk.is_complex() else chunk)
-        lo, hi = torch.aminmax(own if own is not None else wide)
-        self.zeros += k - int(torch.count_nonzero(own if own is not None else wide))
-        s = wide.sum().item()
+    def merge(self, k: int, lo: float, hi: float, zeros: int, s: float, sumsq: float, m2: float, nan: int,
+              inf: int) -> None:
+        """One chunk's own numbers (count, extremes, zeros, sum, sum of squares, squared deviations from its
+        mean, NaN/Inf counts) merged into the running ones."""
+        self.zeros += zeros
         self.total += s
-        self.sumsq += torch.dot(wide, wide).item()
-        if not math.isfinite(s):  # NaN/Inf present: count them (only then)
-            self.nan += int(torch.isnan(wide).sum())
-            self.inf += int(torch.isinf(wide).sum())
+        self.sumsq += sumsq
+        self.nan += nan
+        self.inf += inf
         cm = s / k
-        wide.sub_(cm)
-        cm2 = torch.dot(wide, wide).item()
         delta = cm - self.mean
         total = self.count + k
         self.mean += delta * k / total
-        self.m2 += cm2 + delta * delta * self.count * k / total
+        self.m2 += m2 + delta * delta * self.count * k / total
         self.count = total
-        self.lo, self.hi = min(self.lo, float(lo)), max(self.hi, float(hi))
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
 
     def result(self, name: str) -> TensorStats:
         n = self.count
@@ -94,6 +85,66 @@ class _Moments:
         if self.nan:  # NaN propagates, as in torch
             mean = std = lo = hi = float("nan")
         return TensorStats(name, n, mean, std, lo, hi, self.zeros / n, math.sqrt(self.sumsq), self.nan, self.inf)
+
+
+def _torch_moments(chunk: Any) -> tuple[int, float, float, int, float, float, float, int, int]:
+    """One chunk's numbers with torch: its own dtype for min/max and zeros, one float64 copy for the exact sums.
+
+    The chunk's squared deviations are ``sumsq - sum * mean`` when that loses at most 6 bits (the chunk's mean
+    within 8 standard deviations of zero, as weights are); otherwise they are taken from the chunk's own mean
+    (two more passes over a cache-resident buffer), so the variance is as exact as torch's float64
+    computation, whatever the data's offset (``numeric.moments`` does the same with numpy).
+    """
+    import torch
+
+    k = chunk.numel()
+    own = chunk if str(chunk.dtype).removeprefix("torch.") in _NATIVE else None
+    wide = scratch(k)
+    wide.copy_(chunk.real if chunk.is_complex() else chunk)
+    lo, hi = torch.aminmax(own if own is not None else wide)
+    zeros = k - int(torch.count_nonzero(own if own is not None else wide))
+    s = wide.sum().item()
+    sumsq = torch.dot(wide, wide).item()
+    nan = inf = 0
+    if not math.isfinite(s):  # NaN/Inf present: count them (only then)
+        nan = int(torch.isnan(wide).sum())
+        inf = int(torch.isinf(wide).sum())
+    m2 = sumsq - s * (s / k)
+    if not (m2 > sumsq / 64 and math.isfinite(m2)):  # cancellation (or overflow): deviations from the mean
+        wide.sub_(s / k)
+        m2 = torch.dot(wide, wide).item()
+    return k, float(lo), float(hi), zeros, s, sumsq, m2, nan, inf
+
+
+def raw_stats(name: str, raw: Any, dtype: str) -> TensorStats:
+    """``tensor_stats`` from a tensor's bytes with numpy (``numeric``): no torch needed."""
+    from . import numeric
+
+    acc = _Moments()
+    with numeric.quiet():
+        for x in numeric.values(raw, dtype):
+            acc.merge(*numeric.moments(x))
+    if acc.count == 0:
+        nan = float("nan")
+        return TensorStats(name, 0, nan, nan, nan, nan, 0.0, 0.0, 0, 0)
+    return acc.result(name)
+
+
+def raw_reader(ckpt: Any) -> Callable[[str], tuple[Any, str] | None]:
+    """``name -> (bytes, dtype)`` for the tensors of ``ckpt`` whose bytes are at hand without torch, in a dtype
+    ``numeric`` reads; None for the others (they go through torch)."""
+    from . import numeric
+
+    dtypes = {i.name: i.dtype for i in ckpt.infos()}
+
+    def raw_of(name: str) -> tuple[Any, str] | None:
+        dtype = dtypes.get(name)
+        if dtype is None or not numeric.supports(dtype):
+            return None
+        raw = ckpt.raw_bytes(name)
+        return None if raw is None else (raw, dtype)
+
+    return raw_of
 
 
 def tensor_stats(name: str, t: Any) -> TensorStats:
@@ -122,19 +173,50 @@ class Histogram:
 
 
 def histogram(t: Any, bins: int = 20) -> Histogram:
+    return _histogram(lambda: _torch_nonzero(t), bins, _torch_bucket_counts)
+
+
+def raw_histogram(raw: Any, dtype: str, bins: int = 20) -> Histogram:
+    """``histogram`` from a tensor's bytes with numpy (``numeric``): the same bins and counts, no torch."""
+    from . import numeric
+
+    def nonzero() -> Iterator[tuple[Any, int, int]]:
+        return (numeric.finite_nonzero(x) for x in numeric.values(raw, dtype))
+
+    return _histogram(nonzero, bins, numeric.bucket_counts)
+
+
+def _torch_nonzero(t: Any) -> Iterator[tuple[Any, int, int]]:
+    """Per chunk: its finite non-zero values in float64, its zeros, its non-finite values."""
     import torch
 
-    lo = hi = None
-    zeros = nonfinite = 0
     for chunk in _chunks(t):
         c = chunk.to(torch.float64)
         finite = c[torch.isfinite(c)]
-        nonfinite += c.numel() - finite.numel()
         nz = finite[finite != 0]
-        zeros += finite.numel() - nz.numel()
-        if nz.numel():
-            lo = nz.min().item() if lo is None else min(lo, nz.min().item())
-            hi = nz.max().item() if hi is None else max(hi, nz.max().item())
+        yield nz, finite.numel() - nz.numel(), c.numel() - finite.numel()
+
+
+def _torch_bucket_counts(values: Any, edges: list[float], n: int) -> list[int]:
+    """How many values fall in each of ``n`` bins; a bin is [edge, next edge), the last one closed."""
+    import torch
+
+    idx = torch.bucketize(values, torch.tensor(edges[1:-1], dtype=torch.float64), right=True)
+    return torch.bincount(idx, minlength=n).tolist()
+
+
+def _histogram(nonzero: Callable[[], Iterator[tuple[Any, int, int]]], bins: int,
+               bucket_counts: Callable[[Any, list[float], int], list[int]]) -> Histogram:
+    """Two passes over ``nonzero()`` (chunks of finite non-zero float64 values, with their zero and non-finite
+    counts): the range, then the counts in bins laid out over it."""
+    lo = hi = None
+    zeros = nonfinite = 0
+    for nz, z, nf in nonzero():
+        zeros += z
+        nonfinite += nf
+        if len(nz):
+            lo = float(nz.min()) if lo is None else min(lo, float(nz.min()))
+            hi = float(nz.max()) if hi is None else max(hi, float(nz.max()))
     if lo is None:
         return Histogram([0.0, 0.0], [0], zeros, 0 if zeros else -1, nonfinite)
     if lo < 0 < hi:  # split the bins at zero, in proportion to each side's width
@@ -149,15 +231,11 @@ def histogram(t: Any, bins: int = 20) -> Histogram:
             edges = [lo + (hi - lo) * i / bins for i in range(bins + 1)]
         zero_at = (0 if lo > 0 else len(edges) - 1) if zeros else -1
     counts = [0] * (len(edges) - 1)
-    edge_t = torch.tensor(edges[1:-1], dtype=torch.float64)
-    for chunk in _chunks(t):
-        c = chunk.to(torch.float64)
-        c = c[torch.isfinite(c) & (c != 0)]
-        if c.numel() == 0:
+    for nz, _, _ in nonzero():
+        if len(nz) == 0:
             continue
         # bins are [lo, hi), the last one closed; zeros were counted apart
-        idx = torch.bucketize(c, edge_t, right=True)
-        for i, n in enumerate(torch.bincount(idx, minlength=len(counts)).tolist()):
+        for i, n in enumerate(bucket_counts(nz, edges, len(counts))):
             counts[i] += n
     return Histogram(edges, counts, zeros, zero_at if zeros else -1, nonfinite)
 
@@ -228,12 +306,19 @@ class StatsRun:
 
 
 def stats_many(tensor_of: Callable[[str], Any], names: list[str], bins: int | None, png: bool,
-               advance: Callable[[], None] = lambda: None, workers: int | None = None) -> StatsRun:
+               advance: Callable[[], None] = lambda: None, workers: int | None = None,
+               raw_of: Callable[[str], tuple[Any, str] | None] | None = None) -> StatsRun:
     """Every selected tensor read once (two at a time, one read ahead) for its numbers and histograms;
-    only the numbers are kept, so memory is a few storages whatever the checkpoint's size."""
+    only the numbers are kept, so memory is a few storages whatever the checkpoint's size.
+
+    ``raw_of`` (see ``raw_reader``): tensors whose bytes it gives are computed with numpy, without torch."""
     from .pipeline import ordered_map
 
     def one(name: str) -> tuple[TensorStats, Histogram | None, Histogram | None]:
+        raw = raw_of(name) if raw_of is not None else None
+        if raw is not None:
+            return (raw_stats(name, *raw), raw_histogram(*raw, bins) if bins else None,
+                    raw_histogram(*raw, PNG_BINS) if png else None)
         t = tensor_of(name)
         r = tensor_stats(name, t)
         h = histogram(t, bins) if bins else None

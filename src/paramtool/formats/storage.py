@@ -158,7 +158,7 @@ class StorageFile:
 
     def raw_storage(self, key: Hashable) -> Any:
         """A storage's bytes as a read-only memoryview of a mapping, without torch (a conversion writes them
-        as they are)."""
+        as they are). The view ends where its mapping ends (``drop_mapped`` relies on it)."""
         import mmap
 
         span = self.spans[key]
@@ -331,6 +331,23 @@ class SafetensorsStorageFile(StorageFile):
             end = self._file.tell()
             self._file.seek(pos)
             _copy(self._file, out, end - pos)
+
+
+def drop_mapped(view: memoryview, start: int, stop: int) -> None:
+    """Drop the whole pages of ``view[start:stop]`` (a ``raw_storage`` view, already read) from this process:
+    they stay in the page cache, and a later access faults them back in, but they no longer count toward its
+    memory, so reading a large tensor through its mapping costs a few pages at a time. Only read-only
+    mappings are touched (there MADV_DONTNEED cannot lose a write); anything else is left alone."""
+    import mmap
+
+    mm = view.obj
+    if not (view.readonly and isinstance(mm, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED")) or mm.closed:
+        return
+    base = len(mm) - view.nbytes  # where the view starts in its mapping: it ends where the mapping ends
+    lo = -(-(base + start) // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = (base + stop) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo >= 0:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def _exact_storage(tensor: Any) -> Any:

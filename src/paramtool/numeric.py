@@ -1,0 +1,214 @@
+"""Value kernels over a tensor's raw bytes with numpy, for the commands that only read numbers (stats, diff).
+
+Importing torch costs about 1.5 s, more than computing the statistics of a 1 GiB checkpoint; numpy imports in
+60 ms. Where the bytes of a tensor are at hand without torch (a mapped storage that the tensor covers, see
+``Checkpoint.raw_bytes``) and numpy holds its dtype exactly, the numbers are computed here, chunk by chunk,
+with the same float64 accumulation as the torch path in ``stats``/``compare``: the same values to within
+float64 rounding, and the same histogram bins. Everything else (float8, complex, views into larger storages,
+formats without byte ranges) goes through torch as before.
+
+Mapped pages are dropped from the process behind the chunk being computed (``storage.drop_mapped``), so memory
+stays at a few chunks whatever the tensor's size.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+CHUNK = 1 << 18  # values per chunk: 2 MiB as float64, so the passes over one chunk run from the CPU cache
+
+# paramtool dtype name -> numpy dtype (little-endian, as both formats store them); bfloat16 is read as its
+# 16 bits and widened exactly to float32 (its upper half)
+_DTYPES = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int64": "<i8",
+           "int32": "<i4", "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "?"}
+
+_local = threading.local()
+
+
+def numpy() -> Any:
+    """numpy, with its BLAS on one thread: the pool already runs one chunk per core, and OpenBLAS's own threads
+    spin on a busy machine (a 2 MiB dot product measured 50x slower). Only effective when this is the first
+    import of numpy in the process."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    import numpy as np
+
+    return np
+
+
+def supports(dtype: str) -> bool:
+    """Can these kernels read this dtype (and is numpy installed)?"""
+    if dtype not in _DTYPES:
+        return False
+    try:
+        numpy()
+    except ImportError:
+        return False
+    return True
+
+
+def _buffer(slot: str, n: int, dtype: str) -> Any:
+    """This thread's reusable buffer ``slot`` of ``n`` values: chunk after chunk reuses cache-warm memory."""
+    np = numpy()
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.size < n:
+        make = np.ones if slot == "ones" else np.empty  # "ones": a vector of ones, for sums as dot products
+        buf = bufs[slot] = make(max(n, CHUNK), dtype=dtype)
+    return buf[:n]
+
+
+def values(raw: memoryview, dtype: str, slot: int = 0, chunk: int = CHUNK) -> Iterator[Any]:
+    """The values in ``raw`` (a tensor's bytes) as numpy arrays of ``chunk`` values, in their own dtype
+    (bfloat16 widened to float32). When ``raw`` is a read-only file mapping (``StorageFile.raw``), the pages of
+    each chunk are dropped once the next one is asked for. Generators read in step need their own ``slot``
+    (the buffer bfloat16 is widened into)."""
+    from .formats.storage import drop_mapped
+
+    np = numpy()
+    arr = np.frombuffer(raw, dtype=_DTYPES[dtype])
+    size = arr.itemsize
+    for start in range(0, arr.size, chunk):
+        x = arr[start : start + chunk]
+        if dtype == "bfloat16":
+            wide = _buffer(f"bf16.{slot}", x.size, "<u4")
+            np.left_shift(x, 16, out=wide, dtype="<u4")
+            x = wide.view("<f4")
+        yield x
+        drop_mapped(raw, start * size, min(start + chunk, arr.size) * size)
+
+
+def moments(x: Any) -> tuple[int, float, float, int, float, float, float, int, int]:
+    """One chunk's (count, min, max, zeros, sum, sum of squares, sum of squared deviations from its own mean,
+    NaNs, infinities), accumulated in float64. NaN/Inf are counted only when the sum says there are some.
+
+    The squared deviations are ``sumsq - sum * mean`` when that loses at most 6 bits (the chunk's mean within
+    8 standard deviations of zero, as weights are); otherwise a second pass subtracts the mean, so the variance
+    is as exact as torch's float64 computation whatever the data's offset."""
+    np = numpy()
+    k = x.size
+    wide = _buffer("wide", k, "<f8")
+    np.copyto(wide, x, casting="unsafe")
+    own = x if x.dtype.kind in "iub" or x.dtype.char in "fd" else wide  # float16: numpy's min/max are slow
+    lo, hi = float(own.min()), float(own.max())
+    zeros = int(np.count_nonzero(np.equal(own, 0, out=_buffer("mask", k, "?"))))
+    ones = _buffer("ones", k, "<f8")
+    s = float(np.dot(wide, ones))
+    sumsq = float(np.dot(wide, wide))
+    nan = inf = 0
+    if not math.isfinite(s):
+        nan = int(np.count_nonzero(np.isnan(wide, out=_buffer("mask", k, "?"))))
+        inf = int(np.count_nonzero(np.isinf(wide, out=_buffer("mask", k, "?"))))
+    cm = s / k
+    m2 = sumsq - s * cm
+    if not (m2 > sumsq / 64 and math.isfinite(m2)):  # cancellation (or overflow): deviations from the mean
+        np.subtract(wide, cm, out=wide)
+        m2 = float(np.dot(wide, wide))
+    return k, lo, hi, zeros, s, sumsq, m2, nan, inf
+
+
+def differences(xa: Any, xb: Any) -> tuple[float, float, float, float, float]:
+    """One chunk pair's (max |a - b|, max |b|, a.b, |a|^2, |b|^2) in float64; NaN propagates (as max does)."""
+    np = numpy()
+    k = xa.size
+    wa, wb = _buffer("wide", k, "<f8"), _buffer("wide_b", k, "<f8")
+    np.copyto(wa, xa, casting="unsafe")
+    np.copyto(wb, xb, casting="unsafe")
+    dot, na2, nb2 = float(np.dot(wa, wb)), float(np.dot(wa, wa)), float(np.dot(wb, wb))
+    lo, hi = float(wb.min()), float(wb.max())
+    max_b = math.nan if math.isnan(hi) else max(-lo, hi)
+    np.subtract(wa, wb, out=wa)
+    max_abs = float(np.abs(wa, out=wa).max())
+    return max_abs, max_b, dot, na2, nb2
+
+
+def all_close(xa: Any, xb: Any, rtol: float, atol: float) -> bool:
+    """``torch.isclose(a, b, rtol, atol, equal_nan=True).all()`` for one chunk pair, in float64:
+    ``|a - b| <= atol + rtol * |b|`` for finite values; where that fails, equal values (an infinity and
+    itself) or two NaNs."""
+    np = numpy()
+    k = xa.size
+    wa, wb = _buffer("wide", k, "<f8"), _buffer("wide_b", k, "<f8")
+    np.copyto(wa, xa, casting="unsafe")
+    np.copyto(wb, xb, casting="unsafe")
+    tol = _buffer("tol", k, "<f8")
+    np.abs(wb, out=tol)
+    tol *= rtol
+    tol += atol
+    np.minimum(tol, np.finfo("<f8").max, out=tol)  # an infinity is close only to itself, as in torch
+    diff = np.subtract(wa, wb, out=_buffer("diff", k, "<f8"))
+    np.abs(diff, out=diff)
+    close = np.less_equal(diff, tol, out=_buffer("mask", k, "?"))
+    if close.all():
+        return True
+    far = ~close
+    a, b = wa[far], wb[far]
+    return bool(((a == b) | (np.isnan(a) & np.isnan(b))).all())
+
+
+def finite_nonzero(x: Any) -> tuple[Any, int, int]:
+    """One chunk's finite non-zero values in float64, its zeros and its non-finite values. Valid until the
+    next call on this thread (the common chunk, all finite and non-zero, is this thread's buffer as it is)."""
+    np = numpy()
+    k = x.size
+    wide = _buffer("wide", k, "<f8")
+    np.copyto(wide, x, casting="unsafe")
+    mask = np.isfinite(wide, out=_buffer("mask", k, "?"))
+    finite = int(np.count_nonzero(mask))
+    zeros = int(np.count_nonzero(np.equal(wide, 0, out=_buffer("mask0", k, "?"))))
+    if finite == k and not zeros:
+        return wide, 0, 0
+    np.not_equal(wide, 0, out=_buffer("mask0", k, "?"))
+    mask &= _buffer("mask0", k, "?")
+    return wide[mask], zeros, k - finite
+
+
+def bucket_counts(values: Any, edges: list[float], n: int) -> list[int]:
+    """``torch.bucketize(right=True)`` + ``bincount``: how many values (all within ``edges[0]..edges[-1]``)
+    fall in each of the ``n`` bins [edge, next edge), the last one closed.
+
+    A binary search per value (``searchsorted``) costs 20 ns. Here each value gets a cell of a fine uniform
+    grid, by float operations that never decrease as the value grows; the inner edges get their cells the
+    same way. A value in a cell that holds no edge is therefore above exactly the edges of the cells below its
+    own: values are counted per cell, and cells summed into bins. Only values in an edge's cell (about one in
+    64) are searched."""
+    np = numpy()
+    inner = np.asarray(edges[1:-1], dtype="<f8")
+    cells = 64 * n
+    with quiet():
+        scale = cells / (edges[-1] - edges[0]) if edges[-1] > edges[0] else 0.0
+    if len(inner) == 0 or not (0 < scale < math.inf):
+        idx = np.searchsorted(inner, values, side="right")
+        return np.bincount(idx, minlength=n).tolist()
+
+    def cell_of(v: Any) -> Any:
+        c = np.subtract(v, edges[0], out=_buffer("cell", v.size, "<f8"))
+        c *= scale
+        np.clip(c, 0, cells - 1, out=c)
+        return c.astype(np.intp)
+
+    with quiet():  # a value far from the first edge overflows to inf: the last cell, as it should be
+        edge_cells = cell_of(inner)  # non-decreasing, as the edges are
+        cell = cell_of(values)
+    table = np.searchsorted(edge_cells, np.arange(cells), side="left")  # edges in the cells below each cell
+    holds_edge = np.zeros(cells, dtype=bool)
+    holds_edge[edge_cells] = True
+    per_cell = np.bincount(cell, minlength=cells)
+    per_cell[holds_edge] = 0
+    counts = np.zeros(n, dtype=np.int64)
+    np.add.at(counts, table, per_cell)
+    near = holds_edge[cell]
+    if near.any():
+        counts += np.bincount(np.searchsorted(inner, values[near], side="right"), minlength=n)
+    return counts.tolist()
+
+
+def quiet() -> Any:
+    """numpy's floating-point warnings off (inf - inf in a sum is expected here, and reported as numbers)."""
+    return numpy().errstate(all="ignore")
