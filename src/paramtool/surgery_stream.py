@@ -8,6 +8,7 @@ the largest storage whatever the size of the checkpoint.
 from __future__ import annotations
 
 import copy
+import os
 from collections import OrderedDict
 from .records import replace
 from typing import Any, Hashable
@@ -19,8 +20,11 @@ from .toc import FakeTensor, TensorInfo, contiguous_stride, itemsize
 _PLAIN = (str, int, float, bool, bytes, type(None))
 
 
-def can_stream(listing: Checkpoint, plan: Any) -> bool:
-    """Can ``plan`` be written straight from ``listing``'s bytes (same format, structure only plain containers)?"""
+def can_stream(listing: Checkpoint, plan: Any, output_layout: Any = None) -> bool:
+    """Can ``plan`` be written straight from ``listing``'s bytes: a file into its own format (structure only
+    plain containers), or a sharded checkpoint into one file (``output_layout``)?"""
+    if getattr(listing, "parts", None):
+        return _shards_can_stream(listing, plan, output_layout)
     if plan.report.action.startswith("resize") or not listing.path or not listing.layout.byte_ranges:
         return False
     if listing.layout.holds_non_tensors and not _plain_tree(listing.root):
@@ -32,6 +36,21 @@ def can_stream(listing: Checkpoint, plan: Any) -> bool:
     if listing.layout.flat:
         return all(_whole(members) is not None for members in groups.values())
     return True
+
+
+def _shards_can_stream(listing: Any, plan: Any, output_layout: Any) -> bool:
+    """Shards merged into one file: each shard streams on its own, holds only tensors (the merged checkpoint
+    is one flat state dict) and, for a torch file, only dtypes torch.save has storage classes for."""
+    from .formats.pt import STORAGE_CLASSES
+    from .writer import _non_tensor_entries
+
+    if output_layout is None or not output_layout.single_file or os.name != "posix" or plan.sidecars:
+        return False
+    parts = listing.parts.values()
+    if not all(p.layout.byte_ranges and can_stream(p, plan) and not _non_tensor_entries(p) for p in parts):
+        return False
+    return not output_layout.holds_non_tensors or all(t.dtype in STORAGE_CLASSES
+                                                      for t in transformed(listing, plan).infos())
 
 
 def _plain_tree(root: Any) -> bool:
@@ -67,7 +86,10 @@ def _by_storage(infos: list[TensorInfo]) -> dict[Hashable, list[TensorInfo]]:
 
 
 def transformed(listing: Checkpoint, plan: Any) -> Checkpoint:
-    """A copy of the listing with the plan carried out on its stand-ins (nothing is read)."""
+    """A copy of the listing with the plan carried out on its stand-ins (nothing is read); a sharded
+    listing's shards each, its names following them in the index's order."""
+    if getattr(listing, "parts", None):
+        return _transformed_shards(listing, plan)
     out = copy.copy(listing)
     out.root = copy.deepcopy(listing.root)
     out.names = dict(listing.names)
@@ -83,27 +105,41 @@ def transformed(listing: Checkpoint, plan: Any) -> Checkpoint:
     return out
 
 
+def _transformed_shards(listing: Any, plan: Any) -> Any:
+    out = copy.copy(listing)
+    out.parts = {s: transformed(p, plan) for s, p in listing.parts.items()}
+    out.root = {s: p.root for s, p in out.parts.items()}
+    names = {n: (s,) + tuple(path) for s, p in out.parts.items() for n, path in p.names.items()}
+    order = [plan.rename.get(n, n) for n in listing.names]
+    out.names = {n: names[n] for n in dict.fromkeys(order + list(names)) if n in names}
+    out.meta_ties = {n: t for p in out.parts.values() for n, t in p.meta_ties.items()}
+    out.metadata = dict(listing.metadata) if listing.metadata is not None else None
+    return out
+
+
 def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
     """Write the plan's result as ``output`` (a file, atomically, or stdout), then verify it; returns the
-    result's listing."""
+    result's listing. Storages are read mapped (``convert_stream``'s readers: one file, or every shard),
+    and the next one to cast is read and cast on a worker thread while the current one is written."""
     from . import writer
-    from .formats.storage import open_storage_file
+    from .convert_stream import _sharded_root, memory_bound, reader_of
 
-    storage_file = open_storage_file(listing)
+    reader = reader_of(listing)
     out = transformed(listing, plan)
     overflows: dict[str, int] = {}
 
     def write_to(path: str) -> None:
-        if listing.layout.flat:
-            _write_safetensors(listing, out, storage_file, path, overflows)
-        else:
-            _write_zip(out, storage_file, path, overflows)
+        with memory_bound():
+            if not output.layout.holds_non_tensors:
+                _write_safetensors(listing, out, reader, path, overflows)
+            else:
+                _write_zip(_sharded_root(out) if getattr(out, "parts", None) else out.root, reader, path, overflows)
         writer._verify_file(out, output.format, path)
 
     try:
         writer.emit(output, write_to)
     finally:
-        storage_file.close()
+        reader.close()
     if plan.cast:
         from .surgery import record_overflow
 
@@ -120,15 +156,15 @@ def _overflow_names(out: Checkpoint, by_storage: dict[Hashable, int]) -> dict[st
     return named
 
 
-def _produce(storage_file: Any, key: Hashable, dtype: str, overflows: dict[Hashable, int]) -> Any:
-    """One output storage: the input's bytes, cast when the dtype changes."""
+def _produce(reader: Any, key: Hashable, dtype: str, overflows: dict[Hashable, int]) -> Any:
+    """One output storage: the input's bytes (mapped), cast when the dtype changes."""
     from .surgery import cast_storage
 
-    flat = storage_file.read_storage(key)
-    if storage_file.spans[key].dtype == dtype:
+    flat = reader.read(key)
+    if reader.dtype(key) == dtype:
         return flat
     out, overflow = cast_storage(flat, dtype)
-    storage_file.recycle(flat)
+    reader.recycle(key, flat)
     if overflow:
         overflows[key] = overflow
     return out
@@ -146,29 +182,34 @@ def _whole(members: list[TensorInfo]) -> TensorInfo | None:
     return None
 
 
-def _write_safetensors(listing: Checkpoint, out: Checkpoint, storage_file: Any, path: str,
+def _write_safetensors(listing: Checkpoint, out: Checkpoint, reader: Any, path: str,
                        overflows: dict[Hashable, int]) -> None:
     """``safetensors_fmt.layout``'s header (the one ``save`` writes), then each stored tensor: the input's
-    bytes as they are, or read and cast."""
+    bytes as they are (copied by the kernel), or read and cast, the next one ahead."""
     from .formats import safetensors_fmt
-    from .formats.storage import _as_bytes, _copy
+    from .formats.storage import _ahead, _as_bytes
 
     old_stored = set(listing.names) - set(listing.meta_ties)
     _, _, rest = safetensors_fmt.split_metadata(dict(listing.metadata or {}), old_stored)  # old tie records go
     stored, meta = safetensors_fmt.layout(out.infos(), rest)
+
+    def whole(t: TensorInfo) -> bool:
+        return t.offset == 0 and t.numel * itemsize(reader.dtype(t.storage)) == reader.nbytes(t.storage) \
+            and tuple(t.stride) == contiguous_stride(t.shape)
+
+    def produce(t: TensorInfo) -> Any:
+        data = _produce(reader, t.storage, t.dtype, overflows)
+        return data if whole(t) else data.as_strided(t.shape, t.stride, t.offset).contiguous()
+
+    as_is = {t.name for t in stored if reader.dtype(t.storage) == t.dtype and whole(t)}
+    made = _ahead([t for t in stored if t.name not in as_is], produce)
     with open(path, "wb") as f:
         f.write(safetensors_fmt.header([(t.name, t.dtype, tuple(t.shape)) for t in stored], meta))
         for t in stored:
-            span = storage_file.spans[t.storage]
-            whole = t.offset == 0 and t.numel * itemsize(span.dtype) == span.nbytes \
-                and tuple(t.stride) == contiguous_stride(t.shape)
-            if span.dtype == t.dtype and whole:  # untouched: the bytes as they are
-                storage_file._file.seek(span.offset)
-                _copy(storage_file._file, f, span.nbytes)
+            if t.name in as_is:  # untouched: the bytes as they are
+                reader.copy(t.storage, f)
                 continue
-            data = _produce(storage_file, t.storage, t.dtype, overflows)
-            if not whole:
-                data = data.as_strided(t.shape, t.stride, t.offset).contiguous()
+            _, data = next(made)
             f.write(_as_bytes(data))
             del data
 
@@ -176,20 +217,21 @@ def _write_safetensors(listing: Checkpoint, out: Checkpoint, storage_file: Any, 
 # ---------------------------------------------------------------- torch zip
 
 
-def _write_zip(out: Checkpoint, storage_file: Any, path: str, overflows: dict[Hashable, int]) -> None:
+def _write_zip(root: Any, reader: Any, path: str, overflows: dict[Hashable, int]) -> None:
     """A torch zip file as ``torch.save`` writes it (``formats.pt``'s pickle and zip writer): the pickle, the
-    format records, then each storage, copied or cast, one at a time."""
+    format records, then each storage, copied from a mapping or cast (the next one ahead), one at a time."""
     from .formats import pt
-    from .formats.storage import _as_bytes
+    from .formats.storage import _ahead, _as_bytes
 
-    data, storages = pt.pickle_with_storages(out.root)
+    data, storages = pt.pickle_with_storages(root)
+    todo = [s for s in storages.values() if reader.dtype(s.source) != s.dtype]
+    made = _ahead(todo, lambda s: _produce(reader, s.source, s.dtype, overflows))
 
     def records() -> Any:
         for s in storages.values():
-            span = storage_file.spans[s.source]
-            if span.dtype == s.dtype:  # untouched: the storage's bytes as they are (mapped)
-                yield s.key, storage_file.raw_storage(s.source)
+            if reader.dtype(s.source) == s.dtype:  # untouched: the storage's bytes as they are (mapped)
+                yield s.key, reader.raw(s.source)
             else:
-                yield s.key, _as_bytes(_produce(storage_file, s.source, s.dtype, overflows))
+                yield s.key, _as_bytes(next(made)[1])
 
     pt.write_zip(path, data, records())
