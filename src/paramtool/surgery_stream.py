@@ -170,6 +170,13 @@ def _produce(reader: Any, key: Hashable, dtype: str, overflows: dict[Hashable, i
     return out
 
 
+def _import_torch(todo: list) -> None:
+    """torch, imported here rather than by the first read ahead: an import that runs out of memory in a
+    worker thread (whose stack and malloc arena take address space of their own) fails in odd places."""
+    if todo:
+        import torch  # noqa: F401
+
+
 # ---------------------------------------------------------------- safetensors
 
 
@@ -202,7 +209,9 @@ def _write_safetensors(listing: Checkpoint, out: Checkpoint, reader: Any, path: 
         return data if whole(t) else data.as_strided(t.shape, t.stride, t.offset).contiguous()
 
     as_is = {t.name for t in stored if reader.dtype(t.storage) == t.dtype and whole(t)}
-    made = _ahead([t for t in stored if t.name not in as_is], produce)
+    todo = [t for t in stored if t.name not in as_is]
+    _import_torch(todo)
+    made = _ahead(todo, produce)
     with open(path, "wb") as f:
         f.write(safetensors_fmt.header([(t.name, t.dtype, tuple(t.shape)) for t in stored], meta))
         for t in stored:
@@ -225,6 +234,7 @@ def _write_zip(root: Any, reader: Any, path: str, overflows: dict[Hashable, int]
 
     data, storages = pt.pickle_with_storages(root)
     todo = [s for s in storages.values() if reader.dtype(s.source) != s.dtype]
+    _import_torch(todo)
     made = _ahead(todo, lambda s: _produce(reader, s.source, s.dtype, overflows))
 
     def records() -> Any:
