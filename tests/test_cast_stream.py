@@ -114,6 +114,19 @@ def test_keep_dtype_and_overflow_warning_across_shards(tmp_path, run):
     assert torch.isinf(got[big][0, :2]).all() and got[big][0, 2] == torch.tensor(6e4).half()
 
 
+def test_one_file_into_the_other_format(tmp_path, run):
+    """.pt -> .safetensors and back with --dtype: the same values and ties as the loaded path would write."""
+    sd = _gpt2().state_dict()
+    torch.save(sd, tmp_path / "a.pt")
+    r = run("convert", tmp_path / "a.pt", tmp_path / "b.safetensors", "--dtype", "fp16")
+    assert r.exit_code == 0, r.stderr
+    r = run("convert", tmp_path / "b.safetensors", tmp_path / "c.pt", "--dtype", "bf16")
+    assert r.exit_code == 0, r.stderr
+    got = torch.load(tmp_path / "c.pt", weights_only=True)
+    _same_cast({n: t.to(torch.float16) for n, t in sd.items()}, got, torch.bfloat16)
+    assert got["lm_head.weight"].data_ptr() == got["transformer.wte.weight"].data_ptr()
+
+
 # ---------------------------------------------------------------- memory
 
 

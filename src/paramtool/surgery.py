@@ -508,7 +508,7 @@ def resize_in(ckpt: Checkpoint, names: list[str], rows: int, fill: NewRows) -> N
 def write(src: Any, listing: Checkpoint, plan: Surgery, output: Any, drop_extra: bool = False) -> None:
     """Carry out ``plan`` and write the result where ``output`` says (the OUTPUT rules of ``writer``).
 
-    Same-format file to file (torch zip, safetensors) and a sharded checkpoint into one file are streamed one
+    A file into a file (torch zip, safetensors) and a sharded checkpoint into one file are streamed one
     storage at a time; a sharded checkpoint is rewritten shard by shard with its index; anything else is
     loaded, changed and written whole. A model directory whose sidecars change (config.json's vocab_size) is
     rewritten in place as a whole directory, in one atomic step, so that the weights and config.json never
@@ -525,11 +525,9 @@ def write(src: Any, listing: Checkpoint, plan: Surgery, output: Any, drop_extra:
     if output.layout.split:
         _write_sharded(src, listing, plan, output, drop_extra)
         return
-    if src.kind == "file" and src.layout.can_patch(output.layout) and surgery_stream.can_stream(listing, plan):
+    byte_ranges = src.kind == "file" or getattr(listing, "parts", None)  # a file, or shards into one file
+    if byte_ranges and surgery_stream.can_stream(listing, plan, output.layout):
         surgery_stream.write(listing, plan, output)
-        return
-    if getattr(listing, "parts", None) and surgery_stream.can_stream(listing, plan, output.layout):
-        surgery_stream.write(listing, plan, output)  # shards into one file, one storage at a time
         return
     ckpt = listing if listing.layout.in_memory else load(src, listing.key)
     run_on(ckpt, plan)

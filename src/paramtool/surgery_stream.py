@@ -1,4 +1,5 @@
-"""Streamed surgery: rename, drop and cast written one storage at a time, straight from the input's bytes.
+"""Streamed surgery: rename, drop and cast written one storage at a time, straight from the input's bytes:
+a file into either one-file format, a sharded checkpoint into one file, or (called per shard) a shard.
 
 The operation is carried out on the file's listing (stand-in tensors, no data); the output is then written
 from it: a safetensors header is rebuilt (names, dtypes, offsets, tie metadata) and a torch zip file gets a
@@ -21,13 +22,18 @@ _PLAIN = (str, int, float, bool, bytes, type(None))
 
 
 def can_stream(listing: Checkpoint, plan: Any, output_layout: Any = None) -> bool:
-    """Can ``plan`` be written straight from ``listing``'s bytes: a file into its own format (structure only
-    plain containers), or a sharded checkpoint into one file (``output_layout``)?"""
-    if getattr(listing, "parts", None):
-        return _shards_can_stream(listing, plan, output_layout)
+    """Can ``plan`` be written straight from ``listing``'s bytes into ``output_layout`` (None: the file's own
+    format)? A file into its own format (structure only plain containers) or into the other one-file format;
+    a sharded checkpoint, each shard streamable, into one file."""
+    parts = getattr(listing, "parts", None)
+    if parts:
+        return _into_one_file(listing, plan, output_layout) and all(can_stream(p, plan) for p in parts.values())
     if plan.report.action.startswith("resize") or not listing.path or not listing.layout.byte_ranges:
         return False
     if listing.layout.holds_non_tensors and not _plain_tree(listing.root):
+        return False
+    if output_layout is not None and not listing.layout.can_patch(output_layout) and \
+            not _into_one_file(listing, plan, output_layout):
         return False
     out = transformed(listing, plan)
     groups = _by_storage(out.infos() if listing.layout.flat else _all_infos(out.root))
@@ -38,19 +44,19 @@ def can_stream(listing: Checkpoint, plan: Any, output_layout: Any = None) -> boo
     return True
 
 
-def _shards_can_stream(listing: Any, plan: Any, output_layout: Any) -> bool:
-    """Shards merged into one file: each shard streams on its own, holds only tensors (the merged checkpoint
-    is one flat state dict) and, for a torch file, only dtypes torch.save has storage classes for."""
+def _into_one_file(listing: Any, plan: Any, output_layout: Any) -> bool:
+    """Can the result go into one file of another format than the input's, as the loaded path would write
+    it? Not with ``--key`` (a sub-tree), non-tensor entries into safetensors (the loaded path says why), or
+    dtypes torch.save has no storage class for."""
     from .formats.pt import STORAGE_CLASSES
     from .writer import _non_tensor_entries
 
-    if output_layout is None or not output_layout.single_file or os.name != "posix" or plan.sidecars:
+    if output_layout is None or not output_layout.single_file or os.name != "posix" or plan.sidecars \
+            or listing.key is not None:
         return False
-    parts = listing.parts.values()
-    if not all(p.layout.byte_ranges and can_stream(p, plan) and not _non_tensor_entries(p) for p in parts):
-        return False
-    return not output_layout.holds_non_tensors or all(t.dtype in STORAGE_CLASSES
-                                                      for t in transformed(listing, plan).infos())
+    if not output_layout.holds_non_tensors:
+        return not any(_non_tensor_entries(p) for p in (getattr(listing, "parts", None) or {"": listing}).values())
+    return all(t.dtype in STORAGE_CLASSES for t in transformed(listing, plan).infos())
 
 
 def _plain_tree(root: Any) -> bool:
