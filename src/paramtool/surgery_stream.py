@@ -30,6 +30,8 @@ def can_stream(listing: Checkpoint, plan: Any, output_layout: Any = None) -> boo
         return _into_one_file(listing, plan, output_layout) and all(can_stream(p, plan) for p in parts.values())
     if plan.report.action.startswith("resize") or not listing.path or not listing.layout.byte_ranges:
         return False
+    if os.name != "posix":  # storages are read through private (copy-on-write) mappings
+        return False
     if listing.layout.holds_non_tensors and not _plain_tree(listing.root):
         return False
     if output_layout is not None and not listing.layout.can_patch(output_layout) and \
@@ -51,8 +53,7 @@ def _into_one_file(listing: Any, plan: Any, output_layout: Any) -> bool:
     from .formats.pt import STORAGE_CLASSES
     from .writer import _non_tensor_entries
 
-    if output_layout is None or not output_layout.single_file or os.name != "posix" or plan.sidecars \
-            or listing.key is not None:
+    if output_layout is None or not output_layout.single_file or plan.sidecars or listing.key is not None:
         return False
     if not output_layout.holds_non_tensors:
         return not any(_non_tensor_entries(p) for p in (getattr(listing, "parts", None) or {"": listing}).values())
