@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from .records import replace
 from typing import Any, Hashable
 
@@ -177,11 +179,21 @@ def _produce(reader: Any, key: Hashable, dtype: str, overflows: dict[Hashable, i
     return out
 
 
-def _import_torch(todo: list) -> None:
-    """torch, imported here rather than by the first read ahead: an import that runs out of memory in a
-    worker thread (whose stack and malloc arena take address space of their own) fails in odd places."""
-    if todo:
-        import torch  # noqa: F401
+@contextmanager
+def _reading_ahead(todo: list) -> Iterator[None]:
+    """Around a write that reads and casts ``todo`` one ahead on a worker thread: torch is imported here,
+    not by the worker (an import that runs out of memory in a worker thread, whose stack and malloc arena take
+    address space of their own, fails in odd places), and its intra-op threads are lowered so the writing
+    thread and the worker each have their share of the cores (``pipeline.torch_threads``)."""
+    if not todo:
+        yield
+        return
+    import torch  # noqa: F401
+
+    from .pipeline import torch_threads
+
+    with torch_threads(2):  # two streams: this thread writes, the worker reads and casts
+        yield
 
 
 # ---------------------------------------------------------------- safetensors
@@ -217,9 +229,8 @@ def _write_safetensors(listing: Checkpoint, out: Checkpoint, reader: Any, path: 
 
     as_is = {t.name for t in stored if reader.dtype(t.storage) == t.dtype and whole(t)}
     todo = [t for t in stored if t.name not in as_is]
-    _import_torch(todo)
     made = _ahead(todo, produce)
-    with open(path, "wb") as f:
+    with _reading_ahead(todo), open(path, "wb") as f:
         f.write(safetensors_fmt.header([(t.name, t.dtype, tuple(t.shape)) for t in stored], meta))
         for t in stored:
             if t.name in as_is:  # untouched: the bytes as they are
@@ -241,7 +252,6 @@ def _write_zip(root: Any, reader: Any, path: str, overflows: dict[Hashable, int]
 
     data, storages = pt.pickle_with_storages(root)
     todo = [s for s in storages.values() if reader.dtype(s.source) != s.dtype]
-    _import_torch(todo)
     made = _ahead(todo, lambda s: _produce(reader, s.source, s.dtype, overflows))
 
     def records() -> Any:
@@ -251,4 +261,5 @@ def _write_zip(root: Any, reader: Any, path: str, overflows: dict[Hashable, int]
             else:
                 yield s.key, _as_bytes(next(made)[1])
 
-    pt.write_zip(path, data, records())
+    with _reading_ahead(todo):
+        pt.write_zip(path, data, records())
