@@ -144,15 +144,15 @@ def _limited(limit_bytes: int):
     return apply
 
 
-def _big_sharded(tmp_path) -> dict[str, torch.Tensor]:
-    """512 MiB of float32 in four safetensors shards of two 64 MiB tensors each."""
+def _big_sharded(tmp_path, shards: int = 4) -> dict[str, torch.Tensor]:
+    """``shards`` safetensors shards of two 64 MiB float32 tensors each (512 MiB in four)."""
     src = tmp_path / "big"
     src.mkdir()
     g = torch.Generator().manual_seed(3)
-    sd = {f"layers.{i}.weight": torch.randn(4096, 4096, generator=g) for i in range(8)}
+    sd = {f"layers.{i}.weight": torch.randn(4096, 4096, generator=g) for i in range(2 * shards)}
     weight_map = {}
-    for s in range(4):
-        shard = f"model-{s + 1:05d}-of-00004.safetensors"
+    for s in range(shards):
+        shard = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         names = [f"layers.{i}.weight" for i in (2 * s, 2 * s + 1)]
         save_file({n: sd[n] for n in names}, str(src / shard), metadata={"format": "pt"})
         weight_map.update({n: shard for n in names})
@@ -177,7 +177,7 @@ def test_sharded_cast_larger_than_its_memory_limit(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="address-space limits and /proc are Linux's")
 def test_sharded_cast_out_of_memory_is_one_error_line(tmp_path):
-    _big_sharded(tmp_path)
+    _big_sharded(tmp_path, shards=2)
     base = _vm_peak_kib("import torch, zipfile, paramtool.cli, paramtool.convert_stream, paramtool.writer")
     for dst in ("one.safetensors", "one.pt"):
         r = subprocess.run([sys.executable, "-m", "paramtool", "convert", str(tmp_path / "big"), str(tmp_path / dst),
