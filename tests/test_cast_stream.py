@@ -127,6 +127,26 @@ def test_one_file_into_the_other_format(tmp_path, run):
     assert got["lm_head.weight"].data_ptr() == got["transformer.wte.weight"].data_ptr()
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cast_storage_counts_overflow_exactly(dtype):
+    """Only finite values that become infinite count: not infs already there, not NaNs (which hide the result's
+    min and max), with the count right across chunks."""
+    from paramtool.surgery import cast_storage
+
+    flat = torch.zeros((1 << 22) + 5, dtype=torch.float64)
+    big = 1e300 if dtype == "bfloat16" else 1e5
+    flat[[0, 3, (1 << 22) + 1]] = big  # the last in the second chunk
+    flat[7] = -big
+    flat[9] = float("inf")
+    out, overflow = cast_storage(flat, dtype)
+    assert torch.equal(out, flat.to(getattr(torch, dtype)))
+    assert overflow == 4
+    flat[11] = float("nan")
+    assert cast_storage(flat, dtype)[1] == 4
+    assert cast_storage(torch.ones(10, dtype=torch.float64), dtype)[1] == 0
+    assert cast_storage(torch.empty(0), dtype)[1] == 0
+
+
 # ---------------------------------------------------------------- memory
 
 
