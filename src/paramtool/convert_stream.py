@@ -15,8 +15,10 @@ converts; memory stays near two storages.
 """
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from .records import dataclass, replace
 from typing import Any
 
@@ -38,6 +40,7 @@ class StorageReader:
     # where storages are byte ranges of files: their bytes as they are, without torch
     chunks: Callable[[Hashable], Any] | None = None  # ``formats.storage.Chunks``, read through a small buffer
     copy: Callable[[Hashable, Any], None] | None = None  # appended to a file by the kernel
+    dtype: Callable[[Hashable], str] | None = None  # the storage's dtype as stored (a cast compares with it)
 
 
 # --- readers --------------------------------------------------------------------------------------------
@@ -50,7 +53,7 @@ def _file_reader(listing: Any) -> StorageReader | None:
     if sf is None:
         return None
     return StorageReader(sf.map_storage, lambda k: sf.spans[k].nbytes, sf.close,  # mapped, copy-on-write
-                         chunks=sf.chunks, copy=sf.copy_storage)
+                         chunks=sf.chunks, copy=sf.copy_storage, dtype=lambda k: sf.spans[k].dtype)
 
 
 def _sharded_reader(listing: Any) -> StorageReader | None:
@@ -69,7 +72,7 @@ def _sharded_reader(listing: Any) -> StorageReader | None:
 
     return StorageReader(lambda k: files[k[0]].read(k[1]), lambda k: files[k[0]].nbytes(k[1]), close,
                          lambda k, t: files[k[0]].recycle(k[1], t), lambda k: files[k[0]].chunks(k[1]),
-                         lambda k, out: files[k[0]].copy(k[1], out))
+                         lambda k, out: files[k[0]].copy(k[1], out), lambda k: files[k[0]].dtype(k[1]))
 
 
 def _dcp_reader(listing: Any) -> StorageReader:
@@ -77,6 +80,11 @@ def _dcp_reader(listing: Any) -> StorageReader:
     storage reader). Keys are the listing's ``("dcp", fqn)``."""
     entries = listing.layout.open_storages(listing)
     return StorageReader(entries.read_storage, entries.nbytes, entries.close)
+
+
+def reader_of(listing: Any) -> StorageReader:
+    """The reader of a listing with byte ranges: one file's, or a sharded checkpoint's over every shard."""
+    return _sharded_reader(listing) if getattr(listing, "parts", None) else _file_reader(listing)
 
 
 def open_reader(src: Any, listing: Any) -> StorageReader | None:
@@ -197,6 +205,31 @@ def _check_size(out: Any, nbytes: int) -> None:
         raise FormatError(f"storage of '{out.source}' holds {nbytes} bytes, not the {out.nbytes} its tensors need")
 
 
+# --- out of memory ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def memory_bound() -> Iterator[None]:
+    """Running out of memory (or address space) while writing storage by storage is one error line: Python's
+    MemoryError, torch's allocator ("DefaultCPUAllocator: can't allocate memory"), a mapping or a read-ahead
+    thread that cannot be made."""
+    try:
+        yield
+    except MemoryError:
+        raise ParamtoolError(_OUT_OF_MEMORY) from None
+    except RuntimeError as e:
+        if "allocate" not in str(e) and "new thread" not in str(e):
+            raise
+        raise ParamtoolError(_OUT_OF_MEMORY) from None
+    except OSError as e:
+        if e.errno != errno.ENOMEM:
+            raise
+        raise ParamtoolError(_OUT_OF_MEMORY) from None
+
+
+_OUT_OF_MEMORY = "out of memory while converting (one storage at a time did not fit)"
+
+
 # --- entry point ----------------------------------------------------------------------------------------
 
 
@@ -228,17 +261,11 @@ def convert_streamed(src: Any, listing: Any, output: Any, drop_extra: bool,
         return False
     try:
         def write(path: str) -> None:
-            try:
+            with memory_bound():
                 if not output.layout.holds_non_tensors:
                     write_safetensors(path, infos, listing.metadata, reader)
                 else:
                     write_pt(path, root, reader)
-            except MemoryError:
-                raise ParamtoolError("out of memory while converting (one storage at a time did not fit)") from None
-            except RuntimeError as e:  # torch's allocator: "DefaultCPUAllocator: can't allocate memory"
-                if "allocate" not in str(e):
-                    raise
-                raise ParamtoolError("out of memory while converting (one storage at a time did not fit)") from None
             verify(path)
 
         emit(output, write)

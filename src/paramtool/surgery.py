@@ -7,8 +7,8 @@ so it stays tied; dropping one name of a group leaves the storage to the others.
 (``{dropped: kept}`` aliases and ``paramtool.ties`` views) is never edited by hand: it is recomputed from the
 storages when the file is written, so it always names what is really there.
 
-Where input and output are the same byte-range format, ``surgery_stream`` writes the result one storage at a
-time: untouched tensor bytes are copied verbatim and memory stays near one tensor.
+Where input and output are the same byte-range format, or shards go into one file, ``surgery_stream`` writes
+the result one storage at a time: untouched tensor bytes are copied verbatim and memory stays near one tensor.
 """
 from __future__ import annotations
 
@@ -328,13 +328,22 @@ def plan_cast(ckpt: Checkpoint, dtype: str, keep: list[str]) -> Surgery:
 
 
 def cast_storage(flat: Any, dtype: str) -> tuple[Any, int]:
-    """A 1-D storage cast to ``dtype``, and how many finite values became infinite (overflow)."""
+    """A 1-D storage cast to ``dtype``, and how many finite values became infinite (overflow).
+
+    One extra pass over the result, not over the input: its min and max (``aminmax``, no temporary tensor)
+    are finite unless an inf or a NaN is there, and only then are the overflows counted exactly."""
+    import math
+
     import torch
 
     out = flat.to(getattr(torch, dtype))
     overflow = 0
-    if torch.finfo(out.dtype).max < torch.finfo(flat.dtype).max and bool(torch.isinf(out).any()):
-        overflow = int((torch.isinf(out) & torch.isfinite(flat)).sum())  # the rare case: count exactly
+    if out.numel() and torch.finfo(out.dtype).max < torch.finfo(flat.dtype).max:
+        lo, hi = torch.aminmax(out)
+        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):  # the rare case: count exactly
+            step = 1 << 22  # in chunks: three bool tensors of a chunk, not of the storage
+            overflow = sum(int((torch.isinf(out[i:i + step]) & torch.isfinite(flat[i:i + step])).sum())
+                           for i in range(0, out.numel(), step))
     return out, overflow
 
 
@@ -499,10 +508,11 @@ def resize_in(ckpt: Checkpoint, names: list[str], rows: int, fill: NewRows) -> N
 def write(src: Any, listing: Checkpoint, plan: Surgery, output: Any, drop_extra: bool = False) -> None:
     """Carry out ``plan`` and write the result where ``output`` says (the OUTPUT rules of ``writer``).
 
-    Same-format file to file (torch zip, safetensors) is streamed one storage at a time; a sharded checkpoint
-    is rewritten shard by shard with its index; anything else is loaded, changed and written whole. A model
-    directory whose sidecars change (config.json's vocab_size) is rewritten in place as a whole directory, in
-    one atomic step, so that the weights and config.json never disagree."""
+    A file into a file (torch zip, safetensors) and a sharded checkpoint into one file are streamed one
+    storage at a time; a sharded checkpoint is rewritten shard by shard with its index; anything else is
+    loaded, changed and written whole. A model directory whose sidecars change (config.json's vocab_size) is
+    rewritten in place as a whole directory, in one atomic step, so that the weights and config.json never
+    disagree."""
     from . import surgery_stream, writer
     from .sources import load
 
@@ -515,7 +525,8 @@ def write(src: Any, listing: Checkpoint, plan: Surgery, output: Any, drop_extra:
     if output.layout.split:
         _write_sharded(src, listing, plan, output, drop_extra)
         return
-    if src.kind == "file" and src.layout.can_patch(output.layout) and surgery_stream.can_stream(listing, plan):
+    byte_ranges = src.kind == "file" or getattr(listing, "parts", None)  # a file, or shards into one file
+    if byte_ranges and surgery_stream.can_stream(listing, plan, output.layout):
         surgery_stream.write(listing, plan, output)
         return
     ckpt = listing if listing.layout.in_memory else load(src, listing.key)

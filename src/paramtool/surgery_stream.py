@@ -1,4 +1,5 @@
-"""Streamed surgery: rename, drop and cast written one storage at a time, straight from the input's bytes.
+"""Streamed surgery: rename, drop and cast written one storage at a time, straight from the input's bytes:
+a file into either one-file format, a sharded checkpoint into one file, or (called per shard) a shard.
 
 The operation is carried out on the file's listing (stand-in tensors, no data); the output is then written
 from it: a safetensors header is rebuilt (names, dtypes, offsets, tie metadata) and a torch zip file gets a
@@ -8,7 +9,10 @@ the largest storage whatever the size of the checkpoint.
 from __future__ import annotations
 
 import copy
+import os
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from .records import replace
 from typing import Any, Hashable
 
@@ -19,11 +23,21 @@ from .toc import FakeTensor, TensorInfo, contiguous_stride, itemsize
 _PLAIN = (str, int, float, bool, bytes, type(None))
 
 
-def can_stream(listing: Checkpoint, plan: Any) -> bool:
-    """Can ``plan`` be written straight from ``listing``'s bytes (same format, structure only plain containers)?"""
+def can_stream(listing: Checkpoint, plan: Any, output_layout: Any = None) -> bool:
+    """Can ``plan`` be written straight from ``listing``'s bytes into ``output_layout`` (None: the file's own
+    format)? A file into its own format (structure only plain containers) or into the other one-file format;
+    a sharded checkpoint, each shard streamable, into one file."""
+    parts = getattr(listing, "parts", None)
+    if parts:
+        return _into_one_file(listing, plan, output_layout) and all(can_stream(p, plan) for p in parts.values())
     if plan.report.action.startswith("resize") or not listing.path or not listing.layout.byte_ranges:
         return False
+    if os.name != "posix":  # storages are read through private (copy-on-write) mappings
+        return False
     if listing.layout.holds_non_tensors and not _plain_tree(listing.root):
+        return False
+    if output_layout is not None and not listing.layout.can_patch(output_layout) and \
+            not _into_one_file(listing, plan, output_layout):
         return False
     out = transformed(listing, plan)
     groups = _by_storage(out.infos() if listing.layout.flat else _all_infos(out.root))
@@ -32,6 +46,20 @@ def can_stream(listing: Checkpoint, plan: Any) -> bool:
     if listing.layout.flat:
         return all(_whole(members) is not None for members in groups.values())
     return True
+
+
+def _into_one_file(listing: Any, plan: Any, output_layout: Any) -> bool:
+    """Can the result go into one file of another format than the input's, as the loaded path would write
+    it? Not with ``--key`` (a sub-tree), non-tensor entries into safetensors (the loaded path says why), or
+    dtypes torch.save has no storage class for."""
+    from .formats.pt import STORAGE_CLASSES
+    from .writer import _non_tensor_entries
+
+    if output_layout is None or not output_layout.single_file or plan.sidecars or listing.key is not None:
+        return False
+    if not output_layout.holds_non_tensors:
+        return not any(_non_tensor_entries(p) for p in (getattr(listing, "parts", None) or {"": listing}).values())
+    return all(t.dtype in STORAGE_CLASSES for t in transformed(listing, plan).infos())
 
 
 def _plain_tree(root: Any) -> bool:
@@ -67,7 +95,10 @@ def _by_storage(infos: list[TensorInfo]) -> dict[Hashable, list[TensorInfo]]:
 
 
 def transformed(listing: Checkpoint, plan: Any) -> Checkpoint:
-    """A copy of the listing with the plan carried out on its stand-ins (nothing is read)."""
+    """A copy of the listing with the plan carried out on its stand-ins (nothing is read); a sharded
+    listing's shards each, its names following them in the index's order."""
+    if getattr(listing, "parts", None):
+        return _transformed_shards(listing, plan)
     out = copy.copy(listing)
     out.root = copy.deepcopy(listing.root)
     out.names = dict(listing.names)
@@ -83,27 +114,41 @@ def transformed(listing: Checkpoint, plan: Any) -> Checkpoint:
     return out
 
 
+def _transformed_shards(listing: Any, plan: Any) -> Any:
+    out = copy.copy(listing)
+    out.parts = {s: transformed(p, plan) for s, p in listing.parts.items()}
+    out.root = {s: p.root for s, p in out.parts.items()}
+    names = {n: (s,) + tuple(path) for s, p in out.parts.items() for n, path in p.names.items()}
+    order = [plan.rename.get(n, n) for n in listing.names]
+    out.names = {n: names[n] for n in dict.fromkeys(order + list(names)) if n in names}
+    out.meta_ties = {n: t for p in out.parts.values() for n, t in p.meta_ties.items()}
+    out.metadata = dict(listing.metadata) if listing.metadata is not None else None
+    return out
+
+
 def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
     """Write the plan's result as ``output`` (a file, atomically, or stdout), then verify it; returns the
-    result's listing."""
+    result's listing. Storages are read mapped (``convert_stream``'s readers: one file, or every shard),
+    and the next one to cast is read and cast on a worker thread while the current one is written."""
     from . import writer
-    from .formats.storage import open_storage_file
+    from .convert_stream import _sharded_root, memory_bound, reader_of
 
-    storage_file = open_storage_file(listing)
+    reader = reader_of(listing)
     out = transformed(listing, plan)
     overflows: dict[str, int] = {}
 
     def write_to(path: str) -> None:
-        if listing.layout.flat:
-            _write_safetensors(listing, out, storage_file, path, overflows)
-        else:
-            _write_zip(out, storage_file, path, overflows)
+        with memory_bound():
+            if not output.layout.holds_non_tensors:
+                _write_safetensors(listing, out, reader, path, overflows)
+            else:
+                _write_zip(_sharded_root(out) if getattr(out, "parts", None) else out.root, reader, path, overflows)
         writer._verify_file(out, output.format, path)
 
     try:
         writer.emit(output, write_to)
     finally:
-        storage_file.close()
+        reader.close()
     if plan.cast:
         from .surgery import record_overflow
 
@@ -120,18 +165,35 @@ def _overflow_names(out: Checkpoint, by_storage: dict[Hashable, int]) -> dict[st
     return named
 
 
-def _produce(storage_file: Any, key: Hashable, dtype: str, overflows: dict[Hashable, int]) -> Any:
-    """One output storage: the input's bytes, cast when the dtype changes."""
+def _produce(reader: Any, key: Hashable, dtype: str, overflows: dict[Hashable, int]) -> Any:
+    """One output storage: the input's bytes (mapped), cast when the dtype changes."""
     from .surgery import cast_storage
 
-    flat = storage_file.read_storage(key)
-    if storage_file.spans[key].dtype == dtype:
+    flat = reader.read(key)
+    if reader.dtype(key) == dtype:
         return flat
     out, overflow = cast_storage(flat, dtype)
-    storage_file.recycle(flat)
+    reader.recycle(key, flat)
     if overflow:
         overflows[key] = overflow
     return out
+
+
+@contextmanager
+def _reading_ahead(todo: list) -> Iterator[None]:
+    """Around a write that reads and casts ``todo`` one ahead on a worker thread: torch is imported here,
+    not by the worker (an import that runs out of memory in a worker thread, whose stack and malloc arena take
+    address space of their own, fails in odd places), and its intra-op threads are lowered so the writing
+    thread and the worker each have their share of the cores (``pipeline.torch_threads``)."""
+    if not todo:
+        yield
+        return
+    import torch  # noqa: F401
+
+    from .pipeline import torch_threads
+
+    with torch_threads(2):  # two streams: this thread writes, the worker reads and casts
+        yield
 
 
 # ---------------------------------------------------------------- safetensors
@@ -146,29 +208,35 @@ def _whole(members: list[TensorInfo]) -> TensorInfo | None:
     return None
 
 
-def _write_safetensors(listing: Checkpoint, out: Checkpoint, storage_file: Any, path: str,
+def _write_safetensors(listing: Checkpoint, out: Checkpoint, reader: Any, path: str,
                        overflows: dict[Hashable, int]) -> None:
     """``safetensors_fmt.layout``'s header (the one ``save`` writes), then each stored tensor: the input's
-    bytes as they are, or read and cast."""
+    bytes as they are (copied by the kernel), or read and cast, the next one ahead."""
     from .formats import safetensors_fmt
-    from .formats.storage import _as_bytes, _copy
+    from .formats.storage import _ahead, _as_bytes
 
     old_stored = set(listing.names) - set(listing.meta_ties)
     _, _, rest = safetensors_fmt.split_metadata(dict(listing.metadata or {}), old_stored)  # old tie records go
     stored, meta = safetensors_fmt.layout(out.infos(), rest)
-    with open(path, "wb") as f:
+
+    def whole(t: TensorInfo) -> bool:
+        return t.offset == 0 and t.numel * itemsize(reader.dtype(t.storage)) == reader.nbytes(t.storage) \
+            and tuple(t.stride) == contiguous_stride(t.shape)
+
+    def produce(t: TensorInfo) -> Any:
+        data = _produce(reader, t.storage, t.dtype, overflows)
+        return data if whole(t) else data.as_strided(t.shape, t.stride, t.offset).contiguous()
+
+    as_is = {t.name for t in stored if reader.dtype(t.storage) == t.dtype and whole(t)}
+    todo = [t for t in stored if t.name not in as_is]
+    made = _ahead(todo, produce)
+    with _reading_ahead(todo), open(path, "wb") as f:
         f.write(safetensors_fmt.header([(t.name, t.dtype, tuple(t.shape)) for t in stored], meta))
         for t in stored:
-            span = storage_file.spans[t.storage]
-            whole = t.offset == 0 and t.numel * itemsize(span.dtype) == span.nbytes \
-                and tuple(t.stride) == contiguous_stride(t.shape)
-            if span.dtype == t.dtype and whole:  # untouched: the bytes as they are
-                storage_file._file.seek(span.offset)
-                _copy(storage_file._file, f, span.nbytes)
+            if t.name in as_is:  # untouched: the bytes as they are
+                reader.copy(t.storage, f)
                 continue
-            data = _produce(storage_file, t.storage, t.dtype, overflows)
-            if not whole:
-                data = data.as_strided(t.shape, t.stride, t.offset).contiguous()
+            _, data = next(made)
             f.write(_as_bytes(data))
             del data
 
@@ -176,20 +244,22 @@ def _write_safetensors(listing: Checkpoint, out: Checkpoint, storage_file: Any, 
 # ---------------------------------------------------------------- torch zip
 
 
-def _write_zip(out: Checkpoint, storage_file: Any, path: str, overflows: dict[Hashable, int]) -> None:
+def _write_zip(root: Any, reader: Any, path: str, overflows: dict[Hashable, int]) -> None:
     """A torch zip file as ``torch.save`` writes it (``formats.pt``'s pickle and zip writer): the pickle, the
-    format records, then each storage, copied or cast, one at a time."""
+    format records, then each storage, copied as it is or cast (the next one ahead), one at a time."""
     from .formats import pt
-    from .formats.storage import _as_bytes
+    from .formats.storage import _ahead, _as_bytes
 
-    data, storages = pt.pickle_with_storages(out.root)
+    data, storages = pt.pickle_with_storages(root)
+    todo = [s for s in storages.values() if reader.dtype(s.source) != s.dtype]
+    made = _ahead(todo, lambda s: _produce(reader, s.source, s.dtype, overflows))
 
     def records() -> Any:
         for s in storages.values():
-            span = storage_file.spans[s.source]
-            if span.dtype == s.dtype:  # untouched: the storage's bytes as they are (mapped)
-                yield s.key, storage_file.raw_storage(s.source)
+            if reader.dtype(s.source) == s.dtype:  # untouched: the storage's bytes as they are
+                yield s.key, reader.chunks(s.source)
             else:
-                yield s.key, _as_bytes(_produce(storage_file, s.source, s.dtype, overflows))
+                yield s.key, _as_bytes(next(made)[1])
 
-    pt.write_zip(path, data, records())
+    with _reading_ahead(todo):
+        pt.write_zip(path, data, records())
