@@ -5,14 +5,13 @@ non-tensor entries and every untouched tensor go back to disk as they came.
 """
 from __future__ import annotations
 
-from .records import dataclass, field
-
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     from typing import Any
 
 from . import formats, tree
 from .formats import Format
+from .records import dataclass, field
 from .toc import FakeModule, TensorInfo, Toc
 
 

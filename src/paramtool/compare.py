@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from .records import dataclass, field
 from typing import Any
 
 from . import numeric
 from .checkpoint import Checkpoint
 from .pipeline import ordered_map
+from .records import dataclass, field
 from .ties import find_ties, names_key
 
 

@@ -19,11 +19,11 @@ import errno
 import os
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
-from .records import dataclass, replace
 from typing import Any
 
 from .errors import FormatError, ParamtoolError
 from .formats.pt import STORAGE_CLASSES
+from .records import dataclass, replace
 from .toc import TensorInfo, contiguous_stride, itemsize
 from .tree import walk
 

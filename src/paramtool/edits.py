@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import difflib
 import re
-from .records import dataclass
 from typing import Any
 
 from .errors import ParamtoolError, UsageError, first_line
+from .records import dataclass
 
 OPS = ("+=", "-=", "*=", "/=", "=")  # longest first: "+=" must win over "="
 _INT = re.compile(r"^[+-]?\d+$")

@@ -12,10 +12,10 @@ Nothing here knows about terminals: :func:`compute` returns a :class:`GradReport
 from __future__ import annotations
 
 import re
-from .records import dataclass, field
 from typing import Any
 
 from .errors import ParamtoolError, UsageError, first_line
+from .records import dataclass, field
 from .toc import FakeModule
 
 NEEDS_MODEL = "grad needs a model: give nn:EXPR, FILE.py:FUNC or a pickled module"

@@ -6,12 +6,12 @@ unless ``untie`` gives the selected names their own copy first.
 """
 from __future__ import annotations
 
-from .records import dataclass, field
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError
+from .records import dataclass, field
 from .select import module_path, select
 from .ties import storage_groups
 from .toc import TensorInfo

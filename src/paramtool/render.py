@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-from .records import dataclass, field
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     from typing import Any
 
 from .names import people_order, people_sorted, sibling_order
+from .records import dataclass, field
 from .select import module_path
 from .ties import tied_to, unique_counts
 from .toc import TensorInfo, Toc

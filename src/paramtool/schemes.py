@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from .records import dataclass
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     from typing import Any
 
 from .errors import ParamtoolError, UsageError
+from .records import dataclass
 
 
 class _Required:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from .records import dataclass, fields, replace
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
@@ -19,6 +18,7 @@ from .checkpoint import Checkpoint
 from .errors import FormatError, ParamtoolError, UsageError
 from . import formats
 from .formats import Format
+from .records import dataclass, fields, replace
 from .toc import TensorInfo, Toc
 
 

@@ -5,11 +5,11 @@ A 10 GB memory-mapped checkpoint is read a few million values at a time; nothing
 from __future__ import annotations
 
 import math
-from .records import dataclass
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from .pipeline import scratch
+from .records import dataclass
 
 CHUNK = 1 << 18  # values per chunk: 2 MiB as float64, so the passes over one chunk run from the CPU cache
 

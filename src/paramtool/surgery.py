@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from .records import dataclass, field, replace
 from typing import Any
 
 from . import formats, tree
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError, UsageError
 from .ops import Report
+from .records import dataclass, field, replace
 from .select import module_path, select, unknown_name
 from .ties import storage_groups
 from .toc import TensorInfo

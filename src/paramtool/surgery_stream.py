@@ -13,11 +13,11 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from .records import replace
 from typing import Any, Hashable
 
 from . import tree
 from .checkpoint import Checkpoint
+from .records import replace
 from .toc import FakeTensor, TensorInfo, contiguous_stride, itemsize
 
 _PLAIN = (str, int, float, bool, bytes, type(None))

@@ -6,13 +6,13 @@ Works on ``TensorInfo`` records, so the same code answers for a table of content
 from __future__ import annotations
 
 from collections.abc import Callable
-from .records import dataclass
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     from typing import Any, Hashable
 
 from .names import people_key
+from .records import dataclass
 from .toc import TensorInfo, itemsize
 
 

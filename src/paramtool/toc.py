@@ -5,13 +5,12 @@ for every format, and none of them needs torch.
 """
 from __future__ import annotations
 
-from .records import dataclass, field
-
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     from typing import Any, Hashable
 
 from .formats.dtypes import SIZES as DTYPE_SIZES  # dtype name (as torch prints it) -> bytes per element
+from .records import dataclass, field
 
 
 def itemsize(dtype: str) -> int:

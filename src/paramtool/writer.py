@@ -11,13 +11,13 @@ import stat
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from .records import dataclass
 from typing import Any
 
 from . import formats, fsops, shard_commit, tree
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError, UsageError
 from .formats import Format
+from .records import dataclass
 from .sources import Source
 
 

@@ -11,11 +11,11 @@ import glob
 import json
 import os
 import shutil
-from ..records import dataclass, field, replace
 from typing import Any
 
 from ..errors import FormatError, UsageError
 from ..fsops import is_temp
+from ..records import dataclass, field, replace
 from ..toc import TensorInfo
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import glob
 import json
 import os
-from ..records import dataclass
 
 from ..errors import FormatError, ParamtoolError
+from ..records import dataclass
 
 
 @dataclass(frozen=True)

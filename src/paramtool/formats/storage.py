@@ -12,10 +12,10 @@ import errno
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from ..records import dataclass
 from typing import Any, Hashable
 
 from ..errors import FormatError, first_line
+from ..records import dataclass
 from ..toc import TensorInfo, Toc, contiguous_stride, itemsize
 
 COPY_CHUNK = 1 << 24

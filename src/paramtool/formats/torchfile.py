@@ -12,13 +12,13 @@ from __future__ import annotations
 import os
 import struct
 import zipfile
-from ..records import dataclass, field, replace
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     from typing import Any, BinaryIO, Callable, Hashable
 
 from ..errors import FormatError, RefusedGlobal
+from ..records import dataclass, field, replace
 from ..toc import FakeModule, FakeTensor, StorageRef, itemsize
 from .dtypes import STORAGE_TYPES
 from .unpickle import OPCODES, TORCH_REBUILDS, Global, Hooks, Inert, unpickle
