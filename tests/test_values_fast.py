@@ -420,6 +420,35 @@ def test_json_listing_imports_no_rich_typer_or_torch(tmp_path, argv):
     assert json.loads(r.stdout)
 
 
+@pytest.mark.parametrize("argv", [["stats", "{a}", "--json"], ["stats", "{a}", "--json", "--layer", "w"],
+                                  ["diff", "{a}", "{b}", "--json"], ["diff", "{a}", "{a}", "--json"]])
+def test_json_values_fast_path_matches_the_full_cli_and_imports_no_cli_or_torch(tmp_path, run, argv):
+    """stats and diff --json are answered before typer and rich (and, on mapped bytes, torch) are imported,
+    with the full CLI's output and exit status."""
+    save_file({"w": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1.0, float("nan")])}, str(tmp_path / "a.safetensors"))
+    save_file({"w": torch.arange(6.0).reshape(2, 3) + 1, "b": torch.tensor([1.0, float("nan")])}, str(tmp_path / "b.safetensors"))
+    args = [x.replace("{a}", str(tmp_path / "a.safetensors")).replace("{b}", str(tmp_path / "b.safetensors")) for x in argv]
+    code = (
+        "import sys\n"
+        "from paramtool.launch import main\n"
+        f"sys.argv = ['paramtool', *{args!r}]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "loaded = [m for m in ('rich', 'typer', 'click', 'torch') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+        "sys.exit(code)\n"
+    )
+    fast = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    full = run(*args)
+    assert fast.returncode == full.exit_code, fast.stderr
+    assert json.loads(fast.stdout) == full.json()
+
+
+def test_json_diff_fast_path_errors_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "paramtool", "diff", str(tmp_path / "no.pt"), str(tmp_path / "no2.pt"), "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_fast_json_path_answers_like_the_full_cli(tmp_path, run):
     torch.save({"0.weight": torch.ones(2, 2), "0.bias": torch.zeros(2), "1.weight": torch.ones(1)}, tmp_path / "m.pt")
     for argv in (["inspect", str(tmp_path / "m.pt"), "--json", "--layer", "0"], ["ties", str(tmp_path / "m.pt"), "--json"],

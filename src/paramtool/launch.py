@@ -1,10 +1,11 @@
-"""The program's entry point: the listing commands' ``--json`` forms are answered before typer is imported.
+"""The program's entry point: the ``--json`` forms scripts call in loops are answered before typer is imported.
 
-``inspect``, ``ties`` and ``schemes`` with ``--json`` are what scripts call in loops; for them Python's own
-start-up should be the only fixed cost. A command line made only of what these forms take (SOURCE,
-``--json``, ``--layer``/``-l``, ``--depth``, ``--key``) is run here with no typer, click or rich imported;
-anything else (help, other options, other commands, a usage error) goes to the full CLI unchanged, which
-then answers it exactly as before.
+``inspect``, ``ties`` and ``schemes`` with ``--json`` (listing: Python's own start-up should be the only fixed
+cost), and ``stats SOURCE --json`` and ``diff A B --json`` (which compute with numpy where the bytes are
+mapped, so typer's and rich's import would be a quarter of a 1 GiB run). A command line made only of what
+these forms take (SOURCE, ``--json``, ``--layer``/``-l``, ``--depth``, ``--key``) is run here with no typer,
+click or rich imported; anything else (help, other options, other commands, a usage error, ``stats`` with
+its progress bar on a terminal) goes to the full CLI unchanged, which then answers it exactly as before.
 """
 from __future__ import annotations
 
@@ -16,15 +17,17 @@ if TYPE_CHECKING:
     from typing import Any
 
 # command -> the options that take a value (--json is the flag every fast form requires)
-_FAST = {"inspect": {"--layer", "-l", "--depth", "--key"}, "ties": {"--key"}, "schemes": set()}
+_FAST = {"inspect": {"--layer", "-l", "--depth", "--key"}, "ties": {"--key"}, "schemes": set(),
+         "stats": {"--layer", "-l", "--key"}, "diff": {"--key"}}
+_POSITIONALS = {"schemes": 0, "diff": 2}  # how many the command takes (the others: SOURCE, or none for stdin)
 
 
-def _parse(argv: list[str]) -> tuple[str, str | None, dict[str, list[str]]] | None:
-    """(command, SOURCE, options) when argv is a fast form, else None."""
+def _parse(argv: list[str]) -> tuple[str, list[str], dict[str, list[str]]] | None:
+    """(command, positional arguments, options) when argv is a fast form, else None."""
     if not argv or argv[0] not in _FAST or "--json" not in argv:
         return None
     command, takes = argv[0], _FAST[argv[0]]
-    source: str | None = None
+    positionals: list[str] = []
     opts: dict[str, list[str]] = {}
     rest = argv[1:]
     json_flag = False
@@ -39,8 +42,8 @@ def _parse(argv: list[str]) -> tuple[str, str | None, dict[str, list[str]]] | No
         elif arg in takes and i + 1 < len(rest):
             opts.setdefault(arg, []).append(rest[i + 1])
             i += 1
-        elif (not arg.startswith("-") or arg == "-") and source is None and command != "schemes":
-            source = arg
+        elif (not arg.startswith("-") or arg == "-") and len(positionals) < _POSITIONALS.get(command, 1):
+            positionals.append(arg)
         else:
             return None  # anything else: the full CLI decides
         i += 1
@@ -48,27 +51,35 @@ def _parse(argv: list[str]) -> tuple[str, str | None, dict[str, list[str]]] | No
         return None
     if "--depth" in opts and not (opts["--depth"][0].isdigit()):
         return None  # the full CLI reports the usage error
-    return command, source, opts
+    if command == "diff" and (len(positionals) != 2 or "-" in positionals):
+        return None  # (standard input is read once: a diff of it is the full CLI's from the start)
+    return command, positionals, opts
 
 
 class _Slow(Exception):
     """This command line needs the full CLI after all."""
 
 
-def _run(command: str, source: str | None, opts: dict[str, list[str]]) -> None:
-    from .render import dumps
-
+def _run(command: str, positionals: list[str], opts: dict[str, list[str]]) -> int:
+    code = 0
+    key = (opts.get("--key") or [None])[0]
+    layers = opts.get("--layer", []) + opts.get("-l", [])
     if command == "schemes":
         from .schemes import schemes_table
 
         doc: Any = {"schemes": schemes_table()}
+    elif command == "diff":
+        doc, code = _diff(positionals, key)
     else:
         from . import sources
 
-        key = (opts.get("--key") or [None])[0]
-        src = sources.resolve(source)
+        if command == "stats" and sys.stderr.isatty():
+            raise _Slow  # a terminal gets the full CLI's progress bar
+        src = sources.resolve(positionals[0] if positionals else None)
         if src.directory:  # a model directory: config.json ties and warnings are the full CLI's to report
             raise _Slow
+        if command == "stats":
+            return _emit(_stats(src, key, layers))
         toc = sources.read_toc(src, key)
         if command == "ties":
             from .ties import find_ties
@@ -78,11 +89,45 @@ def _run(command: str, source: str | None, opts: dict[str, list[str]]) -> None:
             from .render import inspect_json
             from .select import select
 
-            layers = opts.get("--layer", []) + opts.get("-l", [])
             chosen = set(select([t.name for t in toc.tensors], layers, "all"))
             doc = inspect_json(toc, [t for t in toc.tensors if t.name in chosen])
+    return _emit(doc, code)
+
+
+def _emit(doc: Any, code: int = 0) -> int:
+    from .render import dumps
+
     sys.stdout.write(dumps(doc) + "\n")
     sys.stdout.flush()
+    return code
+
+
+def _stats(src: Any, key: str | None, layers: list[str]) -> Any:
+    """``stats SOURCE --json``, as the full CLI computes it (``cli.stats``), without its progress bar."""
+    from . import sources
+    from . import stats as st
+    from .select import select
+
+    ckpt = sources.load_lazy(src, key)
+    names = select(list(ckpt.names), layers, "all")
+    done = st.stats_many(ckpt.tensor, names, None, False, raw_of=st.raw_reader(ckpt))
+    return {"tensors": [r.as_json() for r in done.results]}
+
+
+def _diff(paths: list[str], key: str | None) -> tuple[Any, int]:
+    """``diff A B --json`` as the full CLI computes it (``cli.diff``): 0 equal, 1 different; errors exit 2."""
+    from . import compare, sources
+    from .errors import ParamtoolError
+
+    try:
+        a, b = sources.resolve(paths[0]), sources.resolve(paths[1])
+        if a.directory or b.directory:
+            raise _Slow
+        result = compare.diff(sources.load_lazy(a, key), sources.load_lazy(b, key))
+    except ParamtoolError as e:
+        e.exit_code = 2  # diff follows cmp: any error is 2
+        raise
+    return result.as_json(), 0 if result.equal else 1
 
 
 def _fast(argv: list[str]) -> int | None:
@@ -93,7 +138,7 @@ def _fast(argv: list[str]) -> int | None:
     from .errors import ParamtoolError, UsageError
 
     try:
-        _run(*parsed)
+        return _run(*parsed)
     except (UsageError, _Slow):
         return None  # usage errors are worded (and exit 2) by the full CLI
     except ParamtoolError as e:
