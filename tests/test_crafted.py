@@ -2,6 +2,7 @@
 nothing from the file runs, and nothing outside the checkpoint is read."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -230,3 +231,52 @@ def test_non_finite_numbers_are_strings_in_every_json(tmp_path, run):
     assert d.json()["changed"][0]["max_abs_diff"] in ("nan", "inf")
     bad = run("diff", a, b, "--rtol", "-1")
     assert bad.exit_code == 2
+
+
+def _records(obj) -> list[tuple[str, bytes]]:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    z = zipfile.ZipFile(buf)
+    return [(n.split("/", 1)[1], z.read(n)) for n in z.namelist() if not n.endswith("serialization_id")]
+
+
+def _locals(records, base: int) -> tuple[bytes, list]:
+    """Stored local records (no extra field) and their central-directory entries, the first at ``base``."""
+    out, entries = io.BytesIO(), []
+    for name, data in records:
+        n = ("archive/" + name).encode()
+        crc = zipfile.crc32(data)
+        entries.append((n, base + out.tell(), crc, len(data)))
+        out.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0x21, crc, len(data), len(data), len(n), 0) + n + data)
+    return out.getvalue(), entries
+
+
+def _directory(entries, delta: int = 0) -> bytes:
+    return b"".join(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0x21, crc, size, size, len(n),
+                                0, 0, 0, 0, 0, off - delta) + n for n, off, crc, size in entries)
+
+
+@pytest.mark.parametrize("decoy_pickle", [None, b"\x80\x02cos\nsystem\nq\x00X\x04\x00\x00\x00truep\x01\x85R."])
+def test_zip_whose_directory_is_not_where_its_end_record_says_is_refused(tmp_path, run, decoy_pickle):
+    """Two archives in one file: torch's reader takes the end record's directory offset as it is (the decoy,
+    first), Python's zipfile corrects it to the directory before the end record (the real one). paramtool
+    would show other values than torch.load, or miss a data.pkl that runs code: refused, one line."""
+    real = _records({"w": torch.ones(4)})
+    decoy = _records({"w": torch.full((4,), 666.0)})
+    if decoy_pickle is not None:
+        decoy = [(n, decoy_pickle if n == "data.pkl" else d) for n, d in real]
+    first, first_entries = _locals(decoy, 0)
+    first += b"\0" * 4096  # room, so the second archive's shifted offsets stay positive
+    first_dir = _directory(first_entries)
+    second, second_entries = _locals(real, len(first) + len(first_dir))
+    shift = len(first_dir) + len(second)
+    second_dir = _directory(second_entries, delta=shift)
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(real), len(real), len(second_dir), len(first), 0)
+    (tmp_path / "split.pt").write_bytes(first + first_dir + second + second_dir + end)
+    if decoy_pickle is None:
+        assert torch.load(tmp_path / "split.pt", weights_only=True)["w"][0] == 666  # torch reads the decoy
+    for argv in (["inspect", "--json"], ["show", "w"], ["stats"], ["convert"]):
+        extra = [str(tmp_path / "o.safetensors")] if argv[0] == "convert" else []
+        r = run(argv[0], tmp_path / "split.pt", *argv[1:], *extra)
+        assert r.exit_code == 1 and "ambiguous zip" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.safetensors").exists()

@@ -230,6 +230,39 @@ def _data_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int | None:
     return info.header_offset + 30 + name_len + extra_len
 
 
+def _stored_directory_offset(f: BinaryIO) -> int | None:
+    """Where the end record says the central directory starts (zip64's record when there is one, as zipfile
+    and miniz both take it); None when there is no end record to read."""
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    tail_len = min(size, 22 + 0xFFFF + 20)  # the end record, its longest comment, the zip64 locator
+    f.seek(size - tail_len)
+    tail = f.read(tail_len)
+    at = tail.rfind(b"PK\x05\x06")  # the last one, as zipfile searches
+    if at < 0 or len(tail) - at < 22:
+        return None
+    offset = struct.unpack("<I", tail[at + 16:at + 20])[0]
+    if at >= 20 and tail[at - 20:at - 16] == b"PK\x06\x07":  # zip64 locator: the zip64 end record's offset
+        f.seek(struct.unpack("<Q", tail[at - 12:at - 4])[0])
+        record = f.read(56)
+        if len(record) != 56 or record[:4] != b"PK\x06\x06":
+            return None
+        offset = struct.unpack("<Q", record[48:56])[0]
+    return offset
+
+
+def _check_directory_offset(archive: zipfile.ZipFile, path: str) -> None:
+    """Refuse an archive whose central directory is not where its end record says.
+
+    Python's zipfile then shifts every offset by the difference (it reads archives with bytes before them),
+    while torch's reader takes the offsets as they are: the two would read different records, other tensor
+    values, even another data.pkl (one that runs code), from the same file."""
+    stored = _stored_directory_offset(archive.fp)
+    if stored is None or stored != archive.start_dir:
+        shift = "" if stored is None else f" ({archive.start_dir - stored} bytes from where its end record says)"
+        raise FormatError(f"{path}: ambiguous zip: the central directory is not where torch's reader looks{shift}")
+
+
 def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
     """A torch zip checkpoint read without running it: reads ``data.pkl`` and the zip directory only.
 
@@ -239,6 +272,7 @@ def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
     except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as e:  # e.g. "zip file version 6.4"
         raise FormatError(f"{path}: not a valid torch zip file ({type(e).__name__}: {e})") from None
     with archive:
+        _check_directory_offset(archive, path)
         prefix = _zip_prefix(archive, path)
         info = archive.getinfo(prefix + "data.pkl")
         if info.file_size > MAX_PICKLE:
