@@ -59,8 +59,7 @@ def _buffer(slot: str, n: int, dtype: str) -> Any:
         bufs = _local.bufs = {}
     buf = bufs.get(slot)
     if buf is None or buf.size < n:
-        make = np.ones if slot == "ones" else np.empty  # "ones": a vector of ones, for sums as dot products
-        buf = bufs[slot] = make(max(n, CHUNK), dtype=dtype)
+        buf = bufs[slot] = np.empty(max(n, CHUNK), dtype=dtype)
     return buf[:n]
 
 
@@ -98,8 +97,7 @@ def moments(x: Any) -> tuple[int, float, float, int, float, float, float, int, i
     own = x if x.dtype.kind in "iub" or x.dtype.char in "fd" else wide  # float16: numpy's min/max are slow
     lo, hi = float(own.min()), float(own.max())
     zeros = int(np.count_nonzero(np.equal(own, 0, out=_buffer("mask", k, "?"))))
-    ones = _buffer("ones", k, "<f8")
-    s = float(np.dot(wide, ones))
+    s = float(wide.sum())  # numpy's pairwise sum: as exact as torch's (a dot with ones is not, far from zero)
     sumsq = float(np.dot(wide, wide))
     nan = inf = 0
     if not math.isfinite(s):
@@ -109,7 +107,8 @@ def moments(x: Any) -> tuple[int, float, float, int, float, float, float, int, i
     m2 = sumsq - s * cm
     if not (m2 > sumsq / 64 and math.isfinite(m2)):  # cancellation (or overflow): deviations from the mean
         np.subtract(wide, cm, out=wide)
-        m2 = float(np.dot(wide, wide))
+        d = float(wide.sum())  # what rounding left of the mean: the corrected two-pass formula takes it out
+        m2 = float(np.dot(wide, wide)) - d * d / k
     return k, lo, hi, zeros, s, sumsq, m2, nan, inf
 
 
