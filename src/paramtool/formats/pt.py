@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from typing import Any, Hashable
 
 from ..errors import FormatError, first_line
-from ..toc import FakeModule, FakeTensor, itemsize
+from ..toc import FakeModule, FakeTensor, StorageRef, itemsize
 from .dtypes import STORAGE_TYPES
 from .storage import Chunks
 from .torchfile import TorchFile
@@ -213,6 +213,9 @@ class _Pickler(pickle._Pickler):  # the pure-Python pickler: it lets a stand-in 
             else:
                 self._module(obj)
             return
+        if isinstance(obj, (StorageRef, FakeTensor)):  # a stand-in no rebuild of paramtool's took in: never a GLOBAL
+            raise FormatError("the checkpoint holds a tensor paramtool cannot write back (torch.save's "
+                              "_rebuild_tensor_v3, used for uint16/32/64 and float8 tensors); nothing was written")
         super().save(obj, save_persistent_id)
 
     def _global(self, ref: Global) -> None:
