@@ -78,3 +78,21 @@ def rewrite_zip(src, dst, edit) -> None:
             data = edit(info.filename, z.read(info))
             if data is not None:
                 out.writestr(info, data)
+
+
+def vm_peak_kib(code: str) -> int:
+    """The address space (VmPeak, KiB) a fresh interpreter reaches after running ``code``: the base a memory
+    limit test adds its margin to."""
+    out = subprocess.run([sys.executable, "-c", code + "\nprint(open('/proc/self/status').read()"
+                          ".split('VmPeak:')[1].split()[0])"], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+def address_space_limit(limit_bytes: int):
+    """A ``preexec_fn`` that caps the child's address space (RLIMIT_AS) at ``limit_bytes``."""
+    import resource
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+    return apply

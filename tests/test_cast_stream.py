@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
+
+from conftest import address_space_limit, vm_peak_kib
 
 
 def _gpt2() -> GPT2LMHeadModel:
@@ -150,18 +151,6 @@ def test_cast_storage_counts_overflow_exactly(dtype):
 # ---------------------------------------------------------------- memory
 
 
-def _vm_peak_kib(code: str) -> int:
-    """The address space a fresh interpreter reaches after ``code`` (as tests/test_values_fast.py measures it)."""
-    out = subprocess.run([sys.executable, "-c", code + "\nprint(open('/proc/self/status').read()"
-                          ".split('VmPeak:')[1].split()[0])"], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1])
-
-
-def _limited(limit_bytes: int):
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
-
-    return apply
 
 
 def _big_sharded(tmp_path, shards: int = 4) -> dict[str, torch.Tensor]:
@@ -185,11 +174,11 @@ def test_sharded_cast_larger_than_its_memory_limit(tmp_path):
     """512 MiB of shards cast into one file with 256 MiB of address space above the program's own: a few
     storages at a time (loading the shards, even memory-mapped, does not fit)."""
     sd = _big_sharded(tmp_path)
-    base = _vm_peak_kib("import torch, zipfile, paramtool.cli, paramtool.convert_stream, paramtool.writer")
+    base = vm_peak_kib("import torch, zipfile, paramtool.cli, paramtool.convert_stream, paramtool.writer")
     for dst in ("one.safetensors", "one.pt"):
         r = subprocess.run([sys.executable, "-m", "paramtool", "convert", str(tmp_path / "big"), str(tmp_path / dst),
                             "--dtype", "bf16"], capture_output=True, text=True,
-                           preexec_fn=_limited((base + 256 * 1024) * 1024))
+                           preexec_fn=address_space_limit((base + 256 * 1024) * 1024))
         assert r.returncode == 0, r.stderr
     _same_cast(sd, load_file(str(tmp_path / "one.safetensors")), torch.bfloat16)
     _same_cast(sd, torch.load(tmp_path / "one.pt", weights_only=True, mmap=True), torch.bfloat16)
@@ -198,11 +187,11 @@ def test_sharded_cast_larger_than_its_memory_limit(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="address-space limits and /proc are Linux's")
 def test_sharded_cast_out_of_memory_is_one_error_line(tmp_path):
     _big_sharded(tmp_path, shards=2)
-    base = _vm_peak_kib("import torch, zipfile, paramtool.cli, paramtool.convert_stream, paramtool.writer")
+    base = vm_peak_kib("import torch, zipfile, paramtool.cli, paramtool.convert_stream, paramtool.writer")
     for dst in ("one.safetensors", "one.pt"):
         r = subprocess.run([sys.executable, "-m", "paramtool", "convert", str(tmp_path / "big"), str(tmp_path / dst),
                             "--dtype", "bf16"], capture_output=True, text=True,
-                           preexec_fn=_limited((base + 48 * 1024) * 1024))  # less than one 64 MiB storage
+                           preexec_fn=address_space_limit((base + 48 * 1024) * 1024))  # less than one 64 MiB storage
         assert r.returncode == 1, (r.returncode, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr

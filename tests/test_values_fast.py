@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -19,6 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from paramtool import stats as st
 from paramtool.pipeline import ordered_map
+
+from conftest import address_space_limit, vm_peak_kib
 
 N = 300_001  # more than one chunk (stats.CHUNK), not a multiple of it
 
@@ -280,31 +281,20 @@ def test_convert_dcp_to_one_file(tmp_path, run, out_ext):
     _same(sd, _load_pt(out) if out_ext == ".pt" else load_file(str(out)))
 
 
-def _vm_peak_kib(code: str) -> int:
-    out = subprocess.run([sys.executable, "-c", code + "\nprint(open('/proc/self/status').read()"
-                          ".split('VmPeak:')[1].split()[0])"], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1])
-
-
-def _limited(limit_bytes: int):
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
-
-    return apply
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="address-space limits and /proc are Linux's")
 def test_convert_larger_than_its_memory_limit(tmp_path):
     """A 384 MiB checkpoint converts both ways with 256 MiB of address space above the program's own: only
     a few storages are ever in memory (a whole load, even memory-mapped, does not fit)."""
-    base = _vm_peak_kib("import torch, zipfile, paramtool.cli, paramtool.convert_stream, paramtool.writer")
+    base = vm_peak_kib("import torch, zipfile, paramtool.cli, paramtool.convert_stream, paramtool.writer")
     g = torch.Generator().manual_seed(4)
     sd = {f"layers.{i}.weight": torch.randn(4096, 4096, generator=g) for i in range(6)}
     save_file(sd, str(tmp_path / "big.safetensors"))
     limit = (base + 256 * 1024) * 1024
     for src, dst in (("big.safetensors", "big.pt"), ("big.pt", "back.safetensors")):
         r = subprocess.run([sys.executable, "-m", "paramtool", "convert", str(tmp_path / src), str(tmp_path / dst)],
-                           capture_output=True, text=True, preexec_fn=_limited(limit))
+                           capture_output=True, text=True, preexec_fn=address_space_limit(limit))
         assert r.returncode == 0, r.stderr
     del sd
     a = load_file(str(tmp_path / "big.safetensors"))
@@ -315,11 +305,11 @@ def test_convert_larger_than_its_memory_limit(tmp_path):
 def test_convert_out_of_memory_is_one_error_line(tmp_path):
     whole = torch.randn(4096, 1024)  # tensors that are slices of one storage: their bytes need torch to cut out
     torch.save({f"w{i}": whole[i * 1024:(i + 1) * 1024] for i in range(4)}, tmp_path / "a.pt")
-    base = _vm_peak_kib("import typer")
+    base = vm_peak_kib("import typer")
     for extra_mib in (64, 160):  # where torch itself cannot load, and a little above
         r = subprocess.run([sys.executable, "-m", "paramtool", "convert", str(tmp_path / "a.pt"),
                             str(tmp_path / "b.safetensors")], capture_output=True, text=True,
-                           preexec_fn=_limited((base + extra_mib * 1024) * 1024))
+                           preexec_fn=address_space_limit((base + extra_mib * 1024) * 1024))
         assert r.returncode == 1, (r.returncode, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr
@@ -334,10 +324,10 @@ def test_convert_moving_bytes_needs_no_torch_and_little_memory(tmp_path):
     sd = {f"w{i}": torch.randn(1024, 1024) for i in range(4)}
     sd["tied"] = sd["w0"]
     torch.save(sd, tmp_path / "a.pt")
-    base = _vm_peak_kib("import typer")
+    base = vm_peak_kib("import typer")
     for src, dst in (("a.pt", "b.safetensors"), ("b.safetensors", "c.pt")):
         r = subprocess.run([sys.executable, "-m", "paramtool", "convert", str(tmp_path / src), str(tmp_path / dst)],
-                           capture_output=True, text=True, preexec_fn=_limited((base + 64 * 1024) * 1024))
+                           capture_output=True, text=True, preexec_fn=address_space_limit((base + 64 * 1024) * 1024))
         assert r.returncode == 0, r.stderr
     back = torch.load(tmp_path / "c.pt", weights_only=True)
     _same(sd, back)
