@@ -96,3 +96,20 @@ def address_space_limit(limit_bytes: int):
         resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
 
     return apply
+
+
+def launch_without(args: list[str], forbidden: tuple[str, ...], entry: str = "paramtool.launch") -> subprocess.CompletedProcess:
+    """``paramtool ARGS`` through ``entry``'s ``main`` (the installed entry point, or ``paramtool.cli`` for the
+    full CLI) in a fresh interpreter, which exits with paramtool's status, or with 99 if any ``forbidden``
+    module was imported on the way."""
+    code = (
+        "import sys\n"
+        f"from {entry} import main\n"
+        f"sys.argv = ['paramtool', *{args!r}]\n"
+        "code = 0\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        f"loaded = [m for m in {forbidden!r} if m in sys.modules]\n"
+        "if loaded:\n    sys.stderr.write(f'imported: {loaded}')\n    sys.exit(99)\n"
+        "sys.exit(code)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from paramtool import stats as st
 from paramtool.pipeline import ordered_map
 
-from conftest import address_space_limit, vm_peak_kib
+from conftest import address_space_limit, launch_without, vm_peak_kib
 
 N = 300_001  # more than one chunk (stats.CHUNK), not a multiple of it
 
@@ -390,21 +390,6 @@ def test_copy_falls_back_without_a_kernel_copy(tmp_path):
 # --- start-up ------------------------------------------------------------------------------------------------
 
 
-def _launch(args: list[str], forbidden: tuple[str, ...]) -> subprocess.CompletedProcess:
-    """``paramtool ARGS`` through the entry point in a fresh interpreter, which exits with paramtool's status,
-    or with 99 if any ``forbidden`` module was imported on the way."""
-    code = (
-        "import sys\n"
-        "from paramtool.launch import main\n"
-        f"sys.argv = ['paramtool', *{args!r}]\n"
-        "code = 0\n"
-        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
-        f"loaded = [m for m in {forbidden!r} if m in sys.modules]\n"
-        "if loaded:\n    sys.stderr.write(f'imported: {loaded}')\n    sys.exit(99)\n"
-        "sys.exit(code)\n"
-    )
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-
 
 @pytest.mark.parametrize("argv", [["inspect", "{f}", "--json"], ["inspect", "{f}", "--json", "--layer", "0", "--depth", "1"],
                                   ["ties", "{f}", "--json"], ["schemes", "--json"]])
@@ -412,7 +397,7 @@ def test_json_listing_imports_no_rich_typer_or_torch(tmp_path, argv):
     torch.save({"0.weight": torch.ones(2, 2), "0.bias": torch.zeros(2)}, tmp_path / "m.pt")
     args = [a.replace("{f}", str(tmp_path / "m.pt")) for a in argv]
     # dataclasses (with inspect, ast, dis), typing and pickletools cost ~25 ms of a 60 ms budget (issue 15)
-    r = _launch(args, ("rich", "typer", "click", "torch", "numpy", "dataclasses", "inspect", "typing",
+    r = launch_without(args, ("rich", "typer", "click", "torch", "numpy", "dataclasses", "inspect", "typing",
                        "pickletools", "tempfile"))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)
@@ -426,7 +411,7 @@ def test_json_values_fast_path_matches_the_full_cli_and_imports_no_cli_or_torch(
     save_file({"w": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1.0, float("nan")])}, str(tmp_path / "a.safetensors"))
     save_file({"w": torch.arange(6.0).reshape(2, 3) + 1, "b": torch.tensor([1.0, float("nan")])}, str(tmp_path / "b.safetensors"))
     args = [x.replace("{a}", str(tmp_path / "a.safetensors")).replace("{b}", str(tmp_path / "b.safetensors")) for x in argv]
-    fast = _launch(args, ("rich", "typer", "click", "torch"))
+    fast = launch_without(args, ("rich", "typer", "click", "torch"))
     full = run(*args)
     assert fast.returncode == full.exit_code, fast.stderr
     assert json.loads(fast.stdout) == full.json()
@@ -459,7 +444,7 @@ def test_equal_bytes_need_no_torch(tmp_path, argv):
     save_file({"a": x, "b": x.clone(), "c": torch.zeros(3)}, str(tmp_path / "f.safetensors"))
     save_file({"a": x.clone(), "b": x.clone(), "c": torch.zeros(3)}, str(tmp_path / "g.safetensors"))
     args = [a.replace("{f}", str(tmp_path / "f.safetensors")).replace("{g}", str(tmp_path / "g.safetensors")) for a in argv]
-    r = _launch(args, ("torch",))
+    r = launch_without(args, ("torch",))
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     if argv[0] == "diff":

@@ -6,13 +6,13 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import launch_without
 from paramtool import compare, numeric, sources
 from paramtool import stats as st
 from paramtool.formats.storage import drop_mapped
@@ -112,11 +112,7 @@ def test_stats_of_mapped_files_never_imports_torch(tmp_path):
     save_file(sd, str(tmp_path / "m.safetensors"))
     torch.save(sd, tmp_path / "m.pt")
     for path in (tmp_path / "m.safetensors", tmp_path / "m.pt"):
-        code = ("import sys, json\nfrom paramtool.cli import main\n"
-                f"sys.argv = ['paramtool', 'stats', {str(path)!r}, '--json']\n"
-                "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
-                "assert 'torch' not in sys.modules, 'torch was imported'\n")
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        r = launch_without(["stats", str(path), "--json"], ("torch",), "paramtool.cli")
         assert r.returncode == 0, r.stderr
         import json
 
@@ -253,11 +249,8 @@ def test_stats_hist_cli_without_torch(tmp_path):
     t[::10] = 0
     t[3] = float("nan")
     save_file({"w": t}, str(tmp_path / "m.safetensors"))
-    code = ("import sys\nfrom paramtool.cli import main\n"
-            f"sys.argv = ['paramtool', 'stats', {str(tmp_path / 'm.safetensors')!r}, '--hist', '--bins', '7', '--json']\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
-            "assert 'torch' not in sys.modules, 'torch was imported'\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = launch_without(["stats", str(tmp_path / "m.safetensors"), "--hist", "--bins", "7", "--json"], ("torch",),
+                       "paramtool.cli")
     assert r.returncode == 0, r.stderr
     h = json.loads(r.stdout)["histograms"]["w"]
     expected = st.histogram(t, 7)
