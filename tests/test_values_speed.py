@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import sys
 
 import pytest
 import torch
