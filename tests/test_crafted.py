@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import rewrite_zip
 
@@ -296,3 +296,29 @@ def test_tensors_saved_by_rebuild_tensor_v3_are_never_written_as_paramtool_names
     assert r.exit_code == 0, r.stderr
     back = torch.load(tmp_path / "copy.pt", weights_only=True)
     assert back["x"].dtype == torch.uint16 and torch.equal(back["x"], torch.ones(3, dtype=torch.uint16))
+
+
+def test_compressed_storage_records_are_loaded_whole(tmp_path, run):
+    """torch never deflates a storage record but torch.load reads one: such a file has no byte ranges, so every
+    command takes the loaded path and sees torch.load's values (a byte range of deflated bytes means nothing)."""
+    w = torch.arange(1000.0).reshape(10, 100)
+    torch.save({"w": w, "z": torch.zeros(5000)}, tmp_path / "plain.pt")
+    with zipfile.ZipFile(tmp_path / "plain.pt") as zi, zipfile.ZipFile(tmp_path / "d.pt", "w") as zo:
+        for i in zi.infolist():
+            zo.writestr(i.filename, zi.read(i.filename),
+                        compress_type=zipfile.ZIP_DEFLATED if "/data/" in i.filename else zipfile.ZIP_STORED)
+    assert torch.equal(torch.load(tmp_path / "d.pt", weights_only=True)["w"], w)
+    stats = {t["name"]: t for t in run("stats", tmp_path / "d.pt", "--json").json()["tensors"]}
+    assert stats["w"]["max"] == 999.0 and stats["z"]["zeros"] == 1.0
+    assert run("diff", tmp_path / "d.pt", tmp_path / "plain.pt").exit_code == 0
+    for argv in (["convert", tmp_path / "d.pt", tmp_path / "o.safetensors"],
+                 ["convert", tmp_path / "d.pt", tmp_path / "c.safetensors", "--dtype", "bf16"],
+                 ["rename", tmp_path / "d.pt", "s/w/v/", "-o", tmp_path / "r.pt"],
+                 ["init", tmp_path / "d.pt", "--layer", "z", "--scheme", "ones", "--param", "all", "--in-place"]):
+        r = run(*argv)
+        assert r.exit_code == 0, (argv, r.stderr)
+    assert torch.equal(load_file(str(tmp_path / "o.safetensors"))["w"], w)
+    assert torch.equal(load_file(str(tmp_path / "c.safetensors"))["w"], w.bfloat16())
+    assert torch.equal(torch.load(tmp_path / "r.pt", weights_only=True)["v"], w)
+    back = torch.load(tmp_path / "d.pt", weights_only=True)
+    assert torch.equal(back["w"], w) and torch.equal(back["z"], torch.ones(5000))

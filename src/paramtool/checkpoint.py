@@ -33,6 +33,12 @@ class Checkpoint:
         """The format it was read from, as the object to ask (``formats.base.Format``)."""
         return formats.by_name(self.format)
 
+    @property
+    def byte_ranges(self) -> bool:
+        """Are its storages byte ranges of its file, read and patched in place? Its format says so, unless a
+        zip storage record is compressed (torch never writes one, but reads it: then it is loaded whole)."""
+        return self.layout.byte_ranges and not any(offset is None for offset, _ in (self.located or {}).values())
+
     def tensor(self, name: str) -> Any:
         return tree.get_path(self.root, self.names[name])
 

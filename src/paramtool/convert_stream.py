@@ -60,7 +60,7 @@ def _sharded_reader(listing: Any) -> StorageReader | None:
     """Keys are ``(shard, key in shard)``, as the sharded listing names them."""
     files: dict[str, StorageReader] = {}
     for shard, part in listing.parts.items():
-        if not part.layout.byte_ranges:
+        if not part.byte_ranges:
             for r in files.values():
                 r.close()
             return None
@@ -94,7 +94,7 @@ def open_reader(src: Any, listing: Any) -> StorageReader | None:
     if layout is None:
         return None
     if src.kind == "file" and layout.byte_ranges:
-        return _file_reader(listing)
+        return _file_reader(listing) if listing.byte_ranges else None
     if layout.split:
         return _sharded_reader(listing)
     if layout.placeholder_values:

@@ -227,6 +227,8 @@ def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
         from .formats.storage import open_storage_file
 
         listing = open_listing(src, key)
+        if not listing.byte_ranges:
+            return load(src, key)
         ckpt = StreamedCheckpoint(**{f: getattr(listing, f) for f in fields(listing)})
         ckpt.storage_file = open_storage_file(listing)
         return ckpt

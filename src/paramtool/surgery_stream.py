@@ -30,7 +30,7 @@ def can_stream(listing: Checkpoint, plan: Any, output_layout: Any = None) -> boo
     parts = getattr(listing, "parts", None)
     if parts:
         return _into_one_file(listing, plan, output_layout) and all(can_stream(p, plan) for p in parts.values())
-    if plan.report.action.startswith("resize") or not listing.path or not listing.layout.byte_ranges:
+    if plan.report.action.startswith("resize") or not listing.path or not listing.byte_ranges:
         return False
     if os.name != "posix":  # storages are read through private (copy-on-write) mappings
         return False

@@ -336,7 +336,7 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
     same_format = src.layout is not None and src.layout.can_patch(output.layout)
     narrow = plan.narrow and listing.key is not None
     whole = not narrow and not (drop_extra and output.layout.holds_non_tensors)  # else the container is cut down
-    if src.kind == "file" and same_format and not plan.untie and whole:
+    if src.kind == "file" and same_format and listing.byte_ranges and not plan.untie and whole:
         storage_file = open_storage_file(listing)
         try:
             write_streamed(storage_file, listing, plan, output)

@@ -227,9 +227,8 @@ class ZipStorageFile(StorageFile):
             ref = fake.storage
             if ref.key not in spans:
                 offset, record = located[ref.key]
-                if offset is None:  # torch stores every record as is; a byte range of deflated bytes means nothing
-                    raise FormatError(f"{path}: storage record '{record}' is compressed (torch stores records "
-                                      "uncompressed; save it again with torch.save)")
+                if offset is None:  # (callers ask Checkpoint.byte_ranges first: such a file is loaded whole)
+                    raise FormatError(f"{path}: storage record '{record}' is compressed: it has no byte range")
                 spans[ref.key] = Span(offset, ref.nbytes, ref.dtype, f"data/{ref.key[1]}")  # as torch's reader names it
         return cls(path, toc, spans)
 
