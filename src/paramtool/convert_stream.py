@@ -105,45 +105,78 @@ def open_reader(src: Any, listing: Any) -> StorageReader | None:
 # --- safetensors ----------------------------------------------------------------------------------------
 
 
-def write_safetensors(path: str, infos: list[TensorInfo], metadata: dict[str, str] | None,
-                      reader: StorageReader) -> None:
-    """The header ``safetensors_fmt.save`` would write (its ``layout``), then each stored tensor's bytes, one
-    storage in memory."""
+def write_safetensors(path: str, stored: list[TensorInfo], meta: dict[str, str] | None, reader: StorageReader,
+                      cast: Callable[[Hashable, str], Any] | None = None) -> None:
+    """A safetensors file of ``stored`` (as ``safetensors_fmt.layout`` lays a checkpoint out, with its header
+    metadata ``meta``): the header, then each tensor. One whose storage it is whole, in the same dtype, is
+    copied as the bytes it is (``reader.copy``: the kernel, no torch); the others are read (``cast(key, dtype)``
+    where the dtype changes: surgery's cast) and cut to their view, the next one on a worker thread while
+    this one is written, one storage in memory at a time."""
     from .formats import safetensors_fmt
     from .formats.storage import _ahead, _as_bytes
 
-    stored, meta = safetensors_fmt.layout(infos, metadata)
     bad = next((t for t in stored if t.dtype not in safetensors_fmt.CODES), None)
     if bad is not None:
         raise ParamtoolError(f"safetensors cannot hold {bad.dtype} tensors ('{bad.name}')")
-
-    if reader.copy is not None and all(_whole(t, reader) for t in stored):  # bytes as they are: no torch
-        with open(path, "wb") as out:
-            out.write(safetensors_fmt.header([(t.name, t.dtype, tuple(t.shape)) for t in stored], meta))
-            for t in stored:
-                reader.copy(t.storage, out)
-        return
+    as_is = {t.name for t in stored if reader.copy is not None and not _changes(t, reader) and _whole(t, reader)}
+    todo = [t for t in stored if t.name not in as_is]
 
     def produce(t: TensorInfo) -> Any:
-        storage = reader.read(t.storage)
-        if t.offset == 0 and tuple(t.stride) == contiguous_stride(t.shape) and storage.numel() == t.numel:
+        storage = _storage(t.storage, t.dtype, reader, cast)
+        if _whole(t, reader):
             return storage
         view = storage.as_strided(t.shape, t.stride, t.offset).contiguous()
         reader.recycle(t.storage, storage)
         return view
 
-    with open(path, "wb") as out:
+    made = _ahead(todo, produce)
+    with _reading_ahead(todo), open(path, "wb") as out:
         out.write(safetensors_fmt.header([(t.name, t.dtype, tuple(t.shape)) for t in stored], meta))
-        for t, data in _ahead(stored, produce):
+        for t in stored:
+            if t.name in as_is:
+                reader.copy(t.storage, out)
+                continue
+            _, data = next(made)
             out.write(_as_bytes(data))
             reader.recycle(t.storage, data)
             del data
 
 
+def _changes(t: Any, reader: StorageReader) -> bool:
+    """Is ``t`` (a tensor or an output storage) written in another dtype than its storage holds?"""
+    return reader.dtype is not None and reader.dtype(t.storage if isinstance(t, TensorInfo) else t.source) != t.dtype
+
+
+def _storage(key: Hashable, dtype: str, reader: StorageReader, cast: Callable[[Hashable, str], Any] | None) -> Any:
+    """Storage ``key`` as a 1-D tensor in ``dtype``: read, and cast (``cast``) where its dtype is another."""
+    if cast is not None and reader.dtype is not None and reader.dtype(key) != dtype:
+        return cast(key, dtype)
+    return reader.read(key)
+
+
+@contextmanager
+def _reading_ahead(todo: list) -> Iterator[None]:
+    """Around a write that reads (and casts) ``todo`` one ahead on a worker thread: torch is imported here, not
+    by the worker (an import that runs out of memory in a worker thread, whose stack and malloc arena take
+    address space of their own, fails in odd places), and its intra-op threads are lowered so the writing
+    thread and the worker each have their share of the cores (``pipeline.torch_threads``). Nothing to read:
+    torch is not imported at all."""
+    if not todo:
+        yield
+        return
+    import torch  # noqa: F401
+
+    from .pipeline import torch_threads
+
+    with torch_threads(2):  # two streams: this thread writes, the worker reads (and casts)
+        yield
+
+
 def _whole(t: TensorInfo, reader: StorageReader) -> bool:
     """Is ``t`` its whole storage, laid out contiguously (so its bytes are the storage's, as they are)?"""
+    stored_dtype = reader.dtype(t.storage) if reader.dtype is not None else t.dtype
     return t.offset == 0 and tuple(t.stride) == contiguous_stride(t.shape) and \
-        t.numel * itemsize(t.dtype) == reader.nbytes(t.storage)
+        t.numel * itemsize(stored_dtype) == reader.nbytes(t.storage)
 
 
 # --- torch zip ------------------------------------------------------------------------------------------
@@ -175,29 +208,34 @@ def _sharded_root(listing: Any) -> dict[str, Any]:
     return out
 
 
-def write_pt(path: str, root: Any, reader: StorageReader) -> None:
+def write_pt(path: str, root: Any, reader: StorageReader, cast: Callable[[Hashable, str], Any] | None = None) -> None:
     """``torch.save(root)`` without the data in memory: the pickle of the stand-in container (``formats.pt``'s,
-    the one torch.save gets), then each storage read, written and freed in turn."""
+    the one torch.save gets), then each storage: its bytes as they are where its dtype stays (``reader.chunks``,
+    no torch), else read (``cast(key, dtype)`` where the dtype changes), the next one on a worker thread while
+    this one is written."""
     from .formats import pt
     from .formats.storage import _ahead, _as_bytes
 
     pickled, storages = pt.pickle_with_storages(root)
+    as_is = {key for key, out in storages.items() if reader.chunks is not None and not _changes(out, reader)}
+    todo = [key for key in storages if key not in as_is]
+    made = _ahead(todo, lambda key: _storage(key, storages[key].dtype, reader, cast))
 
     def records() -> Any:
-        if reader.chunks is not None:  # the bytes as they are, read through a small buffer: no torch
-            for key, out in storages.items():
+        for key, out in storages.items():
+            if key in as_is:
                 data = reader.chunks(key)
                 _check_size(out, len(data))
                 yield out.key, data
-            return
-        for key, data in _ahead(list(storages), reader.read):
-            out = storages[key]
+                continue
+            _, data = next(made)
             _check_size(out, data.numel() * data.element_size())
             yield out.key, _as_bytes(data)
             reader.recycle(key, data)
             del data
 
-    pt.write_zip(path, pickled, records())
+    with _reading_ahead(todo):
+        pt.write_zip(path, pickled, records())
 
 
 def _check_size(out: Any, nbytes: int) -> None:
@@ -263,7 +301,9 @@ def convert_streamed(src: Any, listing: Any, output: Any, drop_extra: bool,
         def write(path: str) -> None:
             with memory_bound():
                 if not output.layout.holds_non_tensors:
-                    write_safetensors(path, infos, listing.metadata, reader)
+                    from .formats.safetensors_fmt import layout
+
+                    write_safetensors(path, *layout(infos, listing.metadata), reader)
                 else:
                     write_pt(path, root, reader)
             verify(path)

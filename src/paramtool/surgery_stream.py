@@ -11,14 +11,12 @@ from __future__ import annotations
 import copy
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Hashable
 
 from . import tree
 from .checkpoint import Checkpoint
 from .records import replace
-from .toc import FakeTensor, TensorInfo, contiguous_stride, itemsize
+from .toc import FakeTensor, TensorInfo, contiguous_stride
 
 _PLAIN = (str, int, float, bool, bytes, type(None))
 
@@ -129,9 +127,10 @@ def _transformed_shards(listing: Any, plan: Any) -> Any:
 def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
     """Write the plan's result as ``output`` (a file, atomically, or stdout), then verify it; returns the
     result's listing. Storages are read mapped (``convert_stream``'s readers: one file, or every shard),
-    and the next one to cast is read and cast on a worker thread while the current one is written."""
+    and written by ``convert_stream``'s writers: bytes that stay as they are are copied, the next storage to
+    cast is read and cast on a worker thread while the current one is written."""
     from . import writer
-    from .convert_stream import _sharded_root, memory_bound, reader_of
+    from .convert_stream import _sharded_root, memory_bound, reader_of, write_pt
 
     reader = reader_of(listing)
     out = transformed(listing, plan)
@@ -142,7 +141,8 @@ def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
             if not output.layout.holds_non_tensors:
                 _write_safetensors(listing, out, reader, path, overflows)
             else:
-                _write_zip(_sharded_root(out) if getattr(out, "parts", None) else out.root, reader, path, overflows)
+                write_pt(path, _sharded_root(out) if getattr(out, "parts", None) else out.root, reader,
+                         lambda key, dtype: _produce(reader, key, dtype, overflows))
         writer._verify_file(out, output.format, path)
 
     try:
@@ -179,23 +179,6 @@ def _produce(reader: Any, key: Hashable, dtype: str, overflows: dict[Hashable, i
     return out
 
 
-@contextmanager
-def _reading_ahead(todo: list) -> Iterator[None]:
-    """Around a write that reads and casts ``todo`` one ahead on a worker thread: torch is imported here,
-    not by the worker (an import that runs out of memory in a worker thread, whose stack and malloc arena take
-    address space of their own, fails in odd places), and its intra-op threads are lowered so the writing
-    thread and the worker each have their share of the cores (``pipeline.torch_threads``)."""
-    if not todo:
-        yield
-        return
-    import torch  # noqa: F401
-
-    from .pipeline import torch_threads
-
-    with torch_threads(2):  # two streams: this thread writes, the worker reads and casts
-        yield
-
-
 # ---------------------------------------------------------------- safetensors
 
 
@@ -210,56 +193,12 @@ def _whole(members: list[TensorInfo]) -> TensorInfo | None:
 
 def _write_safetensors(listing: Checkpoint, out: Checkpoint, reader: Any, path: str,
                        overflows: dict[Hashable, int]) -> None:
-    """``safetensors_fmt.layout``'s header (the one ``save`` writes), then each stored tensor: the input's
-    bytes as they are (copied by the kernel), or read and cast, the next one ahead."""
+    """``safetensors_fmt.layout``'s header (the one ``save`` writes; the input's tie records recomputed), then
+    each stored tensor: the input's bytes as they are, or read and cast (``convert_stream``'s writer)."""
+    from .convert_stream import write_safetensors
     from .formats import safetensors_fmt
-    from .formats.storage import _ahead, _as_bytes
 
     old_stored = set(listing.names) - set(listing.meta_ties)
     _, _, rest = safetensors_fmt.split_metadata(dict(listing.metadata or {}), old_stored)  # old tie records go
-    stored, meta = safetensors_fmt.layout(out.infos(), rest)
-
-    def whole(t: TensorInfo) -> bool:
-        return t.offset == 0 and t.numel * itemsize(reader.dtype(t.storage)) == reader.nbytes(t.storage) \
-            and tuple(t.stride) == contiguous_stride(t.shape)
-
-    def produce(t: TensorInfo) -> Any:
-        data = _produce(reader, t.storage, t.dtype, overflows)
-        return data if whole(t) else data.as_strided(t.shape, t.stride, t.offset).contiguous()
-
-    as_is = {t.name for t in stored if reader.dtype(t.storage) == t.dtype and whole(t)}
-    todo = [t for t in stored if t.name not in as_is]
-    made = _ahead(todo, produce)
-    with _reading_ahead(todo), open(path, "wb") as f:
-        f.write(safetensors_fmt.header([(t.name, t.dtype, tuple(t.shape)) for t in stored], meta))
-        for t in stored:
-            if t.name in as_is:  # untouched: the bytes as they are
-                reader.copy(t.storage, f)
-                continue
-            _, data = next(made)
-            f.write(_as_bytes(data))
-            del data
-
-
-# ---------------------------------------------------------------- torch zip
-
-
-def _write_zip(root: Any, reader: Any, path: str, overflows: dict[Hashable, int]) -> None:
-    """A torch zip file as ``torch.save`` writes it (``formats.pt``'s pickle and zip writer): the pickle, the
-    format records, then each storage, copied as it is or cast (the next one ahead), one at a time."""
-    from .formats import pt
-    from .formats.storage import _ahead, _as_bytes
-
-    data, storages = pt.pickle_with_storages(root)
-    todo = [s for s in storages.values() if reader.dtype(s.source) != s.dtype]
-    made = _ahead(todo, lambda s: _produce(reader, s.source, s.dtype, overflows))
-
-    def records() -> Any:
-        for s in storages.values():
-            if reader.dtype(s.source) == s.dtype:  # untouched: the storage's bytes as they are
-                yield s.key, reader.chunks(s.source)
-            else:
-                yield s.key, _as_bytes(next(made)[1])
-
-    with _reading_ahead(todo):
-        pt.write_zip(path, data, records())
+    write_safetensors(path, *safetensors_fmt.layout(out.infos(), rest), reader,
+                      lambda key, dtype: _produce(reader, key, dtype, overflows))
