@@ -240,6 +240,20 @@ def test_numpy_histograms_equal_torch_histograms(tmp_path, bins):
     assert sum(st.raw_histogram(*raw_of("f32"), bins).counts) == N
 
 
+def test_histograms_of_ranges_near_float64_limits(tmp_path):
+    """A range whose width overflows float64 (values near ±1.7e308) still gets finite edges and every value a
+    bin, on both paths (it used to end in an internal error)."""
+    sd = {"split": torch.tensor([-1.7e308, 1.7e308, 1.0, -2.0], dtype=torch.float64),
+          "positive": torch.tensor([3.0, 1e308, 1.7e308], dtype=torch.float64)}
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    raw_of = st.raw_reader(sources.load_lazy(sources.resolve(str(tmp_path / "m.safetensors"))))
+    for name, t in sd.items():
+        ours, theirs = st.raw_histogram(*raw_of(name), 20), st.histogram(t, 20)
+        assert ours == theirs and all(map(math.isfinite, ours.edges)), name
+        assert sum(ours.counts) == t.numel() and ours.edges == sorted(ours.edges), name
+    assert st.histogram(sd["split"], 20).counts[0] == 1 and st.histogram(sd["split"], 20).counts[-1] == 1
+
+
 def test_stats_hist_cli_without_torch(tmp_path):
     """--hist on a safetensors file: the histogram is torch's, and torch is never imported."""
     import json

@@ -220,15 +220,22 @@ def _histogram(nonzero: Callable[[], Iterator[tuple[Any, int, int]]], bins: int,
     if lo is None:
         return Histogram([0.0, 0.0], [0], zeros, 0 if zeros else -1, nonfinite)
     if lo < 0 < hi:  # split the bins at zero, in proportion to each side's width
-        neg = min(bins - 1, max(1, round(bins * -lo / (hi - lo))))
+        share = bins * -lo / (hi - lo)
+        if not math.isfinite(share):  # a range near float64's limits: the same share, without overflowing
+            share = bins / (1 + hi / -lo)
+        neg = min(bins - 1, max(1, round(share)))
         pos = bins - neg
         edges = [lo + (0 - lo) * i / neg for i in range(neg)] + [0.0] + [hi * i / pos for i in range(1, pos + 1)]
+        if not all(map(math.isfinite, edges)):  # a range near float64's limits: scaled first
+            edges = [lo + (-lo / neg) * i for i in range(neg)] + [0.0] + [(hi / pos) * i for i in range(1, pos)] + [hi]
         zero_at = neg
     else:
         if hi == lo:
             edges = [lo, hi]
         else:
             edges = [lo + (hi - lo) * i / bins for i in range(bins + 1)]
+            if not all(map(math.isfinite, edges)):  # a range near float64's limits: scaled first
+                edges = [lo + (hi / bins - lo / bins) * i for i in range(bins)] + [hi]
         zero_at = (0 if lo > 0 else len(edges) - 1) if zeros else -1
     counts = [0] * (len(edges) - 1)
     for nz, _, _ in nonzero():
