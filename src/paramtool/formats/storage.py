@@ -117,6 +117,13 @@ class StorageFile:
     def close(self) -> None:
         self._file.close()
 
+    def _span(self, key: Hashable) -> Span:
+        """``key``'s span, refused (one line) when it ends beyond the file: a mapping or a read of it would not."""
+        span = self.spans[key]
+        if span.offset + span.nbytes > os.fstat(self._file.fileno()).st_size:
+            raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the file")
+        return span
+
     def read_storage(self, key: Hashable) -> Any:
         """The storage's bytes in fresh memory, as a 1-D tensor of its dtype.
 
@@ -137,9 +144,7 @@ class StorageFile:
 
         import torch
 
-        span = self.spans[key]
-        if span.offset + span.nbytes > os.fstat(self._file.fileno()).st_size:
-            raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the file")
+        span = self._span(key)
         if span.nbytes == 0:
             return torch.empty(0, dtype=_torch_dtype(span.dtype))
         base = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
@@ -161,9 +166,7 @@ class StorageFile:
         as they are). The view ends where its mapping ends (``drop_mapped`` relies on it)."""
         import mmap
 
-        span = self.spans[key]
-        if span.offset + span.nbytes > os.fstat(self._file.fileno()).st_size:
-            raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the file")
+        span = self._span(key)
         if span.nbytes == 0:
             return memoryview(b"")
         base = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
@@ -173,9 +176,7 @@ class StorageFile:
 
     def chunks(self, key: Hashable) -> Chunks:
         """A storage's bytes as ``Chunks`` (read through one small buffer), without torch."""
-        span = self.spans[key]
-        if span.offset + span.nbytes > os.fstat(self._file.fileno()).st_size:
-            raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the file")
+        span = self._span(key)
         return Chunks(self._file.fileno(), span.offset, span.nbytes, self.path)
 
     def copy_storage(self, key: Hashable, out: Any) -> None:
