@@ -142,7 +142,7 @@ def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
                 _write_safetensors(listing, out, reader, path, overflows)
             else:
                 write_pt(path, _sharded_root(out) if getattr(out, "parts", None) else out.root, reader,
-                         lambda key, dtype: _produce(reader, key, dtype, overflows))
+                         lambda key, dtype: _cast(reader, key, dtype, overflows))
         writer._verify_file(out, output.format, path)
 
     try:
@@ -165,13 +165,12 @@ def _overflow_names(out: Checkpoint, by_storage: dict[Hashable, int]) -> dict[st
     return named
 
 
-def _produce(reader: Any, key: Hashable, dtype: str, overflows: dict[Hashable, int]) -> Any:
-    """One output storage: the input's bytes (mapped), cast when the dtype changes."""
+def _cast(reader: Any, key: Hashable, dtype: str, overflows: dict[Hashable, int]) -> Any:
+    """One output storage whose dtype changes: the input's (mapped) cast, its overflows counted. The writers
+    (``convert_stream``) call it only for those; storages that keep their dtype are copied as they are."""
     from .surgery import cast_storage
 
     flat = reader.read(key)
-    if reader.dtype(key) == dtype:
-        return flat
     out, overflow = cast_storage(flat, dtype)
     reader.recycle(key, flat)
     if overflow:
@@ -201,4 +200,4 @@ def _write_safetensors(listing: Checkpoint, out: Checkpoint, reader: Any, path: 
     old_stored = set(listing.names) - set(listing.meta_ties)
     _, _, rest = safetensors_fmt.split_metadata(dict(listing.metadata or {}), old_stored)  # old tie records go
     write_safetensors(path, *safetensors_fmt.layout(out.infos(), rest), reader,
-                      lambda key, dtype: _produce(reader, key, dtype, overflows))
+                      lambda key, dtype: _cast(reader, key, dtype, overflows))
