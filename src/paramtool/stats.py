@@ -112,7 +112,8 @@ def _torch_moments(chunk: Any) -> tuple[int, float, float, int, float, float, fl
     m2 = sumsq - s * (s / k)
     if not (m2 > sumsq / 64 and math.isfinite(m2)):  # cancellation (or overflow): deviations from the mean
         wide.sub_(s / k)
-        m2 = torch.dot(wide, wide).item()
+        d = wide.sum().item()  # what rounding left of the mean: the corrected two-pass formula takes it out
+        m2 = torch.dot(wide, wide).item() - d * d / k
     return k, float(lo), float(hi), zeros, s, sumsq, m2, nan, inf
 
 
