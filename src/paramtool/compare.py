@@ -153,8 +153,6 @@ def compare_raw(ra: memoryview, rb: memoryview, dtype: str, rtol: float, atol: f
     are within the tolerances (``isclose``), else the sums ``_changed`` reports. With rtol = atol = 0 the
     bytes are known to differ (``bytes_equal`` said so). Chunk pairs are read in step, their mapped pages
     dropped behind."""
-    from . import numeric
-
     with numeric.quiet():
         if (rtol or atol) and all(numeric.all_close(xa, xb, rtol, atol)
                                   for xa, xb in zip(numeric.values(ra, dtype, 0), numeric.values(rb, dtype, 1))):
