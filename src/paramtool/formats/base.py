@@ -65,12 +65,13 @@ class Format:
         raise NotImplementedError(f"{self.name} is not written as one file")
 
 
-def named(label: str, fmt: Format, root: Any, path: str | None, key: str | None) -> Checkpoint:
-    """A checkpoint over ``root`` with its tensors named (relative to ``--key`` when given)."""
+def named(label: str, fmt: Format, root: Any, path: str | None, key: str | None, cls: type | None = None) -> Checkpoint:
+    """A checkpoint (``cls``: a kind of ``Checkpoint``) over ``root`` with its tensors named (relative to
+    ``--key`` when given)."""
     from .. import tree
     from ..checkpoint import Checkpoint
 
-    return Checkpoint(label, fmt.name, root, tree.assign_names(root, key), path=path, key=key)
+    return (cls or Checkpoint)(label, fmt.name, root, tree.assign_names(root, key), path=path, key=key)
 
 
 class SafetensorsFormat(Format):

@@ -378,11 +378,10 @@ class Entries:
 def load_lazy(label: str, path: str, key: str | None, fmt: Format) -> EntryCheckpoint:
     """The checkpoint as ``load`` gives it (non-tensor entries read, names and ``--key`` the same) whose
     tensors are read one entry at a time when asked for (``EntryCheckpoint``)."""
-    from .. import tree
+    from .base import named
 
     entries = Entries(path)
-    root = entries.tree()
-    ckpt = EntryCheckpoint(label, fmt.name, root, tree.assign_names(root, key), path=path, key=key)
+    ckpt = named(label, fmt, entries.tree(), path, key, EntryCheckpoint)
     ckpt.entries = entries
     return ckpt
 
