@@ -185,15 +185,124 @@ def test_sharded_cast_larger_than_its_memory_limit(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="address-space limits and /proc are Linux's")
-def test_sharded_cast_out_of_memory_is_one_error_line(tmp_path):
-    _big_sharded(tmp_path, shards=2)
-    base = vm_peak_kib("import torch, zipfile, paramtool.cli, paramtool.convert_stream, paramtool.writer")
-    for dst in ("one.safetensors", "one.pt"):
-        r = subprocess.run([sys.executable, "-m", "paramtool", "convert", str(tmp_path / "big"), str(tmp_path / dst),
+@pytest.mark.parametrize("path", ["as read", "torch"])
+def test_cast_out_of_memory_is_one_error_line(tmp_path, path):
+    """A memory limit below what the cast needs is one error line, with no output and no temporary file left:
+    where storages are cast as they are read (a few 4 MiB chunks; the limit leaves 8 MiB above the program's
+    imports) and where a storage is read whole and cast by torch (a tensor that is part of its storage; 48 MiB
+    left for a 64 MiB storage)."""
+    if path == "as read":
+        _big_sharded(tmp_path, shards=2)
+        src, outs, margin = tmp_path / "big", ("one.safetensors", "one.pt"), 8
+        base = vm_peak_kib("import numpy, zipfile, concurrent.futures, paramtool.cli, paramtool.convert_stream, "
+                           "paramtool.writer, paramtool.numeric")
+    else:
+        storage = torch.randn(4096 * 4096, generator=torch.Generator().manual_seed(1))
+        halves = storage.view(2, 2048, 4096)
+        torch.save({"a": halves[0], "b": halves[1]}, tmp_path / "views.pt")  # two views of one storage
+        src, outs, margin = tmp_path / "views.pt", ("one.safetensors",), 48
+        base = vm_peak_kib("import torch, zipfile, paramtool.cli, paramtool.convert_stream, paramtool.writer")
+    for dst in outs:
+        r = subprocess.run([sys.executable, "-m", "paramtool", "convert", str(src), str(tmp_path / dst),
                             "--dtype", "bf16"], capture_output=True, text=True,
-                           preexec_fn=address_space_limit((base + 48 * 1024) * 1024))  # less than one 64 MiB storage
+                           preexec_fn=address_space_limit((base + margin * 1024) * 1024))
         assert r.returncode == 1, (r.returncode, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr
         assert not (tmp_path / dst).exists()
         assert not [p for p in os.listdir(tmp_path) if "paramtool-tmp" in p]
+
+
+# ---------------------------------------------------------------- casts without torch
+
+_PAIRS = [(a, b) for a in ("float64", "float32", "float16", "bfloat16") for b in ("float32", "float16", "bfloat16")
+          if a != b]
+
+
+def _bit_patterns(dtype: str) -> torch.Tensor:
+    """Values of ``dtype`` that test a cast: every bit pattern of a 16-bit dtype; for float32 random patterns,
+    the neighbours of every rounding boundary of bfloat16 and float16 and the edges (largest finite, infinities,
+    NaNs with payloads, denormals); for float64 random patterns, values over 90 decades, and the edges of
+    float32 and float16 (including a value that rounds differently directly and through float32)."""
+    g = torch.Generator().manual_seed(5)
+    if dtype in ("float16", "bfloat16"):
+        return torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(getattr(torch, dtype))
+    if dtype == "float32":
+        rand = torch.randint(-(1 << 31), (1 << 31) - 1, (1 << 18,), generator=g, dtype=torch.int64)
+        high = torch.randint(0, 1 << 16, (2048,), generator=g, dtype=torch.int64) << 16
+        low = torch.tensor([0x7FFF, 0x8000, 0x8001, 0x18000, 0x0FFF, 0x1000, 0x1001, 0x3000])
+        edges = torch.tensor([0x7F7F8000, 0x7F7F7FFF, 0x7F7FFFFF, 0x7F800000, 0x7F800001, 0x7FBFFFFF, 0xFFFFFFFF,
+                              0x477FE000, 0x477FEFFF, 0x477FF000, 0x33000000, 0x33000001, 0x387FE000, 1])
+        bits = torch.cat([rand, (high[:, None] | low[None, :]).flatten(), edges, edges | (1 << 31)])
+        return ((bits + (1 << 31)) % (1 << 32) - (1 << 31)).to(torch.int32).view(torch.float32)
+    rand = torch.randint(-(1 << 63), (1 << 63) - 1, (1 << 17,), generator=g, dtype=torch.int64).view(torch.float64)
+    spread = torch.randn(1 << 17, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-45, 45, (1 << 17,),
+                                                                                            generator=g)
+    edges = torch.tensor([3.4028235677973366e38, 3.4028235677973366e38 * (1 + 2 ** -25), 65504.0, 65520.0,
+                          65519.99, 1 + 2 ** -11 + 2 ** -40, 1 + 2 ** -8 + 2 ** -30, 1e-8, 5e-324, 1e308,
+                          float("inf"), float("nan")], dtype=torch.float64)
+    return torch.cat([rand, spread, edges, -edges])
+
+
+@pytest.mark.parametrize("src,dst", _PAIRS)
+def test_cast_without_torch_gives_torchs_bits(src, dst):
+    """``numeric.cast_values`` against torch's ``.to``: every value that is not a NaN gets torch's bits, NaNs
+    stay NaNs, and the overflow count is the number of finite values torch turns infinite."""
+    from paramtool import numeric
+
+    x = _bit_patterns(src)
+    want = x.to(getattr(torch, dst))
+    raw = x.contiguous().view(torch.uint8).numpy()
+    got_bytes, overflow = numeric.cast_values(memoryview(raw), src, dst, {})
+    got = torch.frombuffer(bytearray(got_bytes), dtype=getattr(torch, dst))
+    ints = torch.int32 if dst == "float32" else torch.int16
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got.view(ints)[~nan], want.view(ints)[~nan])
+    assert overflow == int((torch.isinf(want) & torch.isfinite(x)).sum())
+    assert overflow > 0 or src in ("float16", "bfloat16") or dst == "float32" and src == "float32"
+
+
+def test_cast_chunks_across_chunks(tmp_path, monkeypatch):
+    """``CastChunks`` over a storage of several chunks (and a short last one): the bytes torch's cast gives,
+    the overflows of every chunk counted once; a storage that ends beyond the file is one FormatError."""
+    from paramtool.errors import FormatError
+    from paramtool.formats.storage import CastChunks, Chunks
+
+    monkeypatch.setattr(CastChunks, "VALUES", 1000)
+    x = torch.randn(4321, generator=torch.Generator().manual_seed(2))
+    x[[5, 1500, 4320]] = 1e5  # one overflow in three chunks
+    x[2500] = float("-inf")
+    path = tmp_path / "values.bin"
+    path.write_bytes(b"head" + x.numpy().tobytes())
+    counted = []
+    with open(path, "rb") as f:
+        chunks = Chunks(f.fileno(), 4, x.numel() * 4, str(path)).cast("float32", "float16", counted.append)
+        assert len(chunks) == x.numel() * 2
+        got = b"".join(bytes(part) for part in chunks)
+        assert got == x.to(torch.float16).numpy().tobytes()
+        assert counted == [3]
+        with pytest.raises(FormatError, match="ends beyond the file"):
+            list(Chunks(f.fileno(), 4, x.numel() * 4 + 8, str(path)).cast("float32", "float16", counted.append))
+
+
+@pytest.mark.parametrize("src,dst", [("one.safetensors", "out.safetensors"), ("one.safetensors", "out.pt"),
+                                     ("one.pt", "out.safetensors"), ("hf", "out.safetensors"), ("hf", "out.pt")])
+def test_convert_dtype_without_importing_torch(tmp_path, src, dst):
+    """``convert --dtype`` of whole storages never imports torch (torch's import costs more than casting a
+    gigabyte): from one file of either format and from shards, into either format, with torch's values."""
+    from conftest import launch_without
+
+    model, hf = _hf_sharded(tmp_path)
+    sd = model.state_dict()
+    if src == "one.safetensors":
+        save_file({n: t.contiguous() for n, t in sd.items() if n != "lm_head.weight"}, str(tmp_path / src))
+    elif src == "one.pt":
+        torch.save({n: t for n, t in sd.items() if n != "lm_head.weight"}, tmp_path / src)
+    source = hf if src == "hf" else str(tmp_path / src)
+    r = launch_without(["convert", source, str(tmp_path / dst), "--dtype", "fp16"], ("torch",), entry="paramtool.cli")
+    assert r.returncode == 0, r.stderr
+    got = load_file(str(tmp_path / dst)) if dst.endswith(".safetensors") else \
+        torch.load(tmp_path / dst, weights_only=True)
+    _same_cast({n: t for n, t in sd.items() if n in got}, got, torch.float16)
+    assert len(got) >= len(sd) - 1

@@ -106,12 +106,13 @@ def open_reader(src: Any, listing: Any) -> StorageReader | None:
 
 
 def write_safetensors(path: str, stored: list[TensorInfo], meta: dict[str, str] | None, reader: StorageReader,
-                      cast: Callable[[Hashable, str], Any] | None = None) -> None:
+                      cast: Any = None) -> None:
     """A safetensors file of ``stored`` (as ``safetensors_fmt.layout`` lays a checkpoint out, with its header
     metadata ``meta``): the header, then each tensor. One whose storage it is whole, in the same dtype, is
-    copied as the bytes it is (``reader.copy``: the kernel, no torch); the others are read (``cast(key, dtype)``
-    where the dtype changes: surgery's cast) and cut to their view, the next one on a worker thread while
-    this one is written, one storage in memory at a time."""
+    copied as the bytes it is (``reader.copy``: the kernel, no torch); one whose storage it is whole in another
+    dtype is cast as it is read where it can be (``cast.chunks``: surgery's ``Cast``); the others are read
+    (``cast.cast`` where the dtype changes) and cut to their view, the next one on a worker thread while this
+    one is written, one storage in memory at a time."""
     from .formats import safetensors_fmt
     from .formats.storage import _ahead, _as_bytes
 
@@ -119,7 +120,8 @@ def write_safetensors(path: str, stored: list[TensorInfo], meta: dict[str, str] 
     if bad is not None:
         raise ParamtoolError(f"safetensors cannot hold {bad.dtype} tensors ('{bad.name}')")
     as_is = {t.name for t in stored if reader.copy is not None and not _changes(t, reader) and _whole(t, reader)}
-    todo = [t for t in stored if t.name not in as_is]
+    chunked = _cast_chunks({t.name: t for t in stored if t.name not in as_is and _whole(t, reader)}, reader, cast)
+    todo = [t for t in stored if t.name not in as_is and t.name not in chunked]
 
     def produce(t: TensorInfo) -> Any:
         storage = _storage(t.storage, t.dtype, reader, cast)
@@ -135,11 +137,28 @@ def write_safetensors(path: str, stored: list[TensorInfo], meta: dict[str, str] 
         for t in stored:
             if t.name in as_is:
                 reader.copy(t.storage, out)
-                continue
-            _, data = next(made)
-            out.write(_as_bytes(data))
-            reader.recycle(t.storage, data)
-            del data
+            elif t.name in chunked:
+                for part in chunked[t.name]:
+                    out.write(part)
+            else:
+                _, data = next(made)
+                out.write(_as_bytes(data))
+                reader.recycle(t.storage, data)
+                del data
+
+
+def _cast_chunks(candidates: dict[Hashable, Any], reader: StorageReader, cast: Any) -> dict[Hashable, Any]:
+    """Of ``candidates`` (whole storages, or tensors that are their whole storage, by key), those whose dtype
+    changes and can be cast as they are read: their cast bytes (``cast.chunks``) by key."""
+    if cast is None:
+        return {}
+    out = {}
+    for key, t in candidates.items():
+        if _changes(t, reader):
+            chunks = cast.chunks(t.storage if isinstance(t, TensorInfo) else key, t.dtype)
+            if chunks is not None:
+                out[key] = chunks
+    return out
 
 
 def _changes(t: Any, reader: StorageReader) -> bool:
@@ -147,10 +166,10 @@ def _changes(t: Any, reader: StorageReader) -> bool:
     return reader.dtype is not None and reader.dtype(t.storage if isinstance(t, TensorInfo) else t.source) != t.dtype
 
 
-def _storage(key: Hashable, dtype: str, reader: StorageReader, cast: Callable[[Hashable, str], Any] | None) -> Any:
-    """Storage ``key`` as a 1-D tensor in ``dtype``: read, and cast (``cast``) where its dtype is another."""
+def _storage(key: Hashable, dtype: str, reader: StorageReader, cast: Any) -> Any:
+    """Storage ``key`` as a 1-D tensor in ``dtype``: read, and cast (``cast.cast``) where its dtype is another."""
     if cast is not None and reader.dtype is not None and reader.dtype(key) != dtype:
-        return cast(key, dtype)
+        return cast.cast(key, dtype)
     return reader.read(key)
 
 
@@ -208,23 +227,24 @@ def _sharded_root(listing: Any) -> dict[str, Any]:
     return out
 
 
-def write_pt(path: str, root: Any, reader: StorageReader, cast: Callable[[Hashable, str], Any] | None = None) -> None:
+def write_pt(path: str, root: Any, reader: StorageReader, cast: Any = None) -> None:
     """``torch.save(root)`` without the data in memory: the pickle of the stand-in container (``formats.pt``'s,
     the one torch.save gets), then each storage: its bytes as they are where its dtype stays (``reader.chunks``,
-    no torch), else read (``cast(key, dtype)`` where the dtype changes), the next one on a worker thread while
-    this one is written."""
+    no torch), else cast as they are read where they can be (``cast.chunks``: surgery's ``Cast``), else read
+    and cast by torch (``cast.cast``), the next one on a worker thread while this one is written."""
     from .formats import pt
     from .formats.storage import _ahead, _as_bytes
 
     pickled, storages = pt.pickle_with_storages(root)
     as_is = {key for key, out in storages.items() if reader.chunks is not None and not _changes(out, reader)}
-    todo = [key for key in storages if key not in as_is]
+    chunked = _cast_chunks({key: out for key, out in storages.items() if key not in as_is}, reader, cast)
+    todo = [key for key in storages if key not in as_is and key not in chunked]
     made = _ahead(todo, lambda key: _storage(key, storages[key].dtype, reader, cast))
 
     def records() -> Any:
         for key, out in storages.items():
-            if key in as_is:
-                data = reader.chunks(key)
+            if key in as_is or key in chunked:
+                data = chunked[key] if key in chunked else reader.chunks(key)
                 _check_size(out, len(data))
                 yield out.key, data
                 continue

@@ -19,6 +19,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from .toc import itemsize
+
 CHUNK = 1 << 18  # values per chunk: 2 MiB as float64, so the passes over one chunk run from the CPU cache
 
 # paramtool dtype name -> numpy dtype (little-endian, as both formats store them); bfloat16 is read as its
@@ -53,14 +55,10 @@ def supports(dtype: str) -> bool:
 
 def _buffer(slot: str, n: int, dtype: str) -> Any:
     """This thread's reusable buffer ``slot`` of ``n`` values: chunk after chunk reuses cache-warm memory."""
-    np = numpy()
     bufs = getattr(_local, "bufs", None)
     if bufs is None:
         bufs = _local.bufs = {}
-    buf = bufs.get(slot)
-    if buf is None or buf.size < n:
-        buf = bufs[slot] = np.empty(max(n, CHUNK), dtype=dtype)
-    return buf[:n]
+    return _sized(bufs, slot, n, dtype, CHUNK)
 
 
 def values(raw: memoryview, dtype: str, slot: int = 0, chunk: int = CHUNK) -> Iterator[Any]:
@@ -211,3 +209,98 @@ def bucket_counts(values: Any, edges: list[float], n: int) -> list[int]:
 def quiet() -> Any:
     """numpy's floating-point warnings off (inf - inf in a sum is expected here, and reported as numbers)."""
     return numpy().errstate(all="ignore")
+
+
+# --- casts (convert --dtype) ---------------------------------------------------------------------------------
+#
+# torch's casts between floating-point dtypes, on the bits, without importing torch: every value that is not a
+# NaN comes out with the bits torch gives it (round to nearest even; float64 goes through float32 first, as
+# torch's float64 -> bfloat16/float16 casts do), and a NaN stays a NaN. torch's own NaN bits depend on which of
+# its kernels ran (0xffff or 0x7fc0 for bfloat16, by length and source dtype); here a NaN becomes bfloat16's
+# 0x7fc0, float16's NaN of x86's F16C conversion (sign, quiet bit, top mantissa bits) and float32's quiet NaN.
+
+_CAST_FROM = frozenset({"float64", "float32", "float16", "bfloat16"})
+# target -> (bits dtype, magnitude mask, infinity's bits)
+_CAST_TO = {"float32": ("<u4", 0x7FFFFFFF, 0x7F800000), "float16": ("<u2", 0x7FFF, 0x7C00),
+            "bfloat16": ("<u2", 0x7FFF, 0x7F80)}
+_BF16_OVERFLOW = 0x7F7F8000  # float32 magnitudes from here up round to bfloat16's infinity
+
+
+def can_cast(src: str, dst: str) -> bool:
+    """Can ``cast_values`` cast ``src`` values to ``dst`` (and is numpy installed)?"""
+    return src != dst and src in _CAST_FROM and dst in _CAST_TO and supports(src)
+
+
+def cast_values(raw: Any, src: str, dst: str, bufs: dict[str, Any]) -> tuple[Any, int]:
+    """The values in ``raw`` (bytes of ``src``) cast to ``dst`` as torch casts them: (their bytes, how many finite
+    values became infinite). ``bufs`` holds the caller's reusable arrays; the result lives in one of them."""
+    np = numpy()
+    n = len(raw) // itemsize(src)
+    kind, mask, inf = _CAST_TO[dst]
+    out = _sized(bufs, "out", n, kind)
+    x = _as_float32(raw, src, n, out if dst == "float32" else _sized(bufs, "wide", n, "<u4"))
+    u = x.view("<u4")
+    if dst == "bfloat16":  # round to nearest even on the bits: add 0x7fff plus the lowest kept bit, keep the top half
+        t = _sized(bufs, "tmp", n, "<u4")
+        np.bitwise_and(u, 0x7FFFFFFF, out=t)
+        special = n > 0 and int(t.max()) >= _BF16_OVERFLOW  # (a NaN can round to an infinity: look at the input)
+        np.right_shift(u, 16, out=t)
+        np.bitwise_and(t, 1, out=t)
+        t += 0x7FFF
+        t += u
+        np.right_shift(t, 16, out=t)
+        np.copyto(out, t, casting="unsafe")
+    else:
+        if dst == "float16":
+            with np.errstate(over="ignore", invalid="ignore"):
+                np.copyto(out.view("<f2"), x, casting="unsafe")
+        t = _sized(bufs, "tmp", n, kind)
+        special = n > 0 and int(np.bitwise_and(out, mask, out=t).max()) >= inf
+    overflow = _specials(raw, src, dst, u, out) if special else 0
+    return out.view("u1"), overflow
+
+
+def _specials(raw: Any, src: str, dst: str, u: Any, out: Any) -> int:
+    """The rare chunk with an infinity or a NaN in the result: count the finite inputs that became infinite,
+    and give each NaN the NaN this module writes (see above). Arrays of the chunk's size, once."""
+    np = numpy()
+    xin = np.frombuffer(raw, dtype=_DTYPES[src], count=out.size)
+    if src == "bfloat16":
+        xin = np.left_shift(xin, 16, dtype="<u4").view("<f4")
+    kind, mask, inf = _CAST_TO[dst]
+    nan = np.isnan(xin)
+    overflow = int(np.count_nonzero(((out & mask) == inf) & ~nan & ~np.isinf(xin)))
+    if nan.any():
+        if dst == "bfloat16":
+            out[nan] = 0x7FC0
+        elif dst == "float16":
+            bits = u[nan]
+            out[nan] = ((bits >> 16) & 0x8000) | 0x7E00 | ((bits >> 13) & 0x3FF)
+        else:
+            out[nan] |= 0x00400000
+    return overflow
+
+
+def _as_float32(raw: Any, src: str, n: int, buf: Any) -> Any:
+    """``raw``'s values as float32 (exact, or rounded to nearest even from float64): a view of ``raw`` when it
+    holds float32, else written into ``buf`` (``n`` 32-bit values)."""
+    np = numpy()
+    x = np.frombuffer(raw, dtype=_DTYPES[src], count=n)
+    if src == "float32":
+        return x
+    if src == "bfloat16":
+        np.left_shift(x, 16, out=buf.view("<u4"), dtype="<u4")
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.copyto(buf.view("<f4"), x, casting="unsafe")
+    return buf.view("<f4")
+
+
+def _sized(bufs: dict[str, Any], slot: str, n: int, dtype: str, least: int = 0) -> Any:
+    """Buffer ``slot`` of ``bufs`` as ``n`` values of ``dtype``, made (at least ``least`` long) when missing or
+    too small."""
+    slot += dtype
+    buf = bufs.get(slot)
+    if buf is None or buf.size < n:
+        buf = bufs[slot] = numpy().empty(max(n, least), dtype=dtype)
+    return buf[:n]

@@ -134,15 +134,14 @@ def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
 
     reader = reader_of(listing)
     out = transformed(listing, plan)
-    overflows: dict[str, int] = {}
+    cast = Cast(reader)
 
     def write_to(path: str) -> None:
         with memory_bound():
             if not output.layout.holds_non_tensors:
-                _write_safetensors(listing, out, reader, path, overflows)
+                _write_safetensors(listing, out, reader, path, cast)
             else:
-                write_pt(path, _sharded_root(out) if getattr(out, "parts", None) else out.root, reader,
-                         lambda key, dtype: _cast(reader, key, dtype, overflows))
+                write_pt(path, _sharded_root(out) if getattr(out, "parts", None) else out.root, reader, cast)
         writer._verify_file(out, output.format, path)
 
     try:
@@ -152,7 +151,7 @@ def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
     if plan.cast:
         from .surgery import record_overflow
 
-        record_overflow(plan.report, _overflow_names(out, overflows), plan.cast[0])
+        record_overflow(plan.report, _overflow_names(out, cast.overflows), plan.cast[0])
     return out
 
 
@@ -165,17 +164,36 @@ def _overflow_names(out: Checkpoint, by_storage: dict[Hashable, int]) -> dict[st
     return named
 
 
-def _cast(reader: Any, key: Hashable, dtype: str, overflows: dict[Hashable, int]) -> Any:
-    """One output storage whose dtype changes: the input's (mapped) cast, its overflows counted. The writers
-    (``convert_stream``) call it only for those; storages that keep their dtype are copied as they are."""
-    from .surgery import cast_storage
+class Cast:
+    """surgery's cast of the storages whose dtype changes, for ``convert_stream``'s writers (which call it only
+    for those; storages that keep their dtype are copied as they are), the overflows counted by storage:
+    ``chunks`` where the input's bytes can be cast as they are read (``numeric.cast_values``, no torch), else
+    the input's (mapped) storage cast by torch (``cast``)."""
 
-    flat = reader.read(key)
-    out, overflow = cast_storage(flat, dtype)
-    reader.recycle(key, flat)
-    if overflow:
-        overflows[key] = overflow
-    return out
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+        self.overflows: dict[Hashable, int] = {}
+
+    def chunks(self, key: Hashable, dtype: str) -> Any:
+        """Storage ``key``'s bytes cast to ``dtype`` as they are written (``formats.storage.CastChunks``), or
+        None where they cannot be (the reader has no byte ranges, or numpy cannot cast these dtypes)."""
+        from .numeric import can_cast
+
+        if self.reader.chunks is None or not can_cast(self.reader.dtype(key), dtype):
+            return None
+        return self.reader.chunks(key).cast(self.reader.dtype(key), dtype,
+                                            lambda n: self.overflows.__setitem__(key, n))
+
+    def cast(self, key: Hashable, dtype: str) -> Any:
+        """Storage ``key`` read whole and cast by torch."""
+        from .surgery import cast_storage
+
+        flat = self.reader.read(key)
+        out, overflow = cast_storage(flat, dtype)
+        self.reader.recycle(key, flat)
+        if overflow:
+            self.overflows[key] = overflow
+        return out
 
 
 # ---------------------------------------------------------------- safetensors
@@ -190,8 +208,7 @@ def _whole(members: list[TensorInfo]) -> TensorInfo | None:
     return None
 
 
-def _write_safetensors(listing: Checkpoint, out: Checkpoint, reader: Any, path: str,
-                       overflows: dict[Hashable, int]) -> None:
+def _write_safetensors(listing: Checkpoint, out: Checkpoint, reader: Any, path: str, cast: Cast) -> None:
     """``safetensors_fmt.layout``'s header (the one ``save`` writes; the input's tie records recomputed), then
     each stored tensor: the input's bytes as they are, or read and cast (``convert_stream``'s writer)."""
     from .convert_stream import write_safetensors
@@ -199,5 +216,4 @@ def _write_safetensors(listing: Checkpoint, out: Checkpoint, reader: Any, path: 
 
     old_stored = set(listing.names) - set(listing.meta_ties)
     _, _, rest = safetensors_fmt.split_metadata(dict(listing.metadata or {}), old_stored)  # old tie records go
-    write_safetensors(path, *safetensors_fmt.layout(out.infos(), rest), reader,
-                      lambda key, dtype: _cast(reader, key, dtype, overflows))
+    write_safetensors(path, *safetensors_fmt.layout(out.infos(), rest), reader, cast)

@@ -54,6 +54,64 @@ class Chunks:
             yield view[:n]
             done += n
 
+    def cast(self, src: str, dst: str, counted: Callable[[int], None]) -> CastChunks:
+        """These bytes (``src`` values) as ``dst`` values, cast without torch (``numeric.cast_values``)."""
+        return CastChunks(self, src, dst, counted)
+
+
+class CastChunks(Chunks):
+    """A storage's values cast to another floating-point dtype, chunk by chunk, as torch casts them
+    (``numeric.cast_values``): two worker threads each read (``os.preadv``) and cast a chunk ahead while the
+    caller writes the current one, three chunk buffers in all. ``counted`` is told how many finite values
+    became infinite, once all chunks are through."""
+
+    VALUES = 1 << 20  # per chunk: 4 MiB of float32 read, 2 MiB of bfloat16 written
+
+    def __init__(self, source: Chunks, src: str, dst: str, counted: Callable[[int], None]) -> None:
+        super().__init__(source.fd, source.offset, source.nbytes, source.path)
+        self.src, self.dst, self.counted = src, dst, counted
+        self.values = source.nbytes // itemsize(src)
+
+    def __len__(self) -> int:
+        return self.values * itemsize(self.dst)
+
+    def __iter__(self) -> Iterator[memoryview]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .. import numeric
+
+        step = self.VALUES
+        starts = range(0, self.values, step)
+        size = itemsize(self.src)
+        with _CAST_LOCK:
+            sets = _CAST_BUFFERS.pop() if _CAST_BUFFERS else [{}, {}, {}]
+
+        def cast(i: int) -> tuple[Any, int]:
+            bufs = sets[i % 3]
+            n = min(step, self.values - starts[i]) * size
+            view = numeric._sized(bufs, "in", n, "u1")
+            if _pread_into(self.fd, view, self.offset + starts[i] * size) != n:
+                raise FormatError(f"{self.path}: truncated: a storage ends beyond the file")
+            return numeric.cast_values(view, self.src, self.dst, bufs)
+
+        overflow = 0
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pending = [pool.submit(cast, i) for i in range(min(2, len(starts)))]
+            for i in range(len(starts)):
+                data, k = pending.pop(0).result()
+                if i + 2 < len(starts):  # buffers (i + 2) % 3 were the ones written last time round: free now
+                    pending.append(pool.submit(cast, i + 2))
+                overflow += k
+                yield memoryview(data)
+        with _CAST_LOCK:  # the next storage's chunks reuse these buffers (fresh ones cost a page fault a page)
+            _CAST_BUFFERS.append(sets)
+        if overflow:
+            self.counted(overflow)
+
+
+_CAST_BUFFERS: list[list[dict[str, Any]]] = []  # CastChunks' chunk buffers, three sets at a time, free
+_CAST_LOCK = threading.Lock()
+
 
 def release_freed_memory() -> None:
     """Make glibc give large freed blocks back to the system at once.
