@@ -148,6 +148,31 @@ def test_diff_nan_propagates(tmp_path, run):
     assert c["max_abs_diff"] == "nan" and c["cosine"] == "nan"
 
 
+@pytest.mark.parametrize("libc", [True, False])
+def test_bytes_equal_in_place_and_through_copies(tmp_path, monkeypatch, libc):
+    """``bytes_equal`` by libc's memcmp on the buffers themselves and, where there is no libc, through small
+    copies: a difference in the first byte, the last byte of a block, the last byte, and sizes that differ;
+    mapped file bytes as diff reads them."""
+    import mmap
+
+    from paramtool import compare
+
+    if not libc:
+        monkeypatch.setattr(compare, "_MEMCMP", None)
+    elif compare._memcmp() is None:
+        pytest.skip("no libc memcmp to call here")
+    data = bytes(range(256)) * 20000  # 5 MB: several 1 MiB blocks and a short last one
+    (tmp_path / "f").write_bytes(data)
+    with open(tmp_path / "f", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        assert compare.bytes_equal(memoryview(mm), memoryview(bytearray(data)))
+        for at in (0, (1 << 20) - 1, 1 << 20, len(data) - 1):
+            other = bytearray(data)
+            other[at] ^= 1
+            assert not compare.bytes_equal(memoryview(mm), memoryview(other)), at
+        assert not compare.bytes_equal(memoryview(mm), memoryview(data[:-1]))
+    assert compare.bytes_equal(memoryview(b""), memoryview(bytearray()))
+
+
 def test_ties_values_equal_bytes_only(tmp_path, run, monkeypatch):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(300, 400, generator=g)
@@ -404,13 +429,25 @@ def test_json_listing_imports_no_rich_typer_or_torch(tmp_path, argv):
 
 
 @pytest.mark.parametrize("argv", [["stats", "{a}", "--json"], ["stats", "{a}", "--json", "--layer", "w"],
-                                  ["diff", "{a}", "{b}", "--json"], ["diff", "{a}", "{a}", "--json"]])
+                                  ["diff", "{a}", "{b}", "--json"], ["diff", "{a}", "{a}", "--json"],
+                                  ["stats", "{shards}", "--json"], ["stats", "{model}", "--json"],
+                                  ["diff", "{shards}", "{model}", "--json"], ["diff", "{a}", "{shards}", "--json"]])
 def test_json_values_fast_path_matches_the_full_cli_and_imports_no_cli_or_torch(tmp_path, run, argv):
     """stats and diff --json are answered before typer and rich (and, on mapped bytes, torch) are imported,
-    with the full CLI's output and exit status."""
+    with the full CLI's output and exit status: of files, sharded checkpoints and model directories."""
     save_file({"w": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1.0, float("nan")])}, str(tmp_path / "a.safetensors"))
     save_file({"w": torch.arange(6.0).reshape(2, 3) + 1, "b": torch.tensor([1.0, float("nan")])}, str(tmp_path / "b.safetensors"))
-    args = [x.replace("{a}", str(tmp_path / "a.safetensors")).replace("{b}", str(tmp_path / "b.safetensors")) for x in argv]
+    shards, model = tmp_path / "shards", tmp_path / "model"
+    shards.mkdir()
+    model.mkdir()
+    save_file({"w": torch.arange(6.0).reshape(2, 3)}, str(shards / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.tensor([1.0, float("nan")])}, str(shards / "model-00002-of-00002.safetensors"))
+    (shards / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"w": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    save_file({"w": torch.arange(6.0).reshape(2, 3) * 2, "b": torch.tensor([1.0, 2.0])}, str(model / "model.safetensors"))
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "tie_word_embeddings": False}))
+    names = {"{a}": tmp_path / "a.safetensors", "{b}": tmp_path / "b.safetensors", "{shards}": shards, "{model}": model}
+    args = [str(names.get(x, x)) for x in argv]
     fast = launch_without(args, ("rich", "typer", "click", "torch"))
     full = run(*args)
     assert fast.returncode == full.exit_code, fast.stderr

@@ -76,7 +76,7 @@ def _run(command: str, positionals: list[str], opts: dict[str, list[str]]) -> in
         if command == "stats" and sys.stderr.isatty():
             raise _Slow  # a terminal gets the full CLI's progress bar
         src = sources.resolve(positionals[0] if positionals else None)
-        if src.directory:  # a model directory: config.json ties and warnings are the full CLI's to report
+        if src.directory and command != "stats":  # config.json's ties and warnings are the full CLI's to report
             raise _Slow
         if command == "stats":
             return _emit(_stats(src, key, layers))
@@ -120,9 +120,7 @@ def _diff(paths: list[str], key: str | None) -> tuple[Any, int]:
     from .errors import ParamtoolError
 
     try:
-        a, b = sources.resolve(paths[0]), sources.resolve(paths[1])
-        if a.directory or b.directory:
-            raise _Slow
+        a, b = sources.resolve(paths[0]), sources.resolve(paths[1])  # (directories too: values only, as cli.diff)
         result = compare.diff(sources.load_lazy(a, key), sources.load_lazy(b, key))
     except ParamtoolError as e:
         e.exit_code = 2  # diff follows cmp: any error is 2
