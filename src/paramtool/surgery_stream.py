@@ -3,8 +3,9 @@ a file into either one-file format, a sharded checkpoint into one file, or (call
 
 The operation is carried out on the file's listing (stand-in tensors, no data); the output is then written
 from it: a safetensors header is rebuilt (names, dtypes, offsets, tie metadata) and a torch zip file gets a
-new pickle. Storage bytes are copied verbatim, or read and cast one storage at a time, so memory stays near
-the largest storage whatever the size of the checkpoint.
+new pickle. Storage bytes are copied verbatim, cast chunk by chunk as they are read (numpy on the bits, no
+torch: ``numeric.cast_values``), or, for a tensor that is part of its storage, read and cast one storage at a
+time by torch, so memory stays near a few chunks, or the largest storage, whatever the size of the checkpoint.
 """
 from __future__ import annotations
 

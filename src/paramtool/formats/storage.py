@@ -95,14 +95,19 @@ class CastChunks(Chunks):
             return numeric.cast_values(view, self.src, self.dst, bufs)
 
         overflow = 0
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            pending = [pool.submit(cast, i) for i in range(min(2, len(starts)))]
+        if len(starts) <= 1:  # one chunk (most biases and norms): no threads to start for it
             for i in range(len(starts)):
-                data, k = pending.pop(0).result()
-                if i + 2 < len(starts):  # buffers (i + 2) % 3 were the ones written last time round: free now
-                    pending.append(pool.submit(cast, i + 2))
-                overflow += k
+                data, overflow = cast(i)
                 yield memoryview(data)
+        else:
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                pending = [pool.submit(cast, i) for i in range(2)]
+                for i in range(len(starts)):
+                    data, k = pending.pop(0).result()
+                    if i + 2 < len(starts):  # buffers (i + 2) % 3 were written last time round: free now
+                        pending.append(pool.submit(cast, i + 2))
+                    overflow += k
+                    yield memoryview(data)
         with _CAST_LOCK:  # the next storage's chunks reuse these buffers (fresh ones cost a page fault a page)
             _CAST_BUFFERS.append(sets)
         if overflow:
