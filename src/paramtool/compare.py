@@ -71,12 +71,14 @@ def bytes_equal(a: memoryview, b: memoryview, block: int = 1 << 20) -> bool:
 
 
 def _memcmp() -> Any:
-    """libc's ``memcmp(void *, void *, size_t)`` through ctypes, or None where there is none to load."""
+    """libc's ``memcmp(void *, void *, size_t)`` through ctypes, or None where there is none to load (or no
+    numpy to give a buffer's address)."""
     global _MEMCMP
     if _MEMCMP is False:
         try:
             import ctypes
 
+            numeric.numpy()
             fn = ctypes.CDLL(None).memcmp
             fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t), ctypes.c_int
             _MEMCMP = fn
