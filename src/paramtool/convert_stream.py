@@ -19,13 +19,16 @@ import errno
 import os
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import FormatError, ParamtoolError
 from .formats.pt import STORAGE_CLASSES
 from .records import dataclass, replace
 from .toc import TensorInfo, contiguous_stride, itemsize
 from .tree import walk
+
+if TYPE_CHECKING:
+    from .surgery_stream import Cast
 
 
 @dataclass
@@ -106,7 +109,7 @@ def open_reader(src: Any, listing: Any) -> StorageReader | None:
 
 
 def write_safetensors(path: str, stored: list[TensorInfo], meta: dict[str, str] | None, reader: StorageReader,
-                      cast: Any = None) -> None:
+                      cast: Cast | None = None) -> None:
     """A safetensors file of ``stored`` (as ``safetensors_fmt.layout`` lays a checkpoint out, with its header
     metadata ``meta``): the header, then each tensor. One whose storage it is whole, in the same dtype, is
     copied as the bytes it is (``reader.copy``: the kernel, no torch); one whose storage it is whole in another
@@ -147,7 +150,7 @@ def write_safetensors(path: str, stored: list[TensorInfo], meta: dict[str, str] 
                 del data
 
 
-def _cast_chunks(candidates: dict[Hashable, Any], reader: StorageReader, cast: Any) -> dict[Hashable, Any]:
+def _cast_chunks(candidates: dict[Hashable, Any], reader: StorageReader, cast: Cast | None) -> dict[Hashable, Any]:
     """Of ``candidates`` (whole storages, or tensors that are their whole storage, by key), those whose dtype
     changes and can be cast as they are read: their cast bytes (``cast.chunks``) by key."""
     if cast is None:
@@ -166,7 +169,7 @@ def _changes(t: Any, reader: StorageReader) -> bool:
     return reader.dtype is not None and reader.dtype(t.storage if isinstance(t, TensorInfo) else t.source) != t.dtype
 
 
-def _storage(key: Hashable, dtype: str, reader: StorageReader, cast: Any) -> Any:
+def _storage(key: Hashable, dtype: str, reader: StorageReader, cast: Cast | None) -> Any:
     """Storage ``key`` as a 1-D tensor in ``dtype``: read, and cast (``cast.cast``) where its dtype is another."""
     if cast is not None and reader.dtype is not None and reader.dtype(key) != dtype:
         return cast.cast(key, dtype)
@@ -227,7 +230,7 @@ def _sharded_root(listing: Any) -> dict[str, Any]:
     return out
 
 
-def write_pt(path: str, root: Any, reader: StorageReader, cast: Any = None) -> None:
+def write_pt(path: str, root: Any, reader: StorageReader, cast: Cast | None = None) -> None:
     """``torch.save(root)`` without the data in memory: the pickle of the stand-in container (``formats.pt``'s,
     the one torch.save gets), then each storage: its bytes as they are where its dtype stays (``reader.chunks``,
     no torch), else cast as they are read where they can be (``cast.chunks``: surgery's ``Cast``), else read
