@@ -58,7 +58,7 @@ def _buffer(slot: str, n: int, dtype: str) -> Any:
     bufs = getattr(_local, "bufs", None)
     if bufs is None:
         bufs = _local.bufs = {}
-    return _sized(bufs, slot, n, dtype, CHUNK)
+    return sized(bufs, slot, n, dtype, CHUNK)
 
 
 def values(raw: memoryview, dtype: str, slot: int = 0, chunk: int = CHUNK) -> Iterator[Any]:
@@ -237,11 +237,11 @@ def cast_values(raw: Any, src: str, dst: str, bufs: dict[str, Any]) -> tuple[Any
     np = numpy()
     n = len(raw) // itemsize(src)
     kind, mask, inf = _CAST_TO[dst]
-    out = _sized(bufs, "out", n, kind)
-    x = _as_float32(raw, src, n, out if dst == "float32" else _sized(bufs, "wide", n, "<u4"))
+    out = sized(bufs, "out", n, kind)
+    x = _as_float32(raw, src, n, out if dst == "float32" else sized(bufs, "wide", n, "<u4"))
     u = x.view("<u4")
     if dst == "bfloat16":  # round to nearest even on the bits: add 0x7fff plus the lowest kept bit, keep the top half
-        t = _sized(bufs, "tmp", n, "<u4")
+        t = sized(bufs, "tmp", n, "<u4")
         np.bitwise_and(u, 0x7FFFFFFF, out=t)
         special = n > 0 and int(t.max()) >= _BF16_OVERFLOW  # (a NaN can round to an infinity: look at the input)
         np.right_shift(u, 16, out=t)
@@ -254,7 +254,7 @@ def cast_values(raw: Any, src: str, dst: str, bufs: dict[str, Any]) -> tuple[Any
         if dst == "float16":
             with np.errstate(over="ignore", invalid="ignore"):
                 np.copyto(out.view("<f2"), x, casting="unsafe")
-        t = _sized(bufs, "tmp", n, kind)
+        t = sized(bufs, "tmp", n, kind)
         special = n > 0 and int(np.bitwise_and(out, mask, out=t).max()) >= inf
     overflow = _specials(raw, src, dst, u, out) if special else 0
     return out.view("u1"), overflow
@@ -296,7 +296,7 @@ def _as_float32(raw: Any, src: str, n: int, buf: Any) -> Any:
     return buf.view("<f4")
 
 
-def _sized(bufs: dict[str, Any], slot: str, n: int, dtype: str, least: int = 0) -> Any:
+def sized(bufs: dict[str, Any], slot: str, n: int, dtype: str, least: int = 0) -> Any:
     """Buffer ``slot`` of ``bufs`` as ``n`` values of ``dtype``, made (at least ``least`` long) when missing or
     too small."""
     slot += dtype

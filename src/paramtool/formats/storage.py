@@ -46,13 +46,11 @@ class Chunks:
 
     def __iter__(self) -> Iterator[memoryview]:
         view = memoryview(bytearray(min(self.SIZE, self.nbytes)))
-        done = 0
-        while done < self.nbytes:
-            n = os.preadv(self.fd, [view[:min(len(view), self.nbytes - done)]], self.offset + done)
-            if n <= 0:
+        for done in range(0, self.nbytes, len(view) or 1):
+            n = min(len(view), self.nbytes - done)
+            if _pread_into(self.fd, view[:n], self.offset + done) != n:
                 raise FormatError(f"{self.path}: truncated: a storage ends beyond the file")
             yield view[:n]
-            done += n
 
     def cast(self, src: str, dst: str, counted: Callable[[int], None]) -> CastChunks:
         """These bytes (``src`` values) as ``dst`` values, cast without torch (``numeric.cast_values``)."""
@@ -89,7 +87,7 @@ class CastChunks(Chunks):
         def cast(i: int) -> tuple[Any, int]:
             bufs = sets[i % 3]
             n = min(step, self.values - starts[i]) * size
-            view = numeric._sized(bufs, "in", n, "u1")
+            view = numeric.sized(bufs, "in", n, "u1")
             if _pread_into(self.fd, view, self.offset + starts[i] * size) != n:
                 raise FormatError(f"{self.path}: truncated: a storage ends beyond the file")
             return numeric.cast_values(view, self.src, self.dst, bufs)
