@@ -27,6 +27,7 @@ class Checkpoint:
     key: str | None = None  # the --key sub-tree the names are relative to
     globals: list[str] | None = None  # the global names a torch file's pickle refers to (None: not a pickle)
     located: dict | None = None  # torch zip: storage key -> (offset of its bytes, None if compressed; its record)
+    whole: str | None = None  # why torch must rebuild its tensors (conj bits, quantized, sparse, ...), if it must
 
     @property
     def layout(self) -> Format:
@@ -36,8 +37,10 @@ class Checkpoint:
     @property
     def byte_ranges(self) -> bool:
         """Are its storages byte ranges of its file, read and patched in place? Its format says so, unless a
-        zip storage record is compressed (torch never writes one, but reads it: then it is loaded whole)."""
-        return self.layout.byte_ranges and not any(offset is None for offset, _ in (self.located or {}).values())
+        zip storage record is compressed (torch never writes one, but reads it: then it is loaded whole), or a
+        tensor is more than a view of its bytes (``whole``: torch rebuilds it, as ``torch.load`` does)."""
+        return self.layout.byte_ranges and not self.whole \
+            and not any(offset is None for offset, _ in (self.located or {}).values())
 
     def tensor(self, name: str) -> Any:
         return tree.get_path(self.root, self.names[name])

@@ -36,7 +36,8 @@ class Diff:
 
 
 def _describe(t: Any) -> dict:
-    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+    shape = [t.size(0)] if t.is_nested else list(t.shape)  # (a nested tensor: its number of components)
+    return {"shape": shape, "dtype": str(t.dtype).removeprefix("torch.")}
 
 
 def bytes_equal(a: memoryview, b: memoryview, block: int = 1 << 20) -> bool:
@@ -156,8 +157,14 @@ def _nanmax(a: float, b: float) -> float:
 
 def compare_tensors(a: Any, b: Any, rtol: float, atol: float) -> dict | None:
     """None when equal (bit-exact when rtol = atol = 0); else the differences."""
-    if a.shape != b.shape or a.dtype != b.dtype:
+    from .values import as_tensor, readable
+
+    a, b = as_tensor(a), as_tensor(b)
+    if _describe(a) != _describe(b) or a.layout != b.layout or a.is_nested != b.is_nested:
         return {"max_abs_diff": None, "a": _describe(a), "b": _describe(b)}
+    if a.is_nested and [c.shape for c in a.unbind()] != [c.shape for c in b.unbind()]:
+        return {"max_abs_diff": None, "a": _describe(a), "b": _describe(b)}
+    a, b = readable(a, bits=True), readable(b, bits=True)
     if a.numel() == 0:
         return None
     ca, cb = a.detach().contiguous(), b.detach().contiguous()

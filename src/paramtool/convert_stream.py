@@ -22,10 +22,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from .errors import FormatError, ParamtoolError
-from .formats.pt import STORAGE_CLASSES
 from .records import dataclass, replace
 from .toc import TensorInfo, contiguous_stride, itemsize
-from .tree import walk
 
 if TYPE_CHECKING:
     from .surgery_stream import Cast
@@ -315,8 +313,6 @@ def convert_streamed(src: Any, listing: Any, output: Any, drop_extra: bool,
         root = _sharded_root(listing) if src.layout.split else pt_root(listing)
         if src.layout.placeholder_values and (not _only_tensors(root) or (listing.key and root is listing.root)):
             return False  # non-tensor entries are placeholders here; a --key load reads only its sub-tree
-        if any(t.dtype not in STORAGE_CLASSES for _, t in walk(root)):  # torch.save's own path names the rest
-            return False
     reader = open_reader(src, listing)
     if reader is None:
         return False

@@ -102,6 +102,7 @@ def inspect_json(toc: Toc, tensors: list[TensorInfo]) -> dict:
                 "nbytes": t.nbytes,
                 "tied_to": ties.get(t.name),
                 **({"stored": False} if t.name in toc.config_ties else {}),
+                **({"kind": t.kind} if t.kind else {}),
             }
             for t in tensors
         ],
@@ -298,6 +299,8 @@ def inspect_tree(toc: Toc, tensors: list[TensorInfo], depth: int | None = None, 
         line = Text()
         line.append(safe_name(leaf), style="cyan")
         line.append(f"  {shape_text(t.shape)}  {t.dtype}  {t.numel:,}")
+        if t.kind:
+            line.append(f"  [{t.kind}]", style="dim")
         if t.name in ties.to:
             target = ties.to[t.name]
             if block is not None and target.startswith(block + "."):  # a tie inside every block of a run

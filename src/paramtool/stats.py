@@ -150,6 +150,9 @@ def raw_reader(ckpt: Any) -> Callable[[str], tuple[Any, str] | None]:
 
 def tensor_stats(name: str, t: Any) -> TensorStats:
     """mean/std/min/max as torch computes them (NaN propagates), plus zeros, L2 norm and NaN/Inf counts."""
+    from .values import readable
+
+    t = readable(t, name)
     if t.numel() == 0:
         nan = float("nan")
         return TensorStats(name, 0, nan, nan, nan, nan, 0.0, 0.0, 0, 0)
@@ -174,6 +177,9 @@ class Histogram:
 
 
 def histogram(t: Any, bins: int = 20) -> Histogram:
+    from .values import readable
+
+    t = readable(t)
     return _histogram(lambda: _torch_nonzero(t), bins, _torch_bucket_counts)
 
 

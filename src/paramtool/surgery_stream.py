@@ -49,16 +49,14 @@ def can_stream(listing: Checkpoint, plan: Any, output_layout: Any = None) -> boo
 
 def _into_one_file(listing: Any, plan: Any, output_layout: Any) -> bool:
     """Can the result go into one file of another format than the input's, as the loaded path would write
-    it? Not with ``--key`` (a sub-tree), non-tensor entries into safetensors (the loaded path says why), or
-    dtypes torch.save has no storage class for."""
-    from .formats.pt import STORAGE_CLASSES
+    it? Not with ``--key`` (a sub-tree), or non-tensor entries into safetensors (the loaded path says why)."""
     from .writer import _non_tensor_entries
 
     if output_layout is None or not output_layout.single_file or plan.sidecars or listing.key is not None:
         return False
     if not output_layout.holds_non_tensors:
         return not any(_non_tensor_entries(p) for p in (getattr(listing, "parts", None) or {"": listing}).values())
-    return all(t.dtype in STORAGE_CLASSES for t in transformed(listing, plan).infos())
+    return True
 
 
 def _plain_tree(root: Any) -> bool:

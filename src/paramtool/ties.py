@@ -19,7 +19,7 @@ from .toc import TensorInfo, itemsize
 @dataclass(frozen=True)
 class TieGroup:
     names: tuple[str, ...]  # sorted by names.people_key: numbers as numbers
-    kind: str  # "alias" | "overlap"
+    kind: str  # "alias" | "overlap" | "slices"
     source: str  # "storage" | "metadata" | "values"
 
     def as_json(self) -> dict:
@@ -89,12 +89,26 @@ def find_ties(tensors: list[TensorInfo], meta_ties: dict[str, str] | None = None
     """Tie groups, names sorted, groups sorted by first name (the contract's JSON order), numbers as numbers.
 
     ``meta_ties`` (name -> stored name) marks ties that were restored from safetensors metadata.
+
+    One group per storage that two or more non-empty tensors use, as torch groups them
+    (``untyped_storage().data_ptr()``): "alias" when all are the same view, "overlap" when their bytes overlap
+    into one cluster, and "slices" when some of them share the storage without sharing bytes (cuDNN's flat
+    RNN weights: each a slice of one buffer).
     """
     meta = set(meta_ties or {})
+    cluster = {t.name: i for i, g in enumerate(storage_groups(tensors)) for t in g}
+    by_storage: dict[Hashable, list[TensorInfo]] = {}
+    for t in tensors:
+        if t.numel > 0:
+            by_storage.setdefault(t.storage, []).append(t)
     out = []
-    for g in storage_groups(tensors):
+    for g in by_storage.values():
+        if len(g) < 2:
+            continue
+        one = len({cluster.get(t.name, -1 - i) for i, t in enumerate(g)}) == 1
         source = "metadata" if any(t.name in meta for t in g) else "storage"
-        out.append(TieGroup(tuple(sorted((t.name for t in g), key=people_key)), group_kind(g), source))
+        out.append(TieGroup(tuple(sorted((t.name for t in g), key=people_key)), group_kind(g) if one else "slices",
+                            source))
     out.sort(key=group_order)
     return out
 
@@ -133,7 +147,9 @@ def _raw(t: Any) -> Any:
     """A tensor's bytes as a flat uint8 tensor (a view where it is contiguous)."""
     import torch
 
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+    from .values import readable
+
+    return readable(t, bits=True).detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 SAMPLE = 4096  # bytes per sample in value_ties' first filter

@@ -49,10 +49,41 @@ class FakeTensor:
     dtype: str
     requires_grad: bool = False
     is_parameter: bool = False
+    conj: bool = False  # torch's conjugate bit: the values are the conjugates of the stored ones
+    neg: bool = False  # torch's negative bit: the values are the negatives of the stored ones
+    special: Special | None = None  # a tensor that is not a plain strided view (quantized, sparse, ...)
 
     @property
     def numel(self) -> int:
         return numel_of(self.shape)
+
+    @property
+    def plain(self) -> bool:
+        """Are its values its bytes, as they are stored (no bit to apply, nothing to rebuild)?"""
+        return not (self.conj or self.neg or self.special)
+
+
+class Special:
+    """How torch rebuilds a tensor that is not a plain strided view of one storage: ``kind`` is "quantized",
+    "sparse", "nested", "meta" or "storage" (a bare storage, listed as a 1-D tensor of its bytes); ``func`` the
+    rebuild function's name and ``args`` its arguments, with stand-ins (``FakeTensor``, ``StorageRef``, names)
+    in place of objects; ``text`` what ``inspect`` says of it (``per_channel_affine axis=0``, ``sparse_csr
+    nnz=6``). Compared and hashed by identity."""
+
+    __slots__ = ("kind", "func", "args", "text")
+
+    def __init__(self, kind: str, func: str, args: tuple, text: str = "") -> None:
+        self.kind, self.func, self.args, self.text = kind, func, args, text
+
+    def __repr__(self) -> str:
+        return f"Special({self.kind}: {self.text or self.func})"
+
+
+def kind_text(fake: FakeTensor) -> str:
+    """What ``inspect`` says of a tensor beyond its shape and dtype ("" for a plain view)."""
+    if fake.special is not None:
+        return f"{fake.special.kind} {fake.special.text}" if fake.special.kind == "quantized" else fake.special.text
+    return " ".join(b for b, on in (("conj", fake.conj), ("neg", fake.neg)) if on) + " view" if not fake.plain else ""
 
 
 @dataclass(frozen=True)
@@ -66,6 +97,7 @@ class TensorInfo:
     offset: int = 0  # in elements of dtype
     stride: tuple[int, ...] = ()
     path: tuple[Any, ...] = ()  # where the tensor sits inside the container
+    kind: str = ""  # what it is beyond a plain view: "conj view", "quantized per_tensor_affine ...", "meta", ...
 
     @property
     def numel(self) -> int:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 from .errors import ParamtoolError, UsageError
-from .toc import FakeModule, FakeTensor, TensorInfo, contiguous_stride
+from .toc import FakeModule, FakeTensor, TensorInfo, contiguous_stride, kind_text
 
 Path = tuple[object, ...]
 
@@ -34,10 +34,11 @@ def _torch():
 
 
 def is_tensor(obj: Any) -> bool:
+    """A tensor, or a bare storage (listed as the 1-D tensor of its elements, as ``torch.save`` keeps it)."""
     if isinstance(obj, FakeTensor):
         return True
     torch = _torch()
-    return torch is not None and isinstance(obj, torch.Tensor)
+    return torch is not None and isinstance(obj, (torch.Tensor, torch.storage.TypedStorage, torch.UntypedStorage))
 
 
 def is_module(obj: Any) -> bool:
@@ -47,8 +48,33 @@ def is_module(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.nn.Module)
 
 
+def _inert_state(obj: Any) -> dict | None:
+    """An inert object's attributes (its BUILD state as a dict, slots merged), or None: not an object, or one
+    whose state is not attributes."""
+    from .formats.unpickle import Inert
+
+    if not isinstance(obj, Inert) or not obj.has_state:
+        return None
+    state = obj.state
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict) and \
+            (state[0] is None or isinstance(state[0], dict)):
+        return {**(state[0] or {}), **state[1]} if state[0] else state[1]
+    return state if isinstance(state, dict) else None
+
+
+def inert_module(obj: Any) -> bool:
+    """An object of a class paramtool does not know (a torchvision or user model) whose attributes are an
+    ``nn.Module``'s: its tensors are named as its ``state_dict()`` would name them, read inertly."""
+    state = _inert_state(obj)
+    return state is not None and isinstance(state.get("_parameters"), Mapping) \
+        and isinstance(state.get("_modules"), Mapping)
+
+
 def _module_dict(mod: Any) -> dict[str, Any]:
-    return mod.state if isinstance(mod, FakeModule) else mod.__dict__
+    if isinstance(mod, FakeModule):
+        return mod.state
+    state = _inert_state(mod)
+    return state if state is not None else mod.__dict__
 
 
 def _module_children(mod: Any) -> Iterator[tuple[str, Any]]:
@@ -66,28 +92,43 @@ def _module_children(mod: Any) -> Iterator[tuple[str, Any]]:
             yield name, value
 
 
-def walk(obj: Any, path: Path = ()) -> Iterator[tuple[Path, Any]]:
-    """Yield ``(path, tensor)`` for every tensor in ``obj``, depth first, in container order."""
+def walk(obj: Any, path: Path = (), _inside: frozenset = frozenset()) -> Iterator[tuple[Path, Any]]:
+    """Yield ``(path, tensor)`` for every tensor in ``obj``, depth first, in container order. Objects of
+    unknown classes are entered through their attributes (a pickled model by its module structure), never
+    twice on one path (an object may link back to its parent)."""
     if is_tensor(obj):
         yield path, obj
-    elif is_module(obj):
+    elif is_module(obj) or inert_module(obj):
+        if id(obj) in _inside:
+            return
+        inside = _inside | {id(obj)}
         for name, child in _module_children(obj):
-            yield from walk(child, path + (name,))
+            yield from walk(child, path + (name,), inside)
     elif isinstance(obj, Mapping):
         for key, value in obj.items():
-            yield from walk(value, path + (key,))
+            yield from walk(value, path + (key,), _inside)
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
-            yield from walk(value, path + (i,))
+            yield from walk(value, path + (i,), _inside)
+    elif id(obj) not in _inside:
+        state = _inert_state(obj)
+        if state:  # an object's tensors, named by their attribute path
+            inside = _inside | {id(obj)}
+            for key, value in state.items():
+                if isinstance(key, str):
+                    yield from walk(value, path + (key,), inside)
 
 
 def child(obj: Any, key: Any) -> Any:
     """One step down a path."""
-    if is_module(obj):
+    if is_module(obj) or inert_module(obj):
         for name, value in _module_children(obj):
             if name == key:
                 return value
         raise KeyError(key)
+    state = _inert_state(obj) if not isinstance(obj, (Mapping, list, tuple)) else None
+    if state is not None:
+        return state[key]
     return obj[key]
 
 
@@ -102,17 +143,21 @@ def set_path(root: Any, path: Path, value: Any) -> None:
     """Replace the object at ``path`` (used to give a tensor its own storage)."""
     parent = get_path(root, path[:-1])
     key = path[-1]
-    if isinstance(parent, FakeModule):  # a pickled module: its entry in _parameters, _buffers or _modules
+    if isinstance(parent, FakeModule) or inert_module(parent):  # a pickled module: its entry in _parameters, ...
         torch = _torch()
         for slot in ("_parameters", "_buffers", "_modules"):
-            entries = parent.state.get(slot)
+            entries = _module_dict(parent).get(slot)
             if isinstance(entries, dict) and key in entries:
                 old = entries[key]
                 if torch is not None and isinstance(old, torch.nn.Parameter) and not isinstance(value, torch.nn.Parameter):
                     value = torch.nn.Parameter(value, requires_grad=old.requires_grad)
                 entries[key] = value
                 return
-        raise ParamtoolError(f"cannot replace '{key}': not found in module {parent.cls}")
+        raise ParamtoolError(f"cannot replace '{key}': not found in module {getattr(parent, 'cls', parent)}")
+    state = _inert_state(parent) if not isinstance(parent, (Mapping, list, tuple)) else None
+    if state is not None and not is_module(parent):  # an object's attribute
+        state[key] = value
+        return
     if is_module(parent) and not isinstance(parent, FakeModule):
         torch = _torch()
         old = getattr(parent, key)
@@ -135,8 +180,10 @@ def find_key(root: Any, key: str) -> Path:
             options = [(str(k), k) for k in obj.keys()]
         elif isinstance(obj, (list, tuple)):
             options = [(str(i), i) for i in range(len(obj))]
-        elif is_module(obj):
+        elif is_module(obj) or inert_module(obj):
             options = [(n, n) for n, _ in _module_children(obj)]
+        elif _inert_state(obj):
+            options = [(k, k) for k in _inert_state(obj) if isinstance(k, str)]
         match = None
         for text, k in sorted(options, key=lambda o: -len(o[0])):
             if rest == text or rest.startswith(text + "."):
@@ -245,15 +292,24 @@ def plain_values(obj: Any, depth: int = 0) -> Any:
 def tensor_info(name: str, path: Path, t: Any) -> TensorInfo:
     """Describe a stand-in or a real tensor the same way; a real tensor's storage is its data pointer."""
     if isinstance(t, FakeTensor):
-        return TensorInfo(name, tuple(t.shape), t.dtype, t.storage.key, t.offset, tuple(t.stride), path)
-    shape = tuple(t.shape)
+        return TensorInfo(name, tuple(t.shape), t.dtype, t.storage.key, t.offset, tuple(t.stride), path, kind_text(t))
+    from .values import as_tensor, kind_of
+
+    kind = kind_of(t)
+    t = as_tensor(t)
+    torch = _torch()
     dtype = str(t.dtype).removeprefix("torch.")
+    if t.is_nested or t.layout != torch.strided:  # (no storage of its own, nor a shape for a nested one)
+        shape = (t.size(0),) if t.is_nested else tuple(t.shape)
+        return TensorInfo(name, shape, dtype, ("own", name), 0, contiguous_stride(shape), path, kind)
+    shape = tuple(t.shape)
     if t.is_meta or t.numel() == 0:
         storage: Any = ("own", name)
     else:
         st = t.untyped_storage()
         storage = ("mem", st.data_ptr()) if st.data_ptr() else ("own", name)
-    return TensorInfo(name, shape, dtype, storage, t.storage_offset(), tuple(t.stride()) or contiguous_stride(shape), path)
+    return TensorInfo(name, shape, dtype, storage, t.storage_offset(), tuple(t.stride()) or contiguous_stride(shape), path,
+                      kind)
 
 
 def infos(root: Any, names: dict[str, Path]) -> list[TensorInfo]:

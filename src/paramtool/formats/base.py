@@ -138,6 +138,7 @@ class TorchFormat(Format):
         ckpt = named(label, self, listing.root, path, key)
         ckpt.globals = sorted(listing.globals)
         ckpt.located = {k: (listing.data_offset.get(k), listing.records.get(k, "")) for k in listing.storages}
+        ckpt.whole = listing.whole
         return ckpt
 
     def load(self, label: str, path: str, key: str | None) -> Checkpoint:

@@ -84,16 +84,60 @@ class _Rebuild:
     def tensor(self, fake: FakeTensor) -> Any:
         import torch
 
-        dtype = getattr(torch, fake.dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise FormatError(f"{self.path}: tensors of dtype {fake.dtype} are not supported")
-        t = torch.empty(0, dtype=dtype)
-        t.set_(self.storages[fake.storage.key], fake.offset, fake.shape, fake.stride)
+        dtype = _dtype(fake.dtype, self.path)
+        if fake.special is not None:
+            t = self.special(fake, dtype)
+            if fake.special.kind == "storage":
+                return t
+        else:
+            t = torch.empty(0, dtype=dtype)
+            t.set_(self.storages[fake.storage.key], fake.offset, fake.shape, fake.stride)
+            if fake.conj:  # the bits torch's set_tensor_metadata sets: views, the bytes stay as stored
+                t = t.conj()
+            if fake.neg:
+                t = t._neg_view()
         if fake.is_parameter:
             return torch.nn.Parameter(t, requires_grad=fake.requires_grad)
         if fake.requires_grad:
             t.requires_grad_(True)
         return t
+
+    def special(self, fake: FakeTensor, dtype: Any) -> Any:
+        """A tensor torch rebuilds beyond a strided view, rebuilt by torch's own rebuild function (the one the
+        pickle names, checked when listed) from the stand-ins' real counterparts: what torch.load gives."""
+        import torch
+
+        kind, args = fake.special.kind, fake.special.args
+        if kind == "storage":
+            untyped = self.storages[fake.storage.key]
+            if fake.special.func == "untyped":
+                return untyped
+            return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        if kind == "meta":
+            return torch._utils._rebuild_meta_tensor_no_storage(dtype, fake.shape, fake.stride, fake.requires_grad)
+        if kind == "quantized":
+            storage = torch.storage.TypedStorage(wrap_storage=self.storages[args[0].key], dtype=dtype, _internal=True)
+            scheme, *params = args[4]
+            params = [self.real(p) for p in params]
+            return torch._utils._rebuild_qtensor(storage, fake.offset, fake.shape, fake.stride,
+                                                 (getattr(torch, scheme.qualname), *params), False, OrderedDict())
+        if kind == "sparse":
+            layout, data = args
+            made = torch._utils._rebuild_sparse_tensor(getattr(torch, layout), tuple(self.real(d) for d in data))
+            _validate_sparse(made)
+            return made
+        if kind == "nested" and fake.special.func == "jagged":
+            values, offsets, lengths = (self.real(a) for a in args[:3])
+            _check_jagged(values, offsets, lengths, args[3])
+            import logging
+
+            logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # (a notice torch logs on import)
+            return torch.nested.nested_tensor_from_jagged(values, offsets, lengths, jagged_dim=args[3])
+        if kind == "nested":
+            buffer, sizes, strides, offsets = (self.real(a) for a in args)
+            _check_nested(buffer, sizes, strides, offsets)
+            return torch._utils._rebuild_nested_tensor(buffer, sizes, strides, offsets)
+        raise FormatError(f"{self.path}: cannot rebuild a {kind} tensor")
 
     def real(self, obj: Any) -> Any:
         done, real = self.done, self.real
@@ -128,6 +172,53 @@ class _Rebuild:
             return obj  # numbers, text, bytes, sets of those, Global names
         done[id(obj)] = out
         return out
+
+
+def _dtype(name: str, path: str) -> Any:
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise FormatError(f"{path}: tensors of dtype {name} are not supported by this torch")
+    return dtype
+
+
+def _validate_sparse(t: Any) -> None:
+    """The invariants torch checks of a loaded sparse tensor when asked to (indices inside the shape, ...),
+    always: an invalid one would read outside its buffers."""
+    import torch
+
+    if t.layout is torch.sparse_coo:
+        torch._validate_sparse_coo_tensor_args(t._indices(), t._values(), t.size(), t.is_coalesced(),
+                                               check_pinning=False)
+        return
+    compressed, plain = (t.crow_indices(), t.col_indices()) if t.layout in (torch.sparse_csr, torch.sparse_bsr) \
+        else (t.ccol_indices(), t.row_indices())
+    torch._validate_sparse_compressed_tensor_args(compressed, plain, t.values(), t.size(), t.layout,
+                                                  check_pinning=False)
+
+
+def _check_nested(buffer: Any, sizes: Any, strides: Any, offsets: Any) -> None:
+    """Each component of a nested tensor lies inside its buffer (torch checks nothing here)."""
+    import torch
+
+    if buffer.dim() != 1 or sizes.dtype != torch.int64 or strides.dtype != torch.int64 or offsets.dtype != torch.int64:
+        raise ValueError("malformed nested tensor")
+    for size, stride, offset in zip(sizes.tolist(), strides.tolist(), offsets.tolist()):
+        if min(size + stride + [offset], default=0) < 0:
+            raise ValueError("nested tensor with a negative size, stride or offset")
+        if 0 not in size and offset + sum((d - 1) * s for d, s in zip(size, stride)) >= buffer.numel():
+            raise ValueError("a nested tensor's component reaches beyond its buffer")
+
+
+def _check_jagged(values: Any, offsets: Any, lengths: Any, ragged: int) -> None:
+    """A jagged nested tensor's offsets rise inside its values (torch checks nothing here)."""
+    bounds = offsets.tolist()
+    extent = values.shape[ragged - 1]
+    ends = [a + n for a, n in zip(bounds, lengths.tolist())] if lengths is not None else bounds[1:]
+    if min(bounds) < 0 or max(ends, default=0) > extent or (lengths is None and bounds != sorted(bounds)) \
+            or (lengths is not None and len(lengths.tolist()) != len(bounds) - 1):
+        raise ValueError("a jagged nested tensor's offsets reach outside its values")
 
 
 def _plain(value: Any) -> bool:
@@ -214,8 +305,7 @@ class _Pickler(pickle._Pickler):  # the pure-Python pickler: it lets a stand-in 
                 self._module(obj)
             return
         if isinstance(obj, (StorageRef, FakeTensor)):  # a stand-in no rebuild of paramtool's took in: never a GLOBAL
-            raise FormatError("the checkpoint holds a tensor paramtool cannot write back (torch.save's "
-                              "_rebuild_tensor_v3, used for uint16/32/64 and float8 tensors); nothing was written")
+            raise FormatError("the checkpoint holds a tensor paramtool cannot write back; nothing was written")
         super().save(obj, save_persistent_id)
 
     def _global(self, ref: Global) -> None:
@@ -336,13 +426,18 @@ def pickle_with_storages(root: Any) -> tuple[bytes, dict[Hashable, StorageOut]]:
         return storages[ref.key]
 
     def tensor_reduce(ft: FakeTensor, requires_grad: bool) -> tuple:
-        return (name("torch._utils", "_rebuild_tensor_v2"),
-                (storage_of(ft), ft.offset, tuple(ft.shape), tuple(ft.stride), requires_grad, OrderedDict()))
+        view = (storage_of(ft), ft.offset, tuple(ft.shape), tuple(ft.stride), requires_grad, OrderedDict())
+        if ft.dtype in STORAGE_CLASSES:
+            return name("torch._utils", "_rebuild_tensor_v2"), view
+        # a dtype without a typed storage class (uint16, float8, ...): as torch.save writes it
+        return name("torch._utils", "_rebuild_tensor_v3"), view + (name("torch", ft.dtype),)
 
     class Pickler(_Pickler):
         def persistent_id(self, obj: Any) -> Any:
             if type(obj) is StorageOut:
-                return ("storage", name("torch", STORAGE_CLASSES[obj.dtype]), obj.key, obj.location, obj.numel)
+                if obj.dtype in STORAGE_CLASSES:
+                    return ("storage", name("torch", STORAGE_CLASSES[obj.dtype]), obj.key, obj.location, obj.numel)
+                return ("storage", name("torch.storage", "UntypedStorage"), obj.key, obj.location, obj.nbytes)
             return None
 
         def save(self, obj: Any, save_persistent_id: bool = True) -> None:

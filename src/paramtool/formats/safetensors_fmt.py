@@ -262,7 +262,9 @@ def header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, 
 def save(tensors: dict[str, Any], metadata: dict[str, str] | None, path: str) -> None:
     """Write ``tensors`` to ``path`` in their order; tied names are stored once and recorded in the metadata."""
     from ..tree import tensor_info
+    from ..values import storable
 
+    tensors = {n: storable(t, n, "safetensors") for n, t in tensors.items()}
     stored, meta = layout([tensor_info(n, (n,), t) for n, t in tensors.items()], metadata)
     write_file({t.name: tensors[t.name] for t in stored}, meta or None, path)
 

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 from ..errors import FormatError, RefusedGlobal
 from ..records import dataclass, field, replace
-from ..toc import FakeModule, FakeTensor, StorageRef, itemsize
-from .dtypes import STORAGE_TYPES
+from ..toc import FakeModule, FakeTensor, Special, StorageRef, itemsize
+from .dtypes import SIZES, STORAGE_TYPES
 from .unpickle import OPCODES, TORCH_REBUILDS, Global, Hooks, Inert, unpickle
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -32,33 +32,94 @@ STORAGE_DTYPES = STORAGE_TYPES
 MAX_DEPTH = 200  # containers nested deeper than this are not a checkpoint (and would exhaust a recursive walk)
 MAX_ENTRIES = 50_000_000  # entries reachable through shared references (a "billion laughs" DAG is refused)
 MAX_BROADCAST = 1 << 32  # elements a stride-0 (expanded) view may claim beyond its storage
+MAX_NUMEL = (1 << 63) - 1  # torch's sizes are int64: a larger product is refused, as torch refuses it
 
 
-def _check_view(storage: StorageRef, offset: Any, size: tuple, stride: tuple) -> None:
+def _check_view(storage: StorageRef, dtype: str, offset: Any, size: tuple, stride: tuple) -> None:
+    """A view of ``storage`` as ``dtype`` is valid where torch's ``set_`` takes it: the last element it reaches
+    lies inside the storage (overlapping views, ``as_strided`` and ``unfold``, included). The products are
+    checked as they are formed, so a shape of huge dimensions costs no more than a small one."""
     if (not isinstance(offset, int) or len(size) != len(stride)
-            or not all(isinstance(d, int) for d in size + stride)):
+            or not all(type(d) is int for d in size + stride)):
         raise FormatError(f"tensor with invalid shape {str(size)[:80]} / stride {str(stride)[:80]}")
     if offset < 0 or any(d < 0 for d in size) or any(s < 0 for s in stride):
-        raise FormatError(f"tensor with negative offset, shape or stride ({offset}, {list(size)}, {list(stride)})")
-    if any(d == 0 for d in size):
-        return
-    extent = offset + sum((d - 1) * s for d, s in zip(size, stride))
-    dense = numel = 1
-    for d, s in zip(size, stride):
+        raise FormatError(f"tensor with negative offset, shape or stride ({offset}, {str(list(size))[:80]}, "
+                          f"{str(list(stride))[:80]})")
+    elements = storage.nbytes // itemsize(dtype)
+    numel = 1
+    for d in size:
         numel *= d
-        if s:
-            dense *= d
-    if extent >= storage.numel or dense > storage.numel or numel > max(storage.numel, MAX_BROADCAST):
-        raise FormatError(f"tensor of shape {list(size)} (stride {list(stride)}) at offset {offset} needs more "
-                          f"than the {storage.numel} elements its storage has")
+        if numel == 0:
+            return  # an empty view reaches no element (torch checks nothing more)
+        if numel > MAX_NUMEL:
+            raise FormatError(f"tensor of {len(size)} dimensions whose element count overflows int64")
+    last = offset
+    for d, s in zip(size, stride):
+        last += (d - 1) * s
+        if last >= elements:
+            break
+    if last >= elements or numel > max(elements, MAX_BROADCAST):
+        raise FormatError(f"tensor of shape {str(list(size))[:80]} (stride {str(list(stride))[:80]}) at offset "
+                          f"{offset} needs more than the {elements} {dtype} elements its storage has")
 
+
+_QSCHEMES = frozenset({"per_tensor_affine", "per_tensor_symmetric", "per_channel_affine", "per_channel_symmetric",
+                       "per_channel_affine_float_qparams"})
+_LAYOUTS = {"torch.sparse_coo": "sparse_coo", "torch.sparse_csr": "sparse_csr", "torch.sparse_csc": "sparse_csc",
+            "torch.sparse_bsr": "sparse_bsr", "torch.sparse_bsc": "sparse_bsc"}
+# rebuilds torch's weights-only loader accepts that paramtool refuses by name (nothing is silently dropped)
+_UNSUPPORTED = {
+    "torch._utils._rebuild_wrapper_subclass": "a tensor subclass without storage (_rebuild_wrapper_subclass)",
+    "torch._utils._rebuild_device_tensor_from_cpu_tensor": "a tensor of a non-CPU device kind",
+    "torch._utils._rebuild_device_tensor_from_numpy": "a tensor of a non-CPU device kind, saved as numpy",
+}
+
+
+def _numbers(value: Any) -> bool:
+    return type(value) is list and all(type(v) in (int, float) for v in value)
+
+
+def dtype_arg(value: Any, what: str = "tensor") -> str:
+    """A dtype a pickle names (``GLOBAL torch float8_e4m3fn``) as paramtool's dtype name."""
+    if isinstance(value, Global) and value.module == "torch" and value.qualname in SIZES:
+        return value.qualname
+    raise FormatError(f"{what} of unknown dtype {str(value)[:60]}")
+
+
+def _bits(metadata: Any) -> dict:
+    """The conj/neg bits torch's ``set_tensor_metadata`` applies (v2/v3's last argument)."""
+    if metadata is None or (isinstance(metadata, dict) and not metadata):
+        return {}
+    if not isinstance(metadata, dict) or not set(metadata) <= {"conj", "neg"} or \
+            not all(isinstance(v, bool) for v in metadata.values()):
+        raise FormatError(f"tensor with unknown metadata {str(metadata)[:60]}")
+    return {k: v for k, v in metadata.items() if v}
+
+
+def _apply_state(made: Any, state: Any) -> Any:
+    """``torch._utils._set_obj_state`` on a rebuilt tensor: a ``data`` attribute replaces its values (torch
+    sets ``tensor.data``); any other attribute is kept by torch on the object and is not a tensor value."""
+    if isinstance(state, tuple) and len(state) == 2:
+        merged = dict(state[0] or {}) if isinstance(state[0], dict) else {}
+        merged.update(state[1] or {} if isinstance(state[1], dict) else {})
+        state = merged
+    if not isinstance(state, dict) or "data" not in state:
+        return made
+    data = state["data"]
+    if type(data) is not FakeTensor:
+        raise FormatError("a tensor's state sets its data to something that is not a tensor")
+    return replace(data, requires_grad=made.requires_grad, is_parameter=made.is_parameter)
 
 
 class TorchHooks(Hooks):
-    """How a torch file's pickle becomes stand-ins: storages from persistent ids, views checked on creation."""
+    """How a torch file's pickle becomes stand-ins: storages from persistent ids, views checked on creation.
+
+    Every rebuild function torch's weights-only loader accepts is interpreted here by name, from the
+    arguments the pickle gives; nothing the file names is called."""
 
     def __init__(self, storage: Callable[[tuple], StorageRef]) -> None:
         self._storage = storage
+        self._synthetic = 0
 
     def persistent_load(self, pid: Any) -> Any:
         if isinstance(pid, tuple) and pid and pid[0] == "module":
@@ -70,33 +131,220 @@ class TorchHooks(Hooks):
             raise FormatError(f"unknown persistent id {str(pid)[:60]!r}")
         return self._storage(pid)
 
+    def _no_storage(self, kind: str, dtype: str) -> StorageRef:
+        """A storage of no bytes for a tensor that has none of its own (sparse, nested, meta): never tied."""
+        self._synthetic += 1
+        return StorageRef((kind, self._synthetic), dtype, 0)
+
+    def _view(self, storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None = None,
+              requires_grad: Any = False, metadata: Any = None) -> FakeTensor:
+        if type(storage) is not StorageRef:
+            raise FormatError("tensor without a storage record")
+        if not isinstance(size, tuple) or not isinstance(stride, tuple):
+            raise FormatError("tensor with invalid shape or stride")
+        dtype = dtype or storage.dtype
+        _check_view(storage, dtype, offset, size, stride)
+        return FakeTensor(storage, offset, size, stride, dtype, bool(requires_grad), **_bits(metadata))
+
     def rebuild(self, name: str, args: tuple) -> Any:
+        if name in _UNSUPPORTED:
+            raise FormatError(f"the checkpoint holds {_UNSUPPORTED[name]}, which paramtool cannot represent")
         if name == "torch._tensor._rebuild_from_type_v2":
             if len(args) != 4 or not isinstance(args[0], Global) or not isinstance(args[2], tuple):
                 raise FormatError("_rebuild_from_type_v2 without a tensor rebuild function")
-            func, new_type, inner, _state = args
+            func, new_type, inner, state = args
             if func.name not in TORCH_REBUILDS or func.name == name:
                 raise FormatError(f"_rebuild_from_type_v2 with {func.name}")
             made = self.rebuild(func.name, inner)
-            if isinstance(made, FakeTensor) and isinstance(new_type, Global) and new_type.name.endswith("Parameter"):
+            if not isinstance(made, FakeTensor):
+                raise FormatError(f"_rebuild_from_type_v2: {func.name} made no tensor")
+            if isinstance(new_type, Global) and new_type.name.endswith("Parameter"):
                 made = replace(made, is_parameter=True)
-            return made
+            return _apply_state(made, state)
         if name in ("torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state"):
-            if len(args) < 2 or type(args[0]) is not FakeTensor:
+            if len(args) < 2 or not isinstance(args[0], FakeTensor):
                 raise FormatError("parameter without tensor data")
-            return replace(args[0], requires_grad=bool(args[1]), is_parameter=True)
+            made = replace(args[0], requires_grad=bool(args[1]), is_parameter=True)
+            return _apply_state(made, args[3]) if name.endswith("_with_state") and len(args) > 3 else made
         if name in ("torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2"):
             if len(args) < 4:
                 raise FormatError(f"{name} with too few arguments")
-            storage, offset, size, stride = args[:4]
-            requires_grad = args[4] if len(args) > 4 else False
-            if type(storage) is not StorageRef:
-                raise FormatError("tensor without a storage record")
-            if not isinstance(size, tuple) or not isinstance(stride, tuple):
-                raise FormatError("tensor with invalid shape or stride")
-            _check_view(storage, offset, size, stride)
-            return FakeTensor(storage, offset, size, stride, storage.dtype, bool(requires_grad))
+            return self._view(*args[:4], None, args[4] if len(args) > 4 else False, args[6] if len(args) > 6 else None)
+        if name == "torch._utils._rebuild_tensor_v3":
+            if len(args) < 7:
+                raise FormatError(f"{name} with too few arguments")
+            return self._view(*args[:4], dtype_arg(args[6]), args[4], args[7] if len(args) > 7 else None)
+        if name == "torch._utils._rebuild_qtensor":
+            return self._qtensor(args)
+        if name == "torch._utils._rebuild_sparse_tensor":
+            return self._sparse(args)
+        if name == "torch._utils._rebuild_meta_tensor_no_storage":
+            if len(args) < 3 or not isinstance(args[1], tuple) or not isinstance(args[2], tuple) \
+                    or len(args[1]) != len(args[2]) or not all(type(d) is int and d >= 0 for d in args[1] + args[2]):
+                raise FormatError("malformed meta tensor")
+            dtype = dtype_arg(args[0], "meta tensor")
+            return FakeTensor(self._no_storage("meta", dtype), 0, args[1], args[2], dtype,
+                              bool(args[3]) if len(args) > 3 else False, special=Special("meta", name, args, "meta"))
+        if name == "torch._utils._rebuild_nested_tensor":
+            return self._nested(args)
+        if name == "torch.nested._internal.nested_tensor._rebuild_njt":
+            return self._jagged(args)
         return None
+
+    def _jagged(self, args: tuple) -> FakeTensor:
+        """A jagged nested tensor: its ``values`` and ``offsets`` (and ``lengths``) tensors, its ragged dim."""
+        kwargs = args[0] if len(args) == 1 and isinstance(args[0], dict) else {}
+        values, offsets, lengths = kwargs.get("values"), kwargs.get("offsets"), kwargs.get("lengths")
+        ragged = kwargs.get("_ragged_idx", 1)
+        if type(values) is not FakeTensor or type(offsets) is not FakeTensor or \
+                not (lengths is None or type(lengths) is FakeTensor) or type(ragged) is not int \
+                or len(offsets.shape) != 1 or offsets.dtype not in ("int64", "int32") or not offsets.shape[0] \
+                or not 1 <= ragged <= len(values.shape):
+            raise FormatError("malformed jagged nested tensor")
+        n = offsets.shape[0] - 1
+        return FakeTensor(self._no_storage("nested", values.dtype), 0, (n,), (1,), values.dtype,
+                          special=Special("nested", "jagged", (values, offsets, lengths, ragged),
+                                          f"jagged nested of {n} tensors"))
+
+    def _qtensor(self, args: tuple) -> FakeTensor:
+        if len(args) < 5 or not isinstance(args[4], tuple) or not args[4] or not isinstance(args[4][0], Global):
+            raise FormatError("malformed quantized tensor")
+        params = args[4]
+        scheme = params[0].qualname if params[0].module == "torch" else ""
+        if scheme not in _QSCHEMES:
+            raise FormatError(f"quantized tensor with unknown scheme {params[0].name[:60]}")
+        if scheme.startswith("per_tensor") and not (len(params) == 3 and isinstance(params[1], float)
+                                                     and type(params[2]) is int):
+            raise FormatError("quantized tensor with malformed scale and zero point")
+        if scheme.startswith("per_channel"):
+            if len(params) != 4 or not all(type(p) is FakeTensor or _numbers(p) for p in params[1:3]) \
+                    or type(params[3]) is not int:
+                raise FormatError("quantized tensor with malformed per-channel parameters")
+            text = f"{scheme} axis={params[3]}"
+        else:
+            text = f"{scheme} scale={params[1]:g} zero_point={params[2]}"
+        if type(args[0]) is not StorageRef or args[0].dtype not in ("qint8", "quint8", "qint32"):
+            raise FormatError("quantized tensor without a quantized storage")
+        view = self._view(*args[:4], None, args[5] if len(args) > 5 else False)
+        if scheme.startswith("per_channel") and not (0 <= params[3] < len(view.shape) and all(
+                (p.shape if type(p) is FakeTensor else (len(p),)) == (view.shape[params[3]],) for p in params[1:3])):
+            raise FormatError("quantized tensor whose per-channel parameters do not match its shape")
+        return replace(view, special=Special("quantized", "torch._utils._rebuild_qtensor", args, text))
+
+    def _sparse(self, args: tuple) -> FakeTensor:  # noqa: C901 (one check per layout)
+        if len(args) != 2 or not isinstance(args[1], tuple):
+            raise FormatError("malformed sparse tensor")
+        layout = _LAYOUTS.get(args[0].name if isinstance(args[0], Global) else args[0]) \
+            if isinstance(args[0], (str, Global)) else None
+        data = args[1]
+        if layout == "sparse_coo":
+            ok = len(data) in (3, 4) and all(type(t) is FakeTensor for t in data[:2]) and isinstance(data[2], tuple)
+            parts, size = data[:2], data[2] if len(data) > 2 else ()
+        else:
+            ok = layout is not None and len(data) == 4 and all(type(t) is FakeTensor for t in data[:3]) \
+                and isinstance(data[3], tuple)
+            parts, size = data[:3], data[3] if len(data) > 3 else ()
+        if not ok or not all(type(d) is int and d >= 0 for d in size):
+            raise FormatError(f"malformed sparse tensor ({str(args[0])[:40]})")
+        values = parts[-1]
+        from ..toc import contiguous_stride
+
+        text = f"{layout} nnz={values.shape[0] if values.shape else 0}"
+        return FakeTensor(self._no_storage("sparse", values.dtype), 0, size, contiguous_stride(size), values.dtype,
+                          special=Special("sparse", "torch._utils._rebuild_sparse_tensor", (layout, data), text))
+
+    def _nested(self, args: tuple) -> FakeTensor:
+        if len(args) != 4 or not all(type(t) is FakeTensor for t in args):
+            raise FormatError("malformed nested tensor")
+        buffer, sizes, strides, offsets = args
+        if len(buffer.shape) != 1 or len(sizes.shape) != 2 or sizes.shape != strides.shape \
+                or offsets.shape != sizes.shape[:1]:
+            raise FormatError("malformed nested tensor")
+        return FakeTensor(self._no_storage("nested", buffer.dtype), 0, (sizes.shape[0],), (1,), buffer.dtype,
+                          special=Special("nested", "torch._utils._rebuild_nested_tensor", args,
+                                          f"nested of {sizes.shape[0]} tensors"))
+
+
+def _untyped(value: Any) -> bool:
+    return isinstance(value, Global) and value.name == "torch.storage.UntypedStorage"
+
+
+def _finish(root: Any, untyped: set, out: TorchFile, path: str) -> Any:
+    """After the pickle: untyped storages take the dtype their views name (``_rebuild_tensor_v3``), bare
+    storages become listed stand-ins (``Special`` "storage"), and ``out.whole`` says whether any tensor needs
+    torch to rebuild it (a conj/neg bit, a quantized, sparse, nested or meta tensor)."""
+    views: dict[Hashable, set[str]] = {}
+    refs: dict[Hashable, StorageRef] = {}
+    special: list[str] = []
+    done: dict[int, Any] = {}
+
+    def visit(obj: Any) -> Any:
+        if id(obj) in done:
+            return done[id(obj)]
+        if type(obj) is StorageRef:  # a storage the pickle holds as it is (torch.save of a storage)
+            text = "untyped storage" if obj.key in untyped else f"{obj.dtype} storage"
+            new: Any = FakeTensor(obj, 0, (obj.numel,), (1,), obj.dtype,
+                                  special=Special("storage", "untyped" if obj.key in untyped else "typed", (), text))
+            done[id(obj)] = new
+            return new
+        if isinstance(obj, FakeTensor):
+            for part in (obj,) + tuple(a for a in (obj.special.args if obj.special else ())
+                                       if isinstance(a, FakeTensor)) + _nested_parts(obj):
+                if part.storage.nbytes and not (part.special and part.special.kind == "storage"):
+                    views.setdefault(part.storage.key, set()).add(part.dtype)
+                    refs[part.storage.key] = part.storage
+            if not obj.plain:
+                special.append(obj.special.kind if obj.special else "conj" if obj.conj else "neg")
+            done[id(obj)] = obj
+            return obj
+        done[id(obj)] = obj
+        if isinstance(obj, FakeModule):
+            _visit_dict(obj.state, visit)
+        elif isinstance(obj, Inert):
+            obj.args = tuple(visit(a) for a in obj.args)
+            _visit_dict(obj.kwargs, visit)
+            obj.state = visit(obj.state)
+            obj.list_items[:] = [visit(v) for v in obj.list_items]
+            _visit_dict(obj.dict_items, visit)
+        elif isinstance(obj, dict):
+            _visit_dict(obj, visit)
+        elif isinstance(obj, list):
+            obj[:] = [visit(v) for v in obj]
+        elif type(obj) is tuple:
+            new = tuple(visit(v) for v in obj)
+            if any(a is not b for a, b in zip(new, obj)):
+                done[id(obj)] = new
+                return new
+        return obj
+
+    root = visit(root)
+    for key, dtypes in views.items():
+        ref = refs[key]
+        if key in untyped:
+            if len(dtypes) > 1:
+                raise FormatError(f"{path}: storage {key[1]!r} is viewed as {' and '.join(sorted(dtypes))}: torch "
+                                  "writes one dtype per storage")
+            dtype = next(iter(dtypes))
+            if ref.nbytes % itemsize(dtype):
+                raise FormatError(f"{path}: storage {key[1]!r} of {ref.nbytes} bytes viewed as {dtype}")
+            # (set once, before anything hashes or copies the record: views already count in dtype's elements)
+            object.__setattr__(ref, "numel", ref.nbytes // itemsize(dtype))
+            object.__setattr__(ref, "dtype", dtype)
+    if special:
+        out.whole = ", ".join(sorted(set(special)))
+    return root
+
+
+def _nested_parts(obj: FakeTensor) -> tuple:
+    """The component tensors of a sparse tensor (its args hold them one level down)."""
+    if obj.special is not None and obj.special.kind == "sparse":
+        return tuple(a for a in obj.special.args[1] if isinstance(a, FakeTensor))
+    return ()
+
+
+def _visit_dict(d: dict, visit: Callable[[Any], Any]) -> None:
+    for k in list(d):
+        d[k] = visit(d[k])
 
 
 def _storage_type(value: Any) -> str:
@@ -110,6 +358,8 @@ def _storage_type(value: Any) -> str:
 
 
 def _children(obj: Any) -> list | None:
+    if isinstance(obj, FakeTensor):
+        return list(obj.special.args) if obj.special is not None else None
     if isinstance(obj, FakeModule):
         return [obj.state]
     if isinstance(obj, Inert):
@@ -183,6 +433,7 @@ class TorchFile:
     storages: dict[Hashable, StorageRef] = field(default_factory=dict)
     data_offset: dict[Hashable, int | None] = field(default_factory=dict)
     records: dict[Hashable, str] = field(default_factory=dict)  # zip record name of each storage
+    whole: str | None = None  # why its tensors must be rebuilt by torch (conj bits, quantized, ...), if they must
 
 
 def sniff_torch(head: bytes) -> str | None:
@@ -292,8 +543,8 @@ def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
                 raise FormatError(f"malformed storage record {pid[:3]!r}")
             _, kind, key, location, numel = pid
             key = str(key)
-            if key in seen:
-                return seen[key]
+            if key in seen and seen[key].nbytes:
+                return seen[key]  # torch caches a storage with bytes by its key: the first reference's dtype
             dtype = _storage_type(kind)
             record = f"{prefix}data/{key}"
             if record not in records:
@@ -301,15 +552,20 @@ def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
             if not isinstance(numel, int) or numel < 0 or numel * itemsize(dtype) > records[record].file_size:
                 raise FormatError(f"storage '{key}' claims {numel} {dtype} elements but its record holds "
                                   f"{records[record].file_size} bytes")
-            seen[key] = StorageRef(("zip", key), dtype, numel, str(location))
+            ref = StorageRef(("zip", key), dtype, numel, str(location))
+            if _untyped(kind):
+                untyped.add(ref.key)
             out.records[("zip", key)] = record
-            return seen[key]
+            # an empty storage is not cached by torch: each reference keeps the dtype it names
+            registered = seen.setdefault(key, ref)
+            return registered if ref.nbytes else ref
 
         if prefix + "constants.pkl" in records:
             raise FormatError(f"{path}: a TorchScript archive (it holds constants.pkl): torch.load hands it to "
                               "torch.jit.load, which runs its code; paramtool does not read TorchScript")
         data = _read_record(archive, info.filename, path)
-        out.root = _unpickle(data, storage, path, out.globals)
+        untyped: set = set()
+        out.root = _finish(_unpickle(data, storage, path, out.globals), untyped, out, path)
         _scan_other_pickles(archive, records, info.filename, path)
         f = fileobj if fileobj is not None else open(path, "rb")
         try:
@@ -349,8 +605,12 @@ def read_zip_tree(path: str) -> Any:
 
 
 def _read_record(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
+    """A record's bytes, its CRC-32 not checked: torch's reader never checks it (files saved with
+    ``compute_crc32 = False`` hold none, and torch loads them)."""
     try:
-        return archive.read(name)
+        with archive.open(name) as f:
+            f._expected_crc = None  # zipfile's one switch for it (ZipExtFile._update_crc skips the check)
+            return f.read()
     except Exception as e:  # BadZipFile, zlib.error, EOFError, NotImplementedError (odd compression), ...
         raise FormatError(f"{path}: zip record '{name}' cannot be read ({type(e).__name__}: {e})") from None
 
@@ -391,6 +651,8 @@ def _read_legacy(path: str) -> TorchFile:
             if not isinstance(numel, int) or numel < 0:
                 raise FormatError(f"storage '{key}' has an invalid size")
             seen[key] = StorageRef(("legacy", key), _storage_type(kind), numel, str(location))
+        elif not seen[key].nbytes:  # an empty storage: each reference keeps the dtype it names (as torch's)
+            return StorageRef(("legacy", key), _storage_type(kind), 0, str(location))
         return seen[key]
 
     def no_storage(pid: tuple) -> StorageRef:
@@ -405,7 +667,7 @@ def _read_legacy(path: str) -> TorchFile:
         if protocol != 1001:
             raise FormatError(f"{path}: unsupported legacy protocol version {protocol!r}")
         _unpickle(f, no_storage, path, out.globals)  # sys_info
-        out.root = _unpickle(f, storage, path, out.globals)
+        out.root = _finish(_unpickle(f, storage, path, out.globals), set(), out, path)
         keys = _unpickle(f, no_storage, path, out.globals)
         if not isinstance(keys, list) or set(map(str, keys)) != set(seen) or len(keys) != len(seen):
             raise FormatError(f"{path}: the storage list does not match the tensors")

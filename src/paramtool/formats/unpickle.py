@@ -86,6 +86,7 @@ _PLAIN_BUILTINS = ("set", "frozenset", "slice", "complex", "bytearray", "bytes",
 ALLOWED_IN_DENIED = frozenset({f"{m}.{n}" for m in ("builtins", "__builtin__") for n in _PLAIN_BUILTINS} | {
     "torch.serialization._get_layout", "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.PurePosixPath",
     "pathlib.PureWindowsPath", "pathlib.Path", "types.SimpleNamespace", "types.MappingProxyType",
+    "torch._dynamo.decorators._DimRange",  # a jagged nested tensor's ranges: data, which torch's loader accepts
 })
 SAFE_CODECS = ("latin1", "utf8", "ascii", "iso88591")
 
@@ -303,7 +304,10 @@ class Hooks:
 TORCH_REBUILDS = frozenset({
     "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
     "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
-    "torch._tensor._rebuild_from_type_v2",
+    "torch._tensor._rebuild_from_type_v2", "torch._utils._rebuild_qtensor", "torch._utils._rebuild_sparse_tensor",
+    "torch._utils._rebuild_meta_tensor_no_storage", "torch._utils._rebuild_nested_tensor",
+    "torch._utils._rebuild_wrapper_subclass", "torch._utils._rebuild_device_tensor_from_cpu_tensor",
+    "torch._utils._rebuild_device_tensor_from_numpy", "torch.nested._internal.nested_tensor._rebuild_njt",
 })
 
 
@@ -526,6 +530,8 @@ def _known_call(name: str, args: tuple) -> Any:
             raise FormatError("bytes with unexpected arguments") from None
     if name == "_codecs.encode":
         return _encode(*args)
+    if name == "torch.serialization._get_layout" and len(args) == 1 and isinstance(args[0], str):
+        return args[0]  # a layout by its name ("torch.sparse_csr"): what a sparse tensor's rebuild reads
     if name == "torch.Size":
         if len(args) == 1 and isinstance(args[0], (tuple, list)) and all(isinstance(d, int) for d in args[0]):
             return tuple(args[0])

@@ -44,6 +44,7 @@ WEIGHTS_ONLY_GLOBALS: frozenset[str] = frozenset(
         "torch.ShortTensor",
         "torch.Size",
         "torch.Tensor",
+        "torch._dynamo.decorators._DimRange",  # (these three: a jagged nested tensor, once torch.nested is imported)
         "torch._tensor._rebuild_from_type_v2",
         "torch._utils._rebuild_device_tensor_from_cpu_tensor",
         "torch._utils._rebuild_device_tensor_from_numpy",
@@ -58,6 +59,8 @@ WEIGHTS_ONLY_GLOBALS: frozenset[str] = frozenset(
         "torch._utils._rebuild_tensor_v3",
         "torch._utils._rebuild_wrapper_subclass",
         "torch.bfloat16",
+        "torch.nested._internal.nested_tensor.NestedTensor",
+        "torch.nested._internal.nested_tensor._rebuild_njt",
         "torch.bits16",
         "torch.bits1x8",
         "torch.bits2x4",
