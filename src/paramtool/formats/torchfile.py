@@ -305,9 +305,10 @@ def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
             out.records[("zip", key)] = record
             return seen[key]
 
-        if prefix + "constants.pkl" in records:
-            raise FormatError(f"{path}: a TorchScript archive (it holds constants.pkl): torch.load hands it to "
-                              "torch.jit.load, which runs its code; paramtool does not read TorchScript")
+        if prefix + "constants.pkl" in records:  # torch.load hands it to torch.jit.load: its state dict, read inertly
+            from .torchscript import read_archive
+
+            return read_archive(path, fileobj)[0]
         data = _read_record(archive, info.filename, path)
         out.root = _unpickle(data, storage, path, out.globals)
         _scan_other_pickles(archive, records, info.filename, path)
