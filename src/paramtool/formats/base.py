@@ -177,7 +177,7 @@ class TorchScriptFormat(TorchFormat):
         return head.startswith(b"PK\x03\x04") and is_archive(path)
 
     def open_storages(self, listing: Checkpoint) -> Any:
-        from .torchscript import ArchiveStorageFile
+        from .storage import ArchiveStorageFile
 
         return ArchiveStorageFile.open(listing.path, listing.toc(), listing.root, listing.located)
 
