@@ -24,7 +24,7 @@ from .sources import Source
 @dataclass(frozen=True)
 class Output:
     path: str | None  # None: standard output
-    format: str  # "pt" | "safetensors" | "sharded" | "dcp" | "directory" (a model directory, see formats.modeldir)
+    format: str  # "pt" | "torchscript" (an edited archive) | "safetensors" | "sharded" | "dcp" | "directory" (a model directory, see formats.modeldir)
     in_place: bool = False
     weights_format: str | None = None  # "directory": the format of the weight files
     max_shard_size: int | None = None  # "directory": reshard to at most this many bytes per file
