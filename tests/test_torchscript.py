@@ -290,3 +290,88 @@ def test_nothing_in_the_archive_is_compiled_or_run(archives, tmp_path):
     assert all(only_ast for _, _, only_ast in compiles), compiles  # parsed to a tree, never to bytecode
     assert [e for e in report["events"] if e[0] != "compile"] == []
     assert _state(tmp_path / "s.pt")["scale"].item() == 2  # (loaded here, in the test, not by paramtool)
+
+
+class Holder:  # a TorchScript class (scripted in _with_object; not a module): no part of a state dict
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+class WithObject(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.held = Holder(torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.held.t
+
+
+class OwnState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, bool]:
+        return (self.w, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, bool]) -> None:
+        self.w = state[0]
+        self.training = state[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+
+def _with_object() -> torch.jit.ScriptModule:
+    torch.jit.script(Holder)
+    return torch.jit.script(WithObject())
+
+
+def _dynamic_quantized() -> nn.Module:
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(nn.Sequential(nn.Linear(4, 4)).eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+SCRIPTED = {
+    "lstm": lambda: torch.jit.script(nn.LSTM(3, 4, num_layers=2)),
+    "transformer": lambda: torch.jit.script(nn.TransformerEncoderLayer(8, 2, 16)),
+    "embedding": lambda: torch.jit.script(nn.Embedding(10, 3)),
+    "object": _with_object,
+    "frozen": lambda: torch.jit.freeze(torch.jit.script(nn.Sequential(nn.Linear(2, 2)).eval())),  # no state left
+    "quantized": lambda: torch.jit.script(_dynamic_quantized()),  # packed weights in a C++ class: no state dict
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SCRIPTED))
+def test_other_scripted_modules_list_what_torch_lists(run, tmp_path, kind):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(SCRIPTED[kind](), str(tmp_path / "m.pt"))
+    sd = _state(tmp_path / "m.pt")
+    r = run("inspect", tmp_path / "m.pt", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [(t["name"], tuple(t["shape"])) for t in r.json()["tensors"]] == [(n, tuple(t.shape)) for n, t in sd.items()]
+    assert (len(sd) == 0) == (kind in ("frozen", "quantized"))
+
+
+def test_a_module_built_by_its_own_setstate_is_refused_by_name(run, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(OwnState()), str(tmp_path / "m.pt"))
+    r = run("inspect", tmp_path / "m.pt")
+    assert r.exit_code == 1 and "__torch__" in r.stderr and "OwnState" in r.stderr and "__setstate__" in r.stderr
+
+
+def test_a_code_running_name_in_data_pkl_is_refused(archives, run, tmp_path):
+    from conftest import rewrite_zip
+
+    marker = tmp_path / "MARKER"
+    cmd = f"touch {marker}".encode()
+    evil = b"\x80\x02cos\nsystem\nX" + len(cmd).to_bytes(4, "little") + cmd + b"\x85R."
+    rewrite_zip(archives["linear"], tmp_path / "evil.pt", lambda n, d: evil if n.endswith("/data.pkl") else d)
+    r = run("inspect", tmp_path / "evil.pt")
+    assert r.exit_code == 1 and "'os.system'" in r.stderr and not marker.exists()

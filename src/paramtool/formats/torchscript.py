@@ -39,6 +39,7 @@ from .unpickle import Global, Hooks, Inert, Unpickler
 JIT_PICKLE = "torch.jit._pickle"
 JIT_HELPERS = frozenset({"build_intlist", "build_tensorlist", "build_doublelist", "build_boollist", "restore_type_tag"})
 SCRIPT_ROOT = "__torch__"  # the namespace of every class compiled into an archive
+CUSTOM_CLASSES = "__torch__.torch.classes."  # C++ classes (quantized packed weights): no code, never modules
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_CODE = 64 << 20  # one code record: TorchScript source of real models is KBs to a few MBs
 
@@ -189,7 +190,7 @@ def _state_dict(root: Any, code: _Code, path: str) -> tuple[collections.OrderedD
     plain: dict[int, FakeTensor] = {}
 
     def module_decl(obj: Any) -> ClassDecl | None:
-        if not isinstance(obj, Inert) or not _script_name(obj.cls.module):
+        if not isinstance(obj, Inert) or not _script_name(obj.cls.module) or obj.name.startswith(CUSTOM_CLASSES):
             return None
         decl = code.decl(obj.name)
         return decl if decl.is_module else None
