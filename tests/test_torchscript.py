@@ -375,3 +375,15 @@ def test_a_code_running_name_in_data_pkl_is_refused(archives, run, tmp_path):
     rewrite_zip(archives["linear"], tmp_path / "evil.pt", lambda n, d: evil if n.endswith("/data.pkl") else d)
     r = run("inspect", tmp_path / "evil.pt")
     assert r.exit_code == 1 and "'os.system'" in r.stderr and not marker.exists()
+
+
+def test_crc_fields_are_rewritten_with_or_without_data_descriptors(archives, run, tmp_path):
+    from conftest import rewrite_zip
+
+    rewrite_zip(archives["linear"], tmp_path / "plain.pt", lambda n, d: d)  # CRCs in the local headers
+    for source in (archives["linear"], tmp_path / "plain.pt"):  # torch's writer: CRCs in data descriptors
+        out = tmp_path / f"out_{source.name}"
+        assert run("set", source, "2.weight[0, 0] = 3", "-o", out).exit_code == 0
+        with zipfile.ZipFile(out) as z:
+            assert z.testzip() is None  # every record's bytes match every CRC-32 recorded for them
+        assert _state(out)["2.weight"][0, 0] == 3

@@ -396,7 +396,8 @@ class ArchiveStorageFile(ZipStorageFile):
             info = infos[name]
             old = struct.pack("<I", info.CRC)
             places = []
-            if at(info.header_offset + 14, 4) == old:
+            local = at(info.header_offset + 14, 4)
+            if local == old and (not info.flag_bits & 0x08 or local != bytes(4)):  # (0 there: the descriptor has it)
                 places.append(info.header_offset + 14)
             if info.flag_bits & 0x08:  # a data descriptor follows the data
                 after = self.spans[next(k for k, s in self.spans.items() if s.record == record)]

@@ -203,7 +203,12 @@ def _state_dict(root: Any, code: _Code, path: str) -> tuple[collections.OrderedD
             plain[id(value)] = replace(value, requires_grad=False, is_parameter=False)
         return plain[id(value)]
 
+    within: set[int] = set()  # the modules on the current path: a module inside itself is no model
+
     def visit(obj: Any, decl: ClassDecl, prefix: str) -> None:
+        if id(obj) in within:
+            raise FormatError(f"{path}: module {obj.name} at '{prefix.rstrip('.')}' contains itself: not a model")
+        within.add(id(obj))
         modules[prefix.rstrip(".")] = class_label(obj.name)
         state = obj.state
         if not isinstance(state, dict):
@@ -218,6 +223,7 @@ def _state_dict(root: Any, code: _Code, path: str) -> tuple[collections.OrderedD
             child = module_decl(value)
             if child is not None:
                 visit(value, child, f"{prefix}{attr}.")
+        within.discard(id(obj))
 
     decl = module_decl(root)
     if decl is None:
