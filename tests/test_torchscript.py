@@ -390,4 +390,10 @@ def test_crc_fields_are_rewritten_with_or_without_data_descriptors(archives, run
             for info in z.infolist():  # and a local header that holds one (no data descriptor) agrees
                 local = int.from_bytes(raw[info.header_offset + 14:info.header_offset + 18], "little")
                 assert local == (0 if info.flag_bits & 0x08 else info.CRC), info.filename
+                if info.flag_bits & 0x08:  # the data descriptor after the bytes carries it
+                    name_len, extra_len = (int.from_bytes(raw[info.header_offset + k:info.header_offset + k + 2],
+                                                          "little") for k in (26, 28))
+                    end = info.header_offset + 30 + name_len + extra_len + info.compress_size
+                    assert raw[end:end + 4] == b"PK\x07\x08"
+                    assert int.from_bytes(raw[end + 4:end + 8], "little") == info.CRC, info.filename
         assert _state(out)["2.weight"][0, 0] == 3
