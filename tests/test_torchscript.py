@@ -161,6 +161,11 @@ def test_convert_gives_the_state_dict_bit_for_bit(archives, run, tmp_path, kind)
             assert torch.equal(_bits(f.get_tensor(key)), _bits(t))
     r = run("diff", archives[kind], tmp_path / "sd.safetensors", "--json")
     assert r.exit_code == 0 and r.json()["same"] == len(sd)
+    assert run("convert", archives[kind], "--dtype", "bf16", "-o", tmp_path / "bf16.pt").exit_code == 0
+    cast = torch.load(tmp_path / "bf16.pt", weights_only=True)  # a state dict, cast storage by storage
+    assert list(cast) == list(sd) and _torch_ties(cast) == _torch_ties(sd)
+    for name, t in sd.items():
+        assert torch.equal(cast[name], t.to(torch.bfloat16) if t.is_floating_point() else t)
 
 
 def _records(path) -> dict[str, tuple[bytes, int, int]]:
