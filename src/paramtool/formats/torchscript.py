@@ -9,10 +9,10 @@ declared in each class's code, ``__parameters__ = ["weight", "bias", ]`` and ``_
 read: the source text is parsed by ``ast.parse`` (a parser: nothing is compiled or executed) and the two lists
 taken from the class bodies. The result is what ``torch.jit.load(f).state_dict()`` gives, by walking
 the modules as ``nn.Module.state_dict`` walks a loaded script module: parameters, then buffers (a loaded
-archive has no non-persistent buffers: every declared buffer is listed), then child modules, each in slot
-order, ``None`` entries skipped.
+script module keeps no record of which buffers were non-persistent: every declared buffer is listed), then
+child modules, each in slot order, ``None`` entries skipped.
 
-Writing patches the archive: every byte is copied as it was and only the changed storages' bytes and their
+Writing (``storage.ArchiveStorageFile``) patches the archive: every byte is copied as it was and only the changed storages' bytes and their
 CRC-32 fields (local header, data descriptor, central directory) are rewritten in place, so records keep their
 order, names, compression and 64-byte alignment, and ``torch.jit.load`` runs the same code over new values.
 """
