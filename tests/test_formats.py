@@ -13,7 +13,7 @@ from paramtool import formats
 from paramtool.errors import FormatError
 
 SRC = pathlib.Path(__file__).resolve().parent.parent / "src" / "paramtool"
-NAMES = ("pt", "pt-legacy", "safetensors", "sharded", "dcp", "directory", "module")
+NAMES = ("pt", "pt-legacy", "torchscript", "safetensors", "sharded", "dcp", "directory", "module")
 
 
 def test_registry_names_are_the_contract_strings():
@@ -31,6 +31,9 @@ def test_sniff_file_picks_the_format_from_the_bytes(tmp_path):
     assert formats.sniff_file(str(tmp_path / "a.bin")) is formats.SAFETENSORS
     assert formats.sniff_file(str(tmp_path / "b.safetensors")) is formats.PT
     assert formats.sniff_file(str(tmp_path / "c.pt")) is formats.PT_LEGACY
+    with pytest.warns(DeprecationWarning):  # (torch.jit is deprecated; its archives are still read)
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "d.pt"))  # a zip: records decide
+    assert formats.sniff_file(str(tmp_path / "d.pt")) is formats.TORCHSCRIPT
     (tmp_path / "empty").write_bytes(b"")
     (tmp_path / "text").write_bytes(b"%PDF-1.7 not a checkpoint")
     with pytest.raises(FormatError, match="empty file"):

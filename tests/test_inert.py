@@ -604,8 +604,13 @@ def test_torchscript_archive_and_stray_pickle_records(tmp_path, run):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated: exactly the files paramtool must still refuse
         torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "ts.pt"))
-    r = run("inspect", tmp_path / "ts.pt")
-    assert r.exit_code == 1 and "TorchScript" in r.stderr and "torch.jit.load" in r.stderr
+    r = run("inspect", tmp_path / "ts.pt", "--json")  # read inertly (tests/test_torchscript.py)
+    assert r.exit_code == 0 and r.json()["format"] == "torchscript"
+    assert [t["name"] for t in r.json()["tensors"]] == ["weight", "bias"]
+    records = _zip_of(tmp_path / "ts.pt")  # a code-running name in any pickle of an archive is refused by name
+    _write_zip(tmp_path / "ts_stray.pt", records + [(records[0][0].split("/")[0] + "/extra.pkl", _evil_pickle(marker))])
+    r = run("inspect", tmp_path / "ts_stray.pt")
+    assert r.exit_code == 1 and "'os.system'" in r.stderr and "extra.pkl" in r.stderr, r.stderr
     torch.save({"a": torch.ones(2)}, tmp_path / "ok.pt")
     records = _zip_of(tmp_path / "ok.pt")
     prefix = records[0][0].split("/")[0]

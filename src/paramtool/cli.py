@@ -240,8 +240,10 @@ def _scheme_options(**given: Any) -> dict[str, Any]:
 
 
 def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, output: Optional[str], in_place: bool,
-            fmt: Optional[str], drop_extra: bool, write: Any = None, max_shard_size: Optional[str] = None) -> None:
-    """Report a dry run, or carry out the plan on ``listing`` (what it was planned on) and write the result."""
+            fmt: Optional[str], drop_extra: bool, write: Any = None, max_shard_size: Optional[str] = None,
+            convert: bool = False) -> None:
+    """Report a dry run, or carry out the plan on ``listing`` (what it was planned on) and write the result
+    (``convert``: in another format; else an archive stays one)."""
     from . import writer
 
     if json_out and not dry_run:
@@ -254,7 +256,12 @@ def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, ou
     if dry_run:
         _dry_run(plan.report, json_out)
         return
-    target = writer.plan_output(src, output, in_place, fmt, max_shard_size)
+    target = writer.plan_output(src, output, in_place, fmt, max_shard_size, convert)
+    untie = getattr(plan, "untie", None)
+    if target.layout.values_only and (write is not None or untie):  # only values change in an archive
+        from .formats.torchscript import refuse_structural
+
+        raise refuse_structural(plan.report.action + (" with --untie" if untie else ""))
     for w in plan.report.warnings:
         warn(w)
     seen = len(plan.report.warnings)
@@ -567,7 +574,7 @@ def convert(
             raise UsageError("--dry-run goes with --dtype (a plain convert changes no tensor)")
         src = sources.resolve(source)
         _finish(src, sources.open_for_plan(src, key), Plan(Report("convert"), narrow=True), False, False,
-                target or output, in_place, fmt, drop_extra, max_shard_size=max_shard_size)
+                target or output, in_place, fmt, drop_extra, max_shard_size=max_shard_size, convert=True)
         return
     from . import surgery
 
@@ -576,7 +583,7 @@ def convert(
     listing = sources.open_for_plan(src, key)
     plan = surgery.plan_cast(listing, to, list(keep_dtype or []))
     _finish(src, listing, plan, dry_run, json_out, target or output, in_place, fmt, drop_extra, surgery.write,
-            max_shard_size=max_shard_size)
+            max_shard_size=max_shard_size, convert=True)
 
 
 def _source_then(args: list[str], looks_like_arg: Any) -> tuple[Optional[str], list[str]]:

@@ -27,7 +27,7 @@ class Source:
     text: str  # as the user wrote it
     kind: str  # "file" | "nn" | "factory" | "sharded" | "dcp"
     path: str | None = None  # the file to read (stdin is spooled to a temporary file)
-    format: str | None = None  # sniffed file format: "pt" | "pt-legacy" | "safetensors"
+    format: str | None = None  # sniffed file format: "pt" | "pt-legacy" | "torchscript" | "safetensors"
     directory: str | None = None  # the model directory the weights sit in (beside config.json, tokenizer files)
 
     @property

@@ -129,7 +129,7 @@ class Toc:
     """What ``inspect`` and ``ties`` need, and nothing that requires tensor bytes."""
 
     source: str
-    format: str  # "pt" | "pt-legacy" | "safetensors" | "sharded" | "dcp" | "module" | "directory"
+    format: str  # "pt" | "pt-legacy" | "torchscript" | "safetensors" | "sharded" | "dcp" | "module" | "directory"
     tensors: list[TensorInfo]
     extras: dict[str, str] = field(default_factory=dict)  # non-tensor entries: dotted path -> short repr
     config_ties: dict[str, str] = field(default_factory=dict)  # name -> stored name: not stored, config.json ties it

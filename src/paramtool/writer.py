@@ -24,7 +24,7 @@ from .sources import Source
 @dataclass(frozen=True)
 class Output:
     path: str | None  # None: standard output
-    format: str  # "pt" | "safetensors" | "sharded" | "dcp" | "directory" (a model directory, see formats.modeldir)
+    format: str  # "pt" | "torchscript" (an edited archive) | "safetensors" | "sharded" | "dcp" | "directory" (a model directory, see formats.modeldir)
     in_place: bool = False
     weights_format: str | None = None  # "directory": the format of the weight files
     max_shard_size: int | None = None  # "directory": reshard to at most this many bytes per file
@@ -41,8 +41,11 @@ class Output:
 
 
 def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
-                max_shard_size: str | None = None) -> Output:
-    """Apply the contract's OUTPUT rules: ``-o``, ``--in-place``, or stdout when it is not a terminal."""
+                max_shard_size: str | None = None, convert: bool = False) -> Output:
+    """Apply the contract's OUTPUT rules: ``-o``, ``--in-place``, or stdout when it is not a terminal.
+
+    An edit of a TorchScript archive (``values_only``) writes the archive again where a torch file is asked
+    for; ``convert`` writes its state dict."""
     if fmt is not None and not getattr(formats.find(fmt), "single_file", False):
         raise UsageError(f"--format must be pt or safetensors, not '{fmt}'")
     from .formats import modeldir
@@ -71,7 +74,10 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
     if out is None and not in_place and sys.stdout.isatty():
         raise UsageError("refusing to write a checkpoint to a terminal: use -o PATH, --in-place, or a pipe")
     default = src.layout if src.layout is not None and src.layout.single_file else formats.PT
-    return Output(out, fmt or formats.for_output_path(out, default).name, in_place)
+    chosen = formats.by_name(fmt) if fmt else formats.for_output_path(out, default)
+    if src.layout is not None and src.layout.values_only and not convert and not fmt and chosen.pickled:
+        chosen = src.layout  # an edited archive stays an archive, whatever -o's extension
+    return Output(out, chosen.name, in_place)
 
 
 def _plan_directory_output(src: Source, out: str | None, in_place: bool, fmt: str | None) -> Output:

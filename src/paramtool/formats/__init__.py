@@ -5,20 +5,23 @@ from __future__ import annotations
 import os
 
 from ..errors import FormatError
-from .base import DcpFormat, Format, SafetensorsFormat, TorchFormat
+from .base import DcpFormat, Format, SafetensorsFormat, TorchFormat, TorchScriptFormat
 
 PT_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
 
 SAFETENSORS = SafetensorsFormat("safetensors", (".safetensors",), single_file=True, byte_ranges=True, flat=True)
 PT = TorchFormat("pt", PT_EXTENSIONS, single_file=True, byte_ranges=True, holds_non_tensors=True, pickled=True)
+# a state dict read from a TorchScript archive's modules; written back only as the archive with new values
+TORCHSCRIPT = TorchScriptFormat("torchscript", byte_ranges=True, flat=True, values_only=True)
 PT_LEGACY = TorchFormat("pt-legacy", holds_non_tensors=True, pickled=True)
 SHARDED = Format("sharded", flat=True, is_container=True, split=True)
 DCP = DcpFormat("dcp", holds_non_tensors=True, is_container=True, placeholder_values=True)
 DIRECTORY = Format("directory", is_container=True, sidecars=True)
 MODULE = Format("module", in_memory=True)
 
-# Sniffed in this order: a safetensors header is checked before the torch magic numbers.
-REGISTRY: tuple[Format, ...] = (SAFETENSORS, PT, PT_LEGACY, SHARDED, DCP, DIRECTORY, MODULE)
+# Sniffed in this order: a safetensors header is checked before the torch magic numbers, a TorchScript
+# archive before any other torch zip.
+REGISTRY: tuple[Format, ...] = (SAFETENSORS, TORCHSCRIPT, PT, PT_LEGACY, SHARDED, DCP, DIRECTORY, MODULE)
 _BY_NAME = {f.name: f for f in REGISTRY}
 
 
@@ -40,7 +43,7 @@ def sniff_file(path: str) -> Format:
     if not head:
         raise FormatError(f"{path}: empty file")
     for fmt in REGISTRY:
-        if fmt.sniff(head, size):
+        if fmt.sniff_path(path, head, size):
             return fmt
     raise FormatError(f"{path}: not a checkpoint (neither a torch.save file nor safetensors)")
 

@@ -31,10 +31,16 @@ class Format:
     placeholder_values: bool = False  # non-tensor values are stand-ins in the listing, kept in the data files
     sidecars: bool = False  # weights beside config.json and tokenizer files (a model directory)
     in_memory: bool = False  # built in Python (nn:, a factory), never read from disk
+    values_only: bool = False  # written only as a copy with tensor values changed in place (an archive's code reads it)
 
     def sniff(self, head: bytes, size: int) -> bool:
         """Do the first bytes of a file (``head``, of a file of ``size`` bytes) say it is in this format?"""
         return False
+
+    def sniff_path(self, path: str, head: bytes, size: int) -> bool:
+        """Is the file at ``path`` in this format? Its first bytes (``sniff``) unless the format must look
+        further (a TorchScript archive is a torch zip with a ``constants.pkl`` record)."""
+        return self.sniff(head, size)
 
     def names_path(self, path: str) -> bool:
         """Does an output path's extension name this format?"""
@@ -132,29 +138,62 @@ class TorchFormat(Format):
         return sniff_torch(head) == self.name
 
     def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
-        from .torchfile import read_torch
-
-        listing = read_torch(path, self.name)
-        ckpt = named(label, self, listing.root, path, key)
-        ckpt.globals = sorted(listing.globals)
+        listing, ckpt = self._read(label, path, key, None)
         ckpt.located = {k: (listing.data_offset.get(k), listing.records.get(k, "")) for k in listing.storages}
         ckpt.whole = listing.whole
         return ckpt
 
     def load(self, label: str, path: str, key: str | None) -> Checkpoint:
         from . import pt
+
+        return self._read(label, path, key, pt.load)[1]
+
+    def _read(self, label: str, path: str, key: str | None, load: Any) -> tuple[Any, Checkpoint]:
+        """The file read without running it (``TorchFile``: refuses a hostile pickle, locates every storage),
+        and its checkpoint: stand-in tensors, or real ones from ``load(path, listing)``."""
         from .torchfile import read_torch
 
-        listing = read_torch(path, self.name)  # refuses a hostile pickle; locates every storage
-        ckpt = named(label, self, pt.load(path, listing), path, key)
+        listing = read_torch(path, self.name)
+        ckpt = named(label, self, listing.root if load is None else load(path, listing), path, key)
         ckpt.globals = sorted(listing.globals)
-        return ckpt
+        return listing, ckpt
 
     def save(self, root: Any, metadata: dict[str, str] | None, path: str) -> None:
         """torch.save's zip format (``pt.save``); a pickle keeps no header metadata."""
         from . import pt
 
         pt.save(root, path)
+
+
+class TorchScriptFormat(TorchFormat):
+    """A TorchScript archive (``torch.jit.save``): its state dict, read without running its code
+    (``formats.torchscript``); written only as a copy with new values in its storages."""
+
+    def sniff(self, head: bytes, size: int) -> bool:
+        return False  # a zip like any torch file: the records decide (sniff_path)
+
+    def sniff_path(self, path: str, head: bytes, size: int) -> bool:
+        from .torchscript import is_archive
+
+        return head.startswith(b"PK\x03\x04") and is_archive(path)
+
+    def open_storages(self, listing: Checkpoint) -> Any:
+        from .storage import ArchiveStorageFile
+
+        return ArchiveStorageFile.open(listing.path, listing.toc(), listing.root, listing.located)
+
+    def _read(self, label: str, path: str, key: str | None, load: Any) -> tuple[Any, Checkpoint]:
+        from .torchscript import ScriptCheckpoint, read_archive
+
+        listing, modules = read_archive(path)
+        ckpt = named(label, self, listing.root if load is None else load(path, listing), path, key, ScriptCheckpoint)
+        ckpt.globals, ckpt.modules = sorted(listing.globals), modules
+        return listing, ckpt
+
+    def save(self, root: Any, metadata: dict[str, str] | None, path: str) -> None:
+        from .torchscript import refuse_structural
+
+        raise refuse_structural("this write")
 
 
 class DcpFormat(Format):

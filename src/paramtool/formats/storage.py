@@ -343,6 +343,90 @@ class ZipStorageFile(StorageFile):
                 raise (write_error(e, out_path) or e) from None
 
 
+class ArchiveStorageFile(ZipStorageFile):
+    """A TorchScript archive's storages by byte range (``formats.torchscript`` locates them); ``patch`` writes a byte-for-byte copy of the archive in
+    which only the changed storages' bytes and their CRC-32 fields differ."""
+
+    def patch(self, out_path: str, changed: Iterable[Hashable], produce: Callable[[Hashable], Any]) -> None:
+        import struct
+        import zlib
+
+        order = sorted(changed, key=lambda k: self.spans[k].offset)
+        fields = self._crc_fields([self.spans[k].record for k in order])
+        size = os.fstat(self._file.fileno()).st_size
+        with open(out_path, "wb") as out:
+            with self._lock:  # the file position is shared
+                self._file.seek(0)
+                _copy(self._file, out, size)
+            for key, data in _ahead(order, produce):
+                span = self.spans[key]
+                raw = _as_bytes(data)
+                if raw.nbytes != span.nbytes:  # (an edit never resizes a storage: the plan keeps shapes)
+                    raise FormatError(f"{self.path}: storage {key[1]!r} would change size; nothing was written")
+                out.seek(span.offset)
+                out.write(raw)
+                crc = struct.pack("<I", zlib.crc32(raw))
+                for at in fields[span.record]:
+                    out.seek(at)
+                    out.write(crc)
+                self.recycle(data)
+                del data, raw
+
+    def _crc_fields(self, records: list[str]) -> dict[str, list[int]]:
+        """Where each record's CRC-32 is written in the file: its local header (unless a data descriptor
+        carries it and the header holds 0), its data descriptor, and its central directory entry. Each is
+        checked to hold the record's CRC now, so a field is never written where something else is."""
+        import struct
+        import zipfile
+
+        from .torchfile import _zip_prefix
+
+        with zipfile.ZipFile(self.path) as z:
+            infos = {i.filename: i for i in z.infolist()}
+            prefix = _zip_prefix(z, self.path)
+            start = z.start_dir
+        f = self._file
+        out: dict[str, list[int]] = {}
+        wanted = {prefix + r: r for r in records}
+
+        def at(offset: int, n: int) -> bytes:
+            return os.pread(f.fileno(), n, offset)
+
+        for name, record in wanted.items():
+            info = infos[name]
+            old = struct.pack("<I", info.CRC)
+            places = []
+            local = at(info.header_offset + 14, 4)
+            if local == old and (not info.flag_bits & 0x08 or local != bytes(4)):  # (0 there: the descriptor has it)
+                places.append(info.header_offset + 14)
+            if info.flag_bits & 0x08:  # a data descriptor follows the data
+                after = self.spans[next(k for k, s in self.spans.items() if s.record == record)]
+                end = after.offset + info.compress_size
+                head = at(end, 8)
+                if head[:4] == b"PK\x07\x08" and head[4:] == old:
+                    places.append(end + 4)
+                elif head[:4] == old:
+                    places.append(end)
+                else:
+                    raise FormatError(f"{self.path}: record '{name}' has no data descriptor where its header says")
+            elif not places:
+                raise FormatError(f"{self.path}: record '{name}' has no CRC-32 in its local header")
+            out[record] = places
+        pos = start  # the central directory: one entry per record, in order
+        while at(pos, 4) == b"PK\x01\x02":
+            entry = at(pos, 46)
+            name_len, extra_len, comment_len = struct.unpack("<HHH", entry[28:34])
+            name = at(pos + 46, name_len).decode("utf-8", "surrogateescape")
+            if name in wanted:
+                if entry[16:20] != struct.pack("<I", infos[name].CRC):
+                    raise FormatError(f"{self.path}: the central directory entry of '{name}' disagrees with the record")
+                out[wanted[name]].append(pos + 16)
+            pos += 46 + name_len + extra_len + comment_len
+        if any(len(v) < 2 for v in out.values()):
+            raise FormatError(f"{self.path}: a changed record has no central directory entry")
+        return out
+
+
 class SafetensorsStorageFile(StorageFile):
     """A safetensors file: every stored tensor is its own storage; the header is copied verbatim."""
 

@@ -560,9 +560,10 @@ def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
             registered = seen.setdefault(key, ref)
             return registered if ref.nbytes else ref
 
-        if prefix + "constants.pkl" in records:
-            raise FormatError(f"{path}: a TorchScript archive (it holds constants.pkl): torch.load hands it to "
-                              "torch.jit.load, which runs its code; paramtool does not read TorchScript")
+        if prefix + "constants.pkl" in records:  # torch.load hands it to torch.jit.load: its state dict, read inertly
+            from .torchscript import read_archive
+
+            return read_archive(path, fileobj)[0]
         data = _read_record(archive, info.filename, path)
         untyped: set = set()
         out.root = _finish(_unpickle(data, storage, path, out.globals), untyped, out, path)
