@@ -44,7 +44,6 @@ WEIGHTS_ONLY_GLOBALS: frozenset[str] = frozenset(
         "torch.ShortTensor",
         "torch.Size",
         "torch.Tensor",
-        "torch._dynamo.decorators._DimRange",  # (these three: a jagged nested tensor, once torch.nested is imported)
         "torch._tensor._rebuild_from_type_v2",
         "torch._utils._rebuild_device_tensor_from_cpu_tensor",
         "torch._utils._rebuild_device_tensor_from_numpy",
@@ -59,8 +58,6 @@ WEIGHTS_ONLY_GLOBALS: frozenset[str] = frozenset(
         "torch._utils._rebuild_tensor_v3",
         "torch._utils._rebuild_wrapper_subclass",
         "torch.bfloat16",
-        "torch.nested._internal.nested_tensor.NestedTensor",
-        "torch.nested._internal.nested_tensor._rebuild_njt",
         "torch.bits16",
         "torch.bits1x8",
         "torch.bits2x4",
@@ -172,9 +169,15 @@ def python3_name(name: str) -> str:
     return f"{module}.{qualname}"
 
 
+# A jagged nested tensor's names: torch.nested allowlists them for the weights-only loader once it is imported
+# (which torch.load of such a file asks for), so such a file loads with weights_only=True.
+JAGGED_GLOBALS = frozenset({"torch.nested._internal.nested_tensor.NestedTensor",
+                            "torch.nested._internal.nested_tensor._rebuild_njt", "torch._dynamo.decorators._DimRange"})
+
+
 def beyond(names: set[str] | list[str]) -> list[str]:
     """The names torch's weights-only loader would refuse (as it reads them), sorted."""
-    return sorted({python3_name(n) for n in names} - WEIGHTS_ONLY_GLOBALS)
+    return sorted({python3_name(n) for n in names} - WEIGHTS_ONLY_GLOBALS - JAGGED_GLOBALS)
 
 
 def current() -> list[str]:
