@@ -325,6 +325,9 @@ def init(
     groups: GroupsOpt = None,
     layer: LayerOpt = None,
     param: Annotated[str, typer.Option("--param", help="weight, bias or all: narrow by the last part of the name.")] = "weight",
+    types: Annotated[Optional[list[str]], typer.Option("--type", help="Only tensors of modules of this class (Linear, Conv2d, Embedding; "
+                                                      "as type(m) == nn.Linear), where classes are known: nn:, FILE.py:FUNC, "
+                                                      "pickled models. Repeatable.", show_default=False)] = None,
     zero_bias: Annotated[bool, typer.Option("--zero-bias", help="Also zero the biases of the selected modules.")] = False,
     untie: Annotated[bool, typer.Option("--untie", help="Give selected tied names their own copy first, so only they change.")] = False,
     seed: SeedOpt = None,
@@ -351,7 +354,7 @@ def init(
     resolve_options(get_scheme(scheme), given)  # a wrong option is a usage error before any loading
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
-    plan = ops.plan_init(listing, scheme, given, list(layer or []), param, zero_bias, untie, seed)
+    plan = ops.plan_init(listing, scheme, given, list(layer or []), param, zero_bias, untie, seed, list(types or []))
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, max_shard_size=max_shard_size)
 
 

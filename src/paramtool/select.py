@@ -118,6 +118,23 @@ def select(names: list[str], layers: list[str], param: str = "all", unstored: fr
     return picked
 
 
+def named_directly(names: list[str], layers: list[str], unstored: frozenset[str] = frozenset()) -> set[str]:
+    """The names a selector names itself, or names the module of, rather than reaching them through an ancestor:
+    ``h.3.ln_1`` and ``*.ln_1`` name ``h.3.ln_1.weight``; ``h.3`` selects it without naming it."""
+    counted = [n for n in names if n not in unstored]
+    out: set[str] = set()
+    for selector in layers:
+        if POSITIONAL.match(selector):
+            path = _positional(counted, selector)
+            out.update(n for n in names if module_path(n) == path)
+        elif any(c in selector for c in "*?[") and not any(_under(n, selector) for n in names):
+            pattern = re.compile(fnmatch.translate(selector))
+            out.update(n for n in names if pattern.match(n) or pattern.match(module_path(n)))
+        else:
+            out.update(n for n in names if n == selector or module_path(n) == selector)
+    return out
+
+
 def unknown_name(name: str, names: list[str]) -> str:
     """The error for a tensor name that is not there, with the closest names (the CLI escapes the line)."""
     import difflib
