@@ -24,6 +24,7 @@ class _Group(typer.core.TyperGroup):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D401 - click's signature
         kwargs["standalone_mode"] = False
+        _FAILURE[0] = 1  # (diff and check raise it to 2 for their run only)
         warnings.showwarning = lambda message, *_: warn(str(message))  # library warnings: one line, our format
         try:
             code = super().main(*args, **kwargs)
@@ -72,6 +73,14 @@ def _quiet_pipe() -> None:
     sys.exit(141)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        sys.stdout.write(f"paramtool {__version__}\n")
+        raise typer.Exit(0)
+
+
 app = typer.Typer(
     cls=_Group,
     name="paramtool",
@@ -92,6 +101,11 @@ SourceArg = Annotated[
     typer.Argument(help="Checkpoint file, '-' (stdin), nn:EXPR, FILE.py:FUNC, or a sharded/DCP/model directory. "
                    "Omitted: read stdin when it is not a terminal.", show_default=False),
 ]
+SourcesArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(help="Checkpoints (as for SOURCE), each in turn: with --json one document per line (JSON lines); "
+                   "the exit status is the worst. None: read stdin when it is not a terminal.", show_default=False),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout (no colour, no wrapping).")]
 LayerOpt = Annotated[
     Optional[list[str]],
@@ -104,6 +118,12 @@ KeyOpt = Annotated[
     typer.Option("--key", help="Use this sub-tree of a training checkpoint (e.g. model, state_dict, optimizer).",
                  show_default=False),
 ]
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                                callback=_version)] = False) -> None:
+    """Inspect, reinitialize, tie-check and edit the parameters of PyTorch checkpoints."""
 
 
 def out_console() -> Console:
@@ -127,6 +147,32 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def _each_source(sources: Optional[list[str]], one: Any, json_out: bool) -> None:
+    """Run ``one(source)`` (which returns an exit status or None) for each source. With several, a heading
+    ``==> SOURCE <==`` (as ``head``) before each human-readable report, and a failing source is reported as
+    ``error: SOURCE: …`` and the next one is read; the exit status is the worst."""
+    items: list[Optional[str]] = list(sources or [None])
+    if sum(1 for s in items if s in (None, "-")) > 1 or (len(items) > 1 and None in items):
+        raise UsageError("standard input ('-') can be read only once")
+    worst = 0
+    for i, source in enumerate(items):
+        if len(items) > 1 and not json_out:
+            sys.stdout.write(("\n" if i else "") + f"==> {render.safe_name(source or '-')} <==\n")
+            sys.stdout.flush()
+        try:
+            code = one(source) or 0
+        except ParamtoolError as e:
+            if len(items) == 1 or isinstance(e, UsageError):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "failed"
+            named = first if (source or "-") in first else f"{source or '-'}: {first}"  # say which source failed
+            sys.stderr.write(f"error: {render.safe_name(named)}\n")
+            code = e.exit_code
+        worst = max(worst, code)
+    if worst:
+        raise typer.Exit(worst)
+
+
 def _selected(names: list[str], layers: Optional[list[str]], param: str = "all",
               unstored: frozenset[str] = frozenset()) -> list[str]:
     from .select import select
@@ -134,9 +180,9 @@ def _selected(names: list[str], layers: Optional[list[str]], param: str = "all",
     return select(names, list(layers or []), param, unstored)
 
 
-@app.command(epilog="Example: paramtool inspect model.pt --layer 0 --depth 2\n\n" + EPILOG_HINT)
+@app.command(epilog="Examples:\n\n  paramtool inspect model.pt --layer 0 --depth 2\n\n  paramtool inspect a.pt b.safetensors --json\n\n" + EPILOG_HINT)
 def inspect(
-    source: SourceArg = None,
+    source: SourcesArg = None,
     json_out: JsonOpt = False,
     layer: LayerOpt = None,
     depth: Annotated[Optional[int], typer.Option("--depth", min=0, help="Show modules this deep; deeper ones are summarised.",
@@ -150,6 +196,11 @@ def inspect(
     Reading a file's table of contents never loads tensor data (nor imports torch). Names are in numeric
     order (h.2 before h.10); consecutive identical blocks are collapsed unless --expand.
     """
+    _each_source(source, lambda one: _inspect_one(one, json_out, layer, depth, key, expand), json_out)
+
+
+def _inspect_one(source: Optional[str], json_out: bool, layer: Optional[list[str]], depth: Optional[int],
+                 key: Optional[str], expand: bool) -> None:
     from . import sources
 
     toc = sources.read_toc(sources.resolve(source), key)
@@ -412,12 +463,16 @@ def schemes(json_out: JsonOpt = False) -> None:
 
 @app.command(epilog="Example: paramtool ties model.pt --json\n\n" + EPILOG_HINT)
 def ties(
-    source: SourceArg = None,
+    source: SourcesArg = None,
     json_out: JsonOpt = False,
     values: Annotated[bool, typer.Option("--values", help="Also report distinct tensors with identical bytes (reads tensor data).")] = False,
     key: KeyOpt = None,
 ) -> None:
     """List tied tensors: groups of names that share storage (alias) or bytes (overlapping views)."""
+    _each_source(source, lambda one: _ties_one(one, json_out, values, key), json_out)
+
+
+def _ties_one(source: Optional[str], json_out: bool, values: bool, key: Optional[str]) -> None:
     from . import sources
     from .ties import find_ties, group_order, value_ties
 
@@ -438,7 +493,7 @@ def ties(
         for w in toc.warnings + (differing_pairs(sources.load_lazy(src, key).tensor, pairs) if pairs else []):
             warn(w)
     if json_out:
-        emit_json({"groups": [g.as_json() for g in groups]})
+        emit_json({"source": src.label, "groups": [g.as_json() for g in groups]})
         return
     console = out_console()
     for line in render.ties_lines(toc, groups):
@@ -447,7 +502,7 @@ def ties(
 
 @app.command(epilog="Example: paramtool stats model.pt --layer 0 --hist\n\n" + EPILOG_HINT)
 def stats(
-    source: SourceArg = None,
+    source: SourcesArg = None,
     layer: LayerOpt = None,
     hist: Annotated[bool, typer.Option("--hist", help="Draw each tensor's distribution in the terminal.")] = False,
     hist_png: Annotated[Optional[str], typer.Option("--hist-png", help="Also write the histograms as a PNG (needs matplotlib).",
@@ -456,11 +511,21 @@ def stats(
     json_out: JsonOpt = False,
     key: KeyOpt = None,
 ) -> None:
-    """Per-tensor mean, std, min, max, fraction of zeros, L2 norm and NaN/Inf counts, with module totals."""
+    """Per-tensor mean, std, min, max, fraction of zeros, L2 norm and NaN/Inf counts, with module totals.
+
+    stats exits 0 whatever the values are: `paramtool check` is the gate that fails on NaN/Inf."""
+    if hist_png and source and len(source) > 1:
+        raise UsageError("--hist-png draws one checkpoint: give one SOURCE")
+    _each_source(source, lambda one: _stats_one(one, layer, hist, hist_png, bins, json_out, key), json_out)
+
+
+def _stats_one(source: Optional[str], layer: Optional[list[str]], hist: bool, hist_png: Optional[str], bins: int,
+               json_out: bool, key: Optional[str]) -> None:
     from . import sources
     from . import stats as st
 
-    ckpt = sources.load_lazy(sources.resolve(source), key)
+    src = sources.resolve(source)
+    ckpt = sources.load_lazy(src, key)
     names = _selected(list(ckpt.names), layer)
     with _progress(len(names), "stats") as advance:  # each tensor is read once, for numbers and histograms
         done = st.stats_many(ckpt.tensor, names, bins if hist else None, bool(hist_png), advance,
@@ -469,7 +534,7 @@ def stats(
     if hist_png:
         st.histogram_png([(n, done.png[n]) for n in names], hist_png)
     if json_out:
-        doc: dict[str, Any] = {"tensors": [r.as_json() for r in results]}
+        doc: dict[str, Any] = {"source": src.label, "tensors": [r.as_json() for r in results]}
         if hist:
             doc["histograms"] = {n: {"edges": h.edges, "counts": h.counts, "zeros": h.zeros} for n, h in hists.items()}
         emit_json(doc)
@@ -480,6 +545,59 @@ def stats(
         console.print(f"\n{render.safe_name(n)}", style="bold", markup=False)
         for line in st.histogram_lines(h):
             console.print(line, markup=False, highlight=False)
+
+
+@app.command(epilog="Examples:\n\n  paramtool check model.safetensors\n\n"
+             "  paramtool check ckpt/*.pt --json --ignore mixed-dtype\n\n"
+             "Exit status: 0 no findings, 1 findings, 2 error (with several sources: the worst).")
+def check(
+    source: SourcesArg = None,
+    json_out: JsonOpt = False,
+    outlier_factor: Annotated[float, typer.Option("--outlier-factor", min=1.0, help="outlier: a tensor whose std or RMS is more than this many times "
+                                                  "the median of the same tensor in the other repeated blocks (or less than the median over it).")] = 8.0,
+    min_siblings: Annotated[int, typer.Option("--min-siblings", min=2, help="outlier: judge only tensors repeated in at least this many blocks.")] = 3,
+    ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Leave out this rule (nan, inf, zero, constant, outlier, tie-diverged, "
+                                                        "optimizer-shape, mixed-dtype). Repeatable.", show_default=False)] = None,
+    key: KeyOpt = None,
+) -> None:
+    """Health rules for CI: one line per finding (SOURCE: RULE: NAME: what), exit 1 if there is any.
+
+    Rules: NaN/Inf values; weight matrices all zero or constant; a tensor far from its siblings in repeated
+    blocks (--outlier-factor); ties config.json declares whose stored values diverged; optimizer state whose
+    shape is not its parameter's; weight matrices in more than one dtype. See README "Checking a checkpoint".
+    """
+    from .check import RULES, Thresholds
+
+    _FAILURE[0] = 2  # as diff: findings are 1, any error is 2
+    unknown = [r for r in ignore or [] if r not in RULES]
+    if unknown:
+        raise UsageError(f"--ignore {unknown[0]}: no such rule (rules: {', '.join(RULES)})")
+    th = Thresholds(outlier_factor, min_siblings)
+    _each_source(source, lambda one: _check_one(one, json_out, th, set(ignore or []), key), json_out)
+
+
+def _check_one(source: Optional[str], json_out: bool, th: Any, ignore: set[str], key: Optional[str]) -> int:
+    from . import check as health
+    from . import sources
+
+    try:
+        src = sources.resolve(source)
+        ckpt = sources.load_lazy(src, key)
+        report = health.check(ckpt, sources.describe(src, ckpt), th)
+    except ParamtoolError as e:
+        e.exit_code = 2
+        raise
+    report.findings = [f for f in report.findings if f.rule not in ignore]
+    if json_out:
+        emit_json(report.as_json())
+    else:
+        console = out_console()
+        for f in report.findings:
+            where = f"{render.safe_name(f.name)}: " if f.name else ""
+            console.print(f"{render.safe_name(src.label)}: {f.rule}: {where}{render.safe_name(f.message)}", markup=False)
+        if not report.findings:
+            err_console().print(f"{render.safe_name(src.label)}: no findings", markup=False)
+    return 1 if report.findings else 0
 
 
 class _progress:

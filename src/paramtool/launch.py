@@ -84,7 +84,7 @@ def _run(command: str, positionals: list[str], opts: dict[str, list[str]]) -> in
         if command == "ties":
             from .ties import find_ties
 
-            doc = {"groups": [g.as_json() for g in find_ties(toc.tensors, toc.meta_ties)]}
+            doc = {"source": src.label, "groups": [g.as_json() for g in find_ties(toc.tensors, toc.meta_ties)]}
         else:
             from .render import inspect_json
             from .select import select
@@ -111,7 +111,7 @@ def _stats(src: Any, key: str | None, layers: list[str]) -> Any:
     ckpt = sources.load_lazy(src, key)
     names = select(list(ckpt.names), layers, "all")
     done = st.stats_many(ckpt.tensor, names, None, False, raw_of=st.raw_reader(ckpt))
-    return {"tensors": [r.as_json() for r in done.results]}
+    return {"source": src.label, "tensors": [r.as_json() for r in done.results]}
 
 
 def _diff(paths: list[str], key: str | None) -> tuple[Any, int]:

@@ -230,7 +230,7 @@ def _warn_optimizer(root: Any, names: list[str], report: Report) -> None:
     changed = set(report.all_changed())
     if not changed:
         return
-    for where, opt in _optimizer_states(root, ()):
+    for where, opt in optimizer_states(root, ()):
         hit = _moment_owners(opt["state"], names, changed)
         if hit:
             place = ".".join(str(p) for p in where) or "(root)"
@@ -240,7 +240,7 @@ def _warn_optimizer(root: Any, names: list[str], report: Report) -> None:
             )
 
 
-def _optimizer_states(obj: Any, path: tuple) -> Iterator[tuple[tuple, Mapping]]:
+def optimizer_states(obj: Any, path: tuple) -> Iterator[tuple[tuple, Mapping]]:
     """Every ``{"state": {...}, "param_groups": [...]}`` in a container, with its path (tensors and modules
     are not entered: an optimizer state dict is plain containers)."""
     if isinstance(obj, Mapping):
@@ -248,16 +248,21 @@ def _optimizer_states(obj: Any, path: tuple) -> Iterator[tuple[tuple, Mapping]]:
             yield path, obj
             return
         for key, value in obj.items():
-            yield from _optimizer_states(value, path + (key,))
+            yield from optimizer_states(value, path + (key,))
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
-            yield from _optimizer_states(value, path + (i,))
+            yield from optimizer_states(value, path + (i,))
+
+
+def parameter_names(names: list[str]) -> list[str]:
+    """The names an optimizer counts (``model.parameters()``), as far as names tell: without norm statistics."""
+    return [n for n in names if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
 
 
 def _moment_owners(state: Mapping, names: list[str], changed: set[str]) -> list[str]:
     """The changed names that ``state`` holds moments for. torch optimizers key them by position in
     ``model.parameters()`` (buffers excluded); ``get_state_dict`` and FSDP key them by parameter name."""
-    params = [n for n in names if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    params = parameter_names(names)
     hit = []
     for key in state:
         if isinstance(key, int) and 0 <= key < len(params):

@@ -276,9 +276,9 @@ def _remove(root: Any, path: tree.Path) -> None:
 
 def _warn_positional_optimizer(root: Any, report: SurgeryReport) -> None:
     """torch optimizers index parameters by position: removing parameters makes the state point elsewhere."""
-    from .ops import _optimizer_states  # (one recogniser of optimizer state dicts: by structure, anywhere)
+    from .ops import optimizer_states  # (one recogniser of optimizer state dicts: by structure, anywhere)
 
-    for where, opt in _optimizer_states(root, ()):
+    for where, opt in optimizer_states(root, ()):
         if opt.get("state"):
             key = ".".join(str(p) for p in where) or "(root)"
             report.warnings.append(f"the optimizer state in '{key}' indexes parameters by position; after dropping "
