@@ -126,6 +126,12 @@ def _root(version: Annotated[bool, typer.Option("--version", help="Print the ver
     """Inspect, reinitialize, tie-check and edit the parameters of PyTorch checkpoints."""
 
 
+def _stdin_is_terminal() -> bool:
+    from .sources import stdin_is_terminal
+
+    return stdin_is_terminal()
+
+
 def out_console() -> Console:
     """stdout: data only. Colour only on a terminal and never with NO_COLOR (rich honours both).
 
@@ -235,7 +241,7 @@ def show(
     from .values import tensor_json, tensor_text
 
     if name is None:  # `cat m.pt | paramtool show 0.bias`
-        if sys.stdin.isatty():
+        if _stdin_is_terminal():
             raise UsageError("missing NAME (usage: paramtool show SOURCE NAME)")
         source, name = "-", source
     src = sources.resolve(source)
@@ -428,7 +434,7 @@ def set_(
 
     source: Optional[str] = args[0]
     edits = args[1:]
-    if "=" in args[0] and not os.path.exists(args[0]) and not sys.stdin.isatty():
+    if "=" in args[0] and not os.path.exists(args[0]) and not _stdin_is_terminal():
         source, edits = None, args
     if not edits:
         raise UsageError("give at least one EDIT, e.g. \"0.weight[0, 0] = 42\"")
@@ -702,7 +708,7 @@ def convert(
 
 def _source_then(args: list[str], looks_like_arg: Any) -> tuple[Optional[str], list[str]]:
     """Split ``SOURCE ARG…`` where SOURCE may be left out when stdin is a pipe (as for ``set``)."""
-    if args and looks_like_arg(args[0]) and not os.path.exists(args[0]) and not sys.stdin.isatty():
+    if args and looks_like_arg(args[0]) and not os.path.exists(args[0]) and not _stdin_is_terminal():
         return None, args
     return (args[0], args[1:]) if args else (None, [])
 
@@ -803,7 +809,7 @@ def resize(
     from . import sources, surgery
 
     if name is None:  # `cat m.pt | paramtool resize emb.weight --rows 10`
-        if sys.stdin.isatty():
+        if _stdin_is_terminal():
             raise UsageError("missing NAME (usage: paramtool resize SOURCE NAME --rows N)")
         source, name = "-", source
     given = _scheme_options(mean=mean, std=std, low=low, high=high, value=value, gain=gain,
