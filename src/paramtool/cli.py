@@ -25,6 +25,8 @@ class _Group(typer.core.TyperGroup):
     def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D401 - click's signature
         kwargs["standalone_mode"] = False
         _FAILURE[0] = 1  # (diff and check raise it to 2 for their run only)
+        for command in self.commands.values():
+            command.epilog = _verbatim_examples(command.epilog)
         warnings.showwarning = lambda message, *_: warn(str(message))  # library warnings: one line, our format
         try:
             code = super().main(*args, **kwargs)
@@ -51,6 +53,15 @@ class _Group(typer.core.TyperGroup):
                 raise
             _fail(f"internal error: {type(e).__name__}: {e}", _FAILURE[0])
         sys.exit(code or 0)
+
+
+def _verbatim_examples(epilog: Optional[str]) -> Optional[str]:
+    """Mark each example of a help epilog (a paragraph that is a command line) as not to be re-wrapped (click's
+    ``\b``): one line each, whatever the terminal's width, so a pasted line runs one whole command."""
+    if not epilog:
+        return epilog
+    paragraphs = epilog.split("\n\n")
+    return "\n\n".join("\b\n" + p if p.lstrip().startswith(("paramtool ", "cat ")) else p for p in paragraphs)
 
 
 def _fail(message: str, code: int) -> None:
@@ -228,7 +239,7 @@ def _inspect_one(source: Optional[str], json_out: bool, layer: Optional[list[str
         console.print(line)
 
 
-@app.command(epilog="Example: paramtool show model.pt 2.bias\n\n" + EPILOG_HINT)
+@app.command(epilog="Examples:\n\n  paramtool show model.pt 2.bias\n\n" + EPILOG_HINT)
 def show(
     source: Annotated[str, typer.Argument(help="Checkpoint (as for inspect); with only one argument, stdin is read.",
                                           show_default=False)],
@@ -444,7 +455,7 @@ def set_(
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, max_shard_size=max_shard_size)
 
 
-@app.command(epilog="Example: paramtool schemes --json\n\n" + EPILOG_HINT)
+@app.command(epilog="Examples:\n\n  paramtool schemes --json\n\n" + EPILOG_HINT)
 def schemes(json_out: JsonOpt = False) -> None:
     """List the initializers, their options and defaults."""
     from .schemes import schemes_table
@@ -467,7 +478,7 @@ def schemes(json_out: JsonOpt = False) -> None:
     out_console().print(t)
 
 
-@app.command(epilog="Example: paramtool ties model.pt --json\n\n" + EPILOG_HINT)
+@app.command(epilog="Examples:\n\n  paramtool ties model.pt --json\n\n" + EPILOG_HINT)
 def ties(
     source: SourcesArg = None,
     json_out: JsonOpt = False,
@@ -506,7 +517,7 @@ def _ties_one(source: Optional[str], json_out: bool, values: bool, key: Optional
         console.print(line)
 
 
-@app.command(epilog="Example: paramtool stats model.pt --layer 0 --hist\n\n" + EPILOG_HINT)
+@app.command(epilog="Examples:\n\n  paramtool stats model.pt --layer 0 --hist\n\n" + EPILOG_HINT)
 def stats(
     source: SourcesArg = None,
     layer: LayerOpt = None,
@@ -627,7 +638,7 @@ class _progress:
             self.bar.stop()
 
 
-@app.command(epilog="Example: paramtool diff before.pt after.safetensors --atol 1e-6\n\n"
+@app.command(epilog="Examples:\n\n  paramtool diff before.pt after.safetensors --atol 1e-6\n\n"
              "Exit status (as cmp/diff): 0 equal, 1 different, 2 error.")
 def diff(
     a: Annotated[str, typer.Argument(help="First checkpoint.", show_default=False)],
@@ -660,7 +671,7 @@ def diff(
 
 @app.command(epilog="Examples:\n\n  paramtool convert model.pt model.safetensors\n\n"
              "  paramtool convert train.ckpt weights.safetensors --drop-extra\n\n"
-             "  paramtool convert model.safetensors model-bf16.safetensors --dtype bf16 --keep-dtype '*norm*'\n\n" + EPILOG_HINT)
+             "  paramtool convert model.safetensors model-bf16.safetensors --dtype bf16 --keep-dtype '*ln_*'\n\n" + EPILOG_HINT)
 def convert(
     source: SourceArg = None,
     target: Annotated[Optional[str], typer.Argument(help="Output path (same as -o).", show_default=False)] = None,
@@ -713,7 +724,7 @@ def _source_then(args: list[str], looks_like_arg: Any) -> tuple[Optional[str], l
     return (args[0], args[1:]) if args else (None, [])
 
 
-@app.command(epilog="Examples:\n\n  paramtool rename model.pt --strip-prefix _orig_mod. -o clean.pt\n\n"
+@app.command(epilog="Examples:\n\n  paramtool rename compiled.pt --strip-prefix _orig_mod. -o clean.pt\n\n"
              "  paramtool rename model.safetensors 's/^transformer\\.h\\.(\\d+)\\./layers.\\1./' -o out.safetensors\n\n" + EPILOG_HINT)
 def rename(
     args: Annotated[Optional[list[str]], typer.Argument(help="SOURCE then RULEs s/REGEX/REPLACEMENT/ (Python regex, \\1 for groups, "
@@ -745,7 +756,7 @@ def rename(
 
 
 @app.command(epilog="Examples:\n\n  paramtool drop train.ckpt --key optimizer -o weights.ckpt\n\n"
-             "  paramtool drop model.safetensors --layer 'encoder.*' --in-place\n\n" + EPILOG_HINT)
+             "  paramtool drop model.safetensors --layer 'transformer.h.*.attn' --in-place\n\n" + EPILOG_HINT)
 def drop(
     source: SourceArg = None,
     layer: LayerOpt = None,
@@ -772,7 +783,7 @@ def drop(
 
 
 @app.command(epilog="Examples:\n\n  paramtool resize model.safetensors transformer.wte.weight --rows 50304 -o out.safetensors\n\n"
-             "  paramtool resize model.pt emb.weight --rows 1000 --scheme normal --std 0.02 --seed 0 -o out.pt\n\n" + EPILOG_HINT)
+             "  paramtool resize model.safetensors transformer.wpe.weight --rows 32 --scheme normal --std 0.02 --seed 0 -o out.safetensors\n\n" + EPILOG_HINT)
 def resize(
     source: Annotated[str, typer.Argument(help="Checkpoint (as for inspect); with only one argument, stdin is read.",
                                           show_default=False)],

@@ -47,7 +47,7 @@ def _under(name: str, path: str) -> bool:
     return name == path or name.startswith(path + ".")
 
 
-def _positional(names: list[str], selector: str) -> str:
+def _positional(names: list[str], selector: str, flag: str = "--layer") -> str:
     """``[0][1][0]`` -> the module path reached by indexing children as the tree lists them (sorted, numbers
     as numbers): on GPT-2, ``[0][0][2]`` is ``transformer.h.2`` whatever the file's order."""
     indices = [int(i) for i in re.findall(r"\d+", selector)]
@@ -63,15 +63,15 @@ def _positional(names: list[str], selector: str) -> str:
             where = f"module '{'.'.join(prefix)}'" if prefix else "the top level"
             shown = ", ".join(kids[:8]) + (", ..." if len(kids) > 8 else "")
             raise ParamtoolError(
-                f"--layer '{selector}': {where} has {len(kids)} child module(s) with tensors ({shown or 'none'}), "
+                f"{flag} '{selector}': {where} has {len(kids)} child module(s) with tensors ({shown or 'none'}), "
                 f"no index {index} (parameterless modules such as ReLU are not in a checkpoint and are not counted)")
         prefix.append(kids[index])
     return ".".join(prefix)
 
 
-def _match(names: list[str], selector: str, counted: list[str]) -> list[str]:
+def _match(names: list[str], selector: str, counted: list[str], flag: str = "--layer") -> list[str]:
     if POSITIONAL.match(selector):
-        path = _positional(counted, selector)
+        path = _positional(counted, selector, flag)
         return [n for n in names if _under(n, path)]
     exact = [n for n in names if _under(n, selector)]
     if exact or not any(c in selector for c in "*?["):
@@ -88,7 +88,8 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-def select(names: list[str], layers: list[str], param: str = "all", unstored: frozenset[str] = frozenset()) -> list[str]:
+def select(names: list[str], layers: list[str], param: str = "all", unstored: frozenset[str] = frozenset(),
+           flag: str = "--layer") -> list[str]:
     """The names chosen by the union of ``layers`` (all when empty), narrowed by ``param``; input order kept.
 
     ``unstored`` names (listed only because config.json ties them, as GPT-2's ``lm_head.weight``) are selected
@@ -96,18 +97,18 @@ def select(names: list[str], layers: list[str], param: str = "all", unstored: fr
     as in its weights file.
 
     Globs follow ``fnmatch``: ``*`` also crosses dots, so ``*.attn.*`` finds attention at any depth.
-    Raises ParamtoolError when a selector matches nothing, or ``param`` leaves nothing; UsageError for a bad
-    ``param``.
+    Raises ParamtoolError when a selector matches nothing (naming it as ``flag``, the option it came from), or
+    ``param`` leaves nothing; UsageError for a bad ``param``.
     """
     if param not in PARAMS:
         raise UsageError(f"--param must be weight, bias or all, not '{param}'")
     chosen: set[str] = set()
     for selector in layers:
-        hit = _match(names, selector, [n for n in names if n not in unstored])
+        hit = _match(names, selector, [n for n in names if n not in unstored], flag)
         if not hit:
             paths = module_paths(names)
             shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
-            raise ParamtoolError(f"--layer '{selector}' matches nothing; module paths here: {shown or '(none)'}")
+            raise ParamtoolError(f"{flag} '{selector}' matches nothing; module paths here: {shown or '(none)'}")
         chosen.update(hit)
     picked = [n for n in names if not layers or n in chosen]
     if param != "all":

@@ -301,7 +301,7 @@ def plan_cast(ckpt: Checkpoint, dtype: str, keep: list[str]) -> Surgery:
     A tie group is one storage: it is cast as a whole, or (when any name in it is kept) not at all."""
     infos = ckpt.infos()
     names = [i.name for i in infos]
-    kept = set(select(names, keep, "all")) if keep else set()
+    kept = set(select(names, keep, "all", flag="--keep-dtype")) if keep else set()
     groups = {t.name: [m.name for m in g] for g in storage_groups(infos) for t in g}
     report = SurgeryReport(f"cast to {dtype}")
     todo: list[str] = []
