@@ -190,6 +190,44 @@ def _each_source(sources: Optional[list[str]], one: Any, json_out: bool) -> None
         raise typer.Exit(worst)
 
 
+def _config_aliases(src: Any, ckpt: Any) -> dict[str, str]:
+    """In a model directory: the names config.json ties to a stored tensor (``lm_head.weight`` -> the embedding)."""
+    if not getattr(src, "directory", None):
+        return {}
+    from .sources import describe
+
+    return dict(describe(src, ckpt).config_ties)
+
+
+def _note_aliases(used: list[str], aliases: dict[str, str]) -> None:
+    for name in dict.fromkeys(used):
+        if name in aliases:
+            err_console().print(f"note: {render.safe_name(name)} is stored as {render.safe_name(aliases[name])} "
+                                "(config.json ties them)", markup=False)
+
+
+def _config_layers(src: Any, ckpt: Any, layers: Optional[list[str]]) -> list[str]:
+    """--layer selectors, those that name only config-tied names resolved to the stored tensors (said once)."""
+    aliases = _config_aliases(src, ckpt) if layers else {}
+    if not aliases:
+        return list(layers or [])
+    from .select import config_selectors
+
+    out, used = config_selectors(list(ckpt.names), list(layers or []), aliases)
+    _note_aliases(used, aliases)
+    return out
+
+
+def _resolved_name(src: Any, ckpt: Any, name: str) -> str:
+    """A NAME argument: positions ([0][1][0].bias) and config-tied names resolved to the stored name."""
+    from .select import resolve_name
+
+    aliases = _config_aliases(src, ckpt)
+    stored = resolve_name(name, list(ckpt.names), aliases)
+    _note_aliases([name], aliases)
+    return stored
+
+
 def _selected(names: list[str], layers: Optional[list[str]], param: str = "all",
               unstored: frozenset[str] = frozenset()) -> list[str]:
     from .select import select
@@ -257,7 +295,7 @@ def show(
         source, name = "-", source
     src = sources.resolve(source)
     ckpt = sources.load_lazy(src, key)
-    stored = sources.describe(src, ckpt).config_ties.get(name, name) if src.directory else name  # a config tie
+    stored = _resolved_name(src, ckpt, name)  # a position ([0][1][0].bias), a config tie
     if stored not in ckpt.names:
         from .select import unknown_name
 
@@ -422,7 +460,8 @@ def init(
     resolve_options(get_scheme(scheme), given)  # a wrong option is a usage error before any loading
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
-    plan = ops.plan_init(listing, scheme, given, list(layer or []), param, zero_bias, untie, seed, list(types or []))
+    plan = ops.plan_init(listing, scheme, given, _config_layers(src, listing, layer), param, zero_bias, untie, seed,
+                         list(types or []))
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, max_shard_size=max_shard_size)
 
 
@@ -451,7 +490,12 @@ def set_(
         raise UsageError("give at least one EDIT, e.g. \"0.weight[0, 0] = 42\"")
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
-    plan = ops.plan_set(listing, edits)
+    from .select import resolve_leading_name
+
+    aliases = _config_aliases(src, listing)
+    resolved = [resolve_leading_name(e, list(listing.names), aliases) for e in edits]
+    _note_aliases([a for e in edits for a in aliases if e.lstrip().startswith(a)], aliases)
+    plan = ops.plan_set(listing, resolved)
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, max_shard_size=max_shard_size)
 
 
@@ -543,7 +587,7 @@ def _stats_one(source: Optional[str], layer: Optional[list[str]], hist: bool, hi
 
     src = sources.resolve(source)
     ckpt = sources.load_lazy(src, key)
-    names = _selected(list(ckpt.names), layer)
+    names = _selected(list(ckpt.names), _config_layers(src, ckpt, layer))
     with _progress(len(names), "stats") as advance:  # each tensor is read once, for numbers and histograms
         done = st.stats_many(ckpt.tensor, names, bins if hist else None, bool(hist_png), advance,
                              raw_of=st.raw_reader(ckpt))
@@ -836,7 +880,10 @@ def resize(
         resolve_options(get_scheme(scheme), given)
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
-    plan = surgery.plan_resize(listing, name, rows, surgery.NewRows(scheme, given, seed), directory=src.directory)
+    from .select import resolve_name
+
+    stored = resolve_name(name, list(listing.names))  # a position; config ties are plan_resize's own
+    plan = surgery.plan_resize(listing, stored, rows, surgery.NewRows(scheme, given, seed), directory=src.directory)
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,
             max_shard_size=max_shard_size)
 

@@ -136,10 +136,59 @@ def named_directly(names: list[str], layers: list[str], unstored: frozenset[str]
     return out
 
 
+NAMED_POSITION = re.compile(r"^((?:\[\d+\])+)(?:\.(.+))?$")
+
+
+def resolve_name(name: str, names: list[str], aliases: dict[str, str] | None = None) -> str:
+    """A tensor name as typed -> the stored name: a positional prefix (``[0][1][0].bias``, children counted as
+    ``--layer`` counts them) becomes its module path, and a name config.json ties (``aliases``: name -> stored
+    name) becomes the stored one."""
+    m = NAMED_POSITION.match(name)
+    if m:
+        path = _positional(names, m.group(1), "NAME")
+        name = f"{path}.{m.group(2)}" if m.group(2) else path
+    return (aliases or {}).get(name, name)
+
+
+def resolve_leading_name(text: str, names: list[str], aliases: dict[str, str] | None = None) -> str:
+    """An edit (``[0][1][0].weight[0, 0] = 1``, ``lm_head.weight[0] = 0``) with its tensor name resolved as
+    ``resolve_name`` does; anything else is left as it is."""
+    stripped = text.lstrip()
+    m = re.match(r"((?:\[\d+\])+)\.", stripped)
+    if m:
+        stripped = _positional(names, m.group(1), "NAME") + "." + stripped[m.end():]
+    for alias in sorted(aliases or {}, key=len, reverse=True):
+        if stripped.startswith(alias) and stripped[len(alias):len(alias) + 1] in ("", "[", " ", "=", "+", "-", "*", "/"):
+            return aliases[alias] + stripped[len(alias):]
+    return stripped if m else text
+
+
+def config_selectors(names: list[str], layers: list[str], aliases: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Selectors with those that reach only names config.json ties (``aliases``) replaced by the stored names;
+    and the aliases so resolved (for a note on stderr)."""
+    out, used = [], []
+    for selector in layers:
+        try:
+            select(names, [selector])
+            out.append(selector)
+            continue
+        except ParamtoolError as e:
+            try:
+                hit = select(list(aliases), [selector]) if aliases else []
+            except ParamtoolError:
+                hit = []
+            if not hit:
+                raise e
+        out.extend(dict.fromkeys(aliases[h] for h in hit))
+        used.extend(hit)
+    return out, used
+
+
 def unknown_name(name: str, names: list[str]) -> str:
     """The error for a tensor name that is not there, with the closest names (the CLI escapes the line)."""
     import difflib
 
     close = difflib.get_close_matches(name, names, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; names here: {', '.join(names[:6])}"
+    quoted = [f"'{n}'" for n in (close or names[:6])]  # names may hold spaces: each quoted, as it is typed
+    hint = f"; did you mean {', '.join(quoted)}?" if close else f"; names here: {', '.join(quoted)}"
     return f"no tensor named '{name}'{hint}"

@@ -38,7 +38,7 @@ def diagnose(path: str, head: bytes, size: int) -> str | None:
         if head.startswith(magic):
             return what
     name = os.path.basename(path)
-    if name.endswith(".onnx") or _looks_onnx(head):
+    if _looks_onnx(head):
         return "an ONNX model (protobuf), not a PyTorch checkpoint"
     if _TF_DATA.search(name) or (name.endswith(".index") and _tf_data_beside(path)) or name == "saved_model.pb":
         return "a TensorFlow checkpoint or SavedModel file, not a PyTorch checkpoint"

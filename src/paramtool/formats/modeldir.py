@@ -441,7 +441,8 @@ def plan_output(src: Any, out: str | None, in_place: bool, fmt: str | None,
         if size is not None:
             raise UsageError("--max-shard-size writes a directory: give -o DIR")
         return None
-    dir_like = os.path.isdir(out) or not os.path.splitext(out)[1]
+    # a new name without an extension is a directory; an existing file, device or FIFO (/dev/null) is written into
+    dir_like = os.path.isdir(out) or (not os.path.splitext(out)[1] and not os.path.exists(out))
     if size is not None and not dir_like:
         raise UsageError(f"--max-shard-size writes a directory of shards, and '{out}' names a file: give -o DIR")
     if src.directory and os.path.isdir(out) and os.path.samefile(out, src.directory):

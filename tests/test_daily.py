@@ -1,0 +1,71 @@
+"""Daily habits (issue 26): positional paths where a name is taken, quoted suggestions, -o extensions,
+device targets for every source, config-tied names in every command."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+def test_positional_paths_in_show_set_resize(samples, tmp_path, run):
+    rgnet = samples / "rgnet.pt"
+    sd = torch.load(rgnet, weights_only=True)
+    r = run("show", rgnet, "[0][1][0].bias", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["values"] == sd["0.block 1.0.bias"].tolist()
+    out = tmp_path / "o.pt"
+    r = run("set", rgnet, "[0][1][0].bias[0] = 5", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    assert torch.load(out, weights_only=True)["0.block 1.0.bias"][0] == 5
+    r = run("resize", rgnet, "[0][1][0].weight", "--rows", "3", "--dry-run", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["changed"] == ["0.block 1.0.weight"]
+    r = run("show", rgnet, "[0][9].bias")
+    assert r.exit_code == 1 and "no index 9" in r.stderr
+
+
+def test_suggestions_are_quoted(samples, run):
+    r = run("show", samples / "rgnet.pt", "0.block 1.0.bia")
+    assert r.exit_code == 1
+    assert "did you mean '0.block 1.0.bias'" in r.stderr
+
+
+@pytest.mark.parametrize("ext", [".gguf", ".onnx", ".npz"])
+def test_output_extension_not_honoured_is_refused(samples, tmp_path, run, ext):
+    target = tmp_path / f"x{ext}"
+    r = run("convert", samples / "mlp.pt", target)
+    assert r.exit_code == 2 and "paramtool does not write" in r.stderr and not target.exists()
+    r = run("convert", samples / "mlp.pt", target, "--format", "safetensors")  # said explicitly: written
+    assert r.exit_code == 0 and load_file(target).keys() == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_device_target_for_nn_source(run):
+    r = run("init", "nn:Sequential(Linear(2, 2))", "--scheme", "zeros", "-o", "/dev/null")
+    assert r.exit_code == 0, r.stderr
+    assert "wrote /dev/null (pt)" in r.stderr
+
+
+@pytest.fixture
+def gpt2_dir(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8)).save_pretrained(tmp_path / "g")
+    return tmp_path / "g"
+
+
+def test_config_tied_names_in_every_command(gpt2_dir, tmp_path, run):
+    r = run("stats", gpt2_dir, "--layer", "lm_head", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [t["name"] for t in r.json()["tensors"]] == ["transformer.wte.weight"]
+    assert r.stderr.count("lm_head.weight is stored as transformer.wte.weight") == 1
+    r = run("init", gpt2_dir, "--layer", "lm_head", "--scheme", "zeros", "--dry-run", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["changed"] == ["transformer.wte.weight"]
+    out = tmp_path / "out"
+    r = run("set", gpt2_dir, "lm_head.weight[0, 0] = 7", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    assert load_file(out / "model.safetensors")["transformer.wte.weight"][0, 0] == 7
+    assert json.loads((out / "config.json").read_text()) == json.loads((gpt2_dir / "config.json").read_text())
