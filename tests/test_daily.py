@@ -69,3 +69,35 @@ def test_config_tied_names_in_every_command(gpt2_dir, tmp_path, run):
     assert r.exit_code == 0, r.stderr
     assert load_file(out / "model.safetensors")["transformer.wte.weight"][0, 0] == 7
     assert json.loads((out / "config.json").read_text()) == json.loads((gpt2_dir / "config.json").read_text())
+
+
+def test_directory_cast_updates_config_dtype(gpt2_dir, tmp_path, run):
+    import transformers
+
+    out = tmp_path / "bf16"
+    r = run("convert", gpt2_dir, "-o", out, "--dtype", "bf16")
+    assert r.exit_code == 0, r.stderr
+    old, new = (json.loads((d / "config.json").read_text()) for d in (gpt2_dir, out))
+    keys = [k for k in ("torch_dtype", "dtype") if k in old] or ["torch_dtype"]
+    assert {k: new[k] for k in keys} == {k: "bfloat16" for k in keys}
+    assert {k: v for k, v in new.items() if k not in keys} == {k: v for k, v in old.items() if k not in keys}
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype="auto")
+    assert model.dtype == torch.bfloat16
+    # in place: weights and config.json change together
+    r = run("convert", gpt2_dir, "--in-place", "--dtype", "fp16")
+    assert r.exit_code == 0, r.stderr
+    assert "float16" in {json.loads((gpt2_dir / "config.json").read_text()).get(k) for k in keys}
+
+
+def test_fp8_under_dtype_is_refused_by_name(tmp_path, run):
+    from safetensors.torch import save_file
+
+    save_file({"l.weight": torch.randn(4, 4).to(torch.float8_e4m3fn), "l.weight_scale_inv": torch.ones(1),
+               "l.bias": torch.zeros(4)}, tmp_path / "q.safetensors")
+    r = run("convert", tmp_path / "q.safetensors", tmp_path / "o.safetensors", "--dtype", "bf16")
+    assert r.exit_code == 1 and "are FP8 (l.weight)" in r.stderr and not (tmp_path / "o.safetensors").exists()
+    r = run("convert", tmp_path / "q.safetensors", tmp_path / "o.safetensors", "--dtype", "bf16",
+            "--keep-dtype", "l.weight", "--keep-dtype", "l.weight_scale_inv")
+    assert r.exit_code == 0, r.stderr
+    got = load_file(tmp_path / "o.safetensors")
+    assert got["l.weight"].dtype == torch.float8_e4m3fn and got["l.bias"].dtype == torch.bfloat16

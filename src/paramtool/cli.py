@@ -756,7 +756,7 @@ def convert(
     to = surgery.target_dtype(dtype)
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
-    plan = surgery.plan_cast(listing, to, list(keep_dtype or []))
+    plan = surgery.plan_cast(listing, to, list(keep_dtype or []), directory=src.directory)
     _finish(src, listing, plan, dry_run, json_out, target or output, in_place, fmt, drop_extra, surgery.write,
             max_shard_size=max_shard_size)
 
