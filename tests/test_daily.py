@@ -101,3 +101,18 @@ def test_fp8_under_dtype_is_refused_by_name(tmp_path, run):
     assert r.exit_code == 0, r.stderr
     got = load_file(tmp_path / "o.safetensors")
     assert got["l.weight"].dtype == torch.float8_e4m3fn and got["l.bias"].dtype == torch.bfloat16
+
+
+def test_make_demo_installs_runtime_only_and_test_the_extras():
+    import pathlib
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = pathlib.Path(__file__).resolve().parent.parent
+    demo = subprocess.run(["make", "-n", "-B", "demo"], cwd=root, capture_output=True, text=True, check=True).stdout
+    test = subprocess.run(["make", "-n", "-B", "test"], cwd=root, capture_output=True, text=True, check=True).stdout
+    installs = [line for line in demo.splitlines() if "pip install" in line]
+    assert installs and all(line.rstrip().endswith("-e .") for line in installs), installs
+    assert any('-e ".[dev,test]"' in line for line in test.splitlines() if "pip install" in line)
