@@ -537,6 +537,8 @@ def write(src: Any, listing: Checkpoint, plan: Surgery, output: Any, drop_extra:
         whole = writer.Output(src.directory, formats.DIRECTORY.name, True, modeldir.weights_format(src))
         modeldir.write_directory(src, listing, plan, whole, drop_extra, write)
         return
+    if plan.sidecars and output.layout.single_file:  # one file out: no config.json goes with it
+        plan = replace(plan, sidecars={})
     if output.layout.split:
         _write_sharded(src, listing, plan, output, drop_extra)
         return
