@@ -7,8 +7,8 @@ The rules (each finding names its rule):
   value (a dead layer). 1-D tensors are not judged: biases and norm gains start as zeros and ones;
 - ``outlier``: among the same tensor of repeated blocks (``h.0.mlp.c_fc.weight`` … ``h.11.mlp.c_fc.weight``:
   names equal once their numbers are set aside, same shape and dtype, at least ``min_siblings`` of them), one
-  whose std or root-mean-square is more than ``outlier_factor`` times the siblings' median, or less than the
-  median divided by it. Siblings whose median is 0 are not judged;
+  whose std (matrices only) or root-mean-square is more than ``outlier_factor`` times the siblings' median, or
+  less than the median divided by it. Siblings whose median is 0 are not judged;
 - ``tie-diverged``: a tie the model directory's ``config.json`` declares (``tie_word_embeddings``) between
   tensors stored apart whose values differ: transformers would load them untied;
 - ``optimizer-shape``: an optimizer's state (``exp_avg``, ``momentum_buffer``, …) whose shape is not its
@@ -104,10 +104,11 @@ def outliers(infos: list[TensorInfo], results: Mapping[str, Any], th: Thresholds
         if t.name in results and re.search(r"\d", t.name) and t.numel > 1:
             groups.setdefault((_template(t.name), t.shape, t.dtype), []).append(t.name)
     out = []
-    for (template, _, _), names in groups.items():
+    for (template, shape, _), names in groups.items():
         if len(names) < th.min_siblings:
             continue
-        for metric, value_of in (("std", lambda r: r.std), ("rms", lambda r: r.norm / math.sqrt(r.numel))):
+        metrics = [("std", lambda r: r.std)] if len(shape) >= 2 else []  # (a 1-D gain's spread varies by layer)
+        for metric, value_of in metrics + [("rms", lambda r: r.norm / math.sqrt(r.numel))]:
             values = {n: value_of(results[n]) for n in names}
             finite = sorted(v for v in values.values() if math.isfinite(v))
             if len(finite) < th.min_siblings:
