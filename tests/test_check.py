@@ -134,3 +134,19 @@ def test_version(run):
 
     r = run("--version")
     assert r.exit_code == 0 and r.stdout == f"paramtool {__version__}\n"
+
+
+@pytest.mark.parametrize("command", ["inspect", "stats", "ties"])
+def test_several_sources_fast_path_matches_full_cli(samples, run, command):
+    """`paramtool inspect a b --json` (files) is answered before typer is imported, with the full CLI's output."""
+    import subprocess
+    import sys
+
+    a, b = str(samples / "mlp.pt"), str(samples / "tied.safetensors")
+    code = ("import sys\nfrom paramtool.launch import main\n"
+            f"sys.argv = ['paramtool', {command!r}, {a!r}, {b!r}, '--json']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "assert 'typer' not in sys.modules, 'typer was imported'\n")
+    fast = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert fast.returncode == 0, fast.stderr
+    assert fast.stdout == run(command, a, b, "--json").stdout
