@@ -81,3 +81,12 @@ def test_gpt2_block_keeps_layer_norms(tmp_path, run):
     r = run("init", src, "--scheme", "ones", "--layer", "*.ln_1", "-o", out)
     assert r.exit_code == 0 and "normalization" not in r.stderr
     assert torch.equal(load_file(out)["transformer.h.0.ln_1.weight"], torch.ones(16))
+
+
+def test_glob_over_blocks_does_not_name_norms(tmp_path, run):
+    spec = "nn:Sequential(Sequential(Linear(4, 4), LayerNorm(4)), Sequential(Linear(4, 4), LayerNorm(4)))"
+    r = run("init", spec, "--scheme", "normal", "--layer", "*", "--dry-run", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["changed"] == ["0.0.weight", "1.0.weight"]
+    r = run("init", spec, "--scheme", "normal", "--layer", "*.1", "--dry-run", "--json")  # the norm modules themselves
+    assert r.json()["changed"] == ["0.1.weight", "1.1.weight"]

@@ -121,7 +121,8 @@ def select(names: list[str], layers: list[str], param: str = "all", unstored: fr
 
 def named_directly(names: list[str], layers: list[str], unstored: frozenset[str] = frozenset()) -> set[str]:
     """The names a selector names itself, or names the module of, rather than reaching them through an ancestor:
-    ``h.3.ln_1`` and ``*.ln_1`` name ``h.3.ln_1.weight``; ``h.3`` selects it without naming it."""
+    ``h.3.ln_1`` and ``*.ln_1`` name ``h.3.ln_1.weight``; ``h.3`` selects it without naming it, and so does a glob
+    that also matches the level above (``h.*`` matches ``h.3`` as well as ``h.3.ln_1``; ``*`` matches all)."""
     counted = [n for n in names if n not in unstored]
     out: set[str] = set()
     for selector in layers:
@@ -130,7 +131,12 @@ def named_directly(names: list[str], layers: list[str], unstored: frozenset[str]
             out.update(n for n in names if module_path(n) == path)
         elif any(c in selector for c in "*?[") and not any(_under(n, selector) for n in names):
             pattern = re.compile(fnmatch.translate(selector))
-            out.update(n for n in names if pattern.match(n) or pattern.match(module_path(n)))
+
+            def names_it(n: str, up: str) -> bool:  # the glob stops at n: it does not match the level above
+                return bool(pattern.match(n)) and not (up and pattern.match(up))
+
+            out.update(n for n in names if names_it(n, module_path(n))
+                       or names_it(module_path(n), module_path(module_path(n))))
         else:
             out.update(n for n in names if n == selector or module_path(n) == selector)
     return out
