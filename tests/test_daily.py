@@ -116,3 +116,10 @@ def test_make_demo_installs_runtime_only_and_test_the_extras():
     installs = [line for line in demo.splitlines() if "pip install" in line]
     assert installs and all(line.rstrip().endswith("-e .") for line in installs), installs
     assert any('-e ".[dev,test]"' in line for line in test.splitlines() if "pip install" in line)
+
+
+def test_keep_dtype_takes_config_tied_names(gpt2_dir, run):
+    r = run("convert", gpt2_dir, "-o", gpt2_dir.parent / "o", "--dtype", "bf16", "--keep-dtype", "lm_head",
+            "--dry-run", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert "transformer.wte.weight" not in r.json()["changed"] and "transformer.wpe.weight" in r.json()["changed"]

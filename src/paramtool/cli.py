@@ -206,14 +206,14 @@ def _note_aliases(used: list[str], aliases: dict[str, str]) -> None:
                                 "(config.json ties them)", markup=False)
 
 
-def _config_layers(src: Any, ckpt: Any, layers: Optional[list[str]]) -> list[str]:
+def _config_layers(src: Any, ckpt: Any, layers: Optional[list[str]], flag: str = "--layer") -> list[str]:
     """--layer selectors, those that name only config-tied names resolved to the stored tensors (said once)."""
     aliases = _config_aliases(src, ckpt) if layers else {}
     if not aliases:
         return list(layers or [])
     from .select import config_selectors
 
-    out, used = config_selectors(list(ckpt.names), list(layers or []), aliases)
+    out, used = config_selectors(list(ckpt.names), list(layers or []), aliases, flag)
     _note_aliases(used, aliases)
     return out
 
@@ -756,7 +756,8 @@ def convert(
     to = surgery.target_dtype(dtype)
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
-    plan = surgery.plan_cast(listing, to, list(keep_dtype or []), directory=src.directory)
+    keep = _config_layers(src, listing, keep_dtype, "--keep-dtype")
+    plan = surgery.plan_cast(listing, to, keep, directory=src.directory)
     _finish(src, listing, plan, dry_run, json_out, target or output, in_place, fmt, drop_extra, surgery.write,
             max_shard_size=max_shard_size)
 

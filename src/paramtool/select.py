@@ -169,13 +169,14 @@ def resolve_leading_name(text: str, names: list[str], aliases: dict[str, str] | 
     return stripped if m else text
 
 
-def config_selectors(names: list[str], layers: list[str], aliases: dict[str, str]) -> tuple[list[str], list[str]]:
+def config_selectors(names: list[str], layers: list[str], aliases: dict[str, str],
+                     flag: str = "--layer") -> tuple[list[str], list[str]]:
     """Selectors with those that reach only names config.json ties (``aliases``) replaced by the stored names;
     and the aliases so resolved (for a note on stderr)."""
     out, used = [], []
     for selector in layers:
         try:
-            select(names, [selector])
+            select(names, [selector], flag=flag)
             out.append(selector)
             continue
         except ParamtoolError as e:
