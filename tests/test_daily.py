@@ -123,3 +123,35 @@ def test_keep_dtype_takes_config_tied_names(gpt2_dir, run):
             "--dry-run", "--json")
     assert r.exit_code == 0, r.stderr
     assert "transformer.wte.weight" not in r.json()["changed"] and "transformer.wpe.weight" in r.json()["changed"]
+
+
+def test_pip_install_gives_a_working_paramtool(tmp_path, samples):
+    """`pip install .` from a checkout: the wheel built from pyproject.toml installs a `paramtool` command into a
+    clean environment (its dependencies reached through a .pth file: no network) that runs."""
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    tree = tmp_path / "checkout"
+    shutil.copytree(root / "src" / "paramtool", tree / "src" / "paramtool",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, tree / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(tree)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("paramtool-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next(venv.glob("lib/python*/site-packages"))
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch, safetensors, typer, rich
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", "-q",
+                    str(wheel)], check=True, capture_output=True)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    version = subprocess.run([str(venv / "bin" / "paramtool"), "--version"], capture_output=True, text=True, env=env)
+    assert version.returncode == 0 and version.stdout.startswith("paramtool "), version.stderr
+    r = subprocess.run([str(venv / "bin" / "paramtool"), "inspect", str(samples / "mlp.pt"), "--json"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["num_tensors"] == 4, r.stderr
