@@ -11,7 +11,7 @@ from typer.exceptions import TyperException
 from rich.console import Console
 
 from . import render
-from .errors import ParamtoolError, UsageError
+from .errors import ParamtoolError, UsageError, first_line
 
 EPILOG_HINT = "Exit status: 0 done, 1 input or operation failed, 2 bad command line."
 
@@ -181,7 +181,7 @@ def _each_source(sources: Optional[list[str]], one: Any, json_out: bool) -> None
         except ParamtoolError as e:
             if len(items) == 1 or isinstance(e, UsageError):
                 raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else "failed"
+            first = first_line(e)
             named = first if (source or "-") in first else f"{source or '-'}: {first}"  # say which source failed
             sys.stderr.write(f"error: {render.safe_name(named)}\n")
             code = e.exit_code

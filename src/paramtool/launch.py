@@ -73,7 +73,7 @@ def _run(command: str, positionals: list[str], opts: dict[str, list[str]]) -> in
 
 def _run_one(command: str, source: str, opts: dict[str, list[str]]) -> int:
     """One of several sources; a failure is its own ``error:`` line naming the source (as ``cli._each_source``)."""
-    from .errors import ParamtoolError, UsageError
+    from .errors import ParamtoolError, UsageError, first_line
     from .render import safe_name
 
     try:
@@ -81,7 +81,7 @@ def _run_one(command: str, source: str, opts: dict[str, list[str]]) -> int:
     except UsageError:
         raise
     except ParamtoolError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "failed"
+        first = first_line(e)
         sys.stderr.write(f"error: {safe_name(first if source in first else f'{source}: {first}')}\n")
         return e.exit_code
 
