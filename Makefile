@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.runtime
 
 .PHONY: demo test bench fuzz samples clean
 
@@ -17,10 +18,16 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m compileall -q src  # bytecode for the editable install (PYTHONDONTWRITEBYTECODE may be set)
 	touch $(STAMP)
 
+# demo: only what running paramtool needs (torch, safetensors, numpy, typer, rich); no test or integration extras
+$(RUNTIME): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet "torch==2.13.0" -e .
+	$(PY) -m compileall -q src
+	touch $(RUNTIME)
+
 samples: $(STAMP)
 	$(PY) sample_models/generate.py
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(VENV)/bin/paramtool inspect sample_models/rgnet.pt
 	$(VENV)/bin/paramtool ties sample_models/tied.pt
 

@@ -133,7 +133,7 @@ def test_show_values(samples, run):
     bf = run("show", samples / "bf16.pt", "0.bias", "--json").json()
     assert bf["dtype"] == "bfloat16" and len(bf["values"]) == 8
     missing = run("show", samples / "mlp.pt", "0.wieght")
-    assert missing.exit_code == 1 and "did you mean 0.weight" in missing.stderr
+    assert missing.exit_code == 1 and "did you mean '0.weight'" in missing.stderr
 
 
 def test_show_elides_large(tmp_path, run):

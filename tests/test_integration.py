@@ -51,6 +51,14 @@ def sidecars(directory) -> dict[str, bytes]:
             if not n.endswith((".safetensors", ".bin", ".index.json"))}
 
 
+def cast_config(before: dict[str, bytes], dtype: str) -> dict[str, bytes]:
+    """The sidecars after a cast to ``dtype``: config.json's dtype entries say it (issue 26), nothing else moves."""
+    config = json.loads(before["config.json"])
+    for key in [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]:
+        config[key] = dtype
+    return {**before, "config.json": (json.dumps(config, indent=2) + "\n").encode()}
+
+
 def stored(path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
@@ -193,7 +201,7 @@ def test_convert_dtype_directory_loads(tmp_path, run, in_place):
     model = llama_dir(tmp_path / "hf")
     before = sidecars(tmp_path / "hf")
     out = write_to(run, "convert", tmp_path / "hf", in_place, tmp_path / "out", "--dtype", "bf16", "--keep-dtype", "*norm*")
-    assert sidecars(out) == before  # config.json too: its dtype entry is left as it is
+    assert sidecars(out) == cast_config(before, "bfloat16")  # config.json: only its dtype follows the cast
     weights = stored(out / "model.safetensors")
     assert weights["model.norm.weight"].dtype == torch.float32 and weights["lm_head.weight"].dtype == torch.bfloat16
     loaded = load_clean(transformers.LlamaForCausalLM, out)
@@ -217,7 +225,8 @@ def test_pytorch_model_bin_directory(tmp_path, run, in_place):
     back = write_to(run, "rename", bare, in_place, tmp_path / "back", "s/^(?!lm_head)/model./")
     cast = write_to(run, "convert", back, in_place, tmp_path / "cast", "--dtype", "fp16")
     for out in (bare, back, cast):
-        assert sorted(os.listdir(out)) == sorted(os.listdir(d)) and sidecars(out) == before
+        assert sorted(os.listdir(out)) == sorted(os.listdir(d))
+        assert sidecars(out) == (cast_config(before, "float16") if out is cast else before)
     saved = torch.load(cast / "pytorch_model.bin", weights_only=True)
     assert list(saved) == list(model.state_dict()) and saved["lm_head.weight"].dtype == torch.float16
     loaded = load_clean(transformers.LlamaForCausalLM, cast)

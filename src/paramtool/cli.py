@@ -11,7 +11,7 @@ from typer.exceptions import TyperException
 from rich.console import Console
 
 from . import render
-from .errors import ParamtoolError, UsageError
+from .errors import ParamtoolError, UsageError, first_line
 
 EPILOG_HINT = "Exit status: 0 done, 1 input or operation failed, 2 bad command line."
 
@@ -24,6 +24,9 @@ class _Group(typer.core.TyperGroup):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D401 - click's signature
         kwargs["standalone_mode"] = False
+        _FAILURE[0] = 1  # (diff and check raise it to 2 for their run only)
+        for command in self.commands.values():
+            command.epilog = _verbatim_examples(command.epilog)
         warnings.showwarning = lambda message, *_: warn(str(message))  # library warnings: one line, our format
         try:
             code = super().main(*args, **kwargs)
@@ -52,6 +55,15 @@ class _Group(typer.core.TyperGroup):
         sys.exit(code or 0)
 
 
+def _verbatim_examples(epilog: Optional[str]) -> Optional[str]:
+    """Mark each example of a help epilog (a paragraph that is a command line) as not to be re-wrapped (click's
+    ``\b``): one line each, whatever the terminal's width, so a pasted line runs one whole command."""
+    if not epilog:
+        return epilog
+    paragraphs = epilog.split("\n\n")
+    return "\n\n".join("\b\n" + p if p.lstrip().startswith(("paramtool ", "cat ")) else p for p in paragraphs)
+
+
 def _fail(message: str, code: int) -> None:
     if os.environ.get("PARAMTOOL_DEBUG") == "1" and sys.exc_info()[0] is not None and code != 2:
         import traceback
@@ -70,6 +82,14 @@ def _quiet_pipe() -> None:
     except OSError:
         pass
     sys.exit(141)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        sys.stdout.write(f"paramtool {__version__}\n")
+        raise typer.Exit(0)
 
 
 app = typer.Typer(
@@ -92,6 +112,11 @@ SourceArg = Annotated[
     typer.Argument(help="Checkpoint file, '-' (stdin), nn:EXPR, FILE.py:FUNC, or a sharded/DCP/model directory. "
                    "Omitted: read stdin when it is not a terminal.", show_default=False),
 ]
+SourcesArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(help="Checkpoints (as for SOURCE), each in turn: with --json one document per line (JSON lines); "
+                   "the exit status is the worst. None: read stdin when it is not a terminal.", show_default=False),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout (no colour, no wrapping).")]
 LayerOpt = Annotated[
     Optional[list[str]],
@@ -104,6 +129,18 @@ KeyOpt = Annotated[
     typer.Option("--key", help="Use this sub-tree of a training checkpoint (e.g. model, state_dict, optimizer).",
                  show_default=False),
 ]
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                                callback=_version)] = False) -> None:
+    """Inspect, reinitialize, tie-check and edit the parameters of PyTorch checkpoints."""
+
+
+def _stdin_is_terminal() -> bool:
+    from .sources import stdin_is_terminal
+
+    return stdin_is_terminal()
 
 
 def out_console() -> Console:
@@ -127,6 +164,70 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def _each_source(sources: Optional[list[str]], one: Any, json_out: bool) -> None:
+    """Run ``one(source)`` (which returns an exit status or None) for each source. With several, a heading
+    ``==> SOURCE <==`` (as ``head``) before each human-readable report, and a failing source is reported as
+    ``error: SOURCE: …`` and the next one is read; the exit status is the worst."""
+    items: list[Optional[str]] = list(sources or [None])
+    if sum(1 for s in items if s in (None, "-")) > 1 or (len(items) > 1 and None in items):
+        raise UsageError("standard input ('-') can be read only once")
+    worst = 0
+    for i, source in enumerate(items):
+        if len(items) > 1 and not json_out:
+            sys.stdout.write(("\n" if i else "") + f"==> {render.safe_name(source or '-')} <==\n")
+            sys.stdout.flush()
+        try:
+            code = one(source) or 0
+        except ParamtoolError as e:
+            if len(items) == 1 or isinstance(e, UsageError):
+                raise
+            first = first_line(e)
+            named = first if (source or "-") in first else f"{source or '-'}: {first}"  # say which source failed
+            sys.stderr.write(f"error: {render.safe_name(named)}\n")
+            code = e.exit_code
+        worst = max(worst, code)
+    if worst:
+        raise typer.Exit(worst)
+
+
+def _config_aliases(src: Any, ckpt: Any) -> dict[str, str]:
+    """In a model directory: the names config.json ties to a stored tensor (``lm_head.weight`` -> the embedding)."""
+    if not getattr(src, "directory", None):
+        return {}
+    from .sources import describe
+
+    return dict(describe(src, ckpt).config_ties)
+
+
+def _note_aliases(used: list[str], aliases: dict[str, str]) -> None:
+    for name in dict.fromkeys(used):
+        if name in aliases:
+            err_console().print(f"note: {render.safe_name(name)} is stored as {render.safe_name(aliases[name])} "
+                                "(config.json ties them)", markup=False)
+
+
+def _config_layers(src: Any, ckpt: Any, layers: Optional[list[str]], flag: str = "--layer") -> list[str]:
+    """--layer selectors, those that name only config-tied names resolved to the stored tensors (said once)."""
+    aliases = _config_aliases(src, ckpt) if layers else {}
+    if not aliases:
+        return list(layers or [])
+    from .select import config_selectors
+
+    out, used = config_selectors(list(ckpt.names), list(layers or []), aliases, flag)
+    _note_aliases(used, aliases)
+    return out
+
+
+def _resolved_name(src: Any, ckpt: Any, name: str) -> str:
+    """A NAME argument: positions ([0][1][0].bias) and config-tied names resolved to the stored name."""
+    from .select import resolve_name
+
+    aliases = _config_aliases(src, ckpt)
+    stored = resolve_name(name, list(ckpt.names), aliases)
+    _note_aliases([name], aliases)
+    return stored
+
+
 def _selected(names: list[str], layers: Optional[list[str]], param: str = "all",
               unstored: frozenset[str] = frozenset()) -> list[str]:
     from .select import select
@@ -134,9 +235,9 @@ def _selected(names: list[str], layers: Optional[list[str]], param: str = "all",
     return select(names, list(layers or []), param, unstored)
 
 
-@app.command(epilog="Example: paramtool inspect model.pt --layer 0 --depth 2\n\n" + EPILOG_HINT)
+@app.command(epilog="Examples:\n\n  paramtool inspect model.pt --layer 0 --depth 2\n\n  paramtool inspect a.pt b.safetensors --json\n\n" + EPILOG_HINT)
 def inspect(
-    source: SourceArg = None,
+    source: SourcesArg = None,
     json_out: JsonOpt = False,
     layer: LayerOpt = None,
     depth: Annotated[Optional[int], typer.Option("--depth", min=0, help="Show modules this deep; deeper ones are summarised.",
@@ -150,6 +251,11 @@ def inspect(
     Reading a file's table of contents never loads tensor data (nor imports torch). Names are in numeric
     order (h.2 before h.10); consecutive identical blocks are collapsed unless --expand.
     """
+    _each_source(source, lambda one: _inspect_one(one, json_out, layer, depth, key, expand), json_out)
+
+
+def _inspect_one(source: Optional[str], json_out: bool, layer: Optional[list[str]], depth: Optional[int],
+                 key: Optional[str], expand: bool) -> None:
     from . import sources
 
     toc = sources.read_toc(sources.resolve(source), key)
@@ -171,7 +277,7 @@ def inspect(
         console.print(line)
 
 
-@app.command(epilog="Example: paramtool show model.pt 2.bias\n\n" + EPILOG_HINT)
+@app.command(epilog="Examples:\n\n  paramtool show model.pt 2.bias\n\n" + EPILOG_HINT)
 def show(
     source: Annotated[str, typer.Argument(help="Checkpoint (as for inspect); with only one argument, stdin is read.",
                                           show_default=False)],
@@ -184,12 +290,12 @@ def show(
     from .values import tensor_json, tensor_text
 
     if name is None:  # `cat m.pt | paramtool show 0.bias`
-        if sys.stdin.isatty():
+        if _stdin_is_terminal():
             raise UsageError("missing NAME (usage: paramtool show SOURCE NAME)")
         source, name = "-", source
     src = sources.resolve(source)
     ckpt = sources.load_lazy(src, key)
-    stored = sources.describe(src, ckpt).config_ties.get(name, name) if src.directory else name  # a config tie
+    stored = _resolved_name(src, ckpt, name)  # a position ([0][1][0].bias), a config tie
     if stored not in ckpt.names:
         from .select import unknown_name
 
@@ -332,6 +438,9 @@ def init(
     groups: GroupsOpt = None,
     layer: LayerOpt = None,
     param: Annotated[str, typer.Option("--param", help="weight, bias or all: narrow by the last part of the name.")] = "weight",
+    types: Annotated[Optional[list[str]], typer.Option("--type", help="Only tensors of modules of this class (Linear, Conv2d, Embedding; "
+                                                      "as type(m) == nn.Linear), where classes are known: nn:, FILE.py:FUNC, "
+                                                      "pickled models. Repeatable.", show_default=False)] = None,
     zero_bias: Annotated[bool, typer.Option("--zero-bias", help="Also zero the biases of the selected modules.")] = False,
     untie: Annotated[bool, typer.Option("--untie", help="Give selected tied names their own copy first, so only they change.")] = False,
     seed: SeedOpt = None,
@@ -358,7 +467,8 @@ def init(
     resolve_options(get_scheme(scheme), given)  # a wrong option is a usage error before any loading
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
-    plan = ops.plan_init(listing, scheme, given, list(layer or []), param, zero_bias, untie, seed)
+    plan = ops.plan_init(listing, scheme, given, _config_layers(src, listing, layer), param, zero_bias, untie, seed,
+                         list(types or []))
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, max_shard_size=max_shard_size)
 
 
@@ -381,17 +491,22 @@ def set_(
 
     source: Optional[str] = args[0]
     edits = args[1:]
-    if "=" in args[0] and not os.path.exists(args[0]) and not sys.stdin.isatty():
+    if "=" in args[0] and not os.path.exists(args[0]) and not _stdin_is_terminal():
         source, edits = None, args
     if not edits:
         raise UsageError("give at least one EDIT, e.g. \"0.weight[0, 0] = 42\"")
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
-    plan = ops.plan_set(listing, edits)
+    from .select import resolve_leading_name
+
+    aliases = _config_aliases(src, listing)
+    resolved = [resolve_leading_name(e, list(listing.names), aliases) for e in edits]
+    _note_aliases([a for e in edits for a in aliases if e.lstrip().startswith(a)], aliases)
+    plan = ops.plan_set(listing, resolved)
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, max_shard_size=max_shard_size)
 
 
-@app.command(epilog="Example: paramtool schemes --json\n\n" + EPILOG_HINT)
+@app.command(epilog="Examples:\n\n  paramtool schemes --json\n\n" + EPILOG_HINT)
 def schemes(json_out: JsonOpt = False) -> None:
     """List the initializers, their options and defaults."""
     from .schemes import schemes_table
@@ -414,14 +529,18 @@ def schemes(json_out: JsonOpt = False) -> None:
     out_console().print(t)
 
 
-@app.command(epilog="Example: paramtool ties model.pt --json\n\n" + EPILOG_HINT)
+@app.command(epilog="Examples:\n\n  paramtool ties model.pt --json\n\n" + EPILOG_HINT)
 def ties(
-    source: SourceArg = None,
+    source: SourcesArg = None,
     json_out: JsonOpt = False,
     values: Annotated[bool, typer.Option("--values", help="Also report distinct tensors with identical bytes (reads tensor data).")] = False,
     key: KeyOpt = None,
 ) -> None:
     """List tied tensors: groups of names that share storage (alias) or bytes (overlapping views)."""
+    _each_source(source, lambda one: _ties_one(one, json_out, values, key), json_out)
+
+
+def _ties_one(source: Optional[str], json_out: bool, values: bool, key: Optional[str]) -> None:
     from . import sources
     from .ties import find_ties, group_order, value_ties
 
@@ -442,16 +561,16 @@ def ties(
         for w in toc.warnings + (differing_pairs(sources.load_lazy(src, key).tensor, pairs) if pairs else []):
             warn(w)
     if json_out:
-        emit_json({"groups": [g.as_json() for g in groups]})
+        emit_json({"source": src.label, "groups": [g.as_json() for g in groups]})
         return
     console = out_console()
     for line in render.ties_lines(toc, groups):
         console.print(line)
 
 
-@app.command(epilog="Example: paramtool stats model.pt --layer 0 --hist\n\n" + EPILOG_HINT)
+@app.command(epilog="Examples:\n\n  paramtool stats model.pt --layer 0 --hist\n\n" + EPILOG_HINT)
 def stats(
-    source: SourceArg = None,
+    source: SourcesArg = None,
     layer: LayerOpt = None,
     hist: Annotated[bool, typer.Option("--hist", help="Draw each tensor's distribution in the terminal.")] = False,
     hist_png: Annotated[Optional[str], typer.Option("--hist-png", help="Also write the histograms as a PNG (needs matplotlib).",
@@ -460,12 +579,22 @@ def stats(
     json_out: JsonOpt = False,
     key: KeyOpt = None,
 ) -> None:
-    """Per-tensor mean, std, min, max, fraction of zeros, L2 norm and NaN/Inf counts, with module totals."""
+    """Per-tensor mean, std, min, max, fraction of zeros, L2 norm and NaN/Inf counts, with module totals.
+
+    stats exits 0 whatever the values are: `paramtool check` is the gate that fails on NaN/Inf."""
+    if hist_png and source and len(source) > 1:
+        raise UsageError("--hist-png draws one checkpoint: give one SOURCE")
+    _each_source(source, lambda one: _stats_one(one, layer, hist, hist_png, bins, json_out, key), json_out)
+
+
+def _stats_one(source: Optional[str], layer: Optional[list[str]], hist: bool, hist_png: Optional[str], bins: int,
+               json_out: bool, key: Optional[str]) -> None:
     from . import sources
     from . import stats as st
 
-    ckpt = sources.load_lazy(sources.resolve(source), key)
-    names = _selected(list(ckpt.names), layer)
+    src = sources.resolve(source)
+    ckpt = sources.load_lazy(src, key)
+    names = _selected(list(ckpt.names), _config_layers(src, ckpt, layer))
     with _progress(len(names), "stats") as advance:  # each tensor is read once, for numbers and histograms
         done = st.stats_many(ckpt.tensor, names, bins if hist else None, bool(hist_png), advance,
                              raw_of=st.raw_reader(ckpt))
@@ -473,7 +602,7 @@ def stats(
     if hist_png:
         st.histogram_png([(n, done.png[n]) for n in names], hist_png)
     if json_out:
-        doc: dict[str, Any] = {"tensors": [r.as_json() for r in results]}
+        doc: dict[str, Any] = {"source": src.label, "tensors": [r.as_json() for r in results]}
         if hist:
             doc["histograms"] = {n: {"edges": h.edges, "counts": h.counts, "zeros": h.zeros} for n, h in hists.items()}
         emit_json(doc)
@@ -484,6 +613,59 @@ def stats(
         console.print(f"\n{render.safe_name(n)}", style="bold", markup=False)
         for line in st.histogram_lines(h):
             console.print(line, markup=False, highlight=False)
+
+
+@app.command(epilog="Examples:\n\n  paramtool check model.safetensors\n\n"
+             "  paramtool check ckpt/*.pt --json --ignore mixed-dtype\n\n"
+             "Exit status: 0 no findings, 1 findings, 2 error (with several sources: the worst).")
+def check(
+    source: SourcesArg = None,
+    json_out: JsonOpt = False,
+    outlier_factor: Annotated[float, typer.Option("--outlier-factor", min=1.0, help="outlier: a tensor whose std or RMS is more than this many times "
+                                                  "the median of the same tensor in the other repeated blocks (or less than the median over it).")] = 8.0,
+    min_siblings: Annotated[int, typer.Option("--min-siblings", min=2, help="outlier: judge only tensors repeated in at least this many blocks.")] = 3,
+    ignore: Annotated[Optional[list[str]], typer.Option("--ignore", help="Leave out this rule (nan, inf, zero, constant, outlier, tie-diverged, "
+                                                        "optimizer-shape, mixed-dtype). Repeatable.", show_default=False)] = None,
+    key: KeyOpt = None,
+) -> None:
+    """Health rules for CI: one line per finding (SOURCE: RULE: NAME: what), exit 1 if there is any.
+
+    Rules: NaN/Inf values; weight matrices all zero or constant; a tensor far from its siblings in repeated
+    blocks (--outlier-factor); ties config.json declares whose stored values diverged; optimizer state whose
+    shape is not its parameter's; weight matrices in more than one dtype. See README "Checking a checkpoint".
+    """
+    from .check import RULES, Thresholds
+
+    _FAILURE[0] = 2  # as diff: findings are 1, any error is 2
+    unknown = [r for r in ignore or [] if r not in RULES]
+    if unknown:
+        raise UsageError(f"--ignore {unknown[0]}: no such rule (rules: {', '.join(RULES)})")
+    th = Thresholds(outlier_factor, min_siblings)
+    _each_source(source, lambda one: _check_one(one, json_out, th, set(ignore or []), key), json_out)
+
+
+def _check_one(source: Optional[str], json_out: bool, th: Any, ignore: set[str], key: Optional[str]) -> int:
+    from . import check as health
+    from . import sources
+
+    try:
+        src = sources.resolve(source)
+        ckpt = sources.load_lazy(src, key)
+        report = health.check(ckpt, sources.describe(src, ckpt), th)
+    except ParamtoolError as e:
+        e.exit_code = 2
+        raise
+    report.findings = [f for f in report.findings if f.rule not in ignore]
+    if json_out:
+        emit_json(report.as_json())
+    else:
+        console = out_console()
+        for f in report.findings:
+            where = f"{render.safe_name(f.name)}: " if f.name else ""
+            console.print(f"{render.safe_name(src.label)}: {f.rule}: {where}{render.safe_name(f.message)}", markup=False)
+        if not report.findings:
+            err_console().print(f"{render.safe_name(src.label)}: no findings", markup=False)
+    return 1 if report.findings else 0
 
 
 class _progress:
@@ -507,7 +689,7 @@ class _progress:
             self.bar.stop()
 
 
-@app.command(epilog="Example: paramtool diff before.pt after.safetensors --atol 1e-6\n\n"
+@app.command(epilog="Examples:\n\n  paramtool diff before.pt after.safetensors --atol 1e-6\n\n"
              "Exit status (as cmp/diff): 0 equal, 1 different, 2 error.")
 def diff(
     a: Annotated[str, typer.Argument(help="First checkpoint.", show_default=False)],
@@ -540,7 +722,7 @@ def diff(
 
 @app.command(epilog="Examples:\n\n  paramtool convert model.pt model.safetensors\n\n"
              "  paramtool convert train.ckpt weights.safetensors --drop-extra\n\n"
-             "  paramtool convert model.safetensors model-bf16.safetensors --dtype bf16 --keep-dtype '*norm*'\n\n" + EPILOG_HINT)
+             "  paramtool convert model.safetensors model-bf16.safetensors --dtype bf16 --keep-dtype '*ln_*'\n\n" + EPILOG_HINT)
 def convert(
     source: SourceArg = None,
     target: Annotated[Optional[str], typer.Argument(help="Output path (same as -o).", show_default=False)] = None,
@@ -581,19 +763,20 @@ def convert(
     to = surgery.target_dtype(dtype)
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
-    plan = surgery.plan_cast(listing, to, list(keep_dtype or []))
+    keep = _config_layers(src, listing, keep_dtype, "--keep-dtype")
+    plan = surgery.plan_cast(listing, to, keep, directory=src.directory)
     _finish(src, listing, plan, dry_run, json_out, target or output, in_place, fmt, drop_extra, surgery.write,
             max_shard_size=max_shard_size, convert=True)
 
 
 def _source_then(args: list[str], looks_like_arg: Any) -> tuple[Optional[str], list[str]]:
     """Split ``SOURCE ARG…`` where SOURCE may be left out when stdin is a pipe (as for ``set``)."""
-    if args and looks_like_arg(args[0]) and not os.path.exists(args[0]) and not sys.stdin.isatty():
+    if args and looks_like_arg(args[0]) and not os.path.exists(args[0]) and not _stdin_is_terminal():
         return None, args
     return (args[0], args[1:]) if args else (None, [])
 
 
-@app.command(epilog="Examples:\n\n  paramtool rename model.pt --strip-prefix _orig_mod. -o clean.pt\n\n"
+@app.command(epilog="Examples:\n\n  paramtool rename compiled.pt --strip-prefix _orig_mod. -o clean.pt\n\n"
              "  paramtool rename model.safetensors 's/^transformer\\.h\\.(\\d+)\\./layers.\\1./' -o out.safetensors\n\n" + EPILOG_HINT)
 def rename(
     args: Annotated[Optional[list[str]], typer.Argument(help="SOURCE then RULEs s/REGEX/REPLACEMENT/ (Python regex, \\1 for groups, "
@@ -625,7 +808,7 @@ def rename(
 
 
 @app.command(epilog="Examples:\n\n  paramtool drop train.ckpt --key optimizer -o weights.ckpt\n\n"
-             "  paramtool drop model.safetensors --layer 'encoder.*' --in-place\n\n" + EPILOG_HINT)
+             "  paramtool drop model.safetensors --layer 'transformer.h.*.attn' --in-place\n\n" + EPILOG_HINT)
 def drop(
     source: SourceArg = None,
     layer: LayerOpt = None,
@@ -652,7 +835,7 @@ def drop(
 
 
 @app.command(epilog="Examples:\n\n  paramtool resize model.safetensors transformer.wte.weight --rows 50304 -o out.safetensors\n\n"
-             "  paramtool resize model.pt emb.weight --rows 1000 --scheme normal --std 0.02 --seed 0 -o out.pt\n\n" + EPILOG_HINT)
+             "  paramtool resize model.safetensors transformer.wpe.weight --rows 32 --scheme normal --std 0.02 --seed 0 -o out.safetensors\n\n" + EPILOG_HINT)
 def resize(
     source: Annotated[str, typer.Argument(help="Checkpoint (as for inspect); with only one argument, stdin is read.",
                                           show_default=False)],
@@ -689,7 +872,7 @@ def resize(
     from . import sources, surgery
 
     if name is None:  # `cat m.pt | paramtool resize emb.weight --rows 10`
-        if sys.stdin.isatty():
+        if _stdin_is_terminal():
             raise UsageError("missing NAME (usage: paramtool resize SOURCE NAME --rows N)")
         source, name = "-", source
     given = _scheme_options(mean=mean, std=std, low=low, high=high, value=value, gain=gain,
@@ -705,7 +888,10 @@ def resize(
         resolve_options(get_scheme(scheme), given)
     src = sources.resolve(source)
     listing = sources.open_for_plan(src, key)
-    plan = surgery.plan_resize(listing, name, rows, surgery.NewRows(scheme, given, seed), directory=src.directory)
+    from .select import resolve_name
+
+    stored = resolve_name(name, list(listing.names))  # a position; config ties are plan_resize's own
+    plan = surgery.plan_resize(listing, stored, rows, surgery.NewRows(scheme, given, seed), directory=src.directory)
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,
             max_shard_size=max_shard_size)
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 # command -> the options that take a value (--json is the flag every fast form requires)
 _FAST = {"inspect": {"--layer", "-l", "--depth", "--key"}, "ties": {"--key"}, "schemes": set(),
          "stats": {"--layer", "-l", "--key"}, "diff": {"--key"}}
-_POSITIONALS = {"schemes": 0, "diff": 2}  # how many the command takes (the others: SOURCE, or none for stdin)
+_POSITIONALS = {"schemes": 0, "diff": 2}  # how many the command takes (the others: SOURCE…, or none for stdin)
 
 
 def _parse(argv: list[str]) -> tuple[str, list[str], dict[str, list[str]]] | None:
@@ -42,7 +42,7 @@ def _parse(argv: list[str]) -> tuple[str, list[str], dict[str, list[str]]] | Non
         elif arg in takes and i + 1 < len(rest):
             opts.setdefault(arg, []).append(rest[i + 1])
             i += 1
-        elif (not arg.startswith("-") or arg == "-") and len(positionals) < _POSITIONALS.get(command, 1):
+        elif (not arg.startswith("-") or arg == "-") and len(positionals) < _POSITIONALS.get(command, 1 << 30):
             positionals.append(arg)
         else:
             return None  # anything else: the full CLI decides
@@ -53,6 +53,9 @@ def _parse(argv: list[str]) -> tuple[str, list[str], dict[str, list[str]]] | Non
         return None  # the full CLI reports the usage error
     if command == "diff" and (len(positionals) != 2 or "-" in positionals):
         return None  # (standard input is read once: a diff of it is the full CLI's from the start)
+    if len(positionals) > 1 and command != "diff" and not all(os.path.isfile(p) and not p.endswith(".index.json")
+                                                              for p in positionals):
+        return None  # several sources: files only here (stdin, directories, specs: the full CLI)
     return command, positionals, opts
 
 
@@ -61,6 +64,29 @@ class _Slow(Exception):
 
 
 def _run(command: str, positionals: list[str], opts: dict[str, list[str]]) -> int:
+    if len(positionals) > 1 and command != "diff":  # several sources: one document each, the worst status
+        if command == "stats" and sys.stderr.isatty():
+            raise _Slow
+        return max(_run_one(command, p, opts) for p in positionals)  # (max over all: each one runs)
+    return _run1(command, positionals, opts)
+
+
+def _run_one(command: str, source: str, opts: dict[str, list[str]]) -> int:
+    """One of several sources; a failure is its own ``error:`` line naming the source (as ``cli._each_source``)."""
+    from .errors import ParamtoolError, UsageError, first_line
+    from .render import safe_name
+
+    try:
+        return _run1(command, [source], opts)
+    except UsageError:
+        raise
+    except ParamtoolError as e:
+        first = first_line(e)
+        sys.stderr.write(f"error: {safe_name(first if source in first else f'{source}: {first}')}\n")
+        return e.exit_code
+
+
+def _run1(command: str, positionals: list[str], opts: dict[str, list[str]]) -> int:
     code = 0
     key = (opts.get("--key") or [None])[0]
     layers = opts.get("--layer", []) + opts.get("-l", [])
@@ -84,7 +110,7 @@ def _run(command: str, positionals: list[str], opts: dict[str, list[str]]) -> in
         if command == "ties":
             from .ties import find_ties
 
-            doc = {"groups": [g.as_json() for g in find_ties(toc.tensors, toc.meta_ties)]}
+            doc = {"source": src.label, "groups": [g.as_json() for g in find_ties(toc.tensors, toc.meta_ties)]}
         else:
             from .render import inspect_json
             from .select import select
@@ -111,7 +137,7 @@ def _stats(src: Any, key: str | None, layers: list[str]) -> Any:
     ckpt = sources.load_lazy(src, key)
     names = select(list(ckpt.names), layers, "all")
     done = st.stats_many(ckpt.tensor, names, None, False, raw_of=st.raw_reader(ckpt))
-    return {"tensors": [r.as_json() for r in done.results]}
+    return {"source": src.label, "tensors": [r.as_json() for r in done.results]}
 
 
 def _diff(paths: list[str], key: str | None) -> tuple[Any, int]:

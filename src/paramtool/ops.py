@@ -115,8 +115,12 @@ def plan_init(
     zero_bias: bool = False,
     untie: bool = False,
     seed: int | None = None,
+    types: list[str] | None = None,
 ) -> Plan:
-    """What ``init`` will change; needs only names and the table of contents, no tensor data."""
+    """What ``init`` will change; needs only names and the table of contents, no tensor data.
+
+    ``types`` narrows the selection to tensors held by modules of those classes. Normalization layers'
+    tensors (``layertypes``) are left alone unless a selector or ``types`` names them."""
     from . import schemes
 
     scheme = schemes.get_scheme(scheme_name)
@@ -124,18 +128,30 @@ def plan_init(
     names = list(ckpt.names)
     infos = {i.name: i for i in ckpt.infos()}
     selected = select(names, layers, param)
+    norms, named = _norm_guard(ckpt, names, infos, layers, types or [])
+    if types:
+        from .layertypes import by_type, owner_classes
+
+        typed = set(by_type(names, types, owner_classes(ckpt.root, ckpt.names), ckpt.source))
+        selected = [n for n in selected if n in typed]
+        if not selected:
+            raise ParamtoolError(f"no '{param}' tensor of the selected layers is held by a module of type "
+                                 f"{', '.join(types)} (try --param all, or another --layer)")
     report = Report(scheme.name)
     targets = []
     for name in selected:
         reason = scheme.accepts(infos[name].shape, infos[name].dtype, opts)
         if reason:
             report.skipped[name] = reason
+        elif name in norms and name not in named:
+            report.skipped[name] = NORM_SKIP
         else:
             targets.append(name)
     biases: list[str] = []
     if zero_bias:
         modules = {module_path(n) for n in select(names, layers, "all")}
-        biases = [n for n in names if module_path(n) in modules and n.rsplit(".", 1)[-1] == "bias"]
+        biases = [n for n in names if module_path(n) in modules and n.rsplit(".", 1)[-1] == "bias"
+                  and not (n in norms and n not in named)]
     if not targets and not biases:
         why = "; ".join(f"{n}: {r}" for n, r in list(report.skipped.items())[:4])
         raise ParamtoolError(f"scheme '{scheme.name}' can take none of the selected tensors ({why})")
@@ -147,11 +163,17 @@ def plan_init(
     report.changed = targets
     report.zeroed = [b for b in biases if b not in targets]
     _record_ties(report, targets + report.zeroed, partners)
-    if report.skipped:
+    cannot = {n: r for n, r in report.skipped.items() if r != NORM_SKIP}
+    if cannot:
         report.warnings.append(
-            f"skipped {len(report.skipped)} tensor(s) scheme '{scheme.name}' cannot take: "
-            + ", ".join(f"{n} ({r})" for n, r in report.skipped.items())
+            f"skipped {len(cannot)} tensor(s) scheme '{scheme.name}' cannot take: "
+            + ", ".join(f"{n} ({r})" for n, r in cannot.items())
         )
+    kept = [n for n, r in report.skipped.items() if r == NORM_SKIP]
+    if kept:
+        report.warnings.append(
+            f"skipped {len(kept)} normalization-layer tensor(s), left as they are: {', '.join(kept)} "
+            "(name them with --layer, or --type, to reinitialize them)")
     done: set[Any] = set()  # a tied storage is initialized once, seeded by its group's first name
     order = {n: i for i, n in enumerate(names)}
     for name in targets:
@@ -165,6 +187,23 @@ def plan_init(
     plan.actions += [Action(name, _zero, True) for name in report.zeroed]
     _warn_optimizer(ckpt.root, names, report)
     return plan
+
+
+NORM_SKIP = "a normalization layer's (not named by --layer or --type)"
+
+
+def _norm_guard(ckpt: Checkpoint, names: list[str], infos: dict[str, TensorInfo], layers: list[str],
+                types: list[str]) -> tuple[set[str], set[str]]:
+    """(the tensors of normalization layers, those of them the command line names explicitly)."""
+    from .layertypes import norm_tensors, owner_classes
+    from .select import named_directly
+
+    classes = owner_classes(ckpt.root, ckpt.names)
+    norms = set(norm_tensors(names, {n: len(infos[n].shape) for n in names}, classes))
+    named = named_directly(names, layers) if norms else set()
+    wanted = {t.rsplit(".", 1)[-1] for t in types}
+    named |= {n for n in norms if classes.get(n) in wanted}
+    return norms, named
 
 
 def plan_set(ckpt: Checkpoint, edit_texts: list[str]) -> Plan:
@@ -191,7 +230,7 @@ def _warn_optimizer(root: Any, names: list[str], report: Report) -> None:
     changed = set(report.all_changed())
     if not changed:
         return
-    for where, opt in _optimizer_states(root, ()):
+    for where, opt in optimizer_states(root, ()):
         hit = _moment_owners(opt["state"], names, changed)
         if hit:
             place = ".".join(str(p) for p in where) or "(root)"
@@ -201,7 +240,7 @@ def _warn_optimizer(root: Any, names: list[str], report: Report) -> None:
             )
 
 
-def _optimizer_states(obj: Any, path: tuple) -> Iterator[tuple[tuple, Mapping]]:
+def optimizer_states(obj: Any, path: tuple) -> Iterator[tuple[tuple, Mapping]]:
     """Every ``{"state": {...}, "param_groups": [...]}`` in a container, with its path (tensors and modules
     are not entered: an optimizer state dict is plain containers)."""
     if isinstance(obj, Mapping):
@@ -209,16 +248,21 @@ def _optimizer_states(obj: Any, path: tuple) -> Iterator[tuple[tuple, Mapping]]:
             yield path, obj
             return
         for key, value in obj.items():
-            yield from _optimizer_states(value, path + (key,))
+            yield from optimizer_states(value, path + (key,))
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
-            yield from _optimizer_states(value, path + (i,))
+            yield from optimizer_states(value, path + (i,))
+
+
+def parameter_names(names: list[str]) -> list[str]:
+    """The names an optimizer counts (``model.parameters()``), as far as names tell: without norm statistics."""
+    return [n for n in names if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
 
 
 def _moment_owners(state: Mapping, names: list[str], changed: set[str]) -> list[str]:
     """The changed names that ``state`` holds moments for. torch optimizers key them by position in
     ``model.parameters()`` (buffers excluded); ``get_state_dict`` and FSDP key them by parameter name."""
-    params = [n for n in names if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    params = parameter_names(names)
     hit = []
     for key in state:
         if isinstance(key, int) and 0 <= key < len(params):

@@ -511,14 +511,16 @@ def grad_table(params: list) -> Table:
 
 
 def grad_use_line(p: Any) -> Text:
-    """``2.weight = 4.weight: ‖g‖ 0.41 = use at 2 (‖g‖ 0.25) + use at 4 (‖g‖ 0.2)  sum error 0``."""
+    """``2.weight = 4.weight: ‖g‖ 0.41, the norm of the vector sum of 2 uses: use at 2 ‖g‖ 0.25, use at 4 ‖g‖ 0.2
+    sum error 0`` (norms of a vector sum do not add up: the line says what is summed)."""
     line = Text()
     line.append(" = ".join(safe_name(n) for n in p.names), style="magenta")
     if p.grad is None:
         line.append(": no gradient", style="bold red")
         return line
-    uses = " + ".join(f"use at {safe_name(u.at)} (‖g‖ {_g(p.use_norm(u))})" for u in p.uses) or "no use seen"
-    line.append(f": ‖g‖ {_g(p.number('norm'))} = {uses}")
+    uses = ", ".join(f"use at {safe_name(u.at)} ‖g‖ {_g(p.use_norm(u))}" for u in p.uses)
+    what = f"the norm of the vector sum of {len(p.uses)} uses: {uses}" if p.uses else "no use seen"
+    line.append(f": ‖g‖ {_g(p.number('norm'))}, {what}")
     err = p.sum_error
     if err is not None:
         line.append(f"  sum error {_g(err)}", style="dim")

@@ -47,7 +47,7 @@ def _under(name: str, path: str) -> bool:
     return name == path or name.startswith(path + ".")
 
 
-def _positional(names: list[str], selector: str) -> str:
+def _positional(names: list[str], selector: str, flag: str = "--layer") -> str:
     """``[0][1][0]`` -> the module path reached by indexing children as the tree lists them (sorted, numbers
     as numbers): on GPT-2, ``[0][0][2]`` is ``transformer.h.2`` whatever the file's order."""
     indices = [int(i) for i in re.findall(r"\d+", selector)]
@@ -63,15 +63,15 @@ def _positional(names: list[str], selector: str) -> str:
             where = f"module '{'.'.join(prefix)}'" if prefix else "the top level"
             shown = ", ".join(kids[:8]) + (", ..." if len(kids) > 8 else "")
             raise ParamtoolError(
-                f"--layer '{selector}': {where} has {len(kids)} child module(s) with tensors ({shown or 'none'}), "
+                f"{flag} '{selector}': {where} has {len(kids)} child module(s) with tensors ({shown or 'none'}), "
                 f"no index {index} (parameterless modules such as ReLU are not in a checkpoint and are not counted)")
         prefix.append(kids[index])
     return ".".join(prefix)
 
 
-def _match(names: list[str], selector: str, counted: list[str]) -> list[str]:
+def _match(names: list[str], selector: str, counted: list[str], flag: str = "--layer") -> list[str]:
     if POSITIONAL.match(selector):
-        path = _positional(counted, selector)
+        path = _positional(counted, selector, flag)
         return [n for n in names if _under(n, path)]
     exact = [n for n in names if _under(n, selector)]
     if exact or not any(c in selector for c in "*?["):
@@ -88,7 +88,8 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-def select(names: list[str], layers: list[str], param: str = "all", unstored: frozenset[str] = frozenset()) -> list[str]:
+def select(names: list[str], layers: list[str], param: str = "all", unstored: frozenset[str] = frozenset(),
+           flag: str = "--layer") -> list[str]:
     """The names chosen by the union of ``layers`` (all when empty), narrowed by ``param``; input order kept.
 
     ``unstored`` names (listed only because config.json ties them, as GPT-2's ``lm_head.weight``) are selected
@@ -96,18 +97,18 @@ def select(names: list[str], layers: list[str], param: str = "all", unstored: fr
     as in its weights file.
 
     Globs follow ``fnmatch``: ``*`` also crosses dots, so ``*.attn.*`` finds attention at any depth.
-    Raises ParamtoolError when a selector matches nothing, or ``param`` leaves nothing; UsageError for a bad
-    ``param``.
+    Raises ParamtoolError when a selector matches nothing (naming it as ``flag``, the option it came from), or
+    ``param`` leaves nothing; UsageError for a bad ``param``.
     """
     if param not in PARAMS:
         raise UsageError(f"--param must be weight, bias or all, not '{param}'")
     chosen: set[str] = set()
     for selector in layers:
-        hit = _match(names, selector, [n for n in names if n not in unstored])
+        hit = _match(names, selector, [n for n in names if n not in unstored], flag)
         if not hit:
             paths = module_paths(names)
             shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
-            raise ParamtoolError(f"--layer '{selector}' matches nothing; module paths here: {shown or '(none)'}")
+            raise ParamtoolError(f"{flag} '{selector}' matches nothing; module paths here: {shown or '(none)'}")
         chosen.update(hit)
     picked = [n for n in names if not layers or n in chosen]
     if param != "all":
@@ -118,10 +119,83 @@ def select(names: list[str], layers: list[str], param: str = "all", unstored: fr
     return picked
 
 
+def named_directly(names: list[str], layers: list[str], unstored: frozenset[str] = frozenset()) -> set[str]:
+    """The names a selector names itself, or names the module of, rather than reaching them through an ancestor:
+    ``h.3.ln_1`` and ``*.ln_1`` name ``h.3.ln_1.weight``; ``h.3`` selects it without naming it, and so does a glob
+    that also matches the level above (``h.*`` matches ``h.3`` as well as ``h.3.ln_1``; ``*`` matches all)."""
+    counted = [n for n in names if n not in unstored]
+    out: set[str] = set()
+    for selector in layers:
+        if POSITIONAL.match(selector):
+            path = _positional(counted, selector)
+            out.update(n for n in names if module_path(n) == path)
+        elif any(c in selector for c in "*?[") and not any(_under(n, selector) for n in names):
+            pattern = re.compile(fnmatch.translate(selector))
+
+            def names_it(n: str, up: str) -> bool:  # the glob stops at n: it does not match the level above
+                return bool(pattern.match(n)) and not (up and pattern.match(up))
+
+            out.update(n for n in names if names_it(n, module_path(n))
+                       or names_it(module_path(n), module_path(module_path(n))))
+        else:
+            out.update(n for n in names if n == selector or module_path(n) == selector)
+    return out
+
+
+NAMED_POSITION = re.compile(r"^((?:\[\d+\])+)(?:\.(.+))?$")
+
+
+def resolve_name(name: str, names: list[str], aliases: dict[str, str] | None = None) -> str:
+    """A tensor name as typed -> the stored name: a positional prefix (``[0][1][0].bias``, children counted as
+    ``--layer`` counts them) becomes its module path, and a name config.json ties (``aliases``: name -> stored
+    name) becomes the stored one."""
+    m = NAMED_POSITION.match(name)
+    if m:
+        path = _positional(names, m.group(1), "NAME")
+        name = f"{path}.{m.group(2)}" if m.group(2) else path
+    return (aliases or {}).get(name, name)
+
+
+def resolve_leading_name(text: str, names: list[str], aliases: dict[str, str] | None = None) -> str:
+    """An edit (``[0][1][0].weight[0, 0] = 1``, ``lm_head.weight[0] = 0``) with its tensor name resolved as
+    ``resolve_name`` does; anything else is left as it is."""
+    stripped = text.lstrip()
+    m = re.match(r"((?:\[\d+\])+)\.", stripped)
+    if m:
+        stripped = _positional(names, m.group(1), "NAME") + "." + stripped[m.end():]
+    for alias in sorted(aliases or {}, key=len, reverse=True):
+        if stripped.startswith(alias) and stripped[len(alias):len(alias) + 1] in ("", "[", " ", "=", "+", "-", "*", "/"):
+            return aliases[alias] + stripped[len(alias):]
+    return stripped if m else text
+
+
+def config_selectors(names: list[str], layers: list[str], aliases: dict[str, str],
+                     flag: str = "--layer") -> tuple[list[str], list[str]]:
+    """Selectors with those that reach only names config.json ties (``aliases``) replaced by the stored names;
+    and the aliases so resolved (for a note on stderr)."""
+    out, used = [], []
+    for selector in layers:
+        try:
+            select(names, [selector], flag=flag)
+            out.append(selector)
+            continue
+        except ParamtoolError as e:
+            try:
+                hit = select(list(aliases), [selector]) if aliases else []
+            except ParamtoolError:
+                hit = []
+            if not hit:
+                raise e
+        out.extend(dict.fromkeys(aliases[h] for h in hit))
+        used.extend(hit)
+    return out, used
+
+
 def unknown_name(name: str, names: list[str]) -> str:
     """The error for a tensor name that is not there, with the closest names (the CLI escapes the line)."""
     import difflib
 
     close = difflib.get_close_matches(name, names, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; names here: {', '.join(names[:6])}"
+    quoted = [f"'{n}'" for n in (close or names[:6])]  # names may hold spaces: each quoted, as it is typed
+    hint = f"; did you mean {', '.join(quoted)}?" if close else f"; names here: {', '.join(quoted)}"
     return f"no tensor named '{name}'{hint}"

@@ -41,6 +41,11 @@ class Source:
         return formats.find(self.format or self.kind)
 
 
+def stdin_is_terminal() -> bool:
+    """Is standard input a terminal? A closed one (``<&-``) is not: it reads as empty."""
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
 def _spool_stdin() -> str:
     """Copy standard input to a temporary file (removed at exit, on an interrupt or a closed pipe; left by a
     kill, it is removed by the next paramtool run that uses $TMPDIR) so it can be sniffed and memory-mapped."""
@@ -56,7 +61,8 @@ def _spool_stdin() -> str:
     fsops.create_file(path, 0o600)
     atexit.register(fsops.discard, path)
     with open(path, "wb") as out:
-        shutil.copyfileobj(sys.stdin.buffer, out, 1 << 20)
+        if sys.stdin is not None:  # (closed: nothing to copy)
+            shutil.copyfileobj(sys.stdin.buffer, out, 1 << 20)
     return path
 
 
@@ -68,11 +74,11 @@ def sniff_file(path: str) -> str:
 def resolve(text: str | None) -> Source:
     """Decide what SOURCE names. ``None`` means stdin, allowed only when stdin is not a terminal."""
     if text is None or text == "-":
-        if text is None and sys.stdin.isatty():
+        if text is None and stdin_is_terminal():
             raise UsageError("missing SOURCE (give a file, '-', nn:EXPR or FILE.py:FUNC)")
         path = _spool_stdin()
         if os.path.getsize(path) == 0:
-            raise FormatError("standard input is empty")
+            raise FormatError("standard input is empty" if sys.stdin is not None else "standard input is closed")
         return Source("-", "file", path, sniff_file(path))
     if text.startswith("nn:"):
         return Source(text, "nn")

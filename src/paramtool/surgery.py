@@ -276,9 +276,9 @@ def _remove(root: Any, path: tree.Path) -> None:
 
 def _warn_positional_optimizer(root: Any, report: SurgeryReport) -> None:
     """torch optimizers index parameters by position: removing parameters makes the state point elsewhere."""
-    from .ops import _optimizer_states  # (one recogniser of optimizer state dicts: by structure, anywhere)
+    from .ops import optimizer_states  # (one recogniser of optimizer state dicts: by structure, anywhere)
 
-    for where, opt in _optimizer_states(root, ()):
+    for where, opt in optimizer_states(root, ()):
         if opt.get("state"):
             key = ".".join(str(p) for p in where) or "(root)"
             report.warnings.append(f"the optimizer state in '{key}' indexes parameters by position; after dropping "
@@ -295,13 +295,21 @@ def target_dtype(text: str) -> str:
     return DTYPE_NAMES[text]
 
 
-def plan_cast(ckpt: Checkpoint, dtype: str, keep: list[str]) -> Surgery:
+def plan_cast(ckpt: Checkpoint, dtype: str, keep: list[str], directory: str | None = None) -> Surgery:
     """Cast floating-point tensors to ``dtype``; integers, bools and the ``keep`` selection stay as they are.
 
-    A tie group is one storage: it is cast as a whole, or (when any name in it is kept) not at all."""
+    A tie group is one storage: it is cast as a whole, or (when any name in it is kept) not at all. FP8
+    tensors are refused by name unless kept: their values only mean something with their scales, whose
+    layout is the quantizer's. In a model directory config.json's dtype follows (``Surgery.sidecars``)."""
     infos = ckpt.infos()
     names = [i.name for i in infos]
-    kept = set(select(names, keep, "all")) if keep else set()
+    kept = set(select(names, keep, "all", flag="--keep-dtype")) if keep else set()
+    fp8 = [i.name for i in infos if i.dtype.startswith("float8") and i.name not in kept]
+    if fp8:
+        shown = ", ".join(fp8[:4]) + (", ..." if len(fp8) > 4 else "")
+        raise ParamtoolError(f"--dtype {dtype}: {len(fp8)} tensor(s) are FP8 ({shown}), scaled by tensors of their "
+                             "quantizer's layout; paramtool does not dequantize them: keep them (and their scales) "
+                             "with --keep-dtype to cast the rest")
     groups = {t.name: [m.name for m in g] for g in storage_groups(infos) for t in g}
     report = SurgeryReport(f"cast to {dtype}")
     todo: list[str] = []
@@ -324,7 +332,14 @@ def plan_cast(ckpt: Checkpoint, dtype: str, keep: list[str]) -> Surgery:
         report.warnings.append("kept as they are, because a name they are tied to is kept: "
                                + ", ".join(report.skipped))
     chosen = frozenset(todo)
-    return Surgery(report, lambda c: cast_in(c, dtype, chosen, report), cast=(dtype, chosen))
+    sidecars: dict[str, bytes] = {}
+    if directory is not None:
+        from .formats import modeldir
+
+        new_config = modeldir.config_with_dtype(modeldir.read_config(directory)[0], dtype)
+        if new_config is not None:
+            sidecars["config.json"] = new_config
+    return Surgery(report, lambda c: cast_in(c, dtype, chosen, report), cast=(dtype, chosen), sidecars=sidecars)
 
 
 def cast_storage(flat: Any, dtype: str) -> tuple[Any, int]:
@@ -522,6 +537,8 @@ def write(src: Any, listing: Checkpoint, plan: Surgery, output: Any, drop_extra:
         whole = writer.Output(src.directory, formats.DIRECTORY.name, True, modeldir.weights_format(src))
         modeldir.write_directory(src, listing, plan, whole, drop_extra, write)
         return
+    if plan.sidecars and output.layout.single_file:  # one file out: no config.json goes with it
+        plan = replace(plan, sidecars={})
     if output.layout.split:
         _write_sharded(src, listing, plan, output, drop_extra)
         return

@@ -48,6 +48,7 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
     for; ``convert`` writes its state dict."""
     if fmt is not None and not getattr(formats.find(fmt), "single_file", False):
         raise UsageError(f"--format must be pt or safetensors, not '{fmt}'")
+    _refuse_foreign(out, fmt)
     from .formats import modeldir
 
     directory = modeldir.plan_output(src, out, in_place, fmt, max_shard_size)
@@ -78,6 +79,19 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
     if src.layout is not None and src.layout.values_only and not convert and not fmt and chosen.pickled:
         chosen = src.layout  # an edited archive stays an archive, whatever -o's extension
     return Output(out, chosen.name, in_place)
+
+
+# output extensions of formats paramtool does not write: a torch zip under such a name would mislead
+FOREIGN_EXTENSIONS = {".gguf": "GGUF", ".onnx": "ONNX", ".npy": "numpy", ".npz": "numpy", ".h5": "HDF5",
+                      ".hdf5": "HDF5", ".keras": "Keras", ".pb": "TensorFlow", ".tflite": "TensorFlow Lite"}
+
+
+def _refuse_foreign(out: str | None, fmt: str | None) -> None:
+    """``-o model.gguf`` is refused unless ``--format`` says what to write under that name."""
+    ext = os.path.splitext(out or "")[1].lower()
+    if fmt is None and ext in FOREIGN_EXTENSIONS:
+        raise UsageError(f"-o {out}: paramtool does not write {FOREIGN_EXTENSIONS[ext]} files; name a .safetensors or "
+                         f".pt file (or give --format pt|safetensors to write that format under this name)")
 
 
 def _plan_directory_output(src: Source, out: str | None, in_place: bool, fmt: str | None) -> Output:

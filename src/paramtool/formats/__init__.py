@@ -37,11 +37,17 @@ def find(name: str | None) -> Format | None:
 
 def sniff_file(path: str) -> Format:
     """The format a file's first bytes say it is in; refuses an empty file and one in no known format."""
+    from .diagnose import diagnose
+
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(16)
-    if not head:
-        raise FormatError(f"{path}: empty file")
+    for fmt in REGISTRY:  # formats with a magic of their own first
+        if not fmt.pickled and fmt.sniff(head, size):
+            return fmt
+    problem = diagnose(path, head, size)  # another format, text, a file cut short: said as such (a pickle
+    if problem:                           # reader would take almost any bytes for opcodes)
+        raise FormatError(f"{path}: {problem}")
     for fmt in REGISTRY:
         if fmt.sniff_path(path, head, size):
             return fmt

@@ -283,6 +283,22 @@ def config_with_vocab(config: dict | None, infos: list[TensorInfo], name: str, r
     return (json.dumps(new, indent=2) + "\n").encode("utf-8")
 
 
+def config_with_dtype(config: dict | None, dtype: str) -> bytes | None:
+    """config.json with its dtype (``torch_dtype``, transformers' ``dtype``; top level and ``text_config``) set
+    to ``dtype`` after a cast, so ``from_pretrained`` loads the model as cast; ``torch_dtype`` is added when the
+    config names none. None when nothing changes. Written as transformers writes it."""
+    if not isinstance(config, dict):
+        return None
+    import copy
+
+    new = copy.deepcopy(config)
+    holders = [h for h in (new, new.get("text_config")) if isinstance(h, dict)]
+    named = [(h, k) for h in holders for k in ("torch_dtype", "dtype") if k in h]
+    for holder, k in named or [(new, "torch_dtype")]:
+        holder[k] = dtype
+    return None if new == config else (json.dumps(new, indent=2) + "\n").encode("utf-8")
+
+
 def with_config_ties(infos: list[TensorInfo], ties: ConfigTies) -> list[TensorInfo]:
     """``infos`` plus a stand-in for each absent tied name, sharing its input embedding's storage (so tie
     grouping, ``tied_to`` and the counts treat it as tied and count it once)."""
@@ -441,7 +457,8 @@ def plan_output(src: Any, out: str | None, in_place: bool, fmt: str | None,
         if size is not None:
             raise UsageError("--max-shard-size writes a directory: give -o DIR")
         return None
-    dir_like = os.path.isdir(out) or not os.path.splitext(out)[1]
+    # a new name without an extension is a directory; an existing file, device or FIFO (/dev/null) is written into
+    dir_like = os.path.isdir(out) or (not os.path.splitext(out)[1] and not os.path.exists(out))
     if size is not None and not dir_like:
         raise UsageError(f"--max-shard-size writes a directory of shards, and '{out}' names a file: give -o DIR")
     if src.directory and os.path.isdir(out) and os.path.samefile(out, src.directory):

@@ -72,6 +72,10 @@ def read_header(path: str) -> tuple[dict[str, Any], int]:
             start, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError, OverflowError):
             raise FormatError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if not any(d < 0 for d in shape) and 0 <= start <= end and end > data_size:
+            need = max(_end(e) for k, e in header.items() if k != "__metadata__")
+            raise FormatError(f"{path}: truncated: the header's tensors need {need} data bytes, the file holds "
+                              f"{data_size} ({size} bytes in all: an interrupted download or copy?)")
         if any(d < 0 for d in shape) or not 0 <= start <= end <= data_size:
             raise FormatError(f"{path}: tensor {name!r} has offsets [{start}, {end}) outside the {data_size} data bytes")
         numel = numel_of(shape)
@@ -85,6 +89,14 @@ def read_header(path: str) -> tuple[dict[str, Any], int]:
         if s1 < e0:
             raise FormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data section")
     return header, 8 + n
+
+
+def _end(entry: Any) -> int:
+    """A header entry's end offset (0 when malformed: the entry is reported on its own)."""
+    try:
+        return int(entry["data_offsets"][1])
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError):
+        return 0
 
 
 def split_metadata(metadata: dict[str, str], stored: set[str]) -> tuple[dict[str, str], dict[str, dict], dict[str, str]]:

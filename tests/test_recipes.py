@@ -1,0 +1,153 @@
+"""Every example in `paramtool COMMAND --help` and every recipe in README.md's shell blocks runs as written,
+against files generated here under the names they use (issue 26)."""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _mlp() -> dict:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)).state_dict()
+
+
+def _gpt2() -> dict:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=16))
+    return {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> pathlib.Path:
+    """The files the examples name: model.pt (a 2-layer MLP), model.safetensors (a tiny GPT-2), train.ckpt
+    (model, optimizer, lr_schedulers), a.pt, b.safetensors, before.pt/after.safetensors, compiled.pt, ddp.pt,
+    m.safetensors, ckpt/*.pt, models.py:build, and sample_models/ from the committed generator."""
+    from conftest import _load_generator
+
+    ws = tmp_path_factory.mktemp("ws")
+    (ws / "sample_models").mkdir()
+    _load_generator().generate(ws / "sample_models")
+    mlp, gpt2 = _mlp(), _gpt2()
+    for name in ("model.pt", "a.pt", "before.pt"):
+        torch.save(mlp, ws / name)
+    for name in ("b.safetensors", "after.safetensors"):
+        save_file(mlp, ws / name)
+    for name in ("model.safetensors", "m.safetensors"):
+        save_file(gpt2, ws / name)
+    torch.save({f"_orig_mod.{k}": v for k, v in mlp.items()}, ws / "compiled.pt")
+    torch.save({f"module.{k}": v for k, v in mlp.items()}, ws / "ddp.pt")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    torch.save({"epoch": 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "lr_schedulers": [sched.state_dict()]}, ws / "train.ckpt")
+    (ws / "ckpt").mkdir()
+    for i in (1, 2):
+        torch.save(mlp, ws / "ckpt" / f"epoch{i}.pt")
+    (ws / "models.py").write_text("import torch\n\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Linear(4, 8), "
+                                  "torch.nn.ReLU(), torch.nn.Linear(8, 1))\n")
+    bin_dir = ws / ".bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "paramtool"
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m paramtool "$@"\n')
+    shim.chmod(0o755)
+    return ws
+
+
+def _help_examples() -> list[str]:
+    import typer.main
+
+    from paramtool.cli import _verbatim_examples, app
+
+    out = []
+    for name, command in typer.main.get_command(app).commands.items():
+        for paragraph in (_verbatim_examples(command.epilog) or "").split("\n\n"):
+            if paragraph.startswith("\b\n"):
+                lines = paragraph[2:].strip().splitlines()
+                assert len(lines) == 1, f"{name}: an example is one line: {paragraph!r}"
+                out.append(lines[0])
+    return out
+
+
+def _readme_recipes() -> list[str]:
+    """Command lines of README.md's sh/console blocks (`$ ` prompts stripped; output lines left out)."""
+    out, lang = [], None
+    for line in (ROOT / "README.md").read_text().splitlines():
+        fence = re.match(r"^```(\w*)", line)
+        if fence:
+            lang = None if lang is not None else fence.group(1)
+            continue
+        if lang in ("sh", "console", "bash"):
+            text = line[2:] if line.startswith("$ ") else (line if lang != "console" else "")
+            if text.startswith("paramtool ") or re.match(r"^cat \S+ \| paramtool ", text):
+                out.append(text)
+    return out
+
+
+HELP = _help_examples()
+README = _readme_recipes()
+
+
+def test_examples_found():
+    commands = {e.split()[1] for e in HELP if e.startswith("paramtool ")}
+    assert {"inspect", "show", "init", "set", "ties", "stats", "check", "diff", "convert", "rename", "drop", "resize",
+            "grad", "schemes"} <= commands
+    assert len(README) >= 10
+
+
+def _writes(line: str) -> bool:
+    return " -o " in line or "--in-place" in line or line.split()[1] == "convert"
+
+
+def _in_shell(line: str) -> bool:
+    """Pipes, `||` and unquoted globs need a shell; plain command lines run in-process (no interpreter start)."""
+    return bool(re.search(r"[|;&>]|\s[^'\s]*\*", line))
+
+
+@pytest.mark.parametrize("line", HELP + README)
+def test_example_runs(line, workspace, tmp_path, monkeypatch, run):
+    cwd = tmp_path / "ws"
+    shutil.copytree(workspace, cwd)
+    if _in_shell(line):
+        env = {**os.environ, "PATH": f"{cwd / '.bin'}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "120"}
+        r = subprocess.run(["bash", "-o", "pipefail", "-c", line], cwd=cwd, env=env, capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL)
+        code, stdout, stderr = r.returncode, r.stdout, r.stderr
+    else:
+        monkeypatch.chdir(cwd)
+        r = run(*shlex.split(line, comments=True)[1:], input=b"")
+        code, stdout, stderr = r.exit_code, r.stdout, r.stderr
+    assert code == 0, f"{line}\n{stderr}"
+    assert "error:" not in stderr and "Traceback" not in stderr, stderr
+    if _writes(line):
+        assert "wrote " in stderr, stderr
+    elif " check " not in f" {line} ":
+        assert stdout.strip(), f"{line}: no output"
+
+
+def test_help_examples_are_never_wrapped(run):
+    """At 60 columns each example is still one line of `--help`, so a pasted line runs one whole command."""
+    for line in HELP:
+        command = line.split("|")[1].split()[1] if line.startswith("cat ") else line.split()[1]
+        out = run(command, "--help", env={"COLUMNS": "60"}).stdout
+        assert line in [t.strip() for t in out.splitlines()], f"{line!r} wrapped in `{command} --help`"
+
+
+def test_keep_dtype_error_names_keep_dtype(workspace, run, tmp_path):
+    r = run("convert", workspace / "model.safetensors", tmp_path / "o.safetensors", "--dtype", "bf16", "--keep-dtype", "*norm*")
+    assert r.exit_code == 1 and r.stderr.startswith("error: --keep-dtype '*norm*' matches nothing"), r.stderr
