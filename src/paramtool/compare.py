@@ -160,6 +160,9 @@ def compare_tensors(a: Any, b: Any, rtol: float, atol: float) -> dict | None:
     from .values import as_tensor, readable
 
     a, b = as_tensor(a), as_tensor(b)
+    if _describe(a)["shape"] == _describe(b)["shape"] and a.dtype != b.dtype and not a.is_nested \
+            and not b.is_nested and _numeric(a) and _numeric(b):
+        return _across_dtypes(readable(a), readable(b))
     if _describe(a) != _describe(b) or a.layout != b.layout or a.is_nested != b.is_nested:
         return {"max_abs_diff": None, "a": _describe(a), "b": _describe(b)}
     if a.is_nested and [c.shape for c in a.unbind()] != [c.shape for c in b.unbind()]:
@@ -171,6 +174,40 @@ def compare_tensors(a: Any, b: Any, rtol: float, atol: float) -> dict | None:
     if _equal(ca, cb, rtol, atol):
         return None
     return _changed(_differences(ca, cb), _describe(a), _describe(b))
+
+
+def _numeric(t: Any) -> bool:
+    from .values import NO_ARITHMETIC
+
+    name = str(t.dtype).removeprefix("torch.")
+    return not t.is_meta and not t.is_complex() and name not in NO_ARITHMETIC
+
+
+def _nonfinite(t: Any) -> dict:
+    """NaN and Inf counts of one side, with the first index (in row-major order) of each."""
+    import torch
+
+    out: dict = {}
+    if not t.is_floating_point():
+        return {"nan": 0, "inf": 0}
+    for key, mask in (("nan", torch.isnan(t)), ("inf", torch.isinf(t))):
+        n = int(mask.sum())
+        out[key] = n
+        if n:
+            flat = int(mask.reshape(-1).nonzero()[0])
+            out[f"first_{key}"] = list(torch.unravel_index(torch.tensor(flat), t.shape)) if t.dim() else []
+            out[f"first_{key}"] = [int(i) for i in out[f"first_{key}"]]
+    return out
+
+
+def _across_dtypes(a: Any, b: Any) -> dict:
+    """Two tensors of one shape and different dtypes (a cast): their values compared in float64, with each
+    side's NaN/Inf counts; always reported (the dtype changed), ``max_abs_diff`` 0 when every value survived."""
+    ca, cb = a.detach().contiguous(), b.detach().contiguous()
+    sums = _differences(ca, cb) if ca.numel() else (0.0, 0.0, 0.0, 0.0, 0.0)
+    out = _changed(sums, _describe(a), _describe(b))
+    out["a"]["nonfinite"], out["b"]["nonfinite"] = _nonfinite(ca), _nonfinite(cb)
+    return out
 
 
 def _changed(sums: tuple[float, float, float, float, float], a: dict, b: dict) -> dict:
@@ -214,8 +251,10 @@ def diff(a: Checkpoint, b: Checkpoint, rtol: float = 0.0, atol: float = 0.0) -> 
 
     def one(name: str) -> dict | None:
         ia, ib = infos_a[name], infos_b[name]
-        if (ia.shape, ia.dtype) != (ib.shape, ib.dtype):  # no data needed to say so
+        if ia.shape != ib.shape:  # no data needed to say so
             return {"max_abs_diff": None, "a": _info(ia), "b": _info(ib)}
+        if ia.dtype != ib.dtype:  # a cast: the values compared in float64 (compare_tensors)
+            return compare_tensors(a.tensor(name), b.tensor(name), rtol, atol)
         ra, rb = a.raw_bytes(name), b.raw_bytes(name)
         mapped = ra is not None and rb is not None
         if mapped and rtol == 0 and atol == 0 and bytes_equal(ra, rb):  # bit-exact: the mapped bytes decide

@@ -460,6 +460,15 @@ def diff_lines(d) -> list[Text]:
         a, b = c["a"], c["b"]
         if (a["shape"], a["dtype"]) != (b["shape"], b["dtype"]):
             what = f"{shape_text(a['shape'])} {a['dtype']} -> {shape_text(b['shape'])} {b['dtype']}"
+            if c.get("max_abs_diff") is not None:  # a cast: its values compared in float64
+                what += f", max abs diff {c['max_abs_diff']:.4g}"
+                if c.get("cosine") is not None:
+                    what += f", cosine {c['cosine']:.6f}"
+            for side in ("a", "b"):
+                bad = c[side].get("nonfinite") or {}
+                for key in ("nan", "inf"):
+                    if bad.get(key):
+                        what += f", {side}: {bad[key]} {key} (first at {bad[f'first_{key}']})"
         else:
             cos = c.get("cosine")
             what = f"max abs diff {c['max_abs_diff']:.4g}" if c["max_abs_diff"] is not None else "differs (nan/inf)"
