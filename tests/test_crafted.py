@@ -288,7 +288,8 @@ def test_tensors_saved_by_rebuild_tensor_v3_are_rewritten_as_torch_writes_them(t
     x = torch.tensor([1, 60000, 3]).to(torch.uint16)
     f8 = torch.tensor([0.5, -2.0, 448.0]).to(torch.float8_e4m3fn)
     torch.save({"x": x, "f8": f8, "w": torch.randn(3)}, tmp_path / "u16.pt")
-    for argv in (["convert", "--dtype", "bf16", "-o"], ["rename", "s/w/v/", "-o"], ["convert", "-o"]):
+    for argv in (["convert", "--dtype", "bf16", "--keep-dtype", "f8", "-o"], ["rename", "s/w/v/", "-o"],
+                 ["convert", "-o"]):
         out = tmp_path / f"{argv[0]}{len(argv)}.pt"
         r = run(argv[0], tmp_path / "u16.pt", *argv[1:], out)
         assert r.exit_code == 0, r.stderr

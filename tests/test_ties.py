@@ -39,13 +39,18 @@ def test_views_are_overlaps(tmp_path, run):
     assert got == [(["base", "row", "slice", "t"], "overlap", "storage")]
 
 
-def test_disjoint_views_do_not_group():
+def test_disjoint_views_share_a_storage_as_slices():
+    """As torch groups them (one storage, two data pointers' worth of views): reported, as "slices"; they share
+    no bytes, so no edit of one reaches the other (storage_groups, what edits follow, keeps them apart)."""
+    from paramtool.ties import storage_groups
+
     infos = [
         TensorInfo("a", (3,), "float32", "s", 0, (1,)),
         TensorInfo("b", (3,), "float32", "s", 3, (1,)),
         TensorInfo("e", (0,), "float32", "s", 0, (1,)),
     ]
-    assert find_ties(infos) == []
+    assert [(g.names, g.kind) for g in find_ties(infos)] == [(("a", "b"), "slices")]
+    assert storage_groups(infos) == []
 
 
 def test_pt_safetensors_pt_keeps_ties(samples, tmp_path, run):
