@@ -126,11 +126,13 @@ def _place(path: str, root: dict, fqn: str, where: tuple, value: Any) -> None:
     node[where[-1]] = value
 
 
-def resolve_inside(directory: str, name: Any, what: str, file_link_ok: bool = False) -> str:
+def resolve_inside(directory: str, name: Any, what: str, file_link_ok: bool = False, entry: bool = False) -> str:
     """``directory/name`` if it stays inside ``directory`` (no absolute path, no ``..``, no symlink out).
 
-    ``file_link_ok``: the file itself may be a symlink (a Hugging Face cache snapshot links each shard to its
-    blob); the directories on the way must still stay inside."""
+    ``file_link_ok``: the file itself may be a symlink to a file in the same tree (``link_root``: a Hugging
+    Face cache snapshot links each file to its blob in the repository's cache folder); the directories on the
+    way must still stay inside ``directory``. ``entry``: the directory entry itself is meant (to remove or
+    replace it, never followed): only the directories on the way are checked."""
     if not isinstance(name, str) or not name or "\0" in name:
         raise FormatError(f"{directory}: {what} {str(name)[:80]!r} is not a file name")
     parts = name.replace("\\", "/").split("/")
@@ -138,10 +140,26 @@ def resolve_inside(directory: str, name: Any, what: str, file_link_ok: bool = Fa
         raise FormatError(f"{directory}: {what} '{name}' points outside the checkpoint directory")
     full = os.path.join(directory, name)
     real_dir = os.path.realpath(directory)
-    checked = os.path.dirname(full) if file_link_ok else full
-    if os.path.commonpath([real_dir, os.path.realpath(checked)]) != real_dir:
+    if not _within(real_dir, os.path.realpath(os.path.dirname(full) if file_link_ok or entry else full)):
         raise FormatError(f"{directory}: {what} '{name}' leads outside the checkpoint directory (a symlink)")
+    if file_link_ok and not entry and not _within(link_root(real_dir), os.path.realpath(full)):
+        raise FormatError(f"{directory}: {what} '{name}' is a symlink to {os.path.realpath(full)}, outside the "
+                          "checkpoint directory: paramtool reads nothing outside it (copy the file in instead)")
     return full
+
+
+def _within(root: str, path: str) -> bool:
+    return os.path.commonpath([root, path]) == root
+
+
+def link_root(real_dir: str) -> str:
+    """Where the files of ``real_dir`` may link to: the directory itself, or, for a Hugging Face cache snapshot
+    (``models--org--name/snapshots/REV``, beside ``blobs``), the repository's cache folder."""
+    parent = os.path.dirname(real_dir)
+    repo = os.path.dirname(parent)
+    if os.path.basename(parent) == "snapshots" and os.path.isdir(os.path.join(repo, "blobs")):
+        return repo
+    return real_dir
 
 
 def _storage(md: Inert) -> list[tuple[Any, Any]]:
