@@ -21,7 +21,7 @@ from ..errors import FormatError, RefusedGlobal
 from ..records import dataclass, field, replace
 from ..toc import FakeModule, FakeTensor, StorageRef, itemsize
 from .dtypes import STORAGE_TYPES
-from .unpickle import OPCODES, TORCH_REBUILDS, Global, Hooks, Inert, unpickle
+from .unpickle import MAX_DEPTH, OPCODES, TORCH_REBUILDS, Global, Hooks, Inert, unpickle
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 MAX_PICKLE = 256 << 20  # a data.pkl beyond 256 MiB is not a state dict (real ones are KBs to a few MBs)
@@ -29,7 +29,6 @@ MAX_PICKLE = 256 << 20  # a data.pkl beyond 256 MiB is not a state dict (real on
 STORAGE_DTYPES = STORAGE_TYPES
 
 
-MAX_DEPTH = 200  # containers nested deeper than this are not a checkpoint (and would exhaust a recursive walk)
 MAX_ENTRIES = 50_000_000  # entries reachable through shared references (a "billion laughs" DAG is refused)
 MAX_BROADCAST = 1 << 32  # elements a stride-0 (expanded) view may claim beyond its storage
 
