@@ -55,6 +55,31 @@ def safe_name(name: Any) -> str:
     return "".join(out)
 
 
+def safe_text(name: Any, style: str = "") -> Text:
+    """A name for a rich renderer (table cell, tree label): ``safe_name``'s text as a ``Text``, which rich
+    never parses for markup (a plain ``str`` cell would make ``[link=...]`` a hyperlink)."""
+    return Text(safe_name(name), style=style)
+
+
+def _json_escaped(text: str) -> str:
+    """JSON text with every character ``safe_name`` would escape written as ``\\uXXXX`` (json.dumps escapes
+    only C0 controls: a C1 control or a bidi override would reach the terminal as it is). Same document."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        else:
+            code = ord(ch)
+            if code >= 0x10000:  # a surrogate pair, as JSON spells characters beyond the BMP
+                code -= 0x10000
+                out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+            else:
+                out.append(f"\\u{code:04x}")
+    return "".join(out)
+
+
 def human_bytes(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -67,7 +92,7 @@ def human_bytes(n: int) -> str:
 def dumps(obj: Any) -> str:
     """JSON for stdout: no colour, no wrapping, one document; non-finite numbers are the strings "nan", "inf"
     and "-inf" (the contract's one convention, applied here for every command)."""
-    return json.dumps(_json_safe(obj), ensure_ascii=False, allow_nan=False)
+    return _json_escaped(json.dumps(_json_safe(obj), ensure_ascii=False, allow_nan=False))
 
 
 def _json_safe(obj: Any) -> Any:
@@ -426,7 +451,7 @@ def stats_table(results: list) -> Table:
         table.add_column(col, justify="left" if col == "name" else "right")
     for r in results:
         bad = r.nan + r.inf
-        table.add_row(safe_name(r.name), _g(r.mean), _g(r.std), _g(r.min), _g(r.max), f"{r.zeros:.1%}", _g(r.norm),
+        table.add_row(safe_text(r.name), _g(r.mean), _g(r.std), _g(r.min), _g(r.max), f"{r.zeros:.1%}", _g(r.norm),
                       Text(f"{r.nan}/{r.inf}", style="bold red") if bad else "0/0")
     modules: dict[str, list] = {}
     for r in results:
@@ -440,7 +465,7 @@ def stats_table(results: list) -> Table:
             norm = sum(r.norm ** 2 for r in rs) ** 0.5
             zeros = sum(r.zeros * r.numel for r in rs) / n if n else 0.0
             bad = sum(r.nan + r.inf for r in rs)
-            table.add_row(Text(f"{safe_name(mod)} (total)", style="bold"), "", "", _g(min(r.min for r in rs)),
+            table.add_row(safe_text(f"{mod} (total)", style="bold"), "", "", _g(min(r.min for r in rs)),
                           _g(max(r.max for r in rs)), f"{zeros:.1%}", _g(norm),
                           Text(str(bad), style="bold red") if bad else "0")
     return table

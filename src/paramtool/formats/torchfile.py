@@ -203,6 +203,9 @@ _ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
 # zip compression methods torch's reader (miniz) decompresses; any other it refuses ("unsupported method")
 TORCH_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 DEFLATE_RATIO = 1032  # deflate's largest possible expansion: a record claiming more is a bomb or a lie
+# what the deflated storage records of one file may expand to: real weights hardly compress (a re-zipped
+# checkpoint is about as large as its tensors), so more than this is a small file made to cost a large one
+INFLATE_BUDGET, INFLATE_RATIO = 64 << 20, 32
 
 
 def _zip_prefix(archive: zipfile.ZipFile, path: str) -> str:
@@ -371,6 +374,12 @@ def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
         data = _read_record(archive, info.filename, path)
         out.root = _unpickle(data, storage, path, out.globals)
         _scan_other_pickles(archive, records, info.filename, path)
+        inflated = sum(ref.nbytes for ref in seen.values()
+                       if records[_fold(out.records[ref.key])].compress_type != zipfile.ZIP_STORED)
+        size = archive.fp.seek(0, os.SEEK_END)
+        if inflated > INFLATE_BUDGET + INFLATE_RATIO * size:
+            raise FormatError(f"{path}: its compressed storage records expand to {inflated} bytes from a {size} byte "
+                              "file (torch.save stores records uncompressed): refused as a decompression bomb")
         f = fileobj if fileobj is not None else open(path, "rb")
         try:
             for ref in seen.values():
