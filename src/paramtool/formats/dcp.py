@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, RefusedGlobal, first_line
-from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_of
+from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_within
 from .torchfile import MAX_DEPTH
 from .unpickle import Global, Inert, unpickle
 
@@ -85,9 +85,11 @@ def _fake(path: str, fqn: str, entry: Inert) -> FakeTensor:
     if dtype is None:
         raise FormatError(f"{path}: tensor '{fqn}' has no dtype")
     size = entry.field("size")
-    if not isinstance(size, tuple) or not all(isinstance(d, int) and d >= 0 for d in size):
+    if not isinstance(size, tuple) or not all(isinstance(d, int) and 0 <= d < 1 << 63 for d in size):
         raise FormatError(f"{path}: tensor '{fqn}' has an invalid size")
-    numel = numel_of(size)
+    numel = numel_within(size, (1 << 63) - 1)  # multiplied as checked: thousands of huge dimensions stop at once
+    if numel is None:
+        raise FormatError(f"{path}: tensor '{fqn}' has more elements than torch can hold")
     return FakeTensor(StorageRef(("dcp", fqn), dtype, numel), 0, size, contiguous_stride(size), dtype)
 
 
