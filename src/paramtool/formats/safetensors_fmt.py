@@ -236,7 +236,8 @@ def view_spec(path: str, name: str, spec: dict, storage: StorageRef) -> tuple[in
     try:
         _check_view(storage, offset, tuple(shape), tuple(stride))
     except FormatError as e:
-        raise FormatError(f"{path}: {TIES_KEY} entry for {name!r} reaches outside '{spec['of']}': {e}") from None
+        raise FormatError(f"{path}: {TIES_KEY} entry for {name!r} reaches outside '{spec['of']}': "
+                          f"{str(e)[:200]}") from None
     return offset, tuple(shape), tuple(stride)
 
 
