@@ -258,9 +258,10 @@ def _storage_key(kind: str, key: Any) -> tuple:
 
 
 def _check_record(info: zipfile.ZipInfo, numel: Any, dtype: str) -> None:
-    """A storage record holds the storage's bytes, in a form torch's reader reads, and a compressed one claims
+    """A storage record holds exactly the storage's bytes, in a form torch's reader reads, and a compressed one claims
     no more than deflate can produce from its size (the bytes read from it are bounded by ``numel``)."""
-    if not isinstance(numel, int) or numel < 0 or numel * itemsize(dtype) > info.file_size:
+    if not isinstance(numel, int) or numel < 0 or numel * itemsize(dtype) != info.file_size:  # torch: "record size
+        # (N bytes) does not match expected size": a longer record is refused too
         raise FormatError(f"storage '{info.filename}' claims {numel} {dtype} elements but its record holds "
                           f"{info.file_size} bytes")
     if info.compress_type not in TORCH_METHODS:
