@@ -206,6 +206,8 @@ CASES: dict[str, tuple] = {
     "fractional-shape.safetensors": (lambda: _st_raw("2.0"), "not counts"),
     "trailing-bytes.safetensors": (lambda: _st_raw("2", floats(1, 2, 3)), "belong to no tensor"),
     "view-2^40-stride-0.safetensors": (lambda: _st_view([1 << 40], [0]), "paramtool.ties"),
+    "view-2^31-stride-0.safetensors": (lambda: _st_view([1 << 31], [0]), "paramtool.ties"),
+    "view-expanded-1000x4.safetensors": (lambda: _st_view([1000, 4], [0, 1]), "torch"),
     "view-negative-stride.safetensors": (lambda: _st_view([2], [-1], 3), "paramtool.ties"),
     "view-negative-shape.safetensors": (lambda: _st_view([-2], [1]), "paramtool.ties"),
     "view-5000-digit-offset.safetensors": (lambda: _st_view([1], [1], "9" * 5000), "torch"),

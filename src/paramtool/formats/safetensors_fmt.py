@@ -24,6 +24,7 @@ from ..toc import FakeTensor, StorageRef, TensorInfo, contiguous_stride, itemsiz
 from .dtypes import SAFETENSORS
 
 MAX_HEADER = 100 * 1024 * 1024
+MAX_EXPANDED = 1 << 24  # elements a recorded view may have beyond its stored tensor's (an expanded tensor)
 TIES_KEY = "paramtool.ties"
 ORDER_KEY = "paramtool.order"
 
@@ -238,6 +239,9 @@ def view_spec(path: str, name: str, spec: dict, storage: StorageRef) -> tuple[in
     except FormatError as e:
         raise FormatError(f"{path}: {TIES_KEY} entry for {name!r} reaches outside '{spec['of']}': "
                           f"{str(e)[:200]}") from None
+    if numel_within(shape, max(storage.numel, MAX_EXPANDED)) is None:  # a stride-0 view of a few bytes
+        raise FormatError(f"{path}: {TIES_KEY} entry for {name!r} repeats '{spec['of']}' into more than "
+                          f"{max(storage.numel, MAX_EXPANDED)} elements: not a tie paramtool wrote")
     return offset, tuple(shape), tuple(stride)
 
 
