@@ -248,3 +248,22 @@ def test_hostile_names_are_escaped_by_every_renderer(tmp_path):
     _, out, _, _, _ = measured("inspect", a, "--json")
     names = [t["name"] for t in json.loads(out)["tensors"]]
     assert sorted(names) == sorted(HOSTILE_NAMES)  # escaped on the wire, the same names once parsed
+
+
+def test_dcp_entry_of_3000_huge_dimensions_is_refused_at_once(tmp_path):
+    """A DCP ``.metadata`` whose entry states 3,000 dimensions of 2^62 (the size is multiplied as checked)."""
+    import pickle
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    ck = tmp_path / "ck"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(2)}, checkpoint_id=str(ck))
+    md = pickle.loads((ck / ".metadata").read_bytes())  # the test's own file, written by torch just now
+    md.state_dict_metadata["w"].size = torch.Size([1 << 62] * 3000)
+    (ck / ".metadata").write_bytes(pickle.dumps(md))
+    code, out, err, cpu, _ = measured("inspect", ck, "--json")
+    assert code == 1 and "more elements than torch can hold" in err and len(err.splitlines()) == 1, err
+    assert cpu < CPU_SLACK
