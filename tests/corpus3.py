@@ -126,6 +126,9 @@ def _case_records(variant: str) -> bytes:
     if variant == "upper-data.pkl-only":
         out = torch_zip(pkl, good)
         return out.replace(b"archive/data.pkl", b"archive/DATA.PKL")
+    if variant == "upper-data.pkl-evil":  # the only pickle torch would load, named in capitals
+        evil = b"\x80\x02" + glob("os", "system") + text("true") + b"\x85R."
+        return torch_zip(evil, good).replace(b"archive/data.pkl", b"archive/DATA.PKL")
     if variant == "byteorder-empty":
         return torch_zip(pkl, [("byteorder", b""), ("data/0", floats(1, 2))])
     if variant == "byteorder-big":
@@ -184,6 +187,7 @@ CASES: dict[str, tuple] = {
     "data.pkl-case-dup.pt": (lambda: _case_records("data.pkl-case-dup"), "ambiguous"),
     "upper-record-only.pt": (lambda: _case_records("upper-record-only"), "torch"),
     "upper-data.pkl-only.pt": (lambda: _case_records("upper-data.pkl-only"), "torch"),
+    "upper-data.pkl-evil.pt": (lambda: _case_records("upper-data.pkl-evil"), "os.system"),
     "byteorder-empty.pt": (lambda: _case_records("byteorder-empty"), "byte order"),
     "byteorder-big.pt": (lambda: _case_records("byteorder-big"), "big-endian"),
     "outside-prefix.pt": (lambda: _case_records("outside-prefix"), "outside the archive"),
