@@ -267,3 +267,14 @@ def test_dcp_entry_of_3000_huge_dimensions_is_refused_at_once(tmp_path):
     code, out, err, cpu, _ = measured("inspect", ck, "--json")
     assert code == 1 and "more elements than torch can hold" in err and len(err.splitlines()) == 1, err
     assert cpu < CPU_SLACK
+
+
+@pytest.mark.parametrize("linked", ["model-00002-of-00002.safetensors", "model.safetensors.index.json"])
+def test_shard_or_index_linked_out_of_the_directory_is_not_read(tmp_path, run, linked):
+    d = _sharded(tmp_path / "ckpt")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (d / linked).rename(outside / linked)
+    (d / linked).symlink_to(outside / linked)
+    r = run("inspect", d, "--json")
+    assert r.exit_code == 1 and "symlink" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
