@@ -278,3 +278,18 @@ def test_shard_or_index_linked_out_of_the_directory_is_not_read(tmp_path, run, l
     (d / linked).symlink_to(outside / linked)
     r = run("inspect", d, "--json")
     assert r.exit_code == 1 and "symlink" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_hostile_keys_of_a_training_checkpoint_are_escaped(tmp_path):
+    """Keys of nested entries and non-tensor values, not only tensor names."""
+    path = tmp_path / "train.pt"
+    torch.save({"model": {HOSTILE_NAMES[0]: torch.ones(2), HOSTILE_NAMES[2]: torch.zeros(2)},
+                "epoch": 3, HOSTILE_NAMES[3]: HOSTILE_NAMES[1], "args": {HOSTILE_NAMES[4]: 1}}, path)
+    env = {"FORCE_COLOR": "1", "TERM": "xterm-256color", "COLUMNS": "300"}
+    for args in [("inspect", path), ("inspect", path, "--key", "args"), ("stats", path), ("ties", path),
+                 ("inspect", path, "--json")]:
+        code, out, err, _, _ = measured(*args, env=env)
+        assert code in (0, 1), (args, err)
+        for raw in RAW:
+            assert raw not in out and raw not in err, (args, raw, out[:400], err[:400])
+        assert "\x1b]" not in out + err
