@@ -315,9 +315,12 @@ def test_in_place_through_a_directory_symlink_keeps_the_link(tmp_path, runner):
 
 
 def test_sharded_in_place_with_symlinked_shards(tmp_path, runner):
-    """As in a Hugging Face cache snapshot: the shards are links to blobs, which are left as they were."""
-    ckpt = pathlib.Path(build("sharded", tmp_path / "c"))
-    blobs = tmp_path / "blobs"
+    """A Hugging Face cache snapshot (models--org--name/snapshots/REV): the shards are links to the blobs
+    beside it, which are left as they were."""
+    repo = tmp_path / "models--org--name"
+    repo.mkdir()
+    ckpt = pathlib.Path(build("sharded", repo / "snapshots"))
+    blobs = repo / "blobs"
     blobs.mkdir()
     for shard in ckpt.glob("model-*.safetensors"):
         shard.rename(blobs / shard.name)

@@ -10,7 +10,7 @@ import math
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Callable
 
 from .names import people_order, people_sorted, sibling_order
 from .records import dataclass, field
@@ -40,19 +40,35 @@ class _Lazy:
 Table, Text, Tree = _Lazy("rich.table", "Table"), _Lazy("rich.text", "Text"), _Lazy("rich.tree", "Tree")
 
 
+def _escaped(text: str, spell: Callable[[int], str]) -> str:
+    """``text`` with each non-printable character (C0 and C1 controls, bidi overrides and isolates, format
+    characters, lone surrogates) written as ``spell(code point)``."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else spell(ord(ch)) for ch in text)
+
+
+def _python_escape(code: int) -> str:
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _json_escape(code: int) -> str:
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # a surrogate pair, as JSON spells characters beyond the BMP
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
 def safe_name(name: Any) -> str:
-    """Printable form of a name: control and other non-printable characters become escapes."""
-    s = str(name)
-    if s.isprintable():
-        return s
-    out = []
-    for ch in s:
-        if ch.isprintable():
-            out.append(ch)
-        else:
-            code = ord(ch)
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
-    return "".join(out)
+    """Printable form of a name: control and other non-printable characters become escapes. Every renderer
+    (tree, tables, stats, diff, warnings, errors) shows names through this."""
+    return _escaped(str(name), _python_escape)
+
+
+def safe_text(name: Any, style: str = "") -> Text:
+    """A name for a rich renderer (table cell, tree label): ``safe_name``'s text as a ``Text``, which rich
+    never parses for markup (a plain ``str`` cell would make ``[link=...]`` a hyperlink)."""
+    return Text(safe_name(name), style=style)
 
 
 def human_bytes(n: int) -> str:
@@ -67,7 +83,9 @@ def human_bytes(n: int) -> str:
 def dumps(obj: Any) -> str:
     """JSON for stdout: no colour, no wrapping, one document; non-finite numbers are the strings "nan", "inf"
     and "-inf" (the contract's one convention, applied here for every command)."""
-    return json.dumps(_json_safe(obj), ensure_ascii=False, allow_nan=False)
+    # the characters safe_name escapes are written as \\u escapes (json.dumps escapes only C0 controls: a C1
+    # control or a bidi override would reach the terminal as it is); the same document once parsed
+    return _escaped(json.dumps(_json_safe(obj), ensure_ascii=False, allow_nan=False), _json_escape)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -429,7 +447,7 @@ def stats_table(results: list) -> Table:
         table.add_column(col, justify="left" if col == "name" else "right")
     for r in results:
         bad = r.nan + r.inf
-        table.add_row(safe_name(r.name), _g(r.mean), _g(r.std), _g(r.min), _g(r.max), f"{r.zeros:.1%}", _g(r.norm),
+        table.add_row(safe_text(r.name), _g(r.mean), _g(r.std), _g(r.min), _g(r.max), f"{r.zeros:.1%}", _g(r.norm),
                       Text(f"{r.nan}/{r.inf}", style="bold red") if bad else "0/0")
     modules: dict[str, list] = {}
     for r in results:
@@ -443,7 +461,7 @@ def stats_table(results: list) -> Table:
             norm = sum(r.norm ** 2 for r in rs) ** 0.5
             zeros = sum(r.zeros * r.numel for r in rs) / n if n else 0.0
             bad = sum(r.nan + r.inf for r in rs)
-            table.add_row(Text(f"{safe_name(mod)} (total)", style="bold"), "", "", _g(min(r.min for r in rs)),
+            table.add_row(safe_text(f"{mod} (total)", style="bold"), "", "", _g(min(r.min for r in rs)),
                           _g(max(r.max for r in rs)), f"{zeros:.1%}", _g(norm),
                           Text(str(bad), style="bold red") if bad else "0")
     return table

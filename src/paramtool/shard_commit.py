@@ -16,8 +16,14 @@ points to.
 
 The index itself may change too (surgery renames names, drops a whole shard, changes ``total_size``): the
 commit then installs the new document rather than the old bytes, and the shards it no longer names are
-removed in step 3. Until they are, the index written in step 2 lists them under ``UNLINK_KEY``, so that
-``recover`` removes them too and ends in the same new index.
+removed in step 3.
+
+The index written in step 2 carries a journal (``JOURNAL_KEY``): the temporaries this commit created and the
+old shards it is to remove, each with its identity (device, inode, size, modification time) taken when the
+commit began. ``recover`` touches only what the journal names, found inside the directory (no ``..``, no
+absolute path, no symlinked directory on the way, the entry itself never followed) and still that very file:
+an index from elsewhere cannot make it delete or overwrite anything (its journal cannot name a file's
+identity before the file exists), and an index without a journal is left as it is.
 """
 from __future__ import annotations
 
@@ -27,10 +33,31 @@ import glob
 import json
 import os
 from collections.abc import Iterator
+from typing import Any
 
 from . import fsops
 
-UNLINK_KEY = "paramtool.unlink"  # step 2's index only: shards the new index no longer names, to remove
+JOURNAL_KEY = "paramtool.journal"  # step 2's index only: {"created": {temporary: id}, "unlink": {shard: id}}
+
+
+def _identity(path: str) -> list[int]:
+    """What makes a file this file and no other: device, inode, size, modification time (of the entry itself,
+    not of what a symlink names; ``link`` changes a file's ctime, not these)."""
+    st = os.lstat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _proven(directory: str, name: Any, identity: Any) -> str | None:
+    """``directory/name`` when it is inside ``directory`` (symlinks resolved) and still the file ``identity``
+    recorded; else None."""
+    from .errors import FormatError
+    from .formats.dcp import resolve_inside
+
+    try:
+        path = resolve_inside(directory, name, "journal entry", entry=True)
+        return path if _identity(path) == identity else None
+    except (FormatError, OSError, TypeError, ValueError):
+        return None
 
 
 def _dumps(doc: dict) -> bytes:
@@ -84,8 +111,11 @@ def commit(index_path: str, raw: dict, pending: dict[str, str], final: dict | No
     removed = sorted(set(raw["weight_map"].values()) - set(doc["weight_map"].values()) - set(pending))
     interim = dict(doc)
     interim["weight_map"] = {name: relative.get(shard, shard) for name, shard in doc["weight_map"].items()}
-    if removed:
-        interim[UNLINK_KEY] = removed
+    interim[JOURNAL_KEY] = {
+        "created": {rel: _identity(pending[shard]) for shard, rel in relative.items()},
+        "unlink": {s: _identity(os.path.join(directory, s)) for s in removed
+                   if os.path.lexists(os.path.join(directory, s))},
+    }
     with fsops.critical(), _locked(directory):
         if final is None:
             with open(index_path, "rb") as f:
@@ -131,27 +161,31 @@ def _finish(directory: str, index_path: str, index_bytes: bytes, relative: dict[
 
 def recover(directory: str) -> bool:
     """Finish a commit that a killed process left inside step 3 (its index names temporaries); True if
-    there was one."""
+    there was one. Only what the index's journal names, proven to be those files, is linked or removed."""
     recovered = False
     for index_path in glob.glob(os.path.join(glob.escape(directory), "*.index.json")):
         try:
             with open(index_path, encoding="utf-8") as f:
                 doc = json.load(f)
             weight_map = doc["weight_map"]
-            removed = [str(s) for s in doc.get(UNLINK_KEY) or []]
+            journal = doc.get(JOURNAL_KEY)
+            if not isinstance(journal, dict):
+                continue  # no journal: nothing here is provably paramtool's to finish
+            created, unlink = journal.get("created") or {}, journal.get("unlink") or {}
             relative = {}
             for rel in dict.fromkeys(weight_map.values()):
                 pid = fsops.owner_pid(rel)
-                if pid is not None and not fsops.process_alive(pid) and os.path.isfile(os.path.join(directory, rel)):
+                if (pid is not None and not fsops.process_alive(pid) and rel in created
+                        and _proven(directory, rel, created[rel]) is not None):
                     relative[os.path.join(os.path.dirname(rel), fsops.final_name(rel))] = rel
+            removed = [s for s, ident in unlink.items()
+                       if s not in weight_map.values() and _proven(directory, s, ident) is not None]
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        if relative or removed:
+        if relative or removed or unlink:
             back = {v: k for k, v in relative.items()}
-            raw = {k: v for k, v in doc.items() if k != UNLINK_KEY}
+            raw = {k: v for k, v in doc.items() if k != JOURNAL_KEY}
             raw["weight_map"] = {name: back.get(rel, rel) for name, rel in weight_map.items()}
-            removed = [s for s in removed if s not in raw["weight_map"].values()
-                       and not os.path.isabs(s) and ".." not in s.replace("\\", "/").split("/")]
             with fsops.critical(), _locked(directory):
                 _finish(directory, index_path, _dumps(raw), relative, removed)
             recovered = True

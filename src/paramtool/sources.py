@@ -87,13 +87,16 @@ def resolve(text: str | None) -> Source:
     if is_factory_spec(text):
         return Source(text, "factory")
     if os.path.isdir(text) or text.endswith(".index.json"):
+        from .formats.dcp import resolve_inside
+
         if os.path.isdir(text) and os.path.exists(os.path.join(text, ".metadata")):
+            resolve_inside(text, ".metadata", "torch.distributed .metadata", file_link_ok=True)
             return Source(text, "dcp", text)
         from .formats.modeldir import find_weights
         from .formats.sharded import has_index
 
         if os.path.isdir(text) and not has_index(text):  # a model directory with one weights file
-            weights = find_weights(text)
+            weights = resolve_inside(text, os.path.basename(find_weights(text)), "weights file", file_link_ok=True)
             return Source(text, "file", weights, sniff_file(weights), directory=text)
         directory = text if os.path.isdir(text) else os.path.dirname(text) or "."
         if not os.path.isdir(text) and not os.path.isfile(os.path.join(directory, "config.json")):

@@ -24,6 +24,19 @@ def numel_of(shape: tuple[int, ...]) -> int:
     return n
 
 
+def numel_within(shape: list[int] | tuple[int, ...], limit: int) -> int | None:
+    """``shape``'s element count, or None once the product passes ``limit`` (multiplied dimension by dimension
+    and checked as it goes: thousands of huge dimensions cost no more than a few)."""
+    if 0 in shape:
+        return 0
+    n = 1
+    for d in shape:
+        n *= d
+        if n > limit:
+            return None
+    return n
+
+
 @dataclass(frozen=True)
 class StorageRef:
     """One underlying storage. Two tensors share memory exactly when their ``key`` is equal."""

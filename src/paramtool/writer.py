@@ -68,6 +68,10 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
     if in_place:
         if not is_input_file:
             raise UsageError(f"--in-place needs a checkpoint file as SOURCE, not '{src.text}'")
+        if src.directory and os.path.islink(src.path):  # a Hugging Face snapshot's link to a shared blob
+            raise ParamtoolError(f"{src.path} is a symlink to {os.path.realpath(src.path)}: --in-place would rewrite "
+                                 "the file it links to (other snapshots may share it); write with -o DIR, or "
+                                 "name the weights file itself as SOURCE to rewrite it there")
         if fmt is not None and src.layout is not None and formats.by_name(fmt).pickled != src.layout.pickled:
             raise UsageError(f"--in-place keeps {src.path} a {src.layout.name} file: to write {fmt}, "
                              "give -o PATH with a new name")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, RefusedGlobal, first_line
-from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_of
+from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_within
 from .torchfile import MAX_DEPTH
 from .unpickle import Global, Inert, unpickle
 
@@ -85,9 +85,11 @@ def _fake(path: str, fqn: str, entry: Inert) -> FakeTensor:
     if dtype is None:
         raise FormatError(f"{path}: tensor '{fqn}' has no dtype")
     size = entry.field("size")
-    if not isinstance(size, tuple) or not all(isinstance(d, int) and d >= 0 for d in size):
+    if not isinstance(size, tuple) or not all(isinstance(d, int) and 0 <= d < 1 << 63 for d in size):
         raise FormatError(f"{path}: tensor '{fqn}' has an invalid size")
-    numel = numel_of(size)
+    numel = numel_within(size, (1 << 63) - 1)  # multiplied as checked: thousands of huge dimensions stop at once
+    if numel is None:
+        raise FormatError(f"{path}: tensor '{fqn}' has more elements than torch can hold")
     return FakeTensor(StorageRef(("dcp", fqn), dtype, numel), 0, size, contiguous_stride(size), dtype)
 
 
@@ -126,11 +128,13 @@ def _place(path: str, root: dict, fqn: str, where: tuple, value: Any) -> None:
     node[where[-1]] = value
 
 
-def resolve_inside(directory: str, name: Any, what: str, file_link_ok: bool = False) -> str:
+def resolve_inside(directory: str, name: Any, what: str, file_link_ok: bool = False, entry: bool = False) -> str:
     """``directory/name`` if it stays inside ``directory`` (no absolute path, no ``..``, no symlink out).
 
-    ``file_link_ok``: the file itself may be a symlink (a Hugging Face cache snapshot links each shard to its
-    blob); the directories on the way must still stay inside."""
+    ``file_link_ok``: the file itself may be a symlink to a file in the same tree (``link_root``: a Hugging
+    Face cache snapshot links each file to its blob in the repository's cache folder); the directories on the
+    way must still stay inside ``directory``. ``entry``: the directory entry itself is meant (to remove or
+    replace it, never followed): only the directories on the way are checked."""
     if not isinstance(name, str) or not name or "\0" in name:
         raise FormatError(f"{directory}: {what} {str(name)[:80]!r} is not a file name")
     parts = name.replace("\\", "/").split("/")
@@ -138,10 +142,26 @@ def resolve_inside(directory: str, name: Any, what: str, file_link_ok: bool = Fa
         raise FormatError(f"{directory}: {what} '{name}' points outside the checkpoint directory")
     full = os.path.join(directory, name)
     real_dir = os.path.realpath(directory)
-    checked = os.path.dirname(full) if file_link_ok else full
-    if os.path.commonpath([real_dir, os.path.realpath(checked)]) != real_dir:
+    if not _within(real_dir, os.path.realpath(os.path.dirname(full) if file_link_ok or entry else full)):
         raise FormatError(f"{directory}: {what} '{name}' leads outside the checkpoint directory (a symlink)")
+    if file_link_ok and not entry and not _within(link_root(real_dir), os.path.realpath(full)):
+        raise FormatError(f"{directory}: {what} '{name}' is a symlink to {os.path.realpath(full)}, outside the "
+                          "checkpoint directory: paramtool reads nothing outside it (copy the file in instead)")
     return full
+
+
+def _within(root: str, path: str) -> bool:
+    return os.path.commonpath([root, path]) == root
+
+
+def link_root(real_dir: str) -> str:
+    """Where the files of ``real_dir`` may link to: the directory itself, or, for a Hugging Face cache snapshot
+    (``models--org--name/snapshots/REV``, beside ``blobs``), the repository's cache folder."""
+    parent = os.path.dirname(real_dir)
+    repo = os.path.dirname(parent)
+    if os.path.basename(parent) == "snapshots" and os.path.isdir(os.path.join(repo, "blobs")):
+        return repo
+    return real_dir
 
 
 def _storage(md: Inert) -> list[tuple[Any, Any]]:

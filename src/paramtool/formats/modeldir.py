@@ -169,6 +169,9 @@ def read_config(directory: str) -> tuple[dict | None, str | None]:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         return None, None
+    from .dcp import resolve_inside
+
+    resolve_inside(directory, "config.json", "config.json", file_link_ok=True)  # a link out is not read
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)

@@ -60,11 +60,17 @@ def _storages(listing: TorchFile, mapped: Any, path: str, zip_bytes: Any) -> dic
         nbytes = ref.nbytes
         if nbytes == 0:
             flat = torch.empty(0, dtype=torch.uint8)
-        elif offset is None:  # a compressed zip record (not written by torch): read into memory
+        elif offset is None:  # a deflated zip record (not written by torch): the bytes the storage needs, no more
             import zipfile
 
-            with zipfile.ZipFile(zip_bytes if zip_bytes is not None else path) as z:
-                data = bytearray(z.read(listing.records[key]))
+            try:
+                with zipfile.ZipFile(zip_bytes if zip_bytes is not None else path) as z, \
+                        z.open(listing.records[key]) as record:
+                    data = bytearray(record.read(nbytes))
+            except Exception as e:  # BadZipFile, zlib.error, EOFError: corrupt compressed bytes
+                raise FormatError(f"{path}: zip record '{listing.records[key]}' cannot be read ({first_line(e, 120)})") from None
+            if len(data) != nbytes:
+                raise FormatError(f"{path}: zip record '{listing.records[key]}' holds fewer bytes than its storage")
             flat = torch.frombuffer(data, dtype=torch.uint8, count=nbytes)
         else:
             if mapped is None or offset + nbytes > len(mapped):

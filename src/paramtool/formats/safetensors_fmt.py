@@ -20,15 +20,71 @@ if TYPE_CHECKING:
     from typing import Any
 
 from ..errors import FormatError
-from ..toc import FakeTensor, StorageRef, TensorInfo, contiguous_stride, itemsize, numel_of
+from ..toc import FakeTensor, StorageRef, TensorInfo, contiguous_stride, itemsize, numel_of, numel_within
 from .dtypes import SAFETENSORS
 
 MAX_HEADER = 100 * 1024 * 1024
+MAX_EXPANDED = 1 << 24  # elements a recorded view may have beyond its stored tensor's (an expanded tensor)
 TIES_KEY = "paramtool.ties"
 ORDER_KEY = "paramtool.order"
 
 DTYPES = SAFETENSORS  # safetensors dtype codes -> torch dtype names
 CODES = {name: code for code, name in DTYPES.items()}
+
+
+class _Object(dict):
+    """A JSON object that remembers a name it was given twice (``duplicate``)."""
+
+    duplicate: str | None = None
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = _Object(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        out.duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+    return out
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 20:  # beyond 2^64: safetensors refuses it ("number out of range")
+        raise FormatError(f"a {len(text)}-digit number")
+    return int(text)
+
+
+def parse_json(text: str | bytes, what: str) -> Any:
+    """JSON as safetensors' reader (serde) takes it: an integer beyond 20 digits, too deep a nesting or a name
+    given twice in one object (two tensors of one name: serde keeps one, Python's json the other) is refused;
+    a name given twice inside ``__metadata__`` is the last one, as in both."""
+    try:
+        doc = json.loads(text, object_pairs_hook=_object, parse_int=_bounded_int)
+    except FormatError as e:
+        raise FormatError(f"{what} holds {e}: not a valid header") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # (JSONDecodeError is a ValueError)
+        raise FormatError(f"{what} is not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
+    duplicate = _duplicate(doc, top=True)
+    if duplicate is not None:
+        raise FormatError(f"{what} names '{duplicate}' twice: readers disagree on which one is meant")
+    return doc
+
+
+def _duplicate(doc: Any, top: bool) -> str | None:
+    """A name given twice in ``doc``'s objects (iterative: the depth is bounded by the parser already)."""
+    stack = [(doc, top)]
+    while stack:
+        node, is_top = stack.pop()
+        if isinstance(node, dict):
+            if getattr(node, "duplicate", None) is not None:
+                return node.duplicate
+            stack.extend((v, False) for k, v in node.items() if not (is_top and k == "__metadata__"))
+        elif isinstance(node, list):
+            stack.extend((v, False) for v in node)
+    return None
+
+
+def _count(value: Any) -> bool:
+    """An integer safetensors reads as a ``usize``."""
+    return type(value) is int and 0 <= value < 1 << 64
 
 
 def sniff(head: bytes, file_size: int) -> bool:
@@ -52,10 +108,7 @@ def read_header(path: str) -> tuple[dict[str, Any], int]:
         if n > size - 8:
             raise FormatError(f"{path}: safetensors header claims {n} bytes but the file has {size - 8} after the length")
         text = f.read(n)
-    try:
-        header = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: safetensors header is not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
+    header = parse_json(text, f"{path}: safetensors header")
     if not isinstance(header, dict):
         raise FormatError(f"{path}: safetensors header is not a JSON object")
     data_size = size - 8 - n
@@ -68,26 +121,37 @@ def read_header(path: str) -> tuple[dict[str, Any], int]:
             continue
         try:
             dtype = DTYPES[entry["dtype"]]
-            shape = [int(d) for d in entry["shape"]]
-            start, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError, OverflowError):
+            shape, offsets = entry["shape"], entry["data_offsets"]
+            start, end = offsets
+        except (KeyError, TypeError, ValueError):
             raise FormatError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        if not any(d < 0 for d in shape) and 0 <= start <= end and end > data_size:
+        if not isinstance(shape, list) or not all(_count(v) for v in shape + [start, end]):
+            raise FormatError(f"{path}: tensor {name!r} has a shape or offsets that are not counts (safetensors "
+                              "takes only integers from 0 to 2^64-1)")
+        if start <= end and end > data_size:
             need = max(_end(e) for k, e in header.items() if k != "__metadata__")
             raise FormatError(f"{path}: truncated: the header's tensors need {need} data bytes, the file holds "
                               f"{data_size} ({size} bytes in all: an interrupted download or copy?)")
-        if any(d < 0 for d in shape) or not 0 <= start <= end <= data_size:
+        if not start <= end <= data_size:
             raise FormatError(f"{path}: tensor {name!r} has offsets [{start}, {end}) outside the {data_size} data bytes")
-        numel = numel_of(shape)
-        if numel * itemsize(dtype) != end - start:
-            raise FormatError(
-                f"{path}: tensor {name!r} is {dtype} {shape} ({numel * itemsize(dtype)} bytes) but its offsets hold {end - start}"
-            )
+        numel = numel_within(shape, data_size)
+        if numel is None or numel * itemsize(dtype) != end - start:
+            shown = "more than the file holds" if numel is None else f"{numel * itemsize(dtype)} bytes"
+            raise FormatError(f"{path}: tensor {name!r} is {dtype} {shape[:8]}{'…' * (len(shape) > 8)} ({shown}) "
+                              f"but its offsets hold {end - start}")
         spans.append((start, end, name))
     spans.sort()
     for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
         if s1 < e0:
             raise FormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data section")
+    # as safetensors reads a file: the tensors' bytes follow one another from the start of the data to its end
+    ends = [0] + [e for _, e, _ in spans]
+    gap = next(((s, n) for (s, _, n), prev in zip(spans, ends) if s != prev), None)
+    if gap is not None:
+        raise FormatError(f"{path}: bytes before tensor {gap[1]!r} belong to no tensor (safetensors refuses such a file)")
+    if ends[-1] != data_size:
+        raise FormatError(f"{path}: the last {data_size - ends[-1]} data bytes belong to no tensor "
+                          "(safetensors refuses such a file)")
     return header, 8 + n
 
 
@@ -109,11 +173,12 @@ def split_metadata(metadata: dict[str, str], stored: set[str]) -> tuple[dict[str
             continue
         if k == TIES_KEY:
             try:
-                parsed = json.loads(v)
-            except json.JSONDecodeError:
+                parsed = parse_json(v, TIES_KEY)
+            except FormatError:
                 parsed = None
-            if isinstance(parsed, dict):
-                views = {n: s for n, s in parsed.items() if isinstance(s, dict) and s.get("of") in stored}
+            if isinstance(parsed, dict):  # a name stored in the file is that tensor, as safetensors reads it
+                views = {n: s for n, s in parsed.items()
+                         if n not in stored and isinstance(s, dict) and s.get("of") in stored}
                 continue
         if k not in stored and v in stored:
             aliases[k] = v
@@ -129,8 +194,8 @@ def ordered_names(stored: list[str], dropped: list[str], metadata: dict[str, str
     from ..names import people_key
 
     try:
-        positions = json.loads(metadata.get(ORDER_KEY, "{}"))
-    except json.JSONDecodeError:
+        positions = parse_json(metadata.get(ORDER_KEY, "{}"), ORDER_KEY)
+    except FormatError:
         positions = {}
     if not isinstance(positions, dict):
         positions = {}
@@ -165,19 +230,31 @@ def read_tree(path: str) -> tuple[dict[str, FakeTensor], dict[str, str] | None, 
         meta_ties[name] = kept
     for name, spec in views.items():
         base = tensors[spec["of"]]
-        try:
-            shape = tuple(int(d) for d in spec["shape"])
-            stride = tuple(int(d) for d in spec["stride"])
-            offset = int(spec["offset"])
-        except (KeyError, TypeError, ValueError, OverflowError):
-            raise FormatError(f"{path}: {TIES_KEY} entry for {name!r} is malformed") from None
-        extent = offset + sum((d - 1) * st for d, st in zip(shape, stride)) if all(shape) else 0
-        if offset < 0 or extent >= base.storage.numel or len(shape) != len(stride):
-            raise FormatError(f"{path}: {TIES_KEY} entry for {name!r} reaches outside '{spec['of']}'")
+        offset, shape, stride = view_spec(path, name, spec, base.storage)
         tensors[name] = FakeTensor(base.storage, offset, shape, stride, base.dtype)
         meta_ties[name] = spec["of"]
     order = ordered_names(list(entries), [n for n in tensors if n not in entries], metadata)
     return {n: tensors[n] for n in order}, metadata or None, meta_ties
+
+
+def view_spec(path: str, name: str, spec: dict, storage: StorageRef) -> tuple[int, tuple, tuple]:
+    """A ``paramtool.ties`` entry's (offset, shape, stride), checked against the stored tensor it views as a
+    pickled view is checked against its storage: integers, none negative, every element inside."""
+    from .torchfile import _check_view
+
+    shape, stride, offset = spec.get("shape"), spec.get("stride"), spec.get("offset")
+    if not (isinstance(shape, list) and isinstance(stride, list) and type(offset) is int
+            and all(type(d) is int for d in shape + stride)):
+        raise FormatError(f"{path}: {TIES_KEY} entry for {name!r} is malformed")
+    try:
+        _check_view(storage, storage.dtype, offset, tuple(shape), tuple(stride))
+    except FormatError as e:
+        raise FormatError(f"{path}: {TIES_KEY} entry for {name!r} reaches outside '{spec['of']}': "
+                          f"{str(e)[:200]}") from None
+    if numel_within(shape, max(storage.numel, MAX_EXPANDED)) is None:  # a stride-0 view of a few bytes
+        raise FormatError(f"{path}: {TIES_KEY} entry for {name!r} repeats '{spec['of']}' into more than "
+                          f"{max(storage.numel, MAX_EXPANDED)} elements: not a tie paramtool wrote")
+    return offset, tuple(shape), tuple(stride)
 
 
 def load(path: str) -> tuple[dict[str, Any], dict[str, str] | None, dict[str, str]]:
@@ -199,7 +276,9 @@ def load(path: str) -> tuple[dict[str, Any], dict[str, str] | None, dict[str, st
         tensors[name] = tensors[kept]
     for name, spec in views.items():
         base = tensors[spec["of"]]
-        tensors[name] = base.as_strided(spec["shape"], spec["stride"], spec["offset"])
+        ref = StorageRef(("st", spec["of"]), str(base.dtype).removeprefix("torch."), base.numel())
+        offset, shape, stride = view_spec(path, name, spec, ref)
+        tensors[name] = base.as_strided(shape, stride, offset)
     ties = {**aliases, **{n: s["of"] for n, s in views.items()}}
     order = ordered_names(stored, [n for n in tensors if n not in stored], metadata or {})
     return {n: tensors[n] for n in order}, metadata, ties

@@ -41,7 +41,9 @@ def find_index(path: str) -> str:
     if len(found) > 1:
         names = ", ".join(os.path.basename(f) for f in found)
         raise FormatError(f"{path}: several indexes ({names}); name the one to use")
-    return found[0]
+    from .dcp import resolve_inside
+
+    return resolve_inside(path, os.path.basename(found[0]), "index", file_link_ok=True)
 
 
 def read_index(path: str) -> Index:
@@ -49,8 +51,8 @@ def read_index(path: str) -> Index:
     try:
         with open(index_path, encoding="utf-8") as f:
             raw = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{index_path}: not a valid index ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # (a JSONDecodeError, or a 5,000-digit number, is a ValueError)
+        raise FormatError(f"{index_path}: not a valid index ({str(e)[:120]})") from None
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise FormatError(f"{index_path}: no weight_map of tensor names to shard files")

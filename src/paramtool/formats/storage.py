@@ -291,7 +291,8 @@ class ZipStorageFile(StorageFile):
                 offset, record = located[ref.key]
                 if offset is None:  # (callers ask Checkpoint.byte_ranges first: such a file is loaded whole)
                     raise FormatError(f"{path}: storage record '{record}' is compressed: it has no byte range")
-                spans[ref.key] = Span(offset, ref.nbytes, ref.dtype, f"data/{ref.key[1]}")  # as torch's reader names it
+                # the record's own name without the archive prefix, as torch's reader lists it (any case)
+                spans[ref.key] = Span(offset, ref.nbytes, ref.dtype, record.split("/", 1)[-1])
         return cls(path, toc, spans)
 
     @property
@@ -310,6 +311,11 @@ class ZipStorageFile(StorageFile):
         import torch
 
         by_record = {self.spans[k].record: k for k in changed}
+        readers = [s.record for s in self.spans.values()]
+        shared = next((r for r in by_record if readers.count(r) > 1), None)
+        if shared is not None:  # storages '0' and 0: torch reads one record as two storages
+            raise FormatError(f"{self.path}: record '{shared}' holds two storages (keys '0' and 0): it cannot be "
+                              "changed for one of them alone")
         records = [r for r in self.reader.get_all_records() if r not in ("version", ".data/serialization_id")]
         produced = _ahead([by_record[r] for r in records if r in by_record], produce)
         from ..fsops import write_error

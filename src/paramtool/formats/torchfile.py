@@ -21,7 +21,7 @@ from ..errors import FormatError, RefusedGlobal
 from ..records import dataclass, field, replace
 from ..toc import FakeModule, FakeTensor, Special, StorageRef, itemsize
 from .dtypes import SIZES, STORAGE_TYPES
-from .unpickle import OPCODES, TORCH_REBUILDS, Global, Hooks, Inert, unpickle
+from .unpickle import MAX_DEPTH, OPCODES, TORCH_REBUILDS, Global, Hooks, Inert, unpickle
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 MAX_PICKLE = 256 << 20  # a data.pkl beyond 256 MiB is not a state dict (real ones are KBs to a few MBs)
@@ -29,7 +29,6 @@ MAX_PICKLE = 256 << 20  # a data.pkl beyond 256 MiB is not a state dict (real on
 STORAGE_DTYPES = STORAGE_TYPES
 
 
-MAX_DEPTH = 200  # containers nested deeper than this are not a checkpoint (and would exhaust a recursive walk)
 MAX_ENTRIES = 50_000_000  # entries reachable through shared references (a "billion laughs" DAG is refused)
 MAX_BROADCAST = 1 << 32  # elements a stride-0 (expanded) view may claim beyond its storage
 MAX_NUMEL = (1 << 63) - 1  # torch's sizes are int64: a larger product is refused, as torch refuses it
@@ -445,8 +444,26 @@ def sniff_torch(head: bytes) -> str | None:
     return None
 
 
+def _fold(name: str) -> str:
+    """A record name as torch's zip reader (miniz) compares it: ASCII letters without case."""
+    return name.translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+
+# zip compression methods torch's reader (miniz) decompresses; any other it refuses ("unsupported method")
+TORCH_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+DEFLATE_RATIO = 1032  # deflate's largest possible expansion: a record claiming more is a bomb or a lie
+# what the deflated storage records of one file may expand to: real weights hardly compress (a re-zipped
+# checkpoint is about as large as its tensors), so more than this is a small file made to cost a large one
+INFLATE_BUDGET, INFLATE_RATIO = 64 << 20, 32
+
+
 def _zip_prefix(archive: zipfile.ZipFile, path: str) -> str:
-    """The archive prefix as torch takes it (from the FIRST record); refuse what two readers could read apart."""
+    """The archive prefix as torch takes it (from the FIRST record); refuse what two readers could read apart.
+
+    torch's reader looks records up without regard to ASCII case, so two names equal but for case are two
+    records one reader could pick either of: refused, as are names outside the prefix (torch refuses them)."""
     infos = archive.infolist()
     if not infos:
         raise FormatError(f"{path}: empty zip file: not a torch checkpoint")
@@ -454,19 +471,69 @@ def _zip_prefix(archive: zipfile.ZipFile, path: str) -> str:
     if any("\0" in n for n in names):
         bad = next(n for n in names if "\0" in n)
         raise FormatError(f"{path}: ambiguous zip: record name {bad!r} holds a NUL byte (readers disagree on it)")
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise FormatError(f"{path}: ambiguous zip: two records are named '{dup}'")
+    folded: dict[str, str] = {}
+    for n in names:
+        if _fold(n) in folded:
+            other = folded[_fold(n)]
+            raise FormatError(f"{path}: ambiguous zip: two records are named '{n}'" if other == n else
+                              f"{path}: ambiguous zip: records '{other}' and '{n}' are one name to torch's "
+                              "reader, which ignores case")
+        folded[_fold(n)] = n
     prefix = names[0].split("/", 1)[0] + "/" if "/" in names[0] else ""
-    pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+    pkls = [n for n in names if _fold(n).endswith("/data.pkl") and n.count("/") == 1]
     if not pkls:
         raise FormatError(f"{path}: zip file without a data.pkl record: not a torch checkpoint")
     if len(pkls) > 1:
         raise FormatError(f"{path}: ambiguous zip: data.pkl under two prefixes ({', '.join(pkls[:3])})")
-    if pkls[0] != prefix + "data.pkl":
+    if _fold(pkls[0]) != _fold(prefix + "data.pkl"):
         raise FormatError(f"{path}: ambiguous zip: the first record '{names[0]}' names the archive "
                           f"'{prefix.rstrip('/')}', but data.pkl is '{pkls[0]}'")
+    outside = next((n for n in names if not n.startswith(prefix)), None)
+    if outside is not None:  # torch: "file in archive is not in a subdirectory"
+        raise FormatError(f"{path}: zip record '{outside}' is outside the archive '{prefix.rstrip('/')}'")
     return prefix
+
+
+def _seen(seen: dict[Hashable, StorageRef], key: Any) -> StorageRef | None:
+    """The storage already read under ``key`` (compared as torch's dict of loaded storages compares it)."""
+    try:
+        return seen.get(key)
+    except TypeError:  # unhashable: torch's dict lookup fails too
+        raise FormatError(f"storage key of type {type(key).__name__} (not a valid key)") from None
+
+
+def _storage_key(kind: str, key: Any) -> tuple:
+    """A storage's key in the listing: the pickled key's text, and its type unless it is text (a file may hold
+    storages ``'0'`` and ``0``: torch reads them as two storages of the one record)."""
+    return (kind, str(key)) if type(key) is str else (kind, str(key), type(key).__name__)
+
+
+def _check_record(info: zipfile.ZipInfo, numel: Any, dtype: str) -> None:
+    """A storage record holds exactly the storage's bytes, in a form torch's reader reads, and a compressed one claims
+    no more than deflate can produce from its size (the bytes read from it are bounded by ``numel``)."""
+    if not isinstance(numel, int) or numel < 0 or numel * itemsize(dtype) != info.file_size:  # torch: "record size
+        # (N bytes) does not match expected size": a longer record is refused too
+        raise FormatError(f"storage '{info.filename}' claims {numel} {dtype} elements but its record holds "
+                          f"{info.file_size} bytes")
+    if info.compress_type not in TORCH_METHODS:
+        raise FormatError(f"storage record '{info.filename}' is compressed with method {info.compress_type}, "
+                          "which torch's reader refuses")
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > DEFLATE_RATIO * info.compress_size + 1024:
+        raise FormatError(f"storage record '{info.filename}' claims {info.file_size} bytes from "
+                          f"{info.compress_size} compressed: more than deflate can produce")
+
+
+def _check_byteorder(archive: zipfile.ZipFile, info: zipfile.ZipInfo | None, path: str) -> None:
+    """The ``byteorder`` record, as torch reads it: absent means little; exactly ``little`` or ``big``."""
+    if info is None:
+        return
+    if info.file_size > 16:
+        raise FormatError(f"{path}: unknown byte order (a {info.file_size} byte 'byteorder' record)")
+    mark = _read_record(archive, info.filename, path)
+    if mark == b"big":
+        raise FormatError(f"{path}: big-endian checkpoints are not supported")
+    if mark != b"little":
+        raise FormatError(f"{path}: unknown byte order {mark[:16]!r} (torch refuses it too)")
 
 
 def _data_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int | None:
@@ -525,54 +592,57 @@ def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
     with archive:
         _check_directory_offset(archive, path)
         prefix = _zip_prefix(archive, path)
-        info = archive.getinfo(prefix + "data.pkl")
+        records = {_fold(i.filename): i for i in archive.infolist()}  # looked up as torch's reader does
+        info = records[_fold(prefix + "data.pkl")]
         if info.file_size > MAX_PICKLE:
             raise FormatError(f"{path}: data.pkl is {info.file_size} bytes, above the {MAX_PICKLE} byte limit")
-        records = {i.filename: i for i in archive.infolist()}
-        packed = [n for n, i in records.items() if n.endswith(".pkl") and i.compress_type != zipfile.ZIP_STORED]
+        packed = [i.filename for i in records.values()
+                  if _fold(i.filename).endswith(".pkl") and i.compress_type != zipfile.ZIP_STORED]
         if packed:  # torch stores every record as is; a compressed pickle is a decompression bomb's shape
             raise FormatError(f"{path}: compressed pickle record '{packed[0]}' (torch stores records uncompressed)")
-        byteorder = _read_record(archive, prefix + "byteorder", path).strip() if prefix + "byteorder" in records else b"little"
-        if byteorder not in (b"little", b""):
-            raise FormatError(f"{path}: big-endian checkpoints are not supported")
+        _check_byteorder(archive, records.get(_fold(prefix + "byteorder")), path)
         out = TorchFile(None, set())
-        seen: dict[str, StorageRef] = {}
+        seen: dict[Hashable, StorageRef] = {}  # by the key as pickled, as torch's loaded_storages ('0' is not 0)
 
         def storage(pid: tuple) -> StorageRef:
             if len(pid) != 5:
                 raise FormatError(f"malformed storage record {pid[:3]!r}")
             _, kind, key, location, numel = pid
-            key = str(key)
-            if key in seen and seen[key].nbytes:
-                return seen[key]  # torch caches a storage with bytes by its key: the first reference's dtype
+            ref = _seen(seen, key)
+            if ref is not None and ref.nbytes:
+                return ref  # torch caches a storage with bytes by its key: the first reference's dtype
             dtype = _storage_type(kind)
-            record = f"{prefix}data/{key}"
-            if record not in records:
+            record = records.get(_fold(f"{prefix}data/{key}"))
+            if record is None:
                 raise FormatError(f"storage record '{key}' is missing from the zip")
-            if not isinstance(numel, int) or numel < 0 or numel * itemsize(dtype) > records[record].file_size:
-                raise FormatError(f"storage '{key}' claims {numel} {dtype} elements but its record holds "
-                                  f"{records[record].file_size} bytes")
-            ref = StorageRef(("zip", key), dtype, numel, str(location))
+            _check_record(record, numel, dtype)
+            ref = StorageRef(_storage_key("zip", key), dtype, numel, str(location))
             if _untyped(kind):
                 untyped.add(ref.key)
-            out.records[("zip", key)] = record
+            out.records[ref.key] = record.filename
             # an empty storage is not cached by torch: each reference keeps the dtype it names
             registered = seen.setdefault(key, ref)
             return registered if ref.nbytes else ref
 
-        if prefix + "constants.pkl" in records:  # torch.load hands it to torch.jit.load: its state dict, read inertly
-            from .torchscript import read_archive
+        if any(i.filename == prefix + "constants.pkl" for i in records.values()):  # torch: exact name
+            from .torchscript import read_archive  # torch.load hands it to torch.jit.load: its state dict, inertly
 
             return read_archive(path, fileobj)[0]
         data = _read_record(archive, info.filename, path)
         untyped: set = set()
         out.root = _finish(_unpickle(data, storage, path, out.globals), untyped, out, path)
         _scan_other_pickles(archive, records, info.filename, path)
+        inflated = sum(ref.nbytes for ref in seen.values()
+                       if records[_fold(out.records[ref.key])].compress_type != zipfile.ZIP_STORED)
+        size = archive.fp.seek(0, os.SEEK_END)
+        if inflated > INFLATE_BUDGET + INFLATE_RATIO * size:
+            raise FormatError(f"{path}: its compressed storage records expand to {inflated} bytes from a {size} byte "
+                              "file (torch.save stores records uncompressed): refused as a decompression bomb")
         f = fileobj if fileobj is not None else open(path, "rb")
         try:
             for ref in seen.values():
                 out.storages[ref.key] = ref
-                out.data_offset[ref.key] = _data_offset(f, records[out.records[ref.key]])
+                out.data_offset[ref.key] = _data_offset(f, records[_fold(out.records[ref.key])])
         finally:
             if fileobj is None:
                 f.close()
@@ -589,8 +659,9 @@ class _AnyStorage(Hooks):
 def _scan_other_pickles(archive: zipfile.ZipFile, records: dict, data_pkl: str, path: str) -> None:
     """Refuse, by name, a code-running global in any other pickle record of the archive: torch never loads
     those, but a scanner (and anyone unpacking the archive) would see them, and so should the user."""
-    for name, info in records.items():
-        if name == data_pkl or not name.endswith(".pkl") or info.file_size > MAX_PICKLE:
+    for info in records.values():
+        name = info.filename
+        if name == data_pkl or not _fold(name).endswith(".pkl") or info.file_size > MAX_PICKLE:
             continue
         try:
             unpickle(_read_record(archive, name, path), _AnyStorage())
@@ -641,20 +712,25 @@ def read_legacy(path: str) -> TorchFile:
 
 def _read_legacy(path: str) -> TorchFile:
     out = TorchFile(None, set())
-    seen: dict[str, StorageRef] = {}
+    objects: dict[Hashable, StorageRef] = {}  # roots and views by key, one namespace, as torch's loader keeps them
+    roots: dict[Hashable, StorageRef] = {}
+    views: list[tuple[StorageRef, StorageRef, int]] = []  # (view, its root, byte offset into the root)
 
     def storage(pid: tuple) -> StorageRef:
         if len(pid) != 6:
             raise FormatError(f"malformed storage record {pid[:3]!r}")
-        _, kind, key, location, numel, _view = pid
-        key = str(key)
-        if key not in seen:
+        _, kind, key, location, numel, view = pid
+        dtype = _storage_type(kind)
+        root = _seen(objects, key)
+        if root is None:
             if not isinstance(numel, int) or numel < 0:
                 raise FormatError(f"storage '{key}' has an invalid size")
-            seen[key] = StorageRef(("legacy", key), _storage_type(kind), numel, str(location))
-        elif not seen[key].nbytes:  # an empty storage: each reference keeps the dtype it names (as torch's)
-            return StorageRef(("legacy", key), _storage_type(kind), 0, str(location))
-        return seen[key]
+            root = roots[key] = objects[key] = StorageRef(_storage_key("legacy", key), dtype, numel, str(location))
+        elif not root.nbytes and view is None:  # an empty storage: each reference keeps its dtype (as torch's)
+            return StorageRef(root.key, dtype, 0, str(location))
+        if view is None:
+            return root
+        return _legacy_view(objects, views, root, view, dtype)
 
     def no_storage(pid: tuple) -> StorageRef:
         raise FormatError("unexpected storage reference before the checkpoint's header")
@@ -670,13 +746,14 @@ def _read_legacy(path: str) -> TorchFile:
         _unpickle(f, no_storage, path, out.globals)  # sys_info
         out.root = _finish(_unpickle(f, storage, path, out.globals), set(), out, path)
         keys = _unpickle(f, no_storage, path, out.globals)
-        if not isinstance(keys, list) or set(map(str, keys)) != set(seen) or len(keys) != len(seen):
+        if (not isinstance(keys, list) or len(keys) != len(roots)
+                or any(_seen(roots, k) is None for k in keys) or len({_storage_key("", k) for k in keys}) != len(keys)):
             raise FormatError(f"{path}: the storage list does not match the tensors")
         # each storage follows as an 8-byte element count and its bytes; torch sizes it by that count, so a
         # count that disagrees with the pickle would make two readers see two different tensors
         pos = f.tell()
         for key in keys:
-            ref = seen[str(key)]
+            ref = roots[key]
             out.storages[ref.key] = ref
             out.data_offset[ref.key] = pos + 8
             if pos + 8 <= size:
@@ -688,7 +765,30 @@ def _read_legacy(path: str) -> TorchFile:
             pos += 8 + ref.nbytes
         if pos > size:
             raise FormatError(f"{path}: truncated: the storages need {pos} bytes, the file has {size}")
+        for ref, root, start in views:
+            out.storages[ref.key] = ref
+            out.data_offset[ref.key] = out.data_offset[root.key] + start
     return out
+
+
+def _legacy_view(objects: dict[Hashable, StorageRef], views: list, root: StorageRef, view: Any,
+                 dtype: str) -> StorageRef:
+    """A legacy storage view ``(view_key, offset, size)``: ``size`` elements of ``dtype`` from element ``offset``
+    of ``root``'s bytes, as torch's legacy loader slices it (a key seen before is that storage again)."""
+    if not isinstance(view, tuple) or len(view) != 3:
+        raise FormatError(f"malformed storage view record {str(view)[:60]}")
+    view_key, offset, numel = view
+    known = _seen(objects, view_key)
+    if known is not None:
+        return known
+    if not (isinstance(offset, int) and isinstance(numel, int) and offset >= 0 and numel >= 0):
+        raise FormatError(f"storage view '{view_key}' has an invalid offset or size")
+    start, nbytes = offset * itemsize(dtype), numel * itemsize(dtype)
+    if start + nbytes > root.nbytes:
+        raise FormatError(f"storage view '{view_key}' ends beyond its storage '{root.key[1]}'")
+    ref = objects[view_key] = StorageRef(("legacy", root.key, "view", str(view_key)), dtype, numel, root.location)
+    views.append((ref, root, start))
+    return ref
 
 
 def read_legacy_tree(path: str) -> Any:

@@ -36,6 +36,10 @@ from .nn_classes import NN_MODULE_CLASSES
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 MAX_BYTES = 256 << 20  # one bytes/str value of a pickle (real checkpoints hold nothing near this)
 MAX_MEMO = 10_000_000
+MAX_DEPTH = 200  # values nested deeper than this are not a checkpoint (and would exhaust a recursive walk)
+_NESTED = (tuple, frozenset, list)  # what hashing or comparing a key recurses into (in C, without a guard)
+_HASHING = {"collections.OrderedDict", "collections.Counter", "builtins.set", "builtins.frozenset",
+            "__builtin__.set", "__builtin__.frozenset"}
 
 # Modules whose every name runs code, reaches the system or loads another pickle: the union of what the public
 # scanners (picklescan, modelscan, fickling) flag, by module.
@@ -340,6 +344,32 @@ class Unpickler:
         self.encoding = encoding
         self.globals_seen: set[str] = set()
         self.memo: dict[int, Any] = {}
+        self._depth: dict[int, tuple[Any, int]] = {}  # id -> (tuple or frozenset, its nesting): each walked once
+
+    def hashable(self, values: Any) -> None:
+        """Refuse ``values`` (about to be hashed: dict keys, set items) nested deeper than ``MAX_DEPTH``
+        before they are hashed: hashing a tuple 200,000 levels deep recurses in C until the process dies."""
+        stack = [[values, iter(values), 0]]
+        while stack:
+            top = stack[-1]
+            for child in top[1]:
+                if type(child) not in _NESTED:
+                    continue
+                known = self._depth.get(id(child))
+                if known is not None and known[0] is child:
+                    top[2] = max(top[2], known[1])
+                    continue
+                if len(stack) > MAX_DEPTH:
+                    raise FormatError(f"values nested deeper than {MAX_DEPTH} levels: not a checkpoint")
+                stack.append([child, iter(child), 0])
+                break
+            else:
+                stack.pop()
+                depth = top[2] + 1
+                if type(top[0]) is not list:  # (a list may still grow: walked again next time)
+                    self._depth[id(top[0])] = (top[0], depth)
+                if stack:
+                    stack[-1][2] = max(stack[-1][2], depth)
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _n(self, n: int) -> bytes:
@@ -418,6 +448,8 @@ class Unpickler:
         if name in ("copyreg._reconstructor", "copy_reg._reconstructor") and len(args) == 3 \
                 and isinstance(args[0], Global):
             return self._new(args[0], (), {}, via=(func, args))
+        if name in _HASHING:
+            self.hashable(args)
         known = _known_call(name, args)
         if known is not _UNKNOWN:
             return known
@@ -694,6 +726,7 @@ def _dict(u: Unpickler) -> None:
     items = u._pop_mark()
     if len(items) % 2:
         raise FormatError("DICT with an odd number of items")
+    u.hashable(items[0::2])
     u.stack.append(_setitems({}, items))
 
 
@@ -716,6 +749,7 @@ def _setitems(target: Any, items: list) -> Any:
 
 def _frozenset(u: Unpickler) -> None:
     items = u._pop_mark()
+    u.hashable(items)
     try:
         u.stack.append(frozenset(items))
     except TypeError:
@@ -744,6 +778,7 @@ def _extend(target: Any, items: list) -> None:
 def _setitem(u: Unpickler) -> None:
     v = u._pop()
     k = u._pop()
+    u.hashable([k])
     _setitems(u._top(), [k, v])
 
 
@@ -751,6 +786,7 @@ def _setitems_op(u: Unpickler) -> None:
     items = u._pop_mark()
     if len(items) % 2:
         raise FormatError("SETITEMS with an odd number of items")
+    u.hashable(items[0::2])
     _setitems(u._top(), items)
 
 
@@ -759,6 +795,7 @@ def _additems(u: Unpickler) -> None:
     target = u._top()
     if type(target) is not set:
         raise FormatError(f"ADDITEMS on a {type(target).__name__}: not a checkpoint")
+    u.hashable(items)
     try:
         target.update(items)
     except TypeError:
