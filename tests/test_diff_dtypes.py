@@ -27,3 +27,15 @@ def test_diff_of_a_cast_compares_values(tmp_path, run):
     assert 0.999 < changed["cosine"] <= 1.0 and expected > 0
     r = run("diff", tmp_path / "a.pt", tmp_path / "b.pt")
     assert "float32 -> [4, 4] bfloat16, max abs diff" in r.stdout
+
+
+def test_named_runs_collapse_like_numbered_ones(run, tmp_path):
+    """The chapter's rgnet (``block 0`` … ``block 3``, four identical blocks) is one line, as ``h.0 … h.11`` is;
+    a block that differs, or another stem, breaks the run."""
+    block = {"0.weight": torch.zeros(8, 4), "0.bias": torch.zeros(8), "2.weight": torch.zeros(4, 8), "2.bias": torch.zeros(4)}
+    sd = {f"block {i}.{k}": v.clone() for i in range(4) for k, v in block.items()}
+    sd.update({"layer1.weight": torch.zeros(2, 2), "layer2.weight": torch.zeros(3, 3)})
+    torch.save(sd, tmp_path / "rg.pt")
+    out = run("inspect", tmp_path / "rg.pt").stdout
+    assert "block 0 … block 3  4 ×" in out
+    assert "layer1" in out and "layer2" in out and "layer1 … layer2" not in out

@@ -237,11 +237,6 @@ def _totals(tensors: list[TensorInfo]) -> str:
     return f"{human_count(n)} params, {dtypes}, {human_bytes(nbytes)}"
 
 
-def _is_index(name: str) -> bool:
-    """A ModuleList / Sequential child: a plain decimal index (``0``, ``11``; not ``01``)."""
-    return name.isascii() and name.isdigit() and str(int(name)) == name
-
-
 @dataclass
 class _Ties:
     """Who is tied to whom, for marking tensors and for telling blocks apart."""
@@ -281,16 +276,29 @@ def _signature(node: _Node, base: str, ties: _Ties, modules: dict[str, str]) -> 
     return leaves, kids
 
 
+def _numbered(name: str) -> tuple[str, int] | None:
+    """``("", 3)`` for an index (``3``), ``("block ", 3)`` for a named run's member (``block 3``, ``layer3``):
+    a stem and a plain decimal number (not ``01``); None for any other name."""
+    digits = len(name) - len(name.rstrip("0123456789"))
+    number = name[len(name) - digits:] if digits else ""
+    if not number.isascii() or not number or str(int(number)) != number:
+        return None
+    return name[: len(name) - digits], int(number)
+
+
 def _runs(children: list[_Node], ties: _Ties, modules: dict[str, str]) -> list[list[_Node]]:
-    """Children split into runs: consecutive indices (``h.3``, ``h.4``) with tensors and equal signatures form
-    one run; anything else is a run of one. A differing block or a gap in the numbering ends a run."""
+    """Children split into runs: consecutive numbers of one stem (``h.3``, ``h.4``; ``block 0``, ``block 1``)
+    with tensors and equal signatures form one run; anything else is a run of one. A differing block, another
+    stem or a gap in the numbering ends a run."""
     runs: list[list[_Node]] = []
     last_sig: tuple | None = None
     for c in children:
-        sig = _signature(c, c.path, ties, modules) if _is_index(c.name) and c.all_tensors() else None
+        numbered = _numbered(c.name)
+        sig = _signature(c, c.path, ties, modules) if numbered and c.all_tensors() else None
         run = runs[-1] if runs else None
-        if (sig is not None and run is not None and sig == last_sig
-                and int(c.name) == int(run[-1].name) + 1):
+        before = _numbered(run[-1].name) if run else None
+        if (sig is not None and run is not None and sig == last_sig and before is not None
+                and numbered == (before[0], before[1] + 1)):
             run.append(c)
         else:
             runs.append([c])
