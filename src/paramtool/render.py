@@ -288,8 +288,8 @@ def _numbered(name: str) -> tuple[str, int] | None:
 
 def _runs(children: list[_Node], ties: _Ties, modules: dict[str, str]) -> list[list[_Node]]:
     """Children split into runs: consecutive numbers of one stem (``h.3``, ``h.4``; ``block 0``, ``block 1``)
-    with tensors and equal signatures form one run; anything else is a run of one. A differing block, another
-    stem or a gap in the numbering ends a run."""
+    with tensors and equal signatures form one run (a named one of three or more); anything else is a run of
+    one. A differing block, another stem or a gap in the numbering ends a run."""
     runs: list[list[_Node]] = []
     last_sig: tuple | None = None
     for c in children:
@@ -303,7 +303,12 @@ def _runs(children: list[_Node], ties: _Ties, modules: dict[str, str]) -> list[l
         else:
             runs.append([c])
         last_sig = sig
-    return runs
+    # a named run needs three members: two named siblings alike (GPT-2's ln_1 and ln_2) are not a series
+    out: list[list[_Node]] = []
+    for run in runs:
+        named = _numbered(run[0].name)[0] if _numbered(run[0].name) else ""
+        out.extend([[c] for c in run] if named and len(run) < 3 else [run])
+    return out
 
 
 def inspect_tree(toc: Toc, tensors: list[TensorInfo], depth: int | None = None, expand: bool = False) -> Tree:
