@@ -239,6 +239,18 @@ def _scheme_options(**given: Any) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
+def _resolve_for_write(source: Optional[str], output: Optional[str], in_place: bool, dry_run: bool) -> Any:
+    """``sources.resolve(source)`` for a command that writes, once it holds the lock of what it will write
+    (the input with ``--in-place``, else ``-o``'s existing target): taken before anything is read, so
+    concurrent writes of one target serialize and each reads what the one before committed."""
+    from . import fsops, sources
+
+    target = source if in_place else output
+    if not dry_run and target is not None and target != "-" and not target.startswith(("nn:", "s3://", "hf://", "http")):
+        fsops.lock_for_write(target)
+    return sources.resolve(source)
+
+
 def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, output: Optional[str], in_place: bool,
             fmt: Optional[str], drop_extra: bool, write: Any = None, max_shard_size: Optional[str] = None) -> None:
     """Report a dry run, or carry out the plan on ``listing`` (what it was planned on) and write the result."""
@@ -349,7 +361,7 @@ def init(
     from .schemes import get_scheme, resolve_options
 
     resolve_options(get_scheme(scheme), given)  # a wrong option is a usage error before any loading
-    src = sources.resolve(source)
+    src = _resolve_for_write(source, output, in_place, dry_run)
     listing = sources.open_for_plan(src, key)
     plan = ops.plan_init(listing, scheme, given, list(layer or []), param, zero_bias, untie, seed)
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, max_shard_size=max_shard_size)
@@ -378,7 +390,7 @@ def set_(
         source, edits = None, args
     if not edits:
         raise UsageError("give at least one EDIT, e.g. \"0.weight[0, 0] = 42\"")
-    src = sources.resolve(source)
+    src = _resolve_for_write(source, output, in_place, dry_run)
     listing = sources.open_for_plan(src, key)
     plan = ops.plan_set(listing, edits)
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, max_shard_size=max_shard_size)
@@ -565,14 +577,14 @@ def convert(
     if dtype is None:
         if dry_run or json_out:
             raise UsageError("--dry-run goes with --dtype (a plain convert changes no tensor)")
-        src = sources.resolve(source)
+        src = _resolve_for_write(source, target or output, in_place, False)
         _finish(src, sources.open_for_plan(src, key), Plan(Report("convert"), narrow=True), False, False,
                 target or output, in_place, fmt, drop_extra, max_shard_size=max_shard_size)
         return
     from . import surgery
 
     to = surgery.target_dtype(dtype)
-    src = sources.resolve(source)
+    src = _resolve_for_write(source, target or output, in_place, dry_run)
     listing = sources.open_for_plan(src, key)
     plan = surgery.plan_cast(listing, to, list(keep_dtype or []))
     _finish(src, listing, plan, dry_run, json_out, target or output, in_place, fmt, drop_extra, surgery.write,
@@ -610,7 +622,7 @@ def rename(
     rules = ([surgery.strip_prefix_rule(strip_prefix)] if strip_prefix else []) + [surgery.parse_rule(t) for t in texts]
     if not rules:
         raise UsageError("give at least one RULE (s/REGEX/REPLACEMENT/) or --strip-prefix P")
-    src = sources.resolve(source)
+    src = _resolve_for_write(source, output, in_place, dry_run)
     listing = sources.open_for_plan(src, key)
     plan = surgery.plan_rename(listing, rules)
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,
@@ -637,7 +649,7 @@ def drop(
 
     if bool(layer) == bool(key):
         raise UsageError("give --layer SEL… (tensors) or --key PATH… (sub-trees), one of the two")
-    src = sources.resolve(source)
+    src = _resolve_for_write(source, output, in_place, dry_run)
     listing = sources.open_for_plan(src)
     plan = surgery.plan_drop(listing, list(layer or []), list(key or []))
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,
@@ -696,7 +708,7 @@ def resize(
         from .schemes import get_scheme, resolve_options
 
         resolve_options(get_scheme(scheme), given)
-    src = sources.resolve(source)
+    src = _resolve_for_write(source, output, in_place, dry_run)
     listing = sources.open_for_plan(src, key)
     plan = surgery.plan_resize(listing, name, rows, surgery.NewRows(scheme, given, seed), directory=src.directory)
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,

@@ -34,8 +34,11 @@ def find(name: str | None) -> Format | None:
 
 def sniff_file(path: str) -> Format:
     """The format a file's first bytes say it is in; refuses an empty file and one in no known format."""
-    size = os.path.getsize(path)
+    from .pins import opened
+
     with open(path, "rb") as f:
+        opened(path, f.fileno())
+        size = os.fstat(f.fileno()).st_size
         head = f.read(16)
     if not head:
         raise FormatError(f"{path}: empty file")

@@ -41,8 +41,11 @@ def sniff(head: bytes, file_size: int) -> bool:
 
 def read_header(path: str) -> tuple[dict[str, Any], int]:
     """The parsed header and the offset where tensor data starts. Validates sizes and offsets."""
-    size = os.path.getsize(path)
+    from .pins import opened
+
     with open(path, "rb") as f:
+        opened(path, f.fileno())
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) < 8:
             raise FormatError(f"{path}: not a safetensors file (only {len(raw)} bytes)")

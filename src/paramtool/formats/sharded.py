@@ -9,6 +9,7 @@ import os
 
 from ..errors import FormatError, ParamtoolError
 from ..records import dataclass
+from .pins import opened
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ def read_index(path: str) -> Index:
     index_path = find_index(path)
     try:
         with open(index_path, encoding="utf-8") as f:
+            opened(index_path, f.fileno())
             raw = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"{index_path}: not a valid index ({e})") from None
