@@ -12,11 +12,9 @@ from rich.console import Console
 
 from . import render
 from .errors import ParamtoolError, UsageError
+from .fsops import FAILURE as _FAILURE  # the exit status of a failure the core did not map: 1, 2 for diff
 
 EPILOG_HINT = "Exit status: 0 done, 1 input or operation failed, 2 bad command line."
-
-
-_FAILURE = [1]  # the exit status of a failure the core did not map: 1, but 2 for diff (as cmp)
 
 
 class _Group(typer.core.TyperGroup):
@@ -35,7 +33,9 @@ class _Group(typer.core.TyperGroup):
         except typer.Abort:
             _fail("interrupted", 130)
         except ParamtoolError as e:
-            _fail(str(e), e.exit_code)
+            from .formats.pins import cause
+
+            _fail(str(cause(e)), e.exit_code)
         except BrokenPipeError:
             _quiet_pipe()
         except KeyboardInterrupt:
@@ -48,6 +48,10 @@ class _Group(typer.core.TyperGroup):
         except BaseException as e:  # a bug, or a library's BaseException (torch's CheckpointException): one line
             if os.environ.get("PARAMTOOL_DEBUG") == "1":
                 raise
+            from .formats.pins import cause
+
+            if cause(e) is not e:  # a reader tripped over an input that changed under it
+                _fail(str(cause(e)), _FAILURE[0])
             _fail(f"internal error: {type(e).__name__}: {e}", _FAILURE[0])
         sys.exit(code or 0)
 

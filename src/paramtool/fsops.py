@@ -33,6 +33,7 @@ _critical = 0
 _pending_signal: int | None = None
 _ending: int | None = None  # the thread ending the process after an interrupt (``_abort``), once one is
 _signal_handled = threading.Event()
+FAILURE = [1]  # the exit status of a failure no exception carries (a bus error): 1, but 2 for diff (as cmp)
 
 
 def _ending_elsewhere() -> bool:
@@ -448,7 +449,7 @@ def _on_bus_error(signum: int) -> None:
     what = f"{which} changed while being read (truncated)" if which else "an input file changed while being read (truncated)"
     with contextlib.suppress(OSError):
         os.write(2, f"error: {what}; nothing was written: run the command again\n".encode("utf-8", "replace"))
-    os._exit(1)
+    os._exit(FAILURE[0])
 
 
 _bus_handler = None  # the C-callable SIGBUS handler, kept alive for the life of the process

@@ -116,9 +116,10 @@ def _stats(src: Any, key: str | None, layers: list[str]) -> Any:
 
 def _diff(paths: list[str], key: str | None) -> tuple[Any, int]:
     """``diff A B --json`` as the full CLI computes it (``cli.diff``): 0 equal, 1 different; errors exit 2."""
-    from . import compare, sources
+    from . import compare, fsops, sources
     from .errors import ParamtoolError
 
+    fsops.FAILURE[0] = 2  # (a bus error too)
     try:
         a, b = sources.resolve(paths[0]), sources.resolve(paths[1])  # (directories too: values only, as cli.diff)
         result = compare.diff(sources.load_lazy(a, key), sources.load_lazy(b, key))
@@ -140,9 +141,10 @@ def _fast(argv: list[str]) -> int | None:
     except (UsageError, _Slow):
         return None  # usage errors are worded (and exit 2) by the full CLI
     except ParamtoolError as e:
+        from .formats.pins import cause
         from .render import safe_name
 
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "failed"
+        first = str(cause(e)).strip().splitlines()[0] if str(e).strip() else "failed"
         sys.stderr.write(f"error: {safe_name(first)}\n")
         return e.exit_code
     except BrokenPipeError:

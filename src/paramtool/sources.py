@@ -147,20 +147,22 @@ def _sharded(src: Source, open_part: Any) -> ShardedCheckpoint:
     ``SHARDED_TRIES`` attempts it is one ``error:`` line. Every shard stays open, so what is read later is
     what was opened here."""
     from .formats import pins
-    from .formats.sharded import read_index
+    from .formats.sharded import find_index, read_index
 
+    index_path = find_index(src.path)
+    again = pins.pinned(index_path)  # read before in this command (listed, now loaded): it must be the same
     for _ in range(SHARDED_TRIES):
-        index = read_index(src.path)
         try:
+            index = read_index(index_path)
             parts = _open_parts(index, open_part)
-        except (ParamtoolError, OSError):
-            if pins.unchanged(index.path):
+        except (ParamtoolError, OSError):  # (a shard the index names is gone: a commit removed it)
+            if again or pins.unchanged(index_path):
                 raise
             parts = None
-        if parts is not None and pins.unchanged(index.path):
-            return _sharded_from(src, index, parts)
-        pins.forget(index.directory)  # committed to while read: read again
-    raise pins.InputChanged(f"{index.path}: the checkpoint changed while being read (other writes kept "
+        if parts is not None and (again or pins.unchanged(index_path)):
+            return _sharded_from(src, index, parts)  # (read again: verified at the commit)
+        pins.forget(os.path.dirname(os.path.abspath(index_path)))  # committed to while read: read again
+    raise pins.InputChanged(f"{index_path}: the checkpoint changed while being read (other writes kept "
                             "committing to it); run the command again")
 
 

@@ -98,6 +98,22 @@ def verify() -> None:
             raise changed(real, how)
 
 
+def pinned(path: str) -> bool:
+    """Was ``path`` read before in this command?"""
+    with _lock:
+        return os.path.realpath(path) in _pins
+
+
+def cause(e: BaseException) -> BaseException:
+    """The error to report for ``e``: an input that changed meanwhile is what made a read fail (a header
+    that no longer matches the listing, a record gone), so that is what the line says."""
+    try:
+        verify()
+    except InputChanged as changed_input:
+        return changed_input
+    return e
+
+
 def unchanged(path: str) -> bool:
     """Is ``path`` still the file pinned for it, as it was (True too when it was never pinned)?"""
     with _lock:
