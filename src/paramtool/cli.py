@@ -23,6 +23,10 @@ class _Group(typer.core.TyperGroup):
     def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D401 - click's signature
         kwargs["standalone_mode"] = False
         warnings.showwarning = lambda message, *_: warn(str(message))  # library warnings: one line, our format
+        from .formats import pins
+        from .fsops import release_locks
+
+        pins.reset()  # one command's inputs and locks (a process may run several: the tests do)
         try:
             code = super().main(*args, **kwargs)
         except TyperException as e:  # typer's own command-line errors (usage errors are exit 2)
@@ -33,9 +37,7 @@ class _Group(typer.core.TyperGroup):
         except typer.Abort:
             _fail("interrupted", 130)
         except ParamtoolError as e:
-            from .formats.pins import cause
-
-            _fail(str(cause(e)), e.exit_code)
+            _fail(str(pins.cause(e)), e.exit_code)
         except BrokenPipeError:
             _quiet_pipe()
         except KeyboardInterrupt:
@@ -48,11 +50,11 @@ class _Group(typer.core.TyperGroup):
         except BaseException as e:  # a bug, or a library's BaseException (torch's CheckpointException): one line
             if os.environ.get("PARAMTOOL_DEBUG") == "1":
                 raise
-            from .formats.pins import cause
-
-            if cause(e) is not e:  # a reader tripped over an input that changed under it
-                _fail(str(cause(e)), _FAILURE[0])
+            if pins.cause(e) is not e:  # a reader tripped over an input that changed under it
+                _fail(str(pins.cause(e)), _FAILURE[0])
             _fail(f"internal error: {type(e).__name__}: {e}", _FAILURE[0])
+        finally:
+            release_locks()
         sys.exit(code or 0)
 
 
@@ -199,10 +201,14 @@ def show(
 
         raise ParamtoolError(unknown_name(name, list(ckpt.names)))
     t = ckpt.tensor(stored)
+    doc = tensor_json(name, t) if json_out else tensor_text(t)
+    from .formats.pins import verify
+
+    verify()  # the values of the file as it was, or none
     if json_out:
-        emit_json(tensor_json(name, t))
+        emit_json(doc)
     else:
-        sys.stdout.write(tensor_text(t) + "\n")
+        sys.stdout.write(doc + "\n")
 
 
 OutOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write here ('-' for stdout). Naming the input counts as --in-place.",
@@ -472,12 +478,14 @@ def stats(
     """Per-tensor mean, std, min, max, fraction of zeros, L2 norm and NaN/Inf counts, with module totals."""
     from . import sources
     from . import stats as st
+    from .formats.pins import verify
 
     ckpt = sources.load_lazy(sources.resolve(source), key)
     names = _selected(list(ckpt.names), layer)
     with _progress(len(names), "stats") as advance:  # each tensor is read once, for numbers and histograms
         done = st.stats_many(ckpt.tensor, names, bins if hist else None, bool(hist_png), advance,
                              raw_of=st.raw_reader(ckpt))
+    verify()  # numbers of the files as they were, or none
     results, hists = done.results, done.hists
     if hist_png:
         st.histogram_png([(n, done.png[n]) for n in names], hist_png)
@@ -534,6 +542,9 @@ def diff(
         ca = sources.load_lazy(sources.resolve(a), key)
         cb = sources.load_lazy(sources.resolve(b), key)
         result = compare.diff(ca, cb, rtol, atol)
+        from .formats.pins import verify
+
+        verify()  # the difference of the files as they were, or none
     except ParamtoolError as e:
         e.exit_code = 2  # diff follows cmp: any error is 2
         raise

@@ -317,6 +317,13 @@ def lock_for_write(path: str) -> None:
         os.close(fd)  # replaced while we waited: lock what is there now
 
 
+def release_locks() -> None:
+    """Let go of every write lock this process holds (its command is done; the process may run another)."""
+    for key in list(_held):
+        with contextlib.suppress(OSError):
+            os.close(_held.pop(key))
+
+
 def holds_lock(path: str) -> bool:
     """Does this process hold ``path``'s write lock (``lock_for_write``)?"""
     try:
@@ -448,11 +455,22 @@ def _on_bus_error(signum: int) -> None:
     which = shrunk()
     what = f"{which} changed while being read (truncated)" if which else "an input file changed while being read (truncated)"
     with contextlib.suppress(OSError):
-        os.write(2, f"error: {what}; nothing was written: run the command again\n".encode("utf-8", "replace"))
+        os.write(2, f"error: {what}; run the command again\n".encode("utf-8", "replace"))
     os._exit(FAILURE[0])
 
 
 _bus_handler = None  # the C-callable SIGBUS handler, kept alive for the life of the process
+_bus_wanted = False  # set by the command line (``install_signal_handlers``)
+
+
+def guard_mappings() -> None:
+    """Called before an input file is mapped: from then on a bus error ends the process through
+    ``_on_bus_error`` (when the command line asked for it). Installed on the first mapping, not at start-up,
+    so the listing commands, which map nothing, do not import ctypes."""
+    if _bus_wanted and _bus_handler is None:
+        with _lock:
+            if _bus_handler is None:
+                _install_bus_handler()
 
 
 def _install_bus_handler() -> None:
@@ -470,13 +488,14 @@ def _install_bus_handler() -> None:
         _bus_handler = kind(_on_bus_error)
         libc.signal(signal.SIGBUS, _bus_handler)
     except (AttributeError, OSError):  # no C library to ask: a bus error stays a crash
-        _bus_handler = None
+        _bus_handler = False
 
 
 def install_signal_handlers() -> None:
     """For the command line only (not for a library user's process): interrupts and a closed pipe end the
     process through ``_abort``, whatever typer, click or rich would do with the exception; a bus error (an
-    input truncated under a mapping) through ``_on_bus_error``."""
+    input truncated under a mapping) through ``_on_bus_error`` (``guard_mappings``)."""
+    global _bus_wanted
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
         signal.signal(signum, _on_signal)
-    _install_bus_handler()
+    _bus_wanted = True

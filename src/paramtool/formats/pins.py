@@ -64,7 +64,7 @@ def opened(path: str, fd: int | None = None) -> None:
 
 
 def changed(path: str, how: str) -> InputChanged:
-    return InputChanged(f"{path} changed while being read ({how}); nothing was written: run the command again")
+    return InputChanged(f"{path} changed while being read ({how}); run the command again")
 
 
 def _change(real: str, keep: int, first: os.stat_result) -> str | None:
@@ -145,6 +145,18 @@ def shrunk() -> str | None:
         except OSError:
             continue
     return None
+
+
+def reset() -> None:
+    """Forget every pin: a new command begins (in a process that runs several, a test's)."""
+    with _lock:
+        keeps = [keep for keep, _ in _pins.values()]
+        _pins.clear()
+    for keep in keeps:
+        try:
+            os.close(keep)
+        except OSError:
+            pass
 
 
 def forget(path: str) -> None:

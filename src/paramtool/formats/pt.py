@@ -32,8 +32,10 @@ def load(path: str, listing: TorchFile) -> Any:
     """The file's object tree with real tensors (memory-mapped, copy-on-write) in place of ``FakeTensor``."""
     mapped = None
     if listing.storages and any(listing.storages[k].nbytes for k in listing.storages):
+        from ..fsops import guard_mappings
         from .pins import opened
 
+        guard_mappings()
         with open(path, "rb") as f:
             opened(path, f.fileno())
             try:

@@ -178,6 +178,9 @@ def load(path: str) -> tuple[dict[str, Any], dict[str, str] | None, dict[str, st
     header, _ = read_header(path)  # validate before handing the file to the Rust reader
     stored = [n for n in header if n != "__metadata__"]  # the header's order (safe_open's keys() sorts)
     tensors: dict[str, Any] = {}
+    from ..fsops import guard_mappings
+
+    guard_mappings()  # safe_open maps the file
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata()

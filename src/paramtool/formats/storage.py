@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Hashable
 
 from ..errors import FormatError, first_line
+from ..fsops import guard_mappings
 from ..records import dataclass
 from ..toc import TensorInfo, Toc, contiguous_stride, itemsize
 from .pins import opened, short_read
@@ -211,6 +212,7 @@ class StorageFile:
         if span.nbytes == 0:
             return torch.empty(0, dtype=_torch_dtype(span.dtype))
         base = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
+        guard_mappings()
         mm = mmap.mmap(self._file.fileno(), span.offset + span.nbytes - base, flags=mmap.MAP_PRIVATE,
                        prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
         raw = torch.frombuffer(mm, dtype=torch.uint8, count=span.nbytes, offset=span.offset - base)
@@ -233,6 +235,7 @@ class StorageFile:
         if span.nbytes == 0:
             return memoryview(b"")
         base = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
+        guard_mappings()
         mm = mmap.mmap(self._file.fileno(), span.offset + span.nbytes - base, flags=mmap.MAP_SHARED,
                        prot=mmap.PROT_READ, offset=base)
         return memoryview(mm)[span.offset - base : span.offset - base + span.nbytes]
