@@ -506,6 +506,8 @@ def _kernel_copy(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int) -
         while off < hole:
             done = os.copy_file_range(src_fd, dst_fd, hole - off, off, dst_off + (off - src_off))
             if done <= 0:
+                if os.fstat(src_fd).st_size >= hole:  # the bytes are there: the destination took none (full?)
+                    raise OSError(errno.EIO, "the kernel copy stopped")  # -> ``_copy`` writes them itself
                 raise short_read(_name_of(src_fd), "a byte range being copied")
             off += done
         pos = hole
