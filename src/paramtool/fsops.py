@@ -10,6 +10,10 @@ module, for three reasons:
 - the steps are counted, so tests can stop a write at any one of them: ``PARAMTOOL_FAULT_AT=N`` kills the
   process with SIGKILL at the N-th step (``PARAMTOOL_FAULT=enospc``: raises "No space left on device" there
   instead; ``int``/``term``: sends itself SIGINT/SIGTERM), and ``PARAMTOOL_FAULT_COUNT=FILE`` records how many steps a run took.
+
+It also holds what keeps concurrent writers apart (``lock_for_write``: one writer of a target at a time) and
+what ends a process whose mapped input was cut short under it (``guard_mappings``: one ``error:`` line, not a
+SIGBUS crash).
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ never pinned.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 
 from ..errors import ParamtoolError
@@ -26,7 +27,9 @@ class InputChanged(ParamtoolError):
 
 
 _lock = threading.Lock()
-_pins: dict[str, tuple[int, os.stat_result]] = {}  # real path -> (kept descriptor, its stat when first read)
+_pins: dict[str, tuple[int, os.stat_result]] = {}  # real path -> (kept descriptor or -1, its stat when first read)
+KEPT = 256  # descriptors kept open at most (a checkpoint of thousands of shards must not run out of them); past
+# these, a file is pinned by its stat alone (its inode could then, in principle, be reused once it is deleted)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:
@@ -46,12 +49,15 @@ def opened(path: str, fd: int | None = None) -> None:
         st = os.fstat(fd) if fd is not None else os.stat(path)
     except OSError:
         return  # (the reader reports what it cannot open)
-    if not (st.st_mode & 0o170000 == 0o100000):  # only regular files: a FIFO or a device is read once anyway
+    if not stat.S_ISREG(st.st_mode):  # only regular files: a FIFO or a device is read once anyway
         return
     real = os.path.realpath(path)
     with _lock:
         pinned = _pins.get(real)
         if pinned is None:
+            if len(_pins) >= KEPT:
+                _pins[real] = (-1, st)
+                return
             try:
                 keep = os.dup(fd) if fd is not None else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
@@ -70,7 +76,9 @@ def changed(path: str, how: str) -> InputChanged:
 def _change(real: str, keep: int, first: os.stat_result) -> str | None:
     """How the pinned file at ``real`` changed since it was first read, or None."""
     try:
-        now = os.fstat(keep)
+        now = os.fstat(keep) if keep >= 0 else os.stat(real)
+    except FileNotFoundError:
+        return "removed"
     except OSError:
         return None
     if now.st_size < first.st_size:
@@ -140,7 +148,7 @@ def shrunk() -> str | None:
     SIGBUS handler."""
     for real, (keep, first) in list(_pins.items()):
         try:
-            if os.fstat(keep).st_size < first.st_size:
+            if (os.fstat(keep) if keep >= 0 else os.stat(real)).st_size < first.st_size:
                 return real
         except OSError:
             continue
@@ -150,7 +158,7 @@ def shrunk() -> str | None:
 def reset() -> None:
     """Forget every pin: a new command begins (in a process that runs several, a test's)."""
     with _lock:
-        keeps = [keep for keep, _ in _pins.values()]
+        keeps = [keep for keep, _ in _pins.values() if keep >= 0]
         _pins.clear()
     for keep in keeps:
         try:
@@ -165,7 +173,8 @@ def forget(path: str) -> None:
     with _lock:
         for p in [p for p in _pins if p == real or p.startswith(real.rstrip(os.sep) + os.sep)]:
             keep, _ = _pins.pop(p)
-            try:
-                os.close(keep)
-            except OSError:
-                pass
+            if keep >= 0:
+                try:
+                    os.close(keep)
+                except OSError:
+                    pass
