@@ -285,9 +285,11 @@ def test_a_second_writer_waits_then_reads_what_the_first_committed(tmp_path, run
 def test_two_writers_at_once_keep_both_edits(tmp_path, runners, kind):
     target = build(kind, tmp_path / "ckpt")
     old = read_state(kind, target)
+    # a sharded checkpoint named two ways (its directory, its index): one lock, the directory's
+    other = os.path.join(target, "model.safetensors.index.json") if kind == "sharded" else target
     for round_ in range(3):
         a = Running(runners[0], "set", target, f"a.weight[:] = {round_ + 1}", "--in-place")
-        b = Running(runners[1], "set", target, f"c.weight[:] = {round_ + 11}", "--in-place")
+        b = Running(runners[1], "set", other, f"c.weight[:] = {round_ + 11}", "--in-place")
         for run in (a, b):
             r = run.result()
             assert r.exit == 0, r.stderr
