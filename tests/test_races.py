@@ -116,10 +116,12 @@ def big_safetensors(path, mib: int = 96) -> None:
 
 # -- 1. an input truncated while mapped: one error line, never SIGBUS ------------------------------------------
 
+@pytest.mark.parametrize("how", ["truncated", "rewritten"])
 @pytest.mark.parametrize("command", ["stats", "diff"])
-def test_input_truncated_while_mapped_is_one_error_line(tmp_path, command):
+def test_input_changed_while_mapped_is_one_error_line(tmp_path, command, how):
     """``stats``/``diff --json`` through the console entry point (``launch.py``'s fast path), which reads values
-    through mappings; the file is cut to a third once the process has mapped it."""
+    through mappings; once the process has mapped the file, it is cut to a third (pages past the new end
+    fault: SIGBUS) or overwritten in place with other values (the numbers would mix two files)."""
     src, other = tmp_path / "in.safetensors", tmp_path / "other.safetensors"
     hit = 0
     for _ in range(8):
@@ -130,12 +132,16 @@ def test_input_truncated_while_mapped_is_one_error_line(tmp_path, command):
         proc = subprocess.Popen([sys.executable, "-m", "paramtool", *map(str, args)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         mapped = wait_until(proc, src, "maps")
-        if mapped:
+        if mapped and how == "truncated":
             os.truncate(src, os.path.getsize(src) // 3)
+        elif mapped:
+            with open(src, "r+b") as f:
+                f.seek(os.path.getsize(src) // 2)
+                f.write(b"\x7f" * (1 << 20))
         out, err = proc.communicate(timeout=120)
         assert proc.returncode >= 0, f"killed by signal {-proc.returncode}: {err}"  # never SIGBUS
         if mapped and proc.returncode == (1 if command == "stats" else 2) and CHANGED in err:
-            one_error_line(err, str(src), "truncated")
+            one_error_line(err, str(src), how)
             assert out == ""
             hit += 1
             if hit == 2:
