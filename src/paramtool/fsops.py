@@ -275,8 +275,8 @@ _held: dict[tuple[int, int], int] = {}  # (device, inode) of what this process h
 
 
 def lock_for_write(path: str) -> None:
-    """Hold, until this process ends, the exclusive lock of the target ``path`` that a write will replace or
-    change: two paramtool writes of one target run one after the other, each reading what the previous one
+    """Hold, until the command is done (``release_locks``) or the process ends, the exclusive lock of the
+    target ``path`` that a write will replace or change: two paramtool writes of one target run one after the other, each reading what the previous one
     committed. The lock is ``flock`` on the target itself (a file, or a sharded, DCP or model directory; for a
     ``*.index.json``, its directory), so nothing is created for it; a second writer waits, saying so once on
     stderr. A target replaced by the holder's commit is a new file: a waiter that wakes on the old one locks
@@ -303,7 +303,8 @@ def lock_for_write(path: str) -> None:
             if not waited:
                 import sys
 
-                sys.stderr.write(f"waiting for another paramtool writing {path} to finish\n")
+                shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)  # no control characters
+                sys.stderr.write(f"waiting for another paramtool writing {shown} to finish\n")
                 sys.stderr.flush()
                 waited = True
             fcntl.flock(fd, fcntl.LOCK_EX)
