@@ -373,3 +373,78 @@ def test_output_naming_a_hard_link_of_the_input(tmp_path, runners):
     assert r.stderr.startswith(f"wrote {link} "), r.stderr  # the name the user gave
     assert src.read_bytes() == before and os.stat(src).st_nlink == 1
     assert torch.all(torch.load(str(link), weights_only=True)["w"] == 1)
+
+
+# -- every command, the input replaced at a random moment --------------------------------------------------------
+
+SWEEP = {  # command line (IN, OUT placeholders) -> how the output's names map back to the input's
+    "rename": (["rename", "IN", "s/layer/block/", "-o", "OUT"], lambda n: n.replace("block", "layer")),
+    "drop": (["drop", "IN", "--layer", "layer0", "-o", "OUT"], lambda n: n),
+    "init": (["init", "IN", "--scheme", "zeros", "--layer", "layer0", "-o", "OUT"], lambda n: n),
+    "convert": (["convert", "IN", "OUT"], lambda n: n),
+    "convert --dtype": (["convert", "IN", "OUT", "--dtype", "bf16"], lambda n: n),
+}
+
+
+@pytest.mark.parametrize("command", list(SWEEP))
+def test_every_writer_with_its_input_replaced_at_random(tmp_path, runners, command):
+    """The input is replaced (rename over it) at a random moment after the command opened it: exit 0 with an
+    output wholly from one version (layer0 aside, which init and drop change), or one error line, nothing
+    written and no temporary left."""
+    import random
+
+    argv, back = SWEEP[command]
+    src, out = tmp_path / "in.safetensors", tmp_path / ("out.pt" if command == "convert" else "out.safetensors")
+    old, new = _state(48, 0.0), _state(48, 1000.0)
+    save_file(new, str(tmp_path / "new.safetensors"), metadata={"format": "pt"})
+    rng = random.Random(command)
+    for _ in range(3):
+        save_file(old, str(src), metadata={"format": "pt"})
+        out.unlink(missing_ok=True)
+        run = Running(runners[0], *[{"IN": src, "OUT": out}.get(a, a) for a in argv])
+        if wait_until(run, src):
+            time.sleep(rng.uniform(0, 0.05))
+            shutil.copyfile(tmp_path / "new.safetensors", tmp_path / "staged")
+            os.replace(tmp_path / "staged", src)
+        r = run.result()
+        if r.exit == 0:
+            got = torch.load(str(out), weights_only=True) if out.suffix == ".pt" else load_file(str(out))
+            got = {back(n): t.float() for n, t in got.items() if back(n) != "layer0.weight"}
+            cast = (lambda t: t.to(torch.bfloat16).float()) if "--dtype" in argv else (lambda t: t)
+            versions = [v for v, sd in (("old", old), ("new", new)) if all(torch.equal(got[n], cast(sd[n])) for n in got)]
+            assert len(got) == 47 and versions, "an output mixing two versions of the input"
+        else:
+            one_error_line(r.stderr, CHANGED)
+            assert not out.exists()
+        assert not [p for p in os.listdir(tmp_path) if ".paramtool-tmp" in p]
+
+
+@pytest.mark.parametrize("command", ["show", "stats", "inspect"])
+def test_every_reader_with_its_input_replaced_at_random(tmp_path, runners, command):
+    """Readers through the full CLI: one version's answer (a whole tensor of one value), or one error line."""
+    import random
+
+    src = tmp_path / "in.safetensors"
+    old, new = _state(48, 0.0), _state(48, 1000.0)
+    save_file(new, str(tmp_path / "new.safetensors"), metadata={"format": "pt"})
+    rng = random.Random(command)
+    argv = {"show": ["show", src, "layer5.weight", "--json"], "stats": ["stats", src, "--json"],
+            "inspect": ["inspect", src, "--json"]}[command]
+    for _ in range(3):
+        save_file(old, str(src), metadata={"format": "pt"})
+        run = Running(runners[0], *argv)
+        if wait_until(run, src):
+            time.sleep(rng.uniform(0, 0.02))
+            shutil.copyfile(tmp_path / "new.safetensors", tmp_path / "staged")
+            os.replace(tmp_path / "staged", src)
+        r = run.result()
+        if r.exit != 0:
+            one_error_line(r.stderr, CHANGED)
+            continue
+        doc = json.loads(r.stdout)
+        if command == "show":
+            assert len({v for row in doc["values"] for v in row}) == 1
+        elif command == "stats":
+            means = {t["name"]: t["mean"] for t in doc["tensors"]}
+            assert means["layer1.weight"] - means["layer0.weight"] == 1
+            assert {round(means["layer0.weight"])} <= {0, 1000}
