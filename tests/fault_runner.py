@@ -1,7 +1,7 @@
 """Run the paramtool CLI many times quickly, each run in a process of its own that may be killed.
 
 ``python fault_runner.py`` imports torch and paramtool once, then reads one JSON request per line
-(``{"argv": [...], "env": {...}, "stdout": path, "stderr": path, "pipe": N | null}``), forks a child per request that runs
+(``{"argv": [...], "env": {...}, "stdout": path, "stderr": path, "pipe": N | null, "pidfile": path | null}``), forks a child per request that runs
 ``paramtool.cli.main()`` exactly as the console script does (signal handlers included), and answers with
 ``{"exit": code}`` or ``{"signal": number}``. A child killed by ``PARAMTOOL_FAULT_AT`` is a real SIGKILL of a
 real process; only the start-up cost (importing torch, seconds on a loaded machine) is shared.
@@ -75,6 +75,10 @@ def serve() -> None:
         pid = os.fork()
         if pid == 0:
             _child(request, pipe)
+        if request.get("pidfile"):  # for a test that acts on the running child (its /proc entry)
+            with open(request["pidfile"] + ".tmp", "w") as f:
+                f.write(str(pid))
+            os.replace(request["pidfile"] + ".tmp", request["pidfile"])
         if pipe is not None:
             os.close(pipe[1])
             _read_then_close(pipe[0], request["pipe"], request["stdout"])
@@ -100,10 +104,12 @@ class Runner:
         self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
 
-    def run(self, *argv: object, env: dict | None = None, pipe: int | None = None) -> Outcome:
-        """One CLI run; ``pipe=N``: stdout is a pipe read for N bytes (all, if negative) and then closed."""
+    def run(self, *argv: object, env: dict | None = None, pipe: int | None = None, pidfile: str | None = None) -> Outcome:
+        """One CLI run; ``pipe=N``: stdout is a pipe read for N bytes (all, if negative) and then closed;
+        ``pidfile``: the child's process id is written there as it starts."""
         out, err = os.path.join(self.workdir, "run.stdout"), os.path.join(self.workdir, "run.stderr")
-        request = {"argv": [str(a) for a in argv], "env": env or {}, "stdout": out, "stderr": err, "pipe": pipe}
+        request = {"argv": [str(a) for a in argv], "env": env or {}, "stdout": out, "stderr": err, "pipe": pipe,
+                   "pidfile": pidfile}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         answer = json.loads(self.proc.stdout.readline())

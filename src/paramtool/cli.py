@@ -12,11 +12,9 @@ from rich.console import Console
 
 from . import render
 from .errors import ParamtoolError, UsageError, first_line
+from .fsops import FAILURE as _FAILURE  # the exit status of a failure the core did not map: 1, 2 for diff
 
 EPILOG_HINT = "Exit status: 0 done, 1 input or operation failed, 2 bad command line."
-
-
-_FAILURE = [1]  # the exit status of a failure the core did not map: 1, but 2 for diff (as cmp)
 
 
 class _Group(typer.core.TyperGroup):
@@ -28,6 +26,10 @@ class _Group(typer.core.TyperGroup):
         for command in self.commands.values():
             command.epilog = _verbatim_examples(command.epilog)
         warnings.showwarning = lambda message, *_: warn(str(message))  # library warnings: one line, our format
+        from .formats import pins
+        from .fsops import release_locks
+
+        pins.reset()  # one command's inputs and locks (a process may run several: the tests do)
         try:
             code = super().main(*args, **kwargs)
         except TyperException as e:  # typer's own command-line errors (usage errors are exit 2)
@@ -38,7 +40,7 @@ class _Group(typer.core.TyperGroup):
         except typer.Abort:
             _fail("interrupted", 130)
         except ParamtoolError as e:
-            _fail(str(e), e.exit_code)
+            _fail(str(pins.cause(e)), e.exit_code)
         except BrokenPipeError:
             _quiet_pipe()
         except KeyboardInterrupt:
@@ -51,7 +53,11 @@ class _Group(typer.core.TyperGroup):
         except BaseException as e:  # a bug, or a library's BaseException (torch's CheckpointException): one line
             if os.environ.get("PARAMTOOL_DEBUG") == "1":
                 raise
+            if pins.cause(e) is not e:  # a reader tripped over an input that changed under it
+                _fail(str(pins.cause(e)), _FAILURE[0])
             _fail(f"internal error: {type(e).__name__}: {e}", _FAILURE[0])
+        finally:
+            release_locks()
         sys.exit(code or 0)
 
 
@@ -301,10 +307,14 @@ def show(
 
         raise ParamtoolError(unknown_name(name, list(ckpt.names)))
     t = ckpt.tensor(stored)
+    doc = tensor_json(name, t) if json_out else tensor_text(t)
+    from .formats.pins import verify
+
+    verify()  # the values of the file as it was, or none
     if json_out:
-        emit_json(tensor_json(name, t))
+        emit_json(doc)
     else:
-        sys.stdout.write(tensor_text(t) + "\n")
+        sys.stdout.write(doc + "\n")
 
 
 OutOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write here ('-' for stdout). Naming the input counts as --in-place.",
@@ -343,6 +353,18 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Reproducible val
 def _scheme_options(**given: Any) -> dict[str, Any]:
     """The scheme options actually given on the command line."""
     return {k: v for k, v in given.items() if v is not None}
+
+
+def _resolve_for_write(source: Optional[str], output: Optional[str], in_place: bool, dry_run: bool) -> Any:
+    """``sources.resolve(source)`` for a command that writes, once it holds the lock of what it will write
+    (the input with ``--in-place``, else ``-o``'s existing target): taken before anything is read, so
+    concurrent writes of one target serialize and each reads what the one before committed."""
+    from . import fsops, sources
+
+    target = source if in_place else output
+    if not dry_run and target is not None and target != "-" and not target.startswith(("nn:", "s3://", "hf://", "http")):
+        fsops.lock_for_write(target)
+    return sources.resolve(source)
 
 
 def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, output: Optional[str], in_place: bool,
@@ -465,7 +487,7 @@ def init(
     from .schemes import get_scheme, resolve_options
 
     resolve_options(get_scheme(scheme), given)  # a wrong option is a usage error before any loading
-    src = sources.resolve(source)
+    src = _resolve_for_write(source, output, in_place, dry_run)
     listing = sources.open_for_plan(src, key)
     plan = ops.plan_init(listing, scheme, given, _config_layers(src, listing, layer), param, zero_bias, untie, seed,
                          list(types or []))
@@ -495,7 +517,7 @@ def set_(
         source, edits = None, args
     if not edits:
         raise UsageError("give at least one EDIT, e.g. \"0.weight[0, 0] = 42\"")
-    src = sources.resolve(source)
+    src = _resolve_for_write(source, output, in_place, dry_run)
     listing = sources.open_for_plan(src, key)
     from .select import resolve_leading_name
 
@@ -591,6 +613,7 @@ def _stats_one(source: Optional[str], layer: Optional[list[str]], hist: bool, hi
                json_out: bool, key: Optional[str]) -> None:
     from . import sources
     from . import stats as st
+    from .formats.pins import verify
 
     src = sources.resolve(source)
     ckpt = sources.load_lazy(src, key)
@@ -598,6 +621,7 @@ def _stats_one(source: Optional[str], layer: Optional[list[str]], hist: bool, hi
     with _progress(len(names), "stats") as advance:  # each tensor is read once, for numbers and histograms
         done = st.stats_many(ckpt.tensor, names, bins if hist else None, bool(hist_png), advance,
                              raw_of=st.raw_reader(ckpt))
+    verify()  # numbers of the files as they were, or none
     results, hists = done.results, done.hists
     if hist_png:
         st.histogram_png([(n, done.png[n]) for n in names], hist_png)
@@ -707,6 +731,9 @@ def diff(
         ca = sources.load_lazy(sources.resolve(a), key)
         cb = sources.load_lazy(sources.resolve(b), key)
         result = compare.diff(ca, cb, rtol, atol)
+        from .formats.pins import verify
+
+        verify()  # the difference of the files as they were, or none
     except ParamtoolError as e:
         e.exit_code = 2  # diff follows cmp: any error is 2
         raise
@@ -754,14 +781,14 @@ def convert(
     if dtype is None:
         if dry_run or json_out:
             raise UsageError("--dry-run goes with --dtype (a plain convert changes no tensor)")
-        src = sources.resolve(source)
+        src = _resolve_for_write(source, target or output, in_place, False)
         _finish(src, sources.open_for_plan(src, key), Plan(Report("convert"), narrow=True), False, False,
                 target or output, in_place, fmt, drop_extra, max_shard_size=max_shard_size, convert=True)
         return
     from . import surgery
 
     to = surgery.target_dtype(dtype)
-    src = sources.resolve(source)
+    src = _resolve_for_write(source, target or output, in_place, dry_run)
     listing = sources.open_for_plan(src, key)
     keep = _config_layers(src, listing, keep_dtype, "--keep-dtype")
     plan = surgery.plan_cast(listing, to, keep, directory=src.directory)
@@ -800,7 +827,7 @@ def rename(
     rules = ([surgery.strip_prefix_rule(strip_prefix)] if strip_prefix else []) + [surgery.parse_rule(t) for t in texts]
     if not rules:
         raise UsageError("give at least one RULE (s/REGEX/REPLACEMENT/) or --strip-prefix P")
-    src = sources.resolve(source)
+    src = _resolve_for_write(source, output, in_place, dry_run)
     listing = sources.open_for_plan(src, key)
     plan = surgery.plan_rename(listing, rules)
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,
@@ -827,7 +854,7 @@ def drop(
 
     if bool(layer) == bool(key):
         raise UsageError("give --layer SEL… (tensors) or --key PATH… (sub-trees), one of the two")
-    src = sources.resolve(source)
+    src = _resolve_for_write(source, output, in_place, dry_run)
     listing = sources.open_for_plan(src)
     plan = surgery.plan_drop(listing, list(layer or []), list(key or []))
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,
@@ -886,7 +913,7 @@ def resize(
         from .schemes import get_scheme, resolve_options
 
         resolve_options(get_scheme(scheme), given)
-    src = sources.resolve(source)
+    src = _resolve_for_write(source, output, in_place, dry_run)
     listing = sources.open_for_plan(src, key)
     from .select import resolve_name
 

@@ -10,6 +10,10 @@ module, for three reasons:
 - the steps are counted, so tests can stop a write at any one of them: ``PARAMTOOL_FAULT_AT=N`` kills the
   process with SIGKILL at the N-th step (``PARAMTOOL_FAULT=enospc``: raises "No space left on device" there
   instead; ``int``/``term``: sends itself SIGINT/SIGTERM), and ``PARAMTOOL_FAULT_COUNT=FILE`` records how many steps a run took.
+
+It also holds what keeps concurrent writers apart (``lock_for_write``: one writer of a target at a time) and
+what ends a process whose mapped input was cut short under it (``guard_mappings``: one ``error:`` line, not a
+SIGBUS crash).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ _critical = 0
 _pending_signal: int | None = None
 _ending: int | None = None  # the thread ending the process after an interrupt (``_abort``), once one is
 _signal_handled = threading.Event()
+FAILURE = [1]  # the exit status of a failure no exception carries (a bus error): 1, but 2 for diff (as cmp)
 
 
 def _ending_elsewhere() -> bool:
@@ -266,6 +271,73 @@ def copy_owner_and_mode(path: str, st: os.stat_result, uid: int | None = None, g
     os.chmod(path, stat.S_IMODE(st.st_mode))  # chown clears set-id bits
 
 
+_held: dict[tuple[int, int], int] = {}  # (device, inode) of what this process holds locked -> its descriptor
+
+
+def lock_for_write(path: str) -> None:
+    """Hold, until the command is done (``release_locks``) or the process ends, the exclusive lock of the
+    target ``path`` that a write will replace or change: two paramtool writes of one target run one after the other, each reading what the previous one
+    committed. The lock is ``flock`` on the target itself (a file, or a sharded, DCP or model directory; for a
+    ``*.index.json``, its directory), so nothing is created for it; a second writer waits, saying so once on
+    stderr. A target replaced by the holder's commit is a new file: a waiter that wakes on the old one locks
+    the new one instead (and then reads it). A target that does not exist yet, or is no regular file or
+    directory (``/dev/null``, a FIFO), has nothing to protect and is not locked."""
+    import fcntl
+
+    target = (os.path.dirname(path) or ".") if path.endswith(".index.json") and os.path.isfile(path) else path
+    waited = False
+    while True:
+        try:
+            st = os.stat(target)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                return
+            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:  # none yet, or unreadable: the write itself reports what is wrong
+            return
+        if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) in _held:
+            os.close(fd)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not waited:
+                import sys
+
+                shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)  # no control characters
+                sys.stderr.write(f"waiting for another paramtool writing {shown} to finish\n")
+                sys.stderr.flush()
+                waited = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without flock: go on unlocked, as before
+            os.close(fd)
+            return
+        mine = os.fstat(fd)
+        try:
+            now = os.stat(target)
+        except OSError:
+            now = None
+        if now is not None and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+            _held[(mine.st_dev, mine.st_ino)] = fd
+            return
+        os.close(fd)  # replaced while we waited: lock what is there now
+
+
+def release_locks() -> None:
+    """Let go of every write lock this process holds (its command is done; the process may run another)."""
+    for key in list(_held):
+        with contextlib.suppress(OSError):
+            os.close(_held.pop(key))
+
+
+def holds_lock(path: str) -> bool:
+    """Does this process hold ``path``'s write lock (``lock_for_write``)?"""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) in _held
+
+
 def process_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -375,8 +447,60 @@ def _abort(signum: int) -> None:
     os._exit(128 + signum)
 
 
+def _on_bus_error(signum: int) -> None:
+    """SIGBUS: a mapped input file was cut short by another process, and a read touched a page past its new
+    end. The faulting read cannot go on, so the process ends here, as an interrupt does (temporaries
+    removed), with one ``error:`` line naming the input instead of a crash."""
+    from .formats.pins import shrunk
+
+    with _lock:
+        live = list(_live)
+    for path in reversed(live):
+        discard(path)
+    which = shrunk()
+    what = f"{which} changed while being read (truncated)" if which else "an input file changed while being read (truncated)"
+    with contextlib.suppress(OSError):
+        os.write(2, f"error: {what}; run the command again\n".encode("utf-8", "replace"))
+    os._exit(FAILURE[0])
+
+
+_bus_handler = None  # the C-callable SIGBUS handler, kept alive for the life of the process
+_bus_wanted = False  # set by the command line (``install_signal_handlers``)
+
+
+def guard_mappings() -> None:
+    """Called before an input file is mapped: from then on a bus error ends the process through
+    ``_on_bus_error`` (when the command line asked for it). Installed on the first mapping, not at start-up,
+    so the listing commands, which map nothing, do not import ctypes."""
+    if _bus_wanted and _bus_handler is None:
+        with _lock:
+            if _bus_handler is None:
+                _install_bus_handler()
+
+
+def _install_bus_handler() -> None:
+    """Route SIGBUS to ``_on_bus_error``. Python's own ``signal.signal`` cannot: its handler runs between
+    bytecodes, after the faulting instruction, which a bus error re-runs forever. A C-level handler (ctypes)
+    runs at the fault itself, on whichever thread touched the page, and never returns."""
+    global _bus_handler
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        kind = ctypes.CFUNCTYPE(None, ctypes.c_int)
+        libc.signal.restype = ctypes.c_void_p
+        libc.signal.argtypes = [ctypes.c_int, kind]
+        _bus_handler = kind(_on_bus_error)
+        libc.signal(signal.SIGBUS, _bus_handler)
+    except (AttributeError, OSError):  # no C library to ask: a bus error stays a crash
+        _bus_handler = False
+
+
 def install_signal_handlers() -> None:
     """For the command line only (not for a library user's process): interrupts and a closed pipe end the
-    process through ``_abort``, whatever typer, click or rich would do with the exception."""
+    process through ``_abort``, whatever typer, click or rich would do with the exception; a bus error (an
+    input truncated under a mapping) through ``_on_bus_error`` (``guard_mappings``)."""
+    global _bus_wanted
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
         signal.signal(signum, _on_signal)
+    _bus_wanted = True

@@ -132,22 +132,27 @@ def _stats(src: Any, key: str | None, layers: list[str]) -> Any:
     """``stats SOURCE --json``, as the full CLI computes it (``cli.stats``), without its progress bar."""
     from . import sources
     from . import stats as st
+    from .formats.pins import verify
     from .select import select
 
     ckpt = sources.load_lazy(src, key)
     names = select(list(ckpt.names), layers, "all")
     done = st.stats_many(ckpt.tensor, names, None, False, raw_of=st.raw_reader(ckpt))
+    verify()  # numbers of the file as it was, or none
     return {"source": src.label, "tensors": [r.as_json() for r in done.results]}
 
 
 def _diff(paths: list[str], key: str | None) -> tuple[Any, int]:
     """``diff A B --json`` as the full CLI computes it (``cli.diff``): 0 equal, 1 different; errors exit 2."""
-    from . import compare, sources
+    from . import compare, fsops, sources
     from .errors import ParamtoolError
+    from .formats.pins import verify
 
+    fsops.FAILURE[0] = 2  # (a bus error too)
     try:
         a, b = sources.resolve(paths[0]), sources.resolve(paths[1])  # (directories too: values only, as cli.diff)
         result = compare.diff(sources.load_lazy(a, key), sources.load_lazy(b, key))
+        verify()
     except ParamtoolError as e:
         e.exit_code = 2  # diff follows cmp: any error is 2
         raise
@@ -166,9 +171,10 @@ def _fast(argv: list[str]) -> int | None:
     except (UsageError, _Slow):
         return None  # usage errors are worded (and exit 2) by the full CLI
     except ParamtoolError as e:
+        from .formats.pins import cause
         from .render import safe_name
 
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "failed"
+        first = str(cause(e)).strip().splitlines()[0] if str(e).strip() else "failed"
         sys.stderr.write(f"error: {safe_name(first)}\n")
         return e.exit_code
     except BrokenPipeError:

@@ -86,7 +86,11 @@ def _install(path: str, data: bytes) -> None:
 @contextlib.contextmanager
 def _locked(directory: str) -> Iterator[None]:
     """One commit at a time in a directory: two writers' steps 2-3 never interleave (a reader could see one
-    writer's shards beside the other's)."""
+    writer's shards beside the other's). A command writing the directory in place holds its lock already
+    (``fsops.lock_for_write``, from before it read the checkpoint): then there is nothing more to take."""
+    if fsops.holds_lock(directory):
+        yield
+        return
     fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -116,13 +120,17 @@ def commit(index_path: str, raw: dict, pending: dict[str, str], final: dict | No
         "unlink": {s: _identity(os.path.join(directory, s)) for s in removed
                    if os.path.lexists(os.path.join(directory, s))},
     }
+    from .formats import pins
+
     with fsops.critical(), _locked(directory):
+        pins.verify()  # the shards kept and the ones rewritten are all of the checkpoint that was read
         if final is None:
             with open(index_path, "rb") as f:
                 index_bytes = f.read()  # written back byte for byte once the shards have their names again
         else:
             index_bytes = _dumps(final)
         _install(index_path, _dumps(interim))  # the commit
+        pins.forget(directory)
         for tmp in pending.values():
             fsops.forget(tmp)  # now part of the checkpoint: never removed as a temporary
         try:
@@ -188,5 +196,8 @@ def recover(directory: str) -> bool:
             raw["weight_map"] = {name: back.get(rel, rel) for name, rel in weight_map.items()}
             with fsops.critical(), _locked(directory):
                 _finish(directory, index_path, _dumps(raw), relative, removed)
+            from .formats import pins
+
+            pins.forget(directory)  # the index (and shards) read before this are replaced by their finished state
             recovered = True
     return recovered

@@ -146,14 +146,44 @@ class ShardedCheckpoint(Checkpoint):
         self.parts[self.names[name][0]].replace(name, value)
 
 
-def _sharded(src: Source, open_part: Any) -> ShardedCheckpoint:
-    from .formats.sharded import read_index
+SHARDED_TRIES = 5  # reads of a sharded checkpoint that other writes keep committing to, before giving up
 
-    index = read_index(src.path)
+
+def _sharded(src: Source, open_part: Any) -> ShardedCheckpoint:
+    """The index and every shard it names, as of one moment: a commit (``shard_commit``) replaces the index
+    first and the shards after, so shards opened while the index stayed the same file belong to it. If the
+    index was replaced meanwhile (or a shard it named is gone), everything is read again; after
+    ``SHARDED_TRIES`` attempts it is one ``error:`` line. Every shard stays open, so what is read later is
+    what was opened here."""
+    from .formats import pins
+    from .formats.sharded import find_index, read_index
+
+    index_path = find_index(src.path)
+    again = pins.pinned(index_path)  # read before in this command (listed, now loaded): it must be the same
+    for _ in range(SHARDED_TRIES):
+        try:
+            index = read_index(index_path)
+            parts = _open_parts(index, open_part)
+        except (ParamtoolError, OSError):  # (a shard the index names is gone: a commit removed it)
+            if again or pins.unchanged(index_path):
+                raise
+            parts = None
+        if parts is not None and (again or pins.unchanged(index_path)):
+            return _sharded_from(src, index, parts)  # (read again: verified at the commit)
+        pins.forget(os.path.dirname(os.path.abspath(index_path)))  # committed to while read: read again
+    raise pins.InputChanged(f"{index_path}: the checkpoint changed while being read (other writes kept "
+                            "committing to it); run the command again")
+
+
+def _open_parts(index: Any, open_part: Any) -> dict[str, Checkpoint]:
     parts: dict[str, Checkpoint] = {}
     for shard in index.shards:
         path = os.path.join(index.directory, shard)
         parts[shard] = open_part(Source(path, "file", path, sniff_file(path)), None)
+    return parts
+
+
+def _sharded_from(src: Source, index: Any, parts: dict[str, Checkpoint]) -> ShardedCheckpoint:
     names: dict[str, tree.Path] = {}
     for name, shard in index.weight_map.items():
         if name not in parts[shard].names:

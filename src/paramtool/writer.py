@@ -16,7 +16,7 @@ from typing import Any
 from . import formats, fsops, shard_commit, tree
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError, UsageError
-from .formats import Format
+from .formats import Format, pins
 from .records import dataclass
 from .sources import Source
 
@@ -62,7 +62,7 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
         if in_place:
             raise UsageError("-o - (stdout) and --in-place contradict each other")
     elif out is not None and is_input_file and os.path.exists(out) and os.path.samefile(out, src.path):
-        in_place = True  # -o naming the input counts as --in-place
+        in_place = True  # -o naming the input (any of its names: a hard link too) counts as --in-place
     elif out is not None and in_place:
         raise UsageError("give either -o PATH or --in-place, not both")
     if in_place:
@@ -75,7 +75,7 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
         if fmt is not None and src.layout is not None and formats.by_name(fmt).pickled != src.layout.pickled:
             raise UsageError(f"--in-place keeps {src.path} a {src.layout.name} file: to write {fmt}, "
                              "give -o PATH with a new name")
-        out = src.path
+        out = out or src.path  # the name given is the one replaced (and the one the summary names)
     if out is None and not in_place and sys.stdout.isatty():
         raise UsageError("refusing to write a checkpoint to a terminal: use -o PATH, --in-place, or a pipe")
     default = src.layout if src.layout is not None and src.layout.single_file else formats.PT
@@ -248,8 +248,10 @@ def atomic_write(target: str, write: Callable[[str], None]) -> None:
         if st is not None:
             fsops.copy_owner_and_mode(tmp, st)
         fsops.fsync(tmp)
+        pins.verify()  # built from the inputs as they were read, or not at all
         fsops.rename(tmp, real)
         fsops.forget(tmp)
+        pins.forget(real)
         fsops.fsync_dir(directory)
     except BaseException as e:
         fsops.discard(tmp)
@@ -270,6 +272,7 @@ def _write_through(label: str, write: Callable[[str], None], open_dest: Callable
             write(tmp)
         except OSError as e:
             raise ParamtoolError(f"cannot write {label}: {e.strerror or e} (temporary file in {directory})") from None
+        pins.verify()
         with open(tmp, "rb") as f:
             dest = open_dest()
             try:
@@ -508,9 +511,11 @@ def commit_directory(final: str, build: Callable[[str], Any]) -> None:
         if st is not None:
             _inherit(work, final, st)
         fsops.fsync_tree(work)
+        pins.verify()
         with fsops.critical():
             old = _swap_in(work, final, st is not None)
             fsops.forget(work)
+            pins.forget(final)
             fsops.fsync_dir(parent)
             if old is not None:
                 try:  # the new directory is in place: what is left is cleanup, which cannot fail the write

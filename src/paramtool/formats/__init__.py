@@ -38,9 +38,11 @@ def find(name: str | None) -> Format | None:
 def sniff_file(path: str) -> Format:
     """The format a file's first bytes say it is in; refuses an empty file and one in no known format."""
     from .diagnose import diagnose
+    from .pins import opened
 
-    size = os.path.getsize(path)
     with open(path, "rb") as f:
+        opened(path, f.fileno())
+        size = os.fstat(f.fileno()).st_size
         head = f.read(16)
     for fmt in REGISTRY:  # formats with a magic of their own first
         if not fmt.pickled and fmt.sniff(head, size):

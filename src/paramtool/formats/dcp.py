@@ -22,6 +22,7 @@ from ..errors import FormatError, RefusedGlobal, first_line
 from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_within
 from .torchfile import MAX_DEPTH
 from .unpickle import Global, Inert, unpickle
+from . import pins
 
 if TYPE_CHECKING:
     from .base import Format
@@ -36,6 +37,7 @@ def _read_bytes(directory: str) -> bytes:
         if size > MAX_METADATA:
             raise FormatError(f"{path}: {size} bytes, above the {MAX_METADATA} byte limit")
         with open(path, "rb") as f:
+            pins.opened(path, f.fileno())
             return f.read()
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
@@ -213,6 +215,10 @@ def _read_range(path: str, start: int, length: int) -> bytearray:
     data = bytearray(length)
     try:
         with open(path, "rb", buffering=0) as f:
+            pins.opened(path, f.fileno())
+            # the directory may have been exchanged for a new one (an --in-place commit) since its .metadata
+            # was read: then its .metadata is another file, and these bytes belong to another checkpoint
+            pins.opened(os.path.join(os.path.dirname(path), ".metadata"))
             done = 0
             view = memoryview(data)
             while done < length:
@@ -221,9 +227,10 @@ def _read_range(path: str, start: int, length: int) -> bytearray:
                     break
                 done += n
     except OSError as e:
+        pins.opened(os.path.join(os.path.dirname(path), ".metadata"))  # (gone with a directory replaced)
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
     if done != length:
-        raise FormatError(f"{path}: truncated: an item ends beyond the file")
+        raise pins.short_read(path, "an item")
     return data
 
 

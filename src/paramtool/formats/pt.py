@@ -32,7 +32,12 @@ def load(path: str, listing: TorchFile) -> Any:
     """The file's object tree with real tensors (memory-mapped, copy-on-write) in place of ``FakeTensor``."""
     mapped = None
     if listing.storages and any(listing.storages[k].nbytes for k in listing.storages):
+        from ..fsops import guard_mappings
+        from .pins import opened
+
+        guard_mappings()
         with open(path, "rb") as f:
+            opened(path, f.fileno())
             try:
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             except (ValueError, OSError) as e:

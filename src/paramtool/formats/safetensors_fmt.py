@@ -97,8 +97,11 @@ def sniff(head: bytes, file_size: int) -> bool:
 
 def read_header(path: str) -> tuple[dict[str, Any], int]:
     """The parsed header and the offset where tensor data starts. Validates sizes and offsets."""
-    size = os.path.getsize(path)
+    from .pins import opened
+
     with open(path, "rb") as f:
+        opened(path, f.fileno())
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) < 8:
             raise FormatError(f"{path}: not a safetensors file (only {len(raw)} bytes)")
@@ -264,6 +267,9 @@ def load(path: str) -> tuple[dict[str, Any], dict[str, str] | None, dict[str, st
     header, _ = read_header(path)  # validate before handing the file to the Rust reader
     stored = [n for n in header if n != "__metadata__"]  # the header's order (safe_open's keys() sorts)
     tensors: dict[str, Any] = {}
+    from ..fsops import guard_mappings
+
+    guard_mappings()  # safe_open maps the file
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata()

@@ -9,6 +9,7 @@ import os
 
 from ..errors import FormatError, ParamtoolError
 from ..records import dataclass
+from .pins import opened
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ def read_index(path: str) -> Index:
     index_path = find_index(path)
     try:
         with open(index_path, encoding="utf-8") as f:
+            opened(index_path, f.fileno())
             raw = json.load(f)
     except (OSError, ValueError, RecursionError) as e:  # (a JSONDecodeError, or a 5,000-digit number, is a ValueError)
         raise FormatError(f"{index_path}: not a valid index ({str(e)[:120]})") from None

@@ -15,8 +15,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Hashable
 
 from ..errors import FormatError, first_line
+from ..fsops import guard_mappings
 from ..records import dataclass
 from ..toc import TensorInfo, Toc, contiguous_stride, itemsize
+from .pins import opened, short_read
 
 COPY_CHUNK = 1 << 24
 
@@ -49,7 +51,7 @@ class Chunks:
         for done in range(0, self.nbytes, len(view) or 1):
             n = min(len(view), self.nbytes - done)
             if _pread_into(self.fd, view[:n], self.offset + done) != n:
-                raise FormatError(f"{self.path}: truncated: a storage ends beyond the file")
+                raise short_read(self.path, "a storage")
             yield view[:n]
 
     def cast(self, src: str, dst: str, counted: Callable[[int], None]) -> CastChunks:
@@ -89,7 +91,7 @@ class CastChunks(Chunks):
             n = min(step, self.values - starts[i]) * size
             view = numeric.sized(bufs, "in", n, "u1")
             if _pread_into(self.fd, view, self.offset + starts[i] * size) != n:
-                raise FormatError(f"{self.path}: truncated: a storage ends beyond the file")
+                raise short_read(self.path, "a storage")
             return numeric.cast_values(view, self.src, self.dst, bufs)
 
         overflow = 0
@@ -146,6 +148,7 @@ class StorageFile:
         self.spans = spans
         self.infos = {t.name: t for t in toc.tensors}
         self._file = open(path, "rb")
+        opened(path, self._file.fileno())
         self._spare: list[Any] = []  # finished storages' buffers, reused: no fresh pages to fault in
         self._lock = threading.Lock()  # pool threads read and recycle at once
 
@@ -182,7 +185,7 @@ class StorageFile:
         """``key``'s span, refused (one line) when it ends beyond the file: a mapping or a read of it would not."""
         span = self.spans[key]
         if span.offset + span.nbytes > os.fstat(self._file.fileno()).st_size:
-            raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the file")
+            raise short_read(self.path, f"storage {key!r}")
         return span
 
     def read_storage(self, key: Hashable) -> Any:
@@ -192,7 +195,7 @@ class StorageFile:
         span = self.spans[key]
         buf = self._buffer(span.nbytes)
         if span.nbytes and _pread_into(self._file.fileno(), buf.numpy(), span.offset) != span.nbytes:
-            raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the file")
+            raise short_read(self.path, f"storage {key!r}")
         return buf.view(_torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else buf
 
     def map_storage(self, key: Hashable) -> Any:
@@ -209,6 +212,7 @@ class StorageFile:
         if span.nbytes == 0:
             return torch.empty(0, dtype=_torch_dtype(span.dtype))
         base = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
+        guard_mappings()
         mm = mmap.mmap(self._file.fileno(), span.offset + span.nbytes - base, flags=mmap.MAP_PRIVATE,
                        prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
         raw = torch.frombuffer(mm, dtype=torch.uint8, count=span.nbytes, offset=span.offset - base)
@@ -231,6 +235,7 @@ class StorageFile:
         if span.nbytes == 0:
             return memoryview(b"")
         base = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
+        guard_mappings()
         mm = mmap.mmap(self._file.fileno(), span.offset + span.nbytes - base, flags=mmap.MAP_SHARED,
                        prot=mmap.PROT_READ, offset=base)
         return memoryview(mm)[span.offset - base : span.offset - base + span.nbytes]
@@ -301,8 +306,11 @@ class ZipStorageFile(StorageFile):
         if getattr(self, "_reader", None) is None:
             import torch
 
+            # through this open file (its name under /proc), never the path again: the path may name another
+            # file by now, and the records copied must come from the file that was listed
+            own = f"/proc/self/fd/{self._file.fileno()}"
             try:
-                self._reader = torch._C.PyTorchFileReader(self.path)
+                self._reader = torch._C.PyTorchFileReader(own if os.path.exists(own) else self.path)
             except RuntimeError as e:  # torch's zip reader: corrupt or truncated archive
                 raise FormatError(f"{self.path}: corrupt torch zip file ({first_line(e, 160)})") from None
         return self._reader
@@ -588,18 +596,28 @@ def _kernel_copy(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int) -
         while off < hole:
             done = os.copy_file_range(src_fd, dst_fd, hole - off, off, dst_off + (off - src_off))
             if done <= 0:
-                raise FormatError("input file ended early while copying")
+                if os.fstat(src_fd).st_size >= hole:  # the bytes are there: the destination took none (full?)
+                    raise OSError(errno.EIO, "the kernel copy stopped")  # -> ``_copy`` writes them itself
+                raise short_read(_name_of(src_fd), "a byte range being copied")
             off += done
         pos = hole
     if os.fstat(dst_fd).st_size < dst_off + n:
         os.ftruncate(dst_fd, dst_off + n)
 
 
+def _name_of(fd: int) -> str:
+    """The path an open file was opened by, for a message (the kernel's name for it)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "the input file"
+
+
 def _buffered_copy(src: Any, dst: Any, n: int) -> None:
     while n > 0:
         chunk = src.read(min(COPY_CHUNK, n))
         if not chunk:
-            raise FormatError("input file ended early while copying")
+            raise short_read(getattr(src, "name", None) or _name_of(src.fileno()), "a byte range being copied")
         dst.write(chunk)
         n -= len(chunk)
 
