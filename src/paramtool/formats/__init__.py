@@ -2,7 +2,6 @@
 file's first bytes, or by an output path's extension. Imports no torch."""
 from __future__ import annotations
 
-import os
 
 from ..errors import FormatError
 from .base import DcpFormat, Format, SafetensorsFormat, TorchFormat
@@ -34,9 +33,10 @@ def find(name: str | None) -> Format | None:
 
 def sniff_file(path: str) -> Format:
     """The format a file's first bytes say it is in; refuses an empty file and one in no known format."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(16)
+    from ..blob import open_blob
+
+    with open_blob(path) as b:
+        size, head = b.size, b.pread(0, 16)
     if not head:
         raise FormatError(f"{path}: empty file")
     for fmt in REGISTRY:

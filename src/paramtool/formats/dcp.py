@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
+from .. import blob
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, RefusedGlobal, first_line
 from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_of
@@ -32,11 +33,7 @@ MAX_METADATA = 256 * 1024 * 1024
 def _read_bytes(directory: str) -> bytes:
     path = os.path.join(directory, ".metadata")
     try:
-        size = os.path.getsize(path)
-        if size > MAX_METADATA:
-            raise FormatError(f"{path}: {size} bytes, above the {MAX_METADATA} byte limit")
-        with open(path, "rb") as f:
-            return f.read()
+        return blob.read_bytes(path, MAX_METADATA)
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
 
@@ -137,6 +134,8 @@ def resolve_inside(directory: str, name: Any, what: str, file_link_ok: bool = Fa
     if os.path.isabs(name) or name.startswith("\\") or ".." in parts or (parts and ":" in parts[0]):
         raise FormatError(f"{directory}: {what} '{name}' points outside the checkpoint directory")
     full = os.path.join(directory, name)
+    if blob.is_remote(directory):  # (a bucket or a server has no symbolic links)
+        return full
     real_dir = os.path.realpath(directory)
     checked = os.path.dirname(full) if file_link_ok else full
     if os.path.commonpath([real_dir, os.path.realpath(checked)]) != real_dir:
@@ -183,7 +182,7 @@ def _items(directory: str, md: Inert) -> dict[str, list[tuple[tuple, str, int, i
 
 def _size(path: str) -> int:
     try:
-        return os.path.getsize(path)
+        return blob.size(path)
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
 
@@ -192,14 +191,8 @@ def _read_range(path: str, start: int, length: int) -> bytearray:
     """The item's bytes, read straight into the writable buffer its tensors are then built over (one copy)."""
     data = bytearray(length)
     try:
-        with open(path, "rb", buffering=0) as f:
-            done = 0
-            view = memoryview(data)
-            while done < length:
-                n = os.preadv(f.fileno(), [view[done:]], start + done)
-                if n <= 0:
-                    break
-                done += n
+        with blob.open_blob(path) as f:
+            done = f.pread_into(data, start)
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
     if done != length:

@@ -13,6 +13,7 @@ import os
 import shutil
 from typing import Any
 
+from .. import blob
 from ..errors import FormatError, UsageError
 from ..fsops import is_temp
 from ..records import dataclass, field, replace
@@ -20,12 +21,13 @@ from ..toc import TensorInfo
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 SAFETENSORS_NAME, PT_NAME = "model.safetensors", "pytorch_model.bin"
+MAX_CONFIG = 64 << 20
 
 
 def find_weights(directory: str) -> str:
     """The one weights file of a directory without an index; several unrelated ones are an error naming them."""
-    found = sorted(f for f in os.listdir(directory)
-                   if f.lower().endswith(WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(directory, f)))
+    found = sorted(f for f in blob.listdir(directory)
+                   if f.lower().endswith(WEIGHT_SUFFIXES) and blob.isfile(os.path.join(directory, f)))
     if not found:
         raise FormatError(f"{directory}: a directory without weights (model.safetensors, pytorch_model.bin, *.pt, "
                           "*.pth, *.ckpt), an *.index.json or a torch.distributed .metadata")
@@ -167,11 +169,10 @@ class ConfigTies:
 def read_config(directory: str) -> tuple[dict | None, str | None]:
     """config.json beside the weights, or None; and a warning when it is there but unreadable."""
     path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
+    if not blob.isfile(path):
         return None, None
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        config = json.loads(blob.read_bytes(path, MAX_CONFIG))
     except (OSError, ValueError, RecursionError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
         return None, f"{path}: not readable as JSON ({e}): the ties it may declare are not known"
     if not isinstance(config, dict):

@@ -13,7 +13,6 @@ place.
 from __future__ import annotations
 
 import json
-import os
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
@@ -41,9 +40,11 @@ def sniff(head: bytes, file_size: int) -> bool:
 
 def read_header(path: str) -> tuple[dict[str, Any], int]:
     """The parsed header and the offset where tensor data starts. Validates sizes and offsets."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        raw = f.read(8)
+    from ..blob import open_blob
+
+    with open_blob(path) as f:
+        size = f.size
+        raw = f.pread(0, 8)
         if len(raw) < 8:
             raise FormatError(f"{path}: not a safetensors file (only {len(raw)} bytes)")
         n = int.from_bytes(raw, "little")
@@ -51,7 +52,7 @@ def read_header(path: str) -> tuple[dict[str, Any], int]:
             raise FormatError(f"{path}: safetensors header claims {n} bytes, above the {MAX_HEADER} byte limit")
         if n > size - 8:
             raise FormatError(f"{path}: safetensors header claims {n} bytes but the file has {size - 8} after the length")
-        text = f.read(n)
+        text = f.pread(8, n)
     try:
         header = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
