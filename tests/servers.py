@@ -33,6 +33,7 @@ class RangeServer:
         self.fail = 0
         self.drop_after: int | None = None
         self.token: str | None = None
+        self.after_request = None  # called with the request just answered (a test's hook: swap an object)
         self.lock = threading.Lock()
         server = self
 
@@ -109,6 +110,8 @@ class RangeServer:
                 sent = len(body)
         with self.lock:
             self.requests.append((h.command, h.path, h.headers.get("Range"), sent))
+        if self.after_request is not None:
+            self.after_request(self.requests[-1])
 
     def _serve(self, h: BaseHTTPRequestHandler, head: bool) -> None:
         if self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
@@ -160,7 +163,7 @@ class Seaweed:
         self.proc = subprocess.Popen(
             [weed, "server", f"-dir={directory}", "-s3", f"-s3.port={self.port}", "-ip=127.0.0.1",
              "-ip.bind=127.0.0.1", f"-master.port={ports[0]}", f"-volume.port={ports[1]}",
-             f"-filer.port={ports[2]}", "-master.volumeSizeLimitMB=64"],
+             f"-filer.port={ports[2]}", "-master.volumeSizeLimitMB=64", "-volume.max=64"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.endpoint = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 90
@@ -186,8 +189,8 @@ class Seaweed:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:  # weed may ignore SIGTERM
                 self.proc.kill()
                 self.proc.wait(10)
         self.log.close()

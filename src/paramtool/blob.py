@@ -37,6 +37,10 @@ class Blob:
         """Fill ``buf`` (a writable byte buffer) from ``offset``; the byte count read (short only at the end)."""
         raise NotImplementedError
 
+    def read_some(self, buf: Any, offset: int) -> int:
+        """Fill at least part of ``buf`` from ``offset`` (a file view's read, which may be short)."""
+        return self.pread_into(buf, offset)
+
     def pread(self, offset: int, n: int) -> bytes:
         """Up to ``n`` bytes from ``offset`` (fewer only at the end)."""
         buf = bytearray(max(0, min(n, self.size - offset)))
@@ -101,7 +105,7 @@ class BlobFile(io.RawIOBase):
 
     def readinto(self, b: Any) -> int:
         n = min(len(b), max(0, self.blob.size - self.pos))
-        got = self.blob.pread_into(memoryview(b)[:n], self.pos) if n else 0
+        got = self.blob.read_some(memoryview(b)[:n], self.pos) if n else 0
         self.pos += got
         return got
 

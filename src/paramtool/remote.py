@@ -82,6 +82,10 @@ def _public(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+class NotFound(ParamtoolError):
+    """No object at that URL (HTTP 404)."""
+
+
 class _Retry(Exception):
     """A failure worth another try (connection reset, timeout, 5xx)."""
 
@@ -193,10 +197,8 @@ class HttpObject:
         """Is there an object at the URL (a HEAD request)?"""
         try:
             response = _with_retries(self.label, lambda: self._request("HEAD", {}))
-        except FormatError as e:
-            if "not found" in str(e):
-                return False
-            raise
+        except NotFound:
+            return False
         response.close()
         return 200 <= response.status < 300
 
@@ -205,7 +207,7 @@ def _http_error(label: str, code: int) -> ParamtoolError:
     if code in (401, 403):
         return ParamtoolError(f"{label}: access denied (HTTP {code}): check the credentials (HF_TOKEN for the Hub)")
     if code == 404:
-        return ParamtoolError(f"{label}: not found (HTTP 404)")
+        return NotFound(f"{label}: not found (HTTP 404)")
     return ParamtoolError(f"{label}: HTTP {code}")
 
 
@@ -410,26 +412,41 @@ class RemoteBlob(Blob):
                 self._windows.pop(1)  # the head stays
         return data
 
-    def _cached(self, offset: int, n: int) -> bytes | None:
+    def _cached(self, offset: int, n: int, partial: bool = False) -> bytes | None:
+        """``n`` bytes from ``offset`` out of a window (``partial``: as many as a window holds from there)."""
         with self._lock:
             for start, data in self._windows:
-                if start <= offset and offset + n <= start + len(data):
+                if start <= offset < start + len(data) and (partial or offset + n <= start + len(data)):
                     return data[offset - start: offset - start + n]
         return None
 
-    def pread_into(self, buf: Any, offset: int) -> int:
+    def read_some(self, buf: Any, offset: int) -> int:
+        """Fill some of ``buf`` from ``offset``: what a window holds from there, else a read (the file view's
+        reads, which may be short)."""
+        view = memoryview(buf).cast("B")
+        data = self._cached(offset, len(view), partial=True) if len(view) else None
+        if data:
+            view[:len(data)] = data
+            return len(data)
+        return self.pread_into(view, offset)
+
+    def pread_into(self, buf: Any, offset: int, ahead: bool = True) -> int:
+        """``ahead``: a small read fetches a whole window, kept for the reads that follow (headers, pickles);
+        tensor data is read as asked (``RemoteStorage``), so values cost their own bytes."""
         view = memoryview(buf).cast("B")
         n = max(0, min(len(view), self.size - offset))
         if n == 0:
             return 0
-        if n < WINDOW:  # small reads (headers, pickles, a zip's records): through the windows, read ahead
-            data = self._cached(offset, n)
-            if data is None:
-                start, end = offset, min(self.size, offset + WINDOW)
-                if end == self.size:  # near the end: the tail, where a zip keeps its directory
-                    start = max(0, min(offset, self.size - TAIL))
-                window = self._window(start, end)
-                data = window[offset - start: offset - start + n]
+        data = self._cached(offset, n)
+        if data is not None:
+            view[:n] = data
+            return n
+        if n < WINDOW and ahead:  # small reads (headers, pickles, a zip's records): through the windows, read ahead
+            start, end = offset, min(self.size, offset + WINDOW)
+            if end == self.size:  # near the end: the tail, where a zip keeps its directory
+                start = max(0, min(offset, self.size - TAIL))
+            window = self._window(start, end)
+            data = window[offset - start: offset - start + n]
             view[:len(data)] = data
             return len(data)
         return self._read_large(view[:n], offset)
@@ -458,6 +475,15 @@ def open_blob(path: str) -> RemoteBlob:
         if path not in _BLOBS:
             _BLOBS[path] = RemoteBlob(path)
         return _BLOBS[path]
+
+
+def forget() -> None:
+    """Drop every object opened, and the Hub listings asked, so far (the next read opens them anew)."""
+    with _BLOBS_LOCK:
+        _BLOBS.clear()
+    _HF_FILES.clear()
+    global _S3
+    _S3 = None
 
 
 # --- directories ---------------------------------------------------------------------------------------------
@@ -573,7 +599,7 @@ class RemoteStorage:
 
         span = self._span(key)
         buf = self._buffer(span.nbytes)
-        if span.nbytes and self.blob.pread_into(buf.numpy(), span.offset) != span.nbytes:
+        if span.nbytes and self.blob.pread_into(buf.numpy(), span.offset, ahead=False) != span.nbytes:
             raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the object")
         return buf.view(_torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else buf
 
@@ -583,7 +609,7 @@ class RemoteStorage:
     def raw_storage(self, key: Any) -> Any:
         span = self._span(key)
         data = bytearray(span.nbytes)
-        if span.nbytes and self.blob.pread_into(data, span.offset) != span.nbytes:
+        if span.nbytes and self.blob.pread_into(data, span.offset, ahead=False) != span.nbytes:
             raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the object")
         return memoryview(data).toreadonly()
 
