@@ -145,9 +145,18 @@ class RangeServer:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1 whose +10000 (where weed puts a service's gRPC port) is free too."""
+    import random
+
+    while True:
+        port = random.randrange(20000, 55000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
 
 
 class Seaweed:
@@ -163,7 +172,8 @@ class Seaweed:
         self.proc = subprocess.Popen(
             [weed, "server", f"-dir={directory}", "-s3", f"-s3.port={self.port}", "-ip=127.0.0.1",
              "-ip.bind=127.0.0.1", f"-master.port={ports[0]}", f"-volume.port={ports[1]}",
-             f"-filer.port={ports[2]}", "-master.volumeSizeLimitMB=64", "-volume.max=64"],
+             f"-filer.port={ports[2]}", "-master.volumeSizeLimitMB=64", "-volume.max=64", "-master.telemetry=false",
+             "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.iam=false"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.endpoint = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 90

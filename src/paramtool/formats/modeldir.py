@@ -42,6 +42,9 @@ def find_weights(directory: str) -> str:
 
 def weight_files(directory: str, weights: list[str]) -> set[str]:
     """Names (relative to ``directory``) that belong to the weights: the files, and any index beside them."""
+    if blob.is_remote(directory):
+        own = {w[len(directory.rstrip("/")) + 1:] for w in weights if w.startswith(directory.rstrip("/") + "/")}
+        return own | {f for f in blob.listdir(directory) if f.endswith(".index.json")}
     own = {os.path.relpath(os.path.abspath(w), os.path.abspath(directory)) for w in weights}
     return own | {os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(directory), "*.index.json"))}
 
@@ -51,8 +54,13 @@ def copy_sidecars(directory: str, weights: set[str], work: str, replaced: dict[s
     directory being built, when the output is inside the source); ``replaced`` (name -> contents) are written
     anew instead (config.json with a new vocab_size). A symlink that leads outside the directory is written as
     a link to the same target, not followed: paramtool reads nothing outside the checkpoint."""
+    if blob.is_remote(directory):  # a bucket prefix or a Hub repository: its top-level files, fetched
+        for entry in sorted(blob.listdir(directory)):
+            path = os.path.join(directory, entry)
+            if entry not in weights and blob.isfile(path):
+                blob.copy_to(path, os.path.join(work, entry))
     inside = os.path.abspath(work) + os.sep
-    for entry in sorted(os.listdir(directory)):
+    for entry in ([] if blob.is_remote(directory) else sorted(os.listdir(directory))):
         path = os.path.join(directory, entry)
         if entry in weights or entry.endswith(".paramtool-tmp") or is_temp(entry) or inside.startswith(os.path.abspath(path) + os.sep):
             continue
