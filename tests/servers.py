@@ -129,7 +129,7 @@ class RangeServer:
             return self._send(h, 404, {}, b"not found", head)
         data = f.read_bytes()
         st = f.stat()
-        etag = f'"{st.st_mtime_ns:x}-{st.st_size:x}"'
+        etag = f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
         rng = h.headers.get("Range")
         if rng is None or self.ignore_range:
             return self._send(h, 200, {"ETag": etag, "Accept-Ranges": "bytes"}, data, head)

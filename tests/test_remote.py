@@ -273,8 +273,8 @@ def test_object_replaced_mid_read_is_an_error(server, files, run, tmp_path):
         if request[1].endswith("swap.safetensors") and not getattr(swap, "done", False):
             swap.done = True
             data = target.read_bytes()
-            os.unlink(target)
-            target.write_bytes(data[:-4] + b"\0\0\0\0")  # another object (another ETag) at the same URL
+            (files / "swap.tmp").write_bytes(data[:-4] + b"\0\0\0\0")
+            os.replace(files / "swap.tmp", target)  # another object (another ETag) at the same URL
 
     server.after_request = swap
     try:

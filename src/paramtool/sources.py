@@ -228,14 +228,14 @@ def local_copy(src: Source) -> Source:
         return target
 
     directory = src.directory
-    if src.kind == "dcp":
+    if src.layout.placeholder_values:  # DCP: the whole directory
         for name in blob.listdir(src.path):
             if blob.isfile(os.path.join(src.path, name)):
                 fetch(os.path.join(src.path, name))
         return replace(src, path=work)
     if directory and blob.isfile(os.path.join(directory, "config.json")):
         fetch(os.path.join(directory, "config.json"))
-    if src.kind == "sharded":
+    if src.layout.split:  # an index and its shards
         from .formats.sharded import read_index
 
         index = read_index(src.path)

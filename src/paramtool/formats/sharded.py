@@ -28,8 +28,9 @@ class Index:
 
 
 def _indexes(directory: str) -> list[str]:
-    return sorted(os.path.join(directory, f) for f in blob.listdir(directory) if f.endswith(".index.json")
-                  and blob.isfile(os.path.join(directory, f)))
+    """The ``*.index.json`` files in ``directory`` (not hidden ones, as a glob: a write's temporary files)."""
+    return sorted(os.path.join(directory, f) for f in blob.listdir(directory)
+                  if f.endswith(".index.json") and not f.startswith(".") and blob.isfile(os.path.join(directory, f)))
 
 
 def has_index(directory: str) -> bool:
