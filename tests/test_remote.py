@@ -362,12 +362,29 @@ def test_s3_values(s3, files, run, tmp_path):
     assert run("diff", out, files / "big.safetensors").exit_code == 0
 
 
-def test_s3_missing_and_output(s3, run):
+def test_s3_missing(s3, run):
     r = run("inspect", "s3://ckpts/absent.safetensors")
     assert r.exit_code == 1 and r.stderr.startswith("error:") and "not found" in r.stderr
-    r = run("convert", "s3://ckpts/big.safetensors", "-o", "s3://ckpts/out.pt")
-    assert r.exit_code == 2 and r.stderr.startswith("error:")
     assert "paramtool-secret" not in r.stdout + r.stderr
+
+
+def test_s3_writes(s3, files, run):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint)
+    c = run("convert", "s3://ckpts/sharded/", "-o", "s3://ckpts/out/", "--format", "pt")
+    assert c.exit_code == 0, c.stderr
+    assert "s3://ckpts/out/" in c.stderr
+    assert sorted(os.path.basename(p) for p in fs.ls("ckpts/out")) == [
+        "pytorch_model-00001-of-00003.bin", "pytorch_model-00002-of-00003.bin", "pytorch_model-00003-of-00003.bin",
+        "pytorch_model.bin.index.json"]
+    assert run("diff", files / "big.safetensors", "s3://ckpts/out/").exit_code == 0
+    again = run("convert", "s3://ckpts/sharded/", "-o", "s3://ckpts/out/")
+    assert again.exit_code == 1 and "not empty" in again.stderr
+    f = run("init", "s3://ckpts/big.safetensors", "--scheme", "zeros", "--layer", "0", "-o", "s3://ckpts/init.pt")
+    assert f.exit_code == 0, f.stderr
+    got = torch.load(fs.open("ckpts/init.pt", "rb"), weights_only=True)
+    assert not got["0.weight"].any() and torch.equal(got["1.weight"], _model(40, 256)["1.weight"])
 
 
 def test_s3_without_the_extra_names_it(s3):

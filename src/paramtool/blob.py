@@ -224,8 +224,19 @@ def check_output(source: str | None, out: str | None, in_place: bool) -> None:
     if in_place and is_remote(source):
         raise UsageError(f"--in-place on {source}: a remote source is read-only here; give -o PATH (a local one)")
     if is_remote(out):
-        kind = "a bucket is not written to yet" if out.startswith("s3://") else "HTTP and Hub sources are read-only"
+        kind = "this command writes to a local path" if out.startswith("s3://") else "HTTP and Hub sources are read-only"
         raise UsageError(f"-o {out}: {kind}; write to a local path")
+
+
+def stage(out: str | None) -> tuple[str | None, Any]:
+    """Where to write ``-o out``, and the commit to run once the write is complete (it returns the name to
+    report): ``-o s3://...`` is written to a local temporary path and uploaded by the commit (``remote.stage``);
+    anything else is written where it is."""
+    if isinstance(out, str) and out.startswith("s3://"):
+        from . import remote
+
+        return remote.stage(out)
+    return out, lambda label: label
 
 
 def copy_to(path: str, target: str) -> None:

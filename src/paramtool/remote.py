@@ -529,6 +529,59 @@ def listdir(path: str) -> list[str]:
     raise ParamtoolError(f"{path}: an HTTP server lists no directories: name the file or the *.index.json")
 
 
+# --- writing to a bucket ------------------------------------------------------------------------------------
+
+INDEX_NAMES = (".index.json", ".metadata", "config.json")  # what makes a directory a checkpoint: written last
+
+
+def stage(out: str) -> tuple[str, Callable[[str], str]]:
+    """``-o s3://...``: the local path to write instead (in a temporary directory, removed at exit), and the
+    commit that uploads what was written there once it is complete (returning the name to report).
+
+    One object appears whole or not at all (s3fs completes a multipart upload only at its end, and aborts it on
+    a failure); a directory's data files go first and its index (``*.index.json``, ``.metadata``,
+    ``config.json``) last, so a reader never sees a partial checkpoint."""
+    import atexit
+    import shutil
+    import tempfile
+
+    fs = s3fs_filesystem()
+    key = _s3_key(out)
+    if out.endswith("/") or not os.path.splitext(key)[1]:  # a directory: a new (or empty) prefix
+        fs.invalidate_cache()
+        if _s3_call(out, lambda: fs.exists(key.rstrip("/"))) and fs.ls(key.rstrip("/"), detail=False):
+            raise ParamtoolError(f"{out}: not empty: write a directory to a new prefix")
+    work = tempfile.mkdtemp(prefix="paramtool-upload-")
+    atexit.register(shutil.rmtree, work, True)
+    local = os.path.join(work, os.path.basename(key.rstrip("/")))
+
+    def commit(label: str) -> str:
+        if os.path.isdir(local):
+            _upload_directory(fs, local, key.rstrip("/"), out)
+        else:
+            _s3_call(out, lambda: fs.put_file(local, key))
+        return out
+
+    return local, commit
+
+
+def _upload_directory(fs: Any, local: str, key: str, label: str) -> None:
+    files = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, names in os.walk(local) for f in names)
+    last = [f for f in files if f.endswith(INDEX_NAMES)]
+    first = [f for f in files if f not in last]
+    try:
+        for batch in (first, last):
+            if batch:
+                _s3_call(label, lambda: fs.put([os.path.join(local, f) for f in batch],
+                                               [f"{key}/{f}" for f in batch]))
+    except BaseException:
+        try:  # nothing names the data files written so far (the index is last): remove them
+            fs.rm([f"{key}/{f}" for f in first])
+        except Exception:
+            pass
+        raise
+
+
 # --- storages by range ---------------------------------------------------------------------------------------
 
 
