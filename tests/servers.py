@@ -121,6 +121,10 @@ class RangeServer:
             self.fail -= failing
         if failing:
             return self._send(h, 503, {}, b"busy", head)
+        if h.path.startswith("/redirect/"):  # /redirect/{host}/{path}: 302 to http://{host}:{port}/{path}
+            _, _, host, rest = h.path.split("/", 3)
+            target = rest if "://" in rest else f"http://{host}:{self.httpd.server_address[1]}/{rest}"
+            return self._send(h, 302, {"Location": target}, b"", head)
         listing = self._hub_listing(h.path)
         if listing is not None:
             return self._send(h, 200, {"Content-Type": "application/json"}, listing, head)

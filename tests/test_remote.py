@@ -221,6 +221,29 @@ def test_hub_token(server, run, monkeypatch):
     assert "s3cret" not in r.stdout + r.stderr
 
 
+def test_redirects(server, files, run, monkeypatch):
+    r = run("inspect", f"{server.url}/redirect/127.0.0.1/big.safetensors", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert _tensors(r.json()) == _tensors(run("inspect", files / "big.safetensors", "--json").json())
+    bad = run("inspect", f"{server.url}/redirect/x/file:///etc/passwd")
+    assert bad.exit_code == 1 and "non-HTTP" in bad.stderr
+
+
+
+def test_a_token_is_not_sent_to_another_host(server):
+    from paramtool import remote
+    from paramtool.errors import ParamtoolError
+
+    server.token = "tok"
+    auth = {"Authorization": "Bearer tok"}
+    same = remote.HttpObject(f"{server.url}/redirect/127.0.0.1/big.safetensors", "same", auth)
+    assert same.fetch_into(bytearray(8), 0) == 8
+    other = remote.HttpObject(f"{server.url}/redirect/localhost/big.safetensors", "other", auth)
+    with pytest.raises(ParamtoolError, match="access denied"):
+        other.fetch_into(bytearray(8), 0)
+    assert [r[1] for r in server.requests][-1] == "/big.safetensors"  # it reached localhost, without the token
+
+
 def test_missing_objects_are_one_line(server, run):
     for source in (f"{server.url}/nothing.safetensors", "hf://org/none", "hf://org/tiny/absent.pt"):
         r = run("inspect", source)

@@ -56,13 +56,13 @@ def _opener() -> Any:
         max_redirections = MAX_REDIRECTS
 
         def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+            from urllib.parse import urlsplit
+
             if not newurl.startswith(("http://", "https://")):
                 raise FormatError(f"{_public(req.full_url)}: redirected to a non-HTTP location")
             new = super().redirect_request(req, fp, code, msg, headers, newurl)
-            if new is not None:  # keep the range (and the token only on the same host)
-                for key in ("Range",):
-                    if req.has_header(key):
-                        new.add_header(key, req.get_header(key))
+            if new is not None and urlsplit(newurl).netloc != urlsplit(req.full_url).netloc:
+                new.remove_header("Authorization")  # a token goes to its own host only (a CDN gets signed URLs)
             return new
 
     return urllib.request.build_opener(Redirects)
@@ -125,6 +125,9 @@ class HttpObject:
                 return e
             if e.code >= 500 or e.code == 429:
                 raise _Retry(f"HTTP {e.code}") from None
+            if 300 <= e.code < 400:  # urllib's own refusal: another scheme than http(s), or a loop
+                raise FormatError(f"{self.label}: a redirect paramtool does not follow (to a non-HTTP location, "
+                                  f"or more than {MAX_REDIRECTS})") from None
             raise _http_error(self.label, e.code) from None
         except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as e:
             reason = getattr(e, "reason", e)
