@@ -131,21 +131,25 @@ class RangeServer:
         f = self._file(h.path)
         if f is None:
             return self._send(h, 404, {}, b"not found", head)
-        data = f.read_bytes()
-        st = f.stat()
-        etag = f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
-        rng = h.headers.get("Range")
-        if rng is None or self.ignore_range:
-            return self._send(h, 200, {"ETag": etag, "Accept-Ranges": "bytes"}, data, head)
-        start_s, _, end_s = rng.removeprefix("bytes=").partition("-")
-        start = int(start_s)
-        end = min(int(end_s) if end_s else len(data) - 1, len(data) - 1)
-        if start >= len(data):
-            return self._send(h, 416, {"Content-Range": f"bytes */{len(data)}", "ETag": etag}, b"", head)
-        with self.lock:
-            drop, self.drop_after = self.drop_after, None
-        return self._send(h, 206, {"ETag": etag, "Content-Range": f"bytes {start}-{end}/{len(data)}"},
-                          data[start:end + 1], head, drop)
+        with open(f, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            size = st.st_size
+            etag = f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
+            rng = h.headers.get("Range")
+            if rng is None or self.ignore_range:
+                return self._send(h, 200, {"ETag": etag, "Accept-Ranges": "bytes"}, fh.read(), head)
+            start_s, _, end_s = rng.removeprefix("bytes=").partition("-")
+            start = int(start_s)
+            end = min(int(end_s) if end_s else size - 1, size - 1)
+            if start >= size:
+                return self._send(h, 416, {"Content-Range": f"bytes */{size}", "ETag": etag}, b"", head)
+            fh.seek(start)
+            data = fh.read(end + 1 - start)
+        with self.lock:  # a drop applies to the next answer longer than it
+            drop = self.drop_after if self.drop_after is not None and len(data) > self.drop_after else None
+            if drop is not None:
+                self.drop_after = None
+        return self._send(h, 206, {"ETag": etag, "Content-Range": f"bytes {start}-{end}/{size}"}, data, head, drop)
 
 
 def _free_port() -> int:

@@ -241,7 +241,7 @@ def test_a_token_is_not_sent_to_another_host(server):
     other = remote.HttpObject(f"{server.url}/redirect/localhost/big.safetensors", "other", auth)
     with pytest.raises(ParamtoolError, match="access denied"):
         other.fetch_into(bytearray(8), 0)
-    assert [r[1] for r in server.requests][-1] == "/big.safetensors"  # it reached localhost, without the token
+    assert "/big.safetensors" in [r[1] for r in server.requests]  # it reached localhost, without the token
 
 
 def test_missing_objects_are_one_line(server, run):

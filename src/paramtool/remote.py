@@ -663,6 +663,7 @@ class RemoteStorage:
         return self.read_storage(key)
 
     def raw_storage(self, key: Any) -> Any:
+        """The storage's bytes in fresh memory (the value commands' pools read two storages at once)."""
         span = self._span(key)
         data = bytearray(span.nbytes)
         if span.nbytes and self.blob.pread_into(data, span.offset, ahead=False) != span.nbytes:
