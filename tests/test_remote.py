@@ -415,3 +415,18 @@ def test_s3_without_the_extra_names_it(s3):
             "sys.argv = ['paramtool', 'inspect', 's3://ckpts/big.safetensors']\nmain()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 1 and "paramtool[remote]" in r.stderr and r.stderr.startswith("error:"), r.stderr
+
+
+def test_s3_object_replaced_mid_read_is_an_error(s3):
+    import s3fs
+
+    from paramtool import remote
+    from paramtool.errors import FormatError
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint)
+    fs.pipe_file("ckpts/swap.bin", b"a" * (1 << 20))
+    blob = remote.open_blob("s3://ckpts/swap.bin")
+    assert blob.pread(1 << 19, 1 << 17) == b"a" * (1 << 17)
+    fs.pipe_file("ckpts/swap.bin", b"b" * (1 << 20))
+    with pytest.raises(FormatError, match="changed while it was read"):
+        blob.pread(0, 1 << 19)
