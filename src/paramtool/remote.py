@@ -374,7 +374,7 @@ class S3Object:
         try:
             data = _with_retries(self.label, attempt)
         except OSError as e:
-            if "precondition" in str(e).lower() or "412" in str(e):  # If-Match failed: another ETag now
+            if "precondition" in str(e).lower().replace("-", "") or "412" in str(e):  # If-Match failed: another ETag
                 raise FormatError(f"{self.label}: the object changed while it was read (ETag differs): read it again") from None
             return _s3_call(self.label, lambda: (_ for _ in ()).throw(e))
         if len(data) != n:
