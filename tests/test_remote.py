@@ -57,6 +57,9 @@ def files(tmp_path_factory):
     st.save_file(small, repo / "model.safetensors", metadata={"format": "pt"})
     (repo / "config.json").write_text(json.dumps({"model_type": "tiny"}))
     (repo / "README.md").write_text("a tiny model\n")
+    hub_sharded = root / "org" / "sharded"
+    shutil.copytree(shards, hub_sharded)
+    (hub_sharded / "config.json").write_text(json.dumps({"model_type": "big"}))
     return root
 
 
@@ -205,6 +208,18 @@ def test_hub_repository_resolves_like_a_model_directory(server, files, run):
     assert not any("README" in p for p in paths)  # sidecars are listed, not read
     f = run("stats", "hf://org/tiny@v1.0/model.safetensors", "--json")
     assert f.exit_code == 0 and any("/resolve/v1.0/" in p for _, p, _, _ in server.requests)
+
+
+def test_hub_sharded_repository(server, files, run):
+    r = run("inspect", "hf://org/sharded", "--json")
+    assert r.exit_code == 0, r.stderr
+    local = run("inspect", files / "org" / "sharded", "--json").json()
+    assert r.json()["format"] == local["format"] == "sharded" and _tensors(r.json()) == _tensors(local)
+    gets = [p for m, p, _, _ in server.requests if m == "GET"]
+    assert gets.count("/api/models/org/sharded/revision/main") == 1  # listed once
+    for i in range(3):  # each shard's header in one request
+        assert len(server.ranged(f"/org/sharded/resolve/main/model-{i + 1:05d}-of-00003.safetensors")) == 1
+    assert server.sent() < 512 * 1024
 
 
 def test_hub_token(server, run, monkeypatch):

@@ -19,6 +19,7 @@ large reads are split into parts fetched concurrently.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import threading
@@ -169,7 +170,7 @@ class HttpObject:
                         if not n:
                             break
                         done += n
-                except (ConnectionError, TimeoutError, OSError) as e:
+                except (ConnectionError, TimeoutError, OSError, http.client.HTTPException) as e:
                     raise _Retry(f"connection lost ({type(e).__name__})") from None
                 want = min(len(view), (self.size or 0) - start)
                 if done < want:
