@@ -227,10 +227,12 @@ def _get_json(url: str, label: str, headers: dict[str, str]) -> Any:
                 raise FormatError(f"{label}: {length} bytes, above the {MAX_JSON} byte limit")
             try:
                 return response.read(MAX_JSON + 1)
-            except (ConnectionError, TimeoutError, OSError) as e:
+            except (ConnectionError, TimeoutError, OSError, http.client.HTTPException) as e:
                 raise _Retry(f"connection lost ({type(e).__name__})") from None
 
     raw = _with_retries(label, attempt)
+    if len(raw) > MAX_JSON:
+        raise FormatError(f"{label}: above the {MAX_JSON} byte limit")
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
