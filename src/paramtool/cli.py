@@ -251,12 +251,12 @@ def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, ou
         from .sources import describe
 
         note_config_ties(plan.report, describe(src, listing))
-    if dry_run:
-        _dry_run(plan.report, json_out)
-        return
     from .blob import stage
 
     output, commit = stage(output)  # -o s3://...: written locally, then uploaded whole (``remote.stage``)
+    if dry_run:
+        _dry_run(plan.report, json_out)
+        return
     target = writer.plan_output(src, output, in_place, fmt, max_shard_size)
     for w in plan.report.warnings:
         warn(w)

@@ -45,11 +45,11 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
     """Apply the contract's OUTPUT rules: ``-o``, ``--in-place``, or stdout when it is not a terminal."""
     if fmt is not None and not getattr(formats.find(fmt), "single_file", False):
         raise UsageError(f"--format must be pt or safetensors, not '{fmt}'")
-    from .blob import check_output
-
-    check_output(src.path, out, in_place)
     from .formats import modeldir
 
+    from .blob import check_output
+
+    check_output(src.path, out, in_place)  # remote sources and targets (``blob``)
     directory = modeldir.plan_output(src, out, in_place, fmt, max_shard_size)
     if directory is not None:
         return Output(directory[0], formats.DIRECTORY.name, weights_format=directory[1], max_shard_size=directory[2])
