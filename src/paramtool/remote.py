@@ -606,6 +606,7 @@ class RemoteStorage:
     done by ranged reads of the object: each storage is read into memory when asked for, one at a time."""
 
     def __init__(self, path: str, toc: Any, spans: dict) -> None:
+        # (``StorageFile.__init__``'s attributes, without its open(): keep the two alike)
         self.path, self.toc, self.spans = path, toc, spans
         self.infos = {t.name: t for t in toc.tensors}
         self.blob = open_blob(path)
@@ -647,7 +648,7 @@ class RemoteStorage:
         import struct
 
         head = bytearray(30)
-        if self.blob._object.fetch_into(head, header) != 30 or head[:4] != b"PK\x03\x04":
+        if self.blob.pread_into(head, header, ahead=False) != 30 or head[:4] != b"PK\x03\x04":
             raise FormatError(f"{self.path}: bad local header for the zip record of storage {key!r}")
         name_len, extra_len = struct.unpack("<HH", head[26:30])
         return header + 30 + name_len + extra_len
@@ -658,8 +659,7 @@ class RemoteStorage:
 
         span = self._span(key)
         buf = self._buffer(span.nbytes)
-        if span.nbytes and self.blob.pread_into(buf.numpy(), span.offset, ahead=False) != span.nbytes:
-            raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the object")
+        self._read_into(key, span, buf.numpy())
         return buf.view(_torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else buf
 
     def map_storage(self, key: Any) -> Any:
@@ -669,9 +669,13 @@ class RemoteStorage:
         """The storage's bytes in fresh memory (the value commands' pools read two storages at once)."""
         span = self._span(key)
         data = bytearray(span.nbytes)
-        if span.nbytes and self.blob.pread_into(data, span.offset, ahead=False) != span.nbytes:
-            raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the object")
+        self._read_into(key, span, data)
         return memoryview(data).toreadonly()
+
+    def _read_into(self, key: Any, span: Any, buf: Any) -> None:
+        """A storage's bytes into ``buf``, as asked (no read-ahead: values cost their own bytes)."""
+        if span.nbytes and self.blob.pread_into(buf, span.offset, ahead=False) != span.nbytes:
+            raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the object")
 
     def chunks(self, key: Any) -> Any:
         from .formats.storage import Chunks
