@@ -381,6 +381,9 @@ def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, ou
         from .sources import describe
 
         note_config_ties(plan.report, describe(src, listing))
+    from .blob import stage
+
+    output, commit = stage(output)  # -o s3://...: written locally, then uploaded whole (``remote.stage``)
     if dry_run:
         _dry_run(plan.report, json_out)
         return
@@ -401,7 +404,7 @@ def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, ou
         (write or writer.write_plan)(src, listing, plan, target, drop_extra)
     for w in plan.report.warnings[seen:]:  # found while writing (e.g. values that overflow a cast)
         warn(w)
-    _summary(plan.report, target.label, target.format)
+    _summary(plan.report, commit(target.label), target.format)
 
 
 def _summary(report: Any, target: str, fmt: str) -> None:

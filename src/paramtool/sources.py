@@ -82,26 +82,34 @@ def resolve(text: str | None) -> Source:
         return Source("-", "file", path, sniff_file(path))
     if text.startswith("nn:"):
         return Source(text, "nn")
+    from . import blob
     from .factory import is_factory_spec
 
-    if is_factory_spec(text):
+    remote = blob.is_remote(text)  # read where it lives, by byte range (``blob``, ``remote``)
+    if not remote and is_factory_spec(text):
         return Source(text, "factory")
-    if os.path.isdir(text) or text.endswith(".index.json"):
+    is_dir = blob.isdir(text)
+    if is_dir or text.endswith(".index.json"):
         from .formats.dcp import resolve_inside
 
-        if os.path.isdir(text) and os.path.exists(os.path.join(text, ".metadata")):
-            resolve_inside(text, ".metadata", "torch.distributed .metadata", file_link_ok=True)
+        if is_dir and blob.exists(os.path.join(text, ".metadata")):
+            if not remote:  # (links that leave the directory are refused: issue 22)
+                resolve_inside(text, ".metadata", "torch.distributed .metadata", file_link_ok=True)
             return Source(text, "dcp", text)
         from .formats.modeldir import find_weights
         from .formats.sharded import has_index
 
-        if os.path.isdir(text) and not has_index(text):  # a model directory with one weights file
-            weights = resolve_inside(text, os.path.basename(find_weights(text)), "weights file", file_link_ok=True)
+        if is_dir and not has_index(text):  # a model directory with one weights file
+            weights = find_weights(text)
+            if not remote:
+                weights = resolve_inside(text, os.path.basename(weights), "weights file", file_link_ok=True)
             return Source(text, "file", weights, sniff_file(weights), directory=text)
-        directory = text if os.path.isdir(text) else os.path.dirname(text) or "."
-        if not os.path.isdir(text) and not os.path.isfile(os.path.join(directory, "config.json")):
+        directory = text if is_dir else os.path.dirname(text) or "."
+        if not is_dir and not blob.isfile(os.path.join(directory, "config.json")):
             directory = None  # an index in some directory that is not a model's: no sidecars to carry
         return Source(text, "sharded", text, directory=directory)
+    if remote:  # an object: found (or not) by its first ranged read
+        return Source(text, "file", text, sniff_file(text))
     if not os.path.exists(text):
         raise ParamtoolError(f"{text}: no such file")
     if not os.path.isfile(text):
@@ -176,6 +184,9 @@ def _sharded(src: Source, open_part: Any) -> ShardedCheckpoint:
 
 
 def _open_parts(index: Any, open_part: Any) -> dict[str, Checkpoint]:
+    from .blob import prefetch
+
+    prefetch([os.path.join(index.directory, shard) for shard in index.shards])  # remote shards: concurrently
     parts: dict[str, Checkpoint] = {}
     for shard in index.shards:
         path = os.path.join(index.directory, shard)
@@ -224,6 +235,10 @@ def read_toc(src: Source, key: str | None = None) -> Toc:
 
 def load(src: Source, key: str | None = None) -> Checkpoint:
     """Load tensor data (memory-mapped where the format allows)."""
+    from .blob import is_remote
+
+    if src.layout is not None and is_remote(src.path):  # loaded whole: from a local copy
+        src = local_copy(src)
     if src.layout is not None:
         return _sharded(src, load) if src.layout.split else src.layout.load(src.label, src.path, key)
     if src.kind == "nn":
@@ -235,6 +250,41 @@ def load(src: Source, key: str | None = None) -> Checkpoint:
         from .factory import call_factory
 
         return _from_object(src, call_factory(src.text), key)
+
+
+def local_copy(src: Source) -> Source:
+    """A remote source copied into a temporary directory (removed at exit), for what reads a checkpoint whole
+    (a full load): the file, the index and its shards, or the DCP directory, with config.json beside them."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from . import blob
+
+    work = tempfile.mkdtemp(prefix="paramtool-remote-")
+    atexit.register(shutil.rmtree, work, True)
+
+    def fetch(path: str) -> str:
+        target = os.path.join(work, os.path.basename(path))
+        blob.copy_to(path, target)
+        return target
+
+    directory = src.directory
+    if src.layout.placeholder_values:  # DCP: the whole directory
+        for name in blob.listdir(src.path):
+            if blob.isfile(os.path.join(src.path, name)):
+                fetch(os.path.join(src.path, name))
+        return replace(src, path=work)
+    if directory and blob.isfile(os.path.join(directory, "config.json")):
+        fetch(os.path.join(directory, "config.json"))
+    if src.layout.split:  # an index and its shards
+        from .formats.sharded import read_index
+
+        index = read_index(src.path)
+        for shard in index.shards:
+            fetch(os.path.join(index.directory, shard))
+        return replace(src, path=fetch(index.path), directory=work if directory else None)
+    return replace(src, path=fetch(src.path), directory=work if directory else None)
 
 
 def _from_object(src: Source, obj: Any, key: str | None) -> Checkpoint:

@@ -51,6 +51,9 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
     _refuse_foreign(out, fmt)
     from .formats import modeldir
 
+    from .blob import check_output
+
+    check_output(src.path, out, in_place)  # remote sources and targets (``blob``)
     directory = modeldir.plan_output(src, out, in_place, fmt, max_shard_size)
     if directory is not None:
         return Output(directory[0], formats.DIRECTORY.name, weights_format=directory[1], max_shard_size=directory[2])

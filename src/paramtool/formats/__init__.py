@@ -2,7 +2,6 @@
 file's first bytes, or by an output path's extension. Imports no torch."""
 from __future__ import annotations
 
-import os
 
 from ..errors import FormatError
 from .base import DcpFormat, Format, SafetensorsFormat, TorchFormat, TorchScriptFormat
@@ -37,13 +36,11 @@ def find(name: str | None) -> Format | None:
 
 def sniff_file(path: str) -> Format:
     """The format a file's first bytes say it is in; refuses an empty file and one in no known format."""
+    from ..blob import open_blob
     from .diagnose import diagnose
-    from .pins import opened
 
-    with open(path, "rb") as f:
-        opened(path, f.fileno())
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(16)
+    with open_blob(path) as b:  # (a local file is pinned as it is opened: formats.pins)
+        size, head = b.size, b.pread(0, 16)
     for fmt in REGISTRY:  # formats with a magic of their own first
         if not fmt.pickled and fmt.sniff(head, size):
             return fmt

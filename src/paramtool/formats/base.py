@@ -82,9 +82,10 @@ def named(label: str, fmt: Format, root: Any, path: str | None, key: str | None,
 
 class SafetensorsFormat(Format):
     def open_storages(self, listing: Checkpoint) -> Any:
+        from ..blob import storage_class
         from .storage import SafetensorsStorageFile
 
-        return SafetensorsStorageFile.open(listing.path, listing.toc())
+        return storage_class(SafetensorsStorageFile, listing.path).open(listing.path, listing.toc())
 
     def names_path(self, path: str) -> bool:
         return path.endswith(self.extensions)  # as written, ".safetensors"
@@ -128,9 +129,10 @@ class TorchFormat(Format):
     def open_storages(self, listing: Checkpoint) -> Any:
         if not self.byte_ranges:  # the legacy format: storages follow the pickle, read with it
             return None
+        from ..blob import storage_class
         from .storage import ZipStorageFile
 
-        return ZipStorageFile.open(listing.path, listing.toc(), listing.root, listing.located)
+        return storage_class(ZipStorageFile, listing.path).open(listing.path, listing.toc(), listing.root, listing.located)
 
     def sniff(self, head: bytes, size: int) -> bool:
         from .torchfile import sniff_torch

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
+from .. import blob
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, RefusedGlobal, first_line
 from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_within
@@ -33,12 +34,7 @@ MAX_METADATA = 256 * 1024 * 1024
 def _read_bytes(directory: str) -> bytes:
     path = os.path.join(directory, ".metadata")
     try:
-        size = os.path.getsize(path)
-        if size > MAX_METADATA:
-            raise FormatError(f"{path}: {size} bytes, above the {MAX_METADATA} byte limit")
-        with open(path, "rb") as f:
-            pins.opened(path, f.fileno())
-            return f.read()
+        return blob.read_bytes(path, MAX_METADATA)  # (a local file is pinned as it is opened: formats.pins)
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
 
@@ -143,6 +139,8 @@ def resolve_inside(directory: str, name: Any, what: str, file_link_ok: bool = Fa
     if os.path.isabs(name) or name.startswith("\\") or ".." in parts or (parts and ":" in parts[0]):
         raise FormatError(f"{directory}: {what} '{name}' points outside the checkpoint directory")
     full = os.path.join(directory, name)
+    if blob.is_remote(directory):  # (a bucket or a server has no symbolic links)
+        return full
     real_dir = os.path.realpath(directory)
     if not _within(real_dir, os.path.realpath(os.path.dirname(full) if file_link_ok or entry else full)):
         raise FormatError(f"{directory}: {what} '{name}' leads outside the checkpoint directory (a symlink)")
@@ -205,7 +203,7 @@ def _items(directory: str, md: Inert) -> dict[str, list[tuple[tuple, str, int, i
 
 def _size(path: str) -> int:
     try:
-        return os.path.getsize(path)
+        return blob.size(path)
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None
 
@@ -214,18 +212,11 @@ def _read_range(path: str, start: int, length: int) -> bytearray:
     """The item's bytes, read straight into the writable buffer its tensors are then built over (one copy)."""
     data = bytearray(length)
     try:
-        with open(path, "rb", buffering=0) as f:
-            pins.opened(path, f.fileno())
+        with blob.open_blob(path) as f:
             # the directory may have been exchanged for a new one (an --in-place commit) since its .metadata
             # was read: then its .metadata is another file, and these bytes belong to another checkpoint
             pins.opened(os.path.join(os.path.dirname(path), ".metadata"))
-            done = 0
-            view = memoryview(data)
-            while done < length:
-                n = os.preadv(f.fileno(), [view[done:]], start + done)
-                if n <= 0:
-                    break
-                done += n
+            done = f.pread_into(data, start)
     except OSError as e:
         pins.opened(os.path.join(os.path.dirname(path), ".metadata"))  # (gone with a directory replaced)
         raise FormatError(f"{path}: cannot read ({e.strerror or e})") from None

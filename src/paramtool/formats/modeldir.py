@@ -13,6 +13,7 @@ import os
 import shutil
 from typing import Any
 
+from .. import blob
 from ..errors import FormatError, UsageError
 from ..fsops import is_temp
 from ..records import dataclass, field, replace
@@ -20,12 +21,13 @@ from ..toc import TensorInfo
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 SAFETENSORS_NAME, PT_NAME = "model.safetensors", "pytorch_model.bin"
+MAX_CONFIG = 64 << 20
 
 
 def find_weights(directory: str) -> str:
     """The one weights file of a directory without an index; several unrelated ones are an error naming them."""
-    found = sorted(f for f in os.listdir(directory)
-                   if f.lower().endswith(WEIGHT_SUFFIXES) and os.path.isfile(os.path.join(directory, f)))
+    found = sorted(f for f in blob.listdir(directory)
+                   if f.lower().endswith(WEIGHT_SUFFIXES) and blob.isfile(os.path.join(directory, f)))
     if not found:
         raise FormatError(f"{directory}: a directory without weights (model.safetensors, pytorch_model.bin, *.pt, "
                           "*.pth, *.ckpt), an *.index.json or a torch.distributed .metadata")
@@ -40,6 +42,9 @@ def find_weights(directory: str) -> str:
 
 def weight_files(directory: str, weights: list[str]) -> set[str]:
     """Names (relative to ``directory``) that belong to the weights: the files, and any index beside them."""
+    if blob.is_remote(directory):
+        own = {w[len(directory.rstrip("/")) + 1:] for w in weights if w.startswith(directory.rstrip("/") + "/")}
+        return own | {f for f in blob.listdir(directory) if f.endswith(".index.json")}
     own = {os.path.relpath(os.path.abspath(w), os.path.abspath(directory)) for w in weights}
     return own | {os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(directory), "*.index.json"))}
 
@@ -49,8 +54,13 @@ def copy_sidecars(directory: str, weights: set[str], work: str, replaced: dict[s
     directory being built, when the output is inside the source); ``replaced`` (name -> contents) are written
     anew instead (config.json with a new vocab_size). A symlink that leads outside the directory is written as
     a link to the same target, not followed: paramtool reads nothing outside the checkpoint."""
+    if blob.is_remote(directory):  # a bucket prefix or a Hub repository: its top-level files, fetched
+        for entry in sorted(blob.listdir(directory)):
+            path = os.path.join(directory, entry)
+            if entry not in weights and blob.isfile(path):
+                blob.copy_to(path, os.path.join(work, entry))
     inside = os.path.abspath(work) + os.sep
-    for entry in sorted(os.listdir(directory)):
+    for entry in ([] if blob.is_remote(directory) else sorted(os.listdir(directory))):
         path = os.path.join(directory, entry)
         if entry in weights or entry.endswith(".paramtool-tmp") or is_temp(entry) or inside.startswith(os.path.abspath(path) + os.sep):
             continue
@@ -167,14 +177,13 @@ class ConfigTies:
 def read_config(directory: str) -> tuple[dict | None, str | None]:
     """config.json beside the weights, or None; and a warning when it is there but unreadable."""
     path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
+    if not blob.isfile(path):
         return None, None
     from .dcp import resolve_inside
 
     resolve_inside(directory, "config.json", "config.json", file_link_ok=True)  # a link out is not read
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        config = json.loads(blob.read_bytes(path, MAX_CONFIG))
     except (OSError, ValueError, RecursionError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
         return None, f"{path}: not readable as JSON ({e}): the ties it may declare are not known"
     if not isinstance(config, dict):

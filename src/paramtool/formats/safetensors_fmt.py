@@ -13,7 +13,6 @@ place.
 from __future__ import annotations
 
 import json
-import os
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
@@ -97,12 +96,11 @@ def sniff(head: bytes, file_size: int) -> bool:
 
 def read_header(path: str) -> tuple[dict[str, Any], int]:
     """The parsed header and the offset where tensor data starts. Validates sizes and offsets."""
-    from .pins import opened
+    from ..blob import open_blob
 
-    with open(path, "rb") as f:
-        opened(path, f.fileno())
-        size = os.fstat(f.fileno()).st_size
-        raw = f.read(8)
+    with open_blob(path) as f:  # (a local file is pinned as it is opened: formats.pins)
+        size = f.size
+        raw = f.pread(0, 8)
         if len(raw) < 8:
             raise FormatError(f"{path}: not a safetensors file (only {len(raw)} bytes)")
         n = int.from_bytes(raw, "little")
@@ -110,7 +108,7 @@ def read_header(path: str) -> tuple[dict[str, Any], int]:
             raise FormatError(f"{path}: safetensors header claims {n} bytes, above the {MAX_HEADER} byte limit")
         if n > size - 8:
             raise FormatError(f"{path}: safetensors header claims {n} bytes but the file has {size - 8} after the length")
-        text = f.read(n)
+        text = f.pread(8, n)
     header = parse_json(text, f"{path}: safetensors header")
     if not isinstance(header, dict):
         raise FormatError(f"{path}: safetensors header is not a JSON object")

@@ -3,13 +3,15 @@ which shard file holds each tensor. Read as one checkpoint; written back shard b
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 
+from .. import blob
 from ..errors import FormatError, ParamtoolError
 from ..records import dataclass
-from .pins import opened
+
+
+MAX_INDEX = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -25,17 +27,23 @@ class Index:
         return list(dict.fromkeys(self.weight_map.values()))
 
 
+def _indexes(directory: str) -> list[str]:
+    """The ``*.index.json`` files in ``directory`` (not hidden ones, as a glob: a write's temporary files)."""
+    return sorted(os.path.join(directory, f) for f in blob.listdir(directory)
+                  if f.endswith(".index.json") and not f.startswith(".") and blob.isfile(os.path.join(directory, f)))
+
+
 def has_index(directory: str) -> bool:
-    return bool(glob.glob(os.path.join(glob.escape(directory), "*.index.json")))
+    return bool(_indexes(directory))
 
 
 def find_index(path: str) -> str:
     """The index file of a sharded checkpoint given as a directory or as the index itself."""
-    if not os.path.isdir(path):
-        if not os.path.isfile(path):
+    if not blob.isdir(path):
+        if not blob.isfile(path):
             raise ParamtoolError(f"{path}: no such file")
         return path
-    found = sorted(glob.glob(os.path.join(glob.escape(path), "*.index.json")))
+    found = _indexes(path)
     if not found:
         raise FormatError(f"{path}: a directory without a *.index.json (nor a torch.distributed .metadata): "
                           "not a sharded checkpoint")
@@ -50,22 +58,20 @@ def find_index(path: str) -> str:
 def read_index(path: str) -> Index:
     index_path = find_index(path)
     try:
-        with open(index_path, encoding="utf-8") as f:
-            opened(index_path, f.fileno())
-            raw = json.load(f)
+        raw = json.loads(blob.read_bytes(index_path, MAX_INDEX))
     except (OSError, ValueError, RecursionError) as e:  # (a JSONDecodeError, or a 5,000-digit number, is a ValueError)
         raise FormatError(f"{index_path}: not a valid index ({str(e)[:120]})") from None
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise FormatError(f"{index_path}: no weight_map of tensor names to shard files")
-    directory = os.path.dirname(os.path.abspath(index_path))
+    directory = os.path.dirname(index_path if blob.is_remote(index_path) else os.path.abspath(index_path))
     from .dcp import resolve_inside
 
     if not isinstance(raw.get("metadata") or {}, dict):
         raise FormatError(f"{index_path}: its metadata is not a JSON object")
     for shard in dict.fromkeys(weight_map.values()):
         resolve_inside(directory, shard, "shard", file_link_ok=True)  # refuses a symlinked directory that leads out
-        if not os.path.isfile(os.path.join(directory, shard)):
+        if not blob.is_remote(directory) and not os.path.isfile(os.path.join(directory, shard)):  # (remote: on open)
             raise FormatError(f"{index_path}: shard '{shard}' is missing")
     return Index(index_path, directory, raw.get("metadata") or {}, weight_map, raw)
 

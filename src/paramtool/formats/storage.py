@@ -534,15 +534,11 @@ def _ahead(keys: list[Hashable], produce: Callable[[Hashable], Any]) -> Iterator
 
 
 def _pread_into(fd: int, buf: Any, offset: int) -> int:
-    """Fill ``buf`` (a writable byte array) from ``offset``; the byte count read (short only at end of file)."""
-    view = memoryview(buf).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done : done + (1 << 30)]], offset + done)
-        if n <= 0:
-            break
-        done += n
-    return done
+    """Fill ``buf`` (a writable byte array) from ``offset``; the byte count read (short only at end of file).
+    ``fd`` may be a ``blob.Blob`` (a remote object), which reads itself."""
+    from ..blob import pread_into
+
+    return pread_into(fd, buf, offset) if isinstance(fd, int) else fd.pread_into(buf, offset)
 
 
 def _as_bytes(t: Any) -> Any:

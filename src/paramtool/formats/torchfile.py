@@ -17,6 +17,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up
 if TYPE_CHECKING:
     from typing import Any, BinaryIO, Callable, Hashable
 
+from ..blob import deferred_offset, open_file
 from ..errors import FormatError, RefusedGlobal
 from ..records import dataclass, field, replace
 from ..toc import FakeModule, FakeTensor, Special, StorageRef, itemsize
@@ -540,6 +541,9 @@ def _data_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int | None:
     """Where a stored (uncompressed) record's bytes start in the file; None if compressed."""
     if info.compress_type != zipfile.ZIP_STORED:
         return None
+    later = deferred_offset(f, info.header_offset)  # a remote object: located when the record is read
+    if later is not None:
+        return later
     f.seek(info.header_offset)
     head = f.read(30)
     if len(head) != 30 or head[:4] != b"PK\x03\x04":
@@ -692,7 +696,7 @@ def _is_tar(path: str) -> bool:
     import tarfile
 
     try:
-        with tarfile.open(path, "r:") as t:
+        with open_file(path) as f, tarfile.open(fileobj=f, mode="r:") as t:
             return t.next() is not None
     except (tarfile.TarError, OSError, ValueError, EOFError):
         return False
@@ -735,8 +739,9 @@ def _read_legacy(path: str) -> TorchFile:
     def no_storage(pid: tuple) -> StorageRef:
         raise FormatError("unexpected storage reference before the checkpoint's header")
 
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    with open_file(path) as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
         magic = _unpickle(f, no_storage, path, out.globals)
         if magic != LEGACY_MAGIC:
             raise FormatError(f"{path}: a pickle, but not a torch checkpoint (no torch magic number)")
@@ -797,4 +802,7 @@ def read_legacy_tree(path: str) -> Any:
 
 
 def read_torch(path: str, fmt: str) -> TorchFile:
-    return read_zip(path) if fmt == "pt" else read_legacy(path)
+    if fmt != "pt":
+        return read_legacy(path)
+    with open_file(path) as f:  # a local file, or a remote object read by range (``blob``)
+        return read_zip(path, f)

@@ -1,0 +1,688 @@
+"""Remote checkpoints: objects over HTTP(S), in S3 buckets and on the Hugging Face Hub, read by byte range.
+
+This is the remote medium behind ``blob.py``'s seam, and the only module that knows a protocol:
+
+- ``http://``/``https://``: ranged ``GET`` requests (RFC 9110); a server that answers a range with the whole
+  body is refused, never downloaded.
+- ``hf://org/name[@revision][/file]``: the Hub's resolve URLs (``{HF_ENDPOINT}/{repo}/resolve/{rev}/{file}``),
+  read as HTTP, with ``HF_TOKEN`` (or the Hub's token file) as a bearer token; a repository lists its files
+  through the Hub's model API (``/api/models/{repo}/revision/{rev}``) and resolves like a model directory.
+- ``s3://bucket/key`` and ``s3://bucket/prefix/``: ``fsspec``/``s3fs`` (the usual AWS credential chain;
+  ``AWS_ENDPOINT_URL`` for stores other than AWS).
+
+Every object is opened with one ranged read of its first 64 KiB (its size and its ETag come with it), kept
+with the last 128 KiB once read: a safetensors header, a torch zip's end records and central directory and a
+small ``data.pkl`` are then served without more requests. The ETag (else Last-Modified) is pinned at the
+first read and checked on every later one: an object replaced during a read is an error, never mixed data.
+Reads are retried with backoff on connection errors, timeouts and 5xx answers, resuming at the byte reached;
+large reads are split into parts fetched concurrently.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import threading
+import time
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
+from .blob import Blob, LocalHeader
+from .errors import FormatError, ParamtoolError, UsageError
+
+WINDOW = 1 << 16  # bytes fetched at least per small read (read-ahead): headers and pickles in one request
+TAIL = 1 << 17  # a read near the end fetches this much before it: a zip's end records and central directory
+PART = 8 << 20  # a large read is split into parts of this size, fetched concurrently
+WORKERS = 4  # concurrent requests per large read
+CACHED = 16  # small windows kept per object
+RETRIES = 5
+TIMEOUT = 60.0
+MAX_REDIRECTS = 5
+MAX_JSON = 64 << 20  # an index, a Hub listing, a config.json
+
+
+def _missing_extra(name: str) -> ParamtoolError:
+    return ParamtoolError(f"reading s3:// needs the optional extra: pip install 'paramtool[remote]' ({name} is missing)")
+
+
+# --- HTTP (plain URLs and the Hub) -------------------------------------------------------------------------
+
+
+def _opener() -> Any:
+    import urllib.request
+
+    class Redirects(urllib.request.HTTPRedirectHandler):
+        max_redirections = MAX_REDIRECTS
+
+        def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+            from urllib.parse import urlsplit
+
+            if not newurl.startswith(("http://", "https://")):
+                raise FormatError(f"{_public(req.full_url)}: redirected to a non-HTTP location")
+            new = super().redirect_request(req, fp, code, msg, headers, newurl)
+            if new is not None and urlsplit(newurl).netloc != urlsplit(req.full_url).netloc:
+                new.remove_header("Authorization")  # a token goes to its own host only (a CDN gets signed URLs)
+            return new
+
+    return urllib.request.build_opener(Redirects)
+
+
+_OPENER = None
+
+
+def _public(url: str) -> str:
+    """A URL as it may be printed: without user information or a query (where signatures and tokens go)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+class NotFound(ParamtoolError):
+    """No object at that URL (HTTP 404)."""
+
+
+class _Retry(Exception):
+    """A failure worth another try (connection reset, timeout, 5xx)."""
+
+
+def _with_retries(what: str, attempt: Callable[[], Any]) -> Any:
+    for i in range(RETRIES):
+        try:
+            return attempt()
+        except _Retry as e:
+            if i == RETRIES - 1:
+                raise FormatError(f"{what}: {e} (after {RETRIES} tries)") from None
+            time.sleep(min(0.1 * 2 ** i, 2.0))
+
+
+class HttpObject:
+    """One object behind a URL: ranged GETs, with the validator (ETag, else Last-Modified) pinned."""
+
+    def __init__(self, url: str, label: str, headers: dict[str, str] | None = None) -> None:
+        self.url, self.label, self.headers = url, label, dict(headers or {})
+        self.size: int | None = None
+        self.validator: tuple[str, str] | None = None
+
+    def _request(self, method: str, extra: dict[str, str]) -> Any:
+        import socket
+        import urllib.error
+        import urllib.request
+
+        global _OPENER
+        if _OPENER is None:
+            _OPENER = _opener()
+        req = urllib.request.Request(self.url, method=method, headers={**self.headers, **extra})
+        try:
+            return _OPENER.open(req, timeout=TIMEOUT)
+        except urllib.error.HTTPError as e:
+            e.close()
+            if e.code == 416:
+                return e
+            if e.code >= 500 or e.code == 429:
+                raise _Retry(f"HTTP {e.code}") from None
+            if 300 <= e.code < 400:  # urllib's own refusal: another scheme than http(s), or a loop
+                raise FormatError(f"{self.label}: a redirect paramtool does not follow (to a non-HTTP location, "
+                                  f"or more than {MAX_REDIRECTS})") from None
+            raise _http_error(self.label, e.code) from None
+        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise _Retry(f"cannot connect ({reason})") from None
+
+    def _check(self, response: Any) -> None:
+        """Pin the object's validator at the first answer; refuse a later answer from another version."""
+        etag = response.headers.get("ETag")
+        validator = ("ETag", etag) if etag else ("Last-Modified", response.headers.get("Last-Modified") or "")
+        if self.validator is None:
+            self.validator = validator
+        elif validator != self.validator:
+            raise FormatError(f"{self.label}: the object changed while it was read ({validator[0]} differs): "
+                              "read it again")
+
+    def fetch_into(self, buf: Any, start: int) -> int:
+        """Fill ``buf`` from byte ``start`` (one ranged GET, retried and resumed); the bytes read."""
+        view = memoryview(buf).cast("B")
+        done = 0
+
+        def attempt() -> int:
+            nonlocal done
+            end = start + len(view) - 1
+            response = self._request("GET", {"Range": f"bytes={start + done}-{end}"})
+            with response:
+                if response.status == 416:  # past the end (an empty object)
+                    self._size_from(response, 416)
+                    return done
+                if response.status != 206:
+                    raise FormatError(f"{self.label}: the server ignored the byte range (HTTP {response.status} "
+                                      "with the whole object): paramtool reads remote objects by range only")
+                self._check(response)
+                first = self._size_from(response, 206)
+                if first != start + done:
+                    raise FormatError(f"{self.label}: the server answered another byte range than asked")
+                try:
+                    while done < len(view):
+                        n = response.readinto(view[done:])
+                        if not n:
+                            break
+                        done += n
+                except (ConnectionError, TimeoutError, OSError, http.client.HTTPException) as e:
+                    raise _Retry(f"connection lost ({type(e).__name__})") from None
+                want = min(len(view), (self.size or 0) - start)
+                if done < want:
+                    raise _Retry("connection closed early")
+                return done
+
+        return _with_retries(self.label, attempt)
+
+    def _size_from(self, response: Any, status: int) -> int:
+        """The first byte of a 206 answer's range; the object's size (``bytes a-b/size``) is recorded."""
+        text = response.headers.get("Content-Range") or ""
+        try:
+            unit, _, rest = text.partition(" ")
+            span, _, total = rest.partition("/")
+            size = int(total)
+            first = int(span.split("-")[0]) if status == 206 else 0
+        except ValueError:
+            raise FormatError(f"{self.label}: the server's Content-Range is malformed ({text[:60]!r})") from None
+        if unit != "bytes" or size < 0:
+            raise FormatError(f"{self.label}: the server's Content-Range is malformed ({text[:60]!r})")
+        if self.size is None:
+            self.size = size
+        elif size != self.size:
+            raise FormatError(f"{self.label}: the object changed while it was read (its size differs): read it again")
+        return first
+
+    def exists(self) -> bool:
+        """Is there an object at the URL (a HEAD request)?"""
+        try:
+            response = _with_retries(self.label, lambda: self._request("HEAD", {}))
+        except NotFound:
+            return False
+        response.close()
+        return 200 <= response.status < 300
+
+
+def _http_error(label: str, code: int) -> ParamtoolError:
+    if code in (401, 403):
+        return ParamtoolError(f"{label}: access denied (HTTP {code}): check the credentials (HF_TOKEN for the Hub)")
+    if code == 404:
+        return NotFound(f"{label}: not found (HTTP 404)")
+    return ParamtoolError(f"{label}: HTTP {code}")
+
+
+def _get_json(url: str, label: str, headers: dict[str, str]) -> Any:
+    obj = HttpObject(url, label, headers)
+
+    def attempt() -> bytes:
+        with obj._request("GET", {}) as response:
+            if response.status != 200:
+                raise FormatError(f"{label}: HTTP {response.status}")
+            length = int(response.headers.get("Content-Length") or 0)
+            if length > MAX_JSON:
+                raise FormatError(f"{label}: {length} bytes, above the {MAX_JSON} byte limit")
+            try:
+                return response.read(MAX_JSON + 1)
+            except (ConnectionError, TimeoutError, OSError, http.client.HTTPException) as e:
+                raise _Retry(f"connection lost ({type(e).__name__})") from None
+
+    raw = _with_retries(label, attempt)
+    if len(raw) > MAX_JSON:
+        raise FormatError(f"{label}: above the {MAX_JSON} byte limit")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise FormatError(f"{label}: not valid JSON") from None
+
+
+# --- the Hub ---------------------------------------------------------------------------------------------------
+
+
+def _hf_token() -> str | None:
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        return token.strip()
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    try:
+        with open(os.environ.get("HF_TOKEN_PATH") or os.path.join(home, "token"), encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _hf_parts(path: str) -> tuple[str, str, str]:
+    """``hf://org/name[@rev][/file]`` -> (repository, revision, file or "")."""
+    parts = path[len("hf://"):].split("/")
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise UsageError(f"{path}: a Hub source is hf://org/name[@revision][/file]")
+    name, _, rev = parts[1].partition("@")
+    return f"{parts[0]}/{name}", rev or "main", "/".join(p for p in parts[2:] if p)
+
+
+def _hf_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def _hf_headers() -> dict[str, str]:
+    token = _hf_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _http_target(path: str) -> tuple[str, dict[str, str]]:
+    """The URL to GET for ``path`` (an http(s) URL, or a file in a Hub repository) and its headers."""
+    if path.startswith("hf://"):
+        from urllib.parse import quote
+
+        repo, rev, file = _hf_parts(path)
+        if not file:
+            raise FormatError(f"{path}: a Hub repository, not a file in it")
+        return f"{_hf_endpoint()}/{repo}/resolve/{quote(rev, safe='')}/{quote(file)}", _hf_headers()
+    return path, {}
+
+
+_HF_FILES: dict[tuple[str, str], list[str]] = {}
+
+
+def _hf_files(path: str) -> list[str]:
+    """Every file in the repository ``path`` is in (the Hub's model API; asked once per run)."""
+    from urllib.parse import quote
+
+    repo, rev, _ = _hf_parts(path)
+    if (repo, rev) not in _HF_FILES:
+        url = f"{_hf_endpoint()}/api/models/{repo}/revision/{quote(rev, safe='')}"
+        info = _get_json(url, f"hf://{repo}", _hf_headers())
+        siblings = info.get("siblings") if isinstance(info, dict) else None
+        if not isinstance(siblings, list):
+            raise FormatError(f"hf://{repo}: the Hub's answer lists no files")
+        _HF_FILES[(repo, rev)] = [s["rfilename"] for s in siblings
+                                  if isinstance(s, dict) and isinstance(s.get("rfilename"), str)]
+    return _HF_FILES[(repo, rev)]
+
+
+# --- S3 ---------------------------------------------------------------------------------------------------------
+
+_S3: Any = None
+
+
+def s3fs_filesystem() -> Any:
+    """The one ``s3fs`` filesystem (credentials from the usual AWS chain; ``AWS_ENDPOINT_URL`` honoured)."""
+    global _S3
+    if _S3 is None:
+        try:
+            import s3fs
+        except ImportError:
+            raise _missing_extra("s3fs") from None
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        _S3 = s3fs.S3FileSystem(endpoint_url=endpoint) if endpoint else s3fs.S3FileSystem()
+    return _S3
+
+
+def _s3_key(path: str) -> str:
+    key = path[len("s3://"):]
+    if not key or key.startswith("/"):
+        raise UsageError(f"{path}: an S3 source is s3://bucket/key or s3://bucket/prefix/")
+    return key
+
+
+def _s3_call(label: str, action: Callable[[], Any]) -> Any:
+    """An s3fs call, its failures as one line (the credentials never in it)."""
+    try:
+        return action()
+    except FileNotFoundError:
+        raise ParamtoolError(f"{label}: not found") from None
+    except PermissionError:
+        raise ParamtoolError(f"{label}: access denied: check the AWS credentials") from None
+    except OSError as e:
+        raise FormatError(f"{label}: {' '.join(str(e).split())[:160]}") from None
+
+
+class S3Object:
+    """One S3 object, read by ranged GetObject calls that name the ETag pinned when it was opened."""
+
+    def __init__(self, path: str) -> None:
+        self.label = path
+        self.fs = s3fs_filesystem()
+        self.key = _s3_key(path)
+        info = _s3_call(path, lambda: self.fs.info(self.key))
+        if info.get("type") != "file":
+            raise ParamtoolError(f"{path}: not an object (a prefix: end it with '/')")
+        self.size, self.etag = int(info["size"]), info.get("ETag")
+
+    def fetch_into(self, buf: Any, start: int) -> int:
+        from fsspec.asyn import sync
+
+        view = memoryview(buf).cast("B")
+        n = min(len(view), self.size - start)
+        if n <= 0:
+            return 0
+        bucket, _, key = self.key.partition("/")
+
+        async def get() -> bytes:
+            kwargs = {"IfMatch": self.etag} if self.etag else {}
+            response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key,
+                                              Range=f"bytes={start}-{start + n - 1}", **kwargs)
+            async with response["Body"] as body:
+                return await body.read()
+
+        def attempt() -> bytes:
+            try:
+                return sync(self.fs.loop, get)
+            except (ConnectionError, TimeoutError) as e:
+                raise _Retry(f"connection lost ({type(e).__name__})") from None
+
+        try:
+            data = _with_retries(self.label, attempt)
+        except OSError as e:
+            if "precondition" in str(e).lower().replace("-", "") or "412" in str(e):  # If-Match failed: another ETag
+                raise FormatError(f"{self.label}: the object changed while it was read (ETag differs): read it again") from None
+            return _s3_call(self.label, lambda: (_ for _ in ()).throw(e))
+        if len(data) != n:
+            raise FormatError(f"{self.label}: the store answered {len(data)} bytes for a range of {n}")
+        view[:n] = data
+        return n
+
+
+# --- the blob ------------------------------------------------------------------------------------------------
+
+
+class RemoteBlob(Blob):
+    """A remote object (``HttpObject`` or ``S3Object``) with small reads served from a few cached windows."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._windows: list[tuple[int, bytes]] = []
+        self._lock = threading.Lock()
+        if name.startswith("s3://"):
+            self._object: Any = S3Object(name)
+            self.size = self._object.size
+            self._window(0, WINDOW)
+        else:
+            url, headers = _http_target(name)
+            self._object = HttpObject(url, name, headers)
+            head = bytearray(WINDOW)
+            got = self._object.fetch_into(head, 0)  # the first range says the size
+            self.size = self._object.size or 0
+            self._windows.append((0, bytes(head[:got])))
+
+    def _window(self, start: int, end: int) -> bytes:
+        data = bytearray(end - start)
+        got = self._object.fetch_into(data, start)
+        data = bytes(data[:got])
+        with self._lock:
+            self._windows.append((start, data))
+            if len(self._windows) > CACHED:
+                self._windows.pop(1)  # the head stays
+        return data
+
+    def _cached(self, offset: int, n: int, partial: bool = False) -> bytes | None:
+        """``n`` bytes from ``offset`` out of a window (``partial``: as many as a window holds from there)."""
+        with self._lock:
+            for start, data in self._windows:
+                if start <= offset < start + len(data) and (partial or offset + n <= start + len(data)):
+                    return data[offset - start: offset - start + n]
+        return None
+
+    def read_some(self, buf: Any, offset: int) -> int:
+        """Fill some of ``buf`` from ``offset``: what a window holds from there, else a read (the file view's
+        reads, which may be short)."""
+        view = memoryview(buf).cast("B")
+        data = self._cached(offset, len(view), partial=True) if len(view) else None
+        if data:
+            view[:len(data)] = data
+            return len(data)
+        return self.pread_into(view, offset)
+
+    def pread_into(self, buf: Any, offset: int, ahead: bool = True) -> int:
+        """``ahead``: a small read fetches a whole window, kept for the reads that follow (headers, pickles);
+        tensor data is read as asked (``RemoteStorage``), so values cost their own bytes."""
+        view = memoryview(buf).cast("B")
+        n = max(0, min(len(view), self.size - offset))
+        if n == 0:
+            return 0
+        data = self._cached(offset, n)
+        if data is not None:
+            view[:n] = data
+            return n
+        if n < WINDOW and ahead:  # small reads (headers, pickles, a zip's records): through the windows, read ahead
+            start, end = offset, min(self.size, offset + WINDOW)
+            if end == self.size:  # near the end: the tail, where a zip keeps its directory
+                start = max(0, min(offset, self.size - TAIL))
+            window = self._window(start, end)
+            data = window[offset - start: offset - start + n]
+            view[:len(data)] = data
+            return len(data)
+        return self._read_large(view[:n], offset)
+
+    def _read_large(self, view: memoryview, offset: int) -> int:
+        """A large read as parts fetched concurrently, straight into the caller's buffer (nothing cached)."""
+        parts = [(i, min(PART, len(view) - i)) for i in range(0, len(view), PART)]
+        if len(parts) == 1:
+            return self._object.fetch_into(view, offset)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(WORKERS, len(parts))) as pool:
+            counts = list(pool.map(lambda p: self._object.fetch_into(view[p[0]:p[0] + p[1]], offset + p[0]), parts))
+        if counts != [p[1] for p in parts]:
+            raise FormatError(f"{self.name}: truncated: a read ends beyond the object")
+        return len(view)
+
+
+_BLOBS: dict[str, RemoteBlob] = {}
+_BLOBS_LOCK = threading.Lock()
+
+
+def open_blob(path: str) -> RemoteBlob:
+    """The remote object ``path`` names, opened once per run (its pinned validator and windows kept)."""
+    with _BLOBS_LOCK:
+        if path not in _BLOBS:
+            _BLOBS[path] = RemoteBlob(path)
+        return _BLOBS[path]
+
+
+def forget() -> None:
+    """Drop every object opened, and the Hub listings asked, so far (the next read opens them anew)."""
+    with _BLOBS_LOCK:
+        _BLOBS.clear()
+    _HF_FILES.clear()
+    global _S3
+    _S3 = None
+
+
+# --- directories ---------------------------------------------------------------------------------------------
+
+
+def _is_repo(path: str) -> bool:
+    return path.startswith("hf://") and not _hf_parts(path)[2]
+
+
+def isdir(path: str) -> bool:
+    if path.startswith("s3://"):
+        fs = s3fs_filesystem()
+        return _s3_call(path, lambda: fs.isdir(_s3_key(path).rstrip("/")))
+    if path.startswith("hf://"):
+        repo, rev, file = _hf_parts(path)
+        if not file:
+            return True
+        prefix = file.rstrip("/") + "/"
+        return any(f.startswith(prefix) for f in _hf_files(path))
+    return False  # a plain HTTP server lists nothing: sources there are files (an index names its shards)
+
+
+def isfile(path: str) -> bool:
+    if path.startswith("s3://"):
+        fs = s3fs_filesystem()
+        return _s3_call(path, lambda: fs.isfile(_s3_key(path)))
+    if path.startswith("hf://"):
+        _, _, file = _hf_parts(path)
+        return bool(file) and file in _hf_files(path)
+    url, headers = _http_target(path)
+    return HttpObject(url, path, headers).exists()
+
+
+def listdir(path: str) -> list[str]:
+    if path.startswith("s3://"):
+        fs = s3fs_filesystem()
+        key = _s3_key(path).rstrip("/")
+        return [os.path.basename(p.rstrip("/")) for p in _s3_call(path, lambda: fs.ls(key, detail=False))]
+    if path.startswith("hf://"):
+        _, _, file = _hf_parts(path)
+        prefix = file.rstrip("/") + "/" if file else ""
+        return sorted({f[len(prefix):].split("/", 1)[0] for f in _hf_files(path) if f.startswith(prefix)})
+    raise ParamtoolError(f"{path}: an HTTP server lists no directories: name the file or the *.index.json")
+
+
+# --- writing to a bucket ------------------------------------------------------------------------------------
+
+INDEX_NAMES = (".index.json", ".metadata", "config.json")  # what makes a directory a checkpoint: written last
+
+
+def stage(out: str) -> tuple[str, Callable[[str], str]]:
+    """``-o s3://...``: the local path to write instead (in a temporary directory, removed at exit), and the
+    commit that uploads what was written there once it is complete (returning the name to report).
+
+    One object appears whole or not at all (s3fs completes a multipart upload only at its end, and aborts it on
+    a failure); a directory's data files go first and its index (``*.index.json``, ``.metadata``,
+    ``config.json``) last, so a reader never sees a partial checkpoint."""
+    import atexit
+    import shutil
+    import tempfile
+
+    fs = s3fs_filesystem()
+    key = _s3_key(out)
+    if out.endswith("/") or not os.path.splitext(key)[1]:  # a directory: a new (or empty) prefix
+        fs.invalidate_cache()
+        if _s3_call(out, lambda: fs.exists(key.rstrip("/"))) and fs.ls(key.rstrip("/"), detail=False):
+            raise ParamtoolError(f"{out}: not empty: write a directory to a new prefix")
+    work = tempfile.mkdtemp(prefix="paramtool-upload-")
+    atexit.register(shutil.rmtree, work, True)
+    local = os.path.join(work, os.path.basename(key.rstrip("/")))
+
+    def commit(label: str) -> str:
+        if os.path.isdir(local):
+            _upload_directory(fs, local, key.rstrip("/"), out)
+        else:
+            _s3_call(out, lambda: fs.put_file(local, key))
+        return out
+
+    return local, commit
+
+
+def _upload_directory(fs: Any, local: str, key: str, label: str) -> None:
+    files = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, names in os.walk(local) for f in names)
+    last = [f for f in files if f.endswith(INDEX_NAMES)]
+    first = [f for f in files if f not in last]
+    try:
+        for batch in (first, last):
+            if batch:
+                _s3_call(label, lambda: fs.put([os.path.join(local, f) for f in batch],
+                                               [f"{key}/{f}" for f in batch]))
+    except BaseException:
+        try:  # nothing names the data files written so far (the index is last): remove them
+            fs.rm([f"{key}/{f}" for f in first])
+        except Exception:
+            pass
+        raise
+
+
+# --- storages by range ---------------------------------------------------------------------------------------
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def storage_class(cls: type) -> type:
+    """``cls`` (a ``formats.storage.StorageFile`` class) reading its storages from a remote object."""
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Remote{cls.__name__}", (RemoteStorage, cls), {})
+    return _CLASSES[cls]
+
+
+class RemoteStorage:
+    """What a ``StorageFile`` does with a local file's descriptor (positional reads, mappings, kernel copies),
+    done by ranged reads of the object: each storage is read into memory when asked for, one at a time."""
+
+    def __init__(self, path: str, toc: Any, spans: dict) -> None:
+        # (``StorageFile.__init__``'s attributes, without its open(): keep the two alike)
+        self.path, self.toc, self.spans = path, toc, spans
+        self.infos = {t.name: t for t in toc.tensors}
+        self.blob = open_blob(path)
+        self._file = self.blob.file()  # (a patched copy reads the untouched bytes through it)
+        self._spare: list[Any] = []
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def reader(self) -> Any:
+        """torch's zip reader over the object (a patched copy of a zip copies records with torch's writer)."""
+        if getattr(self, "_reader", None) is None:
+            import torch
+
+            try:
+                self._reader = torch._C.PyTorchFileReader(self.blob.file())
+            except RuntimeError as e:
+                from .errors import first_line
+
+                raise FormatError(f"{self.path}: corrupt torch zip file ({first_line(e, 160)})") from None
+        return self._reader
+
+    def _span(self, key: Any) -> Any:
+        span = self.spans[key]
+        if isinstance(span.offset, LocalHeader):  # a zip record not located by the listing: read its header
+            from .records import replace
+
+            span = replace(span, offset=self._locate(span.offset, key))
+            with self._lock:
+                self.spans[key] = span
+        if span.offset + span.nbytes > self.blob.size:
+            raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the object")
+        return span
+
+    def _locate(self, header: int, key: Any) -> int:
+        """Where the zip record whose local header starts at ``header`` has its data (as ``zipfile`` finds it)."""
+        import struct
+
+        head = bytearray(30)
+        if self.blob.pread_into(head, header, ahead=False) != 30 or head[:4] != b"PK\x03\x04":
+            raise FormatError(f"{self.path}: bad local header for the zip record of storage {key!r}")
+        name_len, extra_len = struct.unpack("<HH", head[26:30])
+        return header + 30 + name_len + extra_len
+
+    def read_storage(self, key: Any) -> Any:
+        from .formats.storage import _torch_dtype
+        from .toc import itemsize
+
+        span = self._span(key)
+        buf = self._buffer(span.nbytes)
+        self._read_into(key, span, buf.numpy())
+        return buf.view(_torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else buf
+
+    def map_storage(self, key: Any) -> Any:
+        return self.read_storage(key)
+
+    def raw_storage(self, key: Any) -> Any:
+        """The storage's bytes in fresh memory (the value commands' pools read two storages at once)."""
+        span = self._span(key)
+        data = bytearray(span.nbytes)
+        self._read_into(key, span, data)
+        return memoryview(data).toreadonly()
+
+    def _read_into(self, key: Any, span: Any, buf: Any) -> None:
+        """A storage's bytes into ``buf``, as asked (no read-ahead: values cost their own bytes)."""
+        if span.nbytes and self.blob.pread_into(buf, span.offset, ahead=False) != span.nbytes:
+            raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the object")
+
+    def chunks(self, key: Any) -> Any:
+        from .formats.storage import Chunks
+
+        span = self._span(key)
+        return Chunks(self.blob, span.offset, span.nbytes, self.path)  # read through the blob (``_pread_into``)
+
+    def copy_storage(self, key: Any, out: Any) -> None:
+        for chunk in self.chunks(key):
+            out.write(chunk)

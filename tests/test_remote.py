@@ -1,0 +1,461 @@
+"""Remote checkpoints, read by byte range from real servers on 127.0.0.1: an HTTP server that implements Range
+(and the Hub's URL layout, with HF_ENDPOINT pointing at it), and SeaweedFS for S3. The servers count requests
+and bytes, so listings are proven to read only what they list."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import safetensors.torch as st
+import torch
+from conftest import listing_without_torch
+from servers import RangeServer, Seaweed
+
+MIB = 1 << 20
+
+
+def _tensors(doc):
+    return [(t["name"], t["shape"], t["dtype"], t["tied_to"]) for t in doc["tensors"]]
+
+
+def _model(layers: int, width: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    return net.state_dict()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Checkpoints to serve: each also kept as a local copy to compare with."""
+    root = tmp_path_factory.mktemp("served")
+    big = _model(40, 256)  # 40 x 256 KiB weights: a 10 MiB file, a few KiB of listing
+    st.save_file(big, root / "big.safetensors")
+    torch.save(big, root / "big.pt")
+    small = _model(3, 8)
+    torch.save(small, root / "legacy.pt", _use_new_zipfile_serialization=False)
+    many = {f"layer.{i}.weight": torch.full((2,), float(i)) for i in range(1500)}  # a header above 64 KiB
+    st.save_file(many, root / "many.safetensors")
+    # a sharded checkpoint: three shards and their index
+    shards = root / "sharded"
+    shards.mkdir()
+    names = list(big)
+    weight_map = {}
+    for i in range(3):
+        part = {n: big[n] for n in names[i::3]}
+        fname = f"model-{i + 1:05d}-of-00003.safetensors"
+        st.save_file(part, shards / fname, metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    (shards / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    # a Hub repository: a model directory
+    repo = root / "org" / "tiny"
+    repo.mkdir(parents=True)
+    st.save_file(small, repo / "model.safetensors", metadata={"format": "pt"})
+    (repo / "config.json").write_text(json.dumps({"model_type": "tiny"}))
+    (repo / "README.md").write_text("a tiny model\n")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": net.state_dict(), "epoch": 3}, checkpoint_id=str(root / "dcp"))
+    shutil.copytree(root / "dcp", root / "org" / "dcp")
+    hub_sharded = root / "org" / "sharded"
+    shutil.copytree(shards, hub_sharded)
+    (hub_sharded / "config.json").write_text(json.dumps({"model_type": "big"}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def http_server(files):
+    server = RangeServer(files)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def server(http_server, monkeypatch):
+    from paramtool import remote
+
+    remote.forget()
+    http_server.reset()
+    http_server.ignore_range, http_server.fail, http_server.drop_after = False, 0, None
+    http_server.token, http_server.after_request = None, None
+    monkeypatch.setenv("HF_ENDPOINT", http_server.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(http_server.root / "no-hf-home"))
+    yield http_server
+    remote.forget()
+
+
+# --- HTTP: listing reads only what it lists ------------------------------------------------------------------
+
+
+def test_safetensors_listing_is_one_range_request(server, files, run):
+    r = run("inspect", f"{server.url}/big.safetensors", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert _tensors(r.json()) == _tensors(run("inspect", files / "big.safetensors", "--json").json())
+    assert len(server.requests) == len(server.ranged()) == 1  # nothing but one ranged GET
+    assert server.sent() <= 64 * 1024 < os.path.getsize(files / "big.safetensors")
+
+
+def test_large_safetensors_header_takes_two_requests(server, files, run):
+    r = run("inspect", f"{server.url}/many.safetensors", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["num_tensors"] == 1500
+    assert len(server.requests) == len(server.ranged()) == 2
+
+
+def test_torch_zip_listing_reads_directory_and_pickle_only(server, files, run):
+    r = run("inspect", f"{server.url}/big.pt", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert _tensors(r.json()) == _tensors(run("inspect", files / "big.pt", "--json").json())
+    assert len(server.requests) == len(server.ranged()) <= 3
+    assert server.sent() < 512 * 1024 and os.path.getsize(files / "big.pt") > 10 * MIB
+
+
+def test_legacy_torch_file_listing(server, files, run):
+    r = run("inspect", f"{server.url}/legacy.pt", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["format"] == "pt-legacy"
+    assert _tensors(r.json()) == _tensors(run("inspect", files / "legacy.pt", "--json").json())
+    assert len(server.requests) == len(server.ranged())
+
+
+def test_sharded_index_reads_each_shard_header_once(server, files, run):
+    r = run("inspect", f"{server.url}/sharded/model.safetensors.index.json", "--json")
+    assert r.exit_code == 0, r.stderr
+    local = run("inspect", files / "sharded" / "model.safetensors.index.json", "--json").json()
+    assert r.json()["format"] == "sharded" and _tensors(r.json()) == _tensors(local)
+    for i in range(3):
+        assert len(server.ranged(f"model-{i + 1:05d}-of-00003.safetensors")) == 1
+    assert server.sent() < 512 * 1024
+
+
+def test_listing_imports_no_torch(server):
+    r = listing_without_torch(f"{server.url}/big.pt")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["num_tensors"] == 80
+
+
+# --- HTTP: values by range -----------------------------------------------------------------------------------
+
+
+def test_stats_show_diff_over_http_equal_local(server, files, run):
+    for name in ("big.safetensors", "big.pt", "legacy.pt"):
+        remote = run("stats", f"{server.url}/{name}", "--json")
+        assert remote.exit_code == 0, remote.stderr
+        assert remote.json() == run("stats", files / name, "--json").json()
+    assert (run("ties", f"{server.url}/big.safetensors", "--values", "--json").json()
+            == run("ties", files / "big.safetensors", "--values", "--json").json())
+    shown = run("show", f"{server.url}/big.pt", "3.bias", "--json")
+    assert torch.equal(torch.tensor(shown.json()["values"]), torch.load(files / "big.pt")["3.bias"])
+    same = run("diff", files / "big.safetensors", f"{server.url}/big.pt")
+    assert same.exit_code == 0, same.stderr
+    changed = _model(40, 256)
+    changed["7.weight"][3, 4] += 1
+    st.save_file(changed, files / "changed.safetensors")
+    try:
+        d = run("diff", f"{server.url}/big.safetensors", f"{server.url}/changed.safetensors", "--json")
+        assert d.exit_code == 1
+        assert [c["name"] for c in d.json()["changed"]] == ["7.weight"]
+    finally:
+        os.unlink(files / "changed.safetensors")
+
+
+def test_stats_reads_every_byte_once_by_range(server, files, run):
+    assert run("stats", f"{server.url}/big.pt", "--json").exit_code == 0
+    size = os.path.getsize(files / "big.pt")
+    assert len(server.requests) == len(server.ranged())  # no whole-object download
+    assert size * 0.95 < server.sent() < size * 1.1
+
+
+def test_convert_remote_to_local(server, files, run, tmp_path):
+    out = tmp_path / "out.safetensors"
+    r = run("convert", f"{server.url}/big.pt", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    got = st.load_file(out)
+    want = torch.load(files / "big.pt", weights_only=True)
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    out_pt = tmp_path / "out.pt"
+    assert run("convert", f"{server.url}/big.safetensors", "-o", out_pt, "--dtype", "bf16").exit_code == 0
+    back = torch.load(out_pt, weights_only=True)
+    assert all(torch.equal(back[k], want[k].to(torch.bfloat16)) for k in want)
+
+
+def test_init_from_remote_source_writes_local(server, files, run, tmp_path):
+    out = tmp_path / "init.safetensors"
+    r = run("init", f"{server.url}/big.safetensors", "--scheme", "zeros", "--layer", "0", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    got = st.load_file(out)
+    assert not got["0.weight"].any() and torch.equal(got["1.weight"], _model(40, 256)["1.weight"])
+
+
+def test_writing_to_remote_is_a_usage_error(server, run, tmp_path):
+    r = run("convert", f"{server.url}/big.pt", "-o", f"{server.url}/out.safetensors")
+    assert r.exit_code == 2 and "read-only" in r.stderr
+    r = run("init", f"{server.url}/big.pt", "--scheme", "zeros", "--in-place")
+    assert r.exit_code == 2 and r.stderr.startswith("error:")
+
+
+# --- the Hub -----------------------------------------------------------------------------------------------------
+
+
+def test_hub_repository_resolves_like_a_model_directory(server, files, run):
+    r = run("inspect", "hf://org/tiny", "--json")
+    assert r.exit_code == 0, r.stderr
+    local = run("inspect", files / "org" / "tiny", "--json").json()
+    assert r.json()["format"] == "directory" == local["format"]
+    assert _tensors(r.json()) == _tensors(local)
+    paths = [p for _, p, _, _ in server.requests]
+    assert "/api/models/org/tiny/revision/main" in paths
+    assert "/org/tiny/resolve/main/model.safetensors" in paths
+    assert not any("README" in p for p in paths)  # sidecars are listed, not read
+    f = run("stats", "hf://org/tiny@v1.0/model.safetensors", "--json")
+    assert f.exit_code == 0 and any("/resolve/v1.0/" in p for _, p, _, _ in server.requests)
+
+
+def test_hub_sharded_repository(server, files, run):
+    r = run("inspect", "hf://org/sharded", "--json")
+    assert r.exit_code == 0, r.stderr
+    local = run("inspect", files / "org" / "sharded", "--json").json()
+    assert r.json()["format"] == local["format"] == "sharded" and _tensors(r.json()) == _tensors(local)
+    gets = [p for m, p, _, _ in server.requests if m == "GET"]
+    assert gets.count("/api/models/org/sharded/revision/main") == 1  # listed once
+    for i in range(3):  # each shard's header in one request
+        assert len(server.ranged(f"/org/sharded/resolve/main/model-{i + 1:05d}-of-00003.safetensors")) == 1
+    assert server.sent() < 512 * 1024
+
+
+def test_hub_dcp_listing_reads_metadata_only(server, files, run):
+    r = run("inspect", "hf://org/dcp", "--json")
+    assert r.exit_code == 0, r.stderr
+    local = run("inspect", files / "dcp", "--json").json()
+    assert r.json()["format"] == "dcp" and _tensors(r.json()) == _tensors(local)
+    assert {p for m, p, _, _ in server.requests if m == "GET"} == {
+        "/api/models/org/dcp/revision/main", "/org/dcp/resolve/main/.metadata"}
+    ties = run("ties", "hf://org/dcp", "--values", "--json")
+    assert ties.exit_code == 0 and ties.json() == run("ties", files / "dcp", "--values", "--json").json()
+
+
+def test_hub_token(server, run, monkeypatch):
+    server.token = "s3cret-token"
+    r = run("inspect", "hf://org/tiny")
+    assert r.exit_code == 1 and r.stderr.startswith("error:") and "401" in r.stderr
+    assert "Traceback" not in r.stderr
+    from paramtool import remote
+
+    remote.forget()
+    monkeypatch.setenv("HF_TOKEN", "s3cret-token")
+    r = run("inspect", "hf://org/tiny", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert "s3cret" not in r.stdout + r.stderr
+
+
+def test_redirects(server, files, run, monkeypatch):
+    r = run("inspect", f"{server.url}/redirect/127.0.0.1/big.safetensors", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert _tensors(r.json()) == _tensors(run("inspect", files / "big.safetensors", "--json").json())
+    bad = run("inspect", f"{server.url}/redirect/x/file:///etc/passwd")
+    assert bad.exit_code == 1 and "non-HTTP" in bad.stderr
+
+
+
+def test_a_token_is_not_sent_to_another_host(server):
+    from paramtool import remote
+    from paramtool.errors import ParamtoolError
+
+    server.token = "tok"
+    auth = {"Authorization": "Bearer tok"}
+    same = remote.HttpObject(f"{server.url}/redirect/127.0.0.1/big.safetensors", "same", auth)
+    assert same.fetch_into(bytearray(8), 0) == 8
+    other = remote.HttpObject(f"{server.url}/redirect/localhost/big.safetensors", "other", auth)
+    with pytest.raises(ParamtoolError, match="access denied"):
+        other.fetch_into(bytearray(8), 0)
+    assert "/big.safetensors" in [r[1] for r in server.requests]  # it reached localhost, without the token
+
+
+def test_missing_objects_are_one_line(server, run):
+    for source in (f"{server.url}/nothing.safetensors", "hf://org/none", "hf://org/tiny/absent.pt"):
+        r = run("inspect", source)
+        assert r.exit_code == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error:"), r.stderr
+
+
+# --- faults ------------------------------------------------------------------------------------------------------
+
+
+def test_server_ignoring_range_is_refused(server, run):
+    server.ignore_range = True
+    r = run("inspect", f"{server.url}/big.safetensors")
+    assert r.exit_code == 1 and "ignored the byte range" in r.stderr
+    assert server.sent() < 8 * MIB  # the body (10 MiB) was not read through: the client hung up
+
+
+def test_503_bursts_are_retried(server, files, run):
+    server.fail = 3
+    r = run("stats", f"{server.url}/big.pt", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json() == run("stats", files / "big.pt", "--json").json()
+    assert server.fail == 0  # all three 503s were answered, and retried
+
+
+def test_connection_dropped_mid_range_resumes(server, files, run):
+    def drop_once(request):
+        if request[0] == "GET" and server.drop_after is None and not getattr(drop_once, "done", False):
+            drop_once.done = True
+            server.drop_after = 100_000  # the next ranged answer stops after 100 kB
+
+    server.after_request = drop_once
+    r = run("stats", f"{server.url}/big.safetensors", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json() == run("stats", files / "big.safetensors", "--json").json()
+    def span(rng):
+        first, last = rng.removeprefix("bytes=").split("-")
+        return int(first), int(last) - int(first) + 1
+
+    cut = [(span(rng)[0], sent) for _, _, rng, sent in server.ranged() if sent < span(rng)[1]]
+    assert cut, "no connection was dropped"
+    start, sent = cut[0]
+    assert any(span(rng)[0] == start + sent for _, _, rng, _ in server.ranged())  # resumed where it stopped
+
+
+def test_object_replaced_mid_read_is_an_error(server, files, run, tmp_path):
+    target = files / "swap.safetensors"
+    shutil.copy(files / "big.safetensors", target)
+
+    def swap(request):
+        if request[1].endswith("swap.safetensors") and not getattr(swap, "done", False):
+            swap.done = True
+            data = target.read_bytes()
+            (files / "swap.tmp").write_bytes(data[:-4] + b"\0\0\0\0")
+            os.replace(files / "swap.tmp", target)  # another object (another ETag) at the same URL
+
+    server.after_request = swap
+    try:
+        r = run("stats", f"{server.url}/swap.safetensors", "--json")
+        assert r.exit_code == 1 and "changed while it was read" in r.stderr
+        assert r.stdout == ""
+    finally:
+        os.unlink(target)
+
+
+# --- S3 (SeaweedFS) ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory, files):
+    store = Seaweed(tmp_path_factory.mktemp("seaweed"))
+    try:
+        env = store.env()
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        import s3fs
+
+        fs = s3fs.S3FileSystem(endpoint_url=store.endpoint)
+        fs.mkdir("ckpts")
+        fs.put(str(files / "big.safetensors"), "ckpts/big.safetensors")
+        fs.put(str(files / "big.pt"), "ckpts/models/big.pt")
+        for name in os.listdir(files / "sharded"):
+            fs.put(str(files / "sharded" / name), f"ckpts/sharded/{name}")
+        for name in os.listdir(files / "org" / "tiny"):
+            fs.put(str(files / "org" / "tiny" / name), f"ckpts/tiny/{name}")
+        dcp_dir = files / "dcp"
+        for name in os.listdir(dcp_dir):
+            fs.put(str(dcp_dir / name), f"ckpts/dcp/{name}")
+        yield store
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        store.close()
+
+
+@pytest.fixture
+def s3(seaweed):
+    from paramtool import remote
+
+    remote.forget()
+    yield seaweed
+    remote.forget()
+
+
+def test_s3_file_and_prefixes_list_as_local(s3, files, run):
+    cases = [("s3://ckpts/big.safetensors", files / "big.safetensors"),
+             ("s3://ckpts/models/big.pt", files / "big.pt"),
+             ("s3://ckpts/sharded/", files / "sharded"),
+             ("s3://ckpts/tiny/", files / "org" / "tiny"),
+             ("s3://ckpts/dcp/", files / "dcp")]
+    for source, local in cases:
+        r = run("inspect", source, "--json")
+        assert r.exit_code == 0, (source, r.stderr)
+        want = run("inspect", local, "--json").json()
+        assert r.json()["format"] == want["format"] and _tensors(r.json()) == _tensors(want), source
+
+
+def test_s3_values(s3, files, run, tmp_path):
+    r = run("stats", "s3://ckpts/models/big.pt", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json() == run("stats", files / "big.pt", "--json").json()
+    assert run("diff", files / "big.safetensors", "s3://ckpts/big.safetensors").exit_code == 0
+    assert run("diff", files / "big.safetensors", "s3://ckpts/sharded/").exit_code == 0
+    shown = run("show", "s3://ckpts/dcp/", "1.bias", "--json")
+    assert shown.exit_code == 0, shown.stderr
+    assert shown.json() == run("show", files / "dcp", "1.bias", "--json").json()
+    out = tmp_path / "conv"
+    c = run("convert", "s3://ckpts/sharded/", "-o", out, "--format", "pt")
+    assert c.exit_code == 0, c.stderr
+    assert run("diff", out, files / "big.safetensors").exit_code == 0
+
+
+def test_s3_missing(s3, run):
+    r = run("inspect", "s3://ckpts/absent.safetensors")
+    assert r.exit_code == 1 and r.stderr.startswith("error:") and "not found" in r.stderr
+    assert "paramtool-secret" not in r.stdout + r.stderr
+
+
+def test_s3_writes(s3, files, run):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint)
+    c = run("convert", "s3://ckpts/sharded/", "-o", "s3://ckpts/out/", "--format", "pt")
+    assert c.exit_code == 0, c.stderr
+    assert "s3://ckpts/out/" in c.stderr
+    assert sorted(os.path.basename(p) for p in fs.ls("ckpts/out")) == [
+        "pytorch_model-00001-of-00003.bin", "pytorch_model-00002-of-00003.bin", "pytorch_model-00003-of-00003.bin",
+        "pytorch_model.bin.index.json"]
+    assert run("diff", files / "big.safetensors", "s3://ckpts/out/").exit_code == 0
+    again = run("convert", "s3://ckpts/sharded/", "-o", "s3://ckpts/out/")
+    assert again.exit_code == 1 and "not empty" in again.stderr
+    f = run("init", "s3://ckpts/big.safetensors", "--scheme", "zeros", "--layer", "0", "-o", "s3://ckpts/init.pt")
+    assert f.exit_code == 0, f.stderr
+    got = torch.load(fs.open("ckpts/init.pt", "rb"), weights_only=True)
+    assert not got["0.weight"].any() and torch.equal(got["1.weight"], _model(40, 256)["1.weight"])
+
+
+def test_s3_without_the_extra_names_it(s3):
+    code = ("import sys\nsys.modules['s3fs'] = None\nfrom paramtool.launch import main\n"
+            "sys.argv = ['paramtool', 'inspect', 's3://ckpts/big.safetensors']\nmain()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 1 and "paramtool[remote]" in r.stderr and r.stderr.startswith("error:"), r.stderr
+
+
+def test_s3_object_replaced_mid_read_is_an_error(s3):
+    import s3fs
+
+    from paramtool import remote
+    from paramtool.errors import FormatError
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint)
+    fs.pipe_file("ckpts/swap.bin", b"a" * (1 << 20))
+    blob = remote.open_blob("s3://ckpts/swap.bin")
+    assert blob.pread(1 << 19, 1 << 17) == b"a" * (1 << 17)
+    fs.pipe_file("ckpts/swap.bin", b"b" * (1 << 20))
+    with pytest.raises(FormatError, match="changed while it was read"):
+        blob.pread(0, 1 << 19)
