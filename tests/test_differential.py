@@ -148,6 +148,7 @@ def test_every_command_sees_what_torch_sees(case, corpus, run, tmp_path):
 
 SAFETENSORS_DTYPES = ["float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
                       "uint16", "uint32", "uint64", "bool", "float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu",
+                      "float8_e4m3fnuz", "float8_e5m2fnuz",
                       "complex64"]
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-
-# dtypes torch stores but computes nothing on (no copy, no comparison, no print)
-NO_ARITHMETIC = frozenset({"float4_e2m1fn_x2", "bits8", "bits16", "bits1x8", "bits2x4", "bits4x2"})
+from .formats.dtypes import NO_ARITHMETIC
 
 
 def is_storage(t: Any) -> bool:
