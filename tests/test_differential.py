@@ -180,3 +180,15 @@ def test_safetensors_every_dtype(dtype, run, tmp_path):
     back = torch.load(out, weights_only=True)
     for k, v in expected.items():
         assert _dtype(back[k]) == _dtype(v) and _bits(back[k]) == _bits(v)
+
+
+def test_sparse_claiming_a_huge_dense_shape_is_refused_for_values(run, tmp_path):
+    """A sparse tensor of three values and a dense shape of 2^50 elements: listed as torch lists it, but its
+    values (to_dense) are refused with one line instead of an allocation that cannot succeed."""
+    s = torch.sparse_coo_tensor(torch.tensor([[0, 1, 2], [0, 1, 2]]), torch.tensor([1.0, 2.0, 3.0]), (2 ** 25, 2 ** 25))
+    torch.save({"s": s, "w": torch.ones(2)}, tmp_path / "big.pt")
+    r = run("inspect", tmp_path / "big.pt", "--json")
+    assert r.exit_code == 0 and r.json()["tensors"][0]["shape"] == [2 ** 25, 2 ** 25]
+    assert r.json()["tensors"][0]["kind"] == "sparse_coo nnz=3"
+    r = run("stats", tmp_path / "big.pt", "--json")
+    assert r.exit_code == 1 and r.stderr.startswith("error:") and "'s' is sparse" in r.stderr

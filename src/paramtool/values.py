@@ -6,6 +6,8 @@ from typing import Any
 
 from .formats.dtypes import NO_ARITHMETIC
 
+MAX_DENSE = 1 << 31  # elements a sparse tensor's values may expand to (8 GiB of float32)
+
 
 def is_storage(t: Any) -> bool:
     """A bare storage (``torch.save(t.untyped_storage())``), listed as a 1-D tensor of its elements."""
@@ -70,6 +72,11 @@ def readable(t: Any, name: str = "", bits: bool = False) -> Any:
     if t.is_nested:
         return torch.cat([c.reshape(-1) for c in t.unbind()])
     if t.layout != torch.strided:
+        if t.numel() > MAX_DENSE:  # (a few bytes of a file can claim any dense shape)
+            from .errors import ParamtoolError
+
+            raise ParamtoolError(f"'{name}' is sparse with a dense shape of {t.numel()} elements: its values "
+                                 f"are read as to_dense() up to {MAX_DENSE} elements")
         return t.to_dense()
     return t.resolve_conj().resolve_neg() if t.is_conj() or t.is_neg() else t
 
