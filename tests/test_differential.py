@@ -192,3 +192,14 @@ def test_sparse_claiming_a_huge_dense_shape_is_refused_for_values(run, tmp_path)
     assert r.json()["tensors"][0]["kind"] == "sparse_coo nnz=3"
     r = run("stats", tmp_path / "big.pt", "--json")
     assert r.exit_code == 1 and r.stderr.startswith("error:") and "'s' is sparse" in r.stderr
+
+
+def test_expanded_views_are_bounded(run, tmp_path):
+    """A stride-0 view claims elements its storage does not hold: up to 2^26 of them are read as torch reads
+    them; beyond that a few bytes would cost minutes of work, and the file is refused with one line."""
+    torch.save({"e": torch.tensor([2.5]).expand(2 ** 20)}, tmp_path / "ok.pt")
+    r = run("stats", tmp_path / "ok.pt", "--json")
+    assert r.exit_code == 0 and r.json()["tensors"][0]["mean"] == 2.5
+    torch.save({"e": torch.tensor([2.5]).expand(2 ** 27)}, tmp_path / "bomb.pt")
+    r = run("inspect", tmp_path / "bomb.pt", "--json")
+    assert r.exit_code == 1 and r.stderr.startswith("error:") and "needs more than the 1" in r.stderr

@@ -31,7 +31,8 @@ STORAGE_DTYPES = STORAGE_TYPES
 
 
 MAX_ENTRIES = 50_000_000  # entries reachable through shared references (a "billion laughs" DAG is refused)
-MAX_BROADCAST = 1 << 32  # elements a stride-0 (expanded) view may claim beyond its storage
+MAX_BROADCAST = 1 << 26  # elements a stride-0 (expanded) view may claim beyond its storage (a few bytes
+# of a file must not cost minutes of work: 64M elements take a fraction of a second to read)
 MAX_NUMEL = (1 << 63) - 1  # torch's sizes are int64: a larger product is refused, as torch refuses it
 
 
