@@ -94,8 +94,8 @@ def _readme_recipes() -> list[str]:
             continue
         if lang in ("sh", "console", "bash"):
             text = line[2:] if line.startswith("$ ") else (line if lang != "console" else "")
-            if text.startswith("paramtool ") or re.match(r"^cat \S+ \| paramtool ", text):
-                out.append(text)
+            if (text.startswith("paramtool ") or re.match(r"^cat \S+ \| paramtool ", text)) and "://" not in text:
+                out.append(text)  # (remote sources: test_remote runs those against servers it starts)
     return out
 
 

@@ -12,6 +12,8 @@ import os
 import re
 import zipfile
 
+from ..blob import listdir, open_file
+
 TRUNCATED = "an interrupted download or copy?"
 
 # leading bytes -> what the file is, and what to do instead
@@ -32,7 +34,7 @@ def diagnose(path: str, head: bytes, size: int) -> str | None:
     if size == 0:
         return "empty file (0 bytes)"
     if len(head) < 64 <= size:
-        with open(path, "rb") as f:
+        with open_file(path) as f:
             head = f.read(64)
     for magic, what in _MAGIC:
         if head.startswith(magic):
@@ -57,19 +59,19 @@ def _tf_data_beside(path: str) -> bool:
     stem = path[: -len(".index")]
     directory = os.path.dirname(path) or "."
     base = os.path.basename(stem)
-    return any(f.startswith(base + ".data-") for f in os.listdir(directory))
+    return any(f.startswith(base + ".data-") for f in listdir(directory))
 
 
 def _zip(path: str, size: int) -> str | None:
     """A zip cut short (no end-of-directory record), or a zip of another kind (numpy .npz, Keras .keras)."""
-    with open(path, "rb") as f:
+    with open_file(path) as f:
         f.seek(max(0, size - (1 << 16) - 22))
         tail = f.read()
     if b"PK\x05\x06" not in tail:
         return (f"truncated: a zip file (as torch.save writes) without its closing directory, {size} bytes "
                 f"long ({TRUNCATED})")
     try:
-        with zipfile.ZipFile(path) as z:
+        with open_file(path) as raw, zipfile.ZipFile(raw) as z:
             names = z.namelist()
     except (zipfile.BadZipFile, OSError, ValueError):
         return None  # the torch reader words it
@@ -95,7 +97,7 @@ def _safetensors_cut(head: bytes, size: int) -> str | None:
 
 def _text(path: str, head: bytes) -> str | None:
     """A text file (an HTML error page, JSON, a script) rather than binary data."""
-    with open(path, "rb") as f:
+    with open_file(path) as f:
         sample = f.read(4096)
     try:
         text = codecs.getincrementaldecoder("utf-8")().decode(sample, final=False)  # (a cut last character)

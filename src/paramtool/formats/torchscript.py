@@ -27,6 +27,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up
 if TYPE_CHECKING:
     from typing import Any, Callable, Hashable, Iterable
 
+from ..blob import open_file
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, ParamtoolError, RefusedGlobal
 from ..records import replace
@@ -48,7 +49,7 @@ def is_archive(path: str) -> bool:
     """Is ``path`` a TorchScript archive: a zip whose archive folder holds ``constants.pkl`` (torch's own test,
     ``torch.serialization._is_torchscript_zip``)? False for anything that does not open as a zip."""
     try:
-        with zipfile.ZipFile(path) as z:
+        with open_file(path) as raw, zipfile.ZipFile(raw) as z:
             names = z.namelist()
     except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError):
         return False
@@ -236,7 +237,7 @@ def read_archive(path: str, fileobj: Any = None) -> tuple[torchfile.TorchFile, d
     """A TorchScript archive read without running it: its state dict (stand-in tensors located in the file)
     and each module path's class. Reads the pickles, the code records' text and the zip directory."""
     try:
-        archive = zipfile.ZipFile(fileobj if fileobj is not None else path)
+        archive = zipfile.ZipFile(fileobj if fileobj is not None else open_file(path))
     except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as e:
         raise FormatError(f"{path}: not a valid torch zip file ({type(e).__name__}: {e})") from None
     with archive:
@@ -285,7 +286,7 @@ def read_archive(path: str, fileobj: Any = None) -> tuple[torchfile.TorchFile, d
                   path, "constants.pkl", out.globals)
         _scan_other_pickles(archive, records, prefix, path)
         out.root, modules = _state_dict(root, _Code(archive, prefix, path), path)
-        f = fileobj if fileobj is not None else open(path, "rb")
+        f = fileobj if fileobj is not None else open_file(path)
         try:
             used = {t.storage.key for t in out.root.values()}
             for ref in data.values():
