@@ -735,6 +735,81 @@ def grad(
     for line in render.grad_lines(report, params):
         console.print(line)
 
+# ---------------------------------------------------------------- merge and lora (issue 27)
+
+
+def _split_weights(paths: list[str], weights: Optional[list[str]]) -> tuple[list[str], Optional[list[float]]]:
+    """SOURCEs and --weights: ``--weights 0.3,0.7``, ``--weights 0.3 --weights 0.7``, and ``--weights 0.3 0.7``
+    (where the numbers after the first reach the positionals: a number that names no file is a weight)."""
+    if weights is None:
+        return paths, None
+
+    def number(text: str) -> bool:
+        try:
+            float(text)
+        except ValueError:
+            return False
+        return not os.path.exists(text)
+
+    texts = [w for given in weights for w in given.split(",") if w.strip()] + [p for p in paths if number(p)]
+    try:
+        values = [float(w) for w in texts]
+    except ValueError:
+        raise UsageError(f"--weights takes numbers, not '{next(w for w in texts if not number(w))}'") from None
+    return [p for p in paths if not number(p)], values
+
+
+@app.command(epilog="Examples:\n\n  paramtool merge run/ckpt-8.pt run/ckpt-9.pt run/ckpt-10.pt --key model -o soup.pt\n\n"
+             "  paramtool merge a.safetensors b.safetensors --weights 0.3 0.7 -o mix.safetensors\n\n"
+             "  paramtool merge math/ code/ --method ties --base base/ --density 0.2 -o merged/\n\n"
+             "  paramtool merge a/ b/ --method slerp --t 0.3 -o mid/\n\n" + EPILOG_HINT)
+def merge(
+    paths: Annotated[list[str], typer.Argument(help="The checkpoints to combine (any SOURCE kind); the first gives the "
+                                               "output its layout, non-tensor entries, ties, order and sidecars.",
+                                               show_default=False, metavar="SOURCE...")],
+    weights: Annotated[Optional[list[str]], typer.Option("--weights", "-w", help="One weight per SOURCE (0.3 0.7, or 0.3,0.7). "
+                                                         "linear: normalized by their sum (default: equal); task-arithmetic, ties: "
+                                                         "each task vector's (default 1); slerp: t = w2 / (w1 + w2).",
+                                                         show_default=False)] = None,
+    method: Annotated[str, typer.Option("--method", "-m", help="linear (weighted average), task-arithmetic, ties (both "
+                                        "against --base) or slerp (two sources).")] = "linear",
+    base: Annotated[Optional[str], typer.Option("--base", help="task-arithmetic, ties: the model the SOURCEs were fine-tuned "
+                                                "from; task vectors are SOURCE - BASE.", show_default=False)] = None,
+    density: Annotated[Optional[float], typer.Option("--density", help="ties: the fraction of each task vector kept, by "
+                                                     "magnitude (default 0.2).", show_default=False)] = None,
+    scale: Annotated[Optional[float], typer.Option("--lambda", help="task-arithmetic, ties: scale of the combined task "
+                                                   "vector (default 1).", show_default=False)] = None,
+    t: Annotated[Optional[float], typer.Option("--t", help="slerp: 0 is the first SOURCE, 1 the second (default 0.5).",
+                                               show_default=False)] = None,
+    layer: LayerOpt = None,
+    dry_run: DryRunOpt = False,
+    json_out: PlanJsonOpt = False,
+    output: OutOpt = None,
+    in_place: InPlaceOpt = False,
+    fmt: FormatOpt = None,
+    drop_extra: DropExtraOpt = False,
+    key: KeyOpt = None,
+    max_shard_size: MaxShardOpt = None,
+) -> None:
+    """Combine parameter sets tensor by tensor: weighted average, task arithmetic, TIES or SLERP.
+
+    Every floating-point tensor (those --layer selects) is computed in float32 (float64 for float64) from the same
+    tensor of every SOURCE, one tensor at a time, and written in the first SOURCE's dtype; the rest of the first
+    SOURCE is kept. Names, shapes or dtypes that differ are an error listing them.
+    """
+    from . import merge as merging
+    from . import sources
+
+    paths, values = _split_weights(list(paths), weights)
+    spec = merging.method_of(method, len(paths), values, base is not None, density, scale, t)
+    resolved = [sources.resolve(p) for p in paths]
+    listing = sources.open_for_plan(resolved[0], key)
+    opened = [(s.label, sources.load_lazy(s, key)) for s in resolved]
+    based = (base, sources.load_lazy(sources.resolve(base), key)) if base is not None else None
+    plan = merging.plan_merge(listing, opened, based, spec, list(layer or []))
+    _finish(resolved[0], listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra,
+            max_shard_size=max_shard_size)
+
 
 def main() -> None:
     from .fsops import install_signal_handlers
