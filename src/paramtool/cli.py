@@ -811,6 +811,88 @@ def merge(
             max_shard_size=max_shard_size)
 
 
+lora_app = typer.Typer(cls=typer.core.TyperGroup, help="PEFT LoRA adapters: merge one into its base, or extract one "
+                       "from a fine-tune.", no_args_is_help=True, rich_markup_mode=None,
+                       context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(lora_app, name="lora")
+
+
+@lora_app.command(name="merge", epilog="Examples:\n\n  paramtool lora merge base/ adapter/ -o merged/\n\n"
+                  "  paramtool lora merge model.safetensors adapter/ merged.safetensors\n\n" + EPILOG_HINT)
+def lora_merge(
+    base: Annotated[str, typer.Argument(help="The base checkpoint (any SOURCE kind; a model directory stays one).",
+                                        show_default=False)],
+    adapter: Annotated[str, typer.Argument(help="The PEFT adapter directory (adapter_config.json + "
+                                           "adapter_model.safetensors).", show_default=False)],
+    target: Annotated[Optional[str], typer.Argument(help="Output path (same as -o).", show_default=False)] = None,
+    dry_run: DryRunOpt = False,
+    json_out: PlanJsonOpt = False,
+    output: OutOpt = None,
+    in_place: InPlaceOpt = False,
+    fmt: FormatOpt = None,
+    drop_extra: DropExtraOpt = False,
+    key: KeyOpt = None,
+    max_shard_size: MaxShardOpt = None,
+) -> None:
+    """Merge a LoRA adapter into its base, as PEFT's merge_and_unload(): W += scale · B·A for each target.
+
+    scale is alpha / r (alpha / sqrt(r) with use_rslora; rank_pattern and alpha_pattern per module); Conv1D and
+    embedding updates are transposed; modules_to_save and trained biases replace the base's. Computed in float32,
+    written in the base's dtype and layout. DoRA and other variants are refused by name.
+    """
+    from . import lora, sources
+
+    if target is not None and output is not None:
+        raise UsageError("give the output either as OUTPUT or as -o, not both")
+    src = sources.resolve(base)
+    listing = sources.open_for_plan(src, key)
+    found, values = lora.open_adapter(adapter)
+    plan = lora.plan_merge(listing, sources.load_lazy(src, key), found, values, lora.module_classes(src.directory))
+    _finish(src, listing, plan, dry_run, json_out, target or output, in_place, fmt, drop_extra,
+            max_shard_size=max_shard_size)
+
+
+@lora_app.command(name="extract", epilog="Example: paramtool lora extract base/ tuned/ --rank 16 -o adapter/\n\n"
+                  + EPILOG_HINT)
+def lora_extract(
+    base: Annotated[str, typer.Argument(help="The base checkpoint.", show_default=False)],
+    tuned: Annotated[str, typer.Argument(help="The fine-tuned checkpoint (same names, shapes and dtypes).",
+                                         show_default=False)],
+    rank: Annotated[int, typer.Option("--rank", "-r", min=1, help="The adapter's rank (lower for tensors with fewer "
+                                      "rows or columns).", show_default=False)] = ...,
+    layer: LayerOpt = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="The adapter directory to write.", show_default=False)] = ...,
+    json_out: JsonOpt = False,
+    key: KeyOpt = None,
+) -> None:
+    """Extract a LoRA adapter from a fine-tune: the truncated SVD of TUNED - BASE for each 2-D weight that changed.
+
+    Written as a PEFT adapter directory (PeftModel.from_pretrained loads it; alpha = r, so B·A is the delta's best
+    rank-r approximation). The report gives, per tensor, the fraction of the delta's energy (squared Frobenius
+    norm) the rank keeps.
+    """
+    from . import lora, sources
+
+    src = sources.resolve(base)
+    base_values = sources.load_lazy(src, key)
+    tuned_values = sources.load_lazy(sources.resolve(tuned), key)
+    classes = lora.module_classes(src.directory)
+    names = lora.extract_candidates(base_values, tuned_values, _selected(list(base_values.names), layer), classes)
+    with _progress(len(names), "extract") as advance:
+        tensors, config, report = lora.extract(base_values, tuned_values, names, rank, classes, advance)
+    lora.write_adapter(output, tensors, config)
+    if json_out:
+        emit_json({"adapter": output, "rank": rank, "tensors": [
+            {"name": e.name, "module": e.module, "rank": e.rank, "energy": e.energy} for e in report]})
+    else:
+        console = out_console()
+        width = max(len(render.safe_name(e.name)) for e in report)
+        for e in report:
+            console.print(f"{render.safe_name(e.name):<{width}}  rank {e.rank:>4}  energy kept {e.energy:8.2%}",
+                          markup=False)
+    err_console().print(f"wrote {render.safe_name(output)} (PEFT LoRA adapter, {len(report)} target(s))", markup=False)
+
+
 def main() -> None:
     from .fsops import install_signal_handlers
 
