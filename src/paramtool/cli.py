@@ -152,13 +152,15 @@ def inspect(
     """
     from . import sources
 
-    toc = sources.read_toc(sources.resolve(source), key)
+    src = sources.resolve(source)
+    toc = sources.read_toc(src, key)
     for w in toc.warnings:
         warn(w)
     chosen = set(_selected([t.name for t in toc.tensors], layer, unstored=frozenset(toc.config_ties)))
     tensors = [t for t in toc.tensors if t.name in chosen]
+    adapter = _adapter_of(src, toc.tensors)
     if json_out:
-        emit_json(render.inspect_json(toc, tensors))
+        emit_json({**render.inspect_json(toc, tensors), **({"adapter": adapter} if adapter else {})})
         return
     console = out_console()
     if toc.values is not None:  # a --key sub-tree without tensors (hyper_parameters, args): its values
@@ -168,6 +170,8 @@ def inspect(
     for line in render.extras_lines(toc):
         console.print(line)
     for line in render.config_tie_lines(toc):
+        console.print(line)
+    for line in render.adapter_lines(adapter) if adapter else []:
         console.print(line)
 
 
@@ -457,7 +461,8 @@ def stats(
     from . import sources
     from . import stats as st
 
-    ckpt = sources.load_lazy(sources.resolve(source), key)
+    src = sources.resolve(source)
+    ckpt = sources.load_lazy(src, key)
     names = _selected(list(ckpt.names), layer)
     with _progress(len(names), "stats") as advance:  # each tensor is read once, for numbers and histograms
         done = st.stats_many(ckpt.tensor, names, bins if hist else None, bool(hist_png), advance,
@@ -465,14 +470,21 @@ def stats(
     results, hists = done.results, done.hists
     if hist_png:
         st.histogram_png([(n, done.png[n]) for n in names], hist_png)
+    from .lora import update_norms
+
+    updates = update_norms(src, ckpt)  # a LoRA adapter directory: what each pair adds to its base tensor
     if json_out:
         doc: dict[str, Any] = {"tensors": [r.as_json() for r in results]}
         if hist:
             doc["histograms"] = {n: {"edges": h.edges, "counts": h.counts, "zeros": h.zeros} for n, h in hists.items()}
+        if updates is not None:
+            doc["adapter_updates"] = updates
         emit_json(doc)
         return
     console = out_console()
     console.print(render.stats_table(results))
+    for line in render.update_lines(updates) if updates else []:
+        console.print(line)
     for n, h in hists.items():
         console.print(f"\n{render.safe_name(n)}", style="bold", markup=False)
         for line in st.histogram_lines(h):
@@ -736,6 +748,16 @@ def grad(
         console.print(line)
 
 # ---------------------------------------------------------------- merge and lora (issue 27)
+
+
+def _adapter_of(src: Any, tensors: list) -> Optional[dict]:
+    """A PEFT adapter directory's description (rank, alpha, targets, what each pair modifies), else None."""
+    from . import lora
+
+    if not lora.is_adapter(src.directory):
+        return None
+    return lora.read_adapter(src.directory, [t.name for t in tensors],
+                             {t.name: tuple(t.shape) for t in tensors}).describe()
 
 
 def _split_weights(paths: list[str], weights: Optional[list[str]]) -> tuple[list[str], Optional[list[float]]]:

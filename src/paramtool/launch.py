@@ -111,7 +111,14 @@ def _stats(src: Any, key: str | None, layers: list[str]) -> Any:
     ckpt = sources.load_lazy(src, key)
     names = select(list(ckpt.names), layers, "all")
     done = st.stats_many(ckpt.tensor, names, None, False, raw_of=st.raw_reader(ckpt))
-    return {"tensors": [r.as_json() for r in done.results]}
+    doc = {"tensors": [r.as_json() for r in done.results]}
+    if src.directory:  # a LoRA adapter directory: what each pair adds to its base tensor (as cli.stats)
+        from .lora import update_norms
+
+        updates = update_norms(src, ckpt)
+        if updates is not None:
+            doc["adapter_updates"] = updates
+    return doc
 
 
 def _diff(paths: list[str], key: str | None) -> tuple[Any, int]:

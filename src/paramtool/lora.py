@@ -64,6 +64,8 @@ class Pair:
     rank: int
     alpha: float
     scale: float
+    a_shape: tuple[int, ...] = ()
+    b_shape: tuple[int, ...] = ()
 
     @property
     def target(self) -> str:
@@ -92,7 +94,7 @@ class Adapter:
             return f"init_lora_weights={init} (the adapter belongs to a base changed at initialization)"
         return None
 
-    def describe(self, shapes: dict[str, tuple[int, ...]]) -> dict:
+    def describe(self) -> dict:
         """What ``inspect`` shows: rank, alpha, targets, and what each pair does to which base tensor."""
         c = self.config
         return {
@@ -106,7 +108,7 @@ class Adapter:
             "variant": self.variant,
             "pairs": [{"module": p.module, "modifies": p.target, "a": p.a, "b": p.b, "rank": p.rank, "alpha": p.alpha,
                        "scale": p.scale, "embedding": p.embedding,
-                       "a_shape": list(shapes.get(p.a, ())), "b_shape": list(shapes.get(p.b, ()))} for p in self.pairs],
+                       "a_shape": list(p.a_shape), "b_shape": list(p.b_shape)} for p in self.pairs],
             "replaces": [{"tensor": n, "replaces": t} for n, t in self.replaces.items()],
         }
 
@@ -153,8 +155,24 @@ def read_adapter(directory: str, names: list[str], shapes: dict[str, tuple[int, 
         rank = shapes[a][0]
         alpha = float(_pattern(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        adapter.pairs.append(Pair(module, a, b, embedding, rank, alpha, scale))
+        adapter.pairs.append(Pair(module, a, b, embedding, rank, alpha, scale, shapes[a], shapes[b]))
     return adapter
+
+
+def update_norms(src: Any, values: Checkpoint) -> list[dict] | None:
+    """For ``stats`` on an adapter directory: each pair's update, scale · B·A, by the base tensor it modifies: its
+    rank, scale and Frobenius norm (from the r×r Gram matrices: ‖BA‖² = Σ (BᵀB) ∘ (AAᵀ), no product formed).
+    None for any other source."""
+    if not is_adapter(getattr(src, "directory", None)):
+        return None
+    adapter = read_adapter(src.directory, list(values.names), {i.name: tuple(i.shape) for i in values.infos()})
+    out = []
+    for p in adapter.pairs:
+        a, b = values.tensor(p.a).double(), values.tensor(p.b).double()
+        squared = float(((b.T @ b) * (a @ a.T)).sum()) if a.dim() == 2 and b.dim() == 2 else float("nan")
+        out.append({"modifies": p.target, "rank": p.rank, "scale": p.scale,
+                    "norm": abs(p.scale) * math.sqrt(max(squared, 0.0))})
+    return out
 
 
 # ---------------------------------------------------------------- the base's modules

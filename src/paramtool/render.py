@@ -520,3 +520,37 @@ def grad_use_line(p: Any) -> Text:
     if err is not None:
         line.append(f"  sum error {_g(err)}", style="dim")
     return line
+
+
+# --- LoRA adapters -------------------------------------------------------------------------------------
+
+
+def adapter_lines(adapter: dict) -> list[Text]:
+    """A PEFT adapter directory under its tree: rank, alpha, targets, and what each pair does to which base
+    tensor (``lora.Adapter.describe``)."""
+    rs = ", rsLoRA (scale alpha/sqrt(r))" if adapter["use_rslora"] else ""
+    fif = ", fan_in_fan_out" if adapter["fan_in_fan_out"] else ""
+    targets = adapter["target_modules"]
+    shown = ", ".join(map(safe_name, targets)) if isinstance(targets, list) else safe_name(str(targets))
+    lines = [Text.assemble(("adapter ", "bold"), f"{safe_name(str(adapter['peft_type']))} r={adapter['r']} "
+                           f"alpha={adapter['lora_alpha']}{rs}{fif}; targets: {shown}")]
+    if adapter["variant"]:
+        lines.append(Text(f"  variant: {safe_name(adapter['variant'])} (lora merge refuses it)"))
+    for p in adapter["pairs"]:
+        a, b = "×".join(map(str, p["a_shape"])), "×".join(map(str, p["b_shape"]))
+        how = "(B·A)ᵀ" if p["embedding"] else "B·A"
+        lines.append(Text.assemble("  ", (safe_name(p["modifies"]), "bold"),
+                                   f" += {p['scale']:g} · {how}  (r={p['rank']}, B {b}, A {a})"))
+    for r in adapter["replaces"]:
+        lines.append(Text.assemble("  ", (safe_name(r["replaces"]), "bold"), " replaced by the adapter's copy"))
+    return lines
+
+
+def update_lines(updates: list[dict]) -> list[Text]:
+    """``stats`` on an adapter directory: each pair's update (scale · B·A) by the base tensor it modifies."""
+    lines = [Text("\nadapter updates (scale · B·A):", style="bold")]
+    width = max(len(safe_name(u["modifies"])) for u in updates)
+    for u in updates:
+        lines.append(Text(f"  {safe_name(u['modifies']):<{width}}  r={u['rank']:<4} scale {u['scale']:<8g} "
+                          f"norm {_g(u['norm'])}"))
+    return lines
