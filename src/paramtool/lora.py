@@ -143,7 +143,7 @@ def read_adapter(directory: str, names: list[str], shapes: dict[str, tuple[int, 
     for name in names:
         m = _PAIR.match(name)
         if m is None:
-            adapter.replaces[name] = name.removeprefix(PREFIX)
+            adapter.replaces[name] = name.removeprefix(PREFIX).replace(".base_layer.", ".")  # a wrapped layer's bias
             continue
         module = m["module"].removeprefix(PREFIX)
         halves.setdefault(module, {})[(m["ab"] or m["emb"]) + ("e" if m["emb"] else "")] = name
