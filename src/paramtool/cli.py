@@ -173,6 +173,8 @@ def inspect(
         console.print(line)
     for line in render.adapter_lines(adapter) if adapter else []:
         console.print(line)
+    for line in render.quantization_lines(toc, tensors):  # GGUF: the stored type of each tensor
+        console.print(line)
 
 
 @app.command(epilog="Example: paramtool show model.pt 2.bias\n\n" + EPILOG_HINT)

@@ -102,6 +102,7 @@ def inspect_json(toc: Toc, tensors: list[TensorInfo]) -> dict:
                 "nbytes": t.nbytes,
                 "tied_to": ties.get(t.name),
                 **({"stored": False} if t.name in toc.config_ties else {}),
+                **({"quantization": toc.quantization[t.name]} if t.name in toc.quantization else {}),
             }
             for t in tensors
         ],
@@ -553,4 +554,21 @@ def update_lines(updates: list[dict]) -> list[Text]:
     for u in updates:
         lines.append(Text(f"  {safe_name(u['modifies']):<{width}}  r={u['rank']:<4} scale {u['scale']:<8g} "
                           f"norm {_g(u['norm'])}"))
+    return lines
+
+
+# --- GGUF ------------------------------------------------------------------------------------------------
+
+
+def quantization_lines(toc: Toc, tensors: list[TensorInfo]) -> list[Text]:
+    """A GGUF file's stored types: one line per type, with how many of the listed tensors have it and which
+    (values are shown dequantized, as float32, in the tree)."""
+    by_type: dict[str, list[str]] = {}
+    for t in tensors:
+        if t.name in toc.quantization:
+            by_type.setdefault(toc.quantization[t.name], []).append(t.name)
+    lines = []
+    for kind, names in by_type.items():
+        shown = ", ".join(safe_name(n) for n in names[:4]) + (f", ... ({len(names) - 4} more)" if len(names) > 4 else "")
+        lines.append(Text.assemble(("stored as ", "dim"), (safe_name(kind), "bold"), f" ({len(names)}): {shown}"))
     return lines

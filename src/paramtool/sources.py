@@ -221,8 +221,8 @@ def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
     read one at a time, else loaded."""
     if src.layout is not None and src.layout.split:
         return _sharded(src, load_lazy)
-    if src.layout is not None and src.layout.placeholder_values:  # DCP: one tensor entry at a time
-        return src.layout.load_lazy(src.label, src.path, key)
+    if src.layout is not None and (src.layout.placeholder_values or src.layout.dequantized):
+        return src.layout.load_lazy(src.label, src.path, key)  # DCP, GGUF: one tensor entry at a time
     if src.kind == "file" and src.layout.byte_ranges:
         from .formats.storage import open_storage_file
 

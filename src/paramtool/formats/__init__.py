@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..errors import FormatError
-from .base import DcpFormat, Format, SafetensorsFormat, TorchFormat
+from .base import DcpFormat, Format, GgufFormat, SafetensorsFormat, TorchFormat
 
 PT_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
 
@@ -16,9 +16,10 @@ SHARDED = Format("sharded", flat=True, is_container=True, split=True)
 DCP = DcpFormat("dcp", holds_non_tensors=True, is_container=True, placeholder_values=True)
 DIRECTORY = Format("directory", is_container=True, sidecars=True)
 MODULE = Format("module", in_memory=True)
+GGUF = GgufFormat("gguf", (".gguf",), flat=True, dequantized=True)
 
-# Sniffed in this order: a safetensors header is checked before the torch magic numbers.
-REGISTRY: tuple[Format, ...] = (SAFETENSORS, PT, PT_LEGACY, SHARDED, DCP, DIRECTORY, MODULE)
+# Sniffed in this order: GGUF's magic, then a safetensors header, then the torch magic numbers.
+REGISTRY: tuple[Format, ...] = (GGUF, SAFETENSORS, PT, PT_LEGACY, SHARDED, DCP, DIRECTORY, MODULE)
 _BY_NAME = {f.name: f for f in REGISTRY}
 
 
@@ -42,7 +43,7 @@ def sniff_file(path: str) -> Format:
     for fmt in REGISTRY:
         if fmt.sniff(head, size):
             return fmt
-    raise FormatError(f"{path}: not a checkpoint (neither a torch.save file nor safetensors)")
+    raise FormatError(f"{path}: not a checkpoint (neither a torch.save file, safetensors nor GGUF)")
 
 
 def for_output_path(path: str | None, default: Format) -> Format:
