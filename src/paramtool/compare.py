@@ -198,6 +198,8 @@ def compare_raw(ra: memoryview, rb: memoryview, dtype: str, rtol: float, atol: f
 
 
 def diff(a: Checkpoint, b: Checkpoint, rtol: float = 0.0, atol: float = 0.0) -> Diff:
+    if (a.format == "gguf") != (b.format == "gguf"):  # a GGUF file and the checkpoint it was made from
+        return quantization_diff(a, b, rtol, atol)
     out = Diff()
     names_b = set(b.names)
     out.removed = [n for n in a.names if n not in names_b]
@@ -229,4 +231,43 @@ def diff(a: Checkpoint, b: Checkpoint, rtol: float = 0.0, atol: float = 0.0) -> 
     ties_b = {g.names for g in find_ties(b.infos())}
     out.ties_gained = [list(g) for g in sorted(ties_b - ties_a, key=names_key)]
     out.ties_lost = [list(g) for g in sorted(ties_a - ties_b, key=names_key)]
+    return out
+
+
+def quantization_diff(a: Checkpoint, b: Checkpoint, rtol: float, atol: float) -> Diff:
+    """What quantizing cost, between a GGUF file and a checkpoint (either side): tensors are paired through the
+    ``gguf`` package's tensor-name map for the file's architecture (else by equal names), the checkpoint's
+    LLaMA query/key rows reordered as llama.cpp's converter does, and each pair compared as float64 whatever the
+    dtypes: max abs and relative error and cosine, with the tensor's GGUF type. Names are the checkpoint's."""
+    from .formats.gguf import llama_heads, name_map, permute_like_llama_cpp
+
+    g, c = (a, b) if a.format == "gguf" else (b, a)
+    mapped = name_map(g, list(c.names))
+    pairs = {n: mapped.get(n, n) for n in c.names if mapped.get(n, n) in g.names}
+    types = g.toc().quantization
+    out = Diff()
+    unpaired_c = [n for n in c.names if n not in pairs]
+    unpaired_g = [n for n in g.names if n not in set(pairs.values())]
+    out.removed, out.added = (unpaired_g, unpaired_c) if g is a else (unpaired_c, unpaired_g)
+
+    def one(name: str) -> dict | None:
+        gname = pairs[name]
+        tc, tg = c.tensor(name), g.tensor(gname)
+        heads = llama_heads(gname, g.metadata or {})
+        if heads and tc.dim() >= 1 and tc.shape[0] % (2 * heads) == 0:
+            tc = permute_like_llama_cpp(tc, heads)
+        ta, tb = (tg, tc) if g is a else (tc, tg)
+        if tuple(ta.shape) != tuple(tb.shape):
+            return {"max_abs_diff": None, "a": _describe(ta), "b": _describe(tb)}
+        sums = _differences(ta.detach().contiguous(), tb.detach().contiguous())
+        if sums[0] <= atol + rtol * sums[1]:
+            return None
+        return _changed(sums, _describe(ta), _describe(tb))
+
+    for name, change in zip(pairs, ordered_map(one, list(pairs))):
+        if change is None:
+            out.same += 1
+        else:
+            out.changed.append({"name": name, "gguf_name": pairs[name], "quantization": types.get(pairs[name]),
+                                **change})
     return out

@@ -456,7 +456,7 @@ def diff_lines(d) -> list[Text]:
         lines.append(Text(f"+ {safe_name(n)}", style="green"))
     for c in people_sorted(d.changed, lambda c: c["name"]):
         a, b = c["a"], c["b"]
-        if (a["shape"], a["dtype"]) != (b["shape"], b["dtype"]):
+        if c["max_abs_diff"] is None and (a["shape"], a["dtype"]) != (b["shape"], b["dtype"]):
             what = f"{shape_text(a['shape'])} {a['dtype']} -> {shape_text(b['shape'])} {b['dtype']}"
         else:
             cos = c.get("cosine")
@@ -465,6 +465,8 @@ def diff_lines(d) -> list[Text]:
                 what += f", rel {c['max_rel_diff']:.3g}"
             if cos is not None:
                 what += f", cosine {cos:.6f}"
+            if c.get("quantization"):  # a GGUF file against its checkpoint: the stored type, the file's name
+                what += f"  ({safe_name(c['quantization'])} {safe_name(c['gguf_name'])})"
         lines.append(Text(f"~ {safe_name(c['name'])}  {what}", style="yellow"))
     for g in d.ties_gained:
         lines.append(Text(f"+ tie {' = '.join(map(safe_name, g))}", style="green"))
