@@ -239,3 +239,37 @@ def test_density_out_of_range(tmp_path, run, density):
     save_file({"x": torch.ones(2)}, a)
     r = run("merge", a, a, "--method", "ties", "--base", a, "--density", str(density), "-o", tmp_path / "o.pt")
     assert r.exit_code == 2 and "--density" in r.stderr
+
+
+def test_sharded_model_directories_stay_sharded_and_load(tmp_path, run):
+    from transformers import LlamaForCausalLM
+
+    dirs = []
+    for i in range(2):
+        d = tmp_path / f"s{i}"
+        _tiny_llama(i).save_pretrained(d, max_shard_size="20KB")
+        dirs.append(d)
+    out = tmp_path / "avg"
+    r = run("merge", *dirs, "-o", out)
+    assert r.exit_code == 0, r.stderr
+    assert (out / "model.safetensors.index.json").read_bytes() == (dirs[0] / "model.safetensors.index.json").read_bytes()
+    merged = LlamaForCausalLM.from_pretrained(out).state_dict()
+    a, b = (LlamaForCausalLM.from_pretrained(d).state_dict() for d in dirs)
+    for name, value in merged.items():
+        torch.testing.assert_close(value, (a[name] + b[name]) / 2, rtol=0, atol=1e-6)
+
+
+def test_python_built_sources_are_read_once(tmp_path, run):
+    factory = tmp_path / "models.py"
+    factory.write_text("import torch\n\ndef a():\n    torch.manual_seed(1)\n    return torch.nn.Linear(3, 2)\n\n"
+                       "def b():\n    torch.manual_seed(2)\n    return torch.nn.Linear(3, 2)\n")
+    out = tmp_path / "m.pt"
+    r = run("merge", f"{factory}:a", f"{factory}:b", "--method", "slerp", "--t", "0.25", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    torch.manual_seed(1)
+    a = torch.nn.Linear(3, 2).state_dict()
+    torch.manual_seed(2)
+    b = torch.nn.Linear(3, 2).state_dict()
+    got = torch.load(out, weights_only=True)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(got[name], ref_slerp(a[name], b[name], 0.25).float(), rtol=0, atol=1e-6)

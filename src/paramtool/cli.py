@@ -828,7 +828,8 @@ def merge(
     spec = merging.method_of(method, len(paths), values, base is not None, density, scale, t)
     resolved = [sources.resolve(p) for p in paths]
     listing = sources.open_for_plan(resolved[0], key)
-    opened = [(s.label, sources.load_lazy(s, key)) for s in resolved]
+    opened = [(resolved[0].label, sources.values_of(resolved[0], listing, key))]
+    opened += [(s.label, sources.load_lazy(s, key)) for s in resolved[1:]]
     based = (base, sources.load_lazy(sources.resolve(base), key)) if base is not None else None
     plan = merging.plan_merge(listing, opened, based, spec, list(layer or []))
     _finish(resolved[0], listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra,
@@ -871,7 +872,8 @@ def lora_merge(
     src = sources.resolve(base)
     listing = sources.open_for_plan(src, key)
     found, values = lora.open_adapter(adapter)
-    plan = lora.plan_merge(listing, sources.load_lazy(src, key), found, values, lora.module_classes(src.directory))
+    plan = lora.plan_merge(listing, sources.values_of(src, listing, key), found, values,
+                           lora.module_classes(src.directory))
     _finish(src, listing, plan, dry_run, json_out, target or output, in_place, fmt, drop_extra,
             max_shard_size=max_shard_size)
 

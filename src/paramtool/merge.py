@@ -132,7 +132,7 @@ def task_vectors(tensors: list[Any], base: Any, method: Method) -> Any:
         divisor[divisor == 0] = 1
         mixed.div_(divisor)
         del weighted, agree
-    return b.add_(mixed.mul_(method.scale))
+    return b + mixed.mul_(method.scale)  # (out of place: b may be the base's own tensor)
 
 
 def slerp(a: Any, b: Any, t: float) -> Any:
@@ -143,11 +143,11 @@ def slerp(a: Any, b: Any, t: float) -> Any:
     n0, n1 = float(v0.double().norm()), float(v1.double().norm())
     dot = float((v0.double() / (n0 if n0 > SLERP_EPS else 1.0) * (v1.double() / (n1 if n1 > SLERP_EPS else 1.0))).sum())
     if abs(dot) > SLERP_DOT_THRESHOLD:
-        return v0.mul_(1 - t).add_(v1 * t)
+        return v0 * (1 - t) + v1 * t  # (out of place: a float32 input is not copied by .to, and is a source's)
     theta = math.acos(max(-1.0, min(1.0, dot)))
     s0 = math.sin(theta - theta * t) / math.sin(theta)
     s1 = math.sin(theta * t) / math.sin(theta)
-    return v0.mul_(s0).add_(v1 * s1)
+    return v0 * s0 + v1 * s1
 
 
 def combine(method: Method, tensors: list[Any], base: Any | None) -> Any:

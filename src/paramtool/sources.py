@@ -238,3 +238,9 @@ def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
 def open_for_plan(src: Source, key: str | None = None) -> Checkpoint:
     """What an edit is planned on: the stand-in listing for files (no data), the built model otherwise."""
     return open_listing(src, key) if src.layout is not None else load(src, key)
+
+
+def values_of(src: Source, listing: Checkpoint, key: str | None = None) -> Checkpoint:
+    """What to read a planned-on source's values from: the listing itself where it holds them (a model built in
+    Python: building it again would draw other random values), else the lazy checkpoint (``load_lazy``)."""
+    return listing if listing.layout.in_memory else load_lazy(src, key)
