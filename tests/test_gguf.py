@@ -90,6 +90,8 @@ def test_show_stats_and_convert_dequantize(llama, run, tmp_path):
     assert run("convert", path, out).exit_code == 0
     got = load_file(str(out))
     assert torch.equal(got["blk.1.ffn_down.weight"], want) and got["output_norm.weight"].dtype == torch.float16
+    r = run("diff", path, out, "--json")  # the file against its own dequantized copy, by the file's names
+    assert r.exit_code == 0 and r.json()["same"] == 21 and not r.json()["changed"]
     out16 = tmp_path / "deq16.pt"
     assert run("convert", path, "--dtype", "bf16", "-o", out16).exit_code == 0
     loaded = torch.load(out16, weights_only=True)

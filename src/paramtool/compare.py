@@ -253,7 +253,7 @@ def quantization_diff(a: Checkpoint, b: Checkpoint, rtol: float, atol: float) ->
     def one(name: str) -> dict | None:
         gname = pairs[name]
         tc, tg = c.tensor(name), g.tensor(gname)
-        heads = llama_heads(gname, g.metadata or {})
+        heads = llama_heads(gname, g.metadata or {}) if gname != name else None  # (same names: no converter ran)
         if heads and tc.dim() >= 1 and tc.shape[0] % (2 * heads) == 0:
             tc = permute_like_llama_cpp(tc, heads)
         ta, tb = (tg, tc) if g is a else (tc, tg)
