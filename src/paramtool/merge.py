@@ -88,10 +88,9 @@ def accumulator(dtype: Any) -> Any:
 
 def linear(tensors: list[Any], weights: Sequence[float]) -> Any:
     """sum(w_i * t_i) / sum(w_i), accumulated one source at a time (mergekit's ``linear``, normalized)."""
-    acc = None
-    for w, t in zip(weights, tensors):
-        term = t.to(accumulator(t.dtype)) * w
-        acc = term if acc is None else acc.add_(term)
+    acc = tensors[0].to(accumulator(tensors[0].dtype)) * weights[0]
+    for w, t in zip(weights[1:], tensors[1:]):
+        acc.add_(t, alpha=w)  # (promoted to acc's dtype element by element: no temporary)
     return acc.div_(sum(weights))
 
 
@@ -121,7 +120,7 @@ def task_vectors(tensors: list[Any], base: Any, method: Method) -> Any:
     if method.name == "task-arithmetic":
         mixed = torch.zeros_like(b)
         for w, t in zip(method.weights, tensors):
-            mixed.add_((t.to(acc) - b) * w)
+            mixed.add_(t, alpha=w).sub_(b, alpha=w)
     else:
         weighted = torch.stack([trim(t.to(acc) - b, method.density) * w for w, t in zip(method.weights, tensors)])
         majority = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(acc)
