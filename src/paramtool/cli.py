@@ -838,6 +838,8 @@ def merge(
 
 lora_app = typer.Typer(cls=typer.core.TyperGroup, help="PEFT LoRA adapters: merge one into its base, or extract one "
                        "from a fine-tune.", no_args_is_help=True, rich_markup_mode=None,
+                       epilog="Examples:\n\n  paramtool lora merge base/ adapter/ -o merged/\n\n"
+                       "  paramtool lora extract base/ tuned/ --rank 16 -o adapter/\n\n" + EPILOG_HINT,
                        context_settings={"help_option_names": ["-h", "--help"]})
 app.add_typer(lora_app, name="lora")
 
