@@ -13,7 +13,7 @@ from paramtool import formats
 from paramtool.errors import FormatError
 
 SRC = pathlib.Path(__file__).resolve().parent.parent / "src" / "paramtool"
-NAMES = ("pt", "pt-legacy", "safetensors", "sharded", "dcp", "directory", "module")
+NAMES = ("pt", "pt-legacy", "safetensors", "sharded", "dcp", "directory", "module", "gguf")  # gguf: the contract's GGUF source
 
 
 def test_registry_names_are_the_contract_strings():

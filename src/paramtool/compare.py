@@ -198,7 +198,7 @@ def compare_raw(ra: memoryview, rb: memoryview, dtype: str, rtol: float, atol: f
 
 
 def diff(a: Checkpoint, b: Checkpoint, rtol: float = 0.0, atol: float = 0.0) -> Diff:
-    if (a.format == "gguf") != (b.format == "gguf"):  # a GGUF file and the checkpoint it was made from
+    if a.layout.dequantized != b.layout.dequantized:  # a GGUF file and the checkpoint it was made from
         return quantization_diff(a, b, rtol, atol)
     out = Diff()
     names_b = set(b.names)
@@ -241,7 +241,7 @@ def quantization_diff(a: Checkpoint, b: Checkpoint, rtol: float, atol: float) ->
     dtypes: max abs and relative error and cosine, with the tensor's GGUF type. Names are the checkpoint's."""
     from .formats.gguf import llama_heads, name_map, permute_like_llama_cpp
 
-    g, c = (a, b) if a.format == "gguf" else (b, a)
+    g, c = (a, b) if a.layout.dequantized else (b, a)
     mapped = name_map(g, list(c.names))
     pairs = {n: mapped.get(n, n) for n in c.names if mapped.get(n, n) in g.names}
     types = g.toc().quantization
