@@ -17,14 +17,9 @@ from ..checkpoint import Checkpoint
 from ..errors import FormatError, ParamtoolError, first_line
 from ..toc import FakeTensor, StorageRef, contiguous_stride, numel_of
 
-MAGIC = b"GGUF"
 PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
          "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
 _SHOWN = 16  # metadata arrays longer than this (a vocabulary) are summarised
-
-
-def sniff(head: bytes) -> bool:
-    return head[:4] == MAGIC
 
 
 def reader(path: str) -> Any:
