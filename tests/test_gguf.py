@@ -134,3 +134,17 @@ def test_not_gguf_and_no_key(tmp_path, run, llama):
     r = run("inspect", path, "--key", "model")
     assert r.exit_code == 2
     assert json.loads(run("inspect", path, "--json").stdout)["num_tensors"] == 21
+
+
+def test_names_and_metadata_from_the_file_cannot_drive_the_terminal(tmp_path, run):
+    path = tmp_path / "hostile.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string("general.name", "evil\x1b[31mred")
+    w.add_tensor("x\x1b[2Jy.weight", np.ones((2, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = run("inspect", path)
+    assert r.exit_code == 0 and "\x1b" not in r.stdout
+    assert "x\\x1b[2Jy" in r.stdout and "evil\\x1b[31mred" in r.stdout

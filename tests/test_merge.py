@@ -273,3 +273,25 @@ def test_python_built_sources_are_read_once(tmp_path, run):
     got = torch.load(out, weights_only=True)
     for name in ("weight", "bias"):
         torch.testing.assert_close(got[name], ref_slerp(a[name], b[name], 0.25).float(), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the core, without the command line
+
+
+def test_core_methods():
+    from paramtool import merge as m
+
+    t = torch.tensor([0.1, -3.0, 2.0, -0.5])
+    assert torch.equal(m.trim(t, 0.5), torch.tensor([0.0, -3.0, 2.0, 0.0]))  # the two largest magnitudes
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    mid = m.slerp(a, b, 0.5)  # a quarter turn, halved: 45 degrees, the norms interpolated along the arc
+    torch.testing.assert_close(mid, torch.tensor([math.sin(math.pi / 4), 2 * math.sin(math.pi / 4)]))
+    assert torch.equal(a, torch.tensor([1.0, 0.0]))  # inputs are never changed in place
+    base = torch.zeros(3)
+    spec = m.method_of("ties", 2, [1.0, 1.0], True, 1.0, None, None)
+    got = m.combine(spec, [torch.tensor([1.0, -1.0, 2.0]), torch.tensor([3.0, 1.0, -1.0])], base)
+    # signs elected by the sum: +, 0 (>= 0: +), +; only agreeing entries averaged
+    assert torch.equal(got, torch.tensor([2.0, 1.0, 2.0]))
+    assert torch.equal(base, torch.zeros(3))
+    with pytest.raises(Exception, match="--t goes with"):
+        m.method_of("linear", 2, None, False, None, None, 0.3)
