@@ -257,3 +257,21 @@ def test_extract_nothing_changed_is_an_error(tmp_path, run):
     save_file({"l.weight": torch.ones(3, 3)}, a)
     r = run("lora", "extract", a, a, "--rank", "2", "-o", tmp_path / "ad")
     assert r.exit_code == 1 and "nothing to extract" in r.stderr and not (tmp_path / "ad").exists()
+
+
+def test_sharded_base_stays_sharded_and_loads(tmp_path, run):
+    from transformers import LlamaForCausalLM
+
+    base = tmp_path / "base"
+    _llama().save_pretrained(base, max_shard_size="20KB")
+    merged = _adapter(LlamaForCausalLM.from_pretrained(base), tmp_path / "adapter", r=2, lora_alpha=4,
+                      target_modules=["q_proj", "down_proj", "embed_tokens"])
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in saved  # PEFT saves the embedding beside its pair
+    out = tmp_path / "merged"
+    r = run("lora", "merge", base, tmp_path / "adapter", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    assert (out / "model.safetensors.index.json").read_bytes() == (base / "model.safetensors.index.json").read_bytes()
+    loaded = LlamaForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(loaded(ids).logits, merged.eval()(ids).logits, rtol=1e-5, atol=1e-5)

@@ -231,7 +231,10 @@ def _transposed(pair: Pair, kind: str | None, base_shape: tuple[int, ...], ab_sh
 def plan_merge(base: Checkpoint, base_values: Checkpoint, adapter: Adapter, adapter_values: Checkpoint,
                classes: dict[str, str]) -> Plan:
     """``lora merge`` as a plan on the base's listing: each pair's target gets W + scale · B·A, each replaced
-    tensor the adapter's; values are read from ``base_values`` and ``adapter_values`` as each storage is written."""
+    tensor the adapter's; values are read from ``base_values`` and ``adapter_values`` as each storage is written.
+
+    A target the adapter also holds a copy of (PEFT saves an embedding's ``base_layer.weight`` beside its pair,
+    and sets it when loading) gets that copy + scale · B·A, as ``merge_and_unload()`` computes it."""
     if adapter.variant:
         raise ParamtoolError(f"refused: {adapter.variant}; lora merge does W += scale · B·A only")
     infos = {i.name: i for i in base.infos()}
@@ -240,6 +243,17 @@ def plan_merge(base: Checkpoint, base_values: Checkpoint, adapter: Adapter, adap
     report = Report("lora merge")
     plan = Plan(report)
     missing: list[str] = []
+    copies: dict[str, str] = {}  # base tensor -> the adapter's tensor that replaces it
+    for name, replaced in adapter.replaces.items():
+        target = locate(replaced, names)
+        if target is None:
+            missing.append(replaced)
+        elif shapes[name] != tuple(infos[target].shape):
+            raise ParamtoolError(f"the adapter's '{name}' is {list(shapes[name])} but the base's '{target}' is "
+                                 f"{list(infos[target].shape)}: not this adapter's base")
+        else:
+            copies[target] = name
+    updated: dict[str, Callable[[Any], None]] = {}
     for pair in adapter.pairs:
         target = locate(pair.target, names)
         if target is None:
@@ -255,22 +269,16 @@ def plan_merge(base: Checkpoint, base_values: Checkpoint, adapter: Adapter, adap
         if update != tuple(infos[target].shape):
             raise ParamtoolError(f"'{pair.module}': B·A is {list(update)} but the base's '{target}' is "
                                  f"{list(infos[target].shape)}: not this adapter's base")
-        report.changed.append(target)
-        plan.actions.append(Action(target, _add_update(target, pair, flip, base_values, adapter_values), True))
-    for name, replaced in adapter.replaces.items():
-        target = locate(replaced, names)
-        if target is None:
-            missing.append(replaced)
-            continue
-        if shapes[name] != tuple(infos[target].shape):
-            raise ParamtoolError(f"the adapter's '{name}' is {list(shapes[name])} but the base's '{target}' is "
-                                 f"{list(infos[target].shape)}: not this adapter's base")
-        report.changed.append(target)
-        plan.actions.append(Action(target, _replace_with(name, adapter_values), True))
+        weight = (adapter_values, copies.pop(target)) if target in copies else (base_values, target)
+        updated[target] = _add_update(weight, pair, flip, adapter_values)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ParamtoolError(f"the base has no tensor for {len(missing)} of the adapter's targets ({shown}): "
                              "not this adapter's base")
+    updated.update({target: _replace_with(name, adapter_values) for target, name in copies.items()})
+    for target, run in updated.items():
+        report.changed.append(target)
+        plan.actions.append(Action(target, run, True))
     _record_ties(report, report.changed, _tie_partners(list(infos.values())))
     return plan
 
@@ -281,11 +289,12 @@ def update_of(pair: Pair, flip: bool, a: Any, b: Any, dtype: Any) -> Any:
     return (delta.T if flip else delta) * pair.scale
 
 
-def _add_update(target: str, pair: Pair, flip: bool, base: Checkpoint, adapter: Checkpoint) -> Callable[[Any], None]:
+def _add_update(weight: tuple[Checkpoint, str], pair: Pair, flip: bool, adapter: Checkpoint) -> Callable[[Any], None]:
+    """W + scale · B·A, W being ``weight`` (a checkpoint and a name: the base's tensor, or the adapter's copy)."""
     def run(out: Any) -> None:
         from .merge import accumulator
 
-        w = base.tensor(target)
+        w = weight[0].tensor(weight[1])
         acc = accumulator(w.dtype)
         out.copy_(w.to(acc) + update_of(pair, flip, adapter.tensor(pair.a), adapter.tensor(pair.b), acc))
 
