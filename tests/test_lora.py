@@ -80,6 +80,10 @@ def test_gpt2_conv1d_embedding_rslora_modules_to_save_equal_merge_and_unload(tmp
     loaded = GPT2LMHeadModel.from_pretrained(out).eval()
     ids = torch.tensor([[1, 2, 3, 4]])
     torch.testing.assert_close(loaded(ids).logits, merged.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+    bare = tmp_path / "bare.safetensors"  # no config.json: square Conv1D weights (c_proj) go by fan_in_fan_out
+    bare.write_bytes((base / "model.safetensors").read_bytes())
+    assert run("lora", "merge", bare, adapter, "-o", tmp_path / "bare-merged.safetensors").exit_code == 0
+    assert all(torch.equal(v, got[n]) for n, v in load_file(str(tmp_path / "bare-merged.safetensors")).items())
 
 
 def test_llama_bf16_rank_and_alpha_patterns_from_a_bare_file(tmp_path, run):
