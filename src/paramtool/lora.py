@@ -25,7 +25,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint
 from .errors import FormatError, ParamtoolError
-from .ops import Action, Plan, Report, _record_ties, _tie_partners
+from .ops import Action, Plan, Report, note_ties
 from .records import dataclass, field
 
 CONFIG = "adapter_config.json"
@@ -279,7 +279,7 @@ def plan_merge(base: Checkpoint, base_values: Checkpoint, adapter: Adapter, adap
     for target, run in updated.items():
         report.changed.append(target)
         plan.actions.append(Action(target, run, True))
-    _record_ties(report, report.changed, _tie_partners(list(infos.values())))
+    note_ties(report, list(infos.values()))
     return plan
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError, UsageError
-from .ops import Action, Plan, Report, _record_ties, _tie_partners
+from .ops import Action, Plan, Report, note_ties
 from .records import dataclass
 from .select import select
 
@@ -220,7 +220,7 @@ def plan_merge(first: Checkpoint, sources: list[tuple[str, Checkpoint]], base: t
         raise ParamtoolError("no floating-point tensor to merge among the selected ones")
     if skipped:
         report.warnings.append(f"kept from {sources[0][0]} (not floating-point): {_few(skipped)}")
-    _record_ties(report, report.changed, _tie_partners(list(infos.values())))
+    note_ties(report, list(infos.values()))
     return plan
 
 
