@@ -90,7 +90,7 @@ def _dequantizing_reader(listing: Any) -> StorageReader:
     stand-ins' storage keys, one storage per tensor."""
     by_key = {t.storage: t for t in listing.infos()}
     return StorageReader(lambda k: listing.tensor(by_key[k].name).reshape(-1), lambda k: by_key[k].nbytes,
-                         lambda: None)
+                         lambda: None, dtype=lambda k: by_key[k].dtype)
 
 
 def reader_of(listing: Any) -> StorageReader:
