@@ -375,14 +375,14 @@ def extract(base: Checkpoint, tuned: Checkpoint, names: list[str], rank: int, cl
 def extract_candidates(base: Checkpoint, tuned: Checkpoint, chosen: list[str], classes: dict[str, str]) -> list[str]:
     """The selected names an adapter can take: 2-D floating-point ``*.weight`` tensors of both, of the same shape,
     of a Linear, Conv1D or Embedding where the modules' classes are known; a shape or dtype mismatch is an error."""
-    from .merge import FLOATS
+    from .formats.dtypes import kind
 
     mine = {i.name: i for i in base.infos()}
     theirs = {i.name: i for i in tuned.infos()}
     out, bad = [], []
     for name in chosen:
         info = mine[name]
-        if not name.endswith(".weight") or len(info.shape) != 2 or info.dtype not in FLOATS:
+        if not name.endswith(".weight") or len(info.shape) != 2 or kind(info.dtype) != "float":
             continue
         if classes and not re.search(r"Linear|Conv1D|Embedding", classes.get(name.removesuffix(".weight"), "")):
             continue

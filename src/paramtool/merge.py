@@ -17,12 +17,12 @@ from typing import Any
 
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError, UsageError
+from .formats.dtypes import kind
 from .ops import Action, Plan, Report, note_ties
 from .records import dataclass
 from .select import select
 
 METHODS = ("linear", "task-arithmetic", "ties", "slerp")
-FLOATS = frozenset({"float16", "bfloat16", "float32", "float64"})
 SLERP_DOT_THRESHOLD = 0.9995  # mergekit's: above it the two tensors are taken as colinear and interpolated linearly
 SLERP_EPS = 1e-8
 
@@ -205,12 +205,12 @@ def plan_merge(first: Checkpoint, sources: list[tuple[str, Checkpoint]], base: t
     infos = {i.name: i for i in first.infos()}
     report = Report(f"merge ({method.name})")
     plan = Plan(report)
-    skipped = [n for n in chosen if infos[n].dtype not in FLOATS]
+    skipped = [n for n in chosen if kind(infos[n].dtype) != "float"]
     done: set[Any] = set()
     for name in chosen:
         info = infos[name]
         view = (info.storage, info.offset, info.shape, info.stride)
-        if info.dtype not in FLOATS or view in done:
+        if kind(info.dtype) != "float" or view in done:
             continue
         done.add(view)
         report.changed.append(name)
