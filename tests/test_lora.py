@@ -191,6 +191,13 @@ def test_inspect_stats_diff_on_adapter_directories(tmp_path, run):
     assert r.exit_code == 1
     assert {c["name"] for c in r.json()["changed"]} == {f"base_model.model.model.layers.0.self_attn.q_proj.lora_{x}.weight"
                                                          for x in "AB"}
+    assert r.json()["adapter"] == {"config": {}, "updates_changed": ["model.layers.0.self_attn.q_proj.weight"]}
+    config = json.loads((tmp_path / "a1" / "adapter_config.json").read_text())
+    (tmp_path / "a3").mkdir()
+    (tmp_path / "a3" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 16}))
+    (tmp_path / "a3" / "adapter_model.safetensors").write_bytes((tmp_path / "a1" / "adapter_model.safetensors").read_bytes())
+    r = run("diff", tmp_path / "a1", tmp_path / "a3")  # same tensors, another scale: different adapters
+    assert r.exit_code == 1 and "~ adapter lora_alpha: 8 -> 16" in r.stdout
 
 
 # ---------------------------------------------------------------- lora extract

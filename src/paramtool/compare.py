@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from . import numeric
@@ -19,10 +20,12 @@ class Diff:
     same: int = 0
     ties_gained: list[list[str]] = field(default_factory=list)
     ties_lost: list[list[str]] = field(default_factory=list)
+    adapter: dict | None = None  # two LoRA adapter directories: settings that differ, updates that changed
 
     @property
     def equal(self) -> bool:
-        return not (self.added or self.removed or self.changed or self.ties_gained or self.ties_lost)
+        return not (self.added or self.removed or self.changed or self.ties_gained or self.ties_lost
+                    or (self.adapter and self.adapter["config"]))
 
     def as_json(self) -> dict:
         return {
@@ -32,6 +35,7 @@ class Diff:
             "same": self.same,
             "ties_gained": self.ties_gained,
             "ties_lost": self.ties_lost,
+            **({"adapter": self.adapter} if self.adapter is not None else {}),
         }
 
 
@@ -231,6 +235,10 @@ def diff(a: Checkpoint, b: Checkpoint, rtol: float = 0.0, atol: float = 0.0) -> 
     ties_b = {g.names for g in find_ties(b.infos())}
     out.ties_gained = [list(g) for g in sorted(ties_b - ties_a, key=names_key)]
     out.ties_lost = [list(g) for g in sorted(ties_a - ties_b, key=names_key)]
+    if all(c.path and os.path.isfile(os.path.join(os.path.dirname(c.path), "adapter_config.json")) for c in (a, b)):
+        from .lora import diff_adapters  # two PEFT adapter directories: what their configs and updates say
+
+        out.adapter = diff_adapters(a, b, [c["name"] for c in out.changed] + out.added + out.removed)
     return out
 
 

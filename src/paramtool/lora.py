@@ -129,8 +129,8 @@ def weights_file(directory: str) -> str:
     return found
 
 
-def read_adapter(directory: str, names: list[str], shapes: dict[str, tuple[int, ...]]) -> Adapter:
-    """The adapter in ``directory`` whose weights file holds ``names`` (with ``shapes``)."""
+def read_config(directory: str) -> dict:
+    """An adapter directory's ``adapter_config.json``."""
     try:
         with open(os.path.join(directory, CONFIG), encoding="utf-8") as f:
             config = json.load(f)
@@ -138,6 +138,12 @@ def read_adapter(directory: str, names: list[str], shapes: dict[str, tuple[int, 
         raise FormatError(f"{directory}/{CONFIG}: cannot read it ({e})") from None
     if not isinstance(config, dict):
         raise FormatError(f"{directory}/{CONFIG}: not a JSON object")
+    return config
+
+
+def read_adapter(directory: str, names: list[str], shapes: dict[str, tuple[int, ...]]) -> Adapter:
+    """The adapter in ``directory`` whose weights file holds ``names`` (with ``shapes``)."""
+    config = read_config(directory)
     adapter = Adapter(directory, config, weights_file(directory))
     halves: dict[str, dict[str, str]] = {}
     for name in names:
@@ -173,6 +179,25 @@ def update_norms(src: Any, values: Checkpoint) -> list[dict] | None:
         out.append({"modifies": p.target, "rank": p.rank, "scale": p.scale,
                     "norm": abs(p.scale) * math.sqrt(max(squared, 0.0))})
     return out
+
+
+# settings of adapter_config.json that change what an adapter does
+BEHAVIOUR = ("peft_type", "r", "lora_alpha", "use_rslora", "fan_in_fan_out", "target_modules", "rank_pattern",
+             "alpha_pattern", "modules_to_save", "bias", "use_dora", "init_lora_weights")
+
+
+def diff_adapters(a: Checkpoint, b: Checkpoint, changed: list[str]) -> dict | None:
+    """For ``diff`` of two adapter directories (their weights files ``a`` and ``b``): the settings that differ
+    (``{key: [a's, b's]}``), and the base tensors whose update changed (by A's pairs, of the ``changed`` names);
+    None unless both are adapters."""
+    dirs = [os.path.dirname(c.path) if c.path else None for c in (a, b)]
+    if not all(is_adapter(d) for d in dirs):
+        return None
+    ca, cb = read_config(dirs[0]), read_config(dirs[1])
+    found = read_adapter(dirs[0], list(a.names), {i.name: tuple(i.shape) for i in a.infos()})
+    owner = {n: p.target for p in found.pairs for n in (p.a, p.b)} | found.replaces
+    return {"config": {k: [ca.get(k), cb.get(k)] for k in BEHAVIOUR if ca.get(k) != cb.get(k)},
+            "updates_changed": sorted({owner[n] for n in changed if n in owner})}
 
 
 # ---------------------------------------------------------------- the base's modules

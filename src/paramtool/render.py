@@ -472,6 +472,12 @@ def diff_lines(d) -> list[Text]:
         lines.append(Text(f"+ tie {' = '.join(map(safe_name, g))}", style="green"))
     for g in d.ties_lost:
         lines.append(Text(f"- tie {' = '.join(map(safe_name, g))}", style="red"))
+    if d.adapter:  # two LoRA adapter directories
+        for k, (va, vb) in d.adapter["config"].items():
+            lines.append(Text(f"~ adapter {safe_name(k)}: {safe_name(str(va))} -> {safe_name(str(vb))}", style="yellow"))
+        if d.adapter["updates_changed"]:
+            lines.append(Text("~ adapter updates changed for: " + ", ".join(map(safe_name, d.adapter["updates_changed"])),
+                              style="yellow"))
     lines.append(Text(f"{d.same} same, {len(d.changed)} changed, {len(d.added)} added, {len(d.removed)} removed", style="dim"))
     return lines
 
