@@ -749,6 +749,7 @@ def grad(
     for line in render.grad_lines(report, params):
         console.print(line)
 
+
 # ---------------------------------------------------------------- merge and lora (issue 27)
 
 
