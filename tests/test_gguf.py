@@ -148,3 +148,23 @@ def test_names_and_metadata_from_the_file_cannot_drive_the_terminal(tmp_path, ru
     r = run("inspect", path)
     assert r.exit_code == 0 and "\x1b" not in r.stdout
     assert "x\\x1b[2Jy" in r.stdout and "evil\\x1b[31mred" in r.stdout
+
+
+def test_a_weight_stored_transposed_is_compared_transposed(tmp_path, run):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    up = torch.randn(8, 32)
+    save_file({"model.layers.0.mlp.up_proj.weight": up}, str(tmp_path / "c.safetensors"))
+    path = tmp_path / "t.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_tensor("blk.0.ffn_up.weight", up.T.contiguous().numpy().astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    doc = run("diff", tmp_path / "c.safetensors", path, "--json").json()
+    (c,) = doc["changed"]
+    assert c["transposed"] is True and c["quantization"] == "F16"
+    assert c["max_abs_diff"] == pytest.approx(float((up - up.half().float()).abs().max()), rel=1e-9)

@@ -245,8 +245,9 @@ def diff(a: Checkpoint, b: Checkpoint, rtol: float = 0.0, atol: float = 0.0) -> 
 def quantization_diff(a: Checkpoint, b: Checkpoint, rtol: float, atol: float) -> Diff:
     """What quantizing cost, between a GGUF file and a checkpoint (either side): tensors are paired through the
     ``gguf`` package's tensor-name map for the file's architecture (else by equal names), the checkpoint's
-    LLaMA query/key rows reordered as llama.cpp's converter does, and each pair compared as float64 whatever the
-    dtypes: max abs and relative error and cosine, with the tensor's GGUF type. Names are the checkpoint's."""
+    LLaMA query/key rows reordered as llama.cpp's converter does, a 2-D weight stored transposed (a Conv1D's)
+    compared transposed, and each pair compared as float64 whatever the dtypes: max abs and relative error and
+    cosine, with the tensor's GGUF type. Names are the checkpoint's."""
     from .formats.gguf import llama_heads, name_map, permute_like_llama_cpp
 
     g, c = (a, b) if a.layout.dequantized else (b, a)
@@ -264,13 +265,16 @@ def quantization_diff(a: Checkpoint, b: Checkpoint, rtol: float, atol: float) ->
         heads = llama_heads(gname, g.metadata or {}) if gname != name else None  # (same names: no converter ran)
         if heads and tc.dim() >= 1 and tc.shape[0] % (2 * heads) == 0:
             tc = permute_like_llama_cpp(tc, heads)
+        flipped = tc.dim() == 2 and tc.shape[0] != tc.shape[1] and tuple(tc.shape) == tuple(tg.shape)[::-1]
+        if flipped:  # a Conv1D weight (GPT-2), which converters store transposed
+            tc = tc.T
         ta, tb = (tg, tc) if g is a else (tc, tg)
         if tuple(ta.shape) != tuple(tb.shape):
             return {"max_abs_diff": None, "a": _describe(ta), "b": _describe(tb)}
         sums = _differences(ta.detach().contiguous(), tb.detach().contiguous())
         if sums[0] <= atol + rtol * sums[1]:
             return None
-        return _changed(sums, _describe(ta), _describe(tb))
+        return {**_changed(sums, _describe(ta), _describe(tb)), **({"transposed": True} if flipped else {})}
 
     for name, change in zip(pairs, ordered_map(one, list(pairs))):
         if change is None:
