@@ -36,6 +36,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench_merge.py
 
 fuzz: $(STAMP)
 	PARAMTOOL_FUZZ_EXAMPLES=2000 $(PY) -m pytest tests -k fuzz

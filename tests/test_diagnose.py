@@ -51,7 +51,11 @@ def test_other_formats_named(tmp_path, run):
     (tmp_path / "m.onnx").write_bytes(b"\x08\x07\x12\x07pytorch\x1a\x032.0")
     (tmp_path / "model.ckpt.data-00000-of-00001").write_bytes(bytes(64))
     (tmp_path / "lfs.bin").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 12\n")
-    expect = {"m.gguf": "a GGUF file", "a.npy": "a numpy .npy array file", "a.npz": "a numpy .npz archive",
+    r = run("inspect", tmp_path / "m.gguf", "--json")  # an empty but valid GGUF file: a format paramtool reads
+    assert r.exit_code == 0 and r.json()["format"] == "gguf" and r.json()["tensors"] == []
+    (tmp_path / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(5))
+    assert _error(run, tmp_path / "cut.gguf").startswith("error:")
+    expect = {"a.npy": "a numpy .npy array file", "a.npz": "a numpy .npz archive",
               "k.h5": "an HDF5 file", "m.onnx": "an ONNX model", "model.ckpt.data-00000-of-00001": "a TensorFlow",
               "lfs.bin": "a Git LFS pointer"}
     for name, what in expect.items():

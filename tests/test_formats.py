@@ -13,7 +13,7 @@ from paramtool import formats
 from paramtool.errors import FormatError
 
 SRC = pathlib.Path(__file__).resolve().parent.parent / "src" / "paramtool"
-NAMES = ("pt", "pt-legacy", "torchscript", "safetensors", "sharded", "dcp", "directory", "module")
+NAMES = ("pt", "pt-legacy", "torchscript", "safetensors", "sharded", "dcp", "directory", "module", "gguf")
 
 
 def test_registry_names_are_the_contract_strings():

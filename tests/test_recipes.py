@@ -30,6 +30,26 @@ def _gpt2() -> dict:
     return {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
 
+def _merge_and_lora_files(ws: pathlib.Path, mlp: dict) -> None:
+    """What the merge and LoRA examples name: a run's checkpoints, two safetensors files, model directories of
+    one tiny GPT-2 architecture (base, fine-tunes, a and b) and a PEFT adapter of the base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    (ws / "run").mkdir()
+    for i in (8, 9, 10):
+        torch.save({"epoch": i, "model": {k: v + i for k, v in mlp.items()}}, ws / "run" / f"ckpt-{i}.pt")
+    save_file(mlp, ws / "a.safetensors")
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    for seed, name in enumerate(("base", "math", "code", "a", "b", "tuned")):
+        torch.manual_seed(seed)
+        GPT2LMHeadModel(config).save_pretrained(ws / name)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(ws / "base"),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False))
+    peft_model.save_pretrained(ws / "adapter")
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> pathlib.Path:
     """The files the examples name: model.pt (a 2-layer MLP), model.safetensors (a tiny GPT-2), train.ckpt
@@ -61,6 +81,7 @@ def workspace(tmp_path_factory) -> pathlib.Path:
         torch.save(mlp, ws / "ckpt" / f"epoch{i}.pt")
     (ws / "models.py").write_text("import torch\n\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Linear(4, 8), "
                                   "torch.nn.ReLU(), torch.nn.Linear(8, 1))\n")
+    _merge_and_lora_files(ws, mlp)
     bin_dir = ws / ".bin"
     bin_dir.mkdir()
     shim = bin_dir / "paramtool"

@@ -264,13 +264,15 @@ def _inspect_one(source: Optional[str], json_out: bool, layer: Optional[list[str
                  key: Optional[str], expand: bool) -> None:
     from . import sources
 
-    toc = sources.read_toc(sources.resolve(source), key)
+    src = sources.resolve(source)
+    toc = sources.read_toc(src, key)
     for w in toc.warnings:
         warn(w)
     chosen = set(_selected([t.name for t in toc.tensors], layer, unstored=frozenset(toc.config_ties)))
     tensors = [t for t in toc.tensors if t.name in chosen]
+    adapter = _adapter_of(src, toc.tensors)
     if json_out:
-        emit_json(render.inspect_json(toc, tensors))
+        emit_json({**render.inspect_json(toc, tensors), **({"adapter": adapter} if adapter else {})})
         return
     console = out_console()
     if toc.values is not None:  # a --key sub-tree without tensors (hyper_parameters, args): its values
@@ -280,6 +282,10 @@ def _inspect_one(source: Optional[str], json_out: bool, layer: Optional[list[str
     for line in render.extras_lines(toc):
         console.print(line)
     for line in render.config_tie_lines(toc):
+        console.print(line)
+    for line in render.adapter_lines(adapter) if adapter else []:
+        console.print(line)
+    for line in render.quantization_lines(toc, tensors):  # GGUF: the stored type of each tensor
         console.print(line)
 
 
@@ -628,14 +634,21 @@ def _stats_one(source: Optional[str], layer: Optional[list[str]], hist: bool, hi
     results, hists = done.results, done.hists
     if hist_png:
         st.histogram_png([(n, done.png[n]) for n in names], hist_png)
+    from .lora import update_norms
+
+    updates = update_norms(src, ckpt)  # a LoRA adapter directory: what each pair adds to its base tensor
     if json_out:
         doc: dict[str, Any] = {"source": src.label, "tensors": [r.as_json() for r in results]}
         if hist:
             doc["histograms"] = {n: {"edges": h.edges, "counts": h.counts, "zeros": h.zeros} for n, h in hists.items()}
+        if updates is not None:
+            doc["adapter_updates"] = updates
         emit_json(doc)
         return
     console = out_console()
     console.print(render.stats_table(results))
+    for line in render.update_lines(updates) if updates else []:
+        console.print(line)
     for n, h in hists.items():
         console.print(f"\n{render.safe_name(n)}", style="bold", markup=False)
         for line in st.histogram_lines(h):
@@ -957,6 +970,178 @@ def grad(
     console = out_console()
     for line in render.grad_lines(report, params):
         console.print(line)
+
+
+# ---------------------------------------------------------------- merge and lora (issue 27)
+
+
+def _adapter_of(src: Any, tensors: list) -> Optional[dict]:
+    """A PEFT adapter directory's description (rank, alpha, targets, what each pair modifies), else None."""
+    from . import lora
+
+    if not lora.is_adapter(src.directory):
+        return None
+    return lora.read_adapter(src.directory, [t.name for t in tensors],
+                             {t.name: tuple(t.shape) for t in tensors}).describe()
+
+
+def _split_weights(paths: list[str], weights: Optional[list[str]]) -> tuple[list[str], Optional[list[float]]]:
+    """SOURCEs and --weights: ``--weights 0.3,0.7``, ``--weights 0.3 --weights 0.7``, and ``--weights 0.3 0.7``
+    (where the numbers after the first reach the positionals: a number that names no file is a weight)."""
+    if weights is None:
+        return paths, None
+
+    def number(text: str) -> bool:
+        try:
+            float(text)
+        except ValueError:
+            return False
+        return not os.path.exists(text)
+
+    texts = [w for given in weights for w in given.split(",") if w.strip()] + [p for p in paths if number(p)]
+    try:
+        values = [float(w) for w in texts]
+    except ValueError:
+        raise UsageError(f"--weights takes numbers, not '{next(w for w in texts if not number(w))}'") from None
+    return [p for p in paths if not number(p)], values
+
+
+@app.command(epilog="Examples:\n\n  paramtool merge run/ckpt-8.pt run/ckpt-9.pt run/ckpt-10.pt --key model -o soup.pt\n\n"
+             "  paramtool merge a.safetensors b.safetensors --weights 0.3 0.7 -o mix.safetensors\n\n"
+             "  paramtool merge math/ code/ --method ties --base base/ --density 0.2 -o merged/\n\n"
+             "  paramtool merge a/ b/ --method slerp --t 0.3 -o mid/\n\n" + EPILOG_HINT)
+def merge(
+    paths: Annotated[list[str], typer.Argument(help="The checkpoints to combine (any SOURCE kind); the first gives the "
+                                               "output its layout, non-tensor entries, ties, order and sidecars.",
+                                               show_default=False, metavar="SOURCE...")],
+    weights: Annotated[Optional[list[str]], typer.Option("--weights", "-w", help="One weight per SOURCE (0.3 0.7, or 0.3,0.7). "
+                                                         "linear: normalized by their sum (default: equal); task-arithmetic, ties: "
+                                                         "each task vector's (default 1); slerp: t = w2 / (w1 + w2).",
+                                                         show_default=False)] = None,
+    method: Annotated[str, typer.Option("--method", "-m", help="linear (weighted average), task-arithmetic, ties (both "
+                                        "against --base) or slerp (two sources).")] = "linear",
+    base: Annotated[Optional[str], typer.Option("--base", help="task-arithmetic, ties: the model the SOURCEs were fine-tuned "
+                                                "from; task vectors are SOURCE - BASE.", show_default=False)] = None,
+    density: Annotated[Optional[float], typer.Option("--density", help="ties: the fraction of each task vector kept, by "
+                                                     "magnitude (default 0.2).", show_default=False)] = None,
+    scale: Annotated[Optional[float], typer.Option("--lambda", help="task-arithmetic, ties: scale of the combined task "
+                                                   "vector (default 1).", show_default=False)] = None,
+    t: Annotated[Optional[float], typer.Option("--t", help="slerp: 0 is the first SOURCE, 1 the second (default 0.5).",
+                                               show_default=False)] = None,
+    layer: LayerOpt = None,
+    dry_run: DryRunOpt = False,
+    json_out: PlanJsonOpt = False,
+    output: OutOpt = None,
+    in_place: InPlaceOpt = False,
+    fmt: FormatOpt = None,
+    drop_extra: DropExtraOpt = False,
+    key: KeyOpt = None,
+    max_shard_size: MaxShardOpt = None,
+) -> None:
+    """Combine parameter sets tensor by tensor: weighted average, task arithmetic, TIES or SLERP.
+
+    Every floating-point tensor (those --layer selects) is computed in float32 (float64 for float64) from the same
+    tensor of every SOURCE, one tensor at a time, and written in the first SOURCE's dtype; the rest of the first
+    SOURCE is kept. Names, shapes or dtypes that differ are an error listing them.
+    """
+    from . import merge as merging
+    from . import sources
+
+    paths, values = _split_weights(list(paths), weights)
+    spec = merging.method_of(method, len(paths), values, base is not None, density, scale, t)
+    resolved = [sources.resolve(p) for p in paths]
+    listing = sources.open_for_plan(resolved[0], key)
+    opened = [(resolved[0].label, sources.values_of(resolved[0], listing, key))]
+    opened += [(s.label, sources.load_lazy(s, key)) for s in resolved[1:]]
+    based = (base, sources.load_lazy(sources.resolve(base), key)) if base is not None else None
+    plan = merging.plan_merge(listing, opened, based, spec, list(layer or []))
+    _finish(resolved[0], listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra,
+            max_shard_size=max_shard_size)
+
+
+lora_app = typer.Typer(cls=typer.core.TyperGroup, help="PEFT LoRA adapters: merge one into its base, or extract one "
+                       "from a fine-tune.", no_args_is_help=True, rich_markup_mode=None,
+                       epilog="Examples:\n\n  paramtool lora merge base/ adapter/ -o merged/\n\n"
+                       "  paramtool lora extract base/ tuned/ --rank 16 -o adapter/\n\n" + EPILOG_HINT,
+                       context_settings={"help_option_names": ["-h", "--help"]})
+app.add_typer(lora_app, name="lora")
+
+
+@lora_app.command(name="merge", epilog="Examples:\n\n  paramtool lora merge base/ adapter/ -o merged/\n\n"
+                  "  paramtool lora merge model.safetensors adapter/ merged.safetensors\n\n" + EPILOG_HINT)
+def lora_merge(
+    base: Annotated[str, typer.Argument(help="The base checkpoint (any SOURCE kind; a model directory stays one).",
+                                        show_default=False)],
+    adapter: Annotated[str, typer.Argument(help="The PEFT adapter directory (adapter_config.json + "
+                                           "adapter_model.safetensors).", show_default=False)],
+    target: Annotated[Optional[str], typer.Argument(help="Output path (same as -o).", show_default=False)] = None,
+    dry_run: DryRunOpt = False,
+    json_out: PlanJsonOpt = False,
+    output: OutOpt = None,
+    in_place: InPlaceOpt = False,
+    fmt: FormatOpt = None,
+    drop_extra: DropExtraOpt = False,
+    key: KeyOpt = None,
+    max_shard_size: MaxShardOpt = None,
+) -> None:
+    """Merge a LoRA adapter into its base, as PEFT's merge_and_unload(): W += scale · B·A for each target.
+
+    scale is alpha / r (alpha / sqrt(r) with use_rslora; rank_pattern and alpha_pattern per module); Conv1D and
+    embedding updates are transposed; modules_to_save and trained biases replace the base's. Computed in float32,
+    written in the base's dtype and layout. DoRA and other variants are refused by name.
+    """
+    from . import lora, sources
+
+    if target is not None and output is not None:
+        raise UsageError("give the output either as OUTPUT or as -o, not both")
+    src = sources.resolve(base)
+    listing = sources.open_for_plan(src, key)
+    found, values = lora.open_adapter(adapter)
+    plan = lora.plan_merge(listing, sources.values_of(src, listing, key), found, values,
+                           lora.module_classes(src.directory))
+    _finish(src, listing, plan, dry_run, json_out, target or output, in_place, fmt, drop_extra,
+            max_shard_size=max_shard_size)
+
+
+@lora_app.command(name="extract", epilog="Example: paramtool lora extract base/ tuned/ --rank 16 -o adapter/\n\n"
+                  + EPILOG_HINT)
+def lora_extract(
+    base: Annotated[str, typer.Argument(help="The base checkpoint.", show_default=False)],
+    tuned: Annotated[str, typer.Argument(help="The fine-tuned checkpoint (same names, shapes and dtypes).",
+                                         show_default=False)],
+    rank: Annotated[int, typer.Option("--rank", "-r", min=1, help="The adapter's rank (lower for tensors with fewer "
+                                      "rows or columns).", show_default=False)] = ...,
+    layer: LayerOpt = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="The adapter directory to write.", show_default=False)] = ...,
+    json_out: JsonOpt = False,
+    key: KeyOpt = None,
+) -> None:
+    """Extract a LoRA adapter from a fine-tune: the truncated SVD of TUNED - BASE for each 2-D weight that changed.
+
+    Written as a PEFT adapter directory (PeftModel.from_pretrained loads it; alpha = r, so B·A is the delta's best
+    rank-r approximation). The report gives, per tensor, the fraction of the delta's energy (squared Frobenius
+    norm) the rank keeps.
+    """
+    from . import lora, sources
+
+    src = sources.resolve(base)
+    base_values = sources.load_lazy(src, key)
+    tuned_values = sources.load_lazy(sources.resolve(tuned), key)
+    classes = lora.module_classes(src.directory)
+    names = lora.extract_candidates(base_values, tuned_values, _selected(list(base_values.names), layer), classes)
+    with _progress(len(names), "extract") as advance:
+        tensors, config, report = lora.extract(base_values, tuned_values, names, rank, classes, advance)
+    lora.write_adapter(output, tensors, config)
+    if json_out:
+        emit_json({"adapter": output, "rank": rank, "tensors": [
+            {"name": e.name, "module": e.module, "rank": e.rank, "energy": e.energy} for e in report]})
+    else:
+        console = out_console()
+        width = max(len(render.safe_name(e.name)) for e in report)
+        for e in report:
+            console.print(f"{render.safe_name(e.name):<{width}}  rank {e.rank:>4}  energy kept {e.energy:8.2%}",
+                          markup=False)
+    err_console().print(f"wrote {render.safe_name(output)} (PEFT LoRA adapter, {len(report)} target(s))", markup=False)
 
 
 def main() -> None:

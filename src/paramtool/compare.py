@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from . import numeric
@@ -19,10 +20,12 @@ class Diff:
     same: int = 0
     ties_gained: list[list[str]] = field(default_factory=list)
     ties_lost: list[list[str]] = field(default_factory=list)
+    adapter: dict | None = None  # two LoRA adapter directories: settings that differ, updates that changed
 
     @property
     def equal(self) -> bool:
-        return not (self.added or self.removed or self.changed or self.ties_gained or self.ties_lost)
+        return not (self.added or self.removed or self.changed or self.ties_gained or self.ties_lost
+                    or (self.adapter and self.adapter["config"]))
 
     def as_json(self) -> dict:
         return {
@@ -32,6 +35,7 @@ class Diff:
             "same": self.same,
             "ties_gained": self.ties_gained,
             "ties_lost": self.ties_lost,
+            **({"adapter": self.adapter} if self.adapter is not None else {}),
         }
 
 
@@ -242,6 +246,8 @@ def compare_raw(ra: memoryview, rb: memoryview, dtype: str, rtol: float, atol: f
 
 
 def diff(a: Checkpoint, b: Checkpoint, rtol: float = 0.0, atol: float = 0.0) -> Diff:
+    if a.layout.dequantized != b.layout.dequantized:  # a GGUF file and the checkpoint it was made from
+        return quantization_diff(a, b, rtol, atol)
     out = Diff()
     names_b = set(b.names)
     out.removed = [n for n in a.names if n not in names_b]
@@ -275,4 +281,51 @@ def diff(a: Checkpoint, b: Checkpoint, rtol: float = 0.0, atol: float = 0.0) -> 
     ties_b = {g.names for g in find_ties(b.infos())}
     out.ties_gained = [list(g) for g in sorted(ties_b - ties_a, key=names_key)]
     out.ties_lost = [list(g) for g in sorted(ties_a - ties_b, key=names_key)]
+    if all(c.path and os.path.isfile(os.path.join(os.path.dirname(c.path), "adapter_config.json")) for c in (a, b)):
+        from .lora import diff_adapters  # two PEFT adapter directories: what their configs and updates say
+
+        out.adapter = diff_adapters(a, b, [c["name"] for c in out.changed] + out.added + out.removed)
+    return out
+
+
+def quantization_diff(a: Checkpoint, b: Checkpoint, rtol: float, atol: float) -> Diff:
+    """What quantizing cost, between a GGUF file and a checkpoint (either side): tensors are paired through the
+    ``gguf`` package's tensor-name map for the file's architecture (else by equal names), the checkpoint's
+    LLaMA query/key rows reordered as llama.cpp's converter does, a 2-D weight stored transposed (a Conv1D's)
+    compared transposed, and each pair compared as float64 whatever the dtypes: max abs and relative error and
+    cosine, with the tensor's GGUF type. Names are the checkpoint's."""
+    from .formats.gguf import llama_heads, name_map, permute_like_llama_cpp
+
+    g, c = (a, b) if a.layout.dequantized else (b, a)
+    mapped = name_map(g, list(c.names))
+    pairs = {n: mapped.get(n, n) for n in c.names if mapped.get(n, n) in g.names}
+    types = g.toc().quantization
+    out = Diff()
+    unpaired_c = [n for n in c.names if n not in pairs]
+    unpaired_g = [n for n in g.names if n not in set(pairs.values())]
+    out.removed, out.added = (unpaired_g, unpaired_c) if g is a else (unpaired_c, unpaired_g)
+
+    def one(name: str) -> dict | None:
+        gname = pairs[name]
+        tc, tg = c.tensor(name), g.tensor(gname)
+        heads = llama_heads(gname, g.metadata or {}) if gname != name else None  # (same names: no converter ran)
+        if heads and tc.dim() >= 1 and tc.shape[0] % (2 * heads) == 0:
+            tc = permute_like_llama_cpp(tc, heads)
+        flipped = tc.dim() == 2 and tc.shape[0] != tc.shape[1] and tuple(tc.shape) == tuple(tg.shape)[::-1]
+        if flipped:  # a Conv1D weight (GPT-2), which converters store transposed
+            tc = tc.T
+        ta, tb = (tg, tc) if g is a else (tc, tg)
+        if tuple(ta.shape) != tuple(tb.shape):
+            return {"max_abs_diff": None, "a": _describe(ta), "b": _describe(tb)}
+        sums = _differences(ta.detach().contiguous(), tb.detach().contiguous())
+        if sums[0] <= atol + rtol * sums[1]:
+            return None
+        return {**_changed(sums, _describe(ta), _describe(tb)), **({"transposed": True} if flipped else {})}
+
+    for name, change in zip(pairs, ordered_map(one, list(pairs))):
+        if change is None:
+            out.same += 1
+        else:
+            out.changed.append({"name": name, "gguf_name": pairs[name], "quantization": types.get(pairs[name]),
+                                **change})
     return out

@@ -83,6 +83,14 @@ def _dcp_reader(listing: Any) -> StorageReader:
     return StorageReader(entries.read_storage, entries.nbytes, entries.close)
 
 
+def _dequantizing_reader(listing: Any) -> StorageReader:
+    """One tensor at a time from a listing that reads (dequantizes) its own tensors: GGUF, whose keys are its
+    stand-ins' storage keys, one storage per tensor."""
+    by_key = {t.storage: t for t in listing.infos()}
+    return StorageReader(lambda k: listing.tensor(by_key[k].name).reshape(-1), lambda k: by_key[k].nbytes,
+                         lambda: None, dtype=lambda k: by_key[k].dtype)
+
+
 def reader_of(listing: Any) -> StorageReader:
     """The reader of a listing with byte ranges: one file's, or a sharded checkpoint's over every shard."""
     return _sharded_reader(listing) if getattr(listing, "parts", None) else _file_reader(listing)
@@ -100,6 +108,8 @@ def open_reader(src: Any, listing: Any) -> StorageReader | None:
         return _sharded_reader(listing)
     if layout.placeholder_values:
         return _dcp_reader(listing)
+    if layout.dequantized:
+        return _dequantizing_reader(listing)
     return None
 
 

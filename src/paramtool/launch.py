@@ -139,7 +139,14 @@ def _stats(src: Any, key: str | None, layers: list[str]) -> Any:
     names = select(list(ckpt.names), layers, "all")
     done = st.stats_many(ckpt.tensor, names, None, False, raw_of=st.raw_reader(ckpt))
     verify()  # numbers of the file as it was, or none
-    return {"source": src.label, "tensors": [r.as_json() for r in done.results]}
+    doc = {"source": src.label, "tensors": [r.as_json() for r in done.results]}
+    if src.directory:  # a LoRA adapter directory: what each pair adds to its base tensor (as cli.stats)
+        from .lora import update_norms
+
+        updates = update_norms(src, ckpt)
+        if updates is not None:
+            doc["adapter_updates"] = updates
+    return doc
 
 
 def _diff(paths: list[str], key: str | None) -> tuple[Any, int]:

@@ -64,6 +64,11 @@ def _record_ties(report: Report, targets: list[str], partners: dict[str, list[st
             report.with_ties[name] = others
 
 
+def note_ties(report: Report, infos: list[TensorInfo]) -> None:
+    """Record, for each name in ``report.changed``, the other names that change with it (they share its bytes)."""
+    _record_ties(report, report.changed, _tie_partners(infos))
+
+
 @dataclass
 class Action:
     """One change to one named tensor, applied in place to whatever tensor the caller supplies."""

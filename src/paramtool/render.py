@@ -121,6 +121,7 @@ def inspect_json(toc: Toc, tensors: list[TensorInfo]) -> dict:
                 "tied_to": ties.get(t.name),
                 **({"stored": False} if t.name in toc.config_ties else {}),
                 **({"kind": t.kind} if t.kind else {}),
+                **({"quantization": toc.quantization[t.name]} if t.name in toc.quantization else {}),
             }
             for t in tensors
         ],
@@ -489,7 +490,7 @@ def diff_lines(d) -> list[Text]:
         lines.append(Text(f"+ {safe_name(n)}", style="green"))
     for c in people_sorted(d.changed, lambda c: c["name"]):
         a, b = c["a"], c["b"]
-        if (a["shape"], a["dtype"]) != (b["shape"], b["dtype"]):
+        if c["max_abs_diff"] is None and (a["shape"], a["dtype"]) != (b["shape"], b["dtype"]):
             what = f"{shape_text(a['shape'])} {a['dtype']} -> {shape_text(b['shape'])} {b['dtype']}"
             if c.get("max_abs_diff") is not None:  # a cast: its values compared in float64
                 what += f", max abs diff {c['max_abs_diff']:.4g}"
@@ -507,11 +508,19 @@ def diff_lines(d) -> list[Text]:
                 what += f", rel {c['max_rel_diff']:.3g}"
             if cos is not None:
                 what += f", cosine {cos:.6f}"
+            if c.get("quantization"):  # a GGUF file against its checkpoint: the stored type, the file's name
+                what += f"  ({safe_name(c['quantization'])} {safe_name(c['gguf_name'])})"
         lines.append(Text(f"~ {safe_name(c['name'])}  {what}", style="yellow"))
     for g in d.ties_gained:
         lines.append(Text(f"+ tie {' = '.join(map(safe_name, g))}", style="green"))
     for g in d.ties_lost:
         lines.append(Text(f"- tie {' = '.join(map(safe_name, g))}", style="red"))
+    if d.adapter:  # two LoRA adapter directories
+        for k, (va, vb) in d.adapter["config"].items():
+            lines.append(Text(f"~ adapter {safe_name(k)}: {safe_name(str(va))} -> {safe_name(str(vb))}", style="yellow"))
+        if d.adapter["updates_changed"]:
+            lines.append(Text("~ adapter updates changed for: " + ", ".join(map(safe_name, d.adapter["updates_changed"])),
+                              style="yellow"))
     lines.append(Text(f"{d.same} same, {len(d.changed)} changed, {len(d.added)} added, {len(d.removed)} removed", style="dim"))
     return lines
 
@@ -565,3 +574,54 @@ def grad_use_line(p: Any) -> Text:
     if err is not None:
         line.append(f"  sum error {_g(err)}", style="dim")
     return line
+
+
+# --- LoRA adapters -------------------------------------------------------------------------------------
+
+
+def adapter_lines(adapter: dict) -> list[Text]:
+    """A PEFT adapter directory under its tree: rank, alpha, targets, and what each pair does to which base
+    tensor (``lora.Adapter.describe``)."""
+    rs = ", rsLoRA (scale alpha/sqrt(r))" if adapter["use_rslora"] else ""
+    fif = ", fan_in_fan_out" if adapter["fan_in_fan_out"] else ""
+    targets = adapter["target_modules"]
+    shown = ", ".join(map(safe_name, targets)) if isinstance(targets, list) else safe_name(str(targets))
+    lines = [Text.assemble(("adapter ", "bold"), f"{safe_name(str(adapter['peft_type']))} r={adapter['r']} "
+                           f"alpha={adapter['lora_alpha']}{rs}{fif}; targets: {shown}")]
+    if adapter["variant"]:
+        lines.append(Text(f"  variant: {safe_name(adapter['variant'])} (lora merge refuses it)"))
+    for p in adapter["pairs"]:
+        a, b = "×".join(map(str, p["a_shape"])), "×".join(map(str, p["b_shape"]))
+        how = "(B·A)ᵀ" if p["embedding"] else "B·A"
+        lines.append(Text.assemble("  ", (safe_name(p["modifies"]), "bold"),
+                                   f" += {p['scale']:g} · {how}  (r={p['rank']}, B {b}, A {a})"))
+    for r in adapter["replaces"]:
+        lines.append(Text.assemble("  ", (safe_name(r["replaces"]), "bold"), " replaced by the adapter's copy"))
+    return lines
+
+
+def update_lines(updates: list[dict]) -> list[Text]:
+    """``stats`` on an adapter directory: each pair's update (scale · B·A) by the base tensor it modifies."""
+    lines = [Text("\nadapter updates (scale · B·A):", style="bold")]
+    width = max(len(safe_name(u["modifies"])) for u in updates)
+    for u in updates:
+        lines.append(Text(f"  {safe_name(u['modifies']):<{width}}  r={u['rank']:<4} scale {u['scale']:<8g} "
+                          f"norm {_g(u['norm'])}"))
+    return lines
+
+
+# --- GGUF ------------------------------------------------------------------------------------------------
+
+
+def quantization_lines(toc: Toc, tensors: list[TensorInfo]) -> list[Text]:
+    """A GGUF file's stored types: one line per type, with how many of the listed tensors have it and which
+    (values are shown dequantized, as float32, in the tree)."""
+    by_type: dict[str, list[str]] = {}
+    for t in tensors:
+        if t.name in toc.quantization:
+            by_type.setdefault(toc.quantization[t.name], []).append(t.name)
+    lines = []
+    for kind, names in by_type.items():
+        shown = ", ".join(safe_name(n) for n in names[:4]) + (f", ... ({len(names) - 4} more)" if len(names) > 4 else "")
+        lines.append(Text.assemble(("stored as ", "dim"), (safe_name(kind), "bold"), f" ({len(names)}): {shown}"))
+    return lines

@@ -310,8 +310,8 @@ def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
     read one at a time, else loaded."""
     if src.layout is not None and src.layout.split:
         return _sharded(src, load_lazy)
-    if src.layout is not None and src.layout.placeholder_values:  # DCP: one tensor entry at a time
-        return src.layout.load_lazy(src.label, src.path, key)
+    if src.layout is not None and (src.layout.placeholder_values or src.layout.dequantized):
+        return src.layout.load_lazy(src.label, src.path, key)  # DCP, GGUF: one tensor entry at a time
     if src.kind == "file" and src.layout.byte_ranges:
         from .formats.storage import open_storage_file
 
@@ -327,3 +327,9 @@ def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
 def open_for_plan(src: Source, key: str | None = None) -> Checkpoint:
     """What an edit is planned on: the stand-in listing for files (no data), the built model otherwise."""
     return open_listing(src, key) if src.layout is not None else load(src, key)
+
+
+def values_of(src: Source, listing: Checkpoint, key: str | None = None) -> Checkpoint:
+    """What to read a planned-on source's values from: the listing itself where it holds them (a model built in
+    Python: building it again would draw other random values), else the lazy checkpoint (``load_lazy``)."""
+    return listing if listing.layout.in_memory else load_lazy(src, key)

@@ -154,6 +154,7 @@ class Toc:
     key: str | None = None  # the --key sub-tree listed
     values: Any = None  # a --key sub-tree without tensors: its values, JSON-ready (tree.plain_values)
     globals: list[str] | None = None  # global names a pickle refers to (torch files); None for other formats
+    quantization: dict[str, str] = field(default_factory=dict)  # name -> stored type (GGUF: Q8_0, F16, ...)
 
 
 @dataclass

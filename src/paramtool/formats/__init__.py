@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 from ..errors import FormatError
-from .base import DcpFormat, Format, SafetensorsFormat, TorchFormat, TorchScriptFormat
+from .base import DcpFormat, Format, GgufFormat, SafetensorsFormat, TorchFormat, TorchScriptFormat
 
 PT_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
 
@@ -17,10 +17,11 @@ SHARDED = Format("sharded", flat=True, is_container=True, split=True)
 DCP = DcpFormat("dcp", holds_non_tensors=True, is_container=True, placeholder_values=True)
 DIRECTORY = Format("directory", is_container=True, sidecars=True)
 MODULE = Format("module", in_memory=True)
+GGUF = GgufFormat("gguf", (".gguf",), flat=True, dequantized=True)
 
-# Sniffed in this order: a safetensors header is checked before the torch magic numbers, a TorchScript
-# archive before any other torch zip.
-REGISTRY: tuple[Format, ...] = (SAFETENSORS, TORCHSCRIPT, PT, PT_LEGACY, SHARDED, DCP, DIRECTORY, MODULE)
+# Sniffed in this order: GGUF's magic, a safetensors header, then the torch magic numbers (a TorchScript
+# archive before any other torch zip).
+REGISTRY: tuple[Format, ...] = (GGUF, SAFETENSORS, TORCHSCRIPT, PT, PT_LEGACY, SHARDED, DCP, DIRECTORY, MODULE)
 _BY_NAME = {f.name: f for f in REGISTRY}
 
 
@@ -50,7 +51,7 @@ def sniff_file(path: str) -> Format:
     for fmt in REGISTRY:
         if fmt.sniff_path(path, head, size):
             return fmt
-    raise FormatError(f"{path}: not a checkpoint (neither a torch.save file nor safetensors)")
+    raise FormatError(f"{path}: not a checkpoint (neither a torch.save file, safetensors nor GGUF)")
 
 
 def for_output_path(path: str | None, default: Format) -> Format:

@@ -32,6 +32,7 @@ class Format:
     sidecars: bool = False  # weights beside config.json and tokenizer files (a model directory)
     in_memory: bool = False  # built in Python (nn:, a factory), never read from disk
     values_only: bool = False  # written only as a copy with tensor values changed in place (an archive's code reads it)
+    dequantized: bool = False  # stored quantized: each tensor read as floats when asked for (GGUF), never written
 
     def sniff(self, head: bytes, size: int) -> bool:
         """Do the first bytes of a file (``head``, of a file of ``size`` bytes) say it is in this format?"""
@@ -118,11 +119,11 @@ class SafetensorsFormat(Format):
 
 
 
-def _flat_only(key: str | None) -> None:
+def _flat_only(key: str | None, what: str = "a safetensors file") -> None:
     from ..errors import UsageError
 
     if key:
-        raise UsageError("--key applies to torch.save files; a safetensors file is one flat state dict")
+        raise UsageError(f"--key applies to torch.save files; {what} is one flat state dict")
 
 
 class TorchFormat(Format):
@@ -223,3 +224,29 @@ class DcpFormat(Format):
 
         root = dcp.load(path) if within is None else dcp.load(path, tree.find_key(within.root, key))
         return named(label, self, root, path, key)
+
+
+class GgufFormat(Format):
+    """llama.cpp's GGUF, read through the ``gguf`` package (``formats/gguf.py``); not written."""
+
+    def sniff(self, head: bytes, size: int) -> bool:
+        return head[:4] == b"GGUF"  # (here: every file is sniffed, and the reading module imports typing)
+
+    def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
+        from .gguf import open_checkpoint
+
+        _flat_only(key, "a GGUF file")
+        return open_checkpoint(label, path, self.name)  # (lists only: tensors are read when asked for)
+
+    def load(self, label: str, path: str, key: str | None) -> Checkpoint:
+        from .gguf import load
+
+        _flat_only(key, "a GGUF file")
+        return load(label, path, self.name)
+
+    def load_lazy(self, label: str, path: str, key: str | None) -> Checkpoint:
+        """Each tensor read and dequantized only when asked for."""
+        from .gguf import open_checkpoint
+
+        _flat_only(key, "a GGUF file")
+        return open_checkpoint(label, path, self.name)

@@ -1,0 +1,157 @@
+"""GGUF, llama.cpp's format, read with the llama.cpp project's own Python package (``gguf``, optional extra
+``paramtool[gguf]``): its memory-mapped ``GGUFReader`` lists the tensors and the key-value metadata without
+reading tensor data, and its ``quants.dequantize`` turns each quantized tensor into float32 when asked for.
+
+A tensor is named as the file names it (``blk.0.attn_q.weight``) and shaped as torch would hold it (GGUF lists
+dimensions innermost first: they are reversed). Its dtype is the file's for plain types (F32, F16, BF16, F64,
+I8-I64) and float32 for quantized ones (what dequantizing gives); the file's own type of every tensor is the
+table of contents' ``quantization``. The key-value metadata is the checkpoint's metadata (long arrays, such as
+a vocabulary, summarised). Read only: paramtool writes no GGUF.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..checkpoint import Checkpoint
+from ..errors import FormatError, ParamtoolError, first_line
+from ..toc import FakeTensor, StorageRef, contiguous_stride, numel_of
+
+PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+         "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
+_SHOWN = 16  # metadata arrays longer than this (a vocabulary) are summarised
+
+
+def reader(path: str) -> Any:
+    """The package's reader over ``path`` (memory-mapped; no tensor data is read)."""
+    try:
+        import gguf
+    except ImportError:
+        raise ParamtoolError("reading GGUF needs the gguf package: pip install 'paramtool[gguf]'") from None
+    try:
+        return gguf.GGUFReader(path, "r")
+    except Exception as e:  # the package's own checks (magic, version, truncation), as one line
+        raise FormatError(f"{path}: not a readable GGUF file ({first_line(e, 200)})") from None
+
+
+def _shape(t: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(list(t.shape)))
+
+
+def dtype_of(type_name: str) -> str:
+    """The dtype a tensor of GGUF type ``type_name`` is read as."""
+    return PLAIN.get(type_name, "float32")
+
+
+def _value(field: Any) -> str:
+    """A metadata value as text; long arrays (a vocabulary, merges) summarised."""
+    try:
+        value = field.contents()
+    except Exception:  # a type the package cannot render
+        return "<unreadable>"
+    if isinstance(value, list) and len(value) > _SHOWN:
+        kind = type(value[0]).__name__ if value else "value"
+        return f"[{len(value)} {kind}s]"
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def read_tree(path: str) -> tuple[dict[str, FakeTensor], dict[str, str], dict[str, str], dict[str, Any]]:
+    """Stand-in tensors by name in the file's order, the metadata (the ``GGUF.*`` header fields left out), each
+    tensor's GGUF type, and the package's tensor records (to read the data from)."""
+    r = reader(path)
+    root: dict[str, FakeTensor] = {}
+    types: dict[str, str] = {}
+    records: dict[str, Any] = {}
+    for t in r.tensors:
+        shape, dtype = _shape(t), dtype_of(t.tensor_type.name)
+        if t.name in root:
+            raise FormatError(f"{path}: the tensor '{t.name}' is listed twice")
+        root[t.name] = FakeTensor(StorageRef(("gguf", t.name), dtype, numel_of(shape)), 0, shape,
+                                  contiguous_stride(shape), dtype)
+        types[t.name], records[t.name] = t.tensor_type.name, t
+    metadata = {k: _value(f) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    return root, metadata, types, records
+
+
+class GgufCheckpoint(Checkpoint):
+    """A GGUF file: stand-ins in ``root`` (the listing), each tensor read (and dequantized) when asked for, so
+    memory stays near one tensor; ``quantization``: each tensor's GGUF type."""
+
+    records: dict[str, Any] = {}
+    quantization: dict[str, str] = {}
+
+    def tensor(self, name: str) -> Any:
+        import numpy as np
+        import torch
+
+        t = self.records[name]
+        if t.tensor_type.name in PLAIN:
+            data = np.array(t.data, copy=True)  # out of the read-only mapping
+        else:
+            import gguf
+
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+        return torch.from_numpy(np.ascontiguousarray(data)).reshape(_shape(t))
+
+    def toc(self) -> Any:
+        from ..records import replace
+
+        return replace(super().toc(), quantization=dict(self.quantization))
+
+
+def open_checkpoint(label: str, path: str, fmt_name: str) -> GgufCheckpoint:
+    root, metadata, types, records = read_tree(path)
+    ckpt = GgufCheckpoint(label, fmt_name, root, {n: (n,) for n in root}, metadata, {}, path)
+    ckpt.records, ckpt.quantization = records, types
+    return ckpt
+
+
+def load(label: str, path: str, fmt_name: str) -> Checkpoint:
+    """Every tensor read and dequantized (for the writers, which change tensors in place)."""
+    lazy = open_checkpoint(label, path, fmt_name)
+    tensors = {n: lazy.tensor(n) for n in lazy.names}
+    return Checkpoint(label, fmt_name, tensors, {n: (n,) for n in tensors}, lazy.metadata, {}, path)
+
+
+# ---------------------------------------------------------------- names as the checkpoint had them
+
+
+def name_map(ckpt: Any, names: list[str]) -> dict[str, str]:
+    """checkpoint name -> GGUF name, through the ``gguf`` package's tensor-name map for the file's architecture
+    (``general.architecture``, ``<arch>.block_count``); names it does not know are left out."""
+    import gguf
+
+    meta = ckpt.metadata or {}
+    arch_name = meta.get("general.architecture")
+    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), None)
+    if arch is None:
+        return {}
+    try:
+        blocks = int(meta.get(f"{arch_name}.block_count", "0"))
+    except ValueError:
+        blocks = 0
+    table = gguf.get_tensor_name_map(arch, blocks)
+    out = {}
+    for name in names:
+        mapped = table.get_name(name, try_suffixes=(".weight", ".bias"))
+        if mapped is not None:
+            out[name] = mapped
+    return out
+
+
+def llama_heads(gguf_name: str, meta: dict[str, str]) -> int | None:
+    """llama.cpp's converter reorders the rows of LLaMA's query and key projections (rotary halves
+    interleaved, ``permute_like_llama_cpp``): the head count to do the same to the checkpoint's tensor before
+    comparing, or None for any other tensor."""
+    if meta.get("general.architecture") != "llama" or not gguf_name.endswith((".attn_q.weight", ".attn_k.weight")):
+        return None
+    key = "head_count_kv" if ".attn_k." in gguf_name else "head_count"
+    try:
+        return int(meta.get(f"llama.attention.{key}") or meta.get("llama.attention.head_count"))
+    except (TypeError, ValueError):
+        return None
+
+
+def permute_like_llama_cpp(t: Any, heads: int) -> Any:
+    """The row order llama.cpp's converter gives a LLaMA query/key weight (its ``permute``)."""
+    return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
