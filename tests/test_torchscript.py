@@ -402,3 +402,31 @@ def test_crc_fields_are_rewritten_with_or_without_data_descriptors(archives, run
                     assert raw[end:end + 4] == b"PK\x07\x08"
                     assert int.from_bytes(raw[end + 4:end + 8], "little") == info.CRC, info.filename
         assert _state(out)["2.weight"][0, 0] == 3
+
+
+class _Narrow(nn.Module):
+    """Buffers in dtypes without a legacy storage class: an archive names them by C++ type (UInt16Storage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("u", torch.tensor([1, 60000, 3]).to(torch.uint16))
+        self.register_buffer("f", torch.tensor([0.5, -2.0, 448.0]).to(torch.float8_e4m3fn))
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def test_every_dtype_an_archive_names(run, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(_Narrow()), str(tmp_path / "n.pt"))
+    expected = _state(tmp_path / "n.pt")
+    r = run("inspect", tmp_path / "n.pt", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [(t["name"], t["dtype"]) for t in r.json()["tensors"]] == \
+        [(k, str(v.dtype).removeprefix("torch.")) for k, v in expected.items()]
+    out = tmp_path / "sd.pt"
+    assert run("convert", tmp_path / "n.pt", out).exit_code == 0
+    back = torch.load(out, weights_only=True)
+    assert all(back[k].dtype == v.dtype and torch.equal(_bits(back[k]), _bits(v)) for k, v in expected.items())

@@ -37,6 +37,15 @@ STORAGE_TYPES: dict[str, str] = {
 }
 
 
+# the storage classes a TorchScript archive's pickle names: "torch." + C++ ScalarType name + "Storage", for every
+# dtype (torch.jit.save's pickler), the legacy ones above included
+SCRIPT_STORAGE_TYPES: dict[str, str] = {**STORAGE_TYPES, **{f"{cpp}Storage": name for cpp, name in (
+    ("UInt16", "uint16"), ("UInt32", "uint32"), ("UInt64", "uint64"), ("ComplexHalf", "complex32"),
+    ("Float8_e4m3fn", "float8_e4m3fn"), ("Float8_e5m2", "float8_e5m2"), ("Float8_e4m3fnuz", "float8_e4m3fnuz"),
+    ("Float8_e5m2fnuz", "float8_e5m2fnuz"), ("Float8_e8m0fnu", "float8_e8m0fnu"),
+    ("Float4_e2m1fn_x2", "float4_e2m1fn_x2"), ("Bits8", "bits8"), ("Bits16", "bits16"))}}
+
+
 def kind(name: str) -> str:
     """"float", "complex", "bool" or "int" for a dtype name (``torch.float32``, ``half`` and friends too)."""
     name = str(name).removeprefix("torch.")

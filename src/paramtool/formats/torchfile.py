@@ -348,11 +348,12 @@ def _visit_dict(d: dict, visit: Callable[[Any], Any]) -> None:
         d[k] = visit(d[k])
 
 
-def _storage_type(value: Any) -> str:
+def _storage_type(value: Any, table: dict[str, str] = STORAGE_DTYPES) -> str:
+    """The dtype of a storage class a pickle names (``table``: torch.save's classes, or a TorchScript archive's)."""
     name = value.name if isinstance(value, Global) else None
     short = name.rsplit(".", 1)[-1] if name and name.startswith("torch.") else None
-    if short in STORAGE_DTYPES:
-        return STORAGE_DTYPES[short]
+    if short in table:
+        return table[short]
     if short == "UntypedStorage":
         return "uint8"
     raise FormatError(f"storage of unknown type {value!r}")

@@ -33,6 +33,7 @@ from ..errors import FormatError, ParamtoolError, RefusedGlobal
 from ..records import replace
 from ..toc import FakeTensor, StorageRef, Toc, itemsize
 from . import torchfile
+from .dtypes import SCRIPT_STORAGE_TYPES
 from .unpickle import Global, Hooks, Inert, Unpickler
 
 # What TorchScript's pickler writes besides tensors and ``__torch__`` objects: list markers and type tags,
@@ -264,7 +265,7 @@ def read_archive(path: str, fileobj: Any = None) -> tuple[torchfile.TorchFile, d
                 _, kind, key, location, numel = pid
                 key = str(key)
                 if key not in seen:
-                    dtype = torchfile._storage_type(kind)
+                    dtype = torchfile._storage_type(kind, SCRIPT_STORAGE_TYPES)
                     record = f"{prefix}{folder}/{key}"
                     info = records.get(record)
                     if info is None:
