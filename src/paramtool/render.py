@@ -490,7 +490,7 @@ def diff_lines(d) -> list[Text]:
         lines.append(Text(f"+ {safe_name(n)}", style="green"))
     for c in people_sorted(d.changed, lambda c: c["name"]):
         a, b = c["a"], c["b"]
-        if c["max_abs_diff"] is None and (a["shape"], a["dtype"]) != (b["shape"], b["dtype"]):
+        if not c.get("quantization") and (a["shape"], a["dtype"]) != (b["shape"], b["dtype"]):
             what = f"{shape_text(a['shape'])} {a['dtype']} -> {shape_text(b['shape'])} {b['dtype']}"
             if c.get("max_abs_diff") is not None:  # a cast: its values compared in float64
                 what += f", max abs diff {c['max_abs_diff']:.4g}"
