@@ -203,3 +203,21 @@ def test_expanded_views_are_bounded(run, tmp_path):
     torch.save({"e": torch.tensor([2.5]).expand(2 ** 27)}, tmp_path / "bomb.pt")
     r = run("inspect", tmp_path / "bomb.pt", "--json")
     assert r.exit_code == 1 and r.stderr.startswith("error:") and "needs more than the 1" in r.stderr
+
+
+@pytest.mark.parametrize("case,name,edit_ok", [("meta", "m", False), ("dtype_bits8", "w", False),
+                                               ("q_per_tensor_qint8", "q", True), ("conj", "c", True),
+                                               ("sparse_csr", "s", True)])
+def test_set_on_special_tensors(case, name, edit_ok, corpus, run, tmp_path):
+    """An edit of a tensor torch can write values into is written as torch writes it (a quantized tensor
+    requantized, a sparse tensor's values, a conj view's values); one without values is one error line."""
+    out = tmp_path / "e.pt"
+    r = run("set", corpus[case], f"{name} = 1", "-o", out)
+    if not edit_ok:
+        assert r.exit_code == 1 and r.stderr.startswith("error:") and not out.exists(), r.stderr
+        return
+    assert r.exit_code == 0, r.stderr
+    got = readable(torch.load(out, weights_only=True)[name])
+    assert torch.equal(got.real if got.is_complex() else got, torch.ones(got.shape)) or case == "sparse_csr"
+    if case == "sparse_csr":
+        assert torch.equal(torch.load(out, weights_only=True)[name].values(), torch.ones(6))

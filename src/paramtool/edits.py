@@ -152,6 +152,7 @@ def apply_edit(edit: Edit, tensor: Any) -> None:
 
     where = f"edit '{_one_line(edit.text)}'"
     value, op = edit.value, edit.op
+    _editable(tensor, edit.name, where)
     try:
         with torch.no_grad():
             # basic indexing: a view; negative steps (which torch refuses) become the same elements, stepped up
@@ -178,6 +179,19 @@ def apply_edit(edit: Edit, tensor: Any) -> None:
     except (RuntimeError, TypeError, ValueError, OverflowError, NotImplementedError, ZeroDivisionError) as e:
         raise ParamtoolError(f"{where}: {first_line(e)} (tensor '{edit.name}' is "
                              f"{str(tensor.dtype)[6:]} of shape {list(tensor.shape)})") from None
+
+
+def _editable(tensor: Any, name: str, where: str) -> None:
+    """A tensor whose values can be written: not a meta tensor (no values), not a dtype torch has no arithmetic
+    for, not a bare storage (edit a tensor that views it)."""
+    from .formats.dtypes import NO_ARITHMETIC
+
+    dtype = str(getattr(tensor, "dtype", "")).removeprefix("torch.")
+    why = "a meta tensor: the file holds no values" if getattr(tensor, "is_meta", False) else \
+        f"{dtype}, which torch has no arithmetic for" if dtype in NO_ARITHMETIC else \
+        "a bare storage" if not hasattr(tensor, "is_meta") else None
+    if why:
+        raise ParamtoolError(f"{where}: '{name}' is {why}")
 
 
 def _cannot_hold(where: str, name: str, dtype: Any, value: Any, how: str = "") -> ParamtoolError:
