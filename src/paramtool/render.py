@@ -434,6 +434,11 @@ def ties_lines(toc: Toc, groups: list) -> list[Text]:
     for g in groups:
         first = by_name[g.names[0]]
         line = Text()
+        if g.kind == "slices":  # one storage, no shared bytes: views side by side, not one value under two names
+            line.append(", ".join(safe_name(n) for n in g.names), style="bold")
+            line.append(f"  {first.dtype}  slices of one storage  ({g.source})")
+            lines.append(line)
+            continue
         line.append(" = ".join(safe_name(n) for n in g.names), style="bold")
         line.append(f"  {shape_text(first.shape)}  {first.dtype}  {g.kind}  ({g.source})")
         if g.source != "values":
