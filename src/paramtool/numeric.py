@@ -7,7 +7,7 @@ with the same float64 accumulation as the torch path in ``stats``/``compare``: t
 float64 rounding, and the same histogram bins. Everything else (float8, complex, views into larger storages,
 formats without byte ranges) goes through torch as before.
 
-Mapped pages are dropped from the process behind the chunk being computed (``storage.drop_mapped``), so memory
+Mapped pages are dropped from the process behind the chunk being computed (``drop_mapped``), so memory
 stays at a few chunks whatever the tensor's size.
 """
 from __future__ import annotations
@@ -66,8 +66,6 @@ def values(raw: memoryview, dtype: str, slot: int = 0, chunk: int = CHUNK) -> It
     (bfloat16 widened to float32). When ``raw`` is a read-only file mapping (``StorageFile.raw``), the pages of
     each chunk are dropped once the next one is asked for. Generators read in step need their own ``slot``
     (the buffer bfloat16 is widened into)."""
-    from .formats.storage import drop_mapped
-
     np = numpy()
     arr = np.frombuffer(raw, dtype=_DTYPES[dtype])
     size = arr.itemsize
@@ -304,3 +302,69 @@ def sized(bufs: dict[str, Any], slot: str, n: int, dtype: str, least: int = 0) -
     if buf is None or buf.size < n:
         buf = bufs[slot] = numpy().empty(max(n, least), dtype=dtype)
     return buf[:n]
+
+
+def drop_mapped(view: memoryview, start: int, stop: int) -> None:
+    """Drop the whole pages of ``view[start:stop]`` (a ``raw_storage`` view, already read) from this process:
+    they stay in the page cache, and a later access faults them back in, but they no longer count toward its
+    memory, so reading a large tensor through its mapping costs a few pages at a time. Only read-only
+    mappings are touched (there MADV_DONTNEED cannot lose a write); anything else is left alone."""
+    import mmap
+
+    mm = view.obj
+    if not (view.readonly and isinstance(mm, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED")) or mm.closed:
+        return
+    base = len(mm) - view.nbytes  # where the view starts in its mapping: it ends where the mapping ends
+    lo = -(-(base + start) // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = (base + stop) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo >= 0:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def bytes_equal(a: memoryview, b: memoryview, block: int = 1 << 20) -> bool:
+    """Two byte buffers compared in place a block at a time by libc's ``memcmp`` (through ctypes, which lets
+    go of the GIL: two pairs compare at once on two cores); where there is no libc to call, through small
+    ``bytes`` copies (a memoryview compares element by element, 20x slower). Mapped pages already compared are
+    dropped from the process block by block (``drop_mapped``), so memory stays at a few blocks whatever
+    the tensors' size."""
+    if a.nbytes != b.nbytes:
+        return False
+    memcmp = _memcmp()
+    if memcmp is not None:
+        np = numpy()
+        pa = np.frombuffer(a, dtype="u1").ctypes.data if a.nbytes else 0
+        pb = np.frombuffer(b, dtype="u1").ctypes.data if b.nbytes else 0
+
+        def same(i: int, j: int) -> bool:
+            return memcmp(pa + i, pb + i, j - i) == 0
+    else:
+        def same(i: int, j: int) -> bool:
+            return all(bytes(a[k : min(k + (1 << 16), j)]) == bytes(b[k : min(k + (1 << 16), j)])
+                       for k in range(i, j, 1 << 16))
+    for start in range(0, a.nbytes, block):
+        end = min(start + block, a.nbytes)
+        if not same(start, end):
+            return False
+        drop_mapped(a, start, end)
+        drop_mapped(b, start, end)
+    return True
+
+
+def _memcmp() -> Any:
+    """libc's ``memcmp(void *, void *, size_t)`` through ctypes, or None where there is none to load (or no
+    numpy to give a buffer's address)."""
+    global _MEMCMP
+    if _MEMCMP is False:
+        try:
+            import ctypes
+
+            numpy()
+            fn = ctypes.CDLL(None).memcmp
+            fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t), ctypes.c_int
+            _MEMCMP = fn
+        except (ImportError, OSError, AttributeError):
+            _MEMCMP = None
+    return _MEMCMP
+
+
+_MEMCMP: Any = False  # not looked up yet

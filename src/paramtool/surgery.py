@@ -549,7 +549,7 @@ def write(src: Any, listing: Checkpoint, plan: Surgery, output: Any, drop_extra:
     ckpt = listing if listing.layout.in_memory else load(src, listing.key)
     run_on(ckpt, plan)
     if output.layout.placeholder_values:  # DCP
-        writer._write_dcp(ckpt, output)
+        writer.write_dcp(ckpt, output)
     else:
         writer.write_checkpoint(ckpt, output, drop_extra)
 
@@ -613,7 +613,7 @@ def _write_sharded(src: Any, listing: Any, plan: Surgery, output: Any, drop_extr
         return raw
 
     if output.in_place:
-        writer._commit_in_place(index, build, started, new_index)
+        writer.commit_in_place(index, build, started, new_index)
     else:
         writer.commit_directory(output.path, build)
 

@@ -50,12 +50,12 @@ def can_stream(listing: Checkpoint, plan: Any, output_layout: Any = None) -> boo
 def _into_one_file(listing: Any, plan: Any, output_layout: Any) -> bool:
     """Can the result go into one file of another format than the input's, as the loaded path would write
     it? Not with ``--key`` (a sub-tree), or non-tensor entries into safetensors (the loaded path says why)."""
-    from .writer import _non_tensor_entries
+    from .writer import non_tensor_entries
 
     if output_layout is None or not output_layout.single_file or plan.sidecars or listing.key is not None:
         return False
     if not output_layout.holds_non_tensors:
-        return not any(_non_tensor_entries(p) for p in (getattr(listing, "parts", None) or {"": listing}).values())
+        return not any(non_tensor_entries(p) for p in (getattr(listing, "parts", None) or {"": listing}).values())
     return True
 
 
@@ -129,7 +129,7 @@ def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
     and written by ``convert_stream``'s writers: bytes that stay as they are are copied, the next storage to
     cast is read and cast on a worker thread while the current one is written."""
     from . import writer
-    from .convert_stream import _sharded_root, memory_bound, reader_of, write_pt
+    from .convert_stream import sharded_root, memory_bound, reader_of, write_pt
 
     reader = reader_of(listing)
     out = transformed(listing, plan)
@@ -140,8 +140,8 @@ def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
             if not output.layout.holds_non_tensors:
                 _write_safetensors(listing, out, reader, path, cast)
             else:
-                write_pt(path, _sharded_root(out) if getattr(out, "parts", None) else out.root, reader, cast)
-        writer._verify_file(out, output.format, path)
+                write_pt(path, sharded_root(out) if getattr(out, "parts", None) else out.root, reader, cast)
+        writer.verify_file(out, output.format, path)
 
     try:
         writer.emit(output, write_to)

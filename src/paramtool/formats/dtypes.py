@@ -4,6 +4,10 @@ Imports nothing: listing uses it without torch.
 """
 from __future__ import annotations
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Any
+
 # dtype name -> bytes per element
 SIZES: dict[str, int] = {
     "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
@@ -44,6 +48,13 @@ SCRIPT_STORAGE_TYPES: dict[str, str] = {**STORAGE_TYPES, **{f"{cpp}Storage": nam
     ("Float8_e4m3fn", "float8_e4m3fn"), ("Float8_e5m2", "float8_e5m2"), ("Float8_e4m3fnuz", "float8_e4m3fnuz"),
     ("Float8_e5m2fnuz", "float8_e5m2fnuz"), ("Float8_e8m0fnu", "float8_e8m0fnu"),
     ("Float4_e2m1fn_x2", "float4_e2m1fn_x2"), ("Bits8", "bits8"), ("Bits16", "bits16"))}}
+
+
+def torch_dtype(name: str) -> Any:
+    """The ``torch.dtype`` of a dtype name (torch is imported here, on first use, never by listing)."""
+    import torch
+
+    return getattr(torch, name)
 
 
 def kind(name: str) -> str:

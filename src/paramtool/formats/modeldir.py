@@ -430,14 +430,14 @@ def write_directory(src: Any, listing: Any, plan: Any, output: Any, drop_extra: 
             whole = os.path.join(work, ".whole" + ext)  # the plan carried out, in one file, then split
             write_plan(src, listing, plan, writer.Output(whole, fmt), drop_extra)
             ckpt = load(Source(whole, "file", whole, sniff_file(whole)), listing.key if fmt == "pt" else None)
-            extra = writer._non_tensor_entries(ckpt)
+            extra = writer.non_tensor_entries(ckpt)
             if extra and not drop_extra:
                 raise ParamtoolError(f"shards hold tensors only, not the non-tensor entries ({', '.join(extra[:6])}); "
                                      "pass --drop-extra to write the tensors only")
             index_metadata = dict(listing.index.metadata) if src.kind == "sharded" else {}
             write_shards(ckpt, _groups(ckpt, listing, output.max_shard_size), fmt, work, index_metadata)
             os.unlink(whole)
-            writer._verify(ckpt, _written(work), None)
+            writer.verify_written(ckpt, _written(work), None)
         if src.directory:
             parts = getattr(listing, "parts", None)
             weights = [os.path.join(listing.index.directory, s) for s in parts] if parts else [src.path]
