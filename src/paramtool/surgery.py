@@ -342,29 +342,11 @@ def plan_cast(ckpt: Checkpoint, dtype: str, keep: list[str], directory: str | No
     return Surgery(report, lambda c: cast_in(c, dtype, chosen, report), cast=(dtype, chosen), sidecars=sidecars)
 
 
-def cast_storage(flat: Any, dtype: str) -> tuple[Any, int]:
-    """A 1-D storage cast to ``dtype``, and how many finite values became infinite (overflow).
-
-    One extra pass over the result, not over the input: its min and max (``aminmax``, no temporary tensor)
-    are finite unless an inf or a NaN is there, and only then are the overflows counted exactly."""
-    import math
-
-    import torch
-
-    out = flat.to(getattr(torch, dtype))
-    overflow = 0
-    if out.numel() and torch.finfo(out.dtype).max < torch.finfo(flat.dtype).max:
-        lo, hi = torch.aminmax(out)
-        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):  # the rare case: count exactly
-            step = 1 << 22  # in chunks: three bool tensors of a chunk, not of the storage
-            overflow = sum(int((torch.isinf(out[i:i + step]) & torch.isfinite(flat[i:i + step])).sum())
-                           for i in range(0, out.numel(), step))
-    return out, overflow
-
-
 def cast_in(ckpt: Checkpoint, dtype: str, chosen: frozenset[str], report: SurgeryReport) -> None:
     """Cast the chosen names of a loaded checkpoint, one storage at a time; views keep their layout."""
     import torch
+
+    from .surgery_stream import cast_storage, record_overflow
 
     _flatten_module(ckpt)
     _forget_tie_metadata(ckpt)
@@ -383,13 +365,6 @@ def cast_in(ckpt: Checkpoint, dtype: str, chosen: frozenset[str], report: Surger
         for info in members:
             _replace_like(ckpt, info.name, new.as_strided(info.shape, info.stride, info.offset))
     record_overflow(report, overflows, dtype)
-
-
-def record_overflow(report: SurgeryReport, overflows: dict[str, int], dtype: str) -> None:
-    if overflows:
-        total = sum(overflows.values())
-        report.warnings.append(f"{total} value(s) overflow {dtype} and became inf: "
-                               + ", ".join(f"{n} ({k})" for n, k in overflows.items()))
 
 
 def _replace_like(ckpt: Checkpoint, name: str, value: Any) -> None:

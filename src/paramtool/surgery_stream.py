@@ -12,12 +12,15 @@ from __future__ import annotations
 import copy
 import os
 from collections import OrderedDict
-from typing import Any, Hashable
+from typing import TYPE_CHECKING, Any, Hashable
 
 from . import tree
 from .checkpoint import Checkpoint
 from .records import replace
 from .toc import FakeTensor, TensorInfo, contiguous_stride
+
+if TYPE_CHECKING:
+    from .surgery import SurgeryReport
 
 _PLAIN = (str, int, float, bool, bytes, type(None))
 
@@ -148,8 +151,6 @@ def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
     finally:
         reader.close()
     if plan.cast:
-        from .surgery import record_overflow
-
         record_overflow(plan.report, _overflow_names(out, cast.overflows), plan.cast[0])
     return out
 
@@ -185,8 +186,6 @@ class Cast:
 
     def cast(self, key: Hashable, dtype: str) -> Any:
         """Storage ``key`` read whole and cast by torch."""
-        from .surgery import cast_storage
-
         flat = self.reader.read(key)
         out, overflow = cast_storage(flat, dtype)
         self.reader.recycle(key, flat)
@@ -216,3 +215,31 @@ def _write_safetensors(listing: Checkpoint, out: Checkpoint, reader: Any, path: 
     old_stored = set(listing.names) - set(listing.meta_ties)
     _, _, rest = safetensors_fmt.split_metadata(dict(listing.metadata or {}), old_stored)  # old tie records go
     write_safetensors(path, *safetensors_fmt.layout(out.infos(), rest), reader, cast)
+
+
+def cast_storage(flat: Any, dtype: str) -> tuple[Any, int]:
+    """A 1-D storage cast to ``dtype``, and how many finite values became infinite (overflow).
+
+    One extra pass over the result, not over the input: its min and max (``aminmax``, no temporary tensor)
+    are finite unless an inf or a NaN is there, and only then are the overflows counted exactly."""
+    import math
+
+    import torch
+
+    out = flat.to(getattr(torch, dtype))
+    overflow = 0
+    if out.numel() and torch.finfo(out.dtype).max < torch.finfo(flat.dtype).max:
+        lo, hi = torch.aminmax(out)
+        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):  # the rare case: count exactly
+            step = 1 << 22  # in chunks: three bool tensors of a chunk, not of the storage
+            overflow = sum(int((torch.isinf(out[i:i + step]) & torch.isfinite(flat[i:i + step])).sum())
+                           for i in range(0, out.numel(), step))
+    return out, overflow
+
+
+def record_overflow(report: SurgeryReport, overflows: dict[str, int], dtype: str) -> None:
+    """Warn, in the report, of the values that became inf by a cast to ``dtype`` (``{name: count}``)."""
+    if overflows:
+        total = sum(overflows.values())
+        report.warnings.append(f"{total} value(s) overflow {dtype} and became inf: "
+                               + ", ".join(f"{n} ({k})" for n, k in overflows.items()))
