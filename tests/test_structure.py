@@ -2,7 +2,9 @@
 (at module level and inside functions), so what a review would count is what these tests count.
 
 - no module imports another module's private name (``from .x import _y``, ``x._y``);
-- no import cycle beyond the ones known today (``KNOWN_CYCLES``: shrink it as cycles are broken, never grow it).
+- no import cycle beyond the ones known today (``KNOWN_CYCLES``: shrink it as cycles are broken, never grow it);
+- one table per fact: dtype tables only in ``formats/dtypes.py``, extension lists only in the registry
+  (``formats/__init__.py``).
 """
 from __future__ import annotations
 
@@ -174,3 +176,52 @@ def test_no_new_import_cycle():
     ``surgery``/``surgery_stream``, stay broken)."""
     new = [sorted(g) for g in _cycles(_graph()) if not any(g <= known for known in KNOWN_CYCLES)]
     assert new == [], "a new import cycle: move the function to the module that owns the job"
+
+
+# -- one table per fact --------------------------------------------------------------------------------------
+
+# literals keyed by dtype that are not dtype facts: the cast kernel's bit masks per target (numeric)
+NOT_DTYPE_TABLES = {("numeric", "_CAST_TO")}
+
+
+def _literal_strings(node: ast.AST) -> list[str]:
+    """The string constants a dict, set, list or tuple literal holds (keys and values)."""
+    if isinstance(node, ast.Dict):
+        items = [*node.keys, *node.values]
+    elif isinstance(node, (ast.Set, ast.List, ast.Tuple)):
+        items = node.elts
+    else:
+        return []
+    return [i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)]
+
+
+def _tables(strings: set[str], least: int, *, skip: str) -> list[str]:
+    """``module:line`` of every literal outside module ``skip`` holding ``least`` or more of ``strings``."""
+    found = []
+    for module, path in MODULES.items():
+        if module == skip:
+            continue
+        tree = ast.parse(path.read_text())
+        allowed = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign) and any(
+            isinstance(t, ast.Name) and (module, t.id) in NOT_DTYPE_TABLES for t in n.targets)}
+        for node in ast.walk(tree):
+            if id(node) not in allowed and sum(s in strings for s in _literal_strings(node)) >= least:
+                found.append(f"{module}:{node.lineno}")
+    return found
+
+
+def test_dtype_tables_live_in_dtypes():
+    """A literal naming three dtypes or more is a dtype table: it belongs in ``formats/dtypes.py``."""
+    from paramtool.formats.dtypes import SIZES
+
+    assert _tables(set(SIZES), 3, skip="formats.dtypes") == []
+
+
+def test_extension_lists_live_in_the_registry():
+    """A literal naming two checkpoint extensions or more is an extension list: it belongs in the registry
+    (``formats/__init__.py``)."""
+    from paramtool import formats
+
+    known = {e for f in formats.REGISTRY for e in f.extensions}
+    assert {".pt", ".safetensors", ".gguf"} <= known
+    assert _tables(known, 2, skip="formats") == []

@@ -19,14 +19,11 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from .formats.dtypes import NUMPY, PLAIN_FLOATS
 from .toc import itemsize
 
 CHUNK = 1 << 18  # values per chunk: 2 MiB as float64, so the passes over one chunk run from the CPU cache
 
-# paramtool dtype name -> numpy dtype (little-endian, as both formats store them); bfloat16 is read as its
-# 16 bits and widened exactly to float32 (its upper half)
-_DTYPES = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int64": "<i8",
-           "int32": "<i4", "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "?"}
 
 _local = threading.local()
 
@@ -44,7 +41,7 @@ def numpy() -> Any:
 
 def supports(dtype: str) -> bool:
     """Can these kernels read this dtype (and is numpy installed)?"""
-    if dtype not in _DTYPES:
+    if dtype not in NUMPY:
         return False
     try:
         numpy()
@@ -67,7 +64,7 @@ def values(raw: memoryview, dtype: str, slot: int = 0, chunk: int = CHUNK) -> It
     each chunk are dropped once the next one is asked for. Generators read in step need their own ``slot``
     (the buffer bfloat16 is widened into)."""
     np = numpy()
-    arr = np.frombuffer(raw, dtype=_DTYPES[dtype])
+    arr = np.frombuffer(raw, dtype=NUMPY[dtype])
     size = arr.itemsize
     for start in range(0, arr.size, chunk):
         x = arr[start : start + chunk]
@@ -217,7 +214,6 @@ def quiet() -> Any:
 # its kernels ran (0xffff or 0x7fc0 for bfloat16, by length and source dtype); here a NaN becomes bfloat16's
 # 0x7fc0, float16's NaN of x86's F16C conversion (sign, quiet bit, top mantissa bits) and float32's quiet NaN.
 
-_CAST_FROM = frozenset({"float64", "float32", "float16", "bfloat16"})
 # target -> (bits dtype, magnitude mask, infinity's bits)
 _CAST_TO = {"float32": ("<u4", 0x7FFFFFFF, 0x7F800000), "float16": ("<u2", 0x7FFF, 0x7C00),
             "bfloat16": ("<u2", 0x7FFF, 0x7F80)}
@@ -226,7 +222,7 @@ _BF16_OVERFLOW = 0x7F7F8000  # float32 magnitudes from here up round to bfloat16
 
 def can_cast(src: str, dst: str) -> bool:
     """Can ``cast_values`` cast ``src`` values to ``dst`` (and is numpy installed)?"""
-    return src != dst and src in _CAST_FROM and dst in _CAST_TO and supports(src)
+    return src != dst and src in PLAIN_FLOATS and dst in _CAST_TO and supports(src)
 
 
 def cast_values(raw: Any, src: str, dst: str, bufs: dict[str, Any]) -> tuple[Any, int]:
@@ -262,7 +258,7 @@ def _specials(raw: Any, src: str, dst: str, u: Any, out: Any) -> int:
     """The rare chunk with an infinity or a NaN in the result: count the finite inputs that became infinite,
     and give each NaN the NaN this module writes (see above). Arrays of the chunk's size, once."""
     np = numpy()
-    xin = np.frombuffer(raw, dtype=_DTYPES[src], count=out.size)
+    xin = np.frombuffer(raw, dtype=NUMPY[src], count=out.size)
     if src == "bfloat16":
         xin = np.left_shift(xin, 16, dtype="<u4").view("<f4")
     kind, mask, inf = _CAST_TO[dst]
@@ -283,7 +279,7 @@ def _as_float32(raw: Any, src: str, n: int, buf: Any) -> Any:
     """``raw``'s values as float32 (exact, or rounded to nearest even from float64): a view of ``raw`` when it
     holds float32, else written into ``buf`` (``n`` 32-bit values)."""
     np = numpy()
-    x = np.frombuffer(raw, dtype=_DTYPES[src], count=n)
+    x = np.frombuffer(raw, dtype=NUMPY[src], count=n)
     if src == "float32":
         return x
     if src == "bfloat16":

@@ -20,6 +20,7 @@ from typing import Any
 from . import formats, tree
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError, UsageError
+from .formats.dtypes import ALIASES, PLAIN_FLOATS
 from .ops import Report
 from .records import dataclass, field, replace
 from .select import module_path, select, unknown_name
@@ -28,9 +29,6 @@ from .toc import TensorInfo
 from .tree import OPTIMIZER_KEYS
 
 # --dtype spellings -> torch dtype names
-DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-               "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
-FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 
 
 @dataclass
@@ -290,9 +288,9 @@ def _warn_positional_optimizer(root: Any, report: SurgeryReport) -> None:
 
 
 def target_dtype(text: str) -> str:
-    if text not in DTYPE_NAMES:
+    if text not in ALIASES:
         raise UsageError(f"--dtype must be bf16, fp16 or fp32, not '{text}'")
-    return DTYPE_NAMES[text]
+    return ALIASES[text]
 
 
 def plan_cast(ckpt: Checkpoint, dtype: str, keep: list[str], directory: str | None = None) -> Surgery:
@@ -314,7 +312,7 @@ def plan_cast(ckpt: Checkpoint, dtype: str, keep: list[str], directory: str | No
     report = SurgeryReport(f"cast to {dtype}")
     todo: list[str] = []
     for info in infos:
-        if info.dtype not in FLOAT_DTYPES or info.dtype == dtype:
+        if info.dtype not in PLAIN_FLOATS or info.dtype == dtype:
             continue
         group = groups.get(info.name, [info.name])
         if kept & set(group):
@@ -323,7 +321,7 @@ def plan_cast(ckpt: Checkpoint, dtype: str, keep: list[str], directory: str | No
             continue
         todo.append(info.name)
     if not todo:
-        floats = [i for i in infos if i.dtype in FLOAT_DTYPES]
+        floats = [i for i in infos if i.dtype in PLAIN_FLOATS]
         why = ("no floating-point tensors" if not floats else
                f"every floating-point tensor is already {dtype} or kept")
         raise ParamtoolError(f"nothing to cast to {dtype}: {why}")

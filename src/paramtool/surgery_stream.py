@@ -226,7 +226,9 @@ def cast_storage(flat: Any, dtype: str) -> tuple[Any, int]:
 
     import torch
 
-    out = flat.to(getattr(torch, dtype))
+    from .formats.dtypes import torch_dtype
+
+    out = flat.to(torch_dtype(dtype))
     overflow = 0
     if out.numel() and torch.finfo(out.dtype).max < torch.finfo(flat.dtype).max:
         lo, hi = torch.aminmax(out)

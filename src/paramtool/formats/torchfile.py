@@ -21,14 +21,11 @@ from ..blob import deferred_offset, open_file
 from ..errors import FormatError, RefusedGlobal
 from ..records import dataclass, field, replace
 from ..toc import FakeModule, FakeTensor, Special, StorageRef, itemsize
-from .dtypes import SIZES, STORAGE_TYPES
+from .dtypes import QUANTIZED_STORAGES, SIZES, STORAGE_TYPES
 from .unpickle import MAX_DEPTH, OPCODES, TORCH_REBUILDS, Global, Hooks, Inert, unpickle
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 MAX_PICKLE = 256 << 20  # a data.pkl beyond 256 MiB is not a state dict (real ones are KBs to a few MBs)
-
-STORAGE_DTYPES = STORAGE_TYPES
-
 
 MAX_ENTRIES = 50_000_000  # entries reachable through shared references (a "billion laughs" DAG is refused)
 MAX_BROADCAST = 1 << 26  # elements a stride-0 (expanded) view may claim beyond its storage (a few bytes
@@ -224,7 +221,7 @@ class TorchHooks(Hooks):
             text = f"{scheme} axis={params[3]}"
         else:
             text = f"{scheme} scale={params[1]:g} zero_point={params[2]}"
-        if type(args[0]) is not StorageRef or args[0].dtype not in ("qint8", "quint8", "qint32"):
+        if type(args[0]) is not StorageRef or args[0].dtype not in QUANTIZED_STORAGES:
             raise FormatError("quantized tensor without a quantized storage")
         view = self._view(*args[:4], None, args[5] if len(args) > 5 else False)
         if scheme.startswith("per_channel") and not (0 <= params[3] < len(view.shape) and all(
@@ -348,7 +345,7 @@ def _visit_dict(d: dict, visit: Callable[[Any], Any]) -> None:
         d[k] = visit(d[k])
 
 
-def storage_type(value: Any, table: dict[str, str] = STORAGE_DTYPES) -> str:
+def storage_type(value: Any, table: dict[str, str] = STORAGE_TYPES) -> str:
     """The dtype of a storage class a pickle names (``table``: torch.save's classes, or a TorchScript archive's)."""
     name = value.name if isinstance(value, Global) else None
     short = name.rsplit(".", 1)[-1] if name and name.startswith("torch.") else None
