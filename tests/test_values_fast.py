@@ -155,22 +155,22 @@ def test_bytes_equal_in_place_and_through_copies(tmp_path, monkeypatch, libc):
     mapped file bytes as diff reads them."""
     import mmap
 
-    from paramtool import compare
+    from paramtool import numeric
 
     if not libc:
-        monkeypatch.setattr(compare, "_MEMCMP", None)
-    elif compare._memcmp() is None:
+        monkeypatch.setattr(numeric, "_MEMCMP", None)
+    elif numeric._memcmp() is None:
         pytest.skip("no libc memcmp to call here")
     data = bytes(range(256)) * 20000  # 5 MB: several 1 MiB blocks and a short last one
     (tmp_path / "f").write_bytes(data)
     with open(tmp_path / "f", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
-        assert compare.bytes_equal(memoryview(mm), memoryview(bytearray(data)))
+        assert numeric.bytes_equal(memoryview(mm), memoryview(bytearray(data)))
         for at in (0, (1 << 20) - 1, 1 << 20, len(data) - 1):
             other = bytearray(data)
             other[at] ^= 1
-            assert not compare.bytes_equal(memoryview(mm), memoryview(other)), at
-        assert not compare.bytes_equal(memoryview(mm), memoryview(data[:-1]))
-    assert compare.bytes_equal(memoryview(b""), memoryview(bytearray()))
+            assert not numeric.bytes_equal(memoryview(mm), memoryview(other)), at
+        assert not numeric.bytes_equal(memoryview(mm), memoryview(data[:-1]))
+    assert numeric.bytes_equal(memoryview(b""), memoryview(bytearray()))
 
 
 def test_ties_values_equal_bytes_only(tmp_path, run, monkeypatch):

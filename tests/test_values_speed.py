@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from conftest import launch_without
 from paramtool import compare, numeric, sources
 from paramtool import stats as st
-from paramtool.formats.storage import drop_mapped
+from paramtool.numeric import drop_mapped
 
 N = 300_001  # more than one chunk (numeric.CHUNK), not a multiple of it
 
@@ -145,7 +145,7 @@ def test_numpy_diff_equals_torch_diff(tmp_path, rtol, atol):
         ra, rb = ca.raw_bytes(name), cb.raw_bytes(name)
         dtype = str(a[name].dtype).removeprefix("torch.")
         expected = compare.compare_tensors(a[name], b[name], rtol, atol)
-        if rtol == 0 and atol == 0 and compare.bytes_equal(ra, rb):
+        if rtol == 0 and atol == 0 and numeric.bytes_equal(ra, rb):
             assert expected is None, name
             continue
         sums = compare.compare_raw(ra, rb, dtype, rtol, atol)
@@ -201,7 +201,7 @@ def test_reading_a_mapped_tensor_releases_its_pages(tmp_path):
     assert math.isclose(result.std, t.double().std().item(), rel_tol=1e-12)
     other = ckpt.raw_bytes("w")
     before = _rss_kib()
-    assert compare.bytes_equal(raw, other)
+    assert numeric.bytes_equal(raw, other)
     assert _rss_kib() - before < 16 * 1024
     assert bytes(raw[-4096:]) == t.reshape(-1).view(torch.uint8).numpy()[-4096:].tobytes()  # pages come back
 

@@ -44,57 +44,6 @@ def _describe(t: Any) -> dict:
     return {"shape": shape, "dtype": str(t.dtype).removeprefix("torch.")}
 
 
-def bytes_equal(a: memoryview, b: memoryview, block: int = 1 << 20) -> bool:
-    """Two byte buffers compared in place a block at a time by libc's ``memcmp`` (through ctypes, which lets
-    go of the GIL: two pairs compare at once on two cores); where there is no libc to call, through small
-    ``bytes`` copies (a memoryview compares element by element, 20x slower). Mapped pages already compared are
-    dropped from the process block by block (``storage.drop_mapped``), so memory stays at a few blocks whatever
-    the tensors' size."""
-    from .formats.storage import drop_mapped
-
-    if a.nbytes != b.nbytes:
-        return False
-    memcmp = _memcmp()
-    if memcmp is not None:
-        np = numeric.numpy()
-        pa = np.frombuffer(a, dtype="u1").ctypes.data if a.nbytes else 0
-        pb = np.frombuffer(b, dtype="u1").ctypes.data if b.nbytes else 0
-
-        def same(i: int, j: int) -> bool:
-            return memcmp(pa + i, pb + i, j - i) == 0
-    else:
-        def same(i: int, j: int) -> bool:
-            return all(bytes(a[k : min(k + (1 << 16), j)]) == bytes(b[k : min(k + (1 << 16), j)])
-                       for k in range(i, j, 1 << 16))
-    for start in range(0, a.nbytes, block):
-        end = min(start + block, a.nbytes)
-        if not same(start, end):
-            return False
-        drop_mapped(a, start, end)
-        drop_mapped(b, start, end)
-    return True
-
-
-def _memcmp() -> Any:
-    """libc's ``memcmp(void *, void *, size_t)`` through ctypes, or None where there is none to load (or no
-    numpy to give a buffer's address)."""
-    global _MEMCMP
-    if _MEMCMP is False:
-        try:
-            import ctypes
-
-            numeric.numpy()
-            fn = ctypes.CDLL(None).memcmp
-            fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t), ctypes.c_int
-            _MEMCMP = fn
-        except (ImportError, OSError, AttributeError):
-            _MEMCMP = None
-    return _MEMCMP
-
-
-_MEMCMP: Any = False  # not looked up yet
-
-
 def _info(i: Any) -> dict:
     return {"shape": list(i.shape), "dtype": i.dtype}
 
@@ -231,7 +180,7 @@ def _changed(sums: tuple[float, float, float, float, float], a: dict, b: dict) -
 def compare_raw(ra: memoryview, rb: memoryview, dtype: str, rtol: float, atol: float) -> tuple | None:
     """``compare_tensors``' numbers from two tensors' bytes with numpy (``numeric``), no torch: None when they
     are within the tolerances (``isclose``), else the sums ``_changed`` reports. With rtol = atol = 0 the
-    bytes are known to differ (``bytes_equal`` said so). Chunk pairs are read in step, their mapped pages
+    bytes are known to differ (``numeric.bytes_equal`` said so). Chunk pairs are read in step, their mapped pages
     dropped behind."""
     with numeric.quiet():
         if (rtol or atol) and all(numeric.all_close(xa, xb, rtol, atol)
@@ -263,7 +212,7 @@ def diff(a: Checkpoint, b: Checkpoint, rtol: float = 0.0, atol: float = 0.0) -> 
             return compare_tensors(a.tensor(name), b.tensor(name), rtol, atol)
         ra, rb = a.raw_bytes(name), b.raw_bytes(name)
         mapped = ra is not None and rb is not None
-        if mapped and rtol == 0 and atol == 0 and bytes_equal(ra, rb):  # bit-exact: the mapped bytes decide
+        if mapped and rtol == 0 and atol == 0 and numeric.bytes_equal(ra, rb):  # bit-exact: the mapped bytes decide
             return None
         if mapped and numeric.supports(ia.dtype):  # numpy on the mapped bytes, no torch
             sums = compare_raw(ra, rb, ia.dtype, rtol, atol)

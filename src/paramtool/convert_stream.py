@@ -125,7 +125,7 @@ def write_safetensors(path: str, stored: list[TensorInfo], meta: dict[str, str] 
     (``cast.cast`` where the dtype changes) and cut to their view, the next one on a worker thread while this
     one is written, one storage in memory at a time."""
     from .formats import safetensors_fmt
-    from .formats.storage import _ahead, _as_bytes
+    from .formats.storage import produce_ahead, as_bytes
 
     bad = next((t for t in stored if t.dtype not in safetensors_fmt.CODES), None)
     if bad is not None:
@@ -142,7 +142,7 @@ def write_safetensors(path: str, stored: list[TensorInfo], meta: dict[str, str] 
         reader.recycle(t.storage, storage)
         return view
 
-    made = _ahead(todo, produce)
+    made = produce_ahead(todo, produce)
     with _reading_ahead(todo), open(path, "wb") as out:
         out.write(safetensors_fmt.header([(t.name, t.dtype, tuple(t.shape)) for t in stored], meta))
         for t in stored:
@@ -153,7 +153,7 @@ def write_safetensors(path: str, stored: list[TensorInfo], meta: dict[str, str] 
                     out.write(part)
             else:
                 _, data = next(made)
-                out.write(_as_bytes(data))
+                out.write(as_bytes(data))
                 reader.recycle(t.storage, data)
                 del data
 
@@ -225,7 +225,7 @@ def _only_tensors(root: Any) -> bool:
     return False
 
 
-def _sharded_root(listing: Any) -> dict[str, Any]:
+def sharded_root(listing: Any) -> dict[str, Any]:
     """The merged flat state dict (``pt_root``'s for shards) with each stand-in's storage keyed as the sharded
     reader names it, ``(shard, key in shard)``; one stand-in stays one (a tie within a shard)."""
     done: dict[int, Any] = {}
@@ -244,13 +244,13 @@ def write_pt(path: str, root: Any, reader: StorageReader, cast: Cast | None = No
     no torch), else cast as they are read where they can be (``cast.chunks``: surgery's ``Cast``), else read
     and cast by torch (``cast.cast``), the next one on a worker thread while this one is written."""
     from .formats import pt
-    from .formats.storage import _ahead, _as_bytes
+    from .formats.storage import produce_ahead, as_bytes
 
     pickled, storages = pt.pickle_with_storages(root)
     as_is = {key for key, out in storages.items() if reader.chunks is not None and not _changes(out, reader)}
     chunked = _cast_chunks({key: out for key, out in storages.items() if key not in as_is}, reader, cast)
     todo = [key for key in storages if key not in as_is and key not in chunked]
-    made = _ahead(todo, lambda key: _storage(key, storages[key].dtype, reader, cast))
+    made = produce_ahead(todo, lambda key: _storage(key, storages[key].dtype, reader, cast))
 
     def records() -> Any:
         for key, out in storages.items():
@@ -261,7 +261,7 @@ def write_pt(path: str, root: Any, reader: StorageReader, cast: Cast | None = No
                 continue
             _, data = next(made)
             _check_size(out, data.numel() * data.element_size())
-            yield out.key, _as_bytes(data)
+            yield out.key, as_bytes(data)
             reader.recycle(key, data)
             del data
 
@@ -320,7 +320,7 @@ def convert_streamed(src: Any, listing: Any, output: Any, drop_extra: bool,
             raise ParamtoolError(
                 f"safetensors cannot hold non-tensor entries ({shown}); pass --drop-extra to write the tensors only")
     else:
-        root = _sharded_root(listing) if src.layout.split else pt_root(listing)
+        root = sharded_root(listing) if src.layout.split else pt_root(listing)
         if src.layout.placeholder_values and (not _only_tensors(root) or (listing.key and root is listing.root)):
             return False  # non-tensor entries are placeholders here; a --key load reads only its sub-tree
     reader = open_reader(src, listing)

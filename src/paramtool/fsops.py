@@ -25,7 +25,7 @@ import os
 import signal
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 TMP_TAG = ".paramtool-tmp-"
 OLD_MARK = "old~"  # a temporary holding the previous version of a directory that was moved aside
@@ -451,17 +451,25 @@ def _on_bus_error(signum: int) -> None:
     """SIGBUS: a mapped input file was cut short by another process, and a read touched a page past its new
     end. The faulting read cannot go on, so the process ends here, as an interrupt does (temporaries
     removed), with one ``error:`` line naming the input instead of a crash."""
-    from .formats.pins import shrunk
-
     with _lock:
         live = list(_live)
     for path in reversed(live):
         discard(path)
-    which = shrunk()
+    which = _shrunk_input[0]()
     what = f"{which} changed while being read (truncated)" if which else "an input file changed while being read (truncated)"
     with contextlib.suppress(OSError):
         os.write(2, f"error: {what}; run the command again\n".encode("utf-8", "replace"))
     os._exit(FAILURE[0])
+
+
+_shrunk_input: list[Callable[[], str | None]] = [lambda: None]  # which input was cut short (``on_bus_error_name``)
+
+
+def on_bus_error_name(find: Callable[[], str | None]) -> None:
+    """Name the input a bus error reports with ``find()`` (an input that is now shorter than when read; None:
+    unknown). ``formats.pins``, which knows the inputs, registers itself here, so this module imports nothing
+    of the formats. ``find`` runs inside the SIGBUS handler: system calls only."""
+    _shrunk_input[0] = find
 
 
 _bus_handler = None  # the C-callable SIGBUS handler, kept alive for the life of the process

@@ -7,7 +7,7 @@ with the same float64 accumulation as the torch path in ``stats``/``compare``: t
 float64 rounding, and the same histogram bins. Everything else (float8, complex, views into larger storages,
 formats without byte ranges) goes through torch as before.
 
-Mapped pages are dropped from the process behind the chunk being computed (``storage.drop_mapped``), so memory
+Mapped pages are dropped from the process behind the chunk being computed (``drop_mapped``), so memory
 stays at a few chunks whatever the tensor's size.
 """
 from __future__ import annotations
@@ -19,14 +19,11 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from .formats.dtypes import NUMPY, PLAIN_FLOATS
 from .toc import itemsize
 
 CHUNK = 1 << 18  # values per chunk: 2 MiB as float64, so the passes over one chunk run from the CPU cache
 
-# paramtool dtype name -> numpy dtype (little-endian, as both formats store them); bfloat16 is read as its
-# 16 bits and widened exactly to float32 (its upper half)
-_DTYPES = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int64": "<i8",
-           "int32": "<i4", "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "?"}
 
 _local = threading.local()
 
@@ -44,7 +41,7 @@ def numpy() -> Any:
 
 def supports(dtype: str) -> bool:
     """Can these kernels read this dtype (and is numpy installed)?"""
-    if dtype not in _DTYPES:
+    if dtype not in NUMPY:
         return False
     try:
         numpy()
@@ -66,10 +63,8 @@ def values(raw: memoryview, dtype: str, slot: int = 0, chunk: int = CHUNK) -> It
     (bfloat16 widened to float32). When ``raw`` is a read-only file mapping (``StorageFile.raw``), the pages of
     each chunk are dropped once the next one is asked for. Generators read in step need their own ``slot``
     (the buffer bfloat16 is widened into)."""
-    from .formats.storage import drop_mapped
-
     np = numpy()
-    arr = np.frombuffer(raw, dtype=_DTYPES[dtype])
+    arr = np.frombuffer(raw, dtype=NUMPY[dtype])
     size = arr.itemsize
     for start in range(0, arr.size, chunk):
         x = arr[start : start + chunk]
@@ -219,7 +214,6 @@ def quiet() -> Any:
 # its kernels ran (0xffff or 0x7fc0 for bfloat16, by length and source dtype); here a NaN becomes bfloat16's
 # 0x7fc0, float16's NaN of x86's F16C conversion (sign, quiet bit, top mantissa bits) and float32's quiet NaN.
 
-_CAST_FROM = frozenset({"float64", "float32", "float16", "bfloat16"})
 # target -> (bits dtype, magnitude mask, infinity's bits)
 _CAST_TO = {"float32": ("<u4", 0x7FFFFFFF, 0x7F800000), "float16": ("<u2", 0x7FFF, 0x7C00),
             "bfloat16": ("<u2", 0x7FFF, 0x7F80)}
@@ -228,7 +222,7 @@ _BF16_OVERFLOW = 0x7F7F8000  # float32 magnitudes from here up round to bfloat16
 
 def can_cast(src: str, dst: str) -> bool:
     """Can ``cast_values`` cast ``src`` values to ``dst`` (and is numpy installed)?"""
-    return src != dst and src in _CAST_FROM and dst in _CAST_TO and supports(src)
+    return src != dst and src in PLAIN_FLOATS and dst in _CAST_TO and supports(src)
 
 
 def cast_values(raw: Any, src: str, dst: str, bufs: dict[str, Any]) -> tuple[Any, int]:
@@ -264,7 +258,7 @@ def _specials(raw: Any, src: str, dst: str, u: Any, out: Any) -> int:
     """The rare chunk with an infinity or a NaN in the result: count the finite inputs that became infinite,
     and give each NaN the NaN this module writes (see above). Arrays of the chunk's size, once."""
     np = numpy()
-    xin = np.frombuffer(raw, dtype=_DTYPES[src], count=out.size)
+    xin = np.frombuffer(raw, dtype=NUMPY[src], count=out.size)
     if src == "bfloat16":
         xin = np.left_shift(xin, 16, dtype="<u4").view("<f4")
     kind, mask, inf = _CAST_TO[dst]
@@ -285,7 +279,7 @@ def _as_float32(raw: Any, src: str, n: int, buf: Any) -> Any:
     """``raw``'s values as float32 (exact, or rounded to nearest even from float64): a view of ``raw`` when it
     holds float32, else written into ``buf`` (``n`` 32-bit values)."""
     np = numpy()
-    x = np.frombuffer(raw, dtype=_DTYPES[src], count=n)
+    x = np.frombuffer(raw, dtype=NUMPY[src], count=n)
     if src == "float32":
         return x
     if src == "bfloat16":
@@ -304,3 +298,69 @@ def sized(bufs: dict[str, Any], slot: str, n: int, dtype: str, least: int = 0) -
     if buf is None or buf.size < n:
         buf = bufs[slot] = numpy().empty(max(n, least), dtype=dtype)
     return buf[:n]
+
+
+def drop_mapped(view: memoryview, start: int, stop: int) -> None:
+    """Drop the whole pages of ``view[start:stop]`` (a ``raw_storage`` view, already read) from this process:
+    they stay in the page cache, and a later access faults them back in, but they no longer count toward its
+    memory, so reading a large tensor through its mapping costs a few pages at a time. Only read-only
+    mappings are touched (there MADV_DONTNEED cannot lose a write); anything else is left alone."""
+    import mmap
+
+    mm = view.obj
+    if not (view.readonly and isinstance(mm, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED")) or mm.closed:
+        return
+    base = len(mm) - view.nbytes  # where the view starts in its mapping: it ends where the mapping ends
+    lo = -(-(base + start) // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = (base + stop) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo >= 0:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def bytes_equal(a: memoryview, b: memoryview, block: int = 1 << 20) -> bool:
+    """Two byte buffers compared in place a block at a time by libc's ``memcmp`` (through ctypes, which lets
+    go of the GIL: two pairs compare at once on two cores); where there is no libc to call, through small
+    ``bytes`` copies (a memoryview compares element by element, 20x slower). Mapped pages already compared are
+    dropped from the process block by block (``drop_mapped``), so memory stays at a few blocks whatever
+    the tensors' size."""
+    if a.nbytes != b.nbytes:
+        return False
+    memcmp = _memcmp()
+    if memcmp is not None:
+        np = numpy()
+        pa = np.frombuffer(a, dtype="u1").ctypes.data if a.nbytes else 0
+        pb = np.frombuffer(b, dtype="u1").ctypes.data if b.nbytes else 0
+
+        def same(i: int, j: int) -> bool:
+            return memcmp(pa + i, pb + i, j - i) == 0
+    else:
+        def same(i: int, j: int) -> bool:
+            return all(bytes(a[k : min(k + (1 << 16), j)]) == bytes(b[k : min(k + (1 << 16), j)])
+                       for k in range(i, j, 1 << 16))
+    for start in range(0, a.nbytes, block):
+        end = min(start + block, a.nbytes)
+        if not same(start, end):
+            return False
+        drop_mapped(a, start, end)
+        drop_mapped(b, start, end)
+    return True
+
+
+def _memcmp() -> Any:
+    """libc's ``memcmp(void *, void *, size_t)`` through ctypes, or None where there is none to load (or no
+    numpy to give a buffer's address)."""
+    global _MEMCMP
+    if _MEMCMP is False:
+        try:
+            import ctypes
+
+            numpy()
+            fn = ctypes.CDLL(None).memcmp
+            fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t), ctypes.c_int
+            _MEMCMP = fn
+        except (ImportError, OSError, AttributeError):
+            _MEMCMP = None
+    return _MEMCMP
+
+
+_MEMCMP: Any = False  # not looked up yet

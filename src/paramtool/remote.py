@@ -654,13 +654,13 @@ class RemoteStorage:
         return header + 30 + name_len + extra_len
 
     def read_storage(self, key: Any) -> Any:
-        from .formats.storage import _torch_dtype
+        from .formats.dtypes import torch_dtype
         from .toc import itemsize
 
         span = self._span(key)
         buf = self._buffer(span.nbytes)
         self._read_into(key, span, buf.numpy())
-        return buf.view(_torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else buf
+        return buf.view(torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else buf
 
     def map_storage(self, key: Any) -> Any:
         return self.read_storage(key)

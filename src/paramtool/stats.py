@@ -8,13 +8,12 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .formats.dtypes import TORCH_MINMAX
 from .pipeline import scratch
 from .records import dataclass
 
 CHUNK = 1 << 18  # values per chunk: 2 MiB as float64, so the passes over one chunk run from the CPU cache
 
-# dtypes torch's aminmax / count_nonzero take as they are; the others are read through the float64 buffer
-_NATIVE = ("float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8")
 
 
 @dataclass
@@ -98,7 +97,7 @@ def _torch_moments(chunk: Any) -> tuple[int, float, float, int, float, float, fl
     import torch
 
     k = chunk.numel()
-    own = chunk if str(chunk.dtype).removeprefix("torch.") in _NATIVE else None
+    own = chunk if str(chunk.dtype).removeprefix("torch.") in TORCH_MINMAX else None
     wide = scratch(k)
     wide.copy_(chunk.real if chunk.is_complex() else chunk)
     lo, hi = torch.aminmax(own if own is not None else wide)

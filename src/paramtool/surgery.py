@@ -20,6 +20,7 @@ from typing import Any
 from . import formats, tree
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError, UsageError
+from .formats.dtypes import ALIASES, PLAIN_FLOATS
 from .ops import Report
 from .records import dataclass, field, replace
 from .select import module_path, select, unknown_name
@@ -28,9 +29,6 @@ from .toc import TensorInfo
 from .tree import OPTIMIZER_KEYS
 
 # --dtype spellings -> torch dtype names
-DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-               "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
-FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 
 
 @dataclass
@@ -290,9 +288,9 @@ def _warn_positional_optimizer(root: Any, report: SurgeryReport) -> None:
 
 
 def target_dtype(text: str) -> str:
-    if text not in DTYPE_NAMES:
+    if text not in ALIASES:
         raise UsageError(f"--dtype must be bf16, fp16 or fp32, not '{text}'")
-    return DTYPE_NAMES[text]
+    return ALIASES[text]
 
 
 def plan_cast(ckpt: Checkpoint, dtype: str, keep: list[str], directory: str | None = None) -> Surgery:
@@ -314,7 +312,7 @@ def plan_cast(ckpt: Checkpoint, dtype: str, keep: list[str], directory: str | No
     report = SurgeryReport(f"cast to {dtype}")
     todo: list[str] = []
     for info in infos:
-        if info.dtype not in FLOAT_DTYPES or info.dtype == dtype:
+        if info.dtype not in PLAIN_FLOATS or info.dtype == dtype:
             continue
         group = groups.get(info.name, [info.name])
         if kept & set(group):
@@ -323,7 +321,7 @@ def plan_cast(ckpt: Checkpoint, dtype: str, keep: list[str], directory: str | No
             continue
         todo.append(info.name)
     if not todo:
-        floats = [i for i in infos if i.dtype in FLOAT_DTYPES]
+        floats = [i for i in infos if i.dtype in PLAIN_FLOATS]
         why = ("no floating-point tensors" if not floats else
                f"every floating-point tensor is already {dtype} or kept")
         raise ParamtoolError(f"nothing to cast to {dtype}: {why}")
@@ -342,29 +340,11 @@ def plan_cast(ckpt: Checkpoint, dtype: str, keep: list[str], directory: str | No
     return Surgery(report, lambda c: cast_in(c, dtype, chosen, report), cast=(dtype, chosen), sidecars=sidecars)
 
 
-def cast_storage(flat: Any, dtype: str) -> tuple[Any, int]:
-    """A 1-D storage cast to ``dtype``, and how many finite values became infinite (overflow).
-
-    One extra pass over the result, not over the input: its min and max (``aminmax``, no temporary tensor)
-    are finite unless an inf or a NaN is there, and only then are the overflows counted exactly."""
-    import math
-
-    import torch
-
-    out = flat.to(getattr(torch, dtype))
-    overflow = 0
-    if out.numel() and torch.finfo(out.dtype).max < torch.finfo(flat.dtype).max:
-        lo, hi = torch.aminmax(out)
-        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):  # the rare case: count exactly
-            step = 1 << 22  # in chunks: three bool tensors of a chunk, not of the storage
-            overflow = sum(int((torch.isinf(out[i:i + step]) & torch.isfinite(flat[i:i + step])).sum())
-                           for i in range(0, out.numel(), step))
-    return out, overflow
-
-
 def cast_in(ckpt: Checkpoint, dtype: str, chosen: frozenset[str], report: SurgeryReport) -> None:
     """Cast the chosen names of a loaded checkpoint, one storage at a time; views keep their layout."""
     import torch
+
+    from .surgery_stream import cast_storage, record_overflow
 
     _flatten_module(ckpt)
     _forget_tie_metadata(ckpt)
@@ -383,13 +363,6 @@ def cast_in(ckpt: Checkpoint, dtype: str, chosen: frozenset[str], report: Surger
         for info in members:
             _replace_like(ckpt, info.name, new.as_strided(info.shape, info.stride, info.offset))
     record_overflow(report, overflows, dtype)
-
-
-def record_overflow(report: SurgeryReport, overflows: dict[str, int], dtype: str) -> None:
-    if overflows:
-        total = sum(overflows.values())
-        report.warnings.append(f"{total} value(s) overflow {dtype} and became inf: "
-                               + ", ".join(f"{n} ({k})" for n, k in overflows.items()))
 
 
 def _replace_like(ckpt: Checkpoint, name: str, value: Any) -> None:
@@ -549,7 +522,7 @@ def write(src: Any, listing: Checkpoint, plan: Surgery, output: Any, drop_extra:
     ckpt = listing if listing.layout.in_memory else load(src, listing.key)
     run_on(ckpt, plan)
     if output.layout.placeholder_values:  # DCP
-        writer._write_dcp(ckpt, output)
+        writer.write_dcp(ckpt, output)
     else:
         writer.write_checkpoint(ckpt, output, drop_extra)
 
@@ -613,7 +586,7 @@ def _write_sharded(src: Any, listing: Any, plan: Surgery, output: Any, drop_extr
         return raw
 
     if output.in_place:
-        writer._commit_in_place(index, build, started, new_index)
+        writer.commit_in_place(index, build, started, new_index)
     else:
         writer.commit_directory(output.path, build)
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 import copy
 import os
 from collections import OrderedDict
-from typing import Any, Hashable
+from typing import TYPE_CHECKING, Any, Hashable
 
 from . import tree
 from .checkpoint import Checkpoint
 from .records import replace
 from .toc import FakeTensor, TensorInfo, contiguous_stride
+
+if TYPE_CHECKING:
+    from .surgery import SurgeryReport
 
 _PLAIN = (str, int, float, bool, bytes, type(None))
 
@@ -50,12 +53,12 @@ def can_stream(listing: Checkpoint, plan: Any, output_layout: Any = None) -> boo
 def _into_one_file(listing: Any, plan: Any, output_layout: Any) -> bool:
     """Can the result go into one file of another format than the input's, as the loaded path would write
     it? Not with ``--key`` (a sub-tree), or non-tensor entries into safetensors (the loaded path says why)."""
-    from .writer import _non_tensor_entries
+    from .writer import non_tensor_entries
 
     if output_layout is None or not output_layout.single_file or plan.sidecars or listing.key is not None:
         return False
     if not output_layout.holds_non_tensors:
-        return not any(_non_tensor_entries(p) for p in (getattr(listing, "parts", None) or {"": listing}).values())
+        return not any(non_tensor_entries(p) for p in (getattr(listing, "parts", None) or {"": listing}).values())
     return True
 
 
@@ -129,7 +132,7 @@ def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
     and written by ``convert_stream``'s writers: bytes that stay as they are are copied, the next storage to
     cast is read and cast on a worker thread while the current one is written."""
     from . import writer
-    from .convert_stream import _sharded_root, memory_bound, reader_of, write_pt
+    from .convert_stream import sharded_root, memory_bound, reader_of, write_pt
 
     reader = reader_of(listing)
     out = transformed(listing, plan)
@@ -140,16 +143,14 @@ def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
             if not output.layout.holds_non_tensors:
                 _write_safetensors(listing, out, reader, path, cast)
             else:
-                write_pt(path, _sharded_root(out) if getattr(out, "parts", None) else out.root, reader, cast)
-        writer._verify_file(out, output.format, path)
+                write_pt(path, sharded_root(out) if getattr(out, "parts", None) else out.root, reader, cast)
+        writer.verify_file(out, output.format, path)
 
     try:
         writer.emit(output, write_to)
     finally:
         reader.close()
     if plan.cast:
-        from .surgery import record_overflow
-
         record_overflow(plan.report, _overflow_names(out, cast.overflows), plan.cast[0])
     return out
 
@@ -185,8 +186,6 @@ class Cast:
 
     def cast(self, key: Hashable, dtype: str) -> Any:
         """Storage ``key`` read whole and cast by torch."""
-        from .surgery import cast_storage
-
         flat = self.reader.read(key)
         out, overflow = cast_storage(flat, dtype)
         self.reader.recycle(key, flat)
@@ -216,3 +215,33 @@ def _write_safetensors(listing: Checkpoint, out: Checkpoint, reader: Any, path: 
     old_stored = set(listing.names) - set(listing.meta_ties)
     _, _, rest = safetensors_fmt.split_metadata(dict(listing.metadata or {}), old_stored)  # old tie records go
     write_safetensors(path, *safetensors_fmt.layout(out.infos(), rest), reader, cast)
+
+
+def cast_storage(flat: Any, dtype: str) -> tuple[Any, int]:
+    """A 1-D storage cast to ``dtype``, and how many finite values became infinite (overflow).
+
+    One extra pass over the result, not over the input: its min and max (``aminmax``, no temporary tensor)
+    are finite unless an inf or a NaN is there, and only then are the overflows counted exactly."""
+    import math
+
+    import torch
+
+    from .formats.dtypes import torch_dtype
+
+    out = flat.to(torch_dtype(dtype))
+    overflow = 0
+    if out.numel() and torch.finfo(out.dtype).max < torch.finfo(flat.dtype).max:
+        lo, hi = torch.aminmax(out)
+        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):  # the rare case: count exactly
+            step = 1 << 22  # in chunks: three bool tensors of a chunk, not of the storage
+            overflow = sum(int((torch.isinf(out[i:i + step]) & torch.isfinite(flat[i:i + step])).sum())
+                           for i in range(0, out.numel(), step))
+    return out, overflow
+
+
+def record_overflow(report: SurgeryReport, overflows: dict[str, int], dtype: str) -> None:
+    """Warn, in the report, of the values that became inf by a cast to ``dtype`` (``{name: count}``)."""
+    if overflows:
+        total = sum(overflows.values())
+        report.warnings.append(f"{total} value(s) overflow {dtype} and became inf: "
+                               + ", ".join(f"{n} ({k})" for n, k in overflows.items()))

@@ -168,7 +168,7 @@ def value_ties(tensor_of: Callable[[str], Any], infos: list[TensorInfo],
     """
     import zlib
 
-    from .compare import bytes_equal
+    from .numeric import bytes_equal
     from .pipeline import ordered_map
 
     tied = {t.name for g in storage_groups(infos) for t in g[1:]}

@@ -123,7 +123,7 @@ def _plan_directory_output(src: Source, out: str | None, in_place: bool, fmt: st
     return Output(out, fmt or formats.for_output_path(out, formats.PT).name)
 
 
-def _non_tensor_entries(ckpt: Checkpoint) -> list[str]:
+def non_tensor_entries(ckpt: Checkpoint) -> list[str]:
     """What a safetensors file cannot hold: non-tensor entries and tensors outside the listed names."""
     if tree.is_module(ckpt.root):
         return []
@@ -173,7 +173,7 @@ def _pt_root(ckpt: Checkpoint, narrow: bool, drop_extra: bool) -> tuple[Any, tre
 def _write_to(ckpt: Checkpoint, fmt: str, path: str, drop_extra: bool, narrow: bool = False) -> None:
     layout = formats.by_name(fmt)
     if not layout.holds_non_tensors:  # safetensors
-        dropped = _non_tensor_entries(ckpt)
+        dropped = non_tensor_entries(ckpt)
         if dropped and not drop_extra:
             # (the CLI escapes the whole error line before it reaches a terminal)
             shown = ", ".join(dropped[:6]) + (f" and {len(dropped) - 6} more" if len(dropped) > 6 else "")
@@ -185,7 +185,7 @@ def _write_to(ckpt: Checkpoint, fmt: str, path: str, drop_extra: bool, narrow: b
         layout.save(_pt_root(ckpt, narrow, drop_extra)[0], None, path)
 
 
-def _verify(ckpt: Checkpoint, written: Source, key: str | None) -> None:
+def verify_written(ckpt: Checkpoint, written: Source, key: str | None) -> None:
     """Read what was written back (its table of contents): every name must be there, same shape and dtype."""
     from .sources import open_listing
 
@@ -195,7 +195,8 @@ def _verify(ckpt: Checkpoint, written: Source, key: str | None) -> None:
         raise ParamtoolError(f"verification of the written checkpoint failed at '{bad}'; nothing was replaced")
 
 
-def _verify_file(ckpt: Checkpoint, fmt: str, path: str, narrow: bool = False, drop_extra: bool = False) -> None:
+def verify_file(ckpt: Checkpoint, fmt: str, path: str, narrow: bool = False, drop_extra: bool = False) -> None:
+    """Read back the file just written at ``path`` as ``fmt`` and check it holds ``ckpt`` as written."""
     from .sources import sniff_file
 
     written = Source(path, "file", path, sniff_file(path))
@@ -214,7 +215,7 @@ def _verify_at(ckpt: Checkpoint, written: Source, base: tree.Path | None) -> Non
         if bad is not None:
             raise ParamtoolError(f"verification of the written checkpoint failed at '{bad}'; nothing was replaced")
         return
-    _verify(ckpt, written, ckpt.key if base == () else None)  # the same container: the same key
+    verify_written(ckpt, written, ckpt.key if base == () else None)  # the same container: the same key
 
 
 def _failure(target: str, e: OSError) -> ParamtoolError:
@@ -314,7 +315,7 @@ def write_checkpoint(ckpt: Checkpoint, output: Output, drop_extra: bool = False,
 
     def write(path: str) -> None:
         _write_to(ckpt, output.format, path, drop_extra, narrow)
-        _verify_file(ckpt, output.format, path, narrow, drop_extra)
+        verify_file(ckpt, output.format, path, narrow, drop_extra)
 
     emit(output, write)
 
@@ -343,7 +344,7 @@ def write_streamed(storage_file: Any, listing: Checkpoint, plan: Any, output: Ou
 
     def write(path: str) -> None:
         storage_file.patch(path, list(by_key), produce)
-        _verify_file(listing, output.format, path)
+        verify_file(listing, output.format, path)
 
     emit(output, write)
 
@@ -361,7 +362,7 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
     if output.layout.placeholder_values:  # DCP
         ckpt = load(src, listing.key)
         ops.execute(plan, ckpt)
-        _write_dcp(ckpt, output, plan.narrow)
+        write_dcp(ckpt, output, plan.narrow)
         return
     same_format = src.layout is not None and src.layout.can_patch(output.layout)
     narrow = plan.narrow and listing.key is not None
@@ -376,9 +377,9 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
     if not plan.actions and not plan.untie and src.layout is not None:  # a conversion: streamed
         from .convert_stream import convert_streamed
 
-        if convert_streamed(src, listing, output, drop_extra, _non_tensor_entries,
+        if convert_streamed(src, listing, output, drop_extra, non_tensor_entries,
                             lambda c: _pt_root(c, narrow, drop_extra)[0],
-                            lambda path: _verify_file(listing, output.format, path, narrow, drop_extra), emit):
+                            lambda path: verify_file(listing, output.format, path, narrow, drop_extra), emit):
             return
     ckpt = listing if listing.layout.in_memory else load(src, listing.key)
     ops.execute(plan, ckpt)
@@ -433,7 +434,7 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
         return {shard: tmp for shard, tmp in written.items() if tmp is not None}
 
     if output.in_place:
-        _commit_in_place(index, build, started)
+        commit_in_place(index, build, started)
     else:
         commit_directory(output.path, build)
 
@@ -470,8 +471,8 @@ def copy_shard_sidecars(src: Source, listing: Any, work: str, replaced: dict[str
         copy_sidecars(src.directory, weight_files(src.directory, shards), work, replaced)
 
 
-def _commit_in_place(index: Any, build: Callable[[str], dict[str, str]], started: list[str],
-                     final: Callable[[], dict | None] = lambda: None) -> None:
+def commit_in_place(index: Any, build: Callable[[str], dict[str, str]], started: list[str],
+                    final: Callable[[], dict | None] = lambda: None) -> None:
     """Write the changed shards beside the old ones and commit them through the index (``shard_commit``);
     ``final()`` (asked once the shards are written): the new index document, when the index changes."""
     fsops.clean_stale(index.directory)
@@ -568,7 +569,8 @@ def _swap_in(work: str, final: str, exists: bool) -> str | None:
     return old
 
 
-def _write_dcp(ckpt: Checkpoint, output: Output, narrow: bool = False) -> None:
+def write_dcp(ckpt: Checkpoint, output: Output, narrow: bool = False) -> None:
+    """Write ``ckpt`` as a ``torch.distributed.checkpoint`` directory at ``output``, atomically."""
     from .formats import dcp
 
     root, base = _pt_root(ckpt, narrow, False)  # the whole container, or (convert --key) the sub-tree

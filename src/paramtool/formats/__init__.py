@@ -19,6 +19,9 @@ DIRECTORY = Format("directory", is_container=True, sidecars=True)
 MODULE = Format("module", in_memory=True)
 GGUF = GgufFormat("gguf", (".gguf",), flat=True, dequantized=True)
 
+# the extensions of a model directory's weights file (a .pkl or .tar beside config.json is not its weights)
+WEIGHT_EXTENSIONS = SAFETENSORS.extensions + tuple(e for e in PT_EXTENSIONS if e not in (".pkl", ".tar"))
+
 # Sniffed in this order: GGUF's magic, a safetensors header, then the torch magic numbers (a TorchScript
 # archive before any other torch zip).
 REGISTRY: tuple[Format, ...] = (GGUF, SAFETENSORS, TORCHSCRIPT, PT, PT_LEGACY, SHARDED, DCP, DIRECTORY, MODULE)

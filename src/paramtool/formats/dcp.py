@@ -439,13 +439,13 @@ def save(state: Any, directory: str) -> None:
     from torch.distributed.checkpoint import DefaultSavePlanner
     from torch.distributed.checkpoint.planner import WriteItemType
 
-    from .pt import _PickleModule
+    from .pt import PickleModule
 
     class Planner(DefaultSavePlanner):
         def transform_object(self, write_item: Any, object: Any) -> Any:
             if write_item.type == WriteItemType.BYTE_IO:
                 buf = io.BytesIO()
-                torch.save(object, buf, pickle_module=_PickleModule)
+                torch.save(object, buf, pickle_module=PickleModule)
                 return buf
             return object
 

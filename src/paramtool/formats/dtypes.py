@@ -4,6 +4,10 @@ Imports nothing: listing uses it without torch.
 """
 from __future__ import annotations
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Any
+
 # dtype name -> bytes per element
 SIZES: dict[str, int] = {
     "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
@@ -25,6 +29,29 @@ SAFETENSORS: dict[str, str] = {
     "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu", "C64": "complex64",
 }
 
+# the plain floating-point dtypes: what ``convert --dtype`` casts and numeric's cast kernel reads (FP8 and FP4
+# values mean something only with their quantizer's scales)
+PLAIN_FLOATS = frozenset({"float64", "float32", "float16", "bfloat16"})
+
+# the spellings ``convert --dtype`` takes -> dtype names
+ALIASES: dict[str, str] = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+                           "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
+
+# dtype names -> numpy dtypes of the same bytes (little-endian, as every format stores them); bfloat16 is read
+# as its 16 bits (``numeric`` widens it exactly to float32, its upper half)
+NUMPY: dict[str, str] = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int64": "<i8",
+                         "int32": "<i4", "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "?"}
+
+# the dtypes torch's aminmax / count_nonzero take as they are (``stats`` reads the others through float64)
+TORCH_MINMAX = frozenset({"float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8"})
+
+# GGUF's unquantized tensor types -> dtype names (quantized types are dequantized to float32)
+GGUF: dict[str, str] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+                        "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
+
+# the dtypes of the storages a quantized tensor (``torch._utils._rebuild_qtensor``) sits on
+QUANTIZED_STORAGES = frozenset({"qint8", "quint8", "qint32"})
+
 # dtypes torch stores but computes nothing on (no copy, no comparison, no print): listed, diffed by their bits
 NO_ARITHMETIC = frozenset({"float4_e2m1fn_x2", "bits8", "bits16", "bits1x8", "bits2x4", "bits4x2"})
 
@@ -44,6 +71,13 @@ SCRIPT_STORAGE_TYPES: dict[str, str] = {**STORAGE_TYPES, **{f"{cpp}Storage": nam
     ("Float8_e4m3fn", "float8_e4m3fn"), ("Float8_e5m2", "float8_e5m2"), ("Float8_e4m3fnuz", "float8_e4m3fnuz"),
     ("Float8_e5m2fnuz", "float8_e5m2fnuz"), ("Float8_e8m0fnu", "float8_e8m0fnu"),
     ("Float4_e2m1fn_x2", "float4_e2m1fn_x2"), ("Bits8", "bits8"), ("Bits16", "bits16"))}}
+
+
+def torch_dtype(name: str) -> Any:
+    """The ``torch.dtype`` of a dtype name (torch is imported here, on first use, never by listing)."""
+    import torch
+
+    return getattr(torch, name)
 
 
 def kind(name: str) -> str:

@@ -16,9 +16,8 @@ from typing import Any
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, ParamtoolError, first_line
 from ..toc import FakeTensor, StorageRef, contiguous_stride, numel_of
+from .dtypes import GGUF
 
-PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
-         "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64"}
 _SHOWN = 16  # metadata arrays longer than this (a vocabulary) are summarised
 
 
@@ -40,7 +39,7 @@ def _shape(t: Any) -> tuple[int, ...]:
 
 def dtype_of(type_name: str) -> str:
     """The dtype a tensor of GGUF type ``type_name`` is read as."""
-    return PLAIN.get(type_name, "float32")
+    return GGUF.get(type_name, "float32")
 
 
 def _value(field: Any) -> str:
@@ -85,7 +84,7 @@ class GgufCheckpoint(Checkpoint):
         import torch
 
         t = self.records[name]
-        if t.tensor_type.name in PLAIN:
+        if t.tensor_type.name in GGUF:
             data = np.array(t.data, copy=True)  # out of the read-only mapping
         else:
             import gguf

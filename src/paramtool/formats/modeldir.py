@@ -18,8 +18,8 @@ from ..errors import FormatError, UsageError
 from ..fsops import is_temp
 from ..records import dataclass, field, replace
 from ..toc import TensorInfo
+from . import WEIGHT_EXTENSIONS
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 SAFETENSORS_NAME, PT_NAME = "model.safetensors", "pytorch_model.bin"
 MAX_CONFIG = 64 << 20
 
@@ -27,7 +27,7 @@ MAX_CONFIG = 64 << 20
 def find_weights(directory: str) -> str:
     """The one weights file of a directory without an index; several unrelated ones are an error naming them."""
     found = sorted(f for f in blob.listdir(directory)
-                   if f.lower().endswith(WEIGHT_SUFFIXES) and blob.isfile(os.path.join(directory, f)))
+                   if f.lower().endswith(WEIGHT_EXTENSIONS) and blob.isfile(os.path.join(directory, f)))
     if not found:
         raise FormatError(f"{directory}: a directory without weights (model.safetensors, pytorch_model.bin, *.pt, "
                           "*.pth, *.ckpt), an *.index.json or a torch.distributed .metadata")
@@ -99,14 +99,19 @@ def parse_size(text: str) -> int:
 
 def shard_names(fmt: str, count: int) -> list[str]:
     """The library's file names: ``model-00001-of-00003.safetensors``, ``pytorch_model-00001-of-00003.bin``."""
-    base, ext = ("model", ".safetensors") if fmt == "safetensors" else ("pytorch_model", ".bin")
+    base, ext = os.path.splitext(_library_name(fmt))
     if count == 1:
         return [base + ext]
     return [f"{base}-{i:05d}-of-{count:05d}{ext}" for i in range(1, count + 1)]
 
 
 def index_name(fmt: str) -> str:
-    return (SAFETENSORS_NAME if fmt == "safetensors" else PT_NAME) + ".index.json"
+    return _library_name(fmt) + ".index.json"
+
+
+def _library_name(fmt: str) -> str:
+    """The weights file ``save_pretrained`` writes in ``fmt``: ``model.safetensors``, ``pytorch_model.bin``."""
+    return SAFETENSORS_NAME if fmt == "safetensors" else PT_NAME
 
 
 def group_by_size(infos: list[TensorInfo], max_size: int) -> list[list[str]]:
@@ -419,7 +424,7 @@ def write_directory(src: Any, listing: Any, plan: Any, output: Any, drop_extra: 
     from ..sources import Source, load, sniff_file
 
     fmt = output.weights_format
-    ext = ".safetensors" if fmt == "safetensors" else ".bin"
+    ext = os.path.splitext(_library_name(fmt))[1]
 
     def build(work: str) -> None:
         if src.kind == "file" and output.max_shard_size is None:
@@ -430,14 +435,14 @@ def write_directory(src: Any, listing: Any, plan: Any, output: Any, drop_extra: 
             whole = os.path.join(work, ".whole" + ext)  # the plan carried out, in one file, then split
             write_plan(src, listing, plan, writer.Output(whole, fmt), drop_extra)
             ckpt = load(Source(whole, "file", whole, sniff_file(whole)), listing.key if fmt == "pt" else None)
-            extra = writer._non_tensor_entries(ckpt)
+            extra = writer.non_tensor_entries(ckpt)
             if extra and not drop_extra:
                 raise ParamtoolError(f"shards hold tensors only, not the non-tensor entries ({', '.join(extra[:6])}); "
                                      "pass --drop-extra to write the tensors only")
             index_metadata = dict(listing.index.metadata) if src.kind == "sharded" else {}
             write_shards(ckpt, _groups(ckpt, listing, output.max_shard_size), fmt, work, index_metadata)
             os.unlink(whole)
-            writer._verify(ckpt, _written(work), None)
+            writer.verify_written(ckpt, _written(work), None)
         if src.directory:
             parts = getattr(listing, "parts", None)
             weights = [os.path.join(listing.index.directory, s) for s in parts] if parts else [src.path]

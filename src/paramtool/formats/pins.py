@@ -19,7 +19,7 @@ import stat
 import threading
 
 from ..errors import ParamtoolError
-from ..fsops import TMP_TAG
+from ..fsops import TMP_TAG, on_bus_error_name
 
 
 class InputChanged(ParamtoolError):
@@ -153,6 +153,9 @@ def shrunk() -> str | None:
         except OSError:
             continue
     return None
+
+
+on_bus_error_name(shrunk)
 
 
 def reset() -> None:

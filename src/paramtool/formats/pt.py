@@ -365,7 +365,7 @@ class _Pickler(pickle._Pickler):  # the pure-Python pickler: it lets a stand-in 
         self.write(pickle.BUILD)
 
 
-class _PickleModule:
+class PickleModule:
     """What ``torch.save(pickle_module=...)`` needs: a ``Pickler`` class."""
 
     Pickler = _Pickler
@@ -384,7 +384,7 @@ def save(root: Any, path: str) -> None:
 
     try:
         with open(path, "wb") as f:
-            torch.save(root, f, pickle_module=_PickleModule)
+            torch.save(root, f, pickle_module=PickleModule)
     except RecursionError:
         raise FormatError("the checkpoint's containers are nested too deeply to write back") from None
     except RuntimeError as e:  # torch's zip writer saw a short write

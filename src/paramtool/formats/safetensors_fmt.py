@@ -241,14 +241,14 @@ def read_tree(path: str) -> tuple[dict[str, FakeTensor], dict[str, str] | None, 
 def view_spec(path: str, name: str, spec: dict, storage: StorageRef) -> tuple[int, tuple, tuple]:
     """A ``paramtool.ties`` entry's (offset, shape, stride), checked against the stored tensor it views as a
     pickled view is checked against its storage: integers, none negative, every element inside."""
-    from .torchfile import _check_view
+    from .torchfile import check_view
 
     shape, stride, offset = spec.get("shape"), spec.get("stride"), spec.get("offset")
     if not (isinstance(shape, list) and isinstance(stride, list) and type(offset) is int
             and all(type(d) is int for d in shape + stride)):
         raise FormatError(f"{path}: {TIES_KEY} entry for {name!r} is malformed")
     try:
-        _check_view(storage, storage.dtype, offset, tuple(shape), tuple(stride))
+        check_view(storage, storage.dtype, offset, tuple(shape), tuple(stride))
     except FormatError as e:
         raise FormatError(f"{path}: {TIES_KEY} entry for {name!r} reaches outside '{spec['of']}': "
                           f"{str(e)[:200]}") from None

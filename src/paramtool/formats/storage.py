@@ -18,6 +18,7 @@ from ..errors import FormatError, first_line
 from ..fsops import guard_mappings
 from ..records import dataclass
 from ..toc import TensorInfo, Toc, contiguous_stride, itemsize
+from .dtypes import torch_dtype
 from .pins import opened, short_read
 
 COPY_CHUNK = 1 << 24
@@ -133,12 +134,6 @@ def release_freed_memory() -> None:
         pass
 
 
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    return getattr(torch, name)
-
-
 class StorageFile:
     """Random access to the storages of one checkpoint file, described by its table of contents."""
 
@@ -196,7 +191,7 @@ class StorageFile:
         buf = self._buffer(span.nbytes)
         if span.nbytes and _pread_into(self._file.fileno(), buf.numpy(), span.offset) != span.nbytes:
             raise short_read(self.path, f"storage {key!r}")
-        return buf.view(_torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else buf
+        return buf.view(torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else buf
 
     def map_storage(self, key: Hashable) -> Any:
         """The storage's bytes mapped from the page cache (copy-on-write), as a 1-D tensor of its dtype.
@@ -210,13 +205,13 @@ class StorageFile:
 
         span = self._span(key)
         if span.nbytes == 0:
-            return torch.empty(0, dtype=_torch_dtype(span.dtype))
+            return torch.empty(0, dtype=torch_dtype(span.dtype))
         base = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
         guard_mappings()
         mm = mmap.mmap(self._file.fileno(), span.offset + span.nbytes - base, flags=mmap.MAP_PRIVATE,
                        prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
         raw = torch.frombuffer(mm, dtype=torch.uint8, count=span.nbytes, offset=span.offset - base)
-        return raw.view(_torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else raw
+        return raw.view(torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else raw
 
     def raw(self, name: str) -> Any:
         """The bytes of tensor ``name`` as a read-only memoryview of a mapping, without torch; None when the
@@ -228,7 +223,7 @@ class StorageFile:
 
     def raw_storage(self, key: Hashable) -> Any:
         """A storage's bytes as a read-only memoryview of a mapping, without torch (a conversion writes them
-        as they are). The view ends where its mapping ends (``drop_mapped`` relies on it)."""
+        as they are). The view ends where its mapping ends (``numeric.drop_mapped`` relies on it)."""
         import mmap
 
         span = self._span(key)
@@ -259,7 +254,7 @@ class StorageFile:
 
     def empty_storage(self, key: Hashable) -> Any:
         span = self.spans[key]
-        return self._buffer(span.nbytes).view(_torch_dtype(span.dtype))
+        return self._buffer(span.nbytes).view(torch_dtype(span.dtype))
 
     @staticmethod
     def view(storage: Any, info: TensorInfo) -> Any:
@@ -325,7 +320,7 @@ class ZipStorageFile(StorageFile):
             raise FormatError(f"{self.path}: record '{shared}' holds two storages (keys '0' and 0): it cannot be "
                               "changed for one of them alone")
         records = [r for r in self.reader.get_all_records() if r not in ("version", ".data/serialization_id")]
-        produced = _ahead([by_record[r] for r in records if r in by_record], produce)
+        produced = produce_ahead([by_record[r] for r in records if r in by_record], produce)
         from ..fsops import write_error
 
         # through a Python file object: on a path, torch's C++ writer aborts the process on a write error
@@ -372,9 +367,9 @@ class ArchiveStorageFile(ZipStorageFile):
             with self._lock:  # the file position is shared
                 self._file.seek(0)
                 _copy(self._file, out, size)
-            for key, data in _ahead(order, produce):
+            for key, data in produce_ahead(order, produce):
                 span = self.spans[key]
-                raw = _as_bytes(data)
+                raw = as_bytes(data)
                 if raw.nbytes != span.nbytes:  # (an edit never resizes a storage: the plan keeps shapes)
                     raise FormatError(f"{self.path}: storage {key[1]!r} would change size; nothing was written")
                 out.seek(span.offset)
@@ -393,11 +388,11 @@ class ArchiveStorageFile(ZipStorageFile):
         import struct
         import zipfile
 
-        from .torchfile import _zip_prefix
+        from .torchfile import zip_prefix
 
         with zipfile.ZipFile(self.path) as z:
             infos = {i.filename: i for i in z.infolist()}
-            prefix = _zip_prefix(z, self.path)
+            prefix = zip_prefix(z, self.path)
             start = z.start_dir
         f = self._file
         out: dict[str, list[int]] = {}
@@ -462,7 +457,7 @@ class SafetensorsStorageFile(StorageFile):
     def patch(self, out_path: str, changed: Iterable[Hashable], produce: Callable[[Hashable], Any]) -> None:
         changed = set(changed)
         ordered = sorted(self.spans.items(), key=lambda kv: kv[1].offset)
-        produced = _ahead([k for k, _ in ordered if k in changed], produce)
+        produced = produce_ahead([k for k, _ in ordered if k in changed], produce)
         from .safetensors_fmt import header_with_format
 
         header = header_with_format(self.path)  # every safetensors file written says "format": "pt"
@@ -479,7 +474,7 @@ class SafetensorsStorageFile(StorageFile):
                     _copy(self._file, out, span.offset - pos)
                 if key in changed:
                     _, data = next(produced)
-                    out.write(_as_bytes(data))
+                    out.write(as_bytes(data))
                     self.recycle(data)
                     del data
                 else:
@@ -492,23 +487,6 @@ class SafetensorsStorageFile(StorageFile):
             _copy(self._file, out, end - pos)
 
 
-def drop_mapped(view: memoryview, start: int, stop: int) -> None:
-    """Drop the whole pages of ``view[start:stop]`` (a ``raw_storage`` view, already read) from this process:
-    they stay in the page cache, and a later access faults them back in, but they no longer count toward its
-    memory, so reading a large tensor through its mapping costs a few pages at a time. Only read-only
-    mappings are touched (there MADV_DONTNEED cannot lose a write); anything else is left alone."""
-    import mmap
-
-    mm = view.obj
-    if not (view.readonly and isinstance(mm, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED")) or mm.closed:
-        return
-    base = len(mm) - view.nbytes  # where the view starts in its mapping: it ends where the mapping ends
-    lo = -(-(base + start) // mmap.PAGESIZE) * mmap.PAGESIZE
-    hi = (base + stop) // mmap.PAGESIZE * mmap.PAGESIZE
-    if hi > lo >= 0:
-        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-
-
 def _exact_storage(tensor: Any) -> Any:
     """The bytes of a contiguous tensor as a storage of exactly its size, sharing its memory (a slice of an
     untyped storage is a view): a reused buffer's storage may be larger, and torch's writer takes a storage,
@@ -517,7 +495,7 @@ def _exact_storage(tensor: Any) -> Any:
     return tensor.untyped_storage()[start:start + tensor.nbytes]
 
 
-def _ahead(keys: list[Hashable], produce: Callable[[Hashable], Any]) -> Iterator[tuple[Hashable, Any]]:
+def produce_ahead(keys: list[Hashable], produce: Callable[[Hashable], Any]) -> Iterator[tuple[Hashable, Any]]:
     """``(key, produce(key))`` in order, computing the next storage on a worker thread while the caller
     writes the current one (torch releases the GIL): generation and I/O overlap, two storages at most."""
     from concurrent.futures import ThreadPoolExecutor
@@ -541,7 +519,7 @@ def _pread_into(fd: int, buf: Any, offset: int) -> int:
     return pread_into(fd, buf, offset) if isinstance(fd, int) else fd.pread_into(buf, offset)
 
 
-def _as_bytes(t: Any) -> Any:
+def as_bytes(t: Any) -> Any:
     """A zero-copy byte view of a contiguous CPU tensor, for file.write."""
     import torch
 

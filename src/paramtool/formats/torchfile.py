@@ -21,14 +21,11 @@ from ..blob import deferred_offset, open_file
 from ..errors import FormatError, RefusedGlobal
 from ..records import dataclass, field, replace
 from ..toc import FakeModule, FakeTensor, Special, StorageRef, itemsize
-from .dtypes import SIZES, STORAGE_TYPES
+from .dtypes import QUANTIZED_STORAGES, SIZES, STORAGE_TYPES
 from .unpickle import MAX_DEPTH, OPCODES, TORCH_REBUILDS, Global, Hooks, Inert, unpickle
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 MAX_PICKLE = 256 << 20  # a data.pkl beyond 256 MiB is not a state dict (real ones are KBs to a few MBs)
-
-STORAGE_DTYPES = STORAGE_TYPES
-
 
 MAX_ENTRIES = 50_000_000  # entries reachable through shared references (a "billion laughs" DAG is refused)
 MAX_BROADCAST = 1 << 26  # elements a stride-0 (expanded) view may claim beyond its storage (a few bytes
@@ -36,7 +33,7 @@ MAX_BROADCAST = 1 << 26  # elements a stride-0 (expanded) view may claim beyond 
 MAX_NUMEL = (1 << 63) - 1  # torch's sizes are int64: a larger product is refused, as torch refuses it
 
 
-def _check_view(storage: StorageRef, dtype: str, offset: Any, size: tuple, stride: tuple) -> None:
+def check_view(storage: StorageRef, dtype: str, offset: Any, size: tuple, stride: tuple) -> None:
     """A view of ``storage`` as ``dtype`` is valid where torch's ``set_`` takes it: the last element it reaches
     lies inside the storage (overlapping views, ``as_strided`` and ``unfold``, included). The products are
     checked as they are formed, so a shape of huge dimensions costs no more than a small one."""
@@ -144,7 +141,7 @@ class TorchHooks(Hooks):
         if not isinstance(size, tuple) or not isinstance(stride, tuple):
             raise FormatError("tensor with invalid shape or stride")
         dtype = dtype or storage.dtype
-        _check_view(storage, dtype, offset, size, stride)
+        check_view(storage, dtype, offset, size, stride)
         return FakeTensor(storage, offset, size, stride, dtype, bool(requires_grad), **_bits(metadata))
 
     def rebuild(self, name: str, args: tuple) -> Any:
@@ -224,7 +221,7 @@ class TorchHooks(Hooks):
             text = f"{scheme} axis={params[3]}"
         else:
             text = f"{scheme} scale={params[1]:g} zero_point={params[2]}"
-        if type(args[0]) is not StorageRef or args[0].dtype not in ("qint8", "quint8", "qint32"):
+        if type(args[0]) is not StorageRef or args[0].dtype not in QUANTIZED_STORAGES:
             raise FormatError("quantized tensor without a quantized storage")
         view = self._view(*args[:4], None, args[5] if len(args) > 5 else False)
         if scheme.startswith("per_channel") and not (0 <= params[3] < len(view.shape) and all(
@@ -348,7 +345,7 @@ def _visit_dict(d: dict, visit: Callable[[Any], Any]) -> None:
         d[k] = visit(d[k])
 
 
-def _storage_type(value: Any, table: dict[str, str] = STORAGE_DTYPES) -> str:
+def storage_type(value: Any, table: dict[str, str] = STORAGE_TYPES) -> str:
     """The dtype of a storage class a pickle names (``table``: torch.save's classes, or a TorchScript archive's)."""
     name = value.name if isinstance(value, Global) else None
     short = name.rsplit(".", 1)[-1] if name and name.startswith("torch.") else None
@@ -373,7 +370,7 @@ def _children(obj: Any) -> list | None:
     return None
 
 
-def _check_graph(root: Any) -> None:
+def check_graph(root: Any) -> None:
     """Refuse a cyclic, too deeply nested, or exponentially shared container tree (iterative: no recursion)."""
     kids = _children(root)
     if kids is None:
@@ -412,7 +409,7 @@ def _unpickle(f: BinaryIO | bytes, storage: Callable[[tuple], StorageRef], path:
     """One pickle through the inert unpickler; the globals it names are added to ``seen``."""
     try:
         obj, names = unpickle(f, TorchHooks(storage))
-        _check_graph(obj)
+        check_graph(obj)
         if seen is not None:
             seen.update(names)
         return obj
@@ -462,7 +459,7 @@ DEFLATE_RATIO = 1032  # deflate's largest possible expansion: a record claiming 
 INFLATE_BUDGET, INFLATE_RATIO = 64 << 20, 32
 
 
-def _zip_prefix(archive: zipfile.ZipFile, path: str) -> str:
+def zip_prefix(archive: zipfile.ZipFile, path: str) -> str:
     """The archive prefix as torch takes it (from the FIRST record); refuse what two readers could read apart.
 
     torch's reader looks records up without regard to ASCII case, so two names equal but for case are two
@@ -532,14 +529,14 @@ def _check_byteorder(archive: zipfile.ZipFile, info: zipfile.ZipInfo | None, pat
         return
     if info.file_size > 16:
         raise FormatError(f"{path}: unknown byte order (a {info.file_size} byte 'byteorder' record)")
-    mark = _read_record(archive, info.filename, path)
+    mark = read_record(archive, info.filename, path)
     if mark == b"big":
         raise FormatError(f"{path}: big-endian checkpoints are not supported")
     if mark != b"little":
         raise FormatError(f"{path}: unknown byte order {mark[:16]!r} (torch refuses it too)")
 
 
-def _data_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int | None:
+def record_data_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int | None:
     """Where a stored (uncompressed) record's bytes start in the file; None if compressed."""
     if info.compress_type != zipfile.ZIP_STORED:
         return None
@@ -575,7 +572,7 @@ def _stored_directory_offset(f: BinaryIO) -> int | None:
     return offset
 
 
-def _check_directory_offset(archive: zipfile.ZipFile, path: str) -> None:
+def check_directory_offset(archive: zipfile.ZipFile, path: str) -> None:
     """Refuse an archive whose central directory is not where its end record says.
 
     Python's zipfile then shifts every offset by the difference (it reads archives with bytes before them),
@@ -596,8 +593,8 @@ def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
     except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as e:  # e.g. "zip file version 6.4"
         raise FormatError(f"{path}: not a valid torch zip file ({type(e).__name__}: {e})") from None
     with archive:
-        _check_directory_offset(archive, path)
-        prefix = _zip_prefix(archive, path)
+        check_directory_offset(archive, path)
+        prefix = zip_prefix(archive, path)
         records = {_fold(i.filename): i for i in archive.infolist()}  # looked up as torch's reader does
         info = records[_fold(prefix + "data.pkl")]
         if info.file_size > MAX_PICKLE:
@@ -617,7 +614,7 @@ def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
             ref = _seen(seen, key)
             if ref is not None and ref.nbytes:
                 return ref  # torch caches a storage with bytes by its key: the first reference's dtype
-            dtype = _storage_type(kind)
+            dtype = storage_type(kind)
             record = records.get(_fold(f"{prefix}data/{key}"))
             if record is None:
                 raise FormatError(f"storage record '{key}' is missing from the zip")
@@ -634,7 +631,7 @@ def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
             from .torchscript import read_archive  # torch.load hands it to torch.jit.load: its state dict, inertly
 
             return read_archive(path, fileobj)[0]
-        data = _read_record(archive, info.filename, path)
+        data = read_record(archive, info.filename, path)
         untyped: set = set()
         out.root = _finish(_unpickle(data, storage, path, out.globals), untyped, out, path)
         _scan_other_pickles(archive, records, info.filename, path)
@@ -648,7 +645,7 @@ def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
         try:
             for ref in seen.values():
                 out.storages[ref.key] = ref
-                out.data_offset[ref.key] = _data_offset(f, records[_fold(out.records[ref.key])])
+                out.data_offset[ref.key] = record_data_offset(f, records[_fold(out.records[ref.key])])
         finally:
             if fileobj is None:
                 f.close()
@@ -670,7 +667,7 @@ def _scan_other_pickles(archive: zipfile.ZipFile, records: dict, data_pkl: str, 
         if name == data_pkl or not _fold(name).endswith(".pkl") or info.file_size > MAX_PICKLE:
             continue
         try:
-            unpickle(_read_record(archive, name, path), _AnyStorage())
+            unpickle(read_record(archive, name, path), _AnyStorage())
         except RefusedGlobal as e:
             raise RefusedGlobal(e.name, f"{path} (record {name})") from None
         except Exception:  # not a pickle, or a broken one: torch ignores the record, and so does paramtool
@@ -682,7 +679,7 @@ def read_zip_tree(path: str) -> Any:
     return read_zip(path).root
 
 
-def _read_record(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
+def read_record(archive: zipfile.ZipFile, name: str, path: str) -> bytes:
     """A record's bytes, its CRC-32 not checked: torch's reader never checks it (files saved with
     ``compute_crc32 = False`` hold none, and torch loads them)."""
     try:
@@ -726,7 +723,7 @@ def _read_legacy(path: str) -> TorchFile:
         if len(pid) != 6:
             raise FormatError(f"malformed storage record {pid[:3]!r}")
         _, kind, key, location, numel, view = pid
-        dtype = _storage_type(kind)
+        dtype = storage_type(kind)
         root = _seen(objects, key)
         if root is None:
             if not isinstance(numel, int) or numel < 0:

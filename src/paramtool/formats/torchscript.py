@@ -91,7 +91,7 @@ def _unpickle(data: bytes, storage: Callable[[tuple], StorageRef], path: str, re
     u = ScriptUnpickler(io.BytesIO(data), torchfile.TorchHooks(storage))
     try:
         obj = u.load()
-        torchfile._check_graph(obj)
+        torchfile.check_graph(obj)
     except RefusedGlobal as e:
         raise RefusedGlobal(e.name, f"{path} (record {record})") from None
     except FormatError as e:
@@ -169,7 +169,7 @@ class _Code:
             if info.file_size > MAX_CODE:
                 raise FormatError(f"{self.path}: code record {record} is {info.file_size} bytes, above {MAX_CODE}")
             try:
-                text = torchfile._read_record(self.archive, record, self.path).decode("utf-8")
+                text = torchfile.read_record(self.archive, record, self.path).decode("utf-8")
             except UnicodeDecodeError:
                 raise FormatError(f"{self.path}: code record {record} is not UTF-8 text") from None
             self.files[record] = parse_classes(text, f"{self.path}: {record}")
@@ -242,8 +242,8 @@ def read_archive(path: str, fileobj: Any = None) -> tuple[torchfile.TorchFile, d
     except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as e:
         raise FormatError(f"{path}: not a valid torch zip file ({type(e).__name__}: {e})") from None
     with archive:
-        torchfile._check_directory_offset(archive, path)
-        prefix = torchfile._zip_prefix(archive, path)
+        torchfile.check_directory_offset(archive, path)
+        prefix = torchfile.zip_prefix(archive, path)
         records = {i.filename: i for i in archive.infolist()}
         for name in ("data.pkl", "constants.pkl"):
             info = records.get(prefix + name)
@@ -254,7 +254,7 @@ def read_archive(path: str, fileobj: Any = None) -> tuple[torchfile.TorchFile, d
             if info.compress_type != zipfile.ZIP_STORED:
                 raise FormatError(f"{path}: compressed pickle record '{name}' (torch stores records uncompressed)")
         byteorder = records.get(prefix + "byteorder")
-        if byteorder is not None and torchfile._read_record(archive, byteorder.filename, path).strip() not in (b"little", b""):
+        if byteorder is not None and torchfile.read_record(archive, byteorder.filename, path).strip() not in (b"little", b""):
             raise FormatError(f"{path}: big-endian checkpoints are not supported")
         out = torchfile.TorchFile(None, set())
 
@@ -265,7 +265,7 @@ def read_archive(path: str, fileobj: Any = None) -> tuple[torchfile.TorchFile, d
                 _, kind, key, location, numel = pid
                 key = str(key)
                 if key not in seen:
-                    dtype = torchfile._storage_type(kind, SCRIPT_STORAGE_TYPES)
+                    dtype = torchfile.storage_type(kind, SCRIPT_STORAGE_TYPES)
                     record = f"{prefix}{folder}/{key}"
                     info = records.get(record)
                     if info is None:
@@ -280,10 +280,10 @@ def read_archive(path: str, fileobj: Any = None) -> tuple[torchfile.TorchFile, d
             return storage
 
         data: dict[str, StorageRef] = {}
-        root = _unpickle(torchfile._read_record(archive, prefix + "data.pkl", path), storages("data", data, True),
+        root = _unpickle(torchfile.read_record(archive, prefix + "data.pkl", path), storages("data", data, True),
                          path, "data.pkl", out.globals)
         # the constants the code reads (not in the state dict): read to check them, kept byte for byte
-        _unpickle(torchfile._read_record(archive, prefix + "constants.pkl", path), storages("constants", {}, False),
+        _unpickle(torchfile.read_record(archive, prefix + "constants.pkl", path), storages("constants", {}, False),
                   path, "constants.pkl", out.globals)
         _scan_other_pickles(archive, records, prefix, path)
         out.root, modules = _state_dict(root, _Code(archive, prefix, path), path)
@@ -293,7 +293,7 @@ def read_archive(path: str, fileobj: Any = None) -> tuple[torchfile.TorchFile, d
             for ref in data.values():
                 if ref.key in used:
                     out.storages[ref.key] = ref
-                    out.data_offset[ref.key] = torchfile._data_offset(f, records[out.records[ref.key]])
+                    out.data_offset[ref.key] = torchfile.record_data_offset(f, records[out.records[ref.key]])
         finally:
             if fileobj is None:
                 f.close()
@@ -316,7 +316,7 @@ def _scan_other_pickles(archive: zipfile.ZipFile, records: dict, prefix: str, pa
                 or not name.endswith("pkl"):
             continue
         try:
-            ScriptUnpickler(io.BytesIO(torchfile._read_record(archive, name, path)), _AnyStorage()).load()
+            ScriptUnpickler(io.BytesIO(torchfile.read_record(archive, name, path)), _AnyStorage()).load()
         except RefusedGlobal as e:
             raise RefusedGlobal(e.name, f"{path} (record {name})") from None
         except Exception:  # not a pickle, or a broken one: torch ignores it, and so does paramtool

@@ -1,0 +1,237 @@
+"""The code's structure, measured from the source with ``ast`` (issue 24): the imports the modules really make
+(at module level and inside functions), so what a review would count is what these tests count.
+
+- no module imports another module's private name (``from .x import _y``, ``x._y``);
+- no import cycle beyond the ones known today (``KNOWN_CYCLES``: shrink it as cycles are broken, never grow it);
+- one table per fact: dtype tables only in ``formats/dtypes.py``, extension lists only in the registry
+  (``formats/__init__.py``).
+"""
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import paramtool
+
+ROOT = pathlib.Path(paramtool.__file__).parent
+
+# The strongly connected groups of the import graph today; a group may shrink or vanish, never gain a member,
+# and no new group may form. Cycles through:
+#   blob <-> remote; formats.base <-> formats.dcp; formats.torchfile <-> formats.torchscript; checkpoint ->
+#   formats -> ... -> checkpoint (the formats build Checkpoint objects and checkpoint asks the formats);
+#   formats.modeldir <-> writer, formats.modeldir <-> sources.
+KNOWN_CYCLES = [
+    {"blob", "checkpoint", "formats", "formats.base", "formats.dcp", "formats.diagnose", "formats.gguf",
+     "formats.pt", "formats.safetensors_fmt", "formats.storage", "formats.torchfile", "formats.torchscript",
+     "remote"},
+    {"formats.modeldir", "sources", "writer"},
+]
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    """Every module of the package by its name relative to the package (``""``: the package itself)."""
+    out = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _absolute(module: str, node: ast.ImportFrom) -> str | None:
+    """The package-relative module an ``ImportFrom`` names; None for a module outside the package."""
+    if node.level == 0:
+        name = node.module or ""
+        if name != "paramtool" and not name.startswith("paramtool."):
+            return None
+        return name.removeprefix("paramtool").removeprefix(".")
+    base = module.split(".") if module else []
+    if MODULES[module].name != "__init__.py":
+        base = base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def _imports(module: str, runtime_only: bool) -> list[tuple[str, str | None, int]]:
+    """``(target module, imported name or None, line)`` for every import of a package module in ``module``, at
+    any depth; ``runtime_only``: without the ``if TYPE_CHECKING:`` blocks, which never run."""
+    found: list[tuple[str, str | None, int]] = []
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if runtime_only and _is_type_checking(child):
+                continue
+            if isinstance(child, ast.ImportFrom):
+                target = _absolute(module, child)
+                if target is not None:
+                    for alias in child.names:
+                        sub = f"{target}.{alias.name}".lstrip(".")
+                        found.append((sub, None, child.lineno) if sub in MODULES else (target, alias.name, child.lineno))
+            elif isinstance(child, ast.Import):
+                for alias in child.names:
+                    if alias.name == "paramtool" or alias.name.startswith("paramtool."):
+                        found.append((alias.name.removeprefix("paramtool").removeprefix("."), None, child.lineno))
+            visit(child)
+
+    visit(ast.parse(MODULES[module].read_text()))
+    return found
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_no_module_uses_another_modules_private_names():
+    """``from .x import _y`` and ``x._y`` (``x`` a package module imported under that name) across modules."""
+    bad = []
+    for module, path in MODULES.items():
+        aliases = {}  # local name -> package module it stands for
+        for target, name, line in _imports(module, runtime_only=False):
+            if name is None:
+                continue
+            if _private(name) and target != module:
+                bad.append(f"{module}:{line} imports {target}.{name}")
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and _absolute(module, node) is not None:
+                for alias in node.names:
+                    sub = f"{_absolute(module, node)}.{alias.name}".lstrip(".")
+                    if sub in MODULES:
+                        aliases[alias.asname or alias.name] = sub
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and _private(node.attr) and aliases[node.value.id] != module):
+                bad.append(f"{module}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
+    assert bad == []
+
+
+def _graph() -> dict[str, set[str]]:
+    return {m: {t for t, _, _ in _imports(m, runtime_only=True) if t != m and t in MODULES} for m in MODULES}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected groups of more than one module (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[set[str]] = []
+    for start in graph:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, edges = work[-1]
+            for nxt in edges:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = len(index)
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, iter(sorted(graph[nxt]))))
+                    break
+                if nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    group = set()
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        group.add(member)
+                        if member == node:
+                            break
+                    if len(group) > 1:
+                        groups.append(group)
+    return groups
+
+
+def test_cycle_finder_finds_a_cycle():
+    """The measure itself: a cycle of three and a separate pair are found, a chain is not."""
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"e"}, "e": {"d"}, "f": {"a"}, "g": set()}
+    assert sorted(map(sorted, _cycles(graph))) == [["a", "b", "c"], ["d", "e"]]
+
+
+def test_import_graph_sees_function_level_imports():
+    """An import inside a function counts (it runs when the function does): ``ties`` imports ``numeric`` there."""
+    assert "numeric" in _graph()["ties"]
+
+
+def test_no_new_import_cycle():
+    """Every cycle of the import graph lies inside one of ``KNOWN_CYCLES``: no new cycle, no module joining one
+    (the cycles broken in issue 24, ``fsops``/``formats.pins``, ``numeric``/``formats.storage``, ``compare``/``ties``,
+    ``surgery``/``surgery_stream``, stay broken)."""
+    new = [sorted(g) for g in _cycles(_graph()) if not any(g <= known for known in KNOWN_CYCLES)]
+    assert new == [], "a new import cycle: move the function to the module that owns the job"
+
+
+# -- one table per fact --------------------------------------------------------------------------------------
+
+# literals keyed by dtype that are not dtype facts: the cast kernel's bit masks per target (numeric)
+NOT_DTYPE_TABLES = {("numeric", "_CAST_TO")}
+
+
+def _literal_strings(node: ast.AST) -> list[str]:
+    """The string constants a dict, set, list or tuple literal holds (keys and values)."""
+    if isinstance(node, ast.Dict):
+        items = [*node.keys, *node.values]
+    elif isinstance(node, (ast.Set, ast.List, ast.Tuple)):
+        items = node.elts
+    else:
+        return []
+    return [i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)]
+
+
+def _tables(strings: set[str], least: int, *, skip: str) -> list[str]:
+    """``module:line`` of every literal outside module ``skip`` holding ``least`` or more of ``strings``."""
+    found = []
+    for module, path in MODULES.items():
+        if module == skip:
+            continue
+        tree = ast.parse(path.read_text())
+        allowed = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign) and any(
+            isinstance(t, ast.Name) and (module, t.id) in NOT_DTYPE_TABLES for t in n.targets)}
+        for node in ast.walk(tree):
+            if id(node) not in allowed and sum(s in strings for s in _literal_strings(node)) >= least:
+                found.append(f"{module}:{node.lineno}")
+    return found
+
+
+def test_dtype_tables_live_in_dtypes():
+    """A literal naming three dtypes or more is a dtype table: it belongs in ``formats/dtypes.py``."""
+    from paramtool.formats.dtypes import SIZES
+
+    assert _tables(set(SIZES), 3, skip="formats.dtypes") == []
+
+
+def test_extension_lists_live_in_the_registry():
+    """A literal naming two checkpoint extensions or more is an extension list: it belongs in the registry
+    (``formats/__init__.py``)."""
+    from paramtool import formats
+
+    known = {e for f in formats.REGISTRY for e in f.extensions}
+    assert {".pt", ".safetensors", ".gguf"} <= known
+    assert _tables(known, 2, skip="formats") == []
+
+
+def test_architecture_section_names_every_module():
+    """README's ``## Architecture`` names every module that exists (``cli.py``, ``formats/dcp.py``), so a
+    newcomer finds each one there."""
+    readme = (ROOT.parent.parent / "README.md").read_text()
+    section = readme.split("\n## Architecture\n", 1)[1].split("\n## ", 1)[0]
+    missing = [m for m, path in MODULES.items() if m not in ("", "__main__")
+               and f"`{path.relative_to(ROOT).as_posix()}`" not in section]
+    assert missing == []
