@@ -113,9 +113,10 @@ def _run1(command: str, positionals: list[str], opts: dict[str, list[str]]) -> i
             doc = {"source": src.label, "groups": [g.as_json() for g in find_ties(toc.tensors, toc.meta_ties)]}
         else:
             from .render import inspect_json
-            from .select import select
+            from .select import select, tree_paths
 
-            chosen = set(select([t.name for t in toc.tensors], layers, "all"))
+            names = [t.name for t in toc.tensors]  # positions count the tree's children (a model's ReLU too)
+            chosen = set(select(names, layers, "all", shown=tree_paths(names, toc.modules) if layers else None))
             doc = inspect_json(toc, [t for t in toc.tensors if t.name in chosen])
     return _emit(doc, code)
 
@@ -135,8 +136,11 @@ def _stats(src: Any, key: str | None, layers: list[str]) -> Any:
     from .formats.pins import verify
     from .select import select
 
+    if src.directory and layers:
+        raise _Slow  # config.json's tied names (lm_head) are selected, and said so, by the full CLI
     ckpt = sources.load_lazy(src, key)
-    names = select(list(ckpt.names), layers, "all")
+    positional = any(s.startswith("[") for s in layers)  # counted in the tree inspect shows
+    names = select(list(ckpt.names), layers, "all", shown=sources.tree_paths_of(src, ckpt) if positional else None)
     done = st.stats_many(ckpt.tensor, names, None, False, raw_of=st.raw_reader(ckpt))
     verify()  # numbers of the file as it was, or none
     doc = {"source": src.label, "tensors": [r.as_json() for r in done.results]}
