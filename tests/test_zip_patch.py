@@ -25,7 +25,9 @@ def test_patched_zip_differs_only_in_changed_storages_and_their_crcs(tmp_path, r
     # the bytes that differ all lie in a.weight's record or in a CRC-32 field
     record = next(name for name, i in infos.items() if name.startswith("data/") and i.file_size == 64 * 32 * 4)
     info = infos[record]
-    data_at = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    name_len, extra_len = (int.from_bytes(after[info.header_offset + o:info.header_offset + o + 2], "little")
+                           for o in (26, 28))  # the local header's own (torch pads there, not centrally)
+    data_at = info.header_offset + 30 + name_len + extra_len
     allowed = set(range(data_at, data_at + info.file_size))
     differ = [i for i, (x, y) in enumerate(zip(before, after)) if x != y]
     outside = [i for i in differ if i not in allowed]
