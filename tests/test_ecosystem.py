@@ -158,17 +158,19 @@ def test_config_ties_listed(models, run, name):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "gpt2-sharded"])
-def test_positions_skip_the_config_tied_head(models, run, name):
-    """``[0][0][1]`` is ``transformer.h.1`` in a model directory as in its weights file: the head that config.json
-    ties (listed, not stored) is selected by name but is no position."""
+def test_positions_count_the_config_tied_head(models, run, name):
+    """The tree lists the head that config.json ties (listed, not stored) beside ``transformer``, and positions
+    count what the tree shows: ``[0]`` is ``lm_head`` and ``[1][0][1]`` is ``transformer.h.1``, as in the
+    ``.bin`` that stores the head."""
     d, _, _ = models[name]
-    r = run("inspect", d, "--layer", "[0][0][1]", "--json")
+    r = run("inspect", d, "--layer", "[1][0][1]", "--json")
     assert r.exit_code == 0, r.stderr
     assert {t["name"].rsplit(".", 2)[0] for t in r.json()["tensors"]} >= {"transformer.h.1.attn", "transformer.h.1.mlp"}
     assert all(t["name"].startswith("transformer.h.1.") for t in r.json()["tensors"])
+    assert [t["name"] for t in run("inspect", d, "--layer", "[0]", "--json").json()["tensors"]] == ["lm_head.weight"]
     assert [t["name"] for t in run("inspect", d, "--layer", "lm_head", "--json").json()["tensors"]] == ["lm_head.weight"]
     # the --json fast path (launch.py) agrees
-    fast = subprocess.run([sys.executable, "-m", "paramtool", "inspect", str(d), "--layer", "[0][0][1]", "--json"],
+    fast = subprocess.run([sys.executable, "-m", "paramtool", "inspect", str(d), "--layer", "[1][0][1]", "--json"],
                           capture_output=True, text=True)
     assert fast.returncode == 0 and json.loads(fast.stdout)["tensors"][0]["name"].startswith("transformer.h.1."), fast.stderr
 

@@ -213,15 +213,29 @@ def _note_aliases(used: list[str], aliases: dict[str, str]) -> None:
 
 
 def _config_layers(src: Any, ckpt: Any, layers: Optional[list[str]], flag: str = "--layer") -> list[str]:
-    """--layer selectors, those that name only config-tied names resolved to the stored tensors (said once)."""
-    aliases = _config_aliases(src, ckpt) if layers else {}
-    if not aliases:
-        return list(layers or [])
+    """--layer selectors as plans take them: positions made the module paths they reach, counted in the tree
+    inspect shows (``_positions``), and those that name only config-tied names resolved to the stored tensors
+    (said once)."""
     from .select import config_selectors
 
-    out, used = config_selectors(list(ckpt.names), list(layers or []), aliases, flag)
+    aliases = _config_aliases(src, ckpt) if layers else {}
+    shown = _positions(src, ckpt, layers or [])
+    if not aliases and shown is None:
+        return list(layers or [])
+    out, used = config_selectors(list(ckpt.names), list(layers or []), aliases, flag, shown)
     _note_aliases(used, aliases)
     return out
+
+
+def _positions(src: Any, ckpt: Any, typed: list[str]) -> Optional[list[str]]:
+    """Where a selector or NAME in ``typed`` starts with a position (``[0]``, ``[0][1].bias``): the module paths
+    the inspect tree shows, to count children in (the names config.json ties and a model's parameterless
+    modules included); else None (nothing to count)."""
+    if not any(t.lstrip().startswith("[") for t in typed):
+        return None
+    from .sources import tree_paths_of
+
+    return tree_paths_of(src, ckpt)
 
 
 def _resolved_name(src: Any, ckpt: Any, name: str) -> str:
@@ -229,16 +243,16 @@ def _resolved_name(src: Any, ckpt: Any, name: str) -> str:
     from .select import resolve_name
 
     aliases = _config_aliases(src, ckpt)
-    stored = resolve_name(name, list(ckpt.names), aliases)
-    _note_aliases([name], aliases)
-    return stored
+    typed = resolve_name(name, list(ckpt.names), shown=_positions(src, ckpt, [name]))
+    _note_aliases([typed], aliases)
+    return aliases.get(typed, typed)
 
 
 def _selected(names: list[str], layers: Optional[list[str]], param: str = "all",
-              unstored: frozenset[str] = frozenset()) -> list[str]:
+              shown: Optional[list[str]] = None) -> list[str]:
     from .select import select
 
-    return select(names, list(layers or []), param, unstored)
+    return select(names, list(layers or []), param, shown=shown)
 
 
 @app.command(epilog="Examples:\n\n  paramtool inspect model.pt --layer 0 --depth 2\n\n  paramtool inspect a.pt b.safetensors --json\n\n" + EPILOG_HINT)
@@ -268,7 +282,10 @@ def _inspect_one(source: Optional[str], json_out: bool, layer: Optional[list[str
     toc = sources.read_toc(src, key)
     for w in toc.warnings:
         warn(w)
-    chosen = set(_selected([t.name for t in toc.tensors], layer, unstored=frozenset(toc.config_ties)))
+    from .select import tree_paths
+
+    names = [t.name for t in toc.tensors]  # the tree's: config-tied names and a model's modules count as positions
+    chosen = set(_selected(names, layer, shown=tree_paths(names, toc.modules) if layer else None))
     tensors = [t for t in toc.tensors if t.name in chosen]
     adapter = _adapter_of(src, toc.tensors)
     if json_out:
@@ -531,8 +548,10 @@ def set_(
     from .select import resolve_leading_name
 
     aliases = _config_aliases(src, listing)
-    resolved = [resolve_leading_name(e, list(listing.names), aliases) for e in edits]
-    _note_aliases([a for e in edits for a in aliases if e.lstrip().startswith(a)], aliases)
+    shown = _positions(src, listing, edits)
+    positioned = [resolve_leading_name(e, list(listing.names), shown=shown) for e in edits]
+    _note_aliases([a for e in positioned for a in aliases if e.lstrip().startswith(a)], aliases)
+    resolved = [resolve_leading_name(e, list(listing.names), aliases) for e in positioned]
     plan = ops.plan_set(listing, resolved)
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, max_shard_size=max_shard_size)
 
@@ -872,7 +891,12 @@ def drop(
         raise UsageError("give --layer SEL… (tensors) or --key PATH… (sub-trees), one of the two")
     src = _resolve_for_write(source, output, in_place, dry_run)
     listing = sources.open_for_plan(src)
-    plan = surgery.plan_drop(listing, list(layer or []), list(key or []))
+    from .select import as_paths
+
+    shown = _positions(src, listing, layer or [])  # (a config-tied name is not dropped for its stored tensor)
+    layers = as_paths([t.name for t in sources.describe(src, listing).tensors], list(layer or []), shown) \
+        if shown is not None else list(layer or [])
+    plan = surgery.plan_drop(listing, layers, list(key or []))
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,
             max_shard_size=max_shard_size)
 
@@ -933,7 +957,7 @@ def resize(
     listing = sources.open_for_plan(src, key)
     from .select import resolve_name
 
-    stored = resolve_name(name, list(listing.names))  # a position; config ties are plan_resize's own
+    stored = resolve_name(name, list(listing.names), shown=_positions(src, listing, [name]))  # config ties: plan_resize's
     plan = surgery.plan_resize(listing, stored, rows, surgery.NewRows(scheme, given, seed), directory=src.directory)
     _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,
             max_shard_size=max_shard_size)
@@ -1054,7 +1078,7 @@ def merge(
     opened = [(resolved[0].label, sources.values_of(resolved[0], listing, key))]
     opened += [(s.label, sources.load_lazy(s, key)) for s in resolved[1:]]
     based = (base, sources.load_lazy(sources.resolve(base), key)) if base is not None else None
-    plan = merging.plan_merge(listing, opened, based, spec, list(layer or []))
+    plan = merging.plan_merge(listing, opened, based, spec, _config_layers(resolved[0], listing, layer))
     _finish(resolved[0], listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra,
             max_shard_size=max_shard_size)
 

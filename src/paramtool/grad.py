@@ -140,6 +140,7 @@ class GradReport:
     params: list[ParamGrad]
     names: list[str] = field(default_factory=list)  # every parameter name, tied ones included, in model order
     input_dtype: str = "float32"
+    modules: list[str] = field(default_factory=list)  # every module path (a ReLU's too): what positions count
 
     def as_json(self, params: list[ParamGrad]) -> dict:
         outs = [_output_json(label, t) for label, t in self.outputs]
@@ -294,15 +295,16 @@ def compute(model: Any, shapes: list[tuple[int, ...]], seed: int, source: str = 
                                 p.grad, tracker.uses(p)) for names, p in groups]
     loss_text = " + ".join(f"{label}.sum()" for label, _ in parts)
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    modules = [n for n, _ in model.named_modules(remove_duplicate=False)]
     return GradReport(source, seed, list(shapes), outputs, loss_text, params, names,
-                      str(dtype).removeprefix("torch."))
+                      str(dtype).removeprefix("torch."), modules)
 
 
 def select_params(report: GradReport, layers: list[str] | None) -> list[ParamGrad]:
     """``--layer``: a parameter is reported when any of its names is selected."""
     if not layers:
         return list(report.params)
-    from .select import select
+    from .select import select, tree_paths
 
-    chosen = set(select(report.names, list(layers)))
+    chosen = set(select(report.names, list(layers), shown=tree_paths(report.names, report.modules)))
     return [p for p in report.params if chosen.intersection(p.names)]

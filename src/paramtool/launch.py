@@ -1,10 +1,11 @@
 """The program's entry point: the ``--json`` forms scripts call in loops are answered before typer is imported.
 
 ``inspect``, ``ties`` and ``schemes`` with ``--json`` (listing: Python's own start-up should be the only fixed
-cost), and ``stats SOURCE --json`` and ``diff A B --json`` (which compute with numpy where the bytes are
-mapped, so typer's and rich's import would be a quarter of a 1 GiB run). A command line made only of what
-these forms take (SOURCE, ``--json``, ``--layer``/``-l``, ``--depth``, ``--key``) is run here with no typer,
-click or rich imported; anything else (help, other options, other commands, a usage error, ``stats`` with
+cost), ``stats SOURCE --json`` and ``diff A B --json`` (which compute with numpy where the bytes are
+mapped, so typer's and rich's import would be a quarter of a 1 GiB run), and ``show SOURCE NAME`` with or
+without ``--json`` (printed with numpy as torch prints it, ``printing``: torch's import is the whole cost). A
+command line made only of what these forms take (SOURCE, ``--json``, ``--layer``/``-l``, ``--depth``, ``--key``)
+is run here with no typer, click or rich imported; anything else (help, other options, other commands, a usage error, ``stats`` with
 its progress bar on a terminal) goes to the full CLI unchanged, which then answers it exactly as before.
 """
 from __future__ import annotations
@@ -18,13 +19,14 @@ if TYPE_CHECKING:
 
 # command -> the options that take a value (--json is the flag every fast form requires)
 _FAST = {"inspect": {"--layer", "-l", "--depth", "--key"}, "ties": {"--key"}, "schemes": set(),
-         "stats": {"--layer", "-l", "--key"}, "diff": {"--key"}}
-_POSITIONALS = {"schemes": 0, "diff": 2}  # how many the command takes (the others: SOURCE…, or none for stdin)
+         "stats": {"--layer", "-l", "--key"}, "diff": {"--key"}, "show": {"--key"}}
+_POSITIONALS = {"schemes": 0, "diff": 2, "show": 2}  # how many the command takes (others: SOURCE…, or none: stdin)
+_TEXT = {"show"}  # the forms answered here with or without --json
 
 
 def _parse(argv: list[str]) -> tuple[str, list[str], dict[str, list[str]]] | None:
     """(command, positional arguments, options) when argv is a fast form, else None."""
-    if not argv or argv[0] not in _FAST or "--json" not in argv:
+    if not argv or argv[0] not in _FAST or ("--json" not in argv and argv[0] not in _TEXT):
         return None
     command, takes = argv[0], _FAST[argv[0]]
     positionals: list[str] = []
@@ -47,13 +49,15 @@ def _parse(argv: list[str]) -> tuple[str, list[str], dict[str, list[str]]] | Non
         else:
             return None  # anything else: the full CLI decides
         i += 1
-    if not json_flag or any(len(v) > 1 for k, v in opts.items() if k in ("--depth", "--key")):
+    if (not json_flag and command not in _TEXT) or any(len(v) > 1 for k, v in opts.items() if k in ("--depth", "--key")):
         return None
+    if json_flag:
+        opts["--json"] = []
     if "--depth" in opts and not (opts["--depth"][0].isdigit()):
         return None  # the full CLI reports the usage error
-    if command == "diff" and (len(positionals) != 2 or "-" in positionals):
-        return None  # (standard input is read once: a diff of it is the full CLI's from the start)
-    if len(positionals) > 1 and command != "diff" and not all(os.path.isfile(p) and not p.endswith(".index.json")
+    if command in ("diff", "show") and (len(positionals) != 2 or "-" in positionals[:1]):
+        return None  # (standard input is read once: a diff or show of it is the full CLI's from the start)
+    if len(positionals) > 1 and command not in ("diff", "show") and not all(os.path.isfile(p) and not p.endswith(".index.json")
                                                               for p in positionals):
         return None  # several sources: files only here (stdin, directories, specs: the full CLI)
     return command, positionals, opts
@@ -64,7 +68,7 @@ class _Slow(Exception):
 
 
 def _run(command: str, positionals: list[str], opts: dict[str, list[str]]) -> int:
-    if len(positionals) > 1 and command != "diff":  # several sources: one document each, the worst status
+    if len(positionals) > 1 and command not in ("diff", "show"):  # several sources: one document each, the worst status
         if command == "stats" and sys.stderr.isatty():
             raise _Slow
         return max(_run_one(command, p, opts) for p in positionals)  # (max over all: each one runs)
@@ -96,6 +100,8 @@ def _run1(command: str, positionals: list[str], opts: dict[str, list[str]]) -> i
         doc: Any = {"schemes": schemes_table()}
     elif command == "diff":
         doc, code = _diff(positionals, key)
+    elif command == "show":
+        return _show(positionals[0], positionals[1], key, "--json" in opts)
     else:
         from . import sources
 
@@ -113,9 +119,10 @@ def _run1(command: str, positionals: list[str], opts: dict[str, list[str]]) -> i
             doc = {"source": src.label, "groups": [g.as_json() for g in find_ties(toc.tensors, toc.meta_ties)]}
         else:
             from .render import inspect_json
-            from .select import select
+            from .select import select, tree_paths
 
-            chosen = set(select([t.name for t in toc.tensors], layers, "all"))
+            names = [t.name for t in toc.tensors]  # positions count the tree's children (a model's ReLU too)
+            chosen = set(select(names, layers, "all", shown=tree_paths(names, toc.modules) if layers else None))
             doc = inspect_json(toc, [t for t in toc.tensors if t.name in chosen])
     return _emit(doc, code)
 
@@ -135,8 +142,11 @@ def _stats(src: Any, key: str | None, layers: list[str]) -> Any:
     from .formats.pins import verify
     from .select import select
 
+    if src.directory and layers:
+        raise _Slow  # config.json's tied names (lm_head) are selected, and said so, by the full CLI
     ckpt = sources.load_lazy(src, key)
-    names = select(list(ckpt.names), layers, "all")
+    positional = any(s.startswith("[") for s in layers)  # counted in the tree inspect shows
+    names = select(list(ckpt.names), layers, "all", shown=sources.tree_paths_of(src, ckpt) if positional else None)
     done = st.stats_many(ckpt.tensor, names, None, False, raw_of=st.raw_reader(ckpt))
     verify()  # numbers of the file as it was, or none
     doc = {"source": src.label, "tensors": [r.as_json() for r in done.results]}
@@ -147,6 +157,39 @@ def _stats(src: Any, key: str | None, layers: list[str]) -> Any:
         if updates is not None:
             doc["adapter_updates"] = updates
     return doc
+
+
+def _show(source: str, name: str, key: str | None, json_out: bool) -> int:
+    """``show SOURCE NAME [--json]`` without torch (``printing``), where the tensor's bytes are at hand in a dtype
+    printed exactly as torch prints it; anything else (other dtypes, views, a config-tied name to note, an error
+    to word with suggestions) is the full CLI's."""
+    from . import printing, sources
+    from .errors import ParamtoolError
+    from .formats.pins import verify
+    from .select import resolve_name
+
+    try:
+        src = sources.resolve(source)
+        ckpt = sources.load_lazy(src, key)
+        shown = sources.tree_paths_of(src, ckpt) if name.startswith("[") else None
+        stored = resolve_name(name, list(ckpt.names), shown=shown)
+        if src.directory and stored in sources.describe(src, ckpt).config_ties:
+            raise _Slow
+        info = next((i for i in ckpt.infos() if i.name == stored), None)
+        raw = ckpt.raw_bytes(stored) if info is not None and printing.supports(info.dtype) else None
+    except ParamtoolError:
+        raise _Slow from None  # (its error line, and its exit status, come from the full CLI)
+    if raw is None:
+        raise _Slow
+    if json_out:
+        doc = printing.values_json(name, raw, info.dtype, info.shape)
+        verify()  # the values of the file as it was, or none
+        return _emit(doc)
+    text = printing.tensor_text(raw, info.dtype, info.shape)
+    verify()
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+    return 0
 
 
 def _diff(paths: list[str], key: str | None) -> tuple[Any, int]:

@@ -125,6 +125,15 @@ def describe(src: Source, ckpt: Checkpoint) -> Toc:
     return _with_config(src, ckpt.toc()) if src.directory else ckpt.toc()
 
 
+def tree_paths_of(src: Source, ckpt: Checkpoint) -> list[str]:
+    """The module paths the inspect tree shows for ``ckpt``, which positions count (``select.tree_paths``): with
+    the names config.json ties and a model's parameterless modules."""
+    from .select import tree_paths
+
+    toc = describe(src, ckpt)
+    return tree_paths([t.name for t in toc.tensors], toc.modules)
+
+
 def _with_config(src: Source, toc: Toc) -> Toc:
     from .formats import modeldir
 

@@ -116,9 +116,9 @@ def tensor_json(name: str, t: Any) -> dict:
     data = readable(t, name).detach()
     if data.dtype in (torch.bfloat16, torch.float16) or str(data.dtype).startswith("torch.float8"):
         data = data.float()
-    return {
-        "name": name,
-        "shape": list(data.shape),
-        "dtype": str(t.dtype).removeprefix("torch."),
-        "values": _clean(data.tolist()),
-    }
+    return json_doc(name, list(data.shape), str(t.dtype).removeprefix("torch."), data.tolist())
+
+
+def json_doc(name: str, shape: list[int], dtype: str, values: Any) -> dict:
+    """``show --json``'s document: ``values`` nested lists (``tolist()``), non-finite numbers as strings."""
+    return {"name": name, "shape": shape, "dtype": dtype, "values": _clean(values)}

@@ -42,6 +42,11 @@ ALIASES: dict[str, str] = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "
 NUMPY: dict[str, str] = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "int64": "<i8",
                          "int32": "<i4", "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "?"}
 
+# the dtypes ``show`` prints from their bytes exactly as torch's print(t) does (printing.py), and those torch
+# prints without a dtype= suffix (its defaults)
+PRINTED = frozenset({"float32", "float64", "int64", "int32", "int16", "int8", "uint8", "bool"})
+UNSUFFIXED = frozenset({"float32", "int64", "bool"})
+
 # the dtypes torch's aminmax / count_nonzero take as they are (``stats`` reads the others through float64)
 TORCH_MINMAX = frozenset({"float32", "float64", "float16", "bfloat16", "int8", "int16", "int32", "int64", "uint8"})
 
