@@ -579,7 +579,7 @@ def stage(out: str, replace: Any = None) -> tuple[str, Callable[[str], str]]:
             _upload_directory(fs, local, key.rstrip("/"), out)
         else:
             _put(fs, local, key, out)
-        fs.invalidate_cache()
+        forget()  # (what this run read and pinned is not what the bucket holds now)
         return out
 
     return local, commit
