@@ -570,11 +570,24 @@ def test_s3_in_place_killed_at_every_upload_step_leaves_old_or_new(s3, files, tm
     assert seen == {"old", "new"}
 
 
-def test_s3_in_place_dcp_with_changed_data_is_refused(s3, files, run):
+def test_s3_in_place_dcp_commits_through_metadata(s3, files, run, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
     fs = _bucket(s3)
     for name in os.listdir(files / "dcp"):
         fs.put(str(files / "dcp" / name), f"ckpts/inplace-dcp/{name}")
-    before = {p: fs.cat_file(p) for p in fs.ls("ckpts/inplace-dcp", detail=False)}
-    r = run("set", "s3://ckpts/inplace-dcp/", "0.bias = 1", "--in-place")
-    assert r.exit_code == 1 and r.stderr.startswith("error:") and "-o s3://" in r.stderr, r.stderr
-    assert {p: fs.cat_file(p) for p in fs.ls("ckpts/inplace-dcp", detail=False)} == before
+    old = sorted(p for p in fs.ls("ckpts/inplace-dcp", detail=False) if p.endswith(".distcp"))
+    r = run("set", "s3://ckpts/inplace-dcp/", "1.bias = 1", "--in-place")
+    assert r.exit_code == 0, r.stderr
+    now = sorted(p for p in fs.ls("ckpts/inplace-dcp", detail=False) if p.endswith(".distcp"))
+    assert now and not set(now) & set(old)  # new data files under new names; the old ones deleted after the commit
+    fs.get("ckpts/inplace-dcp/", str(tmp := tmp_path / "back"), recursive=True)
+    state = {"model": {k: torch.empty_like(v) for k, v in torch.nn.Sequential(torch.nn.Linear(4, 8),
+                                                                              torch.nn.Linear(8, 2)).state_dict().items()},
+             "epoch": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=str(tmp))  # torch's own reader
+    assert torch.equal(state["model"]["1.bias"], torch.ones(2)) and state["epoch"] == 3
+    shown = run("show", "s3://ckpts/inplace-dcp/", "0.weight", "--json")
+    assert shown.json() == run("show", files / "dcp", "0.weight", "--json").json()

@@ -490,6 +490,11 @@ def forget() -> None:
     _HF_FILES.clear()
     global _S3
     _S3 = None
+    import sys
+
+    dcp = sys.modules.get(__package__ + ".formats.dcp")
+    if dcp is not None:
+        dcp.DATA_PREFIX = "__"  # (torch's own names again: ``stage`` picks others for one rewrite)
 
 
 # --- directories ---------------------------------------------------------------------------------------------
@@ -566,6 +571,12 @@ def stage(out: str, replace: Any = None) -> tuple[str, Callable[[str], str]]:
         fs.invalidate_cache()
         if _s3_call(out, lambda: fs.exists(key.rstrip("/"))) and fs.ls(key.rstrip("/"), detail=False):
             raise ParamtoolError(f"{out}: not empty: write a directory to a new prefix")
+    if replace is not None and replace.kind == "dcp":  # the new data files under names the old .metadata has not
+        import secrets
+
+        from .formats import dcp
+
+        dcp.DATA_PREFIX = f"__{secrets.token_hex(4)}_"
     work = tempfile.mkdtemp(prefix="paramtool-upload-")
     atexit.register(shutil.rmtree, work, True)
     local = os.path.join(work, "checkpoint" if prefix else os.path.basename(key.rstrip("/")))
@@ -699,8 +710,9 @@ def replace_prefix(fs: Any, local: str, key: str, label: str) -> None:
        failure); from it on, the new one;
     3. the shards the old index named and the new one does not are deleted.
 
-    A DCP directory's data files are named by its ``.metadata`` (a pickle paramtool does not rewrite), so one
-    whose data changed cannot be committed this way and is refused before anything is uploaded."""
+    A DCP directory's data files are named by its ``.metadata``: ``stage`` has them written under new names
+    (``formats.dcp.DATA_PREFIX``), and after the commit every ``.distcp`` file the new ``.metadata`` does not
+    name is deleted. A changed file nothing renames (a sidecar) is refused before anything is uploaded."""
     import re
     import secrets
 
@@ -746,6 +758,8 @@ def replace_prefix(fs: Any, local: str, key: str, label: str) -> None:
         _remove(fs, [f"{key}/{t}" for t in done])  # nothing names them: the old checkpoint is as it was
         raise
     gone = _shard_names(old_index) - _shard_names(new_index)
+    if ".metadata" in indexes:  # a DCP directory: its data files are the .distcp files the new .metadata names
+        gone |= {f for f in old if f.endswith(".distcp") and f not in files}
     _remove(fs, [f"{key}/{f}" for f in sorted(gone) if f in old])
 
 
