@@ -518,7 +518,10 @@ def test_s3_in_place_refuses_an_object_replaced_since_it_was_read(s3, files, tmp
     remote.forget()
 
 
-def test_s3_in_place_sharded_commits_through_the_index(s3, files, run):
+def test_s3_in_place_sharded_commits_through_the_index(s3, files, run, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the rewrite is staged (removed at exit)
     fs = _bucket(s3)
     _upload_sharded(fs, files, "ckpts/inplace-sharded")
     before = {p: fs.info(p)["ETag"] for p in fs.ls("ckpts/inplace-sharded", detail=False)}
@@ -530,6 +533,10 @@ def test_s3_in_place_sharded_commits_through_the_index(s3, files, run):
         assert all(torch.equal(state[n], want[n]) for n in want) and sorted(state) == sorted(want)
         names = sorted(os.path.basename(p) for p in fs.ls("ckpts/inplace-sharded", detail=False))
         assert len(names) == 4 and all(len(n) <= len("model-00001-of-00003.12345678.safetensors") for n in names)
+        staged = [sorted(os.listdir(d / "checkpoint")) for d in tmp_path.glob("paramtool-upload-*")]
+        assert len(staged) == 1 and len(staged[0]) == 2, staged  # the changed shard and the index: the others not downloaded
+        for d in tmp_path.glob("paramtool-upload-*"):
+            shutil.rmtree(d)
     original = json.loads((files / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]["0.bias"]
     index = json.loads(fs.cat_file("ckpts/inplace-sharded/model.safetensors.index.json"))
     assert index["weight_map"]["0.bias"] != original  # a shard an old index names is never overwritten

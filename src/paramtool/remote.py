@@ -580,6 +580,8 @@ def stage(out: str, replace: Any = None) -> tuple[str, Callable[[str], str]]:
     work = tempfile.mkdtemp(prefix="paramtool-upload-")
     atexit.register(shutil.rmtree, work, True)
     local = os.path.join(work, "checkpoint" if prefix else os.path.basename(key.rstrip("/")))
+    if prefix:
+        _KEPT[work] = f"s3://{key.rstrip('/')}/"
 
     def commit(label: str) -> str:
         if replace is not None and prefix:
@@ -594,6 +596,19 @@ def stage(out: str, replace: Any = None) -> tuple[str, Callable[[str], str]]:
         return out
 
     return local, commit
+
+
+_KEPT: dict[str, str] = {}  # a rewrite's local work directory -> the prefix it replaces (``kept``)
+
+
+def kept(path: str, target: str) -> bool:
+    """Is copying the object ``path`` to the local ``target`` needless, because ``target`` is in the local copy
+    of ``path``'s own prefix being rewritten in place (an unchanged shard stays where it is, not downloaded)?"""
+    for work, prefix in _KEPT.items():  # (the directory is written as a temporary in ``work``, then renamed)
+        if target.startswith(work + os.sep) and path.startswith(prefix) \
+                and os.path.relpath(target, work).split(os.sep, 1)[-1] == path[len(prefix):]:
+            return True
+    return False
 
 
 def _precondition_failed(e: BaseException) -> bool:
@@ -729,6 +744,9 @@ def replace_prefix(fs: Any, local: str, key: str, label: str) -> None:
     new_index = json.loads(open(os.path.join(local, json_index), encoding="utf-8").read()) if json_index else {}
     old_index = json.loads(read_bytes(f"s3://{key}/{json_index}", MAX_JSON)) if json_index in old else {}
     named = _shard_names(new_index)
+    missing = sorted(n for n in named if n not in files and n not in old)
+    if missing:
+        raise ParamtoolError(f"{label}: the new index names {missing[0]}, which is neither written nor in the bucket")
     uploads, renames = [], {}
     for f in files:
         if f in indexes or (f in old and _same_bytes(os.path.join(local, f), old[f])):

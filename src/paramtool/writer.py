@@ -443,7 +443,10 @@ def copy_file(path: str, target: str) -> None:
     from .blob import copy_to, is_remote
 
     if is_remote(path):
-        copy_to(path, target)
+        from .remote import kept
+
+        if not kept(path, target):  # (a shard an in-place rewrite of its bucket prefix keeps is not downloaded)
+            copy_to(path, target)
     else:
         shutil.copyfile(path, target)
 
