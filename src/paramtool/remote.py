@@ -37,6 +37,7 @@ TAIL = 1 << 17  # a read near the end fetches this much before it: a zip's end r
 PART = 8 << 20  # a large read is split into parts of this size, fetched concurrently
 WORKERS = 4  # concurrent requests per large read
 CACHED = 16  # small windows kept per object
+RAW_SPARE = 4  # storage buffers kept for reuse per object (the value commands' pools hold three at once)
 RETRIES = 5
 TIMEOUT = 60.0
 MAX_REDIRECTS = 5
@@ -886,9 +887,28 @@ class RemoteStorage:
     def raw_storage(self, key: Any) -> Any:
         """The storage's bytes in fresh memory (the value commands' pools read two storages at once)."""
         span = self._span(key)
-        data = bytearray(span.nbytes)
+        data = self._raw_buffer(span.nbytes)
         self._read_into(key, span, data)
         return memoryview(data).toreadonly()
+
+    def _raw_buffer(self, nbytes: int) -> Any:
+        """``nbytes`` of memory for ``raw_storage``: a buffer an earlier storage used that nothing refers to any
+        more (fresh pages cost a fault each, more than receiving the bytes), else a new one, not zeroed (the
+        read fills every byte). At most ``RAW_SPARE`` buffers are kept."""
+        import sys
+
+        import numpy
+
+        with self._lock:
+            spare = self.__dict__.setdefault("_raw_spare", [])
+            for buf in spare:
+                # (referred to only by this list, the loop and getrefcount's argument: free to reuse)
+                if buf.nbytes >= nbytes and sys.getrefcount(buf) <= 3:
+                    return buf[:nbytes]
+            buf = numpy.empty(nbytes, dtype=numpy.uint8)
+            if len(spare) < RAW_SPARE:
+                spare.append(buf)
+            return buf
 
     def _read_into(self, key: Any, span: Any, buf: Any) -> None:
         """A storage's bytes into ``buf``, as asked (no read-ahead: values cost their own bytes)."""
