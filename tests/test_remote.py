@@ -175,6 +175,20 @@ def test_stats_reads_every_byte_once_by_range(server, files, run):
     assert size * 0.95 < server.sent() < size * 1.1
 
 
+def test_stats_reads_ahead_within_its_bound(server, files, run, monkeypatch):
+    from paramtool import remote
+
+    monkeypatch.setattr(remote, "AHEAD", 1 << 20)  # storages read ahead of the one asked: at most 1 MiB more
+    for source in ("big.pt", "big.safetensors"):
+        server.reset()
+        r = run("stats", f"{server.url}/{source}", "--layer", "3", "--layer", "30", "--json")
+        assert r.exit_code == 0, r.stderr
+        assert r.json()["tensors"] == run("stats", files / source, "--layer", "3", "--layer", "30", "--json").json()["tensors"]
+        selected = 2 * (256 * 256 + 256) * 4
+        assert selected < server.sent() < 256 * 1024 + selected + (1 << 20) + 256 * 1024  # head/tail, asked, ahead
+        remote.forget()
+
+
 def test_convert_remote_to_local(server, files, run, tmp_path):
     out = tmp_path / "out.safetensors"
     r = run("convert", f"{server.url}/big.pt", "-o", out)

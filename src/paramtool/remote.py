@@ -38,6 +38,7 @@ PART = 8 << 20  # a large read is split into parts of this size, fetched concurr
 WORKERS = 4  # concurrent requests per large read
 CACHED = 16  # small windows kept per object
 RAW_SPARE = 4  # storage buffers kept for reuse per object (the value commands' pools hold three at once)
+AHEAD = 32 << 20  # storage bytes read ahead of the one asked for (``RemoteStorage._read_ahead``)
 RETRIES = 5
 TIMEOUT = 60.0
 MAX_REDIRECTS = 5
@@ -472,6 +473,19 @@ class RemoteBlob(Blob):
         return len(view)
 
 
+_POOL: Any = None
+
+
+def _AHEAD_POOL() -> Any:
+    """The threads that read storages ahead (one pool per run; each read splits into its own parts)."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="paramtool-ahead")
+    return _POOL
+
+
 _BLOBS: dict[str, RemoteBlob] = {}
 _BLOBS_LOCK = threading.Lock()
 
@@ -832,8 +846,18 @@ class RemoteStorage:
         self._file = self.blob.file()  # (a patched copy reads the untouched bytes through it)
         self._spare: list[Any] = []
         self._lock = threading.Lock()
+        # (``raw_storage``: buffers for reuse, storages read ahead, those asked for, the object's order)
+        self._raw_spare: list[Any] = []
+        self._ahead: dict[Any, Any] = {}
+        self._asked: set[Any] = set()
+        self._order: list[Any] | None = None
+        self._next = 0
 
     def close(self) -> None:
+        with self._lock:
+            for job in self._ahead.values():
+                job.cancel()
+            self._ahead.clear()
         self._file.close()
 
     @property
@@ -886,10 +910,41 @@ class RemoteStorage:
 
     def raw_storage(self, key: Any) -> Any:
         """The storage's bytes in fresh memory (the value commands' pools read two storages at once)."""
+        with self._lock:  # (asked and taken in one step: a storage being asked for is never read ahead too)
+            ahead = self._ahead.pop(key, None)
+            self._asked.add(key)
+        self._read_ahead()
+        data = ahead.result() if ahead is not None else None
+        if data is None:
+            span = self._span(key)
+            data = self._raw_buffer(span.nbytes)
+            self._read_into(key, span, data)
+        return memoryview(data).toreadonly()
+
+    def _read_ahead(self) -> None:
+        """Start reading the next storages in the object (by offset) in the background, while the one asked
+        for is computed on: at most ``AHEAD`` bytes read and not yet asked for (at least one storage).
+        Value commands ask for storages in the object's order, so the transfer overlaps the computation; a
+        storage read ahead and never asked for (a selection) costs its bytes, within that bound."""
+        with self._lock:
+            ahead, asked = self._ahead, self._asked
+            if self._order is None:
+                self._order = sorted(self.spans, key=lambda k: int(self.spans[k].offset))
+            order = self._order
+            pending = sum(self.spans[k].nbytes for k in ahead)
+            while self._next < len(order) and (pending < AHEAD or not ahead):
+                k = order[self._next]
+                self._next += 1
+                if k in asked or k in ahead or self.spans[k].nbytes < WINDOW:
+                    continue
+                ahead[k] = _AHEAD_POOL().submit(self._fetch, k)
+                pending += self.spans[k].nbytes
+
+    def _fetch(self, key: Any) -> Any:
         span = self._span(key)
         data = self._raw_buffer(span.nbytes)
         self._read_into(key, span, data)
-        return memoryview(data).toreadonly()
+        return data
 
     def _raw_buffer(self, nbytes: int) -> Any:
         """``nbytes`` of memory for ``raw_storage``: a buffer an earlier storage used that nothing refers to any
@@ -900,7 +955,7 @@ class RemoteStorage:
         import numpy
 
         with self._lock:
-            spare = self.__dict__.setdefault("_raw_spare", [])
+            spare = self._raw_spare
             for buf in spare:
                 # (referred to only by this list, the loop and getrefcount's argument: free to reuse)
                 if buf.nbytes >= nbytes and sys.getrefcount(buf) <= 3:
