@@ -15,7 +15,12 @@ with the last 128 KiB once read: a safetensors header, a torch zip's end records
 small ``data.pkl`` are then served without more requests. The ETag (else Last-Modified) is pinned at the
 first read and checked on every later one: an object replaced during a read is an error, never mixed data.
 Reads are retried with backoff on connection errors, timeouts and 5xx answers, resuming at the byte reached;
-large reads are split into parts fetched concurrently.
+large reads are split into parts fetched concurrently, and the storages a value command will ask for next are
+read ahead while it computes (``RemoteStorage.raw_storage``).
+
+Writes go to a bucket only: a local write, then an upload (``stage``). ``--in-place`` on an ``s3://`` source
+replaces an object by one PUT conditional on the ETag read (``replace_object``), and commits a sharded or DCP
+prefix through its index (``replace_prefix``): new data files under new names, the index last, old files after.
 """
 from __future__ import annotations
 
@@ -503,6 +508,7 @@ def forget() -> None:
     with _BLOBS_LOCK:
         _BLOBS.clear()
     _HF_FILES.clear()
+    _KEPT.clear()
     global _S3
     _S3 = None
     import sys
@@ -576,8 +582,11 @@ def stage(out: str, replace: Any = None) -> tuple[str, Callable[[str], str]]:
     import shutil
     import tempfile
 
+    from . import formats
+
     fs = s3fs_filesystem()
-    prefix = replace is not None and replace.kind in ("sharded", "dcp")
+    layout = replace.layout if replace is not None else None
+    prefix = layout is not None and layout.is_container  # a sharded or DCP prefix (a model directory: its file)
     if replace is not None:
         out = replace.path if not replace.path.endswith(".index.json") else os.path.dirname(replace.path) + "/"
     key = _s3_key(out)
@@ -586,7 +595,7 @@ def stage(out: str, replace: Any = None) -> tuple[str, Callable[[str], str]]:
         fs.invalidate_cache()
         if _s3_call(out, lambda: fs.exists(key.rstrip("/"))) and fs.ls(key.rstrip("/"), detail=False):
             raise ParamtoolError(f"{out}: not empty: write a directory to a new prefix")
-    if replace is not None and replace.kind == "dcp":  # the new data files under names the old .metadata has not
+    if layout is formats.DCP:  # the new data files under names the old .metadata has not
         import secrets
 
         from .formats import dcp
