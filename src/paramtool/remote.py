@@ -339,12 +339,23 @@ def _s3_call(label: str, action: Callable[[], Any]) -> Any:
     """An s3fs call, its failures as one line (the credentials never in it)."""
     try:
         return action()
-    except FileNotFoundError:
-        raise ParamtoolError(f"{label}: not found") from None
-    except PermissionError:
-        raise ParamtoolError(f"{label}: access denied: check the AWS credentials") from None
     except OSError as e:
-        raise FormatError(f"{label}: {' '.join(str(e).split())[:160]}") from None
+        raise _s3_failure(label, e) from None
+
+
+def _s3_failure(label: str, e: OSError) -> ParamtoolError:
+    """An s3fs failure as one line."""
+    if isinstance(e, FileNotFoundError):
+        return ParamtoolError(f"{label}: not found")
+    if isinstance(e, PermissionError):
+        return ParamtoolError(f"{label}: access denied: check the AWS credentials")
+    return FormatError(f"{label}: {' '.join(str(e).split())[:160]}")
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """Did the store refuse a request because its ``If-Match``/``If-None-Match`` did not hold (HTTP 412)?"""
+    text = str(e).lower().replace("-", "")
+    return "precondition" in text or "412" in text
 
 
 class S3Object:
@@ -384,9 +395,9 @@ class S3Object:
         try:
             data = _with_retries(self.label, attempt)
         except OSError as e:
-            if "precondition" in str(e).lower().replace("-", "") or "412" in str(e):  # If-Match failed: another ETag
+            if _precondition_failed(e):  # If-Match failed: another ETag
                 raise FormatError(f"{self.label}: the object changed while it was read (ETag differs): read it again") from None
-            return _s3_call(self.label, lambda: (_ for _ in ()).throw(e))
+            raise _s3_failure(self.label, e) from None
         if len(data) != n:
             raise FormatError(f"{self.label}: the store answered {len(data)} bytes for a range of {n}")
         view[:n] = data
@@ -635,12 +646,6 @@ def kept(path: str, target: str) -> bool:
     return False
 
 
-def _precondition_failed(e: BaseException) -> bool:
-    """Did the store refuse a request because its ``If-Match``/``If-None-Match`` did not hold (HTTP 412)?"""
-    text = str(e).lower().replace("-", "")
-    return "precondition" in text or "412" in text
-
-
 def _put(fs: Any, local: str, key: str, label: str, if_match: str | None = None, new: bool = False) -> None:
     """Upload the file ``local`` as the object ``key``, whole or not at all: one PUT, or above ``PUT_PART`` a
     multipart upload completed only at its end (aborted on a failure). ``if_match``: only over the object with
@@ -690,7 +695,7 @@ def _put(fs: Any, local: str, key: str, label: str, if_match: str | None = None,
         if _precondition_failed(e):
             raise ParamtoolError(f"{label}: s3://{key} changed since it was read (its ETag differs): "
                                  "not replaced; read it again") from None
-        _s3_call(label, lambda: (_ for _ in ()).throw(e))
+        raise _s3_failure(label, e) from None
 
 
 def _etag_now(fs: Any, key: str) -> str | None:
@@ -765,7 +770,10 @@ def replace_prefix(fs: Any, local: str, key: str, label: str) -> None:
         raise ParamtoolError(f"{label}: the new checkpoint has no {stale[0]}: --in-place keeps the format; "
                              "write -o s3://a-new-prefix/")
     json_index = next((f for f in indexes if f.endswith(".index.json")), None)
-    new_index = json.loads(open(os.path.join(local, json_index), encoding="utf-8").read()) if json_index else {}
+    new_index: Any = {}
+    if json_index:
+        with open(os.path.join(local, json_index), encoding="utf-8") as f:
+            new_index = json.load(f)
     old_index = json.loads(read_bytes(f"s3://{key}/{json_index}", MAX_JSON)) if json_index in old else {}
     named = _shard_names(new_index)
     missing = sorted(n for n in named if n not in files and n not in old)
@@ -789,15 +797,18 @@ def replace_prefix(fs: Any, local: str, key: str, label: str) -> None:
         with open(os.path.join(local, json_index), "w", encoding="utf-8") as out:
             json.dump(new_index, out, indent=2)
     done: list[str] = []
+    committed = False
     try:
         for f, target in uploads:
             _put(fs, os.path.join(local, f), f"{key}/{target}", label, new=True)
             done.append(target)
-        for f in sorted(indexes, key=lambda f: f.endswith("config.json")):  # the index is the commit
+        for f in sorted(indexes, key=lambda f: f.endswith("config.json")):  # the index first: the commit
             if not (f in old and _same_bytes(os.path.join(local, f), old[f])):
                 replace_object(fs, os.path.join(local, f), f"{key}/{f}", label)
+                committed = True
     except BaseException:
-        _remove(fs, [f"{key}/{t}" for t in done])  # nothing names them: the old checkpoint is as it was
+        if not committed:  # nothing names the new files: the old checkpoint is as it was
+            _remove(fs, [f"{key}/{t}" for t in done])
         raise
     gone = _shard_names(old_index) - _shard_names(new_index)
     if ".metadata" in indexes:  # a DCP directory: its data files are the .distcp files the new .metadata names
