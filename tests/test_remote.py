@@ -591,6 +591,52 @@ def test_s3_in_place_killed_at_every_upload_step_leaves_old_or_new(s3, files, tm
     assert seen == {"old", "new"}
 
 
+def _dcp_state(directory):
+    """The checkpoint torch's own DCP reader finds in a local directory."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": {k: torch.empty_like(v) for k, v in torch.nn.Sequential(torch.nn.Linear(4, 8),
+                                                                              torch.nn.Linear(8, 2)).state_dict().items()},
+             "epoch": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=str(directory))
+    return state
+
+
+def test_s3_in_place_dcp_killed_at_every_upload_step_leaves_old_or_new(s3, files, tmp_path):
+    fs = _bucket(s3)
+    env = dict(os.environ, TMPDIR=str(tmp_path), PARAMTOOL_FAULT_COUNT=str(tmp_path / "count"))
+    command = [sys.executable, "-m", "paramtool", "set", "s3://ckpts/dcp-killed/", "1.bias = 5", "--in-place"]
+    old = _dcp_state(files / "dcp")
+    new = dict(old, model=dict(old["model"], **{"1.bias": torch.full((2,), 5.0)}))
+
+    def attempt(**extra):
+        fs.rm("ckpts/dcp-killed", recursive=True) if fs.exists("ckpts/dcp-killed") else None
+        for name in os.listdir(files / "dcp"):
+            fs.put(str(files / "dcp" / name), f"ckpts/dcp-killed/{name}")
+        return subprocess.run(command, env=dict(env, **extra), capture_output=True, text=True)
+
+    def now():
+        shutil.rmtree(tmp_path / "back", ignore_errors=True)
+        fs.get("ckpts/dcp-killed/", str(tmp_path / "back"), recursive=True)
+        state = _dcp_state(tmp_path / "back")
+        return [name for name, want in (("old", old), ("new", new)) if state["epoch"] == want["epoch"]
+                and all(torch.equal(state["model"][k], want["model"][k]) for k in want["model"])]
+
+    done = attempt()
+    assert done.returncode == 0, done.stderr
+    assert now() == ["new"]
+    steps = int((tmp_path / "count").read_text())
+    seen = set()
+    for at in range(steps - 3, steps + 1):  # the last local step, the new data file, .metadata, the old one's deletion
+        assert attempt(PARAMTOOL_FAULT_AT=str(at)).returncode == -9, at
+        which = now()
+        assert len(which) == 1, at
+        seen.add(which[0])
+    assert seen == {"old", "new"}
+
+
 def test_s3_in_place_dcp_commits_through_metadata(s3, files, run, tmp_path):
     import torch.distributed.checkpoint as dcp
 
