@@ -175,6 +175,20 @@ def test_stats_reads_every_byte_once_by_range(server, files, run):
     assert size * 0.95 < server.sent() < size * 1.1
 
 
+def test_stats_reads_ahead_within_its_bound(server, files, run, monkeypatch):
+    from paramtool import remote
+
+    monkeypatch.setattr(remote, "AHEAD", 1 << 20)  # storages read ahead of the one asked: at most 1 MiB more
+    for source in ("big.pt", "big.safetensors"):
+        server.reset()
+        r = run("stats", f"{server.url}/{source}", "--layer", "3", "--layer", "30", "--json")
+        assert r.exit_code == 0, r.stderr
+        assert r.json()["tensors"] == run("stats", files / source, "--layer", "3", "--layer", "30", "--json").json()["tensors"]
+        selected = 2 * (256 * 256 + 256) * 4
+        assert selected < server.sent() < 256 * 1024 + selected + (1 << 20) + 256 * 1024  # head/tail, asked, ahead
+        remote.forget()
+
+
 def test_convert_remote_to_local(server, files, run, tmp_path):
     out = tmp_path / "out.safetensors"
     r = run("convert", f"{server.url}/big.pt", "-o", out)
@@ -460,3 +474,187 @@ def test_s3_object_replaced_mid_read_is_an_error(s3):
     fs.pipe_file("ckpts/swap.bin", b"b" * (1 << 20))
     with pytest.raises(FormatError, match="changed while it was read"):
         blob.pread(0, 1 << 19)
+
+
+# --- S3: --in-place ------------------------------------------------------------------------------------------------
+
+
+def _bucket(s3):
+    import s3fs
+
+    return s3fs.S3FileSystem(endpoint_url=s3.endpoint, skip_instance_cache=True, use_listings_cache=False)
+
+
+def _upload_sharded(fs, files, prefix):
+    for name in os.listdir(files / "sharded"):
+        fs.put(str(files / "sharded" / name), f"{prefix}/{name}")
+
+
+def _sharded_state(fs, prefix):
+    """The checkpoint a reader of the prefix's index finds now (every shard it names read with safetensors)."""
+    index = json.loads(fs.cat_file(f"{prefix}/model.safetensors.index.json"))
+    state = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        state.update(st.load(fs.cat_file(f"{prefix}/{shard}")))
+    assert sorted(state) == sorted(index["weight_map"])
+    return state
+
+
+def test_s3_in_place_object_is_one_conditional_put(s3, files, run):
+    fs = _bucket(s3)
+    fs.put(str(files / "big.safetensors"), "ckpts/inplace/one.safetensors")
+    r = run("set", "s3://ckpts/inplace/one.safetensors", "0.bias = 3", "--in-place")
+    assert r.exit_code == 0, r.stderr
+    got = st.load(fs.cat_file("ckpts/inplace/one.safetensors"))
+    assert torch.equal(got["0.bias"], torch.full((256,), 3.0)) and torch.equal(got["1.weight"], _model(40, 256)["1.weight"])
+    r = run("set", "s3://ckpts/inplace/one.safetensors", "0.bias = 4", "-o", "s3://ckpts/inplace/one.safetensors")
+    assert r.exit_code == 0, r.stderr  # -o naming the source counts as --in-place
+    assert torch.equal(st.load(fs.cat_file("ckpts/inplace/one.safetensors"))["0.bias"], torch.full((256,), 4.0))
+    assert fs.ls("ckpts/inplace", detail=False) == ["ckpts/inplace/one.safetensors"]
+    r = run("set", "s3://ckpts/inplace/one.safetensors", "0.bias = 5", "--in-place", "-o", "s3://ckpts/other.pt")
+    assert r.exit_code == 2
+
+
+def test_s3_in_place_refuses_an_object_replaced_since_it_was_read(s3, files, tmp_path):
+    from paramtool import remote
+    from paramtool.errors import ParamtoolError
+
+    fs = _bucket(s3)
+    fs.pipe_file("ckpts/inplace/race.bin", b"a" * 1000)
+    blob = remote.open_blob("s3://ckpts/inplace/race.bin")
+    assert blob.pread(0, 10) == b"a" * 10  # read: its ETag is pinned
+    fs.pipe_file("ckpts/inplace/race.bin", b"b" * 1000)  # another writer
+    new = tmp_path / "new.bin"
+    new.write_bytes(b"c" * 1000)
+    with pytest.raises(ParamtoolError, match="changed since it was read"):
+        remote.replace_object(remote.s3fs_filesystem(), str(new), "ckpts/inplace/race.bin", "s3://ckpts/inplace/race.bin")
+    assert fs.cat_file("ckpts/inplace/race.bin") == b"b" * 1000  # the other writer's version stays
+    remote.forget()
+
+
+def test_s3_in_place_sharded_commits_through_the_index(s3, files, run, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the rewrite is staged (removed at exit)
+    fs = _bucket(s3)
+    _upload_sharded(fs, files, "ckpts/inplace-sharded")
+    before = {p: fs.info(p)["ETag"] for p in fs.ls("ckpts/inplace-sharded", detail=False)}
+    for value in (6, 7):  # twice: the second rewrite renames the renamed shard again, without growing its name
+        r = run("set", "s3://ckpts/inplace-sharded/", f"0.bias = {value}", "--in-place")
+        assert r.exit_code == 0, r.stderr
+        state = _sharded_state(fs, "ckpts/inplace-sharded")
+        want = dict(_model(40, 256), **{"0.bias": torch.full((256,), float(value))})
+        assert all(torch.equal(state[n], want[n]) for n in want) and sorted(state) == sorted(want)
+        names = sorted(os.path.basename(p) for p in fs.ls("ckpts/inplace-sharded", detail=False))
+        assert len(names) == 4 and all(len(n) <= len("model-00001-of-00003.12345678.safetensors") for n in names)
+        staged = [sorted(os.listdir(d / "checkpoint")) for d in tmp_path.glob("paramtool-upload-*")]
+        assert len(staged) == 1 and len(staged[0]) == 2, staged  # the changed shard and the index: the others not downloaded
+        for d in tmp_path.glob("paramtool-upload-*"):
+            shutil.rmtree(d)
+    original = json.loads((files / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]["0.bias"]
+    index = json.loads(fs.cat_file("ckpts/inplace-sharded/model.safetensors.index.json"))
+    assert index["weight_map"]["0.bias"] != original  # a shard an old index names is never overwritten
+    assert not fs.exists(f"ckpts/inplace-sharded/{original}")  # deleted once no index names it
+    kept = [p for p in before if os.path.basename(p) not in (original, "model.safetensors.index.json")]
+    assert len(kept) == 2 and all(fs.info(p)["ETag"] == before[p] for p in kept)  # not uploaded again
+
+
+def test_s3_in_place_killed_at_every_upload_step_leaves_old_or_new(s3, files, tmp_path):
+    fs = _bucket(s3)
+    old = _model(40, 256)
+    new = dict(old, **{"0.bias": torch.full((256,), 9.0)})
+    env = dict(os.environ, TMPDIR=str(tmp_path), PARAMTOOL_FAULT_COUNT=str(tmp_path / "count"))
+    command = [sys.executable, "-m", "paramtool", "set", "", "0.bias = 9", "--in-place"]
+
+    def attempt(prefix, **extra):
+        fs.rm(prefix, recursive=True) if fs.exists(prefix) else None
+        _upload_sharded(fs, files, prefix)
+        command[4] = f"s3://{prefix}/"
+        return subprocess.run(command, env=dict(env, **extra), capture_output=True, text=True)
+
+    done = attempt("ckpts/killed")
+    assert done.returncode == 0, done.stderr
+    steps = int((tmp_path / "count").read_text())
+    uploads = 3  # the new shard, the index (the commit), the old shard's deletion
+    seen = set()
+    for at in range(steps - uploads - 1, steps + 1):  # the last local step, then each step of the upload
+        r = attempt("ckpts/killed", PARAMTOOL_FAULT_AT=str(at))
+        assert r.returncode == -9, (at, r.stderr)
+        state = _sharded_state(fs, "ckpts/killed")
+        which = [name for name, want in (("old", old), ("new", new))
+                 if sorted(state) == sorted(want) and all(torch.equal(state[n], want[n]) for n in want)]
+        assert len(which) == 1, at
+        seen.add(which[0])
+        again = subprocess.run(command, env=env, capture_output=True, text=True)  # the next write goes through
+        assert again.returncode == 0, again.stderr
+        assert torch.equal(_sharded_state(fs, "ckpts/killed")["0.bias"], new["0.bias"])
+    assert seen == {"old", "new"}
+
+
+def _dcp_state(directory):
+    """The checkpoint torch's own DCP reader finds in a local directory."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": {k: torch.empty_like(v) for k, v in torch.nn.Sequential(torch.nn.Linear(4, 8),
+                                                                              torch.nn.Linear(8, 2)).state_dict().items()},
+             "epoch": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=str(directory))
+    return state
+
+
+def test_s3_in_place_dcp_killed_at_every_upload_step_leaves_old_or_new(s3, files, tmp_path):
+    fs = _bucket(s3)
+    env = dict(os.environ, TMPDIR=str(tmp_path), PARAMTOOL_FAULT_COUNT=str(tmp_path / "count"))
+    command = [sys.executable, "-m", "paramtool", "set", "s3://ckpts/dcp-killed/", "1.bias = 5", "--in-place"]
+    old = _dcp_state(files / "dcp")
+    new = dict(old, model=dict(old["model"], **{"1.bias": torch.full((2,), 5.0)}))
+
+    def attempt(**extra):
+        fs.rm("ckpts/dcp-killed", recursive=True) if fs.exists("ckpts/dcp-killed") else None
+        for name in os.listdir(files / "dcp"):
+            fs.put(str(files / "dcp" / name), f"ckpts/dcp-killed/{name}")
+        return subprocess.run(command, env=dict(env, **extra), capture_output=True, text=True)
+
+    def now():
+        shutil.rmtree(tmp_path / "back", ignore_errors=True)
+        fs.get("ckpts/dcp-killed/", str(tmp_path / "back"), recursive=True)
+        state = _dcp_state(tmp_path / "back")
+        return [name for name, want in (("old", old), ("new", new)) if state["epoch"] == want["epoch"]
+                and all(torch.equal(state["model"][k], want["model"][k]) for k in want["model"])]
+
+    done = attempt()
+    assert done.returncode == 0, done.stderr
+    assert now() == ["new"]
+    steps = int((tmp_path / "count").read_text())
+    seen = set()
+    for at in range(steps - 3, steps + 1):  # the last local step, the new data file, .metadata, the old one's deletion
+        assert attempt(PARAMTOOL_FAULT_AT=str(at)).returncode == -9, at
+        which = now()
+        assert len(which) == 1, at
+        seen.add(which[0])
+    assert seen == {"old", "new"}
+
+
+def test_s3_in_place_dcp_commits_through_metadata(s3, files, run, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    fs = _bucket(s3)
+    for name in os.listdir(files / "dcp"):
+        fs.put(str(files / "dcp" / name), f"ckpts/inplace-dcp/{name}")
+    old = sorted(p for p in fs.ls("ckpts/inplace-dcp", detail=False) if p.endswith(".distcp"))
+    r = run("set", "s3://ckpts/inplace-dcp/", "1.bias = 1", "--in-place")
+    assert r.exit_code == 0, r.stderr
+    now = sorted(p for p in fs.ls("ckpts/inplace-dcp", detail=False) if p.endswith(".distcp"))
+    assert now and not set(now) & set(old)  # new data files under new names; the old ones deleted after the commit
+    fs.get("ckpts/inplace-dcp/", str(tmp := tmp_path / "back"), recursive=True)
+    state = {"model": {k: torch.empty_like(v) for k, v in torch.nn.Sequential(torch.nn.Linear(4, 8),
+                                                                              torch.nn.Linear(8, 2)).state_dict().items()},
+             "epoch": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=str(tmp))  # torch's own reader
+    assert torch.equal(state["model"]["1.bias"], torch.ones(2)) and state["epoch"] == 3
+    shown = run("show", "s3://ckpts/inplace-dcp/", "0.weight", "--json")
+    assert shown.json() == run("show", files / "dcp", "0.weight", "--json").json()

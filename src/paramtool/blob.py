@@ -220,26 +220,42 @@ def storage_class(cls: type, path: str) -> type:
 
 
 def check_output(source: str | None, out: str | None, in_place: bool) -> None:
-    """Refuse (a usage error) to write where paramtool does not write: HTTP servers and the Hub are read-only,
-    and a bucket is not written to (yet): the output goes to a local path."""
+    """Refuse (a usage error) to write where paramtool does not write: HTTP servers and the Hub are read-only
+    (a bucket's writes were taken to a local path by ``stage`` before this is asked)."""
     from .errors import UsageError
 
     if in_place and is_remote(source):
-        raise UsageError(f"--in-place on {source}: a remote source is read-only here; give -o PATH (a local one)")
+        raise UsageError(f"--in-place on {source}: HTTP and Hub sources are read-only; give -o PATH")
     if is_remote(out):
         kind = "this command writes to a local path" if out.startswith("s3://") else "HTTP and Hub sources are read-only"
         raise UsageError(f"-o {out}: {kind}; write to a local path")
 
 
-def stage(out: str | None) -> tuple[str | None, Any]:
-    """Where to write ``-o out``, and the commit to run once the write is complete (it returns the name to
-    report): ``-o s3://...`` is written to a local temporary path and uploaded by the commit (``remote.stage``);
-    anything else is written where it is."""
+def _same_object(out: str | None, source: str | None) -> bool:
+    return isinstance(out, str) and isinstance(source, str) and out.rstrip("/") == source.rstrip("/")
+
+
+def stage(out: str | None, in_place: bool = False, src: Any = None) -> tuple[str | None, bool, Any]:
+    """Where to write ``-o out`` (or ``--in-place``), whether that is still in place, and the commit to run once
+    the write is complete (it returns the name to report): a write to a bucket (``-o s3://...``, or
+    ``--in-place`` / ``-o`` naming an ``s3://`` source) is written to a local temporary path and uploaded by the
+    commit (``remote.stage``); anything else is written where it is."""
+    source = getattr(src, "path", None)
+    if isinstance(source, str) and source.startswith("s3://") and (in_place or _same_object(out, source)
+                                                                   or _same_object(out, src.text)):
+        from . import remote
+        from .errors import UsageError
+
+        if in_place and out is not None and not (_same_object(out, source) or _same_object(out, src.text)):
+            raise UsageError("give either -o PATH or --in-place, not both")
+        local, commit = remote.stage(source, replace=src)
+        return local, False, commit
     if isinstance(out, str) and out.startswith("s3://"):
         from . import remote
 
-        return remote.stage(out)
-    return out, lambda label: label
+        local, commit = remote.stage(out)
+        return local, in_place, commit
+    return out, in_place, lambda label: label
 
 
 def copy_to(path: str, target: str) -> None:

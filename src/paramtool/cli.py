@@ -406,7 +406,7 @@ def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, ou
         note_config_ties(plan.report, describe(src, listing))
     from .blob import stage
 
-    output, commit = stage(output)  # -o s3://...: written locally, then uploaded whole (``remote.stage``)
+    output, in_place, commit = stage(output, in_place, src)  # a bucket: written locally, then uploaded (``remote.stage``)
     if dry_run:
         _dry_run(plan.report, json_out)
         return

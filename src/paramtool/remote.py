@@ -15,7 +15,12 @@ with the last 128 KiB once read: a safetensors header, a torch zip's end records
 small ``data.pkl`` are then served without more requests. The ETag (else Last-Modified) is pinned at the
 first read and checked on every later one: an object replaced during a read is an error, never mixed data.
 Reads are retried with backoff on connection errors, timeouts and 5xx answers, resuming at the byte reached;
-large reads are split into parts fetched concurrently.
+large reads are split into parts fetched concurrently, and the storages a value command will ask for next are
+read ahead while it computes (``RemoteStorage.raw_storage``).
+
+Writes go to a bucket only: a local write, then an upload (``stage``). ``--in-place`` on an ``s3://`` source
+replaces an object by one PUT conditional on the ETag read (``replace_object``), and commits a sharded or DCP
+prefix through its index (``replace_prefix``): new data files under new names, the index last, old files after.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up
 if TYPE_CHECKING:
     from typing import Any, Callable
 
-from .blob import Blob, LocalHeader
+from .blob import Blob, LocalHeader, read_bytes
 from .errors import FormatError, ParamtoolError, UsageError
 
 WINDOW = 1 << 16  # bytes fetched at least per small read (read-ahead): headers and pickles in one request
@@ -37,6 +42,8 @@ TAIL = 1 << 17  # a read near the end fetches this much before it: a zip's end r
 PART = 8 << 20  # a large read is split into parts of this size, fetched concurrently
 WORKERS = 4  # concurrent requests per large read
 CACHED = 16  # small windows kept per object
+RAW_SPARE = 4  # storage buffers kept for reuse per object (the value commands' pools hold three at once)
+AHEAD = 32 << 20  # storage bytes read ahead of the one asked for (``RemoteStorage._read_ahead``)
 RETRIES = 5
 TIMEOUT = 60.0
 MAX_REDIRECTS = 5
@@ -332,12 +339,23 @@ def _s3_call(label: str, action: Callable[[], Any]) -> Any:
     """An s3fs call, its failures as one line (the credentials never in it)."""
     try:
         return action()
-    except FileNotFoundError:
-        raise ParamtoolError(f"{label}: not found") from None
-    except PermissionError:
-        raise ParamtoolError(f"{label}: access denied: check the AWS credentials") from None
     except OSError as e:
-        raise FormatError(f"{label}: {' '.join(str(e).split())[:160]}") from None
+        raise _s3_failure(label, e) from None
+
+
+def _s3_failure(label: str, e: OSError) -> ParamtoolError:
+    """An s3fs failure as one line."""
+    if isinstance(e, FileNotFoundError):
+        return ParamtoolError(f"{label}: not found")
+    if isinstance(e, PermissionError):
+        return ParamtoolError(f"{label}: access denied: check the AWS credentials")
+    return FormatError(f"{label}: {' '.join(str(e).split())[:160]}")
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """Did the store refuse a request because its ``If-Match``/``If-None-Match`` did not hold (HTTP 412)?"""
+    text = str(e).lower().replace("-", "")
+    return "precondition" in text or "412" in text
 
 
 class S3Object:
@@ -377,9 +395,9 @@ class S3Object:
         try:
             data = _with_retries(self.label, attempt)
         except OSError as e:
-            if "precondition" in str(e).lower().replace("-", "") or "412" in str(e):  # If-Match failed: another ETag
+            if _precondition_failed(e):  # If-Match failed: another ETag
                 raise FormatError(f"{self.label}: the object changed while it was read (ETag differs): read it again") from None
-            return _s3_call(self.label, lambda: (_ for _ in ()).throw(e))
+            raise _s3_failure(self.label, e) from None
         if len(data) != n:
             raise FormatError(f"{self.label}: the store answered {len(data)} bytes for a range of {n}")
         view[:n] = data
@@ -471,6 +489,19 @@ class RemoteBlob(Blob):
         return len(view)
 
 
+_POOL: Any = None
+
+
+def _AHEAD_POOL() -> Any:
+    """The threads that read storages ahead (one pool per run; each read splits into its own parts)."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="paramtool-ahead")
+    return _POOL
+
+
 _BLOBS: dict[str, RemoteBlob] = {}
 _BLOBS_LOCK = threading.Lock()
 
@@ -488,8 +519,14 @@ def forget() -> None:
     with _BLOBS_LOCK:
         _BLOBS.clear()
     _HF_FILES.clear()
+    _KEPT.clear()
     global _S3
     _S3 = None
+    import sys
+
+    dcp = sys.modules.get(__package__ + ".formats.dcp")
+    if dcp is not None:
+        dcp.DATA_PREFIX = "__"  # (torch's own names again: ``stage`` picks others for one rewrite)
 
 
 # --- directories ---------------------------------------------------------------------------------------------
@@ -538,37 +575,256 @@ def listdir(path: str) -> list[str]:
 # --- writing to a bucket ------------------------------------------------------------------------------------
 
 INDEX_NAMES = (".index.json", ".metadata", "config.json")  # what makes a directory a checkpoint: written last
+PUT_PART = 64 << 20  # an upload above this is a multipart upload of parts this size, completed at its end
 
 
-def stage(out: str) -> tuple[str, Callable[[str], str]]:
+def stage(out: str, replace: Any = None) -> tuple[str, Callable[[str], str]]:
     """``-o s3://...``: the local path to write instead (in a temporary directory, removed at exit), and the
     commit that uploads what was written there once it is complete (returning the name to report).
 
-    One object appears whole or not at all (s3fs completes a multipart upload only at its end, and aborts it on
-    a failure); a directory's data files go first and its index (``*.index.json``, ``.metadata``,
-    ``config.json``) last, so a reader never sees a partial checkpoint."""
+    One object appears whole or not at all (a single PUT, or a multipart upload completed only at its end and
+    aborted on a failure); a directory's data files go first and its index (``*.index.json``, ``.metadata``,
+    ``config.json``) last, so a reader never sees a partial checkpoint.
+
+    ``replace`` (``--in-place``, or ``-o`` naming the source: the ``sources.Source`` read) rewrites the source
+    where it is: an object is replaced by one conditional PUT (``replace_object``), a sharded or DCP prefix is
+    committed through its index (``replace_prefix``)."""
     import atexit
     import shutil
     import tempfile
 
+    from . import formats
+
     fs = s3fs_filesystem()
+    layout = replace.layout if replace is not None else None
+    prefix = layout is not None and layout.is_container  # a sharded or DCP prefix (a model directory: its file)
+    if replace is not None:
+        out = replace.path if not replace.path.endswith(".index.json") else os.path.dirname(replace.path) + "/"
     key = _s3_key(out)
-    if out.endswith("/") or not os.path.splitext(key)[1]:  # a directory: a new (or empty) prefix
+    directory = prefix or (replace is None and (out.endswith("/") or not os.path.splitext(key)[1]))
+    if directory and replace is None:  # a new (or empty) prefix
         fs.invalidate_cache()
         if _s3_call(out, lambda: fs.exists(key.rstrip("/"))) and fs.ls(key.rstrip("/"), detail=False):
             raise ParamtoolError(f"{out}: not empty: write a directory to a new prefix")
+    if layout is formats.DCP:  # the new data files under names the old .metadata has not
+        import secrets
+
+        from .formats import dcp
+
+        dcp.DATA_PREFIX = f"__{secrets.token_hex(4)}_"
     work = tempfile.mkdtemp(prefix="paramtool-upload-")
     atexit.register(shutil.rmtree, work, True)
-    local = os.path.join(work, os.path.basename(key.rstrip("/")))
+    local = os.path.join(work, "checkpoint" if prefix else os.path.basename(key.rstrip("/")))
+    if prefix:
+        _KEPT[work] = f"s3://{key.rstrip('/')}/"
 
     def commit(label: str) -> str:
-        if os.path.isdir(local):
+        if replace is not None and prefix:
+            replace_prefix(fs, local, key.rstrip("/"), out)
+        elif replace is not None:
+            replace_object(fs, local, key, out)
+        elif os.path.isdir(local):
             _upload_directory(fs, local, key.rstrip("/"), out)
         else:
-            _s3_call(out, lambda: fs.put_file(local, key))
+            _put(fs, local, key, out)
+        forget()  # (what this run read and pinned is not what the bucket holds now)
         return out
 
     return local, commit
+
+
+_KEPT: dict[str, str] = {}  # a rewrite's local work directory -> the prefix it replaces (``kept``)
+
+
+def kept(path: str, target: str) -> bool:
+    """Is copying the object ``path`` to the local ``target`` needless, because ``target`` is in the local copy
+    of ``path``'s own prefix being rewritten in place (an unchanged shard stays where it is, not downloaded)?"""
+    for work, prefix in _KEPT.items():  # (the directory is written as a temporary in ``work``, then renamed)
+        if target.startswith(work + os.sep) and path.startswith(prefix) \
+                and os.path.relpath(target, work).split(os.sep, 1)[-1] == path[len(prefix):]:
+            return True
+    return False
+
+
+def _put(fs: Any, local: str, key: str, label: str, if_match: str | None = None, new: bool = False) -> None:
+    """Upload the file ``local`` as the object ``key``, whole or not at all: one PUT, or above ``PUT_PART`` a
+    multipart upload completed only at its end (aborted on a failure). ``if_match``: only over the object with
+    that ETag; ``new``: only where no object is (``If-None-Match: *``). A store that does not implement
+    conditional writes is asked again without the condition (``replace_object`` checks the ETag just before)."""
+    from fsspec.asyn import sync
+
+    from . import fsops
+
+    fsops.step("upload")  # (counted: the tests kill an upload at each step)
+    bucket, _, name = key.partition("/")
+    size = os.path.getsize(local)
+
+    async def put(cond: dict[str, str]) -> None:
+        if size <= PUT_PART:
+            with open(local, "rb") as f:
+                body = f.read()
+            await fs._call_s3("put_object", Bucket=bucket, Key=name, Body=body, **cond)
+            return
+        upload = (await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=name))["UploadId"]
+        try:
+            parts = []
+            with open(local, "rb") as f:
+                while body := f.read(PUT_PART):
+                    number = len(parts) + 1
+                    done = await fs._call_s3("upload_part", Bucket=bucket, Key=name, UploadId=upload,
+                                             PartNumber=number, Body=body)
+                    parts.append({"PartNumber": number, "ETag": done["ETag"]})
+            await fs._call_s3("complete_multipart_upload", Bucket=bucket, Key=name, UploadId=upload,
+                              MultipartUpload={"Parts": parts}, **cond)
+        except BaseException:
+            try:
+                await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=name, UploadId=upload)
+            except Exception:
+                pass
+            raise
+
+    cond = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"} if new else {}
+    try:
+        try:
+            sync(fs.loop, put, cond)
+        except OSError as e:
+            if not cond or "notimplemented" not in str(e).lower().replace(" ", ""):
+                raise
+            sync(fs.loop, put, {})  # a store without conditional writes
+    except OSError as e:
+        if _precondition_failed(e):
+            raise ParamtoolError(f"{label}: s3://{key} changed since it was read (its ETag differs): "
+                                 "not replaced; read it again") from None
+        raise _s3_failure(label, e) from None
+
+
+def _etag_now(fs: Any, key: str) -> str | None:
+    """The ETag of ``key`` as the store says now (a HEAD request); None where there is no object."""
+    try:
+        return fs.info(key, refresh=True).get("ETag")
+    except FileNotFoundError:
+        return None
+
+
+def _pinned(fs: Any, key: str) -> str | None:
+    """The ETag ``key`` had when this run read it (``S3Object``), else as it is now."""
+    with _BLOBS_LOCK:
+        for b in _BLOBS.values():
+            if isinstance(b._object, S3Object) and b._object.key == key:
+                return b._object.etag
+    return _etag_now(fs, key)
+
+
+def replace_object(fs: Any, local: str, key: str, label: str) -> None:
+    """Replace the object ``key`` by the file ``local`` in one PUT (S3 replaces an object atomically: a reader
+    gets the old bytes or the new, never a mix), only if it is still the version read: its ETag is checked by a
+    HEAD request right before, and named in the PUT's ``If-Match`` (the store then refuses the PUT itself if
+    another writer replaced the object in between; on a store that ignores the condition, the HEAD is all)."""
+    etag = _pinned(fs, key)
+    if etag is not None and _etag_now(fs, key) != etag:
+        raise ParamtoolError(f"{label}: s3://{key} changed since it was read (its ETag differs): not replaced; "
+                             "read it again")
+    _put(fs, local, key, label, if_match=etag, new=etag is None)
+
+
+def _same_bytes(path: str, etag: str | None) -> bool:
+    """Does the object whose ETag is ``etag`` hold exactly the bytes of the file ``path``? (A single-part
+    upload's ETag is its bytes' MD5; a multipart or encrypted object's is not, and counts as different.)"""
+    import hashlib
+
+    if not etag or os.path.getsize(path) > PUT_PART:
+        return False
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read(), usedforsecurity=False).hexdigest() == etag.strip('"')
+
+
+def _shard_names(index: Any) -> set[str]:
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    return {v for v in weight_map.values() if isinstance(v, str)} if isinstance(weight_map, dict) else set()
+
+
+def replace_prefix(fs: Any, local: str, key: str, label: str) -> None:
+    """Rewrite the checkpoint under the prefix ``key`` with the one written to the local directory ``local``,
+    committed through its index as ``shard_commit`` does on a disk:
+
+    1. every data file whose bytes changed goes up under a new name (a shard the old index names is never
+       overwritten: a reader of the old index still finds every old shard); unchanged files are not uploaded;
+    2. the index naming the new shards replaces the old index in one conditional PUT (``replace_object``):
+       the commit point. Before it the prefix holds the old checkpoint (and unnamed new shards, removed on a
+       failure); from it on, the new one;
+    3. the shards the old index named and the new one does not are deleted.
+
+    A DCP directory's data files are named by its ``.metadata``: ``stage`` has them written under new names
+    (``formats.dcp.DATA_PREFIX``), and after the commit every ``.distcp`` file the new ``.metadata`` does not
+    name is deleted. A changed file nothing renames (a sidecar) is refused before anything is uploaded."""
+    import re
+    import secrets
+
+    fs.invalidate_cache()
+    old = {os.path.relpath(p, key): info.get("ETag")
+           for p, info in _s3_call(label, lambda: fs.find(key, detail=True)).items()}
+    files = sorted(os.path.relpath(os.path.join(d, f), local) for d, _, names in os.walk(local) for f in names)
+    indexes = [f for f in files if f.endswith(INDEX_NAMES)]
+    stale = [f for f in old if f.endswith(".index.json") and f not in indexes]
+    if stale:
+        raise ParamtoolError(f"{label}: the new checkpoint has no {stale[0]}: --in-place keeps the format; "
+                             "write -o s3://a-new-prefix/")
+    json_index = next((f for f in indexes if f.endswith(".index.json")), None)
+    new_index: Any = {}
+    if json_index:
+        with open(os.path.join(local, json_index), encoding="utf-8") as f:
+            new_index = json.load(f)
+    old_index = json.loads(read_bytes(f"s3://{key}/{json_index}", MAX_JSON)) if json_index in old else {}
+    named = _shard_names(new_index)
+    missing = sorted(n for n in named if n not in files and n not in old)
+    if missing:
+        raise ParamtoolError(f"{label}: the new index names {missing[0]}, which is neither written nor in the bucket")
+    uploads, renames = [], {}
+    for f in files:
+        if f in indexes or (f in old and _same_bytes(os.path.join(local, f), old[f])):
+            continue
+        target = f
+        if f in old:
+            if f not in named:  # (a DCP data file, a sidecar: nothing names it in a JSON index)
+                raise ParamtoolError(f"{label}: {f} changed, and only an index that paramtool rewrites can name "
+                                     "it anew: --in-place is not supported here; write -o s3://a-new-prefix/")
+            stem, ext = os.path.splitext(f)
+            stem = re.sub(r"\.[0-9a-f]{8}$", "", stem)  # (the token an earlier rewrite gave it)
+            target = renames[f] = f"{stem}.{secrets.token_hex(4)}{ext}"
+        uploads.append((f, target))
+    if renames:
+        new_index["weight_map"] = {k: renames.get(v, v) for k, v in new_index["weight_map"].items()}
+        with open(os.path.join(local, json_index), "w", encoding="utf-8") as out:
+            json.dump(new_index, out, indent=2)
+    done: list[str] = []
+    committed = False
+    try:
+        for f, target in uploads:
+            _put(fs, os.path.join(local, f), f"{key}/{target}", label, new=True)
+            done.append(target)
+        for f in sorted(indexes, key=lambda f: f.endswith("config.json")):  # the index first: the commit
+            if not (f in old and _same_bytes(os.path.join(local, f), old[f])):
+                replace_object(fs, os.path.join(local, f), f"{key}/{f}", label)
+                committed = True
+    except BaseException:
+        if not committed:  # nothing names the new files: the old checkpoint is as it was
+            _remove(fs, [f"{key}/{t}" for t in done])
+        raise
+    gone = _shard_names(old_index) - _shard_names(new_index)
+    if ".metadata" in indexes:  # a DCP directory: its data files are the .distcp files the new .metadata names
+        gone |= {f for f in old if f.endswith(".distcp") and f not in files}
+    _remove(fs, [f"{key}/{f}" for f in sorted(gone) if f in old])
+
+
+def _remove(fs: Any, keys: list[str]) -> None:
+    from . import fsops
+
+    for k in keys:
+        fsops.step("delete")
+        try:
+            fs.rm_file(k)
+        except Exception:
+            pass
 
 
 def _upload_directory(fs: Any, local: str, key: str, label: str) -> None:
@@ -576,16 +832,13 @@ def _upload_directory(fs: Any, local: str, key: str, label: str) -> None:
     last = [f for f in files if f.endswith(INDEX_NAMES)]
     first = [f for f in files if f not in last]
     try:
-        for batch in (first, last):
-            if batch:
-                _s3_call(label, lambda: fs.put([os.path.join(local, f) for f in batch],
-                                               [f"{key}/{f}" for f in batch]))
+        for f in first:
+            _put(fs, os.path.join(local, f), f"{key}/{f}", label)
     except BaseException:
-        try:  # nothing names the data files written so far (the index is last): remove them
-            fs.rm([f"{key}/{f}" for f in first])
-        except Exception:
-            pass
+        _remove(fs, [f"{key}/{f}" for f in first])  # nothing names the data files written so far: the index is last
         raise
+    for f in last:
+        _put(fs, os.path.join(local, f), f"{key}/{f}", label)
 
 
 # --- storages by range ---------------------------------------------------------------------------------------
@@ -613,8 +866,18 @@ class RemoteStorage:
         self._file = self.blob.file()  # (a patched copy reads the untouched bytes through it)
         self._spare: list[Any] = []
         self._lock = threading.Lock()
+        # (``raw_storage``: buffers for reuse, storages read ahead, those asked for, the object's order)
+        self._raw_spare: list[Any] = []
+        self._ahead: dict[Any, Any] = {}
+        self._asked: set[Any] = set()
+        self._order: list[Any] | None = None
+        self._next = 0
 
     def close(self) -> None:
+        with self._lock:
+            for job in self._ahead.values():
+                job.cancel()
+            self._ahead.clear()
         self._file.close()
 
     @property
@@ -667,10 +930,60 @@ class RemoteStorage:
 
     def raw_storage(self, key: Any) -> Any:
         """The storage's bytes in fresh memory (the value commands' pools read two storages at once)."""
-        span = self._span(key)
-        data = bytearray(span.nbytes)
-        self._read_into(key, span, data)
+        with self._lock:  # (asked and taken in one step: a storage being asked for is never read ahead too)
+            ahead = self._ahead.pop(key, None)
+            self._asked.add(key)
+        self._read_ahead()
+        data = ahead.result() if ahead is not None else None
+        if data is None:
+            span = self._span(key)
+            data = self._raw_buffer(span.nbytes)
+            self._read_into(key, span, data)
         return memoryview(data).toreadonly()
+
+    def _read_ahead(self) -> None:
+        """Start reading the next storages in the object (by offset) in the background, while the one asked
+        for is computed on: at most ``AHEAD`` bytes read and not yet asked for (at least one storage).
+        Value commands ask for storages in the object's order, so the transfer overlaps the computation; a
+        storage read ahead and never asked for (a selection) costs its bytes, within that bound."""
+        with self._lock:
+            ahead, asked = self._ahead, self._asked
+            if self._order is None:
+                self._order = sorted(self.spans, key=lambda k: int(self.spans[k].offset))
+            order = self._order
+            pending = sum(self.spans[k].nbytes for k in ahead)
+            while self._next < len(order) and (pending < AHEAD or not ahead):
+                k = order[self._next]
+                self._next += 1
+                if k in asked or k in ahead or self.spans[k].nbytes < WINDOW:
+                    continue
+                ahead[k] = _AHEAD_POOL().submit(self._fetch, k)
+                pending += self.spans[k].nbytes
+
+    def _fetch(self, key: Any) -> Any:
+        span = self._span(key)
+        data = self._raw_buffer(span.nbytes)
+        self._read_into(key, span, data)
+        return data
+
+    def _raw_buffer(self, nbytes: int) -> Any:
+        """``nbytes`` of memory for ``raw_storage``: a buffer an earlier storage used that nothing refers to any
+        more (fresh pages cost a fault each, more than receiving the bytes), else a new one, not zeroed (the
+        read fills every byte). At most ``RAW_SPARE`` buffers are kept."""
+        import sys
+
+        import numpy
+
+        with self._lock:
+            spare = self._raw_spare
+            for buf in spare:
+                # (referred to only by this list, the loop and getrefcount's argument: free to reuse)
+                if buf.nbytes >= nbytes and sys.getrefcount(buf) <= 3:
+                    return buf[:nbytes]
+            buf = numpy.empty(nbytes, dtype=numpy.uint8)
+            if len(spare) < RAW_SPARE:
+                spare.append(buf)
+            return buf
 
     def _read_into(self, key: Any, span: Any, buf: Any) -> None:
         """A storage's bytes into ``buf``, as asked (no read-ahead: values cost their own bytes)."""

@@ -419,7 +419,7 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
             return target if output.in_place else None
         if not output.in_place:
             os.makedirs(os.path.dirname(os.path.join(work, shard)), exist_ok=True)
-            shutil.copyfile(path, os.path.join(work, shard))
+            copy_file(path, os.path.join(work, shard))
         return None
 
     def build(work: str) -> dict[str, str]:
@@ -437,6 +437,19 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
         commit_in_place(index, build, started)
     else:
         commit_directory(output.path, build)
+
+
+def copy_file(path: str, target: str) -> None:
+    """Copy the file ``path`` (a local file, or a remote object: ``blob.copy_to``) to the local ``target``."""
+    from .blob import copy_to, is_remote
+
+    if is_remote(path):
+        from .remote import kept
+
+        if not kept(path, target):  # (a shard an in-place rewrite of its bucket prefix keeps is not downloaded)
+            copy_to(path, target)
+    else:
+        shutil.copyfile(path, target)
 
 
 def write_shard(index: Any, shard: str, work: str, in_place: bool, started: list[str],

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from .base import Format
 
 MAX_METADATA = 256 * 1024 * 1024
+DATA_PREFIX = "__"  # data files are named {DATA_PREFIX}{rank}_{n}.distcp (torch's own names; a rewrite in a
+                    # bucket, ``remote.stage``, picks new ones: the old .metadata's files stay until it is replaced)
 
 
 def _read_bytes(directory: str) -> bytes:
@@ -452,11 +454,26 @@ def save(state: Any, directory: str) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "torch.distributed is disabled ... assuming a single process"
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(directory), planner=Planner())
+            dcp.save(state, storage_writer=_writer(directory), planner=Planner())
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as e:  # torch's CheckpointException is a BaseException wrapping each rank's error
         raise _write_failure(e, directory) from None
+
+
+def _writer(directory: str) -> Any:
+    """torch's ``FileSystemWriter``, naming its data files after ``DATA_PREFIX``."""
+    import dataclasses
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import _StoragePrefix
+
+    class Writer(dcp.FileSystemWriter):
+        def prepare_global_plan(self, plans: list) -> list:
+            return [dataclasses.replace(plan, storage_data=_StoragePrefix(f"{DATA_PREFIX}{i}_"))
+                    if plan.storage_data is None else plan for i, plan in enumerate(plans)]
+
+    return Writer(directory) if DATA_PREFIX != "__" else dcp.FileSystemWriter(directory)
 
 
 def _write_failure(exc: BaseException, directory: str) -> BaseException:
