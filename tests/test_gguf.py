@@ -168,3 +168,22 @@ def test_a_weight_stored_transposed_is_compared_transposed(tmp_path, run):
     (c,) = doc["changed"]
     assert c["transposed"] is True and c["quantization"] == "F16"
     assert c["max_abs_diff"] == pytest.approx(float((up - up.half().float()).abs().max()), rel=1e-9)
+
+
+def test_check_reads_dequantized_values(tmp_path, run):
+    """`check` on a GGUF file: its rules run on the values as dequantized (zero and NaN tensors found)."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    w.add_tensor("token_embd.weight", np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32))
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((8, 8), dtype=np.float32))
+    w.add_tensor("output_norm.weight", np.full((8,), np.nan, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = run("check", tmp_path / "t.gguf", "--json")
+    assert r.exit_code == 1, r.stderr
+    found = {(f["rule"], f["name"]) for f in r.json()["findings"]}
+    assert found == {("zero", "blk.0.attn_q.weight"), ("nan", "output_norm.weight")}
