@@ -221,3 +221,46 @@ def test_set_on_special_tensors(case, name, edit_ok, corpus, run, tmp_path):
     assert torch.equal(got.real if got.is_complex() else got, torch.ones(got.shape)) or case == "sparse_csr"
     if case == "sparse_csr":
         assert torch.equal(torch.load(out, weights_only=True)[name].values(), torch.ones(6))
+
+
+class _Call:
+    """Pickled as ``func(*args)``: a rebuild function with arguments torch.save would never write."""
+
+    def __init__(self, func, args) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _crafted():
+    u = torch._utils
+    return {
+        "sparse index beyond its shape": _Call(u._rebuild_sparse_tensor, (
+            torch.sparse_coo, (torch.tensor([[0, 5]]), torch.tensor([1.0, 2.0]), (3,)))),
+        "sparse csr rows out of order": _Call(u._rebuild_sparse_tensor, (
+            torch.sparse_csr, (torch.tensor([0, 2, 1]), torch.tensor([0, 1]), torch.tensor([1.0, 2.0]), (2, 2)))),
+        "nested component beyond its buffer": _Call(u._rebuild_nested_tensor, (
+            torch.arange(4.0), torch.tensor([[3]]), torch.tensor([[1]]), torch.tensor([3]))),
+        "meta tensor of negative size": _Call(u._rebuild_meta_tensor_no_storage, (torch.float32, (-1,), (1,), False)),
+        "tensor metadata of unknown kind": _Call(u._rebuild_tensor_v2, (
+            torch.ones(2).untyped_storage(), 0, (2,), (1,), False, {}, {"zap": True})),
+    }
+
+
+@pytest.mark.parametrize("what", list(_crafted()))
+def test_crafted_rebuild_arguments_are_one_error_line(what, run, tmp_path):
+    """What torch.load would refuse, or what would read outside a buffer, is one `error:` line in every command:
+    never a traceback, never a crash, never a partial output."""
+    path = tmp_path / "crafted.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.save({"x": _crafted()[what], "w": torch.ones(2)}, path)
+    for argv in (["inspect", path, "--json"], ["stats", path, "--json"], ["convert", path, tmp_path / "o.pt"]):
+        r = run(*argv)
+        if r.exit_code == 0:  # listed (the check that refuses it needs its values): the value commands refuse it
+            assert argv[0] == "inspect", (what, argv[0])
+            continue
+        assert r.exit_code == 1 and r.stderr.startswith("error:") and r.stderr.count("\n") == 1, (what, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "o.pt").exists()

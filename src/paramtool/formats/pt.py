@@ -97,7 +97,11 @@ class _Rebuild:
 
         dtype = _dtype(fake.dtype, self.path)
         if fake.special is not None:
-            t = self.special(fake, dtype)
+            import warnings
+
+            with warnings.catch_warnings():  # torch's notices on beta layouts (sparse CSR, nested): not the user's
+                warnings.simplefilter("ignore")
+                t = self.special(fake, dtype)
             if fake.special.kind == "storage":
                 return t
         else:
