@@ -155,8 +155,11 @@ def set_path(root: Any, path: Path, value: Any) -> None:
                 return
         raise ParamtoolError(f"cannot replace '{key}': not found in module {getattr(parent, 'cls', parent)}")
     state = _inert_state(parent) if not isinstance(parent, (Mapping, list, tuple)) else None
-    if state is not None and not is_module(parent):  # an object's attribute
-        state[key] = value
+    if state is not None and not is_module(parent):  # an object's attribute (in its dict, or its slots)
+        own = parent.state
+        if isinstance(own, tuple):
+            own = own[1] if key in own[1] else own[0]
+        own[key] = value
         return
     if is_module(parent) and not isinstance(parent, FakeModule):
         torch = _torch()
