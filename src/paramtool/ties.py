@@ -45,15 +45,21 @@ def _overlaps(a: TensorInfo, b: TensorInfo) -> bool:
     return a0 < b1 and b0 < a1
 
 
+def _by_storage(tensors: list[TensorInfo]) -> dict[Hashable, list[TensorInfo]]:
+    """The non-empty tensors of each storage, in checkpoint order (an empty tensor shares no bytes)."""
+    by_storage: dict[Hashable, list[TensorInfo]] = {}
+    for t in tensors:
+        if t.numel > 0:
+            by_storage.setdefault(t.storage, []).append(t)
+    return by_storage
+
+
 def storage_groups(tensors: list[TensorInfo]) -> list[list[TensorInfo]]:
     """Groups (in checkpoint order) of two or more tensors whose bytes overlap in one storage.
 
     Empty tensors never group: they share no bytes even when they share a storage object.
     """
-    by_storage: dict[Hashable, list[TensorInfo]] = {}
-    for t in tensors:
-        if t.numel > 0:
-            by_storage.setdefault(t.storage, []).append(t)
+    by_storage = _by_storage(tensors)
     groups: list[list[TensorInfo]] = []
     for members in by_storage.values():
         if len(members) < 2:
@@ -97,10 +103,7 @@ def find_ties(tensors: list[TensorInfo], meta_ties: dict[str, str] | None = None
     """
     meta = set(meta_ties or {})
     cluster = {t.name: i for i, g in enumerate(storage_groups(tensors)) for t in g}
-    by_storage: dict[Hashable, list[TensorInfo]] = {}
-    for t in tensors:
-        if t.numel > 0:
-            by_storage.setdefault(t.storage, []).append(t)
+    by_storage = _by_storage(tensors)
     out = []
     for g in by_storage.values():
         if len(g) < 2:
