@@ -76,6 +76,7 @@ class Action:
     name: str
     apply: Callable[[Any], None]
     overwrites: bool  # writes every element without reading the old values
+    global_rng: bool = False  # draws from torch's global generator (no --seed): runs alone, in order
 
 
 @dataclass
@@ -104,7 +105,7 @@ def _scheme_action(name: str, scheme: Any, opts: dict, seed: int | None, seed_na
         gen = schemes.generator_for(seed, scheme.name, opts, seed_name, tuple(info.shape), info.dtype)
         schemes.apply(scheme, opts, t, gen)
 
-    return Action(name, run, True)
+    return Action(name, run, True, seed is None)
 
 
 def _zero(t: Any) -> None:

@@ -342,8 +342,12 @@ def write_streamed(storage_file: Any, listing: Checkpoint, plan: Any, output: Ou
                 action.apply(storage_file.view(storage, infos[action.name]))
         return storage
 
+    # storages produced two at a time when no action draws from torch's global generator (whose draws
+    # would then depend on the threads' timing)
+    workers = 1 if any(a.global_rng for a in plan.actions) else min(2, os.cpu_count() or 1)
+
     def write(path: str) -> None:
-        storage_file.patch(path, list(by_key), produce)
+        storage_file.patch(path, list(by_key), produce, workers)
         verify_file(listing, output.format, path)
 
     emit(output, write)

@@ -119,6 +119,95 @@ _CAST_BUFFERS: list[list[dict[str, Any]]] = []  # CastChunks' chunk buffers, thr
 _CAST_LOCK = threading.Lock()
 
 
+DIRECT_ALIGN = 4096  # O_DIRECT: file offset, length and memory address each a multiple of the device's block
+
+
+class DirectWriter:
+    """Writes of new storage bytes into an output file that skip the page cache (``O_DIRECT``), beside the
+    ordinary file object that writes everything else.
+
+    A buffered write of 1 GiB cost 2.7 s of system time on this project's VMs (page-cache pages allocated,
+    copied into, written back, then ``fsync`` waited for), an ``O_DIRECT`` write of the same bytes 0.1 s and
+    0.6 s in all, after which the ``fsync`` before the rename has nothing left to flush. The whole blocks of
+    a storage go directly (from its own memory when ``StorageFile.empty_storage`` placed it to match the file
+    offset, else through one aligned bounce buffer); the partial blocks at either end, which share a block
+    with neighbouring bytes, go through the file object. Linux keeps the two coherent (a direct write
+    flushes and drops cached pages of its range). Where the filesystem refuses ``O_DIRECT`` (tmpfs, some
+    network filesystems), every byte goes through the file object, as before."""
+
+    BOUNCE = 1 << 23
+
+    def __init__(self, path: str) -> None:
+        try:
+            self.fd: int | None = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except (OSError, AttributeError):  # no O_DIRECT here (tmpfs; not Linux)
+            self.fd = None
+        self._bounce: Any = None
+
+    def __enter__(self) -> "DirectWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop writing directly (the file object writes whatever comes next)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self._bounce is not None:
+            self._bounce.close()
+            self._bounce = None
+
+    def write(self, out: Any, raw: Any) -> None:
+        """Append ``raw`` (a contiguous numpy byte array) at ``out``'s position; ``out``'s position advances."""
+        if self.fd is None or raw.nbytes < 4 * DIRECT_ALIGN:
+            out.write(raw)
+            return
+        out.flush()
+        pos = out.tell()
+        head = (-pos) % DIRECT_ALIGN
+        whole = (raw.nbytes - head) // DIRECT_ALIGN * DIRECT_ALIGN
+        out.write(raw[:head])
+        out.flush()
+        done = self._direct(raw[head:head + whole], pos + head)
+        out.seek(pos + head + done)
+        out.write(raw[head + done:])
+
+    def _direct(self, raw: Any, offset: int) -> int:
+        """Write whole blocks of ``raw`` at ``offset`` with ``O_DIRECT``: how many bytes were written (fewer
+        than asked where the file system refused, after which this writer writes nothing directly)."""
+        import mmap
+
+        fd = self.fd
+        aligned = raw.ctypes.data % DIRECT_ALIGN == 0
+        done = 0
+        while done < raw.nbytes and fd is not None:
+            n = min(raw.nbytes - done, 1 << 30 if aligned else self.BOUNCE)
+            if aligned:
+                data = raw[done:done + n]
+            else:
+                if self._bounce is None:
+                    self._bounce = mmap.mmap(-1, self.BOUNCE)  # anonymous: page-aligned
+                data = memoryview(self._bounce)[:n]
+                data[:] = raw[done:done + n]
+            try:
+                wrote = os.pwrite(fd, data, offset + done)
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # ENOSPC, EIO, ...: the write fails, as a buffered one would
+                    raise
+                wrote = 0
+            finally:
+                del data
+            if wrote % DIRECT_ALIGN or wrote <= 0:  # refused, or a short write off a block: the file object goes on
+                self.close()
+                fd = None
+                done += max(wrote, 0) // DIRECT_ALIGN * DIRECT_ALIGN
+                break
+            done += wrote
+        return done
+
+
 def release_freed_memory() -> None:
     """Make glibc give large freed blocks back to the system at once.
 
@@ -149,18 +238,25 @@ class StorageFile:
 
     SPARES = 4  # buffers kept: the pool's workers + the one read ahead, and one being written
 
-    def _buffer(self, nbytes: int) -> Any:
+    def _buffer(self, nbytes: int, phase: int | None = None) -> Any:
         """``nbytes`` of memory: the smallest spare buffer that holds them, else a fresh one.
 
         Faulting in fresh pages costs more than reading the bytes (on this project's VMs, 4x), so storages
-        are read into the same few buffers over and over."""
+        are read into the same few buffers over and over. With ``phase`` (a file offset), the memory starts
+        at that offset's place in a block (``DIRECT_ALIGN``), so ``DirectWriter`` can hand it to the disk
+        as it is."""
         import torch
 
+        def shift(b: Any) -> int:
+            return 0 if phase is None else (phase - b.data_ptr()) % DIRECT_ALIGN
+
         with self._lock:
-            fits = [i for i, b in enumerate(self._spare) if b.numel() >= nbytes]
+            fits = [i for i, b in enumerate(self._spare) if b.numel() >= nbytes + shift(b)]
             if fits:
-                return self._spare.pop(min(fits, key=lambda i: self._spare[i].numel()))[:nbytes]
-        return torch.empty(nbytes, dtype=torch.uint8)
+                b = self._spare.pop(min(fits, key=lambda i: self._spare[i].numel()))
+                return b[shift(b):shift(b) + nbytes]
+        b = torch.empty(nbytes + (0 if phase is None else DIRECT_ALIGN), dtype=torch.uint8)
+        return b[shift(b):shift(b) + nbytes]
 
     def recycle(self, tensor: Any) -> None:
         """Hand back a storage (or any view of it) once nothing uses it any more: a later read reuses its
@@ -257,12 +353,18 @@ class StorageFile:
         return self.view(self.map_storage(info.storage), info)
 
     def empty_storage(self, key: Hashable) -> Any:
+        """Memory for a storage that will be written whole, placed for ``DirectWriter`` (see ``_buffer``)."""
         span = self.spans[key]
-        return self._buffer(span.nbytes).view(torch_dtype(span.dtype))
+        phase = span.offset % DIRECT_ALIGN
+        aligned = phase % itemsize(span.dtype) == 0 and span.nbytes % itemsize(span.dtype) == 0
+        buf = self._buffer(span.nbytes, phase if aligned else None)
+        return buf.view(torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else buf
 
     @staticmethod
     def view(storage: Any, info: TensorInfo) -> Any:
-        return storage.as_strided(info.shape, info.stride, info.offset)
+        """Tensor ``info`` over ``storage`` (a 1-D tensor of the whole storage, which may itself start past its
+        memory's first element: ``empty_storage``)."""
+        return storage.as_strided(info.shape, info.stride, storage.storage_offset() + info.offset)
 
     def tensor(self, name: str) -> Any:
         info = self.infos[name]
@@ -273,11 +375,16 @@ class StorageFile:
         span = self.spans[info.storage]
         return info.offset == 0 and info.nbytes == span.nbytes and tuple(info.stride) == contiguous_stride(info.shape)
 
-    def patch(self, out_path: str, changed: Iterable[Hashable], produce: Callable[[Hashable], Any]) -> None:
+    def patch(self, out_path: str, changed: Iterable[Hashable], produce: Callable[[Hashable], Any],
+              workers: int = 1) -> None:
         """Write a copy of this file to ``out_path`` where each storage in ``changed`` is replaced by
         ``produce(key)`` (a contiguous 1-D tensor holding the whole storage, from ``empty_storage`` or
-        ``read_storage``), produced and written one at a time."""
+        ``read_storage``), produced ahead of the write and written one at a time (``workers``: how many
+        may be produced at once, see ``produce_ahead``)."""
         raise NotImplementedError
+
+    def _nbytes(self, key: Hashable) -> int:
+        return self.spans[key].nbytes
 
 
 class ZipStorageFile(StorageFile):
@@ -300,7 +407,8 @@ class ZipStorageFile(StorageFile):
                 spans[ref.key] = Span(offset, ref.nbytes, ref.dtype, record.split("/", 1)[-1])
         return cls(path, toc, spans)
 
-    def patch(self, out_path: str, changed: Iterable[Hashable], produce: Callable[[Hashable], Any]) -> None:
+    def patch(self, out_path: str, changed: Iterable[Hashable], produce: Callable[[Hashable], Any],
+              workers: int = 1) -> None:
         """A byte-for-byte copy of the archive in which only the changed storages' bytes and their CRC-32 fields
         differ, written in one pass: the unchanged stretches copied by the kernel (``_copy``), each changed
         storage written as it is produced (the next one, and its CRC-32, computed meanwhile: ``produce_ahead``), then its
@@ -326,15 +434,15 @@ class ZipStorageFile(StorageFile):
             data = produce(key)
             return data, zlib.crc32(as_bytes(data))
 
-        with open(out_path, "wb") as out:
+        with open(out_path, "wb") as out, DirectWriter(out_path) as direct:
             pos = 0
-            for key, (data, crc) in produce_ahead(order, made):
+            for key, (data, crc) in produce_ahead(order, made, workers, self._nbytes):
                 span = self.spans[key]
                 raw = as_bytes(data)
                 if raw.nbytes != span.nbytes:  # (an edit never resizes a storage: the plan keeps shapes)
                     raise FormatError(f"{self.path}: storage {key!r} would change size; nothing was written")
                 self.copy_range(pos, out, span.offset - pos)
-                out.write(raw)
+                direct.write(out, raw)
                 crcs[span.record] = crc
                 pos = span.offset + span.nbytes
                 self.recycle(data)
@@ -425,14 +533,15 @@ class SafetensorsStorageFile(StorageFile):
         self.data_start = data_start
         return self
 
-    def patch(self, out_path: str, changed: Iterable[Hashable], produce: Callable[[Hashable], Any]) -> None:
+    def patch(self, out_path: str, changed: Iterable[Hashable], produce: Callable[[Hashable], Any],
+              workers: int = 1) -> None:
         changed = set(changed)
         ordered = sorted(self.spans.items(), key=lambda kv: kv[1].offset)
-        produced = produce_ahead([k for k, _ in ordered if k in changed], produce)
+        produced = produce_ahead([k for k, _ in ordered if k in changed], produce, workers, self._nbytes)
         from .safetensors_fmt import header_with_format
 
         header = header_with_format(self.path)  # every safetensors file written says "format": "pt"
-        with open(out_path, "wb") as out:
+        with open(out_path, "wb") as out, DirectWriter(out_path) as direct:
             self._file.seek(0)
             if header is None:
                 _copy(self._file, out, self.data_start)
@@ -445,7 +554,7 @@ class SafetensorsStorageFile(StorageFile):
                     _copy(self._file, out, span.offset - pos)
                 if key in changed:
                     _, data = next(produced)
-                    out.write(as_bytes(data))
+                    direct.write(out, as_bytes(data))
                     self.recycle(data)
                     del data
                 else:
@@ -458,18 +567,42 @@ class SafetensorsStorageFile(StorageFile):
             _copy(self._file, out, end - pos)
 
 
-def produce_ahead(keys: list[Hashable], produce: Callable[[Hashable], Any]) -> Iterator[tuple[Hashable, Any]]:
+AHEAD_BYTES = 1 << 29  # produce_ahead with several workers: storages in memory at once, at most (one at least)
+
+
+def produce_ahead(keys: list[Hashable], produce: Callable[[Hashable], Any], workers: int = 1,
+                  size: Callable[[Hashable], int] = lambda key: 0) -> Iterator[tuple[Hashable, Any]]:
     """``(key, produce(key))`` in order, computing the next storage on a worker thread while the caller
-    writes the current one (torch releases the GIL): generation and I/O overlap, two storages at most."""
+    writes the current one (torch releases the GIL): generation and I/O overlap, two storages at most.
+
+    With ``workers`` > 1 (producers that share no state: each init draws from its own seeded generator),
+    up to that many storages are computed at once while the caller writes, as long as those and the one
+    being written come to at most ``AHEAD_BYTES`` (``size`` gives each one's bytes): a 1 GiB ``init`` of
+    64 MiB storages generates on both cores of this project's VMs, while a 512 MiB storage still has one
+    other beside it at most."""
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     if not keys:
         return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(produce, keys[0])
-        for i, key in enumerate(keys):
-            value = pending.result()
-            pending = pool.submit(produce, keys[i + 1]) if i + 1 < len(keys) else None
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        queued = [0, 0]  # keys submitted, their bytes not yet yielded
+
+        def fill(held: int) -> None:
+            while queued[0] < len(keys) and len(pending) < workers:
+                nbytes = size(keys[queued[0]])
+                if pending and held + queued[1] + nbytes > AHEAD_BYTES:
+                    return
+                pending.append(pool.submit(produce, keys[queued[0]]))
+                queued[0] += 1
+                queued[1] += nbytes
+
+        fill(0)
+        for key in keys:
+            value = pending.popleft().result()
+            queued[1] -= size(key)
+            fill(size(key))
             yield key, value
             del value
 
