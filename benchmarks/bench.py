@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py [--sizes 100,1000] [--repeat 3] [--keep]
     python benchmarks/bench.py --only values --size 1G --sharded-size 4G
+    python benchmarks/bench.py --only init --sizes 1024 --repeat 5   # init rows and the sparse init
     python benchmarks/bench.py --quick        # small sizes, one run: checks the benchmark itself
 
 What is measured, and why
@@ -21,7 +22,13 @@ on both sides -- that is what a user pays when they run a CLI or a one-off scrip
   "size-independence" lines give inspect time at the largest size / at the smallest.
 - init: ``paramtool init FILE --scheme xavier --seed 0 -o OUT`` against a script doing
   ``torch.load(weights_only=True)`` (or ``load_file``), ``xavier_uniform_`` on every tensor with
-  dim >= 2, and ``torch.save`` (or ``save_file``) to OUT.
+  dim >= 2, and ``torch.save`` (or ``save_file``) to OUT. The two run alternately (warm-up of each, then
+  paramtool, script, paramtool, ...), so a change in load or writeback falls on both; a line per format
+  gives paramtool/script against issue 26's target (<= 0.8) and the read floor (``cat`` of the input plus
+  ``import torch``, timed in this run). ``--only init`` runs these rows and the sparse init alone.
+- sparse init: ``init --layer layers.3`` of one 512 MiB tensor of a sparse 20 GiB safetensors file (all holes):
+  time, disk used by the output, and the peak RSS above the same command's on a two-tensor file: one storage
+  at most (no second copy of the tensor), target <= 1.05 storages.
 
 Before anything is timed, the paramtool package that runs is byte-compiled (``python -m compileall -q``) and
 PYTHONDONTWRITEBYTECODE is unset for the children: an installed package ships its bytecode, while an editable
@@ -263,6 +270,23 @@ def measure(cmd: list[str], repeat: int, warm: bool = True) -> Result:
     return Result(statistics.median(times), max(peaks))
 
 
+def measure_pair(a: list[str], b: list[str], repeat: int) -> tuple[Result, Result]:
+    """``measure`` of two commands with their runs alternated (a warm-up of each, then a, b, a, b, ...), so a
+    change in the machine's load or the disk's writeback falls on both sides alike."""
+    runs: dict[int, list[tuple[float, float]]] = {0: [], 1: []}
+    for i in range(repeat + 1):
+        for side, cmd in enumerate((a, b)):
+            elapsed, rss, rc, err = run_once(cmd)
+            if rc != 0:
+                failed = Result(error=f"exit status {rc}: {' '.join(cmd)}\n{err[-3000:]}")
+                other = measure(b if side == 0 else a, repeat)
+                return (failed, other) if side == 0 else (other, failed)
+            if i:
+                runs[side].append((elapsed, rss))
+    a_res, b_res = (Result(statistics.median(t for t, _ in runs[k]), max(m for _, m in runs[k])) for k in (0, 1))
+    return a_res, b_res
+
+
 HEADER = ("size", "format", "operation", "paramtool s", "baseline s", "speed ratio", "paramtool MB", "baseline MB",
           "RSS ratio", "baseline")
 
@@ -476,12 +500,59 @@ def value_section(work: str, size_mb: int, sharded_mb: int, shards: int, repeat:
               f"{'; '.join(missed) or 'no row'}")
 
 
+INIT_TARGET = 0.8  # issue 26: init at most 0.8x the load-init-save script's time at 1 GiB
+
+
+def init_rows(work: str, size: int, files: tuple[str, str], repeat: int, keep: bool,
+              floor_import: float) -> list[str]:
+    """``init --scheme xavier --seed 0 -o OUT`` on the .pt and the .safetensors file, each beside its
+    load-xavier-save script (runs alternated: ``measure_pair``); prints the table rows and returns one line
+    per format with the time ratio paramtool/script, the target and the read floor (cat of the input +
+    torch's import, timed in this run)."""
+    lines = []
+    for fmt, path, ext in zip(("pt", "safetensors"), files, (".pt", ".safetensors")):
+        out_ours = os.path.join(work, f"init_paramtool_{size}MB{ext}")
+        out_base = os.path.join(work, f"init_baseline_{size}MB{ext}")
+        name = "torch.load + xavier_ + torch.save" if fmt == "pt" else "load_file + xavier_ + save_file"
+        ours, base = measure_pair([*PARAMTOOL, "init", path, "--scheme", "xavier", "--seed", "0", "-o", out_ours],
+                                  [PYTHON, "-c", INIT_PT if fmt == "pt" else INIT_ST, path, out_base], repeat)
+        report_failure(f"paramtool init ({size} MB {fmt})", ours)
+        report_failure(f"baseline {name} ({size} MB {fmt})", base)
+        print_row(row(size, fmt, "init xavier", ours, base, name))
+        floor = floor_of([path], floor_import)
+        if ours.error is None and base.error is None:
+            ratio = ours.seconds / base.seconds
+            lines.append(f"init xavier {size} MB {fmt}: paramtool {ours.seconds:.2f} s / script {base.seconds:.2f} s "
+                         f"= {ratio:.2f} (target <= {INIT_TARGET:g}: {'ok' if ratio <= INIT_TARGET else 'MISSED'}); "
+                         f"floor (cat + import torch) {floor:.2f} s, paramtool / floor {ours.seconds / floor:.2f}")
+        else:
+            lines.append(f"init xavier {size} MB {fmt}: FAILED")
+        if not keep:
+            for f in (out_ours, out_base):
+                remove(f)
+    return lines
+
+
+def peak_rss(cmd: list[str]) -> Result:
+    """One run of ``cmd``: its wall time and peak RSS (``run_once``), or the error."""
+    elapsed, rss, rc, err = run_once(cmd)
+    return Result(error=f"exit status {rc}: {' '.join(cmd)}\n{err[-3000:]}") if rc else Result(elapsed, rss)
+
+
 def sparse_init(work: str, size_mb: int) -> None:
     """``init --layer layers.3 -o OUT`` on a sparse safetensors file of ``size_mb`` (512 MiB tensors, data all
-    holes): the time should follow the 512 MiB changed, not the file; OUT keeps the holes. Beside ``cp``."""
+    holes): the time should follow the 512 MiB changed, not the file; OUT keeps the holes. Beside ``cp``.
+
+    Memory: the peak RSS above what the same command costs on a file of two 64 x 64 tensors (the
+    interpreter, torch and paramtool, measured in this run) should be one storage, the 512 MiB tensor being
+    generated and written, and no second copy of it (target: at most 1.05 storages)."""
     import json
 
+    import torch
+    from safetensors.torch import save_file
+
     path, out = os.path.join(work, "sparse.safetensors"), os.path.join(work, "sparse_out.safetensors")
+    tiny, tiny_out = os.path.join(work, "tiny.safetensors"), os.path.join(work, "tiny_out.safetensors")
     per = 512 * MiB
     n = max(4, size_mb * MiB // per)
     rows = per // 4 // COLS
@@ -492,15 +563,23 @@ def sparse_init(work: str, size_mb: int) -> None:
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
         f.truncate(8 + len(raw) + n * per)
-    ours = measure([*PARAMTOOL, "init", path, "--scheme", "normal", "--seed", "0", "--layer", "layers.3", "-o", out],
-                   1, warm=False)
+    save_file({f"layers.{i}.weight": torch.zeros(64, 64) for i in (3, 4)}, tiny)
+    args = ["--scheme", "normal", "--seed", "0", "--layer", "layers.3", "-o"]
+    ours = peak_rss([*PARAMTOOL, "init", path, *args, out])
     report_failure("paramtool init on a sparse file", ours)
     used = os.stat(out).st_blocks * 512 / MiB if os.path.exists(out) else 0
+    base = min((peak_rss([*PARAMTOOL, "init", tiny, *args, tiny_out]) for _ in range(3)), key=lambda r: r.rss_mib)
+    report_failure("paramtool init on a two-tensor file", base)
     cp = measure(["cp", path, os.path.join(work, "sparse_cp.safetensors")], 1, warm=False)
     print(f"\nsparse {n * per // MiB} MB safetensors (all holes), init one 512 MiB tensor: paramtool "
           f"{ours.seconds:.2f} s, {ours.rss_mib:.0f} MB peak RSS; output uses {used:.0f} MB on disk; "
           f"cp of the same file: {cp.seconds:.2f} s")
-    for f in (path, out, os.path.join(work, "sparse_cp.safetensors")):
+    if ours.error is None and base.error is None:
+        above = ours.rss_mib - base.rss_mib
+        print(f"sparse init memory: peak {ours.rss_mib:.0f} MB - {base.rss_mib:.0f} MB (the same init on a file of "
+              f"two 64 x 64 tensors) = {above:.0f} MB for a {per // MiB} MB storage = {above * MiB / per:.2f} "
+              f"storages (target <= 1.05: {'ok' if above * MiB <= 1.05 * per else 'MISSED'})")
+    for f in (path, out, tiny, tiny_out, os.path.join(work, "sparse_cp.safetensors")):
         if os.path.exists(f):
             os.unlink(f)
 
@@ -544,8 +623,9 @@ def main() -> int:
     parser.add_argument("--size", default="1G", help="value commands: the single-file checkpoint size (1G, 256M)")
     parser.add_argument("--sharded-size", default="4G", help="value commands: the sharded checkpoint size (0: none)")
     parser.add_argument("--shards", type=int, default=4, help="shards of the sharded checkpoint")
-    parser.add_argument("--only", choices=("all", "listing", "values"), default="all",
-                        help="listing/init rows only, value-command rows only, or both")
+    parser.add_argument("--only", choices=("all", "listing", "values", "init"), default="all",
+                        help="listing/init rows only, value-command rows only, init rows and the sparse init "
+                             "only, or all")
     parser.add_argument("--sparse-size", default="20G", help="init on a sparse file of this size (0: skip)")
     parser.add_argument("--quick", action="store_true", help="small sizes, one run: check the benchmark itself")
     args = parser.parse_args()
@@ -573,10 +653,12 @@ def main() -> int:
     inspect_times: dict[str, dict[int, float]] = {"pt": {}, "safetensors": {}}
     if args.only == "values":
         sizes = []
+    torch_import = measure([PYTHON, "-c", TORCH_IMPORT], 3).seconds if sizes else 0.0
+    init_lines: list[str] = []
     try:
         for size in sizes:
             pt, st = generate(work, size)
-            for fmt, path, ext in (("pt", pt, ".pt"), ("safetensors", st, ".safetensors")):
+            for fmt, path in (("pt", pt), ("safetensors", st)) if args.only != "init" else ():
                 # listing
                 ours = measure([*PARAMTOOL, "inspect", path, "--json"], repeat)
                 report_failure(f"paramtool inspect ({size} MB {fmt})", ours)
@@ -588,35 +670,27 @@ def main() -> int:
                     base = measure([PYTHON, "-c", script, path], repeat)
                     report_failure(f"baseline {name} ({size} MB {fmt})", base)
                     print_row(row(size, fmt, "inspect", ours, base, name))
-                # init
-                out_ours = os.path.join(work, f"init_paramtool_{size}MB{ext}")
-                out_base = os.path.join(work, f"init_baseline_{size}MB{ext}")
-                ours = measure([*PARAMTOOL, "init", path, "--scheme", "xavier", "--seed", "0", "-o", out_ours], repeat)
-                report_failure(f"paramtool init ({size} MB {fmt})", ours)
-                name = "torch.load + xavier_ + torch.save" if fmt == "pt" else "load_file + xavier_ + save_file"
-                base = measure([PYTHON, "-c", INIT_PT if fmt == "pt" else INIT_ST, path, out_base], repeat)
-                report_failure(f"baseline {name} ({size} MB {fmt})", base)
-                print_row(row(size, fmt, "init xavier", ours, base, name))
-                if not args.keep:
-                    for f in (out_ours, out_base):
-                        if os.path.exists(f):
-                            os.unlink(f)
+            init_lines += init_rows(work, size, (pt, st), repeat, args.keep, torch_import)
             if not args.keep:
                 os.unlink(pt)
                 os.unlink(st)
         print()
+        if init_lines:
+            print(f"init (paramtool and script runs alternated; torch import {torch_import:.2f} s, median of 3 in "
+                  "this run):")
+            print("\n".join(init_lines) + "\n")
         lo, hi = (sizes[0], sizes[-1]) if sizes else (0, 0)
-        for fmt, times in inspect_times.items() if sizes else ():
+        for fmt, times in inspect_times.items() if sizes and args.only != "init" else ():
             if lo in times and hi in times:
                 print(f"size-independence ({fmt}): inspect time at largest / smallest size "
                       f"({hi} MB / {lo} MB) = {times[hi] / times[lo]:.2f}")
             else:
                 print(f"size-independence ({fmt}): n/a (paramtool inspect failed)")
-        if args.only != "listing":
+        if args.only in ("all", "values"):
             listing_check(work, parse_size(args.size))
             value_section(work, parse_size(args.size), parse_size(args.sharded_size), args.shards, 1)
-            if parse_size(args.sparse_size):
-                sparse_init(work, parse_size(args.sparse_size))
+        if args.only in ("all", "values", "init") and parse_size(args.sparse_size):
+            sparse_init(work, parse_size(args.sparse_size))
     finally:
         if args.keep:
             print(f"kept {work}")
