@@ -3,7 +3,6 @@
 (``produce_ahead``), and a one-tensor ``init`` holds that tensor in memory once. None of it may change a byte."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -160,24 +159,14 @@ def peak_rss_kib(args: list[str]) -> int:
     return int(r.stdout.split()[-1])
 
 
-def sparse_safetensors(path, rows: int, cols: int, n: int) -> None:
-    """n float32 tensors of rows x cols, their data all holes (nothing on disk, nothing in memory)."""
-    per = rows * cols * 4
-    header = {f"layers.{i}.weight": {"dtype": "F32", "shape": [rows, cols], "data_offsets": [i * per, (i + 1) * per]}
-              for i in range(n)}
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        f.truncate(8 + len(raw) + n * per)
-
-
 def test_one_tensor_init_holds_that_tensor_once(tmp_path):
     """Memory, not time: the peak above the same command on a tiny file is about the one storage changed."""
-    rows, cols = 8192, 4096  # 128 MiB
+    from test_values_fast import _sparse_safetensors
+
+    rows, cols = 32768, 1024  # 128 MiB
     big, tiny = tmp_path / "big.safetensors", tmp_path / "tiny.safetensors"
-    sparse_safetensors(big, rows, cols, 4)
-    sparse_safetensors(tiny, 64, 64, 4)
+    _sparse_safetensors(big, 4, rows)
+    _sparse_safetensors(tiny, 4, 4)
     args = ["--scheme", "normal", "--seed", "0", "--layer", "layers.3", "-o"]
     base = min(peak_rss_kib(["init", str(tiny), *args, str(tmp_path / "t.safetensors")]) for _ in range(2))
     peak = peak_rss_kib(["init", str(big), *args, str(tmp_path / "o.safetensors")])
