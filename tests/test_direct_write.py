@@ -173,3 +173,12 @@ def test_one_tensor_init_holds_that_tensor_once(tmp_path):
     storage_kib = rows * cols * 4 // 1024
     assert peak - base < 1.3 * storage_kib, (peak, base, storage_kib)
     assert os.stat(tmp_path / "o.safetensors").st_blocks * 512 < 1.1 * rows * cols * 4  # the holes stay holes
+
+
+def test_crc32_is_zlibs():
+    import zlib
+
+    for size in (0, 1, 4095, 1 << 20):
+        data = os.urandom(size)
+        for start in (0, 1, 0xDEADBEEF):
+            assert storage.crc32(data, start) == zlib.crc32(data, start)

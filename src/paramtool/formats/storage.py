@@ -416,7 +416,6 @@ class ZipStorageFile(StorageFile):
         Rewriting every record through torch's zip writer instead cost a third more time on a 1 GiB ``init``
         (its CRC and its writes through a Python file object)."""
         import struct
-        import zlib
 
         by_record: dict[str, list[Hashable]] = {}
         for key, span in self.spans.items():
@@ -430,9 +429,9 @@ class ZipStorageFile(StorageFile):
         size = os.fstat(self._file.fileno()).st_size
         crcs: dict[str, int] = {}
 
-        def made(key: Hashable) -> tuple[Any, int]:  # on the worker thread: zlib.crc32 releases the GIL
+        def made(key: Hashable) -> tuple[Any, int]:  # on the worker thread (the CRC-32 releases the GIL)
             data = produce(key)
-            return data, zlib.crc32(as_bytes(data))
+            return data, crc32(as_bytes(data))
 
         with open(out_path, "wb") as out, DirectWriter(out_path) as direct:
             pos = 0
@@ -613,6 +612,28 @@ def _pread_into(fd: int, buf: Any, offset: int) -> int:
     from ..blob import pread_into
 
     return pread_into(fd, buf, offset) if isinstance(fd, int) else fd.pread_into(buf, offset)
+
+
+def crc32(data: Any, value: int = 0) -> int:
+    """zlib's CRC-32 of a byte buffer, continuing ``value``: ISA-L's when the ``isal`` package is installed (the
+    optional extra ``fast``; 0.07 s a GiB against zlib's 0.46 s on this project's VMs), else zlib's."""
+    return _crc32_function()(data, value)
+
+
+def _crc32_function() -> Callable[[Any, int], int]:
+    global _CRC32
+    if _CRC32 is None:
+        try:
+            from isal.isal_zlib import crc32 as fast
+        except ImportError:
+            import zlib
+
+            fast = zlib.crc32
+        _CRC32 = fast
+    return _CRC32
+
+
+_CRC32: Callable[[Any, int], int] | None = None
 
 
 def as_bytes(t: Any) -> Any:
