@@ -72,15 +72,6 @@ class Format:
         raise NotImplementedError(f"{self.name} is not written as one file")
 
 
-def named(label: str, fmt: Format, root: Any, path: str | None, key: str | None, cls: type | None = None) -> Checkpoint:
-    """A checkpoint (``cls``: a kind of ``Checkpoint``) over ``root`` with its tensors named (relative to
-    ``--key`` when given)."""
-    from .. import tree
-    from ..checkpoint import Checkpoint
-
-    return (cls or Checkpoint)(label, fmt.name, root, tree.assign_names(root, key), path=path, key=key)
-
-
 class SafetensorsFormat(Format):
     def open_storages(self, listing: Checkpoint) -> Any:
         from ..blob import storage_class
@@ -102,7 +93,7 @@ class SafetensorsFormat(Format):
 
         _flat_only(key)
         root, metadata, meta_ties = read_tree(path)
-        return Checkpoint(label, self.name, root, {n: (n,) for n in root}, metadata, meta_ties, path)
+        return Checkpoint(label, self, root, {n: (n,) for n in root}, metadata, meta_ties, path)
 
     def load(self, label: str, path: str, key: str | None) -> Checkpoint:
         from ..checkpoint import Checkpoint
@@ -110,7 +101,7 @@ class SafetensorsFormat(Format):
 
         _flat_only(key)
         tensors, metadata, meta_ties = load(path)
-        return Checkpoint(label, self.name, tensors, {n: (n,) for n in tensors}, metadata, meta_ties, path)
+        return Checkpoint(label, self, tensors, {n: (n,) for n in tensors}, metadata, meta_ties, path)
 
     def save(self, root: Any, metadata: dict[str, str] | None, path: str) -> None:
         from .safetensors_fmt import save
@@ -154,9 +145,10 @@ class TorchFormat(Format):
     def _read(self, label: str, path: str, key: str | None, load: Any) -> tuple[Any, Checkpoint]:
         """The file read without running it (``TorchFile``: refuses a hostile pickle, locates every storage),
         and its checkpoint: stand-in tensors, or real ones from ``load(path, listing)``."""
+        from ..checkpoint import named
         from .torchfile import read_torch
 
-        listing = read_torch(path, self.name)
+        listing = read_torch(path, self.name, _archive_listing)
         ckpt = named(label, self, listing.root if load is None else load(path, listing), path, key)
         ckpt.globals = sorted(listing.globals)
         return listing, ckpt
@@ -166,6 +158,14 @@ class TorchFormat(Format):
         from . import pt
 
         pt.save(root, path)
+
+
+def _archive_listing(path: str, fileobj: Any) -> Any:
+    """A TorchScript archive met where a torch zip was read: its state dict, as ``torch.load`` hands such a zip
+    to ``torch.jit.load`` (``torchscript.read_archive``; imported only then)."""
+    from .torchscript import read_archive
+
+    return read_archive(path, fileobj)[0]
 
 
 class TorchScriptFormat(TorchFormat):
@@ -186,6 +186,7 @@ class TorchScriptFormat(TorchFormat):
         return ArchiveStorageFile.open(listing.path, listing.toc(), listing.root, listing.located)
 
     def _read(self, label: str, path: str, key: str | None, load: Any) -> tuple[Any, Checkpoint]:
+        from ..checkpoint import named
         from .torchscript import ScriptCheckpoint, read_archive
 
         listing, modules = read_archive(path)
@@ -213,6 +214,7 @@ class DcpFormat(Format):
         return load_lazy(label, path, key, self)
 
     def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
+        from ..checkpoint import named
         from . import dcp
 
         return named(label, self, dcp.read_tree(path), path, key)
@@ -220,6 +222,7 @@ class DcpFormat(Format):
     def load(self, label: str, path: str, key: str | None, within: Checkpoint | None = None) -> Checkpoint:
         """``within``: a listing of this checkpoint whose ``--key`` sub-tree alone is read."""
         from .. import tree
+        from ..checkpoint import named
         from . import dcp
 
         root = dcp.load(path) if within is None else dcp.load(path, tree.find_key(within.root, key))
@@ -236,17 +239,17 @@ class GgufFormat(Format):
         from .gguf import open_checkpoint
 
         _flat_only(key, "a GGUF file")
-        return open_checkpoint(label, path, self.name)  # (lists only: tensors are read when asked for)
+        return open_checkpoint(label, path, self)  # (lists only: tensors are read when asked for)
 
     def load(self, label: str, path: str, key: str | None) -> Checkpoint:
         from .gguf import load
 
         _flat_only(key, "a GGUF file")
-        return load(label, path, self.name)
+        return load(label, path, self)
 
     def load_lazy(self, label: str, path: str, key: str | None) -> Checkpoint:
         """Each tensor read and dequantized only when asked for."""
         from .gguf import open_checkpoint
 
         _flat_only(key, "a GGUF file")
-        return open_checkpoint(label, path, self.name)
+        return open_checkpoint(label, path, self)

@@ -11,12 +11,15 @@ a vocabulary, summarised). Read only: paramtool writes no GGUF.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, ParamtoolError, first_line
 from ..toc import FakeTensor, StorageRef, contiguous_stride, numel_of
 from .dtypes import GGUF
+
+if TYPE_CHECKING:
+    from .base import Format
 
 _SHOWN = 16  # metadata arrays longer than this (a vocabulary) are summarised
 
@@ -98,18 +101,18 @@ class GgufCheckpoint(Checkpoint):
         return replace(super().toc(), quantization=dict(self.quantization))
 
 
-def open_checkpoint(label: str, path: str, fmt_name: str) -> GgufCheckpoint:
+def open_checkpoint(label: str, path: str, fmt: Format) -> GgufCheckpoint:
     root, metadata, types, records = read_tree(path)
-    ckpt = GgufCheckpoint(label, fmt_name, root, {n: (n,) for n in root}, metadata, {}, path)
+    ckpt = GgufCheckpoint(label, fmt, root, {n: (n,) for n in root}, metadata, {}, path)
     ckpt.records, ckpt.quantization = records, types
     return ckpt
 
 
-def load(label: str, path: str, fmt_name: str) -> Checkpoint:
+def load(label: str, path: str, fmt: Format) -> Checkpoint:
     """Every tensor read and dequantized (for the writers, which change tensors in place)."""
-    lazy = open_checkpoint(label, path, fmt_name)
+    lazy = open_checkpoint(label, path, fmt)
     tensors = {n: lazy.tensor(n) for n in lazy.names}
-    return Checkpoint(label, fmt_name, tensors, {n: (n,) for n in tensors}, lazy.metadata, {}, path)
+    return Checkpoint(label, fmt, tensors, {n: (n,) for n in tensors}, lazy.metadata, {}, path)
 
 
 # ---------------------------------------------------------------- names as the checkpoint had them
