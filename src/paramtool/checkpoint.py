@@ -37,11 +37,9 @@ class Checkpoint:
 
     @property
     def byte_ranges(self) -> bool:
-        """Are its storages byte ranges of its file, read and patched in place? Its format says so, unless a
-        zip storage record is compressed (torch never writes one, but reads it: then it is loaded whole), or a
-        tensor is more than a view of its bytes (``whole``: torch rebuilds it, as ``torch.load`` does)."""
-        return self.layout.byte_ranges and not self.whole \
-            and not any(offset is None for offset, _ in (self.located or {}).values())
+        """Are its storages byte ranges of its file, read and patched in place? Its format says
+        (``Format.reads_by_range``)."""
+        return self.layout.reads_by_range(self)
 
     def tensor(self, name: str) -> Any:
         return tree.get_path(self.root, self.names[name])

@@ -428,7 +428,7 @@ def write_adapter(directory: str, tensors: dict[str, Any], config: dict) -> None
     from .writer import commit_directory
 
     def build(work: str) -> None:
-        formats.by_name("safetensors").save(tensors, {"format": "pt"}, os.path.join(work, WEIGHTS[0]))
+        formats.SAFETENSORS.save(tensors, {"format": "pt"}, os.path.join(work, WEIGHTS[0]))
         with open(os.path.join(work, CONFIG), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
             f.write("\n")

@@ -15,6 +15,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up
 if TYPE_CHECKING:
     from typing import Any
     from ..checkpoint import Checkpoint
+    from .gguf import Pairing
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,11 @@ class Format:
         """Can a file in this format be written as ``other`` by copying its bytes and patching storages?"""
         return self.byte_ranges and other is self
 
+    def reads_by_range(self, listing: Checkpoint) -> bool:
+        """Are the storages of ``listing`` (read in this format) byte ranges of its file, read and patched in
+        place?"""
+        return self.byte_ranges
+
     def open_storages(self, listing: Checkpoint) -> Any:
         """A reader of this file's storages by byte range (``formats.storage``: streamed reads, patched copies),
         made from the validated listing, which says where each storage is; None for formats without byte
@@ -65,6 +71,12 @@ class Format:
     def load(self, label: str, path: str, key: str | None) -> Checkpoint:
         """The checkpoint with its tensor data (memory-mapped where the format allows)."""
         raise NotImplementedError(f"{self.name} has no reader of its own")
+
+    def pairing(self, ckpt: Checkpoint, names: list[str]) -> Pairing | None:
+        """How the tensors of ``ckpt`` (read in this format) pair with the tensors ``names`` of a checkpoint it
+        was made from, where the format stores them otherwise (GGUF: renamed, reordered, quantized:
+        ``gguf.Pairing``); None where tensors pair by name, as stored."""
+        return None
 
     def save(self, root: Any, metadata: dict[str, str] | None, path: str) -> None:
         """Write ``root`` (a flat state dict where not ``holds_non_tensors``) to ``path`` as one file. The
@@ -118,6 +130,13 @@ def _flat_only(key: str | None, what: str = "a safetensors file") -> None:
 
 
 class TorchFormat(Format):
+    def reads_by_range(self, listing: Checkpoint) -> bool:
+        """As its format says, unless a zip storage record is compressed (torch never writes one, but reads it:
+        then it is loaded whole), or a tensor is more than a view of its bytes (``whole``: torch rebuilds it, as
+        ``torch.load`` does)."""
+        return self.byte_ranges and not listing.whole \
+            and not any(offset is None for offset, _ in (listing.located or {}).values())
+
     def open_storages(self, listing: Checkpoint) -> Any:
         if not self.byte_ranges:  # the legacy format: storages follow the pickle, read with it
             return None
@@ -246,6 +265,11 @@ class GgufFormat(Format):
 
         _flat_only(key, "a GGUF file")
         return load(label, path, self)
+
+    def pairing(self, ckpt: Checkpoint, names: list[str]) -> Pairing:
+        from .gguf import pairing
+
+        return pairing(ckpt, names)
 
     def load_lazy(self, label: str, path: str, key: str | None) -> Checkpoint:
         """Each tensor read and dequantized only when asked for."""

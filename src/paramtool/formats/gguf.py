@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, ParamtoolError, first_line
+from ..records import dataclass
 from ..toc import FakeTensor, StorageRef, contiguous_stride, numel_of
 from .dtypes import GGUF
 
@@ -157,3 +158,31 @@ def llama_heads(gguf_name: str, meta: dict[str, str]) -> int | None:
 def permute_like_llama_cpp(t: Any, heads: int) -> Any:
     """The row order llama.cpp's converter gives a LLaMA query/key weight (its ``permute``)."""
     return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+@dataclass
+class Pairing:
+    """How a GGUF file's tensors pair with those of the checkpoint it was converted from: ``pairs`` is the
+    checkpoint's name -> the file's name (through the architecture's name map, else equal names), ``quantization``
+    the file's name -> its GGUF type; ``arranged`` gives a checkpoint tensor the row order the converter wrote."""
+
+    pairs: dict[str, str]
+    quantization: dict[str, str]
+    metadata: dict[str, str]
+
+    def arranged(self, name: str, tensor: Any) -> Any:
+        """The checkpoint's tensor ``name`` as llama.cpp's converter stores it (LLaMA's query and key rows
+        reordered, ``llama_heads``); any other tensor as it is."""
+        gname = self.pairs[name]
+        heads = llama_heads(gname, self.metadata) if gname != name else None  # (same names: no converter ran)
+        if heads and tensor.dim() >= 1 and tensor.shape[0] % (2 * heads) == 0:
+            return permute_like_llama_cpp(tensor, heads)
+        return tensor
+
+
+def pairing(ckpt: GgufCheckpoint, names: list[str]) -> Pairing:
+    """The pairing of the GGUF file ``ckpt`` with a checkpoint's tensors ``names`` (those it has no tensor for
+    are left out)."""
+    mapped = name_map(ckpt, names)
+    pairs = {n: mapped.get(n, n) for n in names if mapped.get(n, n) in ckpt.names}
+    return Pairing(pairs, dict(ckpt.toc().quantization), ckpt.metadata or {})
