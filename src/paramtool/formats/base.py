@@ -15,7 +15,12 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up
 if TYPE_CHECKING:
     from typing import Any
     from ..checkpoint import Checkpoint
+    from typing import BinaryIO, Callable
+
+    from .dcp import Entries
     from .gguf import Pairing
+    from .storage import StorageFile
+    from .torchfile import TorchFile
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class Format:
         place?"""
         return self.byte_ranges
 
-    def open_storages(self, listing: Checkpoint) -> Any:
+    def open_storages(self, listing: Checkpoint) -> StorageFile | Entries | None:
         """A reader of this file's storages by byte range (``formats.storage``: streamed reads, patched copies),
         made from the validated listing, which says where each storage is; None for formats without byte
         ranges (they are loaded whole)."""
@@ -85,7 +90,7 @@ class Format:
 
 
 class SafetensorsFormat(Format):
-    def open_storages(self, listing: Checkpoint) -> Any:
+    def open_storages(self, listing: Checkpoint) -> StorageFile:
         from ..blob import storage_class
         from .storage import SafetensorsStorageFile
 
@@ -137,7 +142,7 @@ class TorchFormat(Format):
         return self.byte_ranges and not listing.whole \
             and not any(offset is None for offset, _ in (listing.located or {}).values())
 
-    def open_storages(self, listing: Checkpoint) -> Any:
+    def open_storages(self, listing: Checkpoint) -> StorageFile | None:
         if not self.byte_ranges:  # the legacy format: storages follow the pickle, read with it
             return None
         from ..blob import storage_class
@@ -161,7 +166,8 @@ class TorchFormat(Format):
 
         return self._read(label, path, key, pt.load)[1]
 
-    def _read(self, label: str, path: str, key: str | None, load: Any) -> tuple[Any, Checkpoint]:
+    def _read(self, label: str, path: str, key: str | None,
+              load: Callable[[str, TorchFile], Any] | None) -> tuple[TorchFile, Checkpoint]:
         """The file read without running it (``TorchFile``: refuses a hostile pickle, locates every storage),
         and its checkpoint: stand-in tensors, or real ones from ``load(path, listing)``."""
         from ..checkpoint import named
@@ -179,7 +185,7 @@ class TorchFormat(Format):
         pt.save(root, path)
 
 
-def _archive_listing(path: str, fileobj: Any) -> Any:
+def _archive_listing(path: str, fileobj: BinaryIO | None) -> TorchFile:
     """A TorchScript archive met where a torch zip was read: its state dict, as ``torch.load`` hands such a zip
     to ``torch.jit.load`` (``torchscript.read_archive``; imported only then)."""
     from .torchscript import read_archive
@@ -199,12 +205,13 @@ class TorchScriptFormat(TorchFormat):
 
         return head.startswith(b"PK\x03\x04") and is_archive(path)
 
-    def open_storages(self, listing: Checkpoint) -> Any:
+    def open_storages(self, listing: Checkpoint) -> StorageFile:
         from .storage import ArchiveStorageFile
 
         return ArchiveStorageFile.open(listing.path, listing.toc(), listing.root, listing.located)
 
-    def _read(self, label: str, path: str, key: str | None, load: Any) -> tuple[Any, Checkpoint]:
+    def _read(self, label: str, path: str, key: str | None,
+              load: Callable[[str, TorchFile], Any] | None) -> tuple[TorchFile, Checkpoint]:
         from ..checkpoint import named
         from .torchscript import ScriptCheckpoint, read_archive
 
@@ -220,7 +227,7 @@ class TorchScriptFormat(TorchFormat):
 
 
 class DcpFormat(Format):
-    def open_storages(self, listing: Checkpoint) -> Any:
+    def open_storages(self, listing: Checkpoint) -> Entries:
         """Not byte ranges: each tensor entry read whole, one at a time (``dcp.Entries``)."""
         from .dcp import Entries
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, ParamtoolError, first_line
 from ..records import dataclass
-from ..toc import FakeTensor, StorageRef, contiguous_stride, numel_of
+from ..toc import FakeTensor, StorageRef, Toc, contiguous_stride, numel_of
 from .dtypes import GGUF
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ class GgufCheckpoint(Checkpoint):
             data = gguf.quants.dequantize(t.data, t.tensor_type)
         return torch.from_numpy(np.ascontiguousarray(data)).reshape(_shape(t))
 
-    def toc(self) -> Any:
+    def toc(self) -> Toc:
         from ..records import replace
 
         return replace(super().toc(), quantization=dict(self.quantization))
@@ -119,7 +119,7 @@ def load(label: str, path: str, fmt: Format) -> Checkpoint:
 # ---------------------------------------------------------------- names as the checkpoint had them
 
 
-def name_map(ckpt: Any, names: list[str]) -> dict[str, str]:
+def name_map(ckpt: Checkpoint, names: list[str]) -> dict[str, str]:
     """checkpoint name -> GGUF name, through the ``gguf`` package's tensor-name map for the file's architecture
     (``general.architecture``, ``<arch>.block_count``); names it does not know are left out."""
     import gguf
