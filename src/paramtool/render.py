@@ -12,6 +12,8 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up
 if TYPE_CHECKING:
     from typing import Any, Callable
 
+    from .grad import GradReport, ParamGrad
+
 from .names import people_order, people_sorted, sibling_order
 from .records import dataclass, field
 from .select import module_path
@@ -533,7 +535,7 @@ def diff_lines(d) -> list[Text]:
 # --- grad --------------------------------------------------------------------------------------------
 
 
-def grad_lines(report: Any, params: list) -> list[Any]:
+def grad_lines(report: GradReport, params: list[ParamGrad]) -> list[Any]:
     """The forward pass as ``net(X)`` prints it, the loss, a table of gradients ("no gradient" in red), and a
     line per tied parameter adding up its uses."""
     from .values import tensor_text
@@ -550,7 +552,7 @@ def grad_lines(report: Any, params: list) -> list[Any]:
     return lines
 
 
-def grad_table(params: list) -> Table:
+def grad_table(params: list[ParamGrad]) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("name", "shape", "grad norm", "mean", "max |g|"):
         table.add_column(col, justify="left" if col in ("name", "shape") else "right")
@@ -564,7 +566,7 @@ def grad_table(params: list) -> Table:
     return table
 
 
-def grad_use_line(p: Any) -> Text:
+def grad_use_line(p: ParamGrad) -> Text:
     """``2.weight = 4.weight: ‖g‖ 0.41, the norm of the vector sum of 2 uses: use at 2 ‖g‖ 0.25, use at 4 ‖g‖ 0.2
     sum error 0`` (norms of a vector sum do not add up: the line says what is summed)."""
     line = Text()

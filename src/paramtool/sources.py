@@ -212,7 +212,7 @@ def _sharded_from(src: Source, index: Any, parts: dict[str, Checkpoint]) -> Shar
     meta_ties = {n: t for p in parts.values() for n, t in p.meta_ties.items()}
     part_globals = [p.globals for p in parts.values() if p.globals is not None]
     metadata = {k: v for p in parts.values() for k, v in (p.metadata or {}).items()}  # the shards' own
-    ckpt = ShardedCheckpoint(src.label, formats.SHARDED.name, {s: p.root for s, p in parts.items()}, names,
+    ckpt = ShardedCheckpoint(src.label, formats.SHARDED, {s: p.root for s, p in parts.items()}, names,
                              metadata or None, meta_ties, src.path)
     ckpt.parts, ckpt.index = parts, index
     ckpt.globals = sorted(set().union(*part_globals)) if part_globals else None
@@ -298,7 +298,7 @@ def local_copy(src: Source) -> Source:
 
 def _from_object(src: Source, obj: Any, key: str | None) -> Checkpoint:
     if tree.is_module(obj) or isinstance(obj, Mapping):
-        return Checkpoint(src.label, formats.MODULE.name, obj, tree.assign_names(obj, key))
+        return Checkpoint(src.label, formats.MODULE, obj, tree.assign_names(obj, key))
     raise ParamtoolError(f"{src.text}: returned {type(obj).__name__}, not an nn.Module or a state dict")
 
 

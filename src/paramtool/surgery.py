@@ -167,7 +167,7 @@ def _flatten_module(ckpt: Checkpoint) -> None:
     if tree.is_module(ckpt.root):
         ckpt.root = ckpt.root.state_dict()
         ckpt.names = {n: (n,) for n in ckpt.root}
-        ckpt.format = formats.MODULE.name
+        ckpt.layout = formats.MODULE
 
 
 def _rebuilt(parent: Mapping, renames: dict[Any, Any]) -> Mapping:
