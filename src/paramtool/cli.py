@@ -420,7 +420,7 @@ def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, ou
         warn(w)
     seen = len(plan.report.warnings)
     if target.layout.sidecars:  # a model directory: the weights written as always, laid out, sidecars copied
-        from .formats.modeldir import write_directory
+        from .executor import write_directory
 
         write_directory(src, listing, plan, target, drop_extra, write or writer.write_plan)
     else:
@@ -807,7 +807,7 @@ def convert(
     new dtype (|v| > 65504 in fp16) are counted in a warning naming the tensors.
     """
     from . import sources
-    from .ops import Plan, Report
+    from .plan import Plan, Report
 
     if target is not None and output is not None:
         raise UsageError("give the output either as OUTPUT or as -o, not both")

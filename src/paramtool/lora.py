@@ -25,7 +25,8 @@ from typing import Any
 
 from .checkpoint import Checkpoint
 from .errors import FormatError, ParamtoolError
-from .ops import Action, Plan, Report, note_ties
+from .ops import note_ties
+from .plan import Action, Plan, Report
 from .records import dataclass, field
 
 CONFIG = "adapter_config.json"

@@ -21,7 +21,7 @@ from . import formats, tree
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError, UsageError
 from .formats.dtypes import ALIASES, PLAIN_FLOATS
-from .ops import Report
+from .plan import Report
 from .records import dataclass, field, replace
 from .select import module_path, select, unknown_name
 from .ties import storage_groups
@@ -505,10 +505,11 @@ def write(src: Any, listing: Checkpoint, plan: Surgery, output: Any, drop_extra:
     from .sources import load
 
     if output.in_place and plan.sidecars and src.directory:  # weights and config.json change together
+        from .executor import write_directory
         from .formats import modeldir
 
         whole = writer.Output(src.directory, formats.DIRECTORY.name, True, modeldir.weights_format(src))
-        modeldir.write_directory(src, listing, plan, whole, drop_extra, write)
+        write_directory(src, listing, plan, whole, drop_extra, write)
         return
     if plan.sidecars and output.layout.single_file:  # one file out: no config.json goes with it
         plan = replace(plan, sidecars={})

@@ -352,7 +352,7 @@ def write_streamed(storage_file: Any, listing: Checkpoint, plan: Any, output: Ou
 def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop_extra: bool = False) -> None:
     """Carry out ``plan`` and write the result: streamed when input and output are the same byte-range
     format and the plan keeps the structure, else through a full load."""
-    from . import ops
+    from .plan import apply
     from .sources import load
     from .formats.storage import open_storage_file
 
@@ -361,7 +361,7 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
         return
     if output.layout.placeholder_values:  # DCP
         ckpt = load(src, listing.key)
-        ops.execute(plan, ckpt)
+        apply(plan, ckpt)
         write_dcp(ckpt, output, plan.narrow)
         return
     same_format = src.layout is not None and src.layout.can_patch(output.layout)
@@ -382,7 +382,7 @@ def write_plan(src: Source, listing: Checkpoint, plan: Any, output: Output, drop
                             lambda path: verify_file(listing, output.format, path, narrow, drop_extra), emit):
             return
     ckpt = listing if listing.layout.in_memory else load(src, listing.key)
-    ops.execute(plan, ckpt)
+    apply(plan, ckpt)
     write_checkpoint(ckpt, output, drop_extra, narrow)
 
 
@@ -393,7 +393,6 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
     from concurrent.futures import ThreadPoolExecutor
 
     from .formats.sharded import write_index
-    from .ops import Plan
     from .sources import sniff_file
 
     if output.in_place and shard_commit.recover(listing.index.directory):
@@ -406,8 +405,7 @@ def _write_sharded(src: Source, listing: Any, plan: Any, output: Output) -> None
 
     def one(shard: str, work: str) -> str | None:
         """Write ``shard`` into ``work``; in place, under a temporary name, which is returned."""
-        sub = Plan(plan.report, [a for a in plan.actions if shard_of[a.name] == shard],
-                   [n for n in plan.untie if shard_of[n] == shard])
+        sub = plan.within({n for n, s in shard_of.items() if s == shard})
         path = os.path.join(index.directory, shard)
         if sub.actions or sub.untie:
             def write(target: str, fmt: str) -> None:
