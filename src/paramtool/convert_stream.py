@@ -9,7 +9,7 @@ converts; memory stays near two storages.
 - safetensors: the header is ``safetensors_fmt.layout``'s, the one ``safetensors_fmt.save`` writes (ties,
   order, format metadata).
 - torch zip: the pickle is what ``torch.save`` writes for the container the loaded path would save
-  (``writer._pt_root``), made by ``formats.pt.pickle_with_storages`` over the stand-ins; records are written
+  (``writer.pt_root``), made by ``formats.pt.pickle_with_storages`` over the stand-ins; records are written
   by ``formats.pt.write_zip``. Where the stand-ins cannot say what the loaded container holds (a DCP
   checkpoint's non-tensor entries), the caller loads it whole instead.
 """

@@ -424,9 +424,9 @@ def extract_candidates(base: Checkpoint, tuned: Checkpoint, chosen: list[str], c
 
 
 def write_adapter(directory: str, tensors: dict[str, Any], config: dict) -> None:
-    """A PEFT adapter directory, written as one atomic step (``writer.commit_directory``)."""
+    """A PEFT adapter directory, written as one atomic step (``commit.commit_directory``)."""
     from . import formats
-    from .writer import commit_directory
+    from .commit import commit_directory
 
     def build(work: str) -> None:
         formats.by_name("safetensors").save(tensors, {"format": "pt"}, os.path.join(work, WEIGHTS[0]))

@@ -1,7 +1,8 @@
-"""Checkpoint surgery: rename, drop, cast (``convert --dtype``) and resize.
+"""Checkpoint surgery: rename, drop, cast (``convert --dtype``) and resize, planned as ``plan.Plan``s.
 
-Each operation is planned on names and the table of contents (no tensor data), then carried out on one
-checkpoint at a time: a file, or each shard of a sharded checkpoint (whose index follows the names).
+Each operation is planned on names and the table of contents (no tensor data); its plan's ``restructure`` is
+then carried out by the executor (``executor.execute``) on one checkpoint at a time: a file, or each shard of
+a sharded checkpoint (whose index follows the names).
 Ties are storage identity: a tie group is renamed name by name but cast and resized once, as one storage,
 so it stays tied; dropping one name of a group leaves the storage to the others. Safetensors tie metadata
 (``{dropped: kept}`` aliases and ``paramtool.ties`` views) is never edited by hand: it is recomputed from the
@@ -12,7 +13,6 @@ the result one storage at a time: untouched tensor bytes are copied verbatim and
 """
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -21,8 +21,8 @@ from . import formats, tree
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError, UsageError
 from .formats.dtypes import ALIASES, PLAIN_FLOATS
-from .plan import Plan, Report, apply
-from .records import dataclass, field, replace
+from .plan import Plan, Report
+from .records import dataclass, field
 from .select import module_path, select, unknown_name
 from .ties import storage_groups
 from .toc import TensorInfo
@@ -471,111 +471,3 @@ def resize_in(ckpt: Checkpoint, names: list[str], rows: int, fill: NewRows) -> N
             done[storage] = resized(ckpt.tensor(n), rows, fill, names[0])
         _replace_like(ckpt, n, done[storage])
     _forget_tie_metadata(ckpt)
-
-
-# ---------------------------------------------------------------- writing
-
-
-def write(src: Any, listing: Checkpoint, plan: Plan, output: Any, drop_extra: bool = False) -> None:
-    """Carry out ``plan`` and write the result where ``output`` says (the OUTPUT rules of ``writer``).
-
-    A file into a file (torch zip, safetensors) and a sharded checkpoint into one file are streamed one
-    storage at a time; a sharded checkpoint is rewritten shard by shard with its index; anything else is
-    loaded, changed and written whole. A model directory whose sidecars change (config.json's vocab_size) is
-    rewritten in place as a whole directory, in one atomic step, so that the weights and config.json never
-    disagree."""
-    from . import surgery_stream, writer
-    from .sources import load
-
-    if output.in_place and plan.sidecars and src.directory:  # weights and config.json change together
-        from .executor import write_directory
-        from .formats import modeldir
-
-        whole = writer.Output(src.directory, formats.DIRECTORY.name, True, modeldir.weights_format(src))
-        write_directory(src, listing, plan, whole, drop_extra, write)
-        return
-    if plan.sidecars and output.layout.single_file:  # one file out: no config.json goes with it
-        plan = replace(plan, sidecars={})
-    if output.layout.split:
-        _write_sharded(src, listing, plan, output, drop_extra)
-        return
-    byte_ranges = src.kind == "file" or getattr(listing, "parts", None)  # a file, or shards into one file
-    if byte_ranges and surgery_stream.can_stream(listing, plan, output.layout):
-        surgery_stream.write(listing, plan, output)
-        return
-    ckpt = listing if listing.layout.in_memory else load(src, listing.key)
-    apply(plan, ckpt)
-    if output.layout.placeholder_values:  # DCP
-        writer.write_dcp(ckpt, output)
-    else:
-        writer.write_checkpoint(ckpt, output, drop_extra)
-
-
-def _write_sharded(src: Any, listing: Any, plan: Plan, output: Any, drop_extra: bool) -> None:
-    """Every shard rewritten in its own format (streamed where it can be) beside a new index (names, shards
-    and total size follow); a shard left with no tensor disappears. As ``writer``'s sharded writes: ``-o DIR``
-    appears only once complete; ``--in-place`` commits the new shards and the new index in one atomic step
-    (``shard_commit``), after finishing a commit a killed write left."""
-    from . import shard_commit, writer
-    from .formats.sharded import write_index
-    from .sources import open_for_plan
-
-    if output.in_place and shard_commit.recover(listing.index.directory):
-        listing = open_for_plan(src, listing.key)  # the shards have their own names back: list them again
-    index = listing.index
-    results: dict[str, Checkpoint] = {}
-    started: list[str] = []  # in place: the new shards' temporary names
-
-    def build(work: str) -> dict[str, str]:
-        pending = {}
-        for shard, part in listing.parts.items():
-            path = os.path.join(index.directory, shard)
-
-            def write(target: str, fmt: str, shard: str = shard, part: Checkpoint = part, path: str = path) -> None:
-                results[shard] = _write_part(path, part, plan, target, fmt, drop_extra)
-
-            target = writer.write_shard(index, shard, work, output.in_place, started, write)
-            if output.in_place and results[shard].names:
-                pending[shard] = target
-        if not output.in_place:
-            raw = new_index()
-            write_index(replace(index, weight_map=raw["weight_map"], raw=raw), work)
-            writer.copy_shard_sidecars(src, listing, work, plan.sidecars)
-        return pending
-
-    def new_index() -> dict:
-        """The index document of what ``build`` wrote: names renamed, in the index's own order; shards left
-        empty gone; total_size recounted."""
-        shard_of = {n: s for s, r in results.items() for n in r.names}
-        order = [plan.rename.get(n, n) for n in index.weight_map] + list(shard_of)  # the index's own order
-        raw = {**index.raw, "weight_map": {n: shard_of[n] for n in dict.fromkeys(order) if n in shard_of}}
-        if isinstance(raw.get("metadata"), dict):  # what transformers records: recounted, tied storage once
-            from .ties import unique_counts
-
-            counts = [unique_counts(r.infos()) for r in results.values()]
-            recount = {"total_parameters": sum(c[0] for c in counts), "total_size": sum(c[1] for c in counts)}
-            raw["metadata"] = {**raw["metadata"], **{k: v for k, v in recount.items() if k in raw["metadata"]}}
-        return raw
-
-    if output.in_place:
-        writer.commit_in_place(index, build, started, new_index)
-    else:
-        writer.commit_directory(output.path, build)
-
-
-def _write_part(path: str, part: Checkpoint, plan: Plan, target: str, fmt: str, drop_extra: bool) -> Checkpoint:
-    """One shard: streamed from its listing when possible, else loaded and changed; not written when the
-    plan leaves it empty. Returns what was written (its names)."""
-    from . import surgery_stream, writer
-    from .sources import Source, load, sniff_file
-
-    if surgery_stream.can_stream(part, plan):
-        out = surgery_stream.transformed(part, plan)
-        if out.names:
-            out = surgery_stream.write(part, plan, writer.Output(target, fmt))
-        return out
-    ckpt = load(Source(path, "file", path, sniff_file(path)))
-    apply(plan, ckpt)
-    if ckpt.names:
-        writer.write_checkpoint(ckpt, writer.Output(target, fmt), drop_extra)
-    return ckpt

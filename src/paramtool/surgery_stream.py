@@ -128,14 +128,17 @@ def _transformed_shards(listing: Any, plan: Any) -> Any:
 
 def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
     """Write the plan's result as ``output`` (a file, atomically, or stdout), then verify it; returns the
-    result's listing. Storages are read mapped (``convert_stream``'s readers: one file, or every shard),
+    result's listing (nothing is written when it holds no tensor). Storages are read mapped (``convert_stream``'s readers: one file, or every shard),
     and written by ``convert_stream``'s writers: bytes that stay as they are are copied, the next storage to
     cast is read and cast on a worker thread while the current one is written."""
     from . import writer
+    from .commit import emit
     from .convert_stream import sharded_root, memory_bound, reader_of, write_pt
 
-    reader = reader_of(listing)
     out = transformed(listing, plan)
+    if not out.names:  # (a shard a drop leaves empty: nothing to write)
+        return out
+    reader = reader_of(listing)
     cast = Cast(reader)
 
     def write_to(path: str) -> None:
@@ -147,7 +150,7 @@ def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
         writer.verify_file(out, output.format, path)
 
     try:
-        writer.emit(output, write_to)
+        emit(output, write_to)
     finally:
         reader.close()
     if plan.cast:
