@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-from . import commit, convert_stream, formats, fsops, shard_commit, surgery_stream, writer
+from . import commit, convert_stream, formats, fsops, surgery_stream, writer
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError
 from .formats import modeldir
@@ -93,11 +93,11 @@ def _write_sharded(src: Source, listing: Any, plan: Plan, output: Output, drop_e
     """Each shard the plan touches is rewritten in its own format (``_write_one``: patched, streamed or loaded);
     the others are kept (in place) or copied. The index goes along, following a structural change (names
     renamed, a shard left with no tensor gone, total size recounted). Either way the new files become the
-    checkpoint in one atomic step: the index (``--in-place``: ``shard_commit``, after finishing a commit a killed
+    checkpoint in one atomic step: the index (``--in-place``: ``commit.commit_index``, after finishing a commit a killed
     write left), or the whole directory (``-o DIR``, appearing only once complete)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    if output.in_place and shard_commit.recover(listing.index.directory):
+    if output.in_place and commit.recover(listing.index.directory):
         listing = open_listing(src, listing.key)  # the shards have their own names back: list them again
     index = listing.index
     results: dict[str, Checkpoint] = {}  # shard -> what it holds now (its names)
@@ -176,7 +176,7 @@ def _write_shard(index: Any, shard: str, work: str, in_place: bool, started: lis
                  write: Callable[[str, str], Any]) -> str:
     """Rewrite one shard of a sharded checkpoint with ``write(target, fmt)`` (in the shard's own format) and
     return the target: ``work/shard`` for a new directory, or, in place, a temporary name beside the shard
-    (registered, and listed in ``started`` for cleanup) that ``shard_commit`` makes the shard. Errors name
+    (registered, and listed in ``started`` for cleanup) that ``commit.commit_index`` makes the shard. Errors name
     the shard, not its temporary."""
     path, target = os.path.join(index.directory, shard), os.path.join(work, shard)
     if in_place:

@@ -167,7 +167,7 @@ SHARDED_TRIES = 5  # reads of a sharded checkpoint that other writes keep commit
 
 
 def _sharded(src: Source, open_part: Any) -> ShardedCheckpoint:
-    """The index and every shard it names, as of one moment: a commit (``shard_commit``) replaces the index
+    """The index and every shard it names, as of one moment: a commit (``commit.commit_index``) replaces the index
     first and the shards after, so shards opened while the index stayed the same file belong to it. If the
     index was replaced meanwhile (or a shard it named is gone), everything is read again; after
     ``SHARDED_TRIES`` attempts it is one ``error:`` line. Every shard stays open, so what is read later is
