@@ -102,7 +102,7 @@ def open_reader(src: Any, listing: Any) -> StorageReader | None:
     layout = src.layout
     if layout is None:
         return None
-    if src.kind == "file" and layout.byte_ranges:
+    if src.is_file and layout.byte_ranges:
         return _file_reader(listing) if listing.byte_ranges else None
     if layout.split:
         return _sharded_reader(listing)
@@ -310,7 +310,7 @@ def convert_streamed(src: Any, listing: Any, output: Any, drop_extra: bool,
     ``pt_root`` (what a torch file holds), ``verify`` and ``emit`` are the writer's own rules."""
     if not output.layout.single_file or os.name != "posix":
         return False
-    if src.kind == "file" and src.layout.can_patch(output.layout) and output.layout.pickled:
+    if src.is_file and src.layout.can_patch(output.layout) and output.layout.pickled:
         return False  # same format: the patched copy keeps every byte (the caller's streamed path)
     infos = listing.infos()
     if not output.layout.holds_non_tensors:  # safetensors

@@ -58,7 +58,7 @@ def _write_one(src: Source, listing: Checkpoint, plan: Plan, output: Output, dro
     if not output.layout.placeholder_values and plan.restructure is None:  # value edits, or a conversion
         same_format = src.layout is not None and src.layout.can_patch(output.layout)
         whole = not narrow and not (drop_extra and output.layout.holds_non_tensors)  # else the container is cut down
-        if src.kind == "file" and same_format and listing.byte_ranges and not plan.untie and whole:
+        if src.is_file and same_format and listing.byte_ranges and not plan.untie and whole:
             _patch(listing, plan, output)
             return listing
         if not plan.changes_values() and src.layout is not None and convert_stream.convert_streamed(
@@ -66,7 +66,7 @@ def _write_one(src: Source, listing: Checkpoint, plan: Plan, output: Output, dro
                 lambda c: writer.pt_root(c, narrow, drop_extra)[0],
                 lambda path: writer.verify_file(listing, output.format, path, narrow, drop_extra), commit.emit):
             return listing
-    elif not output.layout.placeholder_values and (src.kind == "file" or getattr(listing, "parts", None)) and \
+    elif not output.layout.placeholder_values and (src.is_file or getattr(listing, "parts", None)) and \
             surgery_stream.can_stream(listing, plan, output.layout):  # a file, or shards into one file
         return surgery_stream.write(listing, plan, output)
     ckpt = listing if listing.layout.in_memory else load(src, listing.key)
@@ -105,14 +105,18 @@ def _write_sharded(src: Source, listing: Any, plan: Plan, output: Output, drop_e
     # (value edits keep a shard's container whole; a structural change drops what a shard cannot hold)
     shard_drop_extra = drop_extra if plan.restructure is not None else False
 
+    names_in: dict[str, set[str]] = {shard: set() for shard in listing.parts}  # as the index places them
+    for name, path in listing.names.items():
+        names_in[path[0]].add(name)
+
     def one(shard: str, work: str) -> str | None:
         """Write ``shard`` into ``work``; in place, under a temporary name, which is returned."""
         part, path = listing.parts[shard], os.path.join(index.directory, shard)
         results[shard] = part
-        if plan.touches(set(part.names)):
+        if plan.touches(names_in[shard]):
             def write(target: str, fmt: str) -> None:
                 shard_src = Source(path, "file", path, sniff_file(path))
-                sub = plan.within(set(part.names))
+                sub = plan.within(names_in[shard])
                 results[shard] = _write_one(shard_src, part, sub, Output(target, fmt, output.in_place,
                                                                          temporary=output.in_place), shard_drop_extra)
 
@@ -212,7 +216,7 @@ def write_directory(src: Source, listing: Checkpoint, plan: Plan, output: Output
     fmt = output.weights_format
 
     def build(work: str) -> None:
-        if src.kind == "file" and output.max_shard_size is None:
+        if src.is_file and output.max_shard_size is None:
             inner = Source(src.path, "file", src.path, src.format)
             target = os.path.join(work, modeldir.weights_name(src, fmt))
             _write_one(inner, listing, replace(plan, sidecars={}), Output(target, fmt), drop_extra)
@@ -224,8 +228,7 @@ def write_directory(src: Source, listing: Checkpoint, plan: Plan, output: Output
             if extra and not drop_extra:
                 raise ParamtoolError(f"shards hold tensors only, not the non-tensor entries ({', '.join(extra[:6])}); "
                                      "pass --drop-extra to write the tensors only")
-            index_metadata = dict(listing.index.metadata) if src.kind == "sharded" else {}
-            modeldir.write_shards_like(ckpt, listing, output.max_shard_size, fmt, work, index_metadata)
+            modeldir.write_shards_like(src, ckpt, listing, output.max_shard_size, fmt, work)
             os.unlink(whole)
             writer.verify_written(ckpt, _written(work), None)
         if src.directory:

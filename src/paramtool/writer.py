@@ -60,7 +60,7 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
         return Output(directory[0], formats.DIRECTORY.name, weights_format=directory[1], max_shard_size=directory[2])
     if src.layout is not None and src.layout.is_container:
         return _plan_directory_output(src, out, in_place, fmt)
-    is_input_file = src.kind == "file" and src.text != "-"
+    is_input_file = src.is_file and src.text != "-"
     if out == "-":
         out = None
         if in_place:

@@ -397,8 +397,10 @@ def write_shards(ckpt: Any, groups: list[list[str]], fmt: str, work: str, index_
             f.write("\n")
 
 
-def write_shards_like(ckpt: Any, listing: Any, max_size: int | None, fmt: str, work: str, index_metadata: dict) -> None:
-    """``ckpt`` as the library's shards: filled up to ``max_size``, or grouped as ``listing``'s shards are."""
+def write_shards_like(src: Any, ckpt: Any, listing: Any, max_size: int | None, fmt: str, work: str) -> None:
+    """``ckpt`` (``src`` with a plan carried out) as the library's shards: filled up to ``max_size``, or grouped
+    as ``listing``'s shards are; the index keeps a sharded source's metadata."""
+    index_metadata = dict(listing.index.metadata) if src.kind == "sharded" else {}
     write_shards(ckpt, _groups(ckpt, listing, max_size), fmt, work, index_metadata)
 
 
