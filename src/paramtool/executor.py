@@ -61,10 +61,8 @@ def _write_one(src: Source, listing: Checkpoint, plan: Plan, output: Output, dro
         if src.is_file and same_format and listing.byte_ranges and not plan.untie and whole:
             _patch(listing, plan, output)
             return listing
-        if not plan.changes_values() and src.layout is not None and convert_stream.convert_streamed(
-                src, listing, output, drop_extra, writer.non_tensor_entries,
-                lambda c: writer.pt_root(c, narrow, drop_extra)[0],
-                lambda path: writer.verify_file(listing, output.format, path, narrow, drop_extra), commit.emit):
+        if not plan.changes_values() and src.layout is not None and \
+                convert_stream.convert_streamed(src, listing, output, drop_extra, narrow):
             return listing
     elif not output.layout.placeholder_values and (src.is_file or getattr(listing, "parts", None)) and \
             surgery_stream.can_stream(listing, plan, output.layout):  # a file, or shards into one file

@@ -171,16 +171,21 @@ def pt_root(ckpt: Checkpoint, narrow: bool, drop_extra: bool) -> tuple[Any, tree
     return root, ()
 
 
+def refuse_non_tensors(ckpt: Checkpoint, drop_extra: bool) -> None:
+    """A checkpoint with non-tensor entries goes into safetensors only with ``--drop-extra``."""
+    dropped = non_tensor_entries(ckpt)
+    if dropped and not drop_extra:
+        # (the CLI escapes the whole error line before it reaches a terminal)
+        shown = ", ".join(dropped[:6]) + (f" and {len(dropped) - 6} more" if len(dropped) > 6 else "")
+        raise ParamtoolError(
+            f"safetensors cannot hold non-tensor entries ({shown}); pass --drop-extra to write the tensors only"
+        )
+
+
 def _write_to(ckpt: Checkpoint, fmt: str, path: str, drop_extra: bool, narrow: bool = False) -> None:
     layout = formats.by_name(fmt)
     if not layout.holds_non_tensors:  # safetensors
-        dropped = non_tensor_entries(ckpt)
-        if dropped and not drop_extra:
-            # (the CLI escapes the whole error line before it reaches a terminal)
-            shown = ", ".join(dropped[:6]) + (f" and {len(dropped) - 6} more" if len(dropped) > 6 else "")
-            raise ParamtoolError(
-                f"safetensors cannot hold non-tensor entries ({shown}); pass --drop-extra to write the tensors only"
-            )
+        refuse_non_tensors(ckpt, drop_extra)
         layout.save(ckpt.tensors(), ckpt.metadata, path)
     else:
         layout.save(pt_root(ckpt, narrow, drop_extra)[0], None, path)
