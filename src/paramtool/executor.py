@@ -221,7 +221,8 @@ def write_directory(src: Source, listing: Checkpoint, plan: Plan, output: Output
         else:
             whole = os.path.join(work, ".whole" + os.path.splitext(modeldir.library_name(fmt))[1])
             _write_one(src, listing, replace(plan, sidecars={}), Output(whole, fmt), drop_extra)  # in one file, then split
-            ckpt = load(Source(whole, "file", whole, sniff_file(whole)), listing.key if fmt == "pt" else None)
+            key = None if formats.by_name(fmt).flat else listing.key  # (a flat file has no --key)
+            ckpt = load(Source(whole, "file", whole, sniff_file(whole)), key)
             extra = writer.non_tensor_entries(ckpt)
             if extra and not drop_extra:
                 raise ParamtoolError(f"shards hold tensors only, not the non-tensor entries ({', '.join(extra[:6])}); "
