@@ -468,7 +468,7 @@ def test_transformers_rename_cast_resize_load_cleanly(tmp_path, run):
 
 def test_resize_also_resizes_config_tied_head_in_its_own_storage(tmp_path):
     """What a model directory wires: config ties (tie_word_embeddings) that are separate tensors on disk."""
-    from paramtool import sources, writer
+    from paramtool import executor, sources, writer
 
     torch.manual_seed(0)
     emb = torch.randn(6, 3)
@@ -478,7 +478,7 @@ def test_resize_also_resizes_config_tied_head_in_its_own_storage(tmp_path):
     listing = sources.open_for_plan(src)
     plan = surgery.plan_resize(listing, "model.embed_tokens.weight", 8, surgery.NewRows(), ["lm_head.weight"])
     assert plan.report.with_ties == {"model.embed_tokens.weight": ["lm_head.weight"]}
-    surgery.write(src, listing, plan, writer.Output(str(tmp_path / "o.safetensors"), "safetensors"))
+    executor.execute(src, listing, plan, writer.Output(str(tmp_path / "o.safetensors"), "safetensors"))
     got = load_file(str(tmp_path / "o.safetensors"))
     assert got["lm_head.weight"].shape == (8, 3) and torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
     assert torch.allclose(got["lm_head.weight"][6:], emb.mean(0).expand(2, 3))

@@ -391,7 +391,7 @@ def _resolve_for_write(source: Optional[str], output: Optional[str], in_place: b
 
 
 def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, output: Optional[str], in_place: bool,
-            fmt: Optional[str], drop_extra: bool, write: Any = None, max_shard_size: Optional[str] = None,
+            fmt: Optional[str], drop_extra: bool, max_shard_size: Optional[str] = None,
             convert: bool = False) -> None:
     """Report a dry run, or carry out the plan on ``listing`` (what it was planned on) and write the result
     (``convert``: in another format; else an archive stays one)."""
@@ -411,20 +411,16 @@ def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, ou
         _dry_run(plan.report, json_out)
         return
     target = writer.plan_output(src, output, in_place, fmt, max_shard_size, convert)
-    untie = getattr(plan, "untie", None)
-    if target.layout.values_only and (write is not None or untie):  # only values change in an archive
+    if target.layout.values_only and (plan.restructure or plan.untie):  # only values change in an archive
         from .formats.torchscript import refuse_structural
 
-        raise refuse_structural(plan.report.action + (" with --untie" if untie else ""))
+        raise refuse_structural(plan.report.action + (" with --untie" if plan.untie else ""))
     for w in plan.report.warnings:
         warn(w)
     seen = len(plan.report.warnings)
-    if target.layout.sidecars:  # a model directory: the weights written as always, laid out, sidecars copied
-        from .formats.modeldir import write_directory
+    from .executor import execute
 
-        write_directory(src, listing, plan, target, drop_extra, write or writer.write_plan)
-    else:
-        (write or writer.write_plan)(src, listing, plan, target, drop_extra)
+    execute(src, listing, plan, target, drop_extra)
     for w in plan.report.warnings[seen:]:  # found while writing (e.g. values that overflow a cast)
         warn(w)
     _summary(plan.report, commit(target.label), target.format)
@@ -807,7 +803,7 @@ def convert(
     new dtype (|v| > 65504 in fp16) are counted in a warning naming the tensors.
     """
     from . import sources
-    from .ops import Plan, Report
+    from .plan import Plan, Report
 
     if target is not None and output is not None:
         raise UsageError("give the output either as OUTPUT or as -o, not both")
@@ -827,7 +823,7 @@ def convert(
     listing = sources.open_for_plan(src, key)
     keep = _config_layers(src, listing, keep_dtype, "--keep-dtype")
     plan = surgery.plan_cast(listing, to, keep, directory=src.directory)
-    _finish(src, listing, plan, dry_run, json_out, target or output, in_place, fmt, drop_extra, surgery.write,
+    _finish(src, listing, plan, dry_run, json_out, target or output, in_place, fmt, drop_extra,
             max_shard_size=max_shard_size, convert=True)
 
 
@@ -865,7 +861,7 @@ def rename(
     src = _resolve_for_write(source, output, in_place, dry_run)
     listing = sources.open_for_plan(src, key)
     plan = surgery.plan_rename(listing, rules)
-    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra,
             max_shard_size=max_shard_size)
 
 
@@ -897,7 +893,7 @@ def drop(
     layers = as_paths([t.name for t in sources.describe(src, listing).tensors], list(layer or []), shown) \
         if shown is not None else list(layer or [])
     plan = surgery.plan_drop(listing, layers, list(key or []))
-    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra,
             max_shard_size=max_shard_size)
 
 
@@ -959,7 +955,7 @@ def resize(
 
     stored = resolve_name(name, list(listing.names), shown=_positions(src, listing, [name]))  # config ties: plan_resize's
     plan = surgery.plan_resize(listing, stored, rows, surgery.NewRows(scheme, given, seed), directory=src.directory)
-    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra,
             max_shard_size=max_shard_size)
 
 

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint
 from .errors import FormatError, ParamtoolError
-from .ops import Action, Plan, Report, note_ties
+from .ops import note_ties
+from .plan import Action, Plan, Report
 from .records import dataclass, field
 
 if TYPE_CHECKING:
@@ -426,9 +427,9 @@ def extract_candidates(base: Checkpoint, tuned: Checkpoint, chosen: list[str], c
 
 
 def write_adapter(directory: str, tensors: dict[str, Any], config: dict) -> None:
-    """A PEFT adapter directory, written as one atomic step (``writer.commit_directory``)."""
+    """A PEFT adapter directory, written as one atomic step (``commit.commit_directory``)."""
     from . import formats
-    from .writer import commit_directory
+    from .commit import commit_directory
 
     def build(work: str) -> None:
         formats.SAFETENSORS.save(tensors, {"format": "pt"}, os.path.join(work, WEIGHTS[0]))
