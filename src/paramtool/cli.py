@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from typing import Annotated, Any, Optional
 
 import typer
@@ -12,7 +11,8 @@ from typer.exceptions import TyperException
 from . import queries, render
 from .errors import ParamtoolError, UsageError
 from .fsops import FAILURE as _FAILURE  # the exit status of a failure the core did not map: 1, 2 for diff
-from .output import Sink, each_source, emit_json, err_console, error_line, out_console, quiet_pipe, warn
+from .output import (Sink, each_source, emit_json, err_console, error_line, out_console, quiet_pipe, route_warnings,
+                     warn)
 
 EPILOG_HINT = "Exit status: 0 done, 1 input or operation failed, 2 bad command line."
 
@@ -25,7 +25,7 @@ class _Group(typer.core.TyperGroup):
         _FAILURE[0] = 1  # (diff and check raise it to 2 for their run only)
         for command in self.commands.values():
             command.epilog = _verbatim_examples(command.epilog)
-        warnings.showwarning = lambda message, *_: warn(str(message))  # library warnings: one line, our format
+        route_warnings()  # library warnings: one line, our format
         from .formats import pins
         from .fsops import release_locks
 

@@ -114,8 +114,9 @@ def _fast(argv: list[str]) -> int | None:
     if parsed is None:
         return None
     from .errors import ParamtoolError, UsageError
-    from .output import error_line, quiet_pipe
+    from .output import error_line, quiet_pipe, route_warnings
 
+    route_warnings()  # (as the full CLI)
     try:
         return _run(*parsed)
     except (UsageError, _Slow):

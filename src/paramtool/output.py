@@ -37,6 +37,13 @@ def warn(message: str) -> None:
     err_console().print(f"warning: {safe_name(message)}", style="yellow", markup=False)
 
 
+def route_warnings() -> None:
+    """Library warnings (torch's, numpy's) as one ``warning:`` line each, in our format."""
+    import warnings
+
+    warnings.showwarning = lambda message, *_: warn(str(message))
+
+
 def emit_json(obj: Any) -> None:
     sys.stdout.write(dumps(obj) + "\n")
     sys.stdout.flush()
