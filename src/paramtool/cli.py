@@ -112,6 +112,8 @@ SourcesArg = Annotated[
     typer.Argument(help="Checkpoints (as for SOURCE), each in turn: with --json one document per line (JSON lines); "
                    "the exit status is the worst. None: read stdin when it is not a terminal.", show_default=False),
 ]
+SourceThenNameArg = Annotated[str, typer.Argument(help="Checkpoint (as for inspect); with only one argument, stdin is read.",
+                                                  show_default=False)]  # SOURCE NAME, or NAME of stdin
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout (no colour, no wrapping).")]
 LayerOpt = Annotated[
     Optional[list[str]],
@@ -210,8 +212,7 @@ def _print_inspection(console: Any, found: queries.Inspection, depth: Optional[i
 
 @app.command(epilog="Examples:\n\n  paramtool show model.pt 2.bias\n\n" + EPILOG_HINT)
 def show(
-    source: Annotated[str, typer.Argument(help="Checkpoint (as for inspect); with only one argument, stdin is read.",
-                                          show_default=False)],
+    source: SourceThenNameArg,
     name: Annotated[Optional[str], typer.Argument(help="Tensor name, e.g. 0.weight.", show_default=False)] = None,
     json_out: JsonOpt = False,
     key: KeyOpt = None,
@@ -227,6 +228,7 @@ def show(
     out.values(queries.show(sources.resolve(source), key, name, json_out, out))
 
 
+TargetArg = Annotated[Optional[str], typer.Argument(help="Output path (same as -o).", show_default=False)]
 OutOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write here ('-' for stdout). Naming the input counts as --in-place.",
                                                 show_default=False)]
 InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="Replace the input file (atomically).")]
@@ -243,26 +245,45 @@ def _opt(flag: str, kind: type, text: str) -> Any:
     return Annotated[Optional[kind], typer.Option(flag, help=text, show_default=False)]
 
 
-# Scheme options, declared once: init and resize take the same ones.
-MeanOpt = _opt("--mean", float, "normal, trunc_normal: mean.")
-StdOpt = _opt("--std", float, "normal, trunc_normal, sparse: standard deviation.")
-LowOpt = _opt("--low", float, "uniform, trunc_normal, masked_uniform: lower bound.")
-HighOpt = _opt("--high", float, "uniform, trunc_normal, masked_uniform: upper bound.")
-ValueOpt = _opt("--value", float, "constant: the value (required).")
-GainOpt = _opt("--gain", float, "xavier*, orthogonal: gain.")
-NegativeSlopeOpt = _opt("--negative-slope", float, "kaiming*: negative slope of the rectifier.")
-ModeOpt = _opt("--mode", str, "kaiming*: fan_in or fan_out.")
-NonlinearityOpt = _opt("--nonlinearity", str, "kaiming*: relu or leaky_relu.")
-ThresholdOpt = _opt("--threshold", float, "masked_uniform: values with |v| below this become 0.")
-SparsityOpt = _opt("--sparsity", float, "sparse: fraction of zeros per column (required).")
-GroupsOpt = _opt("--groups", int, "dirac: number of groups.")
+# Scheme options, declared once: init and resize take the same ones (``_takes_scheme_options``).
+_SCHEME_OPTIONS = {
+    "mean": _opt("--mean", float, "normal, trunc_normal: mean."),
+    "std": _opt("--std", float, "normal, trunc_normal, sparse: standard deviation."),
+    "low": _opt("--low", float, "uniform, trunc_normal, masked_uniform: lower bound."),
+    "high": _opt("--high", float, "uniform, trunc_normal, masked_uniform: upper bound."),
+    "value": _opt("--value", float, "constant: the value (required)."),
+    "gain": _opt("--gain", float, "xavier*, orthogonal: gain."),
+    "negative_slope": _opt("--negative-slope", float, "kaiming*: negative slope of the rectifier."),
+    "mode": _opt("--mode", str, "kaiming*: fan_in or fan_out."),
+    "nonlinearity": _opt("--nonlinearity", str, "kaiming*: relu or leaky_relu."),
+    "threshold": _opt("--threshold", float, "masked_uniform: values with |v| below this become 0."),
+    "sparsity": _opt("--sparsity", float, "sparse: fraction of zeros per column (required)."),
+    "groups": _opt("--groups", int, "dirac: number of groups."),
+}
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Reproducible values: they depend only on the seed, scheme, options and the tensor's name, shape and dtype.",
                                                 show_default=False)]
 
 
-def _scheme_options(**given: Any) -> dict[str, Any]:
-    """The scheme options actually given on the command line."""
-    return {k: v for k, v in given.items() if v is not None}
+def _takes_scheme_options(command: Any) -> Any:
+    """``command`` with the scheme options (``_SCHEME_OPTIONS``) on its command line, right after --scheme, handed to
+    it as one ``scheme_options`` dict of those actually given."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(command, eval_str=True)  # (typer reads the annotations as objects)
+    params = [p for p in signature.parameters.values() if p.name != "scheme_options"]
+    at = next(i for i, p in enumerate(params) if p.name == "scheme") + 1
+    added = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=kind)
+             for name, kind in _SCHEME_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> Any:
+        given = {name: kwargs.pop(name) for name in _SCHEME_OPTIONS}
+        return command(**kwargs, scheme_options={k: v for k, v in given.items() if v is not None})
+
+    run.__signature__ = signature.replace(parameters=params[:at] + added + params[at:])
+    run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
+    return run
 
 
 def _resolve_for_write(source: Optional[str], output: Optional[str], in_place: bool, dry_run: bool) -> Any:
@@ -356,21 +377,10 @@ def _dry_run(report: Any, json_out: bool) -> None:
 
 @app.command(epilog="Examples:\n\n  paramtool init model.pt --scheme xavier --layer 0 -o out.pt\n\n"
              "  cat a.pt | paramtool init --scheme normal --std 0.01 --zero-bias | paramtool inspect -\n\n" + EPILOG_HINT)
+@_takes_scheme_options
 def init(
     source: SourceArg = None,
     scheme: Annotated[str, typer.Option("--scheme", "-s", help="Initializer (see `paramtool schemes`).", show_default=False)] = ...,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    low: LowOpt = None,
-    high: HighOpt = None,
-    value: ValueOpt = None,
-    gain: GainOpt = None,
-    negative_slope: NegativeSlopeOpt = None,
-    mode: ModeOpt = None,
-    nonlinearity: NonlinearityOpt = None,
-    threshold: ThresholdOpt = None,
-    sparsity: SparsityOpt = None,
-    groups: GroupsOpt = None,
     layer: LayerOpt = None,
     param: Annotated[str, typer.Option("--param", help="weight, bias or all: narrow by the last part of the name.")] = "weight",
     types: Annotated[Optional[list[str]], typer.Option("--type", help="Only tensors of modules of this class (Linear, Conv2d, Embedding; "
@@ -387,6 +397,7 @@ def init(
     drop_extra: DropExtraOpt = False,
     key: KeyOpt = None,
     max_shard_size: MaxShardOpt = None,
+    scheme_options: Optional[dict[str, Any]] = None,
 ) -> None:
     """Reinitialize the selected tensors with a named scheme and write the result.
 
@@ -394,9 +405,7 @@ def init(
     """
     from . import ops, sources
 
-    given = _scheme_options(mean=mean, std=std, low=low, high=high, value=value, gain=gain,
-                            negative_slope=negative_slope, mode=mode, nonlinearity=nonlinearity,
-                            threshold=threshold, sparsity=sparsity, groups=groups)
+    given = scheme_options or {}
     from .schemes import get_scheme, resolve_options
 
     resolve_options(get_scheme(scheme), given)  # a wrong option is a usage error before any loading
@@ -604,7 +613,7 @@ def diff(
              "  paramtool convert model.safetensors model-bf16.safetensors --dtype bf16 --keep-dtype '*ln_*'\n\n" + EPILOG_HINT)
 def convert(
     source: SourceArg = None,
-    target: Annotated[Optional[str], typer.Argument(help="Output path (same as -o).", show_default=False)] = None,
+    target: TargetArg = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Cast floating-point tensors: bf16, fp16 or fp32 (integers and bools stay).",
                                                  show_default=False)] = None,
     keep_dtype: Annotated[Optional[list[str]], typer.Option("--keep-dtype", help="With --dtype: leave these tensors (a selector, as --layer) in their dtype. Repeatable.",
@@ -720,25 +729,13 @@ def drop(
 
 @app.command(epilog="Examples:\n\n  paramtool resize model.safetensors transformer.wte.weight --rows 50304 -o out.safetensors\n\n"
              "  paramtool resize model.safetensors transformer.wpe.weight --rows 32 --scheme normal --std 0.02 --seed 0 -o out.safetensors\n\n" + EPILOG_HINT)
+@_takes_scheme_options
 def resize(
-    source: Annotated[str, typer.Argument(help="Checkpoint (as for inspect); with only one argument, stdin is read.",
-                                          show_default=False)],
+    source: SourceThenNameArg,
     name: Annotated[Optional[str], typer.Argument(help="The tensor whose dim 0 changes, e.g. an embedding.", show_default=False)] = None,
     rows: Annotated[int, typer.Option("--rows", help="The new size of dim 0.", show_default=False)] = ...,
     scheme: Annotated[Optional[str], typer.Option("--scheme", "-s", help="Fill new rows with this initializer (default: the mean of the existing rows).",
                                                   show_default=False)] = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    low: LowOpt = None,
-    high: HighOpt = None,
-    value: ValueOpt = None,
-    gain: GainOpt = None,
-    negative_slope: NegativeSlopeOpt = None,
-    mode: ModeOpt = None,
-    nonlinearity: NonlinearityOpt = None,
-    threshold: ThresholdOpt = None,
-    sparsity: SparsityOpt = None,
-    groups: GroupsOpt = None,
     seed: SeedOpt = None,
     dry_run: DryRunOpt = False,
     json_out: PlanJsonOpt = False,
@@ -748,6 +745,7 @@ def resize(
     drop_extra: DropExtraOpt = False,
     key: KeyOpt = None,
     max_shard_size: MaxShardOpt = None,
+    scheme_options: Optional[dict[str, Any]] = None,
 ) -> None:
     """Grow or shrink dim 0 of a tensor (an embedding's vocabulary); every tensor tied to it follows.
 
@@ -759,9 +757,7 @@ def resize(
         if _stdin_is_terminal():
             raise UsageError("missing NAME (usage: paramtool resize SOURCE NAME --rows N)")
         source, name = "-", source
-    given = _scheme_options(mean=mean, std=std, low=low, high=high, value=value, gain=gain,
-                            negative_slope=negative_slope, mode=mode, nonlinearity=nonlinearity,
-                            threshold=threshold, sparsity=sparsity, groups=groups)
+    given = scheme_options or {}
     if given and scheme is None:
         raise UsageError(f"--{next(iter(given)).replace('_', '-')} is a scheme option: give --scheme too")
     if rows <= 0:
@@ -905,7 +901,7 @@ def lora_merge(
                                         show_default=False)],
     adapter: Annotated[str, typer.Argument(help="The PEFT adapter directory (adapter_config.json + "
                                            "adapter_model.safetensors).", show_default=False)],
-    target: Annotated[Optional[str], typer.Argument(help="Output path (same as -o).", show_default=False)] = None,
+    target: TargetArg = None,
     dry_run: DryRunOpt = False,
     json_out: PlanJsonOpt = False,
     output: OutOpt = None,
