@@ -11,8 +11,7 @@ from typer.exceptions import TyperException
 from . import queries, render
 from .errors import ParamtoolError, UsageError
 from .fsops import FAILURE as _FAILURE  # the exit status of a failure the core did not map: 1, 2 for diff
-from .output import (Sink, each_source, emit_json, err_console, error_line, out_console, quiet_pipe, route_warnings,
-                     warn)
+from .output import Sink, each_source, err_console, error_line, quiet_pipe, route_warnings, warn
 
 EPILOG_HINT = "Exit status: 0 done, 1 input or operation failed, 2 bad command line."
 
@@ -356,12 +355,13 @@ def _summary(report: Any, target: str, fmt: str) -> None:
 
 
 def _dry_run(report: Any, json_out: bool) -> None:
+    out = Sink(json_out)
     for w in report.warnings:
-        warn(w)
-    if json_out:
-        emit_json(report.as_json())
-        return
-    console = out_console()
+        out.warn(w)
+    out.result(report, lambda console: _print_plan(console, report))
+
+
+def _print_plan(console: Any, report: Any) -> None:
     console.print(f"would apply {report.action} to {len(report.changed)} tensor(s):", markup=False)
     renamed = getattr(report, "renamed", {})
     for n in report.changed:
@@ -801,12 +801,7 @@ def grad(
     src = sources.resolve(source)
     report = grads.compute(grads.build_model(src, seed), shapes, seed, src.label)
     params = grads.select_params(report, layer)
-    if json_out:
-        emit_json(report.as_json(params))
-        return
-    console = out_console()
-    for line in render.grad_lines(report, params):
-        console.print(line)
+    Sink(json_out).result(report.as_json(params), lambda console: _print_lines(console, render.grad_lines(report, params)))
 
 
 # ---------------------------------------------------------------- merge and lora (issue 27)
@@ -959,16 +954,16 @@ def lora_extract(
     with _progress(len(names), "extract") as advance:
         tensors, config, report = lora.extract(base_values, tuned_values, names, rank, classes, advance)
     lora.write_adapter(output, tensors, config)
-    if json_out:
-        emit_json({"adapter": output, "rank": rank, "tensors": [
-            {"name": e.name, "module": e.module, "rank": e.rank, "energy": e.energy} for e in report]})
-    else:
-        console = out_console()
-        width = max(len(render.safe_name(e.name)) for e in report)
-        for e in report:
-            console.print(f"{render.safe_name(e.name):<{width}}  rank {e.rank:>4}  energy kept {e.energy:8.2%}",
-                          markup=False)
+    Sink(json_out).result({"adapter": output, "rank": rank, "tensors": [
+        {"name": e.name, "module": e.module, "rank": e.rank, "energy": e.energy} for e in report]},
+        lambda console: _print_energies(console, report))
     err_console().print(f"wrote {render.safe_name(output)} (PEFT LoRA adapter, {len(report)} target(s))", markup=False)
+
+
+def _print_energies(console: Any, report: list) -> None:
+    width = max(len(render.safe_name(e.name)) for e in report)
+    for e in report:
+        console.print(f"{render.safe_name(e.name):<{width}}  rank {e.rank:>4}  energy kept {e.energy:8.2%}", markup=False)
 
 
 def main() -> None:
