@@ -97,7 +97,7 @@ def _run1(command: str, positionals: list[str], opts: dict[str, list[str]], out:
     src = sources.resolve(positionals[0] if positionals else None)
     if command == "show":
         out.values(queries.show(src, key, positionals[1], "--json" in opts, out))
-    elif src.directory and (command != "stats" or layers):  # config.json's ties and warnings: the full CLI's
+    elif src.directory and (command != "stats" or layers):  # (model directories: the full CLI's, as before)
         raise _Slow
     elif command == "stats":
         out.result(queries.stats(src, key, layers, out))
