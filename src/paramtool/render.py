@@ -104,49 +104,23 @@ def shape_text(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+# --- schemes -----------------------------------------------------------------------------------------
+
+
+def schemes_table(table: list[dict]) -> Table:
+    """``schemes``: one row per initializer, its options with their defaults, and its note."""
+    t = Table(box=None, show_header=True, header_style="bold")
+    t.add_column("scheme")
+    t.add_column("options")
+    t.add_column("note")
+    for row in table:
+        opts = " ".join(f"--{k.replace('_', '-')} {'(required)' if v is None else v}" for k, v in row["options"].items())
+        alias = f" (= {', '.join(row.get('aliases', []))})" if row.get("aliases") else ""
+        t.add_row(Text(row["name"] + alias), Text(opts), Text(row.get("doc", "")))  # Text: no markup parsing
+    return t
+
+
 # --- inspect -----------------------------------------------------------------------------------------
-
-
-def inspect_json(toc: Toc, tensors: list[TensorInfo]) -> dict:
-    ties = tied_to(toc.tensors)
-    num_params, nbytes = unique_counts(tensors)
-    out = {
-        "source": toc.source,
-        "format": toc.format,
-        "tensors": [
-            {
-                "name": t.name,
-                "shape": list(t.shape),
-                "dtype": t.dtype,
-                "numel": t.numel,
-                "nbytes": t.nbytes,
-                "tied_to": ties.get(t.name),
-                **({"stored": False} if t.name in toc.config_ties else {}),
-                **({"kind": t.kind} if t.kind else {}),
-                **({"quantization": toc.quantization[t.name]} if t.name in toc.quantization else {}),
-            }
-            for t in tensors
-        ],
-        "num_tensors": len(tensors),
-        "num_params": num_params,
-        "nbytes": nbytes,
-    }
-    if toc.extras:
-        out["extras"] = toc.extras
-    if toc.metadata:
-        out["metadata"] = toc.metadata
-    if toc.modules:
-        out["modules"] = toc.modules
-    if toc.key is not None:
-        out["key"] = toc.key
-    if toc.values is not None:
-        out["values"] = toc.values
-    from .formats.weights_only import beyond
-
-    # what torch.load(weights_only=True) would need allowlisted; a format without a pickle needs nothing
-    out["globals"] = beyond(toc.globals) if toc.globals is not None else []
-    out["weights_only_loadable"] = not out["globals"]
-    return out
 
 
 def values_tree(toc: Toc) -> Tree:
