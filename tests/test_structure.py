@@ -46,11 +46,11 @@ LAYERS = {
     "factory": IO, "executor": IO, "commit": IO,
     "ops": OPERATIONS, "surgery": OPERATIONS, "merge": OPERATIONS, "lora": OPERATIONS, "compare": OPERATIONS,
     "check": OPERATIONS, "grad": OPERATIONS, "queries": OPERATIONS,
-    "cli": CLI, "render": CLI, "launch": CLI, "__main__": CLI, "": CLI,
+    "cli": CLI, "output": CLI, "render": CLI, "launch": CLI, "__main__": CLI, "": CLI,
 }
 # entries for modules issue 24 plans (the one plan type; an executor, a commit module, the query functions): placed
 # before they exist, so whoever adds them need not guess
-OPTIONAL = {"queries"}
+OPTIONAL: set[str] = set()
 
 # The imports that point up today, ``(importer, imported)``: may shrink, never grow.
 #   remote -> formats / formats.dcp / formats.storage (the remote medium asks the formats).

@@ -359,7 +359,7 @@ def _dry_run(report: Any, json_out: bool) -> None:
 
 def _print_plan(console: Any, report: Any) -> None:
     console.print(f"would apply {report.action} to {len(report.changed)} tensor(s):", markup=False)
-    renamed = getattr(report, "renamed", {})
+    renamed = report.renamed or {}
     for n in report.changed:
         ties = report.with_ties.get(n)
         to = f" -> {render.safe_name(renamed[n])}" if n in renamed else ""
