@@ -540,7 +540,7 @@ def check(
 
     Rules: NaN/Inf values; weight matrices all zero or constant; a tensor far from its siblings in repeated
     blocks (--outlier-factor); ties config.json declares whose stored values diverged; optimizer state whose
-    shape is not its parameter's; weight matrices in more than one dtype. See README "Checking a checkpoint".
+    shape is not its parameter's; weight matrices in more than one dtype. See docs/reference.md, "Checking a checkpoint".
     """
     from .check import RULES, Thresholds
 

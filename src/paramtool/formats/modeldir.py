@@ -142,7 +142,7 @@ def group_by_size(infos: list[TensorInfo], max_size: int) -> list[list[str]]:
 # --- config ties -------------------------------------------------------------------------------------
 
 # (output name, input name): the pairs transformers ties when the config says tie_word_embeddings
-# (its ``_tied_weights_keys``), the first match per output name. The README lists the architectures covered.
+# (its ``_tied_weights_keys``), the first match per output name. docs/reference.md lists the architectures covered.
 TIED_PAIRS = [
     ("lm_head.weight", "transformer.wte.weight"),  # GPT-2, GPT-J, GPT-Neo, CodeGen
     ("lm_head.weight", "model.embed_tokens.weight"),  # Llama, Mistral, Qwen2, Gemma, Phi, Phi-3, ...
