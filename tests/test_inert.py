@@ -9,7 +9,6 @@ differential cases where two readers could disagree about a file.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import pathlib
@@ -509,15 +508,21 @@ def test_inert_unpickler_never_uses_find_class_or_imports(tmp_path):
         "calls = []\n"
         "sys.addaudithook(lambda e, a: calls.append((e, a)) if e in ('pickle.find_class', 'import') else None)\n"
         "from paramtool.formats.unpickle import unpickle\n"
+        "data = sys.stdin.buffer.read()\n"
+        "assert 'inert_helpers' not in sys.modules and 'argparse' not in sys.modules\n"
+        "before = set(sys.modules)\n"
         "calls.clear()\n"
-        "obj, names = unpickle(sys.stdin.buffer.read())\n"
+        "obj, names = unpickle(data)\n"
+        "assert 'inert_helpers' not in sys.modules and 'argparse' not in sys.modules, set(sys.modules) - before\n"
+        "assert set(sys.modules) == before, set(sys.modules) - before\n"
         "assert calls == [], calls\n"
-        "assert 'inert_helpers' not in sys.modules and 'argparse' not in sys.modules or True\n"
+        "print(sorted(names))\n"
         "print(repr(obj))\n"
     )
     data = pickle.dumps({"cfg": TrainConfig(), "ns": argparse.Namespace(a=1)}, protocol=4)
     p = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True)
     assert p.returncode == 0, p.stderr.decode()
+    assert b"'argparse.Namespace'" in p.stdout and b"'inert_helpers.TrainConfig'" in p.stdout  # named, not imported
     assert b"inert_helpers.TrainConfig(lr=0.1, name='run-1', layers=(4, 8))" in p.stdout
     assert b"argparse.Namespace(a=1)" in p.stdout
 
@@ -534,7 +539,8 @@ def test_inert_objects_round_trip_through_the_writer(tmp_path):
     back = torch.load(tmp_path / "b.pt", weights_only=False)
     assert back["cfg"] == original["cfg"] and back["ns"] == original["ns"] and back["p"] == original["p"]
     assert back["n"] == 5 and back["n"].dtype == np.int32 and torch.equal(back["w"], original["w"])
-    assert io  # (imported for readers of this file who extend it with in-memory cases)
+    written = read_zip(str(tmp_path / "b.pt")).globals  # each object written back as the GLOBAL it was read as
+    assert written == listing.globals and {"inert_helpers.TrainConfig", "argparse.Namespace"} <= written
 
 
 def test_real_module_from_a_pickled_module_runs_none_of_its_hooks(tmp_path):

@@ -156,6 +156,9 @@ def test_dry_run_writes_nothing(samples, tmp_path, run):
     assert list(tmp_path.iterdir()) == [samples]
     assert run("init", samples / "tied.pt", "--scheme", "zeros", "--json", "-o", tmp_path / "o.pt").exit_code == 2
     assert list(tmp_path.iterdir()) == [samples]
+    r = run("init", samples / "tied.pt", "--scheme", "zeros", "--layer", "2", "--dry-run")  # for people
+    assert r.exit_code == 0 and "would apply zeros to 1 tensor(s):" in r.stdout and "2.weight" in r.stdout
+    assert list(tmp_path.iterdir()) == [samples]
 
 
 def test_output_rules(samples, tmp_path, run):

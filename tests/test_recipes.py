@@ -1,5 +1,6 @@
-"""Every example in `paramtool COMMAND --help` and every recipe in README.md's shell blocks runs as written,
-against files generated here under the names they use (issue 26)."""
+"""Every example in `paramtool COMMAND --help` and every command line in the shell blocks of README.md, docs/*.md
+and benchmarks/README.md runs as written, against files generated here under the names they use (issue 26); the
+README stays short, and every relative link in those documents leads somewhere (issue 24)."""
 from __future__ import annotations
 
 import os
@@ -105,10 +106,13 @@ def _help_examples() -> list[str]:
     return out
 
 
-def _readme_recipes() -> list[str]:
-    """Command lines of README.md's sh/console blocks (`$ ` prompts stripped; output lines left out)."""
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
+
+
+def _doc_recipes(doc: pathlib.Path) -> list[str]:
+    """Command lines of a document's sh/console blocks (`$ ` prompts stripped; output lines left out)."""
     out, lang = [], None
-    for line in (ROOT / "README.md").read_text().splitlines():
+    for line in doc.read_text().splitlines():
         fence = re.match(r"^```(\w*)", line)
         if fence:
             lang = None if lang is not None else fence.group(1)
@@ -121,7 +125,8 @@ def _readme_recipes() -> list[str]:
 
 
 HELP = _help_examples()
-README = _readme_recipes()
+README = _doc_recipes(ROOT / "README.md")
+DOC_LINES = [line for doc in DOCS[1:] for line in _doc_recipes(doc)]
 
 
 def test_examples_found():
@@ -129,6 +134,60 @@ def test_examples_found():
     assert {"inspect", "show", "init", "set", "ties", "stats", "check", "diff", "convert", "rename", "drop", "resize",
             "grad", "schemes"} <= commands
     assert len(README) >= 10
+    assert len(DOC_LINES) >= 8  # docs/reference.md's examples (check, grad, surgery)
+
+
+def test_readme_is_short():
+    """The README is what a newcomer needs; the rest lives in docs/ (issue 24)."""
+    assert len((ROOT / "README.md").read_bytes()) <= 15 * 1024
+
+
+def test_readme_has_the_recipes():
+    """The chapter's exercises and the daily tasks each have a recipe in the README."""
+    readme = (ROOT / "README.md").read_text()
+    recipes = readme.split("\n## Recipes\n", 1)[1].split("\n## ", 1)[0]
+    for title in ("A layer's state dict", "One bias", "All parameters at once", "Nested blocks", "Initialize by scheme",
+                  "Initialize by layer type", "Direct edits", "Tied parameters", "Inspect a model directory",
+                  "Find ties", "Reinitialize the last block", "Cast to bf16", "Strip an optimizer", "Check for NaN",
+                  "Diff a fine-tune"):
+        assert f"**{title}**" in recipes, title
+    commands = {line.split()[1] for line in README if line.startswith("paramtool ")}
+    assert {"inspect", "show", "init", "set", "ties", "grad", "convert", "drop", "check", "stats", "diff"} <= commands
+    assert "--type Linear" in recipes and "rgnet" in recipes and "make demo" in readme and "pipx install ." in readme
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation but `-` and `_` dropped, spaces as `-`."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(doc: pathlib.Path) -> set[str]:
+    out, fence = set(), False
+    for line in doc.read_text().splitlines():
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence and (m := re.match(r"^#{1,6} (.*)", line)):
+            out.add(_anchor(m.group(1)))
+    return out
+
+
+def _links(doc: pathlib.Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)
+    return [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"^[a-z]+:", t)]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.relative_to(ROOT).as_posix())
+def test_links_lead_somewhere(doc):
+    """Every relative link of the README and the docs names a file that exists and, after `#`, one of its
+    headings: moving a section cannot leave a dead link behind."""
+    assert doc.exists()
+    dead = []
+    for link in _links(doc):
+        path, _, anchor = link.partition("#")
+        target = (doc.parent / path).resolve() if path else doc
+        if not target.exists() or (anchor and (target.suffix != ".md" or anchor not in _anchors(target))):
+            dead.append(link)
+    assert dead == [], f"{doc.name}: dead links {dead}"
 
 
 def _writes(line: str) -> bool:
@@ -140,7 +199,7 @@ def _in_shell(line: str) -> bool:
     return bool(re.search(r"[|;&>]|\s[^'\s]*\*", line))
 
 
-@pytest.mark.parametrize("line", HELP + README)
+@pytest.mark.parametrize("line", HELP + README + DOC_LINES)
 def test_example_runs(line, workspace, tmp_path, monkeypatch, run):
     cwd = tmp_path / "ws"
     shutil.copytree(workspace, cwd)
@@ -153,7 +212,8 @@ def test_example_runs(line, workspace, tmp_path, monkeypatch, run):
         monkeypatch.chdir(cwd)
         r = run(*shlex.split(line, comments=True)[1:], input=b"")
         code, stdout, stderr = r.exit_code, r.stdout, r.stderr
-    assert code == 0, f"{line}\n{stderr}"
+    command = line.split("| paramtool ", 1)[1].split()[0] if line.startswith("cat ") else line.split()[1]
+    assert code in ((0, 1) if command in ("diff", "check") else (0,)), f"{line}\n{stderr}"  # 1: differs, findings
     assert "error:" not in stderr and "Traceback" not in stderr, stderr
     if _writes(line):
         assert "wrote " in stderr, stderr

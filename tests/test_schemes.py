@@ -262,10 +262,21 @@ def test_accepts():
 
 
 def test_empty_and_meta_tensors_are_a_no_op():
+    """Every scheme leaves an empty tensor and a meta tensor as they are: no error (even where the scheme could not
+    fill that shape, as xavier cannot fill [0, 4]), and no number drawn from the tensor's generator or from torch's
+    global one, so what is initialized after them gets the values it would get without them."""
     for name in SCHEMES:
         s = get_scheme(name)
-        apply(s, resolve_options(s, NEEDED.get(name, {})), torch.empty(0, 4), None)
-        apply(s, resolve_options(s, NEEDED.get(name, {})), torch.empty(*SHAPE.get(name, (4, 4)), device="meta"), None)
+        options = resolve_options(s, NEEDED.get(name, {}))
+        for tensor in (torch.empty(0, 4), torch.empty(*SHAPE.get(name, (4, 4)), device="meta")):
+            shape = tuple(tensor.shape)
+            gen = torch.Generator().manual_seed(0)
+            before, global_before = gen.get_state(), torch.get_rng_state()
+            assert apply(s, options, tensor, gen) is None
+            assert apply(s, options, tensor, None) is None
+            assert torch.equal(gen.get_state(), before), f"{name} drew from the generator on {tensor.device} {shape}"
+            assert torch.equal(torch.get_rng_state(), global_before), f"{name} drew from torch's global generator"
+            assert tuple(tensor.shape) == shape and tensor.dtype == torch.float32
 
 
 def test_generator_depends_only_on_its_inputs():

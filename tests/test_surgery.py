@@ -468,7 +468,7 @@ def test_transformers_rename_cast_resize_load_cleanly(tmp_path, run):
 
 def test_resize_also_resizes_config_tied_head_in_its_own_storage(tmp_path):
     """What a model directory wires: config ties (tie_word_embeddings) that are separate tensors on disk."""
-    from paramtool import sources, writer
+    from paramtool import executor, sources, writer
 
     torch.manual_seed(0)
     emb = torch.randn(6, 3)
@@ -478,7 +478,7 @@ def test_resize_also_resizes_config_tied_head_in_its_own_storage(tmp_path):
     listing = sources.open_for_plan(src)
     plan = surgery.plan_resize(listing, "model.embed_tokens.weight", 8, surgery.NewRows(), ["lm_head.weight"])
     assert plan.report.with_ties == {"model.embed_tokens.weight": ["lm_head.weight"]}
-    surgery.write(src, listing, plan, writer.Output(str(tmp_path / "o.safetensors"), "safetensors"))
+    executor.execute(src, listing, plan, writer.Output(str(tmp_path / "o.safetensors"), "safetensors"))
     got = load_file(str(tmp_path / "o.safetensors"))
     assert got["lm_head.weight"].shape == (8, 3) and torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
     assert torch.allclose(got["lm_head.weight"][6:], emb.mean(0).expand(2, 3))
@@ -542,3 +542,21 @@ def test_keep_dtype_on_one_tied_name_keeps_the_group(tmp_path, run):
     got = torch.load(tmp_path / "b.pt", weights_only=True)
     assert got["0.weight"].dtype == torch.float32 and got["0.weight"].data_ptr() == got["3.weight"].data_ptr()
     assert got["1.weight"].dtype == torch.float16
+
+
+def test_one_plan_type_reports_structure_only_for_structural_changes(tmp_path, run):
+    """Every writing command's plan is one ``plan.Plan``: a structural change (cast, resize) says what it renamed
+    and dropped in its --dry-run JSON, a value edit (init) does not; resize is told by its data (the names whose
+    shape changes), not by its label, so it never streams."""
+    from paramtool import sources
+    from paramtool.plan import Plan
+
+    prefixed_pt(tmp_path / "a.pt")
+    cast = ok(run("convert", tmp_path / "a.pt", "--dtype", "bf16", "--dry-run", "--json")).json()
+    assert cast["renamed"] == {} and cast["dropped"] == [] and cast["action"] == "cast to bfloat16"
+    init = ok(run("init", tmp_path / "a.pt", "--scheme", "zeros", "--dry-run", "--json")).json()
+    assert "renamed" not in init and "dropped" not in init and init["action"] == "zeros"
+    listing = sources.open_for_plan(sources.resolve(str(tmp_path / "a.pt")))
+    plan = surgery.plan_resize(listing, "_orig_mod.0.weight", 12, surgery.NewRows())
+    assert isinstance(plan, Plan) and plan.resized == ["_orig_mod.0.weight", "_orig_mod.3.weight"]
+    assert not plan.untie and plan.restructure is not None

@@ -9,8 +9,9 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up
 if TYPE_CHECKING:
     from typing import Any
 
-from . import formats, tree
-from .formats import Format
+    from .formats.base import Format
+
+from . import tree
 from .records import dataclass, field
 from .toc import FakeModule, TensorInfo, Toc
 
@@ -18,7 +19,7 @@ from .toc import FakeModule, TensorInfo, Toc
 @dataclass
 class Checkpoint:
     source: str
-    format: str  # the format it was read from
+    layout: Format  # the format it was read from, as the object to ask (``formats.base.Format``)
     root: Any  # the whole container (dict, OrderedDict, list, nn.Module, ...)
     names: dict[str, tree.Path]  # listed tensor name -> path in root
     metadata: dict[str, str] | None = None  # safetensors header metadata
@@ -30,17 +31,15 @@ class Checkpoint:
     whole: str | None = None  # why torch must rebuild its tensors (conj bits, quantized, sparse, ...), if it must
 
     @property
-    def layout(self) -> Format:
-        """The format it was read from, as the object to ask (``formats.base.Format``)."""
-        return formats.by_name(self.format)
+    def format(self) -> str:
+        """The contract's ``"format"`` string of the format it was read from."""
+        return self.layout.name
 
     @property
     def byte_ranges(self) -> bool:
-        """Are its storages byte ranges of its file, read and patched in place? Its format says so, unless a
-        zip storage record is compressed (torch never writes one, but reads it: then it is loaded whole), or a
-        tensor is more than a view of its bytes (``whole``: torch rebuilds it, as ``torch.load`` does)."""
-        return self.layout.byte_ranges and not self.whole \
-            and not any(offset is None for offset, _ in (self.located or {}).values())
+        """Are its storages byte ranges of its file, read and patched in place? Its format says
+        (``Format.reads_by_range``)."""
+        return self.layout.reads_by_range(self)
 
     def tensor(self, name: str) -> Any:
         return tree.get_path(self.root, self.names[name])
@@ -80,6 +79,13 @@ class Checkpoint:
             values=values,
             globals=self.globals,
         )
+
+
+def named(label: str, fmt: Format, root: Any, path: str | None, key: str | None,
+          cls: type[Checkpoint] | None = None) -> Checkpoint:
+    """A checkpoint (``cls``: a kind of ``Checkpoint``) over ``root`` with its tensors named (relative to
+    ``--key`` when given)."""
+    return (cls or Checkpoint)(label, fmt, root, tree.assign_names(root, key), path=path, key=key)
 
 
 def module_reprs(module: Any) -> dict[str, str]:

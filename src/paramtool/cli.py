@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from typing import Annotated, Any, Optional
 
 import typer
 from typer.exceptions import TyperException
-from rich.console import Console
 
-from . import render
-from .errors import ParamtoolError, UsageError, first_line
+from . import queries, render
+from .errors import ParamtoolError, UsageError
 from .fsops import FAILURE as _FAILURE  # the exit status of a failure the core did not map: 1, 2 for diff
+from .output import Sink, each_source, err_console, error_line, quiet_pipe, route_warnings, warn
 
 EPILOG_HINT = "Exit status: 0 done, 1 input or operation failed, 2 bad command line."
 
@@ -25,7 +24,7 @@ class _Group(typer.core.TyperGroup):
         _FAILURE[0] = 1  # (diff and check raise it to 2 for their run only)
         for command in self.commands.values():
             command.epilog = _verbatim_examples(command.epilog)
-        warnings.showwarning = lambda message, *_: warn(str(message))  # library warnings: one line, our format
+        route_warnings()  # library warnings: one line, our format
         from .formats import pins
         from .fsops import release_locks
 
@@ -42,7 +41,7 @@ class _Group(typer.core.TyperGroup):
         except ParamtoolError as e:
             _fail(str(pins.cause(e)), e.exit_code)
         except BrokenPipeError:
-            _quiet_pipe()
+            sys.exit(quiet_pipe())
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except OSError as e:  # not mapped by the core: a file it names, else the output stream (disk full)
@@ -75,19 +74,8 @@ def _fail(message: str, code: int) -> None:
         import traceback
 
         traceback.print_exc()
-    first = message.strip().splitlines()[0] if message.strip() else "failed"
-    sys.stderr.write(f"error: {render.safe_name(first)}\n")
-    sys.stderr.flush()
+    error_line(message)
     sys.exit(code)
-
-
-def _quiet_pipe() -> None:
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except OSError:
-        pass
-    sys.exit(141)
 
 
 def _version(value: bool) -> None:
@@ -123,6 +111,8 @@ SourcesArg = Annotated[
     typer.Argument(help="Checkpoints (as for SOURCE), each in turn: with --json one document per line (JSON lines); "
                    "the exit status is the worst. None: read stdin when it is not a terminal.", show_default=False),
 ]
+SourceThenNameArg = Annotated[str, typer.Argument(help="Checkpoint (as for inspect); with only one argument, stdin is read.",
+                                                  show_default=False)]  # SOURCE NAME, or NAME of stdin
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout (no colour, no wrapping).")]
 LayerOpt = Annotated[
     Optional[list[str]],
@@ -149,103 +139,23 @@ def _stdin_is_terminal() -> bool:
     return stdin_is_terminal()
 
 
-def out_console() -> Console:
-    """stdout: data only. Colour only on a terminal and never with NO_COLOR (rich honours both).
-
-    Down a pipe, lines are not wrapped (``| grep`` sees whole lines) unless COLUMNS asks for a width."""
-    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 4096
-    return Console(file=sys.stdout, highlight=False, soft_wrap=False, width=width)
+def _exit(code: int) -> None:
+    """End with ``code`` unless it is 0 (several sources: the worst status, ``output.each_source``)."""
+    if code:
+        raise typer.Exit(code)
 
 
-def err_console() -> Console:
-    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
-
-
-def warn(message: str) -> None:
-    err_console().print(f"warning: {render.safe_name(message)}", style="yellow", markup=False)
-
-
-def emit_json(obj: Any) -> None:
-    sys.stdout.write(render.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-def _each_source(sources: Optional[list[str]], one: Any, json_out: bool) -> None:
-    """Run ``one(source)`` (which returns an exit status or None) for each source. With several, a heading
-    ``==> SOURCE <==`` (as ``head``) before each human-readable report, and a failing source is reported as
-    ``error: SOURCE: …`` and the next one is read; the exit status is the worst."""
-    items: list[Optional[str]] = list(sources or [None])
-    if sum(1 for s in items if s in (None, "-")) > 1 or (len(items) > 1 and None in items):
-        raise UsageError("standard input ('-') can be read only once")
-    worst = 0
-    for i, source in enumerate(items):
-        if len(items) > 1 and not json_out:
-            sys.stdout.write(("\n" if i else "") + f"==> {render.safe_name(source or '-')} <==\n")
-            sys.stdout.flush()
-        try:
-            code = one(source) or 0
-        except ParamtoolError as e:
-            if len(items) == 1 or isinstance(e, UsageError):
-                raise
-            first = first_line(e)
-            named = first if (source or "-") in first else f"{source or '-'}: {first}"  # say which source failed
-            sys.stderr.write(f"error: {render.safe_name(named)}\n")
-            code = e.exit_code
-        worst = max(worst, code)
-    if worst:
-        raise typer.Exit(worst)
-
-
-def _config_aliases(src: Any, ckpt: Any) -> dict[str, str]:
-    """In a model directory: the names config.json ties to a stored tensor (``lm_head.weight`` -> the embedding)."""
-    if not getattr(src, "directory", None):
-        return {}
-    from .sources import describe
-
-    return dict(describe(src, ckpt).config_ties)
+# positions and config.json's tied names, with notes on stderr (``queries``): the write commands take them too
+_config_aliases = queries.config_aliases
+_positions = queries.positions
 
 
 def _note_aliases(used: list[str], aliases: dict[str, str]) -> None:
-    for name in dict.fromkeys(used):
-        if name in aliases:
-            err_console().print(f"note: {render.safe_name(name)} is stored as {render.safe_name(aliases[name])} "
-                                "(config.json ties them)", markup=False)
+    queries.note_aliases(used, aliases, Sink())
 
 
 def _config_layers(src: Any, ckpt: Any, layers: Optional[list[str]], flag: str = "--layer") -> list[str]:
-    """--layer selectors as plans take them: positions made the module paths they reach, counted in the tree
-    inspect shows (``_positions``), and those that name only config-tied names resolved to the stored tensors
-    (said once)."""
-    from .select import config_selectors
-
-    aliases = _config_aliases(src, ckpt) if layers else {}
-    shown = _positions(src, ckpt, layers or [])
-    if not aliases and shown is None:
-        return list(layers or [])
-    out, used = config_selectors(list(ckpt.names), list(layers or []), aliases, flag, shown)
-    _note_aliases(used, aliases)
-    return out
-
-
-def _positions(src: Any, ckpt: Any, typed: list[str]) -> Optional[list[str]]:
-    """Where a selector or NAME in ``typed`` starts with a position (``[0]``, ``[0][1].bias``): the module paths
-    the inspect tree shows, to count children in (the names config.json ties and a model's parameterless
-    modules included); else None (nothing to count)."""
-    if not any(t.lstrip().startswith("[") for t in typed):
-        return None
-    from .sources import tree_paths_of
-
-    return tree_paths_of(src, ckpt)
-
-
-def _resolved_name(src: Any, ckpt: Any, name: str) -> str:
-    """A NAME argument: positions ([0][1][0].bias) and config-tied names resolved to the stored name."""
-    from .select import resolve_name
-
-    aliases = _config_aliases(src, ckpt)
-    typed = resolve_name(name, list(ckpt.names), shown=_positions(src, ckpt, [name]))
-    _note_aliases([typed], aliases)
-    return aliases.get(typed, typed)
+    return queries.config_layers(src, ckpt, layers, Sink(), flag)
 
 
 def _selected(names: list[str], layers: Optional[list[str]], param: str = "all",
@@ -271,27 +181,20 @@ def inspect(
     Reading a file's table of contents never loads tensor data (nor imports torch). Names are in numeric
     order (h.2 before h.10); consecutive identical blocks are collapsed unless --expand.
     """
-    _each_source(source, lambda one: _inspect_one(one, json_out, layer, depth, key, expand), json_out)
+    out = Sink(json_out)
+    _exit(each_source(source, lambda one: _inspect_one(one, out, layer, depth, key, expand), json_out))
 
 
-def _inspect_one(source: Optional[str], json_out: bool, layer: Optional[list[str]], depth: Optional[int],
+def _inspect_one(source: Optional[str], out: Sink, layer: Optional[list[str]], depth: Optional[int],
                  key: Optional[str], expand: bool) -> None:
     from . import sources
 
-    src = sources.resolve(source)
-    toc = sources.read_toc(src, key)
-    for w in toc.warnings:
-        warn(w)
-    from .select import tree_paths
+    found = queries.inspect(sources.resolve(source), key, layer, out)
+    out.result(found, lambda console: _print_inspection(console, found, depth, expand))
 
-    names = [t.name for t in toc.tensors]  # the tree's: config-tied names and a model's modules count as positions
-    chosen = set(_selected(names, layer, shown=tree_paths(names, toc.modules) if layer else None))
-    tensors = [t for t in toc.tensors if t.name in chosen]
-    adapter = _adapter_of(src, toc.tensors)
-    if json_out:
-        emit_json({**render.inspect_json(toc, tensors), **({"adapter": adapter} if adapter else {})})
-        return
-    console = out_console()
+
+def _print_inspection(console: Any, found: queries.Inspection, depth: Optional[int], expand: bool) -> None:
+    toc, tensors = found.toc, found.tensors
     if toc.values is not None:  # a --key sub-tree without tensors (hyper_parameters, args): its values
         console.print(render.values_tree(toc))
         return
@@ -300,7 +203,7 @@ def _inspect_one(source: Optional[str], json_out: bool, layer: Optional[list[str
         console.print(line)
     for line in render.config_tie_lines(toc):
         console.print(line)
-    for line in render.adapter_lines(adapter) if adapter else []:
+    for line in render.adapter_lines(found.adapter) if found.adapter else []:
         console.print(line)
     for line in render.quantization_lines(toc, tensors):  # GGUF: the stored type of each tensor
         console.print(line)
@@ -308,38 +211,23 @@ def _inspect_one(source: Optional[str], json_out: bool, layer: Optional[list[str
 
 @app.command(epilog="Examples:\n\n  paramtool show model.pt 2.bias\n\n" + EPILOG_HINT)
 def show(
-    source: Annotated[str, typer.Argument(help="Checkpoint (as for inspect); with only one argument, stdin is read.",
-                                          show_default=False)],
+    source: SourceThenNameArg,
     name: Annotated[Optional[str], typer.Argument(help="Tensor name, e.g. 0.weight.", show_default=False)] = None,
     json_out: JsonOpt = False,
     key: KeyOpt = None,
 ) -> None:
     """Print a tensor's values as print(t) would, elided when large."""
     from . import sources
-    from .values import tensor_json, tensor_text
 
     if name is None:  # `cat m.pt | paramtool show 0.bias`
         if _stdin_is_terminal():
             raise UsageError("missing NAME (usage: paramtool show SOURCE NAME)")
         source, name = "-", source
-    src = sources.resolve(source)
-    ckpt = sources.load_lazy(src, key)
-    stored = _resolved_name(src, ckpt, name)  # a position ([0][1][0].bias), a config tie
-    if stored not in ckpt.names:
-        from .select import unknown_name
-
-        raise ParamtoolError(unknown_name(name, list(ckpt.names)))
-    t = ckpt.tensor(stored)
-    doc = tensor_json(name, t) if json_out else tensor_text(t)
-    from .formats.pins import verify
-
-    verify()  # the values of the file as it was, or none
-    if json_out:
-        emit_json(doc)
-    else:
-        sys.stdout.write(doc + "\n")
+    out = Sink(json_out)
+    out.values(queries.show(sources.resolve(source), key, name, json_out, out))
 
 
+TargetArg = Annotated[Optional[str], typer.Argument(help="Output path (same as -o).", show_default=False)]
 OutOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Write here ('-' for stdout). Naming the input counts as --in-place.",
                                                 show_default=False)]
 InPlaceOpt = Annotated[bool, typer.Option("--in-place", help="Replace the input file (atomically).")]
@@ -356,26 +244,45 @@ def _opt(flag: str, kind: type, text: str) -> Any:
     return Annotated[Optional[kind], typer.Option(flag, help=text, show_default=False)]
 
 
-# Scheme options, declared once: init and resize take the same ones.
-MeanOpt = _opt("--mean", float, "normal, trunc_normal: mean.")
-StdOpt = _opt("--std", float, "normal, trunc_normal, sparse: standard deviation.")
-LowOpt = _opt("--low", float, "uniform, trunc_normal, masked_uniform: lower bound.")
-HighOpt = _opt("--high", float, "uniform, trunc_normal, masked_uniform: upper bound.")
-ValueOpt = _opt("--value", float, "constant: the value (required).")
-GainOpt = _opt("--gain", float, "xavier*, orthogonal: gain.")
-NegativeSlopeOpt = _opt("--negative-slope", float, "kaiming*: negative slope of the rectifier.")
-ModeOpt = _opt("--mode", str, "kaiming*: fan_in or fan_out.")
-NonlinearityOpt = _opt("--nonlinearity", str, "kaiming*: relu or leaky_relu.")
-ThresholdOpt = _opt("--threshold", float, "masked_uniform: values with |v| below this become 0.")
-SparsityOpt = _opt("--sparsity", float, "sparse: fraction of zeros per column (required).")
-GroupsOpt = _opt("--groups", int, "dirac: number of groups.")
+# Scheme options, declared once: init and resize take the same ones (``_takes_scheme_options``).
+_SCHEME_OPTIONS = {
+    "mean": _opt("--mean", float, "normal, trunc_normal: mean."),
+    "std": _opt("--std", float, "normal, trunc_normal, sparse: standard deviation."),
+    "low": _opt("--low", float, "uniform, trunc_normal, masked_uniform: lower bound."),
+    "high": _opt("--high", float, "uniform, trunc_normal, masked_uniform: upper bound."),
+    "value": _opt("--value", float, "constant: the value (required)."),
+    "gain": _opt("--gain", float, "xavier*, orthogonal: gain."),
+    "negative_slope": _opt("--negative-slope", float, "kaiming*: negative slope of the rectifier."),
+    "mode": _opt("--mode", str, "kaiming*: fan_in or fan_out."),
+    "nonlinearity": _opt("--nonlinearity", str, "kaiming*: relu or leaky_relu."),
+    "threshold": _opt("--threshold", float, "masked_uniform: values with |v| below this become 0."),
+    "sparsity": _opt("--sparsity", float, "sparse: fraction of zeros per column (required)."),
+    "groups": _opt("--groups", int, "dirac: number of groups."),
+}
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Reproducible values: they depend only on the seed, scheme, options and the tensor's name, shape and dtype.",
                                                 show_default=False)]
 
 
-def _scheme_options(**given: Any) -> dict[str, Any]:
-    """The scheme options actually given on the command line."""
-    return {k: v for k, v in given.items() if v is not None}
+def _takes_scheme_options(command: Any) -> Any:
+    """``command`` with the scheme options (``_SCHEME_OPTIONS``) on its command line, right after --scheme, handed to
+    it as one ``scheme_options`` dict of those actually given."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(command, eval_str=True)  # (typer reads the annotations as objects)
+    params = [p for p in signature.parameters.values() if p.name != "scheme_options"]
+    at = next(i for i, p in enumerate(params) if p.name == "scheme") + 1
+    added = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=kind)
+             for name, kind in _SCHEME_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> Any:
+        given = {name: kwargs.pop(name) for name in _SCHEME_OPTIONS}
+        return command(**kwargs, scheme_options={k: v for k, v in given.items() if v is not None})
+
+    run.__signature__ = signature.replace(parameters=params[:at] + added + params[at:])
+    run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
+    return run
 
 
 def _resolve_for_write(source: Optional[str], output: Optional[str], in_place: bool, dry_run: bool) -> Any:
@@ -391,7 +298,7 @@ def _resolve_for_write(source: Optional[str], output: Optional[str], in_place: b
 
 
 def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, output: Optional[str], in_place: bool,
-            fmt: Optional[str], drop_extra: bool, write: Any = None, max_shard_size: Optional[str] = None,
+            fmt: Optional[str], drop_extra: bool, max_shard_size: Optional[str] = None,
             convert: bool = False) -> None:
     """Report a dry run, or carry out the plan on ``listing`` (what it was planned on) and write the result
     (``convert``: in another format; else an archive stays one)."""
@@ -411,20 +318,16 @@ def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, ou
         _dry_run(plan.report, json_out)
         return
     target = writer.plan_output(src, output, in_place, fmt, max_shard_size, convert)
-    untie = getattr(plan, "untie", None)
-    if target.layout.values_only and (write is not None or untie):  # only values change in an archive
+    if target.layout.values_only and (plan.restructure or plan.untie):  # only values change in an archive
         from .formats.torchscript import refuse_structural
 
-        raise refuse_structural(plan.report.action + (" with --untie" if untie else ""))
+        raise refuse_structural(plan.report.action + (" with --untie" if plan.untie else ""))
     for w in plan.report.warnings:
         warn(w)
     seen = len(plan.report.warnings)
-    if target.layout.sidecars:  # a model directory: the weights written as always, laid out, sidecars copied
-        from .formats.modeldir import write_directory
+    from .executor import execute
 
-        write_directory(src, listing, plan, target, drop_extra, write or writer.write_plan)
-    else:
-        (write or writer.write_plan)(src, listing, plan, target, drop_extra)
+    execute(src, listing, plan, target, drop_extra)
     for w in plan.report.warnings[seen:]:  # found while writing (e.g. values that overflow a cast)
         warn(w)
     _summary(plan.report, commit(target.label), target.format)
@@ -448,14 +351,15 @@ def _summary(report: Any, target: str, fmt: str) -> None:
 
 
 def _dry_run(report: Any, json_out: bool) -> None:
+    out = Sink(json_out)
     for w in report.warnings:
-        warn(w)
-    if json_out:
-        emit_json(report.as_json())
-        return
-    console = out_console()
+        out.warn(w)
+    out.result(report, lambda console: _print_plan(console, report))
+
+
+def _print_plan(console: Any, report: Any) -> None:
     console.print(f"would apply {report.action} to {len(report.changed)} tensor(s):", markup=False)
-    renamed = getattr(report, "renamed", {})
+    renamed = report.renamed or {}
     for n in report.changed:
         ties = report.with_ties.get(n)
         to = f" -> {render.safe_name(renamed[n])}" if n in renamed else ""
@@ -469,21 +373,10 @@ def _dry_run(report: Any, json_out: bool) -> None:
 
 @app.command(epilog="Examples:\n\n  paramtool init model.pt --scheme xavier --layer 0 -o out.pt\n\n"
              "  cat a.pt | paramtool init --scheme normal --std 0.01 --zero-bias | paramtool inspect -\n\n" + EPILOG_HINT)
+@_takes_scheme_options
 def init(
     source: SourceArg = None,
     scheme: Annotated[str, typer.Option("--scheme", "-s", help="Initializer (see `paramtool schemes`).", show_default=False)] = ...,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    low: LowOpt = None,
-    high: HighOpt = None,
-    value: ValueOpt = None,
-    gain: GainOpt = None,
-    negative_slope: NegativeSlopeOpt = None,
-    mode: ModeOpt = None,
-    nonlinearity: NonlinearityOpt = None,
-    threshold: ThresholdOpt = None,
-    sparsity: SparsityOpt = None,
-    groups: GroupsOpt = None,
     layer: LayerOpt = None,
     param: Annotated[str, typer.Option("--param", help="weight, bias or all: narrow by the last part of the name.")] = "weight",
     types: Annotated[Optional[list[str]], typer.Option("--type", help="Only tensors of modules of this class (Linear, Conv2d, Embedding; "
@@ -500,6 +393,7 @@ def init(
     drop_extra: DropExtraOpt = False,
     key: KeyOpt = None,
     max_shard_size: MaxShardOpt = None,
+    scheme_options: Optional[dict[str, Any]] = None,
 ) -> None:
     """Reinitialize the selected tensors with a named scheme and write the result.
 
@@ -507,9 +401,7 @@ def init(
     """
     from . import ops, sources
 
-    given = _scheme_options(mean=mean, std=std, low=low, high=high, value=value, gain=gain,
-                            negative_slope=negative_slope, mode=mode, nonlinearity=nonlinearity,
-                            threshold=threshold, sparsity=sparsity, groups=groups)
+    given = scheme_options or {}
     from .schemes import get_scheme, resolve_options
 
     resolve_options(get_scheme(scheme), given)  # a wrong option is a usage error before any loading
@@ -559,24 +451,8 @@ def set_(
 @app.command(epilog="Examples:\n\n  paramtool schemes --json\n\n" + EPILOG_HINT)
 def schemes(json_out: JsonOpt = False) -> None:
     """List the initializers, their options and defaults."""
-    from .schemes import schemes_table
-
-    table = schemes_table()
-    if json_out:
-        emit_json({"schemes": table})
-        return
-    from rich.table import Table
-    from rich.text import Text
-
-    t = Table(box=None, show_header=True, header_style="bold")
-    t.add_column("scheme")
-    t.add_column("options")
-    t.add_column("note")
-    for row in table:
-        opts = " ".join(f"--{k.replace('_', '-')} {'(required)' if v is None else v}" for k, v in row["options"].items())
-        alias = f" (= {', '.join(row.get('aliases', []))})" if row.get("aliases") else ""
-        t.add_row(Text(row["name"] + alias), Text(opts), Text(row.get("doc", "")))  # Text: no markup parsing
-    out_console().print(t)
+    doc = queries.schemes()
+    Sink(json_out).result(doc, lambda console: console.print(render.schemes_table(doc["schemes"])))
 
 
 @app.command(epilog="Examples:\n\n  paramtool ties model.pt --json\n\n" + EPILOG_HINT)
@@ -587,34 +463,19 @@ def ties(
     key: KeyOpt = None,
 ) -> None:
     """List tied tensors: groups of names that share storage (alias) or bytes (overlapping views)."""
-    _each_source(source, lambda one: _ties_one(one, json_out, values, key), json_out)
+    out = Sink(json_out)
+    _exit(each_source(source, lambda one: _ties_one(one, out, values, key), json_out))
 
 
-def _ties_one(source: Optional[str], json_out: bool, values: bool, key: Optional[str]) -> None:
+def _ties_one(source: Optional[str], out: Sink, values: bool, key: Optional[str]) -> None:
     from . import sources
-    from .ties import find_ties, group_order, value_ties
 
-    src = sources.resolve(source)
-    if values:
-        ckpt = sources.load_lazy(src, key)
-        toc = sources.describe(src, ckpt)
-        groups = find_ties(toc.tensors, toc.meta_ties) + value_ties(ckpt.tensor, toc.tensors, ckpt.raw_bytes)
-        groups.sort(key=group_order)
-    else:
-        toc = sources.read_toc(src, key)
-        groups = find_ties(toc.tensors, toc.meta_ties)
-    if src.directory:  # a model directory: the ties its config.json declares, and stored pairs that differ
-        from .formats.modeldir import differing_pairs, mark_config
+    found = queries.ties(sources.resolve(source), key, values, out)
+    out.result(found, lambda console: _print_lines(console, render.ties_lines(found.toc, found.groups)))
 
-        groups = mark_config(groups, toc.config_ties)
-        pairs = toc.config_pairs
-        for w in toc.warnings + (differing_pairs(sources.load_lazy(src, key).tensor, pairs) if pairs else []):
-            warn(w)
-    if json_out:
-        emit_json({"source": src.label, "groups": [g.as_json() for g in groups]})
-        return
-    console = out_console()
-    for line in render.ties_lines(toc, groups):
+
+def _print_lines(console: Any, lines: list) -> None:
+    for line in lines:
         console.print(line)
 
 
@@ -634,41 +495,29 @@ def stats(
     stats exits 0 whatever the values are: `paramtool check` is the gate that fails on NaN/Inf."""
     if hist_png and source and len(source) > 1:
         raise UsageError("--hist-png draws one checkpoint: give one SOURCE")
-    _each_source(source, lambda one: _stats_one(one, layer, hist, hist_png, bins, json_out, key), json_out)
+    out = Sink(json_out)
+    _exit(each_source(source, lambda one: _stats_one(one, out, layer, hist, hist_png, bins, key), json_out))
 
 
-def _stats_one(source: Optional[str], layer: Optional[list[str]], hist: bool, hist_png: Optional[str], bins: int,
-               json_out: bool, key: Optional[str]) -> None:
+def _stats_one(source: Optional[str], out: Sink, layer: Optional[list[str]], hist: bool, hist_png: Optional[str],
+               bins: int, key: Optional[str]) -> None:
     from . import sources
     from . import stats as st
-    from .formats.pins import verify
 
-    src = sources.resolve(source)
-    ckpt = sources.load_lazy(src, key)
-    names = _selected(list(ckpt.names), _config_layers(src, ckpt, layer))
-    with _progress(len(names), "stats") as advance:  # each tensor is read once, for numbers and histograms
-        done = st.stats_many(ckpt.tensor, names, bins if hist else None, bool(hist_png), advance,
-                             raw_of=st.raw_reader(ckpt))
-    verify()  # numbers of the files as they were, or none
-    results, hists = done.results, done.hists
+    found = queries.stats(sources.resolve(source), key, layer, out, bins if hist else None, bool(hist_png),
+                          lambda total: _progress(total, "stats"))
     if hist_png:
-        st.histogram_png([(n, done.png[n]) for n in names], hist_png)
-    from .lora import update_norms
+        st.histogram_png([(n, found.png[n]) for n in found.names], hist_png)
+    out.result(found, lambda console: _print_stats(console, found))
 
-    updates = update_norms(src, ckpt)  # a LoRA adapter directory: what each pair adds to its base tensor
-    if json_out:
-        doc: dict[str, Any] = {"source": src.label, "tensors": [r.as_json() for r in results]}
-        if hist:
-            doc["histograms"] = {n: {"edges": h.edges, "counts": h.counts, "zeros": h.zeros} for n, h in hists.items()}
-        if updates is not None:
-            doc["adapter_updates"] = updates
-        emit_json(doc)
-        return
-    console = out_console()
-    console.print(render.stats_table(results))
-    for line in render.update_lines(updates) if updates else []:
+
+def _print_stats(console: Any, found: queries.Stats) -> None:
+    from . import stats as st
+
+    console.print(render.stats_table(found.results))
+    for line in render.update_lines(found.updates) if found.updates else []:
         console.print(line)
-    for n, h in hists.items():
+    for n, h in found.hists.items():
         console.print(f"\n{render.safe_name(n)}", style="bold", markup=False)
         for line in st.histogram_lines(h):
             console.print(line, markup=False, highlight=False)
@@ -691,7 +540,7 @@ def check(
 
     Rules: NaN/Inf values; weight matrices all zero or constant; a tensor far from its siblings in repeated
     blocks (--outlier-factor); ties config.json declares whose stored values diverged; optimizer state whose
-    shape is not its parameter's; weight matrices in more than one dtype. See README "Checking a checkpoint".
+    shape is not its parameter's; weight matrices in more than one dtype. See docs/reference.md, "Checking a checkpoint".
     """
     from .check import RULES, Thresholds
 
@@ -700,31 +549,22 @@ def check(
     if unknown:
         raise UsageError(f"--ignore {unknown[0]}: no such rule (rules: {', '.join(RULES)})")
     th = Thresholds(outlier_factor, min_siblings)
-    _each_source(source, lambda one: _check_one(one, json_out, th, set(ignore or []), key), json_out)
+    out = Sink(json_out)
+    _exit(each_source(source, lambda one: _check_one(one, out, th, set(ignore or []), key), json_out))
 
 
-def _check_one(source: Optional[str], json_out: bool, th: Any, ignore: set[str], key: Optional[str]) -> int:
-    from . import check as health
-    from . import sources
-
-    try:
-        src = sources.resolve(source)
-        ckpt = sources.load_lazy(src, key)
-        report = health.check(ckpt, sources.describe(src, ckpt), th)
-    except ParamtoolError as e:
-        e.exit_code = 2
-        raise
-    report.findings = [f for f in report.findings if f.rule not in ignore]
-    if json_out:
-        emit_json(report.as_json())
-    else:
-        console = out_console()
-        for f in report.findings:
-            where = f"{render.safe_name(f.name)}: " if f.name else ""
-            console.print(f"{render.safe_name(src.label)}: {f.rule}: {where}{render.safe_name(f.message)}", markup=False)
-        if not report.findings:
-            err_console().print(f"{render.safe_name(src.label)}: no findings", markup=False)
+def _check_one(source: Optional[str], out: Sink, th: Any, ignore: set[str], key: Optional[str]) -> int:
+    src, report = queries.check(source, key, th, ignore)
+    out.result(report, lambda console: _print_findings(console, src.label, report.findings))
     return 1 if report.findings else 0
+
+
+def _print_findings(console: Any, label: str, findings: list) -> None:
+    for f in findings:
+        where = f"{render.safe_name(f.name)}: " if f.name else ""
+        console.print(f"{render.safe_name(label)}: {f.rule}: {where}{render.safe_name(f.message)}", markup=False)
+    if not findings:
+        err_console().print(f"{render.safe_name(label)}: no findings", markup=False)
 
 
 class _progress:
@@ -759,27 +599,9 @@ def diff(
     key: KeyOpt = None,
 ) -> None:
     """Added, removed, reshaped/retyped and changed tensors, with the largest difference; ties gained or lost."""
-    from . import compare, sources
-
-    _FAILURE[0] = 2  # diff follows cmp: any error is 2, an unforeseen one too
-    try:
-        ca = sources.load_lazy(sources.resolve(a), key)
-        cb = sources.load_lazy(sources.resolve(b), key)
-        result = compare.diff(ca, cb, rtol, atol)
-        from .formats.pins import verify
-
-        verify()  # the difference of the files as they were, or none
-    except ParamtoolError as e:
-        e.exit_code = 2  # diff follows cmp: any error is 2
-        raise
-    if json_out:
-        emit_json(result.as_json())
-    else:
-        console = out_console()
-        for line in render.diff_lines(result):
-            console.print(line)
-    if not result.equal:
-        raise typer.Exit(1)
+    result = queries.diff(a, b, key, rtol, atol)  # (diff follows cmp: any error is 2)
+    Sink(json_out).result(result, lambda console: _print_lines(console, render.diff_lines(result)))
+    _exit(0 if result.equal else 1)
 
 
 @app.command(epilog="Examples:\n\n  paramtool convert model.pt model.safetensors\n\n"
@@ -787,7 +609,7 @@ def diff(
              "  paramtool convert model.safetensors model-bf16.safetensors --dtype bf16 --keep-dtype '*ln_*'\n\n" + EPILOG_HINT)
 def convert(
     source: SourceArg = None,
-    target: Annotated[Optional[str], typer.Argument(help="Output path (same as -o).", show_default=False)] = None,
+    target: TargetArg = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Cast floating-point tensors: bf16, fp16 or fp32 (integers and bools stay).",
                                                  show_default=False)] = None,
     keep_dtype: Annotated[Optional[list[str]], typer.Option("--keep-dtype", help="With --dtype: leave these tensors (a selector, as --layer) in their dtype. Repeatable.",
@@ -807,7 +629,7 @@ def convert(
     new dtype (|v| > 65504 in fp16) are counted in a warning naming the tensors.
     """
     from . import sources
-    from .ops import Plan, Report
+    from .plan import Plan, Report
 
     if target is not None and output is not None:
         raise UsageError("give the output either as OUTPUT or as -o, not both")
@@ -827,7 +649,7 @@ def convert(
     listing = sources.open_for_plan(src, key)
     keep = _config_layers(src, listing, keep_dtype, "--keep-dtype")
     plan = surgery.plan_cast(listing, to, keep, directory=src.directory)
-    _finish(src, listing, plan, dry_run, json_out, target or output, in_place, fmt, drop_extra, surgery.write,
+    _finish(src, listing, plan, dry_run, json_out, target or output, in_place, fmt, drop_extra,
             max_shard_size=max_shard_size, convert=True)
 
 
@@ -865,7 +687,7 @@ def rename(
     src = _resolve_for_write(source, output, in_place, dry_run)
     listing = sources.open_for_plan(src, key)
     plan = surgery.plan_rename(listing, rules)
-    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra,
             max_shard_size=max_shard_size)
 
 
@@ -897,31 +719,19 @@ def drop(
     layers = as_paths([t.name for t in sources.describe(src, listing).tensors], list(layer or []), shown) \
         if shown is not None else list(layer or [])
     plan = surgery.plan_drop(listing, layers, list(key or []))
-    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra,
             max_shard_size=max_shard_size)
 
 
 @app.command(epilog="Examples:\n\n  paramtool resize model.safetensors transformer.wte.weight --rows 50304 -o out.safetensors\n\n"
              "  paramtool resize model.safetensors transformer.wpe.weight --rows 32 --scheme normal --std 0.02 --seed 0 -o out.safetensors\n\n" + EPILOG_HINT)
+@_takes_scheme_options
 def resize(
-    source: Annotated[str, typer.Argument(help="Checkpoint (as for inspect); with only one argument, stdin is read.",
-                                          show_default=False)],
+    source: SourceThenNameArg,
     name: Annotated[Optional[str], typer.Argument(help="The tensor whose dim 0 changes, e.g. an embedding.", show_default=False)] = None,
     rows: Annotated[int, typer.Option("--rows", help="The new size of dim 0.", show_default=False)] = ...,
     scheme: Annotated[Optional[str], typer.Option("--scheme", "-s", help="Fill new rows with this initializer (default: the mean of the existing rows).",
                                                   show_default=False)] = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    low: LowOpt = None,
-    high: HighOpt = None,
-    value: ValueOpt = None,
-    gain: GainOpt = None,
-    negative_slope: NegativeSlopeOpt = None,
-    mode: ModeOpt = None,
-    nonlinearity: NonlinearityOpt = None,
-    threshold: ThresholdOpt = None,
-    sparsity: SparsityOpt = None,
-    groups: GroupsOpt = None,
     seed: SeedOpt = None,
     dry_run: DryRunOpt = False,
     json_out: PlanJsonOpt = False,
@@ -931,6 +741,7 @@ def resize(
     drop_extra: DropExtraOpt = False,
     key: KeyOpt = None,
     max_shard_size: MaxShardOpt = None,
+    scheme_options: Optional[dict[str, Any]] = None,
 ) -> None:
     """Grow or shrink dim 0 of a tensor (an embedding's vocabulary); every tensor tied to it follows.
 
@@ -942,9 +753,7 @@ def resize(
         if _stdin_is_terminal():
             raise UsageError("missing NAME (usage: paramtool resize SOURCE NAME --rows N)")
         source, name = "-", source
-    given = _scheme_options(mean=mean, std=std, low=low, high=high, value=value, gain=gain,
-                            negative_slope=negative_slope, mode=mode, nonlinearity=nonlinearity,
-                            threshold=threshold, sparsity=sparsity, groups=groups)
+    given = scheme_options or {}
     if given and scheme is None:
         raise UsageError(f"--{next(iter(given)).replace('_', '-')} is a scheme option: give --scheme too")
     if rows <= 0:
@@ -959,7 +768,7 @@ def resize(
 
     stored = resolve_name(name, list(listing.names), shown=_positions(src, listing, [name]))  # config ties: plan_resize's
     plan = surgery.plan_resize(listing, stored, rows, surgery.NewRows(scheme, given, seed), directory=src.directory)
-    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra, surgery.write,
+    _finish(src, listing, plan, dry_run, json_out, output, in_place, fmt, drop_extra,
             max_shard_size=max_shard_size)
 
 
@@ -988,25 +797,10 @@ def grad(
     src = sources.resolve(source)
     report = grads.compute(grads.build_model(src, seed), shapes, seed, src.label)
     params = grads.select_params(report, layer)
-    if json_out:
-        emit_json(report.as_json(params))
-        return
-    console = out_console()
-    for line in render.grad_lines(report, params):
-        console.print(line)
+    Sink(json_out).result(report.as_json(params), lambda console: _print_lines(console, render.grad_lines(report, params)))
 
 
 # ---------------------------------------------------------------- merge and lora (issue 27)
-
-
-def _adapter_of(src: Any, tensors: list) -> Optional[dict]:
-    """A PEFT adapter directory's description (rank, alpha, targets, what each pair modifies), else None."""
-    from . import lora
-
-    if not lora.is_adapter(src.directory):
-        return None
-    return lora.read_adapter(src.directory, [t.name for t in tensors],
-                             {t.name: tuple(t.shape) for t in tensors}).describe()
 
 
 def _split_weights(paths: list[str], weights: Optional[list[str]]) -> tuple[list[str], Optional[list[float]]]:
@@ -1098,7 +892,7 @@ def lora_merge(
                                         show_default=False)],
     adapter: Annotated[str, typer.Argument(help="The PEFT adapter directory (adapter_config.json + "
                                            "adapter_model.safetensors).", show_default=False)],
-    target: Annotated[Optional[str], typer.Argument(help="Output path (same as -o).", show_default=False)] = None,
+    target: TargetArg = None,
     dry_run: DryRunOpt = False,
     json_out: PlanJsonOpt = False,
     output: OutOpt = None,
@@ -1156,16 +950,16 @@ def lora_extract(
     with _progress(len(names), "extract") as advance:
         tensors, config, report = lora.extract(base_values, tuned_values, names, rank, classes, advance)
     lora.write_adapter(output, tensors, config)
-    if json_out:
-        emit_json({"adapter": output, "rank": rank, "tensors": [
-            {"name": e.name, "module": e.module, "rank": e.rank, "energy": e.energy} for e in report]})
-    else:
-        console = out_console()
-        width = max(len(render.safe_name(e.name)) for e in report)
-        for e in report:
-            console.print(f"{render.safe_name(e.name):<{width}}  rank {e.rank:>4}  energy kept {e.energy:8.2%}",
-                          markup=False)
+    Sink(json_out).result({"adapter": output, "rank": rank, "tensors": [
+        {"name": e.name, "module": e.module, "rank": e.rank, "energy": e.energy} for e in report]},
+        lambda console: _print_energies(console, report))
     err_console().print(f"wrote {render.safe_name(output)} (PEFT LoRA adapter, {len(report)} target(s))", markup=False)
+
+
+def _print_energies(console: Any, report: list) -> None:
+    width = max(len(render.safe_name(e.name)) for e in report)
+    for e in report:
+        console.print(f"{render.safe_name(e.name):<{width}}  rank {e.rank:>4}  energy kept {e.energy:8.2%}", markup=False)
 
 
 def main() -> None:

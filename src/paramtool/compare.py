@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import numeric
 from .checkpoint import Checkpoint
 from .pipeline import ordered_map
 from .records import dataclass, field
 from .ties import find_ties, names_key
+
+if TYPE_CHECKING:
+    from .formats.gguf import Pairing
 
 
 @dataclass
@@ -195,8 +198,9 @@ def compare_raw(ra: memoryview, rb: memoryview, dtype: str, rtol: float, atol: f
 
 
 def diff(a: Checkpoint, b: Checkpoint, rtol: float = 0.0, atol: float = 0.0) -> Diff:
-    if a.layout.dequantized != b.layout.dequantized:  # a GGUF file and the checkpoint it was made from
-        return quantization_diff(a, b, rtol, atol)
+    paired_a, paired_b = a.layout.pairing(a, list(b.names)), b.layout.pairing(b, list(a.names))
+    if (paired_a is None) != (paired_b is None):  # a GGUF file and the checkpoint it was made from
+        return quantization_diff(a, b, rtol, atol, paired_a or paired_b, file_is_a=paired_a is not None)
     out = Diff()
     names_b = set(b.names)
     out.removed = [n for n in a.names if n not in names_b]
@@ -237,18 +241,16 @@ def diff(a: Checkpoint, b: Checkpoint, rtol: float = 0.0, atol: float = 0.0) -> 
     return out
 
 
-def quantization_diff(a: Checkpoint, b: Checkpoint, rtol: float, atol: float) -> Diff:
-    """What quantizing cost, between a GGUF file and a checkpoint (either side): tensors are paired through the
-    ``gguf`` package's tensor-name map for the file's architecture (else by equal names), the checkpoint's
-    LLaMA query/key rows reordered as llama.cpp's converter does, a 2-D weight stored transposed (a Conv1D's)
-    compared transposed, and each pair compared as float64 whatever the dtypes: max abs and relative error and
-    cosine, with the tensor's GGUF type. Names are the checkpoint's."""
-    from .formats.gguf import llama_heads, name_map, permute_like_llama_cpp
-
-    g, c = (a, b) if a.layout.dequantized else (b, a)
-    mapped = name_map(g, list(c.names))
-    pairs = {n: mapped.get(n, n) for n in c.names if mapped.get(n, n) in g.names}
-    types = g.toc().quantization
+def quantization_diff(a: Checkpoint, b: Checkpoint, rtol: float, atol: float, pairing: Pairing,
+                      file_is_a: bool) -> Diff:
+    """What quantizing cost, between a GGUF file and a checkpoint (either side): tensors are paired as the file's
+    format pairs them (``pairing``, ``Format.pairing``: through the ``gguf`` package's tensor-name map for the
+    file's architecture, else by equal names), the checkpoint's LLaMA query/key rows reordered as llama.cpp's
+    converter does, a 2-D weight stored transposed (a Conv1D's) compared transposed, and each pair compared as
+    float64 whatever the dtypes: max abs and relative error and cosine, with the tensor's GGUF type. Names are
+    the checkpoint's. ``file_is_a``: the GGUF file is ``a``, else ``b``."""
+    g, c = (a, b) if file_is_a else (b, a)
+    pairs, types = pairing.pairs, pairing.quantization
     out = Diff()
     unpaired_c = [n for n in c.names if n not in pairs]
     unpaired_g = [n for n in g.names if n not in set(pairs.values())]
@@ -257,9 +259,7 @@ def quantization_diff(a: Checkpoint, b: Checkpoint, rtol: float, atol: float) ->
     def one(name: str) -> dict | None:
         gname = pairs[name]
         tc, tg = c.tensor(name), g.tensor(gname)
-        heads = llama_heads(gname, g.metadata or {}) if gname != name else None  # (same names: no converter ran)
-        if heads and tc.dim() >= 1 and tc.shape[0] % (2 * heads) == 0:
-            tc = permute_like_llama_cpp(tc, heads)
+        tc = pairing.arranged(name, tc)
         flipped = tc.dim() == 2 and tc.shape[0] != tc.shape[1] and tuple(tc.shape) == tuple(tg.shape)[::-1]
         if flipped:  # a Conv1D weight (GPT-2), which converters store transposed
             tc = tc.T

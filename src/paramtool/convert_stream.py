@@ -9,7 +9,7 @@ converts; memory stays near two storages.
 - safetensors: the header is ``safetensors_fmt.layout``'s, the one ``safetensors_fmt.save`` writes (ties,
   order, format metadata).
 - torch zip: the pickle is what ``torch.save`` writes for the container the loaded path would save
-  (``writer._pt_root``), made by ``formats.pt.pickle_with_storages`` over the stand-ins; records are written
+  (``writer.pt_root``), made by ``formats.pt.pickle_with_storages`` over the stand-ins; records are written
   by ``formats.pt.write_zip``. Where the stand-ins cannot say what the loaded container holds (a DCP
   checkpoint's non-tensor entries), the caller loads it whole instead.
 """
@@ -102,7 +102,7 @@ def open_reader(src: Any, listing: Any) -> StorageReader | None:
     layout = src.layout
     if layout is None:
         return None
-    if src.kind == "file" and layout.byte_ranges:
+    if src.is_file and layout.byte_ranges:
         return _file_reader(listing) if listing.byte_ranges else None
     if layout.split:
         return _sharded_reader(listing)
@@ -302,25 +302,23 @@ _OUT_OF_MEMORY = "out of memory while converting (one storage at a time did not 
 # --- entry point ----------------------------------------------------------------------------------------
 
 
-def convert_streamed(src: Any, listing: Any, output: Any, drop_extra: bool,
-                     non_tensor: Callable[[Any], list[str]], pt_root: Callable[[Any], Any],
-                     verify: Callable[[str], None], emit: Callable[[Any, Callable[[str], None]], None]) -> bool:
+def convert_streamed(src: Any, listing: Any, output: Any, drop_extra: bool, narrow: bool) -> bool:
     """Write ``listing`` as ``output`` storage by storage; False when the source cannot be streamed, or when
-    the streamed file would differ from the loaded path's (the caller then loads it whole). ``non_tensor``,
-    ``pt_root`` (what a torch file holds), ``verify`` and ``emit`` are the writer's own rules."""
+    the streamed file would differ from the loaded path's (the caller then loads it whole). What goes in, and
+    the check of what was written, are the loaded path's own (``writer``); ``narrow``: only the ``--key``
+    sub-tree is written."""
+    from . import writer
+    from .commit import emit
+
     if not output.layout.single_file or os.name != "posix":
         return False
-    if src.kind == "file" and src.layout.can_patch(output.layout) and output.layout.pickled:
+    if src.is_file and src.layout.can_patch(output.layout) and output.layout.pickled:
         return False  # same format: the patched copy keeps every byte (the caller's streamed path)
     infos = listing.infos()
     if not output.layout.holds_non_tensors:  # safetensors
-        dropped = non_tensor(listing)
-        if dropped and not drop_extra:
-            shown = ", ".join(dropped[:6]) + (f" and {len(dropped) - 6} more" if len(dropped) > 6 else "")
-            raise ParamtoolError(
-                f"safetensors cannot hold non-tensor entries ({shown}); pass --drop-extra to write the tensors only")
+        writer.refuse_non_tensors(listing, drop_extra)
     else:
-        root = sharded_root(listing) if src.layout.split else pt_root(listing)
+        root = sharded_root(listing) if src.layout.split else writer.pt_root(listing, narrow, drop_extra)[0]
         if src.layout.placeholder_values and (not _only_tensors(root) or (listing.key and root is listing.root)):
             return False  # non-tensor entries are placeholders here; a --key load reads only its sub-tree
     reader = open_reader(src, listing)
@@ -335,7 +333,7 @@ def convert_streamed(src: Any, listing: Any, output: Any, drop_extra: bool,
                     write_safetensors(path, *layout(infos, listing.metadata), reader)
                 else:
                     write_pt(path, root, reader)
-            verify(path)
+            writer.verify_file(listing, output.format, path, narrow, drop_extra)
 
         emit(output, write)
     finally:

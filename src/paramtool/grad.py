@@ -12,11 +12,14 @@ Nothing here knows about terminals: :func:`compute` returns a :class:`GradReport
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ParamtoolError, UsageError, first_line
 from .records import dataclass, field
 from .toc import FakeModule
+
+if TYPE_CHECKING:
+    from .sources import Source
 
 NEEDS_MODEL = "grad needs a model: give nn:EXPR, FILE.py:FUNC or a pickled module"
 _SHAPE = re.compile(r"^\s*[(\[]?\s*(\d+(\s*[,x]\s*\d+)*)?\s*,?\s*[)\]]?\s*$")
@@ -34,7 +37,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 # --- the model ---------------------------------------------------------------------------------------------
 
 
-def build_model(src: Any, seed: int) -> Any:
+def build_model(src: Source, seed: int) -> Any:
     """The ``nn.Module`` a source describes. nn: and factory models are built under ``torch.manual_seed(seed)``
     (in a forked RNG), so their default initialization, and thus the report, is reproducible."""
     import torch
@@ -57,7 +60,7 @@ def build_model(src: Any, seed: int) -> Any:
     raise ParamtoolError(f"{src.label}: a {src.format or src.kind} checkpoint holds no module; {NEEDS_MODEL}")
 
 
-def _pickled_model(src: Any) -> Any:
+def _pickled_model(src: Source) -> Any:
     """A ``torch.save(model)`` file as a real module: loaded by the inert unpickler (tensors rebuilt by
     paramtool), then the known torch.nn classes instantiated by ``pt.real_module``."""
     from . import sources

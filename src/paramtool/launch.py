@@ -5,8 +5,9 @@ cost), ``stats SOURCE --json`` and ``diff A B --json`` (which compute with numpy
 mapped, so typer's and rich's import would be a quarter of a 1 GiB run), and ``show SOURCE NAME`` with or
 without ``--json`` (printed with numpy as torch prints it, ``printing``: torch's import is the whole cost). A
 command line made only of what these forms take (SOURCE, ``--json``, ``--layer``/``-l``, ``--depth``, ``--key``)
-is run here with no typer, click or rich imported; anything else (help, other options, other commands, a usage error, ``stats`` with
-its progress bar on a terminal) goes to the full CLI unchanged, which then answers it exactly as before.
+is recognised here and handed to the same query (``queries``) and output sink (``output``) as the full CLI's,
+with no typer, click or rich imported; anything else (help, other options, other commands, a usage error,
+``stats`` with its progress bar on a terminal) goes to the full CLI unchanged, which then answers it.
 """
 from __future__ import annotations
 
@@ -68,145 +69,43 @@ class _Slow(Exception):
 
 
 def _run(command: str, positionals: list[str], opts: dict[str, list[str]]) -> int:
+    """Dispatch to the command's query (``queries``), its result to the sink (``output``), as the full CLI does."""
+    from .output import Sink, each_source
+
+    out = Sink("--json" in opts)
+    if command == "stats" and sys.stderr.isatty():
+        raise _Slow  # a terminal gets the full CLI's progress bar
     if len(positionals) > 1 and command not in ("diff", "show"):  # several sources: one document each, the worst status
-        if command == "stats" and sys.stderr.isatty():
-            raise _Slow
-        return max(_run_one(command, p, opts) for p in positionals)  # (max over all: each one runs)
-    return _run1(command, positionals, opts)
+        return each_source(positionals, lambda one: _run1(command, [one], opts, out), True)
+    return _run1(command, positionals, opts, out)
 
 
-def _run_one(command: str, source: str, opts: dict[str, list[str]]) -> int:
-    """One of several sources; a failure is its own ``error:`` line naming the source (as ``cli._each_source``)."""
-    from .errors import ParamtoolError, UsageError, first_line
-    from .render import safe_name
+def _run1(command: str, positionals: list[str], opts: dict[str, list[str]], out: Any) -> int:
+    from . import queries
 
-    try:
-        return _run1(command, [source], opts)
-    except UsageError:
-        raise
-    except ParamtoolError as e:
-        first = first_line(e)
-        sys.stderr.write(f"error: {safe_name(first if source in first else f'{source}: {first}')}\n")
-        return e.exit_code
-
-
-def _run1(command: str, positionals: list[str], opts: dict[str, list[str]]) -> int:
-    code = 0
     key = (opts.get("--key") or [None])[0]
     layers = opts.get("--layer", []) + opts.get("-l", [])
     if command == "schemes":
-        from .schemes import schemes_table
-
-        doc: Any = {"schemes": schemes_table()}
-    elif command == "diff":
-        doc, code = _diff(positionals, key)
-    elif command == "show":
-        return _show(positionals[0], positionals[1], key, "--json" in opts)
-    else:
-        from . import sources
-
-        if command == "stats" and sys.stderr.isatty():
-            raise _Slow  # a terminal gets the full CLI's progress bar
-        src = sources.resolve(positionals[0] if positionals else None)
-        if src.directory and command != "stats":  # config.json's ties and warnings are the full CLI's to report
-            raise _Slow
-        if command == "stats":
-            return _emit(_stats(src, key, layers))
-        toc = sources.read_toc(src, key)
-        if command == "ties":
-            from .ties import find_ties
-
-            doc = {"source": src.label, "groups": [g.as_json() for g in find_ties(toc.tensors, toc.meta_ties)]}
-        else:
-            from .render import inspect_json
-            from .select import select, tree_paths
-
-            names = [t.name for t in toc.tensors]  # positions count the tree's children (a model's ReLU too)
-            chosen = set(select(names, layers, "all", shown=tree_paths(names, toc.modules) if layers else None))
-            doc = inspect_json(toc, [t for t in toc.tensors if t.name in chosen])
-    return _emit(doc, code)
-
-
-def _emit(doc: Any, code: int = 0) -> int:
-    from .render import dumps
-
-    sys.stdout.write(dumps(doc) + "\n")
-    sys.stdout.flush()
-    return code
-
-
-def _stats(src: Any, key: str | None, layers: list[str]) -> Any:
-    """``stats SOURCE --json``, as the full CLI computes it (``cli.stats``), without its progress bar."""
+        out.result(queries.schemes())
+        return 0
+    if command == "diff":
+        result = queries.diff(positionals[0], positionals[1], key)
+        out.result(result)
+        return 0 if result.equal else 1
     from . import sources
-    from . import stats as st
-    from .formats.pins import verify
-    from .select import select
 
-    if src.directory and layers:
-        raise _Slow  # config.json's tied names (lm_head) are selected, and said so, by the full CLI
-    ckpt = sources.load_lazy(src, key)
-    positional = any(s.startswith("[") for s in layers)  # counted in the tree inspect shows
-    names = select(list(ckpt.names), layers, "all", shown=sources.tree_paths_of(src, ckpt) if positional else None)
-    done = st.stats_many(ckpt.tensor, names, None, False, raw_of=st.raw_reader(ckpt))
-    verify()  # numbers of the file as it was, or none
-    doc = {"source": src.label, "tensors": [r.as_json() for r in done.results]}
-    if src.directory:  # a LoRA adapter directory: what each pair adds to its base tensor (as cli.stats)
-        from .lora import update_norms
-
-        updates = update_norms(src, ckpt)
-        if updates is not None:
-            doc["adapter_updates"] = updates
-    return doc
-
-
-def _show(source: str, name: str, key: str | None, json_out: bool) -> int:
-    """``show SOURCE NAME [--json]`` without torch (``printing``), where the tensor's bytes are at hand in a dtype
-    printed exactly as torch prints it; anything else (other dtypes, views, a config-tied name to note, an error
-    to word with suggestions) is the full CLI's."""
-    from . import printing, sources
-    from .errors import ParamtoolError
-    from .formats.pins import verify
-    from .select import resolve_name
-
-    try:
-        src = sources.resolve(source)
-        ckpt = sources.load_lazy(src, key)
-        shown = sources.tree_paths_of(src, ckpt) if name.startswith("[") else None
-        stored = resolve_name(name, list(ckpt.names), shown=shown)
-        if src.directory and stored in sources.describe(src, ckpt).config_ties:
-            raise _Slow
-        info = next((i for i in ckpt.infos() if i.name == stored), None)
-        raw = ckpt.raw_bytes(stored) if info is not None and printing.supports(info.dtype) else None
-    except ParamtoolError:
-        raise _Slow from None  # (its error line, and its exit status, come from the full CLI)
-    if raw is None:
+    src = sources.resolve(positionals[0] if positionals else None)
+    if command == "show":
+        out.values(queries.show(src, key, positionals[1], "--json" in opts, out))
+    elif src.directory and (command != "stats" or layers):  # (model directories: the full CLI's, as before)
         raise _Slow
-    if json_out:
-        doc = printing.values_json(name, raw, info.dtype, info.shape)
-        verify()  # the values of the file as it was, or none
-        return _emit(doc)
-    text = printing.tensor_text(raw, info.dtype, info.shape)
-    verify()
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
+    elif command == "stats":
+        out.result(queries.stats(src, key, layers, out))
+    elif command == "ties":
+        out.result(queries.ties(src, key, False, out))
+    else:
+        out.result(queries.inspect(src, key, layers, out))
     return 0
-
-
-def _diff(paths: list[str], key: str | None) -> tuple[Any, int]:
-    """``diff A B --json`` as the full CLI computes it (``cli.diff``): 0 equal, 1 different; errors exit 2."""
-    from . import compare, fsops, sources
-    from .errors import ParamtoolError
-    from .formats.pins import verify
-
-    fsops.FAILURE[0] = 2  # (a bus error too)
-    try:
-        a, b = sources.resolve(paths[0]), sources.resolve(paths[1])  # (directories too: values only, as cli.diff)
-        result = compare.diff(sources.load_lazy(a, key), sources.load_lazy(b, key))
-        verify()
-    except ParamtoolError as e:
-        e.exit_code = 2  # diff follows cmp: any error is 2
-        raise
-    return result.as_json(), 0 if result.equal else 1
 
 
 def _fast(argv: list[str]) -> int | None:
@@ -215,32 +114,27 @@ def _fast(argv: list[str]) -> int | None:
     if parsed is None:
         return None
     from .errors import ParamtoolError, UsageError
+    from .output import error_line, quiet_pipe, route_warnings
 
+    route_warnings()  # (as the full CLI)
     try:
         return _run(*parsed)
     except (UsageError, _Slow):
         return None  # usage errors are worded (and exit 2) by the full CLI
     except ParamtoolError as e:
         from .formats.pins import cause
-        from .render import safe_name
 
-        first = str(cause(e)).strip().splitlines()[0] if str(e).strip() else "failed"
-        sys.stderr.write(f"error: {safe_name(first)}\n")
+        error_line(str(cause(e)))
         return e.exit_code
     except BrokenPipeError:
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except OSError:
-            pass
-        return 141
+        return quiet_pipe()
     except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
+        error_line("interrupted")
         return 130
     except Exception:
         if os.environ.get("PARAMTOOL_DEBUG") == "1":
             raise
         return None  # a bug here: let the full CLI run it and report it its way
-    return 0
 
 
 def main() -> None:

@@ -21,12 +21,16 @@ import os
 import re
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint
 from .errors import FormatError, ParamtoolError
-from .ops import Action, Plan, Report, note_ties
+from .ops import note_ties
+from .plan import Action, Plan, Report
 from .records import dataclass, field
+
+if TYPE_CHECKING:
+    from .sources import Source
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -165,7 +169,7 @@ def read_adapter(directory: str, names: list[str], shapes: dict[str, tuple[int, 
     return adapter
 
 
-def update_norms(src: Any, values: Checkpoint) -> list[dict] | None:
+def update_norms(src: Source, values: Checkpoint) -> list[dict] | None:
     """For ``stats`` on an adapter directory: each pair's update, scale · B·A, by the base tensor it modifies: its
     rank, scale and Frobenius norm (from the r×r Gram matrices: ‖BA‖² = Σ (BᵀB) ∘ (AAᵀ), no product formed).
     None for any other source."""
@@ -423,12 +427,12 @@ def extract_candidates(base: Checkpoint, tuned: Checkpoint, chosen: list[str], c
 
 
 def write_adapter(directory: str, tensors: dict[str, Any], config: dict) -> None:
-    """A PEFT adapter directory, written as one atomic step (``writer.commit_directory``)."""
+    """A PEFT adapter directory, written as one atomic step (``commit.commit_directory``)."""
     from . import formats
-    from .writer import commit_directory
+    from .commit import commit_directory
 
     def build(work: str) -> None:
-        formats.by_name("safetensors").save(tensors, {"format": "pt"}, os.path.join(work, WEIGHTS[0]))
+        formats.SAFETENSORS.save(tensors, {"format": "pt"}, os.path.join(work, WEIGHTS[0]))
         with open(os.path.join(work, CONFIG), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
             f.write("\n")

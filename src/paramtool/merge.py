@@ -4,7 +4,7 @@ The methods follow mergekit's definitions (``linear``, ``task_arithmetic``, ``ti
 the "sum" sign election, ``slerp``), computed in float32 (float64 for float64 tensors) whatever the stored dtype,
 and rounded once into the first source's dtype.
 
-The result is the first source with its floating-point tensors replaced: the merge is a plan of ``ops.Action``s
+The result is the first source with its floating-point tensors replaced: the merge is a plan of ``plan.Action``s
 on the first source's listing, so the existing writers carry it out one storage at a time, and the first source's
 container, non-tensor entries, ties, order, metadata and sidecars stay as they are. Each action reads the same
 tensor from every source (mapped, one tensor per source in memory) when its storage is written.
@@ -18,7 +18,8 @@ from typing import Any
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError, UsageError
 from .formats.dtypes import kind
-from .ops import Action, Plan, Report, note_ties
+from .ops import note_ties
+from .plan import Action, Plan, Report
 from .records import dataclass
 from .select import select
 

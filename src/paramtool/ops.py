@@ -6,45 +6,15 @@ unless ``untie`` gives the selected names their own copy first.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError
-from .records import dataclass, field
+from .plan import Action, Plan, Report
 from .select import module_path, select
 from .ties import storage_groups
 from .toc import TensorInfo
-
-
-@dataclass
-class Report:
-    """What an operation changed, for the stderr summary and ``--dry-run --json``."""
-
-    action: str  # "xavier_uniform", "set", ...
-    changed: list[str] = field(default_factory=list)  # names written to directly
-    zeroed: list[str] = field(default_factory=list)  # biases zeroed by --zero-bias
-    skipped: dict[str, str] = field(default_factory=dict)  # name -> why the scheme could not take it
-    with_ties: dict[str, list[str]] = field(default_factory=dict)  # changed name -> other names that changed with it
-    untied: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def all_changed(self) -> list[str]:
-        out = list(dict.fromkeys(self.changed + self.zeroed))
-        for others in self.with_ties.values():
-            out.extend(n for n in others if n not in out)
-        return out
-
-    def as_json(self) -> dict:
-        return {
-            "action": self.action,
-            "changed": self.changed,
-            "zeroed": self.zeroed,
-            "skipped": self.skipped,
-            "ties": self.with_ties,
-            "untied": self.untied,
-            "warnings": self.warnings,
-        }
 
 
 def _tie_partners(infos: list[TensorInfo]) -> dict[str, list[str]]:
@@ -67,35 +37,6 @@ def _record_ties(report: Report, targets: list[str], partners: dict[str, list[st
 def note_ties(report: Report, infos: list[TensorInfo]) -> None:
     """Record, for each name in ``report.changed``, the other names that change with it (they share its bytes)."""
     _record_ties(report, report.changed, _tie_partners(infos))
-
-
-@dataclass
-class Action:
-    """One change to one named tensor, applied in place to whatever tensor the caller supplies."""
-
-    name: str
-    apply: Callable[[Any], None]
-    overwrites: bool  # writes every element without reading the old values
-    global_rng: bool = False  # draws from torch's global generator (no --seed): runs alone, in order
-
-
-@dataclass
-class Plan:
-    report: Report
-    actions: list[Action] = field(default_factory=list)
-    untie: list[str] = field(default_factory=list)  # names to give their own storage before acting
-    narrow: bool = False  # write only the --key sub-tree (convert), not the whole container with it changed
-
-
-def execute(plan: Plan, ckpt: Checkpoint) -> None:
-    """Carry out a plan on a loaded checkpoint (the in-memory path)."""
-    import torch
-
-    for name in plan.untie:
-        ckpt.replace(name, ckpt.tensor(name).detach().clone())
-    with torch.no_grad():
-        for action in plan.actions:
-            action.apply(ckpt.tensor(action.name))
 
 
 def _scheme_action(name: str, scheme: Any, opts: dict, seed: int | None, seed_name: str, info: TensorInfo) -> Action:

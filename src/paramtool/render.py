@@ -12,6 +12,8 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up
 if TYPE_CHECKING:
     from typing import Any, Callable
 
+    from .grad import GradReport, ParamGrad
+
 from .names import people_order, people_sorted, sibling_order
 from .records import dataclass, field
 from .select import module_path
@@ -102,49 +104,23 @@ def shape_text(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+# --- schemes -----------------------------------------------------------------------------------------
+
+
+def schemes_table(table: list[dict]) -> Table:
+    """``schemes``: one row per initializer, its options with their defaults, and its note."""
+    t = Table(box=None, show_header=True, header_style="bold")
+    t.add_column("scheme")
+    t.add_column("options")
+    t.add_column("note")
+    for row in table:
+        opts = " ".join(f"--{k.replace('_', '-')} {'(required)' if v is None else v}" for k, v in row["options"].items())
+        alias = f" (= {', '.join(row.get('aliases', []))})" if row.get("aliases") else ""
+        t.add_row(Text(row["name"] + alias), Text(opts), Text(row.get("doc", "")))  # Text: no markup parsing
+    return t
+
+
 # --- inspect -----------------------------------------------------------------------------------------
-
-
-def inspect_json(toc: Toc, tensors: list[TensorInfo]) -> dict:
-    ties = tied_to(toc.tensors)
-    num_params, nbytes = unique_counts(tensors)
-    out = {
-        "source": toc.source,
-        "format": toc.format,
-        "tensors": [
-            {
-                "name": t.name,
-                "shape": list(t.shape),
-                "dtype": t.dtype,
-                "numel": t.numel,
-                "nbytes": t.nbytes,
-                "tied_to": ties.get(t.name),
-                **({"stored": False} if t.name in toc.config_ties else {}),
-                **({"kind": t.kind} if t.kind else {}),
-                **({"quantization": toc.quantization[t.name]} if t.name in toc.quantization else {}),
-            }
-            for t in tensors
-        ],
-        "num_tensors": len(tensors),
-        "num_params": num_params,
-        "nbytes": nbytes,
-    }
-    if toc.extras:
-        out["extras"] = toc.extras
-    if toc.metadata:
-        out["metadata"] = toc.metadata
-    if toc.modules:
-        out["modules"] = toc.modules
-    if toc.key is not None:
-        out["key"] = toc.key
-    if toc.values is not None:
-        out["values"] = toc.values
-    from .formats.weights_only import beyond
-
-    # what torch.load(weights_only=True) would need allowlisted; a format without a pickle needs nothing
-    out["globals"] = beyond(toc.globals) if toc.globals is not None else []
-    out["weights_only_loadable"] = not out["globals"]
-    return out
 
 
 def values_tree(toc: Toc) -> Tree:
@@ -533,7 +509,7 @@ def diff_lines(d) -> list[Text]:
 # --- grad --------------------------------------------------------------------------------------------
 
 
-def grad_lines(report: Any, params: list) -> list[Any]:
+def grad_lines(report: GradReport, params: list[ParamGrad]) -> list[Any]:
     """The forward pass as ``net(X)`` prints it, the loss, a table of gradients ("no gradient" in red), and a
     line per tied parameter adding up its uses."""
     from .values import tensor_text
@@ -550,7 +526,7 @@ def grad_lines(report: Any, params: list) -> list[Any]:
     return lines
 
 
-def grad_table(params: list) -> Table:
+def grad_table(params: list[ParamGrad]) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
     for col in ("name", "shape", "grad norm", "mean", "max |g|"):
         table.add_column(col, justify="left" if col in ("name", "shape") else "right")
@@ -564,7 +540,7 @@ def grad_table(params: list) -> Table:
     return table
 
 
-def grad_use_line(p: Any) -> Text:
+def grad_use_line(p: ParamGrad) -> Text:
     """``2.weight = 4.weight: ‖g‖ 0.41, the norm of the vector sum of 2 uses: use at 2 ‖g‖ 0.25, use at 4 ‖g‖ 0.2
     sum error 0`` (norms of a vector sum do not add up: the line says what is summed)."""
     line = Text()

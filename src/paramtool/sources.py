@@ -35,6 +35,12 @@ class Source:
         return "-" if self.text == "-" else self.text
 
     @property
+    def is_file(self) -> bool:
+        """One file read as the format it is in (a path, stdin, a remote object, a model directory's weights
+        file): not a container of part files, not a model built in Python."""
+        return self.kind == "file"
+
+    @property
     def layout(self) -> Format | None:
         """The on-disk format read (a file's sniffed format, or the container: sharded, DCP); None for a
         model built in Python."""
@@ -137,7 +143,7 @@ def tree_paths_of(src: Source, ckpt: Checkpoint) -> list[str]:
 def _with_config(src: Source, toc: Toc) -> Toc:
     from .formats import modeldir
 
-    return modeldir.annotate(toc, src.directory, single_file=src.kind == "file")
+    return modeldir.annotate(toc, src.directory, single_file=src.is_file)
 
 
 class ShardedCheckpoint(Checkpoint):
@@ -167,7 +173,7 @@ SHARDED_TRIES = 5  # reads of a sharded checkpoint that other writes keep commit
 
 
 def _sharded(src: Source, open_part: Any) -> ShardedCheckpoint:
-    """The index and every shard it names, as of one moment: a commit (``shard_commit``) replaces the index
+    """The index and every shard it names, as of one moment: a commit (``commit.commit_index``) replaces the index
     first and the shards after, so shards opened while the index stayed the same file belong to it. If the
     index was replaced meanwhile (or a shard it named is gone), everything is read again; after
     ``SHARDED_TRIES`` attempts it is one ``error:`` line. Every shard stays open, so what is read later is
@@ -212,7 +218,7 @@ def _sharded_from(src: Source, index: Any, parts: dict[str, Checkpoint]) -> Shar
     meta_ties = {n: t for p in parts.values() for n, t in p.meta_ties.items()}
     part_globals = [p.globals for p in parts.values() if p.globals is not None]
     metadata = {k: v for p in parts.values() for k, v in (p.metadata or {}).items()}  # the shards' own
-    ckpt = ShardedCheckpoint(src.label, formats.SHARDED.name, {s: p.root for s, p in parts.items()}, names,
+    ckpt = ShardedCheckpoint(src.label, formats.SHARDED, {s: p.root for s, p in parts.items()}, names,
                              metadata or None, meta_ties, src.path)
     ckpt.parts, ckpt.index = parts, index
     ckpt.globals = sorted(set().union(*part_globals)) if part_globals else None
@@ -298,7 +304,7 @@ def local_copy(src: Source) -> Source:
 
 def _from_object(src: Source, obj: Any, key: str | None) -> Checkpoint:
     if tree.is_module(obj) or isinstance(obj, Mapping):
-        return Checkpoint(src.label, formats.MODULE.name, obj, tree.assign_names(obj, key))
+        return Checkpoint(src.label, formats.MODULE, obj, tree.assign_names(obj, key))
     raise ParamtoolError(f"{src.text}: returned {type(obj).__name__}, not an nn.Module or a state dict")
 
 
@@ -321,7 +327,7 @@ def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
         return _sharded(src, load_lazy)
     if src.layout is not None and (src.layout.placeholder_values or src.layout.dequantized):
         return src.layout.load_lazy(src.label, src.path, key)  # DCP, GGUF: one tensor entry at a time
-    if src.kind == "file" and src.layout.byte_ranges:
+    if src.is_file and src.layout.byte_ranges:
         from .formats.storage import open_storage_file
 
         listing = open_listing(src, key)

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .formats.dtypes import TORCH_MINMAX
 from .pipeline import scratch
 from .records import dataclass
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 CHUNK = 1 << 18  # values per chunk: 2 MiB as float64, so the passes over one chunk run from the CPU cache
 
@@ -130,7 +133,7 @@ def raw_stats(name: str, raw: Any, dtype: str) -> TensorStats:
     return acc.result(name)
 
 
-def raw_reader(ckpt: Any) -> Callable[[str], tuple[Any, str] | None]:
+def raw_reader(ckpt: Checkpoint) -> Callable[[str], tuple[Any, str] | None]:
     """``name -> (bytes, dtype)`` for the tensors of ``ckpt`` whose bytes are at hand without torch, in a dtype
     ``numeric`` reads; None for the others (they go through torch)."""
     from . import numeric

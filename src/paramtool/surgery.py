@@ -1,7 +1,8 @@
-"""Checkpoint surgery: rename, drop, cast (``convert --dtype``) and resize.
+"""Checkpoint surgery: rename, drop, cast (``convert --dtype``) and resize, planned as ``plan.Plan``s.
 
-Each operation is planned on names and the table of contents (no tensor data), then carried out on one
-checkpoint at a time: a file, or each shard of a sharded checkpoint (whose index follows the names).
+Each operation is planned on names and the table of contents (no tensor data); its plan's ``restructure`` is
+then carried out by the executor (``executor.execute``) on one checkpoint at a time: a file, or each shard of
+a sharded checkpoint (whose index follows the names).
 Ties are storage identity: a tie group is renamed name by name but cast and resized once, as one storage,
 so it stays tied; dropping one name of a group leaves the storage to the others. Safetensors tie metadata
 (``{dropped: kept}`` aliases and ``paramtool.ties`` views) is never edited by hand: it is recomputed from the
@@ -12,17 +13,16 @@ the result one storage at a time: untouched tensor bytes are copied verbatim and
 """
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from . import formats, tree
 from .checkpoint import Checkpoint
 from .errors import ParamtoolError, UsageError
 from .formats.dtypes import ALIASES, PLAIN_FLOATS
-from .ops import Report
-from .records import dataclass, field, replace
+from .plan import Plan, Report
+from .records import dataclass, field
 from .select import module_path, select, unknown_name
 from .ties import storage_groups
 from .toc import TensorInfo
@@ -31,28 +31,9 @@ from .tree import OPTIMIZER_KEYS
 # --dtype spellings -> torch dtype names
 
 
-@dataclass
-class SurgeryReport(Report):
-    """A ``Report`` that also says which names were renamed or removed."""
-
-    renamed: dict[str, str] = field(default_factory=dict)
-    dropped: list[str] = field(default_factory=list)
-
-    def as_json(self) -> dict:
-        return {**super().as_json(), "renamed": self.renamed, "dropped": self.dropped}
-
-
-@dataclass
-class Surgery:
-    """What a surgery command will do: its report, and ``run`` that carries it out on one loaded checkpoint
-    (a file, or one shard: it only touches the names that checkpoint holds)."""
-
-    report: SurgeryReport
-    run: Callable[[Checkpoint], None]
-    rename: dict[str, str] = field(default_factory=dict)  # old -> new, for a sharded index
-    cast: tuple[str, frozenset[str]] | None = None  # (dtype, names to cast), for the streamed writers
-    untie: list[str] = field(default_factory=list)  # (the Plan interface: nothing is ever untied here)
-    sidecars: dict[str, bytes] = field(default_factory=dict)  # model-directory files written anew (config.json)
+def _report(action: str, **given: Any) -> Report:
+    """A surgery report: it says which names were renamed or removed, besides what a value edit says."""
+    return Report(action, **{"renamed": {}, "dropped": [], **given})
 
 
 # ---------------------------------------------------------------- rename
@@ -132,18 +113,18 @@ def rename_map(names: list[str], rules: list[Rule]) -> tuple[dict[str, str], lis
     return mapping, [t for t, hit in used.items() if not hit]
 
 
-def plan_rename(ckpt: Checkpoint, rules: list[Rule]) -> Surgery:
+def plan_rename(ckpt: Checkpoint, rules: list[Rule]) -> Plan:
     """Rename tensors by rules; ties, the container and every non-tensor entry stay as they are."""
     names = list(ckpt.names)
     mapping, unused = rename_map(names, rules)
-    report = SurgeryReport("rename", changed=list(mapping), renamed=mapping)
+    report = _report("rename", changed=list(mapping), renamed=mapping)
     for text in unused:
         report.warnings.append(f"rule '{text}' matched no tensor name")
     if not mapping:
         report.warnings.append("no tensor name changed")
     for old, new in mapping.items():
         _check_movable(ckpt, old, new)
-    return Surgery(report, lambda c: rename_in(c, mapping), rename=mapping)
+    return Plan(report, restructure=lambda c: rename_in(c, mapping), rename=mapping)
 
 
 def _key_prefix(name: str, path: tree.Path) -> str:
@@ -167,7 +148,7 @@ def _flatten_module(ckpt: Checkpoint) -> None:
     if tree.is_module(ckpt.root):
         ckpt.root = ckpt.root.state_dict()
         ckpt.names = {n: (n,) for n in ckpt.root}
-        ckpt.format = formats.MODULE.name
+        ckpt.layout = formats.MODULE
 
 
 def _rebuilt(parent: Mapping, renames: dict[Any, Any]) -> Mapping:
@@ -221,12 +202,12 @@ def _forget_tie_metadata(ckpt: Checkpoint) -> None:
 # ---------------------------------------------------------------- drop
 
 
-def plan_drop(ckpt: Checkpoint, layers: list[str], keys: list[str]) -> Surgery:
+def plan_drop(ckpt: Checkpoint, layers: list[str], keys: list[str]) -> Plan:
     """Remove the selected tensors (``layers``) or whole sub-trees (``keys``, e.g. ``optimizer``)."""
     if bool(layers) == bool(keys):
         raise UsageError("give --layer SEL… (tensors) or --key PATH… (sub-trees), one of the two")
     names = list(ckpt.names)
-    report = SurgeryReport("drop")
+    report = _report("drop")
     if layers:
         gone = select(names, layers, "all")
         if len(gone) == len(names):
@@ -237,7 +218,7 @@ def plan_drop(ckpt: Checkpoint, layers: list[str], keys: list[str]) -> Surgery:
         for n, others in kept_for.items():
             report.warnings.append(f"'{n}' is tied to {', '.join(others)}: the storage stays for them")
         _warn_positional_optimizer(ckpt.root, report)
-        return Surgery(report, lambda c: drop_names(c, set(gone)))
+        return Plan(report, restructure=lambda c: drop_names(c, set(gone)))
     if tree.is_module(ckpt.root) or ckpt.layout.flat:
         raise UsageError("--key drops a sub-tree of a torch.save training checkpoint; this checkpoint is one flat "
                          "state dict (use --layer)")
@@ -246,7 +227,7 @@ def plan_drop(ckpt: Checkpoint, layers: list[str], keys: list[str]) -> Surgery:
     if len(gone) == len(names):
         raise ParamtoolError(f"dropping --key {', '.join(keys)} would remove every tensor; nothing would be left")
     report.changed = report.dropped = [".".join(str(x) for x in p) for p in paths]
-    return Surgery(report, lambda c: drop_keys(c, paths))
+    return Plan(report, restructure=lambda c: drop_keys(c, paths))
 
 
 def drop_names(ckpt: Checkpoint, gone: set[str]) -> None:
@@ -272,7 +253,7 @@ def _remove(root: Any, path: tree.Path) -> None:
         raise ParamtoolError(f"cannot remove '{'.'.join(map(str, path))}' from a {type(parent).__name__}")
 
 
-def _warn_positional_optimizer(root: Any, report: SurgeryReport) -> None:
+def _warn_positional_optimizer(root: Any, report: Report) -> None:
     """torch optimizers index parameters by position: removing parameters makes the state point elsewhere."""
     from .ops import optimizer_states  # (one recogniser of optimizer state dicts: by structure, anywhere)
 
@@ -293,12 +274,12 @@ def target_dtype(text: str) -> str:
     return ALIASES[text]
 
 
-def plan_cast(ckpt: Checkpoint, dtype: str, keep: list[str], directory: str | None = None) -> Surgery:
+def plan_cast(ckpt: Checkpoint, dtype: str, keep: list[str], directory: str | None = None) -> Plan:
     """Cast floating-point tensors to ``dtype``; integers, bools and the ``keep`` selection stay as they are.
 
     A tie group is one storage: it is cast as a whole, or (when any name in it is kept) not at all. FP8
     tensors are refused by name unless kept: their values only mean something with their scales, whose
-    layout is the quantizer's. In a model directory config.json's dtype follows (``Surgery.sidecars``)."""
+    layout is the quantizer's. In a model directory config.json's dtype follows (``Plan.sidecars``)."""
     infos = ckpt.infos()
     names = [i.name for i in infos]
     kept = set(select(names, keep, "all", flag="--keep-dtype")) if keep else set()
@@ -309,7 +290,7 @@ def plan_cast(ckpt: Checkpoint, dtype: str, keep: list[str], directory: str | No
                              "quantizer's layout; paramtool does not dequantize them: keep them (and their scales) "
                              "with --keep-dtype to cast the rest")
     groups = {t.name: [m.name for m in g] for g in storage_groups(infos) for t in g}
-    report = SurgeryReport(f"cast to {dtype}")
+    report = _report(f"cast to {dtype}")
     todo: list[str] = []
     for info in infos:
         if info.dtype not in PLAIN_FLOATS or info.dtype == dtype:
@@ -337,10 +318,11 @@ def plan_cast(ckpt: Checkpoint, dtype: str, keep: list[str], directory: str | No
         new_config = modeldir.config_with_dtype(modeldir.read_config(directory)[0], dtype)
         if new_config is not None:
             sidecars["config.json"] = new_config
-    return Surgery(report, lambda c: cast_in(c, dtype, chosen, report), cast=(dtype, chosen), sidecars=sidecars)
+    return Plan(report, restructure=lambda c: cast_in(c, dtype, chosen, report), cast=(dtype, chosen),
+                sidecars=sidecars)
 
 
-def cast_in(ckpt: Checkpoint, dtype: str, chosen: frozenset[str], report: SurgeryReport) -> None:
+def cast_in(ckpt: Checkpoint, dtype: str, chosen: frozenset[str], report: Report) -> None:
     """Cast the chosen names of a loaded checkpoint, one storage at a time; views keep their layout."""
     import torch
 
@@ -388,12 +370,12 @@ class NewRows:
 
 
 def plan_resize(ckpt: Checkpoint, name: str, rows: int, fill: NewRows, also: list[str] = (),
-                directory: str | None = None) -> Surgery:
+                directory: str | None = None) -> Plan:
     """Grow or shrink dim 0 of ``name``; every name sharing its storage (and ``also``) is resized with it.
 
     In a model directory (``directory``), config.json decides too: a name it ties but the file does not
     store stands for its embedding, the other embedding of the pair is resized with it (``vocab_partners``),
-    and config.json's ``vocab_size`` follows (``Surgery.sidecars``)."""
+    and config.json's ``vocab_size`` follows (``Plan.sidecars``)."""
     if rows <= 0:
         raise UsageError(f"--rows must be at least 1, not {rows}")
     infos = {i.name: i for i in ckpt.infos()}
@@ -434,16 +416,17 @@ def plan_resize(ckpt: Checkpoint, name: str, rows: int, fill: NewRows, also: lis
     elif rows > info.shape[0] and info.shape[0] == 0:
         raise ParamtoolError(f"'{name}' has no rows to take the mean of; give --scheme for the new rows")
     partners = [n for n in group if n != name] + [n for n in also if n in infos and n not in group]
-    report = SurgeryReport(f"resize to {rows} rows", changed=[name])
+    report = _report(f"resize to {rows} rows", changed=[name])
     if partners:
         report.with_ties[name] = partners
     if rows == info.shape[0]:
         report.warnings.append(f"'{name}' already has {rows} rows")
     _warn_stale_optimizer(ckpt.root, report)
-    return Surgery(report, lambda c: resize_in(c, [name] + partners, rows, fill), sidecars=sidecars)
+    return Plan(report, restructure=lambda c: resize_in(c, [name] + partners, rows, fill), resized=[name] + partners,
+                sidecars=sidecars)
 
 
-def _warn_stale_optimizer(root: Any, report: SurgeryReport) -> None:
+def _warn_stale_optimizer(root: Any, report: Report) -> None:
     if isinstance(root, Mapping) and any(str(k) in OPTIMIZER_KEYS for k in root):
         report.warnings.append("the optimizer state keeps the old shape: reset the optimizer when resuming")
 
@@ -488,122 +471,3 @@ def resize_in(ckpt: Checkpoint, names: list[str], rows: int, fill: NewRows) -> N
             done[storage] = resized(ckpt.tensor(n), rows, fill, names[0])
         _replace_like(ckpt, n, done[storage])
     _forget_tie_metadata(ckpt)
-
-
-# ---------------------------------------------------------------- writing
-
-
-def write(src: Any, listing: Checkpoint, plan: Surgery, output: Any, drop_extra: bool = False) -> None:
-    """Carry out ``plan`` and write the result where ``output`` says (the OUTPUT rules of ``writer``).
-
-    A file into a file (torch zip, safetensors) and a sharded checkpoint into one file are streamed one
-    storage at a time; a sharded checkpoint is rewritten shard by shard with its index; anything else is
-    loaded, changed and written whole. A model directory whose sidecars change (config.json's vocab_size) is
-    rewritten in place as a whole directory, in one atomic step, so that the weights and config.json never
-    disagree."""
-    from . import surgery_stream, writer
-    from .sources import load
-
-    if output.in_place and plan.sidecars and src.directory:  # weights and config.json change together
-        from .formats import modeldir
-
-        whole = writer.Output(src.directory, formats.DIRECTORY.name, True, modeldir.weights_format(src))
-        modeldir.write_directory(src, listing, plan, whole, drop_extra, write)
-        return
-    if plan.sidecars and output.layout.single_file:  # one file out: no config.json goes with it
-        plan = replace(plan, sidecars={})
-    if output.layout.split:
-        _write_sharded(src, listing, plan, output, drop_extra)
-        return
-    byte_ranges = src.kind == "file" or getattr(listing, "parts", None)  # a file, or shards into one file
-    if byte_ranges and surgery_stream.can_stream(listing, plan, output.layout):
-        surgery_stream.write(listing, plan, output)
-        return
-    ckpt = listing if listing.layout.in_memory else load(src, listing.key)
-    run_on(ckpt, plan)
-    if output.layout.placeholder_values:  # DCP
-        writer.write_dcp(ckpt, output)
-    else:
-        writer.write_checkpoint(ckpt, output, drop_extra)
-
-
-def run_on(ckpt: Checkpoint, plan: Surgery) -> None:
-    """``plan.run`` on a checkpoint, or on each shard of a sharded one (whose names then follow its parts)."""
-    parts = getattr(ckpt, "parts", None)
-    if not parts:
-        plan.run(ckpt)
-        return
-    for part in parts.values():
-        plan.run(part)
-    ckpt.root = {s: p.root for s, p in parts.items()}
-    ckpt.names = {n: (s,) + tuple(path) for s, p in parts.items() for n, path in p.names.items()}
-
-
-def _write_sharded(src: Any, listing: Any, plan: Surgery, output: Any, drop_extra: bool) -> None:
-    """Every shard rewritten in its own format (streamed where it can be) beside a new index (names, shards
-    and total size follow); a shard left with no tensor disappears. As ``writer``'s sharded writes: ``-o DIR``
-    appears only once complete; ``--in-place`` commits the new shards and the new index in one atomic step
-    (``shard_commit``), after finishing a commit a killed write left."""
-    from . import shard_commit, writer
-    from .formats.sharded import write_index
-    from .sources import open_for_plan
-
-    if output.in_place and shard_commit.recover(listing.index.directory):
-        listing = open_for_plan(src, listing.key)  # the shards have their own names back: list them again
-    index = listing.index
-    results: dict[str, Checkpoint] = {}
-    started: list[str] = []  # in place: the new shards' temporary names
-
-    def build(work: str) -> dict[str, str]:
-        pending = {}
-        for shard, part in listing.parts.items():
-            path = os.path.join(index.directory, shard)
-
-            def write(target: str, fmt: str, shard: str = shard, part: Checkpoint = part, path: str = path) -> None:
-                results[shard] = _write_part(path, part, plan, target, fmt, drop_extra)
-
-            target = writer.write_shard(index, shard, work, output.in_place, started, write)
-            if output.in_place and results[shard].names:
-                pending[shard] = target
-        if not output.in_place:
-            raw = new_index()
-            write_index(replace(index, weight_map=raw["weight_map"], raw=raw), work)
-            writer.copy_shard_sidecars(src, listing, work, plan.sidecars)
-        return pending
-
-    def new_index() -> dict:
-        """The index document of what ``build`` wrote: names renamed, in the index's own order; shards left
-        empty gone; total_size recounted."""
-        shard_of = {n: s for s, r in results.items() for n in r.names}
-        order = [plan.rename.get(n, n) for n in index.weight_map] + list(shard_of)  # the index's own order
-        raw = {**index.raw, "weight_map": {n: shard_of[n] for n in dict.fromkeys(order) if n in shard_of}}
-        if isinstance(raw.get("metadata"), dict):  # what transformers records: recounted, tied storage once
-            from .ties import unique_counts
-
-            counts = [unique_counts(r.infos()) for r in results.values()]
-            recount = {"total_parameters": sum(c[0] for c in counts), "total_size": sum(c[1] for c in counts)}
-            raw["metadata"] = {**raw["metadata"], **{k: v for k, v in recount.items() if k in raw["metadata"]}}
-        return raw
-
-    if output.in_place:
-        writer.commit_in_place(index, build, started, new_index)
-    else:
-        writer.commit_directory(output.path, build)
-
-
-def _write_part(path: str, part: Checkpoint, plan: Surgery, target: str, fmt: str, drop_extra: bool) -> Checkpoint:
-    """One shard: streamed from its listing when possible, else loaded and changed; not written when the
-    plan leaves it empty. Returns what was written (its names)."""
-    from . import surgery_stream, writer
-    from .sources import Source, load, sniff_file
-
-    if surgery_stream.can_stream(part, plan):
-        out = surgery_stream.transformed(part, plan)
-        if out.names:
-            out = surgery_stream.write(part, plan, writer.Output(target, fmt))
-        return out
-    ckpt = load(Source(path, "file", path, sniff_file(path)))
-    plan.run(ckpt)
-    if ckpt.names:
-        writer.write_checkpoint(ckpt, writer.Output(target, fmt), drop_extra)
-    return ckpt

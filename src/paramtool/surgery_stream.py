@@ -20,7 +20,7 @@ from .records import replace
 from .toc import FakeTensor, TensorInfo, contiguous_stride
 
 if TYPE_CHECKING:
-    from .surgery import SurgeryReport
+    from .plan import Report
 
 _PLAIN = (str, int, float, bool, bytes, type(None))
 
@@ -32,7 +32,7 @@ def can_stream(listing: Checkpoint, plan: Any, output_layout: Any = None) -> boo
     parts = getattr(listing, "parts", None)
     if parts:
         return _into_one_file(listing, plan, output_layout) and all(can_stream(p, plan) for p in parts.values())
-    if plan.report.action.startswith("resize") or not listing.path or not listing.byte_ranges:
+    if plan.resized or not listing.path or not listing.byte_ranges:
         return False
     if os.name != "posix":  # storages are read through private (copy-on-write) mappings
         return False
@@ -110,7 +110,7 @@ def transformed(listing: Checkpoint, plan: Any) -> Checkpoint:
             ft = out.tensor(name)
             tree.set_path(out.root, out.names[name], replace(ft, dtype=dtype, storage=replace(ft.storage, dtype=dtype)))
     else:
-        plan.run(out)
+        plan.restructure(out)
     return out
 
 
@@ -128,14 +128,17 @@ def _transformed_shards(listing: Any, plan: Any) -> Any:
 
 def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
     """Write the plan's result as ``output`` (a file, atomically, or stdout), then verify it; returns the
-    result's listing. Storages are read mapped (``convert_stream``'s readers: one file, or every shard),
+    result's listing (nothing is written when it holds no tensor). Storages are read mapped (``convert_stream``'s readers: one file, or every shard),
     and written by ``convert_stream``'s writers: bytes that stay as they are are copied, the next storage to
     cast is read and cast on a worker thread while the current one is written."""
     from . import writer
+    from .commit import emit
     from .convert_stream import sharded_root, memory_bound, reader_of, write_pt
 
-    reader = reader_of(listing)
     out = transformed(listing, plan)
+    if not out.names:  # (a shard a drop leaves empty: nothing to write)
+        return out
+    reader = reader_of(listing)
     cast = Cast(reader)
 
     def write_to(path: str) -> None:
@@ -147,7 +150,7 @@ def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
         writer.verify_file(out, output.format, path)
 
     try:
-        writer.emit(output, write_to)
+        emit(output, write_to)
     finally:
         reader.close()
     if plan.cast:
@@ -239,7 +242,7 @@ def cast_storage(flat: Any, dtype: str) -> tuple[Any, int]:
     return out, overflow
 
 
-def record_overflow(report: SurgeryReport, overflows: dict[str, int], dtype: str) -> None:
+def record_overflow(report: Report, overflows: dict[str, int], dtype: str) -> None:
     """Warn, in the report, of the values that became inf by a cast to ``dtype`` (``{name: count}``)."""
     if overflows:
         total = sum(overflows.values())

@@ -15,6 +15,12 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up
 if TYPE_CHECKING:
     from typing import Any
     from ..checkpoint import Checkpoint
+    from typing import BinaryIO, Callable
+
+    from .dcp import Entries
+    from .gguf import Pairing
+    from .storage import StorageFile
+    from .torchfile import TorchFile
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,12 @@ class Format:
         """Can a file in this format be written as ``other`` by copying its bytes and patching storages?"""
         return self.byte_ranges and other is self
 
-    def open_storages(self, listing: Checkpoint) -> Any:
+    def reads_by_range(self, listing: Checkpoint) -> bool:
+        """Are the storages of ``listing`` (read in this format) byte ranges of its file, read and patched in
+        place?"""
+        return self.byte_ranges
+
+    def open_storages(self, listing: Checkpoint) -> StorageFile | Entries | None:
         """A reader of this file's storages by byte range (``formats.storage``: streamed reads, patched copies),
         made from the validated listing, which says where each storage is; None for formats without byte
         ranges (they are loaded whole)."""
@@ -66,23 +77,20 @@ class Format:
         """The checkpoint with its tensor data (memory-mapped where the format allows)."""
         raise NotImplementedError(f"{self.name} has no reader of its own")
 
+    def pairing(self, ckpt: Checkpoint, names: list[str]) -> Pairing | None:
+        """How the tensors of ``ckpt`` (read in this format) pair with the tensors ``names`` of a checkpoint it
+        was made from, where the format stores them otherwise (GGUF: renamed, reordered, quantized:
+        ``gguf.Pairing``); None where tensors pair by name, as stored."""
+        return None
+
     def save(self, root: Any, metadata: dict[str, str] | None, path: str) -> None:
         """Write ``root`` (a flat state dict where not ``holds_non_tensors``) to ``path`` as one file. The
         writer decides what goes in, and makes the write atomic (``writer.py``)."""
         raise NotImplementedError(f"{self.name} is not written as one file")
 
 
-def named(label: str, fmt: Format, root: Any, path: str | None, key: str | None, cls: type | None = None) -> Checkpoint:
-    """A checkpoint (``cls``: a kind of ``Checkpoint``) over ``root`` with its tensors named (relative to
-    ``--key`` when given)."""
-    from .. import tree
-    from ..checkpoint import Checkpoint
-
-    return (cls or Checkpoint)(label, fmt.name, root, tree.assign_names(root, key), path=path, key=key)
-
-
 class SafetensorsFormat(Format):
-    def open_storages(self, listing: Checkpoint) -> Any:
+    def open_storages(self, listing: Checkpoint) -> StorageFile:
         from ..blob import storage_class
         from .storage import SafetensorsStorageFile
 
@@ -102,7 +110,7 @@ class SafetensorsFormat(Format):
 
         _flat_only(key)
         root, metadata, meta_ties = read_tree(path)
-        return Checkpoint(label, self.name, root, {n: (n,) for n in root}, metadata, meta_ties, path)
+        return Checkpoint(label, self, root, {n: (n,) for n in root}, metadata, meta_ties, path)
 
     def load(self, label: str, path: str, key: str | None) -> Checkpoint:
         from ..checkpoint import Checkpoint
@@ -110,7 +118,7 @@ class SafetensorsFormat(Format):
 
         _flat_only(key)
         tensors, metadata, meta_ties = load(path)
-        return Checkpoint(label, self.name, tensors, {n: (n,) for n in tensors}, metadata, meta_ties, path)
+        return Checkpoint(label, self, tensors, {n: (n,) for n in tensors}, metadata, meta_ties, path)
 
     def save(self, root: Any, metadata: dict[str, str] | None, path: str) -> None:
         from .safetensors_fmt import save
@@ -127,7 +135,14 @@ def _flat_only(key: str | None, what: str = "a safetensors file") -> None:
 
 
 class TorchFormat(Format):
-    def open_storages(self, listing: Checkpoint) -> Any:
+    def reads_by_range(self, listing: Checkpoint) -> bool:
+        """As its format says, unless a zip storage record is compressed (torch never writes one, but reads it:
+        then it is loaded whole), or a tensor is more than a view of its bytes (``whole``: torch rebuilds it, as
+        ``torch.load`` does)."""
+        return self.byte_ranges and not listing.whole \
+            and not any(offset is None for offset, _ in (listing.located or {}).values())
+
+    def open_storages(self, listing: Checkpoint) -> StorageFile | None:
         if not self.byte_ranges:  # the legacy format: storages follow the pickle, read with it
             return None
         from ..blob import storage_class
@@ -151,12 +166,14 @@ class TorchFormat(Format):
 
         return self._read(label, path, key, pt.load)[1]
 
-    def _read(self, label: str, path: str, key: str | None, load: Any) -> tuple[Any, Checkpoint]:
+    def _read(self, label: str, path: str, key: str | None,
+              load: Callable[[str, TorchFile], Any] | None) -> tuple[TorchFile, Checkpoint]:
         """The file read without running it (``TorchFile``: refuses a hostile pickle, locates every storage),
         and its checkpoint: stand-in tensors, or real ones from ``load(path, listing)``."""
+        from ..checkpoint import named
         from .torchfile import read_torch
 
-        listing = read_torch(path, self.name)
+        listing = read_torch(path, self.name, _archive_listing)
         ckpt = named(label, self, listing.root if load is None else load(path, listing), path, key)
         ckpt.globals = sorted(listing.globals)
         return listing, ckpt
@@ -166,6 +183,14 @@ class TorchFormat(Format):
         from . import pt
 
         pt.save(root, path)
+
+
+def _archive_listing(path: str, fileobj: BinaryIO | None) -> TorchFile:
+    """A TorchScript archive met where a torch zip was read: its state dict, as ``torch.load`` hands such a zip
+    to ``torch.jit.load`` (``torchscript.read_archive``; imported only then)."""
+    from .torchscript import read_archive
+
+    return read_archive(path, fileobj)[0]
 
 
 class TorchScriptFormat(TorchFormat):
@@ -180,12 +205,14 @@ class TorchScriptFormat(TorchFormat):
 
         return head.startswith(b"PK\x03\x04") and is_archive(path)
 
-    def open_storages(self, listing: Checkpoint) -> Any:
+    def open_storages(self, listing: Checkpoint) -> StorageFile:
         from .storage import ArchiveStorageFile
 
         return ArchiveStorageFile.open(listing.path, listing.toc(), listing.root, listing.located)
 
-    def _read(self, label: str, path: str, key: str | None, load: Any) -> tuple[Any, Checkpoint]:
+    def _read(self, label: str, path: str, key: str | None,
+              load: Callable[[str, TorchFile], Any] | None) -> tuple[TorchFile, Checkpoint]:
+        from ..checkpoint import named
         from .torchscript import ScriptCheckpoint, read_archive
 
         listing, modules = read_archive(path)
@@ -200,7 +227,7 @@ class TorchScriptFormat(TorchFormat):
 
 
 class DcpFormat(Format):
-    def open_storages(self, listing: Checkpoint) -> Any:
+    def open_storages(self, listing: Checkpoint) -> Entries:
         """Not byte ranges: each tensor entry read whole, one at a time (``dcp.Entries``)."""
         from .dcp import Entries
 
@@ -213,6 +240,7 @@ class DcpFormat(Format):
         return load_lazy(label, path, key, self)
 
     def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
+        from ..checkpoint import named
         from . import dcp
 
         return named(label, self, dcp.read_tree(path), path, key)
@@ -220,6 +248,7 @@ class DcpFormat(Format):
     def load(self, label: str, path: str, key: str | None, within: Checkpoint | None = None) -> Checkpoint:
         """``within``: a listing of this checkpoint whose ``--key`` sub-tree alone is read."""
         from .. import tree
+        from ..checkpoint import named
         from . import dcp
 
         root = dcp.load(path) if within is None else dcp.load(path, tree.find_key(within.root, key))
@@ -236,17 +265,22 @@ class GgufFormat(Format):
         from .gguf import open_checkpoint
 
         _flat_only(key, "a GGUF file")
-        return open_checkpoint(label, path, self.name)  # (lists only: tensors are read when asked for)
+        return open_checkpoint(label, path, self)  # (lists only: tensors are read when asked for)
 
     def load(self, label: str, path: str, key: str | None) -> Checkpoint:
         from .gguf import load
 
         _flat_only(key, "a GGUF file")
-        return load(label, path, self.name)
+        return load(label, path, self)
+
+    def pairing(self, ckpt: Checkpoint, names: list[str]) -> Pairing:
+        from .gguf import pairing
+
+        return pairing(ckpt, names)
 
     def load_lazy(self, label: str, path: str, key: str | None) -> Checkpoint:
         """Each tensor read and dequantized only when asked for."""
         from .gguf import open_checkpoint
 
         _flat_only(key, "a GGUF file")
-        return open_checkpoint(label, path, self.name)
+        return open_checkpoint(label, path, self)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 from .. import blob
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, named
 from ..errors import FormatError, RefusedGlobal, first_line
 from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_within
 from .torchfile import MAX_DEPTH
@@ -259,8 +259,9 @@ def _unzip_object(data: bytearray, label: str) -> Any:
     """A ``torch.save`` blob (one DCP item) read by the torch-file reader and rebuilt by paramtool over the
     same bytes (no copy)."""
     from . import pt, torchfile
+    from .torchscript import read_archive
 
-    listing = torchfile.read_zip(label, _BufferFile(data))
+    listing = torchfile.read_zip(label, _BufferFile(data), lambda path, f: read_archive(path, f)[0])
     return pt.materialize(listing, data, label, _BufferFile(data))
 
 
@@ -398,8 +399,6 @@ class Entries:
 def load_lazy(label: str, path: str, key: str | None, fmt: Format) -> EntryCheckpoint:
     """The checkpoint as ``load`` gives it (non-tensor entries read, names and ``--key`` the same) whose
     tensors are read one entry at a time when asked for (``EntryCheckpoint``)."""
-    from .base import named
-
     entries = Entries(path)
     ckpt = named(label, fmt, entries.tree(), path, key, EntryCheckpoint)
     ckpt.entries = entries

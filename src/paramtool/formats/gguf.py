@@ -11,12 +11,16 @@ a vocabulary, summarised). Read only: paramtool writes no GGUF.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, ParamtoolError, first_line
-from ..toc import FakeTensor, StorageRef, contiguous_stride, numel_of
+from ..records import dataclass
+from ..toc import FakeTensor, StorageRef, Toc, contiguous_stride, numel_of
 from .dtypes import GGUF
+
+if TYPE_CHECKING:
+    from .base import Format
 
 _SHOWN = 16  # metadata arrays longer than this (a vocabulary) are summarised
 
@@ -92,30 +96,30 @@ class GgufCheckpoint(Checkpoint):
             data = gguf.quants.dequantize(t.data, t.tensor_type)
         return torch.from_numpy(np.ascontiguousarray(data)).reshape(_shape(t))
 
-    def toc(self) -> Any:
+    def toc(self) -> Toc:
         from ..records import replace
 
         return replace(super().toc(), quantization=dict(self.quantization))
 
 
-def open_checkpoint(label: str, path: str, fmt_name: str) -> GgufCheckpoint:
+def open_checkpoint(label: str, path: str, fmt: Format) -> GgufCheckpoint:
     root, metadata, types, records = read_tree(path)
-    ckpt = GgufCheckpoint(label, fmt_name, root, {n: (n,) for n in root}, metadata, {}, path)
+    ckpt = GgufCheckpoint(label, fmt, root, {n: (n,) for n in root}, metadata, {}, path)
     ckpt.records, ckpt.quantization = records, types
     return ckpt
 
 
-def load(label: str, path: str, fmt_name: str) -> Checkpoint:
+def load(label: str, path: str, fmt: Format) -> Checkpoint:
     """Every tensor read and dequantized (for the writers, which change tensors in place)."""
-    lazy = open_checkpoint(label, path, fmt_name)
+    lazy = open_checkpoint(label, path, fmt)
     tensors = {n: lazy.tensor(n) for n in lazy.names}
-    return Checkpoint(label, fmt_name, tensors, {n: (n,) for n in tensors}, lazy.metadata, {}, path)
+    return Checkpoint(label, fmt, tensors, {n: (n,) for n in tensors}, lazy.metadata, {}, path)
 
 
 # ---------------------------------------------------------------- names as the checkpoint had them
 
 
-def name_map(ckpt: Any, names: list[str]) -> dict[str, str]:
+def name_map(ckpt: Checkpoint, names: list[str]) -> dict[str, str]:
     """checkpoint name -> GGUF name, through the ``gguf`` package's tensor-name map for the file's architecture
     (``general.architecture``, ``<arch>.block_count``); names it does not know are left out."""
     import gguf
@@ -154,3 +158,31 @@ def llama_heads(gguf_name: str, meta: dict[str, str]) -> int | None:
 def permute_like_llama_cpp(t: Any, heads: int) -> Any:
     """The row order llama.cpp's converter gives a LLaMA query/key weight (its ``permute``)."""
     return t.reshape(heads, 2, t.shape[0] // heads // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+@dataclass
+class Pairing:
+    """How a GGUF file's tensors pair with those of the checkpoint it was converted from: ``pairs`` is the
+    checkpoint's name -> the file's name (through the architecture's name map, else equal names), ``quantization``
+    the file's name -> its GGUF type; ``arranged`` gives a checkpoint tensor the row order the converter wrote."""
+
+    pairs: dict[str, str]
+    quantization: dict[str, str]
+    metadata: dict[str, str]
+
+    def arranged(self, name: str, tensor: Any) -> Any:
+        """The checkpoint's tensor ``name`` as llama.cpp's converter stores it (LLaMA's query and key rows
+        reordered, ``llama_heads``); any other tensor as it is."""
+        gname = self.pairs[name]
+        heads = llama_heads(gname, self.metadata) if gname != name else None  # (same names: no converter ran)
+        if heads and tensor.dim() >= 1 and tensor.shape[0] % (2 * heads) == 0:
+            return permute_like_llama_cpp(tensor, heads)
+        return tensor
+
+
+def pairing(ckpt: GgufCheckpoint, names: list[str]) -> Pairing:
+    """The pairing of the GGUF file ``ckpt`` with a checkpoint's tensors ``names`` (those it has no tensor for
+    are left out)."""
+    mapped = name_map(ckpt, names)
+    pairs = {n: mapped.get(n, n) for n in names if mapped.get(n, n) in ckpt.names}
+    return Pairing(pairs, dict(ckpt.toc().quantization), ckpt.metadata or {})

@@ -99,17 +99,17 @@ def parse_size(text: str) -> int:
 
 def shard_names(fmt: str, count: int) -> list[str]:
     """The library's file names: ``model-00001-of-00003.safetensors``, ``pytorch_model-00001-of-00003.bin``."""
-    base, ext = os.path.splitext(_library_name(fmt))
+    base, ext = os.path.splitext(library_name(fmt))
     if count == 1:
         return [base + ext]
     return [f"{base}-{i:05d}-of-{count:05d}{ext}" for i in range(1, count + 1)]
 
 
 def index_name(fmt: str) -> str:
-    return _library_name(fmt) + ".index.json"
+    return library_name(fmt) + ".index.json"
 
 
-def _library_name(fmt: str) -> str:
+def library_name(fmt: str) -> str:
     """The weights file ``save_pretrained`` writes in ``fmt``: ``model.safetensors``, ``pytorch_model.bin``."""
     return SAFETENSORS_NAME if fmt == "safetensors" else PT_NAME
 
@@ -142,7 +142,7 @@ def group_by_size(infos: list[TensorInfo], max_size: int) -> list[list[str]]:
 # --- config ties -------------------------------------------------------------------------------------
 
 # (output name, input name): the pairs transformers ties when the config says tie_word_embeddings
-# (its ``_tied_weights_keys``), the first match per output name. The README lists the architectures covered.
+# (its ``_tied_weights_keys``), the first match per output name. docs/reference.md lists the architectures covered.
 TIED_PAIRS = [
     ("lm_head.weight", "transformer.wte.weight"),  # GPT-2, GPT-J, GPT-Neo, CodeGen
     ("lm_head.weight", "model.embed_tokens.weight"),  # Llama, Mistral, Qwen2, Gemma, Phi, Phi-3, ...
@@ -355,11 +355,11 @@ def differing_pairs(tensor_of: Any, pairs: list[tuple[str, str]]) -> list[str]:
 def weights_format(src: Any) -> str:
     """The format a source's weights are in: a file's own, or a sharded checkpoint's shards'."""
     if src.kind == "sharded":
-        from ..sources import sniff_file
+        from . import sniff_file
         from .sharded import read_index
 
         index = read_index(src.path)
-        return "safetensors" if sniff_file(os.path.join(index.directory, index.shards[0])) == "safetensors" else "pt"
+        return "safetensors" if sniff_file(os.path.join(index.directory, index.shards[0])).name == "safetensors" else "pt"
     return "safetensors" if src.format == "safetensors" else "pt"
 
 
@@ -397,6 +397,19 @@ def write_shards(ckpt: Any, groups: list[list[str]], fmt: str, work: str, index_
             f.write("\n")
 
 
+def write_shards_like(src: Any, ckpt: Any, listing: Any, max_size: int | None, fmt: str, work: str) -> None:
+    """``ckpt`` (``src`` with a plan carried out) as the library's shards: filled up to ``max_size``, or grouped
+    as ``listing``'s shards are; the index keeps a sharded source's metadata."""
+    index_metadata = dict(listing.index.metadata) if src.kind == "sharded" else {}
+    write_shards(ckpt, _groups(ckpt, listing, max_size), fmt, work, index_metadata)
+
+
+def weights_name(src: Any, fmt: str) -> str:
+    """The name of a model directory's one weights file written in ``fmt``: the source's own name, unless the
+    format changes (then the library's)."""
+    return os.path.basename(src.path) if weights_format(src) == fmt else shard_names(fmt, 1)[0]
+
+
 def _groups(ckpt: Any, listing: Any, max_size: int | None) -> list[list[str]]:
     """Names by shard: filled up to ``max_size``, or as the source's shards group them (a name the source
     did not have, e.g. renamed, goes with the name before it)."""
@@ -410,54 +423,6 @@ def _groups(ckpt: Any, listing: Any, max_size: int | None) -> list[list[str]]:
         last = shard_of.get(name, last)
         by_shard.setdefault(last, []).append(name)
     return [by_shard[s] for s in parts if s in by_shard] if parts else [list(ckpt.names)]
-
-
-def write_directory(src: Any, listing: Any, plan: Any, output: Any, drop_extra: bool, write_plan: Any) -> None:
-    """Write ``src`` with ``plan`` carried out as a model directory at ``output.path``: the weights in the
-    library's layout (one file keeps its name unless the format changes; shards are named and indexed as
-    transformers does), and every sidecar of the source directory copied byte for byte.
-
-    ``write_plan(src, listing, plan, output, drop_extra)`` is the command's own writer (edits, renames, casts):
-    it writes the weights file, or for shards one whole file that is then split, so any plan works here."""
-    from .. import writer
-    from ..errors import ParamtoolError
-    from ..sources import Source, load, sniff_file
-
-    fmt = output.weights_format
-    ext = os.path.splitext(_library_name(fmt))[1]
-
-    def build(work: str) -> None:
-        if src.kind == "file" and output.max_shard_size is None:
-            name = os.path.basename(src.path) if weights_format(src) == fmt else shard_names(fmt, 1)[0]
-            inner = Source(src.path, "file", src.path, src.format)
-            write_plan(inner, listing, plan, writer.Output(os.path.join(work, name), fmt), drop_extra)
-        else:
-            whole = os.path.join(work, ".whole" + ext)  # the plan carried out, in one file, then split
-            write_plan(src, listing, plan, writer.Output(whole, fmt), drop_extra)
-            ckpt = load(Source(whole, "file", whole, sniff_file(whole)), listing.key if fmt == "pt" else None)
-            extra = writer.non_tensor_entries(ckpt)
-            if extra and not drop_extra:
-                raise ParamtoolError(f"shards hold tensors only, not the non-tensor entries ({', '.join(extra[:6])}); "
-                                     "pass --drop-extra to write the tensors only")
-            index_metadata = dict(listing.index.metadata) if src.kind == "sharded" else {}
-            write_shards(ckpt, _groups(ckpt, listing, output.max_shard_size), fmt, work, index_metadata)
-            os.unlink(whole)
-            writer.verify_written(ckpt, _written(work), None)
-        if src.directory:
-            parts = getattr(listing, "parts", None)
-            weights = [os.path.join(listing.index.directory, s) for s in parts] if parts else [src.path]
-            copy_sidecars(src.directory, weight_files(src.directory, weights), work, getattr(plan, "sidecars", None))
-
-    writer.commit_directory(output.path, build)
-
-
-def _written(work: str) -> Any:
-    from ..sources import Source, sniff_file
-
-    if glob.glob(os.path.join(glob.escape(work), "*.index.json")):
-        return Source(work, "sharded", work)
-    path = find_weights(work)
-    return Source(path, "file", path, sniff_file(path))
 
 
 def plan_output(src: Any, out: str | None, in_place: bool, fmt: str | None,

@@ -584,10 +584,13 @@ def check_directory_offset(archive: zipfile.ZipFile, path: str) -> None:
         raise FormatError(f"{path}: ambiguous zip: the central directory is not where torch's reader looks{shift}")
 
 
-def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
+def read_zip(path: str, fileobj: BinaryIO | None = None,
+             archive: Callable[[str, BinaryIO | None], TorchFile] | None = None) -> TorchFile:
     """A torch zip checkpoint read without running it: reads ``data.pkl`` and the zip directory only.
 
-    ``fileobj``: the zip is these bytes (a record inside a DCP data file), ``path`` only names it."""
+    ``fileobj``: the zip is these bytes (a record inside a DCP data file), ``path`` only names it. ``archive``
+    reads a TorchScript archive (a ``constants.pkl`` record: ``torch.load`` hands it to ``torch.jit.load``),
+    given by the caller (``torchscript`` reads archives with this module); without it one is refused."""
     try:
         archive = zipfile.ZipFile(fileobj if fileobj is not None else path)
     except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as e:  # e.g. "zip file version 6.4"
@@ -628,9 +631,9 @@ def read_zip(path: str, fileobj: BinaryIO | None = None) -> TorchFile:
             return registered if ref.nbytes else ref
 
         if any(i.filename == prefix + "constants.pkl" for i in records.values()):  # torch: exact name
-            from .torchscript import read_archive  # torch.load hands it to torch.jit.load: its state dict, inertly
-
-            return read_archive(path, fileobj)[0]
+            if archive is None:
+                raise FormatError(f"{path}: a TorchScript archive, not a torch.save file")
+            return archive(path, fileobj)  # torch.load hands it to torch.jit.load: its state dict, inertly
         data = read_record(archive, info.filename, path)
         untyped: set = set()
         out.root = _finish(_unpickle(data, storage, path, out.globals), untyped, out, path)
@@ -800,8 +803,10 @@ def read_legacy_tree(path: str) -> Any:
     return read_legacy(path).root
 
 
-def read_torch(path: str, fmt: str) -> TorchFile:
+def read_torch(path: str, fmt: str, archive: Callable[[str, BinaryIO | None], TorchFile] | None = None) -> TorchFile:
+    """A torch file in format ``fmt`` (``pt``: zip; else legacy) read without running it; ``archive``: as in
+    ``read_zip``."""
     if fmt != "pt":
         return read_legacy(path)
     with open_file(path) as f:  # a local file, or a remote object read by range (``blob``)
-        return read_zip(path, f)
+        return read_zip(path, f, archive)
