@@ -177,8 +177,9 @@ def test_stats_reads_every_byte_once_by_range(server, files, run):
 
 def test_stats_reads_ahead_within_its_bound(server, files, run, monkeypatch):
     from paramtool import remote
+    from paramtool.formats import remote_storage
 
-    monkeypatch.setattr(remote, "AHEAD", 1 << 20)  # storages read ahead of the one asked: at most 1 MiB more
+    monkeypatch.setattr(remote_storage, "AHEAD", 1 << 20)  # storages read ahead of the one asked: at most 1 MiB more
     for source in ("big.pt", "big.safetensors"):
         server.reset()
         r = run("stats", f"{server.url}/{source}", "--layer", "3", "--layer", "30", "--json")

@@ -17,13 +17,13 @@ ROOT = pathlib.Path(paramtool.__file__).parent
 
 # The strongly connected groups of the import graph today; a group may shrink or vanish, never gain a member,
 # and no new group may form. Cycles through:
-#   blob <-> remote; formats.base <-> formats.dcp; formats.torchfile <-> formats.torchscript; checkpoint ->
+#   formats.base <-> formats.dcp; formats.torchfile <-> formats.torchscript; checkpoint ->
 #   formats -> ... -> checkpoint (the formats build Checkpoint objects and checkpoint asks the formats);
-#   formats.modeldir <-> writer, formats.modeldir <-> sources.
+#   formats.modeldir <-> writer, formats.modeldir <-> sources. (blob <-> remote and remote -> formats are broken:
+#   issue 25; formats.remote_storage is in the group only through formats.storage, which is in it.)
 KNOWN_CYCLES = [
-    {"blob", "checkpoint", "formats", "formats.base", "formats.dcp", "formats.diagnose", "formats.gguf",
-     "formats.pt", "formats.safetensors_fmt", "formats.storage", "formats.torchfile", "formats.torchscript",
-     "remote"},
+    {"checkpoint", "formats", "formats.base", "formats.dcp", "formats.gguf", "formats.pt", "formats.remote_storage",
+     "formats.safetensors_fmt", "formats.storage", "formats.torchfile", "formats.torchscript"},
     {"formats.modeldir", "sources", "writer"},
 ]
 

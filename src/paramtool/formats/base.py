@@ -83,7 +83,7 @@ def named(label: str, fmt: Format, root: Any, path: str | None, key: str | None,
 
 class SafetensorsFormat(Format):
     def open_storages(self, listing: Checkpoint) -> Any:
-        from ..blob import storage_class
+        from .remote_storage import storage_class
         from .storage import SafetensorsStorageFile
 
         return storage_class(SafetensorsStorageFile, listing.path).open(listing.path, listing.toc())
@@ -130,7 +130,7 @@ class TorchFormat(Format):
     def open_storages(self, listing: Checkpoint) -> Any:
         if not self.byte_ranges:  # the legacy format: storages follow the pickle, read with it
             return None
-        from ..blob import storage_class
+        from .remote_storage import storage_class
         from .storage import ZipStorageFile
 
         return storage_class(ZipStorageFile, listing.path).open(listing.path, listing.toc(), listing.root, listing.located)
