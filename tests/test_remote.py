@@ -455,6 +455,47 @@ def test_s3_writes(s3, files, run):
     assert not got["0.weight"].any() and torch.equal(got["1.weight"], _model(40, 256)["1.weight"])
 
 
+def test_s3_killed_multipart_upload_is_aborted_by_the_next_write(s3, run, tmp_path):
+    """A multipart upload killed (SIGKILL) between its parts stays incomplete in the bucket; the next write of the
+    same key aborts it before writing, and the object it writes is whole."""
+    fs = _bucket(s3)
+    torch.manual_seed(0)
+    state = {"a": torch.randn(3 << 20), "b": torch.randn(3 << 20)}  # 12 MiB each: three 5 MiB parts
+    source = tmp_path / "model.safetensors"
+    st.save_file(state, source)
+    code = ("import sys\nfrom paramtool import remote\nremote.PUT_PART = 5 << 20\nfrom paramtool.launch import main\n"
+            f"sys.argv = ['paramtool', 'convert', {str(source)!r}, '-o', *sys.argv[1:]]\nmain()\n")
+    env = dict(os.environ, PARAMTOOL_FAULT_COUNT=str(tmp_path / "count"))
+
+    def write(key, *options, **extra):
+        return subprocess.run([sys.executable, "-c", code, f"s3://ckpts/{key}", *options], env=dict(env, **extra),
+                              capture_output=True, text=True)
+
+    def incomplete():
+        return [u["Key"] for u in fs.call_s3("list_multipart_uploads", Bucket="ckpts", Prefix="parts/").get("Uploads", [])]
+
+    counted = write("parts/counted.safetensors")
+    assert counted.returncode == 0, counted.stderr
+    steps = int((tmp_path / "count").read_text())  # ... "upload", then one step per part
+    killed = write("parts/model.safetensors", PARAMTOOL_FAULT_AT=str(steps - 1))  # after two parts of three
+    assert killed.returncode == -9, killed.stderr
+    assert incomplete() == ["parts/model.safetensors"] and not fs.exists("ckpts/parts/model.safetensors")
+    again = write("parts/model.safetensors")
+    assert again.returncode == 0, again.stderr
+    assert incomplete() == []
+    got = st.load(fs.cat_file("ckpts/parts/model.safetensors"))
+    assert sorted(got) == ["a", "b"] and all(torch.equal(got[k], state[k]) for k in state)
+    sharded = ("--max-shard-size", "13MB")  # a prefix: the next write under it aborts what was left there
+    assert write("parts/counted/", *sharded).returncode == 0
+    steps = int((tmp_path / "count").read_text())
+    killed = write("parts/dir/", *sharded, PARAMTOOL_FAULT_AT=str(steps - 1))  # in the second shard's upload
+    assert killed.returncode == -9 and incomplete() == ["parts/dir/model-00002-of-00002.safetensors"]
+    assert fs.ls("ckpts/parts/dir") == ["ckpts/parts/dir/model-00001-of-00002.safetensors"]  # (no index: no checkpoint)
+    fs.rm("ckpts/parts/dir", recursive=True)  # (a directory is written to an empty prefix)
+    assert write("parts/dir/", *sharded).returncode == 0 and incomplete() == []
+    assert run("diff", source, "s3://ckpts/parts/dir/").exit_code == 0
+
+
 def test_s3_without_the_extra_names_it(s3):
     code = ("import sys\nsys.modules['s3fs'] = None\nfrom paramtool.launch import main\n"
             "sys.argv = ['paramtool', 'inspect', 's3://ckpts/big.safetensors']\nmain()\n")

@@ -707,7 +707,8 @@ def stage(out: str, replace: bool = False, prefix: bool = False) -> tuple[str, C
     directory = prefix or (not replace and (out.endswith("/") or not os.path.splitext(key)[1]))
     if directory and not replace:  # a new (or empty) prefix
         fs.invalidate_cache()
-        if _s3_call(out, lambda: fs.exists(key.rstrip("/"))) and fs.ls(key.rstrip("/"), detail=False):
+        if _s3_call(out, lambda: fs.exists(key.rstrip("/"))) and [  # (a folder's own marker object is no content)
+                p for p in fs.ls(key.rstrip("/"), detail=False) if p.rstrip("/") != key.rstrip("/")]:
             raise ParamtoolError(f"{out}: not empty: write a directory to a new prefix")
     work = tempfile.mkdtemp(prefix="paramtool-upload-")
     atexit.register(shutil.rmtree, work, True)
@@ -716,6 +717,7 @@ def stage(out: str, replace: bool = False, prefix: bool = False) -> tuple[str, C
         _KEPT[work] = f"s3://{key.rstrip('/')}/"
 
     def commit(label: str) -> str:
+        abort_leftovers(fs, key.rstrip("/"), out, under=directory)
         if replace and prefix:
             replace_prefix(fs, local, key.rstrip("/"), out)
         elif replace:
@@ -768,6 +770,7 @@ def _put(fs: Any, local: str, key: str, label: str, if_match: str | None = None,
             with open(local, "rb") as f:
                 while body := f.read(PUT_PART):
                     number = len(parts) + 1
+                    fsops.step("upload part")  # (counted: a test kills an upload between its parts)
                     done = await fs._call_s3("upload_part", Bucket=bucket, Key=name, UploadId=upload,
                                              PartNumber=number, Body=body)
                     parts.append({"PartNumber": number, "ETag": done["ETag"]})
@@ -793,6 +796,38 @@ def _put(fs: Any, local: str, key: str, label: str, if_match: str | None = None,
             raise ParamtoolError(f"{label}: s3://{key} changed since it was read (its ETag differs): "
                                  "not replaced; read it again") from None
         raise _s3_failure(label, e) from None
+
+
+def abort_leftovers(fs: Any, key: str, label: str, under: bool = False) -> None:
+    """Abort the incomplete multipart uploads of ``key`` (``under``: of every key under the prefix ``key``),
+    before a write there: what a killed upload (``_put``) left. S3 keeps the parts of an upload that was
+    neither completed nor aborted, invisible to readers but stored (and billed), until someone aborts it; a
+    process killed with SIGKILL cannot. The store lists no metadata for an incomplete upload, so paramtool
+    cannot tell its own from another client's: any upload of these keys begun before this write is aborted,
+    as the write replaces those keys anyway. A store that cannot list uploads is left as it is."""
+    from fsspec.asyn import sync
+
+    bucket, _, name = key.partition("/")
+    name = name + "/" if under and name else name
+
+    async def abort() -> None:
+        uploads, marker = [], {}
+        while True:
+            page = await fs._call_s3("list_multipart_uploads", Bucket=bucket, Prefix=name, **marker)
+            uploads += page.get("Uploads") or []
+            if not page.get("IsTruncated"):
+                break
+            marker = {"KeyMarker": page.get("NextKeyMarker", ""), "UploadIdMarker": page.get("NextUploadIdMarker", "")}
+        for upload in uploads:
+            if under or upload.get("Key") == name:
+                await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
+                                  UploadId=upload["UploadId"])
+
+    try:
+        sync(fs.loop, abort)
+    except OSError as e:
+        if "notimplemented" not in str(e).lower().replace(" ", ""):
+            raise _s3_failure(label, e) from None
 
 
 def _etag_now(fs: Any, key: str) -> str | None:
