@@ -190,6 +190,45 @@ def test_stats_reads_ahead_within_its_bound(server, files, run, monkeypatch):
         remote.forget()
 
 
+def _peak_rss(*args: str) -> int:
+    """The peak resident memory (bytes) of ``paramtool ARGS`` run in a process of its own (its ``VmHWM``: not
+    ``ru_maxrss``, which a child inherits from the process that started it)."""
+    code = ("import runpy, sys\nsys.argv = ['paramtool', *sys.argv[1:]]\ntry:\n"
+            "    runpy.run_module('paramtool', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e\n"
+            "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0], file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return int(r.stderr.split()[-1]) * 1024
+
+
+def test_value_commands_hold_parts_of_a_large_tensor_not_the_tensor(server, files, tmp_path):
+    """A tensor much larger than a part (``remote.PART``) and above ``remote.SPILL``: stats, diff and a conversion
+    from the server hold a few parts of it in the process (peak resident memory within 40 MiB of the same
+    command on the local copy, where the tensor is 96 MiB), asking at most a part per request and at most
+    ``remote.STREAM_AHEAD`` at once (a storage read ahead: two storages at once)."""
+    from paramtool import remote
+
+    assert remote.SPILL < 96 * MIB
+    torch.manual_seed(0)
+    st.save_file({"big": torch.randn(24 * MIB), "small": torch.randn(1000)}, files / "huge.safetensors")
+    local, url = str(files / "huge.safetensors"), f"{server.url}/huge.safetensors"
+    def convert(source, out):
+        return ["convert", source, "--dtype", "bf16", "-o", str(tmp_path / out)]
+
+    cases = [(["stats", local], ["stats", url]), (["diff", local, local], ["diff", local, url]),
+             (convert(local, "l.pt"), convert(url, "r.pt"))]
+    for on_disk, remote_args in cases:
+        want = _peak_rss(*on_disk)
+        server.reset()
+        got = _peak_rss(*remote_args)
+        assert got < want + 40 * MIB, (remote_args[0], got / MIB, want / MIB)
+        assert server.sent() > 96 * MIB and max(r[3] for r in server.requests) <= remote.PART
+        assert server.most_at_once <= 2 * remote.STREAM_AHEAD
+    assert torch.equal(torch.load(tmp_path / "r.pt", weights_only=True)["big"],
+                       torch.load(tmp_path / "l.pt", weights_only=True)["big"])
+    (files / "huge.safetensors").unlink()
+
+
 def test_convert_remote_to_local(server, files, run, tmp_path):
     out = tmp_path / "out.safetensors"
     r = run("convert", f"{server.url}/big.pt", "-o", out)
