@@ -26,8 +26,8 @@ from ..errors import FormatError
 from .dtypes import torch_dtype
 from .storage import Chunks
 
-AHEAD = 64 << 20  # storage bytes read ahead of the one asked for
-RAW_SPARE = 4  # storage buffers kept for reuse per object (the value commands' pools hold three at once)
+AHEAD = 32 << 20  # storage bytes read ahead of the one asked for
+RAW_SPARE = 6  # storage buffers kept for reuse per object (the pools hold three at once, and those read ahead)
 
 _CLASSES: dict[type, type] = {}
 
