@@ -1,9 +1,10 @@
 """The one byte seam: a checkpoint's bytes wherever they live, read by position.
 
-A ``Blob`` is one object's bytes, read-only: its ``size``, ``pread_into`` (fill a buffer from an offset) and
-``file()``, a seekable file object over it for readers that want one (``zipfile``, the unpickler). A local
-file is a ``LocalBlob``; ``http(s)://``, ``s3://`` and ``hf://`` objects are the remote module's
-(``remote.py``, imported only for them, with the optional extra ``paramtool[remote]``).
+A ``Blob`` (``blobio.py``) is one object's bytes, read-only: its ``size``, ``pread_into`` (fill a buffer from an
+offset) and ``file()``, a seekable file object over it for readers that want one (``zipfile``, the unpickler).
+A local file is a ``LocalBlob``; ``http(s)://``, ``s3://`` and ``hf://`` objects are the remote medium's
+(``remote.py``, imported only for them, with the optional extra ``paramtool[remote]``). Nothing here knows a
+format: a remote object's storages are ``formats.remote_storage``'s, a write to a bucket ``remote_io``'s.
 
 The path functions below (``isdir``, ``isfile``, ``listdir``, ``read_bytes``) are what the readers of
 directories (sharded indexes, DCP, model directories) ask instead of ``os``, so that a bucket prefix or a Hub

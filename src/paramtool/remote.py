@@ -14,13 +14,18 @@ Every object is opened with one ranged read of its first 64 KiB (its size and it
 with the last 128 KiB once read: a safetensors header, a torch zip's end records and central directory and a
 small ``data.pkl`` are then served without more requests. The ETag (else Last-Modified) is pinned at the
 first read and checked on every later one: an object replaced during a read is an error, never mixed data.
-Reads are retried with backoff on connection errors, timeouts and 5xx answers, resuming at the byte reached;
-large reads are split into parts fetched concurrently, and the storages a value command will ask for next are
-read ahead while it computes (``RemoteStorage.raw_storage``).
+Reads are retried with backoff on connection errors, timeouts and 5xx answers, resuming at the byte reached.
+Large reads are split into parts of ``PART`` bytes, ``STREAM_AHEAD`` of them fetched at once: into the caller's
+buffer, into a spill file that is then mapped (``RemoteBlob.mapped``: a storage of ``SPILL`` bytes or more,
+which the process then holds a few chunks of at a time, as a mapped local file), or for a reader going from
+start to end, a part at a time (``Stream``: conversions and downloads). Which storage is read how is
+``formats.remote_storage``'s; this module knows no format.
 
 Writes go to a bucket only: a local write, then an upload (``stage``). ``--in-place`` on an ``s3://`` source
 replaces an object by one PUT conditional on the ETag read (``replace_object``), and commits a sharded or DCP
 prefix through its index (``replace_prefix``): new data files under new names, the index last, old files after.
+Every write first aborts the incomplete multipart uploads a killed upload left under its key or prefix
+(``abort_leftovers``).
 """
 from __future__ import annotations
 
