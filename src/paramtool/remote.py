@@ -503,18 +503,22 @@ class RemoteBlob(Blob):
         import mmap
         import tempfile
 
-        with tempfile.TemporaryFile(prefix="paramtool-spill-") as f:
-            fd = f.fileno()
-            os.ftruncate(fd, nbytes)
-            at = 0
-            for part in self.stream(offset, nbytes).parts():
-                done = 0
-                while done < len(part):
-                    done += os.pwrite(fd, part[done:], at + done)
-                at += done
-            if private:
-                return mmap.mmap(fd, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        try:
+            with tempfile.TemporaryFile(prefix="paramtool-spill-") as f:
+                fd = f.fileno()
+                os.ftruncate(fd, nbytes)
+                at = 0
+                for part in self.stream(offset, nbytes).parts():
+                    done = 0
+                    while done < len(part):
+                        done += os.pwrite(fd, part[done:], at + done)
+                    at += done
+                if private:
+                    return mmap.mmap(fd, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except OSError as e:
+            raise ParamtoolError(f"{self.name}: cannot spill {nbytes} bytes to {tempfile.gettempdir()} "
+                                 f"({e.strerror or e}): set TMPDIR to a directory with room") from None
 
     def stream(self, offset: int, nbytes: int) -> Stream:
         """``nbytes`` from ``offset`` for a reader going from their start to their end (``Stream``)."""
