@@ -414,7 +414,6 @@ class S3Object:
 
 class RemoteBlob(Blob):
     """A remote object (``HttpObject`` or ``S3Object``) with small reads served from a few cached windows."""
-
     def __init__(self, name: str) -> None:
         self.name = name
         self._windows: list[tuple[int, bytes]] = []

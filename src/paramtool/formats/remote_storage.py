@@ -19,7 +19,6 @@ from __future__ import annotations
 import threading
 from typing import Any, Hashable
 
-from .. import remote
 from ..blob import is_remote
 from ..blobio import LocalHeader
 from ..errors import FormatError
@@ -27,6 +26,7 @@ from .dtypes import torch_dtype
 from .storage import Chunks
 
 AHEAD = 32 << 20  # storage bytes read ahead of the one asked for
+_SMALL = 1 << 16  # a storage below this is not read ahead (one small request: not worth a thread)
 RAW_SPARE = 6  # storage buffers kept for reuse per object (the pools hold three at once, and those read ahead)
 
 _CLASSES: dict[type, type] = {}
@@ -45,6 +45,8 @@ class RemoteStorage:
     """The storages of a remote object (mixed in before a ``StorageFile`` class by ``storage_class``)."""
 
     def __init__(self, path: str, toc: Any, spans: dict) -> None:
+        from .. import remote  # (imported for remote objects only: a local file's start-up does without it)
+
         # (``StorageFile.__init__``'s attributes, without its open(): keep the two alike)
         self.path, self.toc, self.spans = path, toc, spans
         self.infos = {t.name: t for t in toc.tensors}
@@ -116,6 +118,8 @@ class RemoteStorage:
 
         from ..toc import itemsize
 
+        from .. import remote
+
         span = self._span(key)
         if span.nbytes < remote.SPILL:
             return self.read_storage(key)
@@ -145,12 +149,14 @@ class RemoteStorage:
             while self._next < len(order) and (pending < AHEAD or not ahead):
                 k = order[self._next]
                 self._next += 1
-                if k in asked or k in ahead or self.spans[k].nbytes < remote.WINDOW:
+                if k in asked or k in ahead or self.spans[k].nbytes < _SMALL:
                     continue
                 ahead[k] = _ahead_pool().submit(self._fetch, k)
                 pending += self.spans[k].nbytes
 
     def _fetch(self, key: Hashable) -> Any:
+        from .. import remote
+
         span = self._span(key)
         if span.nbytes >= remote.SPILL:
             return self.blob.mapped(span.offset, span.nbytes)
