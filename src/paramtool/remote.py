@@ -497,27 +497,51 @@ class RemoteBlob(Blob):
         """``nbytes`` from ``offset`` written to a spill file (a temporary file, unlinked: its space goes with
         the mapping) and mapped, read-only (``private``: copy-on-write), as a local file's bytes are: pages of
         the kernel's cache, which the value kernels drop from the process behind the chunk they compute
-        (``numeric.drop_mapped``), so the process holds a few chunks whatever the storage's size. The parts
-        are fetched as a ``Stream``'s: a few at once, each through a reused buffer (``_part_buffer``)."""
+        (``numeric.drop_mapped``), so the process holds a few chunks whatever the storage's size.
+
+        The parts, ``STREAM_AHEAD`` at a time, are received straight into a shared writable mapping of the file
+        (no copy through a buffer: half the time of writing them with ``pwrite``), each dropped from the
+        process once received; the file's blocks are reserved first (``posix_fallocate``), so a full disk is
+        an error here rather than a SIGBUS on a mapped write."""
         import mmap
         import tempfile
 
         try:
             with tempfile.TemporaryFile(prefix="paramtool-spill-") as f:
                 fd = f.fileno()
-                os.ftruncate(fd, nbytes)
-                at = 0
-                for part in self.stream(offset, nbytes).parts():
-                    done = 0
-                    while done < len(part):
-                        done += os.pwrite(fd, part[done:], at + done)
-                    at += done
+                os.posix_fallocate(fd, 0, nbytes)
+                with mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE) as out:
+                    with memoryview(out) as view:
+                        self._receive(view, offset, out)
                 if private:
                     return mmap.mmap(fd, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
                 return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except OSError as e:
             raise ParamtoolError(f"{self.name}: cannot spill {nbytes} bytes to {tempfile.gettempdir()} "
                                  f"({e.strerror or e}): set TMPDIR to a directory with room") from None
+
+    def _receive(self, view: memoryview, offset: int, mapping: Any) -> None:
+        """Fill ``view`` (of ``mapping``) from ``offset``, a part at a time, each part's pages dropped from the
+        process once it is in (they stay in the file)."""
+        import mmap
+
+        def part(i: int) -> None:
+            n = min(PART, len(view) - i)
+            if self._object.fetch_into(view[i:i + n], offset + i) != n:
+                raise FormatError(f"{self.name}: truncated: a read ends beyond the object")
+            mapping.madvise(mmap.MADV_DONTNEED, i, n)
+
+        jobs: list[Any] = []
+        try:
+            for i in range(0, len(view), PART):
+                if len(jobs) >= STREAM_AHEAD:
+                    jobs.pop(0).result()
+                jobs.append(_parts().submit(part, i))
+            for job in jobs:
+                job.result()
+        finally:
+            for job in jobs:  # (none may write into the mapping once it is closed)
+                job.cancel() or job.exception()
 
     def stream(self, offset: int, nbytes: int) -> Stream:
         """``nbytes`` from ``offset`` for a reader going from their start to their end (``Stream``)."""
