@@ -6,12 +6,14 @@ Checkpoints are written to a temporary directory and served on 127.0.0.1 by the 
 server (``tests/servers.py``, in this process): ``model.safetensors`` and ``model.pt`` (float32 matrices of
 16 MiB, ``--size`` MiB in all) and ``huge.safetensors`` (one tensor of ``--size`` / 2 MiB: a storage far above
 ``remote.SPILL`` and ``remote.PART``). Each command runs as a child process (start-up included), once untimed,
-then ``--repeat`` times with the download and ``stats`` runs alternating (this project's machines are shared:
-alternating spreads the other load over both), and the medians are reported:
+then ``--repeat`` times with the download, remote and local ``stats`` runs in turn (this project's machines are
+shared: taking turns spreads the other load over all three), and the medians are reported:
 
 - download: ``urllib`` GET of the whole object, written to /dev/null (the plain download of the same bytes);
 - ``paramtool stats URL --json`` (every tensor's bytes read by range, a few parts at once, read ahead);
-- ``paramtool stats FILE --json`` on the local copy, for the peak resident memory (``VmHWM``) beside the remote's;
+- ``paramtool stats FILE --json`` on the local copy: its time (what the statistics cost without any transfer:
+  on loopback, where the download is faster than the statistics, the bound of the ratio) and its peak resident
+  memory (``VmHWM``) beside the remote's;
 - ``paramtool inspect URL --json`` (the listing: its bytes and request count, from the server's own log).
 
 Reported: wall times, the stats / download throughput ratio (the issue's target: >= 0.8), the peak memory of
@@ -49,13 +51,15 @@ def _peak(args: list[str]) -> float:
     return int(r.stderr.split()[-1]) / 1024
 
 
-def _side_by_side(a: list[str], b: list[str], repeat: int) -> tuple[float, float]:
-    _time(a), _time(b)
-    ta, tb = [], []
+def _side_by_side(commands: list[list[str]], repeat: int) -> list[float]:
+    """Each command's median time, the commands run in turn ``repeat`` times (after one untimed round)."""
+    for cmd in commands:
+        _time(cmd)
+    times: list[list[float]] = [[] for _ in commands]
     for _ in range(repeat):
-        ta.append(_time(a))
-        tb.append(_time(b))
-    return statistics.median(ta), statistics.median(tb)
+        for cmd, t in zip(commands, times):
+            t.append(_time(cmd))
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -84,14 +88,16 @@ def main() -> None:
                 size = os.path.getsize(local)
                 download = [py, "-c", "import os, shutil, urllib.request\n"
                             f"shutil.copyfileobj(urllib.request.urlopen({url!r}), open(os.devnull, 'wb'), 1 << 20)"]
-                t_download, t_stats = _side_by_side(download, [py, "-m", "paramtool", "stats", url, "--json"],
-                                                    args.repeat)
+                t_download, t_stats, t_local = _side_by_side(
+                    [download, [py, "-m", "paramtool", "stats", url, "--json"],
+                     [py, "-m", "paramtool", "stats", local, "--json"]], args.repeat)
                 peak_local, peak_remote = _peak(["stats", local, "--json"]), _peak(["stats", url, "--json"])
                 server.reset()
                 listing = _time([py, "-m", "paramtool", "inspect", url, "--json"])
                 print(f"{name}: {size / 2**20:.0f} MiB  download {t_download:.2f} s "
                       f"({size / t_download / 2**20:.0f} MiB/s)  stats {t_stats:.2f} s "
                       f"({size / t_stats / 2**20:.0f} MiB/s)  ratio {t_download / t_stats:.2f}  "
+                      f"stats on the local copy {t_local:.2f} s  "
                       f"peak memory local {peak_local:.0f} MiB, remote {peak_remote:.0f} MiB  "
                       f"inspect {listing:.2f} s, {len(server.requests)} request(s), {server.sent() / 1024:.0f} KiB",
                       flush=True)
