@@ -21,7 +21,8 @@ class RangeServer:
 
     - ``/path`` (plain files), and the Hub's layout: ``/{org}/{name}/resolve/{rev}/{file}`` and
       ``/api/models/{org}/{name}/revision/{rev}`` (its ``siblings``), from ``root/{org}/{name}/``;
-    - every request is recorded in ``requests``: (method, path, Range header, bytes of body sent);
+    - every request is recorded in ``requests``: (method, path, Range header, bytes of body sent), and the most
+      answered at once in ``most_at_once``;
     - faults: ``ignore_range`` (200 with the whole body), ``fail`` (that many 503s first), ``drop_after``
       (the next ranged answer stops after that many body bytes, once), ``token`` (required as a bearer token).
     """
@@ -34,6 +35,7 @@ class RangeServer:
         self.drop_after: int | None = None
         self.token: str | None = None
         self.after_request = None  # called with the request just answered (a test's hook: swap an object)
+        self.at_once = self.most_at_once = 0
         self.lock = threading.Lock()
         server = self
 
@@ -44,10 +46,10 @@ class RangeServer:
                 pass
 
             def do_HEAD(self) -> None:
-                server._serve(self, head=True)
+                server._counted(self, head=True)
 
             def do_GET(self) -> None:
-                server._serve(self, head=False)
+                server._counted(self, head=False)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -62,6 +64,17 @@ class RangeServer:
     def reset(self) -> None:
         with self.lock:
             self.requests.clear()
+            self.most_at_once = self.at_once
+
+    def _counted(self, h: BaseHTTPRequestHandler, head: bool) -> None:
+        with self.lock:
+            self.at_once += 1
+            self.most_at_once = max(self.most_at_once, self.at_once)
+        try:
+            self._serve(h, head)
+        finally:
+            with self.lock:
+                self.at_once -= 1
 
     def ranged(self, name: str | None = None) -> list[tuple[str, str, str | None, int]]:
         """The GET requests with a Range header (for a path ending in ``name``, when given)."""

@@ -177,8 +177,9 @@ def test_stats_reads_every_byte_once_by_range(server, files, run):
 
 def test_stats_reads_ahead_within_its_bound(server, files, run, monkeypatch):
     from paramtool import remote
+    from paramtool.formats import remote_storage
 
-    monkeypatch.setattr(remote, "AHEAD", 1 << 20)  # storages read ahead of the one asked: at most 1 MiB more
+    monkeypatch.setattr(remote_storage, "AHEAD", 1 << 20)  # storages read ahead of the one asked: at most 1 MiB more
     for source in ("big.pt", "big.safetensors"):
         server.reset()
         r = run("stats", f"{server.url}/{source}", "--layer", "3", "--layer", "30", "--json")
@@ -187,6 +188,45 @@ def test_stats_reads_ahead_within_its_bound(server, files, run, monkeypatch):
         selected = 2 * (256 * 256 + 256) * 4
         assert selected < server.sent() < 256 * 1024 + selected + (1 << 20) + 256 * 1024  # head/tail, asked, ahead
         remote.forget()
+
+
+def _peak_rss(*args: str) -> int:
+    """The peak resident memory (bytes) of ``paramtool ARGS`` run in a process of its own (its ``VmHWM``: not
+    ``ru_maxrss``, which a child inherits from the process that started it)."""
+    code = ("import runpy, sys\nsys.argv = ['paramtool', *sys.argv[1:]]\ntry:\n"
+            "    runpy.run_module('paramtool', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e\n"
+            "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0], file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return int(r.stderr.split()[-1]) * 1024
+
+
+def test_value_commands_hold_parts_of_a_large_tensor_not_the_tensor(server, files, tmp_path):
+    """A tensor much larger than a part (``remote.PART``) and above ``remote.SPILL``: stats, diff and a conversion
+    from the server hold a few parts of it in the process (peak resident memory within 40 MiB of the same
+    command on the local copy, where the tensor is 96 MiB), asking at most a part per request and at most
+    ``remote.STREAM_AHEAD`` at once (a storage read ahead: two storages at once)."""
+    from paramtool import remote
+
+    assert remote.SPILL < 96 * MIB
+    torch.manual_seed(0)
+    st.save_file({"big": torch.randn(24 * MIB), "small": torch.randn(1000)}, files / "huge.safetensors")
+    local, url = str(files / "huge.safetensors"), f"{server.url}/huge.safetensors"
+    def convert(source, out):
+        return ["convert", source, "--dtype", "bf16", "-o", str(tmp_path / out)]
+
+    cases = [(["stats", local], ["stats", url]), (["diff", local, local], ["diff", local, url]),
+             (convert(local, "l.pt"), convert(url, "r.pt"))]
+    for on_disk, remote_args in cases:
+        want = _peak_rss(*on_disk)
+        server.reset()
+        got = _peak_rss(*remote_args)
+        assert got < want + 40 * MIB, (remote_args[0], got / MIB, want / MIB)
+        assert server.sent() > 96 * MIB and max(r[3] for r in server.requests) <= remote.PART
+        assert server.most_at_once <= 2 * remote.STREAM_AHEAD
+    assert torch.equal(torch.load(tmp_path / "r.pt", weights_only=True)["big"],
+                       torch.load(tmp_path / "l.pt", weights_only=True)["big"])
+    (files / "huge.safetensors").unlink()
 
 
 def test_convert_remote_to_local(server, files, run, tmp_path):
@@ -452,6 +492,47 @@ def test_s3_writes(s3, files, run):
     assert f.exit_code == 0, f.stderr
     got = torch.load(fs.open("ckpts/init.pt", "rb"), weights_only=True)
     assert not got["0.weight"].any() and torch.equal(got["1.weight"], _model(40, 256)["1.weight"])
+
+
+def test_s3_killed_multipart_upload_is_aborted_by_the_next_write(s3, run, tmp_path):
+    """A multipart upload killed (SIGKILL) between its parts stays incomplete in the bucket; the next write of the
+    same key aborts it before writing, and the object it writes is whole."""
+    fs = _bucket(s3)
+    torch.manual_seed(0)
+    state = {"a": torch.randn(3 << 20), "b": torch.randn(3 << 20)}  # 12 MiB each: three 5 MiB parts
+    source = tmp_path / "model.safetensors"
+    st.save_file(state, source)
+    code = ("import sys\nfrom paramtool import remote\nremote.PUT_PART = 5 << 20\nfrom paramtool.launch import main\n"
+            f"sys.argv = ['paramtool', 'convert', {str(source)!r}, '-o', *sys.argv[1:]]\nmain()\n")
+    env = dict(os.environ, PARAMTOOL_FAULT_COUNT=str(tmp_path / "count"))
+
+    def write(key, *options, **extra):
+        return subprocess.run([sys.executable, "-c", code, f"s3://ckpts/{key}", *options], env=dict(env, **extra),
+                              capture_output=True, text=True)
+
+    def incomplete():
+        return [u["Key"] for u in fs.call_s3("list_multipart_uploads", Bucket="ckpts", Prefix="parts/").get("Uploads", [])]
+
+    counted = write("parts/counted.safetensors")
+    assert counted.returncode == 0, counted.stderr
+    steps = int((tmp_path / "count").read_text())  # ... "upload", then one step per part
+    killed = write("parts/model.safetensors", PARAMTOOL_FAULT_AT=str(steps - 1))  # after two parts of three
+    assert killed.returncode == -9, killed.stderr
+    assert incomplete() == ["parts/model.safetensors"] and not fs.exists("ckpts/parts/model.safetensors")
+    again = write("parts/model.safetensors")
+    assert again.returncode == 0, again.stderr
+    assert incomplete() == []
+    got = st.load(fs.cat_file("ckpts/parts/model.safetensors"))
+    assert sorted(got) == ["a", "b"] and all(torch.equal(got[k], state[k]) for k in state)
+    sharded = ("--max-shard-size", "13MB")  # a prefix: the next write under it aborts what was left there
+    assert write("parts/counted/", *sharded).returncode == 0
+    steps = int((tmp_path / "count").read_text())
+    killed = write("parts/dir/", *sharded, PARAMTOOL_FAULT_AT=str(steps - 1))  # in the second shard's upload
+    assert killed.returncode == -9 and incomplete() == ["parts/dir/model-00002-of-00002.safetensors"]
+    assert fs.ls("ckpts/parts/dir") == ["ckpts/parts/dir/model-00001-of-00002.safetensors"]  # (no index: no checkpoint)
+    fs.rm("ckpts/parts/dir", recursive=True)  # (a directory is written to an empty prefix)
+    assert write("parts/dir/", *sharded).returncode == 0 and incomplete() == []
+    assert run("diff", source, "s3://ckpts/parts/dir/").exit_code == 0
 
 
 def test_s3_without_the_extra_names_it(s3):

@@ -311,7 +311,7 @@ def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, ou
         from .sources import describe
 
         note_config_ties(plan.report, describe(src, listing))
-    from .blob import stage
+    from .remote_io import stage
 
     output, in_place, commit = stage(output, in_place, src)  # a bucket: written locally, then uploaded (``remote.stage``)
     if dry_run:

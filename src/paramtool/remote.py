@@ -14,13 +14,18 @@ Every object is opened with one ranged read of its first 64 KiB (its size and it
 with the last 128 KiB once read: a safetensors header, a torch zip's end records and central directory and a
 small ``data.pkl`` are then served without more requests. The ETag (else Last-Modified) is pinned at the
 first read and checked on every later one: an object replaced during a read is an error, never mixed data.
-Reads are retried with backoff on connection errors, timeouts and 5xx answers, resuming at the byte reached;
-large reads are split into parts fetched concurrently, and the storages a value command will ask for next are
-read ahead while it computes (``RemoteStorage.raw_storage``).
+Reads are retried with backoff on connection errors, timeouts and 5xx answers, resuming at the byte reached.
+Large reads are split into parts of ``PART`` bytes, ``STREAM_AHEAD`` of them fetched at once: into the caller's
+buffer, into a spill file that is then mapped (``RemoteBlob.mapped``: a storage of ``SPILL`` bytes or more,
+which the process then holds a few chunks of at a time, as a mapped local file), or for a reader going from
+start to end, a part at a time (``Stream``: conversions and downloads). Which storage is read how is
+``formats.remote_storage``'s; this module knows no format.
 
 Writes go to a bucket only: a local write, then an upload (``stage``). ``--in-place`` on an ``s3://`` source
 replaces an object by one PUT conditional on the ETag read (``replace_object``), and commits a sharded or DCP
 prefix through its index (``replace_prefix``): new data files under new names, the index last, old files after.
+Every write first aborts the incomplete multipart uploads a killed upload left under its key or prefix
+(``abort_leftovers``).
 """
 from __future__ import annotations
 
@@ -34,16 +39,16 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up
 if TYPE_CHECKING:
     from typing import Any, Callable
 
-from .blob import Blob, LocalHeader, read_bytes
+from .blobio import Blob
 from .errors import FormatError, ParamtoolError, UsageError
 
 WINDOW = 1 << 16  # bytes fetched at least per small read (read-ahead): headers and pickles in one request
 TAIL = 1 << 17  # a read near the end fetches this much before it: a zip's end records and central directory
 PART = 8 << 20  # a large read is split into parts of this size, fetched concurrently
-WORKERS = 4  # concurrent requests per large read
 CACHED = 16  # small windows kept per object
-RAW_SPARE = 4  # storage buffers kept for reuse per object (the value commands' pools hold three at once)
-AHEAD = 32 << 20  # storage bytes read ahead of the one asked for (``RemoteStorage._read_ahead``)
+SPILL = 64 << 20  # a span at least this large is mapped from a spill file (``RemoteBlob.mapped``), not held
+STREAM_AHEAD = 3  # parts fetched at once by one read (a ``Stream``: its memory, this many parts)
+PART_THREADS = 4  # the threads that fetch parts (``_parts``), for every read in the run
 RETRIES = 5
 TIMEOUT = 60.0
 MAX_REDIRECTS = 5
@@ -409,7 +414,6 @@ class S3Object:
 
 class RemoteBlob(Blob):
     """A remote object (``HttpObject`` or ``S3Object``) with small reads served from a few cached windows."""
-
     def __init__(self, name: str) -> None:
         self.name = name
         self._windows: list[tuple[int, bytes]] = []
@@ -480,26 +484,163 @@ class RemoteBlob(Blob):
         parts = [(i, min(PART, len(view) - i)) for i in range(0, len(view), PART)]
         if len(parts) == 1:
             return self._object.fetch_into(view, offset)
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=min(WORKERS, len(parts))) as pool:
-            counts = list(pool.map(lambda p: self._object.fetch_into(view[p[0]:p[0] + p[1]], offset + p[0]), parts))
-        if counts != [p[1] for p in parts]:
+        jobs: list[Any] = []
+        for i, n in parts:  # (at most ``STREAM_AHEAD`` at once: a server answers a few ranges faster than many)
+            if len(jobs) >= STREAM_AHEAD and jobs[-STREAM_AHEAD].result() != parts[len(jobs) - STREAM_AHEAD][1]:
+                break
+            jobs.append(_parts().submit(self._object.fetch_into, view[i:i + n], offset + i))
+        if [job.result() for job in jobs] != [n for _, n in parts]:
             raise FormatError(f"{self.name}: truncated: a read ends beyond the object")
         return len(view)
 
+    def mapped(self, offset: int, nbytes: int, private: bool = False) -> Any:
+        """``nbytes`` from ``offset`` written to a spill file (a temporary file, unlinked: its space goes with
+        the mapping) and mapped, read-only (``private``: copy-on-write), as a local file's bytes are: pages of
+        the kernel's cache, which the value kernels drop from the process behind the chunk they compute
+        (``numeric.drop_mapped``), so the process holds a few chunks whatever the storage's size.
 
-_POOL: Any = None
+        The parts, ``STREAM_AHEAD`` at a time, are received straight into a shared writable mapping of the file
+        (no copy through a buffer: half the time of writing them with ``pwrite``), each dropped from the
+        process once received; the file's blocks are reserved first (``posix_fallocate``), so a full disk is
+        an error here rather than a SIGBUS on a mapped write."""
+        import mmap
+        import tempfile
+
+        try:
+            with tempfile.TemporaryFile(prefix="paramtool-spill-") as f:
+                fd = f.fileno()
+                os.posix_fallocate(fd, 0, nbytes)
+                with mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE) as out:
+                    with memoryview(out) as view:
+                        self._receive(view, offset, out)
+                if private:
+                    return mmap.mmap(fd, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except OSError as e:
+            raise ParamtoolError(f"{self.name}: cannot spill {nbytes} bytes to {tempfile.gettempdir()} "
+                                 f"({e.strerror or e}): set TMPDIR to a directory with room") from None
+
+    def _receive(self, view: memoryview, offset: int, mapping: Any) -> None:
+        """Fill ``view`` (of ``mapping``) from ``offset``, a part at a time, each part's pages dropped from the
+        process once it is in (they stay in the file)."""
+        import mmap
+
+        def part(i: int) -> None:
+            n = min(PART, len(view) - i)
+            if self._object.fetch_into(view[i:i + n], offset + i) != n:
+                raise FormatError(f"{self.name}: truncated: a read ends beyond the object")
+            mapping.madvise(mmap.MADV_DONTNEED, i, n)
+
+        jobs: list[Any] = []
+        try:
+            for i in range(0, len(view), PART):
+                if len(jobs) >= STREAM_AHEAD:
+                    jobs.pop(0).result()
+                jobs.append(_parts().submit(part, i))
+            for job in jobs:
+                job.result()
+        finally:
+            for job in jobs:  # (none may write into the mapping once it is closed)
+                job.cancel() or job.exception()
+
+    def stream(self, offset: int, nbytes: int) -> Stream:
+        """``nbytes`` from ``offset`` for a reader going from their start to their end (``Stream``)."""
+        return Stream(self, offset, nbytes)
 
 
-def _AHEAD_POOL() -> Any:
-    """The threads that read storages ahead (one pool per run; each read splits into its own parts)."""
-    global _POOL
-    if _POOL is None:
+class Stream(Blob):
+    """A span of a remote object read in order by one reader (a conversion's chunks, a download): parts are
+    fetched concurrently, at most ``STREAM_AHEAD`` of them ahead of the reader, and each is let go once read
+    whole, so a storage of any size costs a few parts of memory. Reads elsewhere (or twice) go to the object."""
+
+    def __init__(self, blob: RemoteBlob, offset: int, nbytes: int) -> None:
+        self.blob, self.name, self.size = blob, blob.name, blob.size
+        self.start, self.end = offset, offset + nbytes
+        self._next = offset
+        self._parts: dict[int, Any] = {}  # part start -> its fetch (a bytearray)
+        self._read: dict[int, int] = {}  # part start -> bytes of it handed out
+        self._lock = threading.Lock()
+
+    def _fetch(self, start: int, n: int) -> Any:
+        buf = _part_buffer()
+        view = memoryview(buf)[:n]
+        if self.blob._object.fetch_into(view, start) != n:
+            raise FormatError(f"{self.name}: truncated: a read ends beyond the object")
+        return view
+
+    def _start_parts(self, at_least: int) -> None:
+        """Start fetching parts in order: up to ``STREAM_AHEAD`` in memory, and the one holding ``at_least``."""
+        while self._next < self.end and (len(self._parts) < STREAM_AHEAD or self._next <= at_least):
+            n = min(PART, self.end - self._next)
+            self._parts[self._next] = _parts().submit(self._fetch, self._next, n)
+            self._next += n
+
+    def pread_into(self, buf: Any, offset: int) -> int:
+        view = memoryview(buf).cast("B")
+        n = max(0, min(len(view), self.end - offset))
+        done = 0
+        while done < n:
+            pos = offset + done
+            first = self.start + (pos - self.start) // PART * PART
+            with self._lock:
+                job = self._parts.get(first) if pos >= self.start else None
+                if job is None and pos >= self._next:
+                    self._start_parts(pos)
+                    job = self._parts.get(first)
+            if job is None:  # before the span, or read already: from the object
+                return done + self.blob.pread_into(view[done:n], pos, ahead=False)
+            data = job.result()
+            k = min(n - done, first + len(data) - pos)
+            view[done:done + k] = data[pos - first:pos - first + k]
+            done += k
+            with self._lock:
+                self._read[first] = self._read.get(first, 0) + k
+                if self._read[first] >= len(data):  # read whole: its buffer serves another part
+                    del self._parts[first], self._read[first]
+                    _PART_BUFFERS.append(data.obj)
+                self._start_parts(0)
+        return n
+
+    def parts(self) -> Any:
+        """The span's bytes in order, a part at a time (each valid until the next is asked for)."""
+        for start in range(self.start, self.end, PART):
+            with self._lock:
+                self._start_parts(start)
+                job = self._parts.pop(start)
+            data = job.result()
+            yield data
+            with self._lock:
+                _PART_BUFFERS.append(data.obj)
+                self._start_parts(0)
+
+    def close(self) -> None:
+        with self._lock:
+            for job in self._parts.values():
+                job.cancel()
+            self._parts.clear()
+
+
+_PART_BUFFERS: list[bytearray] = []  # ``PART``-sized buffers free for the next part (fresh pages cost faults)
+
+
+def _part_buffer() -> bytearray:
+    try:
+        return _PART_BUFFERS.pop()
+    except IndexError:
+        return bytearray(PART)
+
+
+_PARTS: Any = None
+
+
+def _parts() -> Any:
+    """The threads that fetch parts, for every read in the run (a part's fetch never waits on another)."""
+    global _PARTS
+    if _PARTS is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="paramtool-ahead")
-    return _POOL
+        _PARTS = ThreadPoolExecutor(max_workers=PART_THREADS, thread_name_prefix="paramtool-part")
+    return _PARTS
 
 
 _BLOBS: dict[str, RemoteBlob] = {}
@@ -522,11 +663,11 @@ def forget() -> None:
     _KEPT.clear()
     global _S3
     _S3 = None
-    import sys
+    for hook in FORGET_HOOKS:
+        hook()
 
-    dcp = sys.modules.get(__package__ + ".formats.dcp")
-    if dcp is not None:
-        dcp.DATA_PREFIX = "__"  # (torch's own names again: ``stage`` picks others for one rewrite)
+
+FORGET_HOOKS: list[Callable[[], None]] = []  # run by ``forget`` (``remote_io``: a DCP rewrite's data names)
 
 
 # --- directories ---------------------------------------------------------------------------------------------
@@ -578,7 +719,7 @@ INDEX_NAMES = (".index.json", ".metadata", "config.json")  # what makes a direct
 PUT_PART = 64 << 20  # an upload above this is a multipart upload of parts this size, completed at its end
 
 
-def stage(out: str, replace: Any = None) -> tuple[str, Callable[[str], str]]:
+def stage(out: str, replace: bool = False, prefix: bool = False) -> tuple[str, Callable[[str], str]]:
     """``-o s3://...``: the local path to write instead (in a temporary directory, removed at exit), and the
     commit that uploads what was written there once it is complete (returning the name to report).
 
@@ -586,32 +727,21 @@ def stage(out: str, replace: Any = None) -> tuple[str, Callable[[str], str]]:
     aborted on a failure); a directory's data files go first and its index (``*.index.json``, ``.metadata``,
     ``config.json``) last, so a reader never sees a partial checkpoint.
 
-    ``replace`` (``--in-place``, or ``-o`` naming the source: the ``sources.Source`` read) rewrites the source
-    where it is: an object is replaced by one conditional PUT (``replace_object``), a sharded or DCP prefix is
-    committed through its index (``replace_prefix``)."""
+    ``replace`` (``--in-place``, or ``-o`` naming the source read) rewrites ``out`` where it is: an object is
+    replaced by one conditional PUT (``replace_object``), a sharded or DCP prefix (``prefix``) is committed
+    through its index (``replace_prefix``). What a format needs named anew is the caller's (``remote_io``)."""
     import atexit
     import shutil
     import tempfile
 
-    from . import formats
-
     fs = s3fs_filesystem()
-    layout = replace.layout if replace is not None else None
-    prefix = layout is not None and layout.is_container  # a sharded or DCP prefix (a model directory: its file)
-    if replace is not None:
-        out = replace.path if not replace.path.endswith(".index.json") else os.path.dirname(replace.path) + "/"
     key = _s3_key(out)
-    directory = prefix or (replace is None and (out.endswith("/") or not os.path.splitext(key)[1]))
-    if directory and replace is None:  # a new (or empty) prefix
+    directory = prefix or (not replace and (out.endswith("/") or not os.path.splitext(key)[1]))
+    if directory and not replace:  # a new (or empty) prefix
         fs.invalidate_cache()
-        if _s3_call(out, lambda: fs.exists(key.rstrip("/"))) and fs.ls(key.rstrip("/"), detail=False):
+        if _s3_call(out, lambda: fs.exists(key.rstrip("/"))) and [  # (a folder's own marker object is no content)
+                p for p in fs.ls(key.rstrip("/"), detail=False) if p.rstrip("/") != key.rstrip("/")]:
             raise ParamtoolError(f"{out}: not empty: write a directory to a new prefix")
-    if layout is formats.DCP:  # the new data files under names the old .metadata has not
-        import secrets
-
-        from .formats import dcp
-
-        dcp.DATA_PREFIX = f"__{secrets.token_hex(4)}_"
     work = tempfile.mkdtemp(prefix="paramtool-upload-")
     atexit.register(shutil.rmtree, work, True)
     local = os.path.join(work, "checkpoint" if prefix else os.path.basename(key.rstrip("/")))
@@ -619,9 +749,10 @@ def stage(out: str, replace: Any = None) -> tuple[str, Callable[[str], str]]:
         _KEPT[work] = f"s3://{key.rstrip('/')}/"
 
     def commit(label: str) -> str:
-        if replace is not None and prefix:
+        abort_leftovers(fs, key.rstrip("/"), out, under=directory)
+        if replace and prefix:
             replace_prefix(fs, local, key.rstrip("/"), out)
-        elif replace is not None:
+        elif replace:
             replace_object(fs, local, key, out)
         elif os.path.isdir(local):
             _upload_directory(fs, local, key.rstrip("/"), out)
@@ -671,6 +802,7 @@ def _put(fs: Any, local: str, key: str, label: str, if_match: str | None = None,
             with open(local, "rb") as f:
                 while body := f.read(PUT_PART):
                     number = len(parts) + 1
+                    fsops.step("upload part")  # (counted: a test kills an upload between its parts)
                     done = await fs._call_s3("upload_part", Bucket=bucket, Key=name, UploadId=upload,
                                              PartNumber=number, Body=body)
                     parts.append({"PartNumber": number, "ETag": done["ETag"]})
@@ -696,6 +828,38 @@ def _put(fs: Any, local: str, key: str, label: str, if_match: str | None = None,
             raise ParamtoolError(f"{label}: s3://{key} changed since it was read (its ETag differs): "
                                  "not replaced; read it again") from None
         raise _s3_failure(label, e) from None
+
+
+def abort_leftovers(fs: Any, key: str, label: str, under: bool = False) -> None:
+    """Abort the incomplete multipart uploads of ``key`` (``under``: of every key under the prefix ``key``),
+    before a write there: what a killed upload (``_put``) left. S3 keeps the parts of an upload that was
+    neither completed nor aborted, invisible to readers but stored (and billed), until someone aborts it; a
+    process killed with SIGKILL cannot. The store lists no metadata for an incomplete upload, so paramtool
+    cannot tell its own from another client's: any upload of these keys begun before this write is aborted,
+    as the write replaces those keys anyway. A store that cannot list uploads is left as it is."""
+    from fsspec.asyn import sync
+
+    bucket, _, name = key.partition("/")
+    name = name + "/" if under and name else name
+
+    async def abort() -> None:
+        uploads, marker = [], {}
+        while True:
+            page = await fs._call_s3("list_multipart_uploads", Bucket=bucket, Prefix=name, **marker)
+            uploads += page.get("Uploads") or []
+            if not page.get("IsTruncated"):
+                break
+            marker = {"KeyMarker": page.get("NextKeyMarker", ""), "UploadIdMarker": page.get("NextUploadIdMarker", "")}
+        for upload in uploads:
+            if under or upload.get("Key") == name:
+                await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
+                                  UploadId=upload["UploadId"])
+
+    try:
+        sync(fs.loop, abort)
+    except OSError as e:
+        if "notimplemented" not in str(e).lower().replace(" ", ""):
+            raise _s3_failure(label, e) from None
 
 
 def _etag_now(fs: Any, key: str) -> str | None:
@@ -738,6 +902,17 @@ def _same_bytes(path: str, etag: str | None) -> bool:
         return hashlib.md5(f.read(), usedforsecurity=False).hexdigest() == etag.strip('"')
 
 
+def _read_json(path: str) -> Any:
+    """The (small) JSON object ``path`` names, read by range."""
+    b = open_blob(path)
+    if b.size > MAX_JSON:
+        raise FormatError(f"{path}: {b.size} bytes, above the {MAX_JSON} byte limit")
+    try:
+        return json.loads(b.pread(0, b.size))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise FormatError(f"{path}: not valid JSON") from None
+
+
 def _shard_names(index: Any) -> set[str]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     return {v for v in weight_map.values() if isinstance(v, str)} if isinstance(weight_map, dict) else set()
@@ -774,7 +949,7 @@ def replace_prefix(fs: Any, local: str, key: str, label: str) -> None:
     if json_index:
         with open(os.path.join(local, json_index), encoding="utf-8") as f:
             new_index = json.load(f)
-    old_index = json.loads(read_bytes(f"s3://{key}/{json_index}", MAX_JSON)) if json_index in old else {}
+    old_index = _read_json(f"s3://{key}/{json_index}") if json_index in old else {}
     named = _shard_names(new_index)
     missing = sorted(n for n in named if n not in files and n not in old)
     if missing:
@@ -839,163 +1014,3 @@ def _upload_directory(fs: Any, local: str, key: str, label: str) -> None:
         raise
     for f in last:
         _put(fs, os.path.join(local, f), f"{key}/{f}", label)
-
-
-# --- storages by range ---------------------------------------------------------------------------------------
-
-
-_CLASSES: dict[type, type] = {}
-
-
-def storage_class(cls: type) -> type:
-    """``cls`` (a ``formats.storage.StorageFile`` class) reading its storages from a remote object."""
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Remote{cls.__name__}", (RemoteStorage, cls), {})
-    return _CLASSES[cls]
-
-
-class RemoteStorage:
-    """What a ``StorageFile`` does with a local file's descriptor (positional reads, mappings, kernel copies),
-    done by ranged reads of the object: each storage is read into memory when asked for, one at a time."""
-
-    def __init__(self, path: str, toc: Any, spans: dict) -> None:
-        # (``StorageFile.__init__``'s attributes, without its open(): keep the two alike)
-        self.path, self.toc, self.spans = path, toc, spans
-        self.infos = {t.name: t for t in toc.tensors}
-        self.blob = open_blob(path)
-        self._file = self.blob.file()  # (a patched copy reads the untouched bytes through it)
-        self._spare: list[Any] = []
-        self._lock = threading.Lock()
-        # (``raw_storage``: buffers for reuse, storages read ahead, those asked for, the object's order)
-        self._raw_spare: list[Any] = []
-        self._ahead: dict[Any, Any] = {}
-        self._asked: set[Any] = set()
-        self._order: list[Any] | None = None
-        self._next = 0
-
-    def close(self) -> None:
-        with self._lock:
-            for job in self._ahead.values():
-                job.cancel()
-            self._ahead.clear()
-        self._file.close()
-
-    @property
-    def reader(self) -> Any:
-        """torch's zip reader over the object (a patched copy of a zip copies records with torch's writer)."""
-        if getattr(self, "_reader", None) is None:
-            import torch
-
-            try:
-                self._reader = torch._C.PyTorchFileReader(self.blob.file())
-            except RuntimeError as e:
-                from .errors import first_line
-
-                raise FormatError(f"{self.path}: corrupt torch zip file ({first_line(e, 160)})") from None
-        return self._reader
-
-    def _span(self, key: Any) -> Any:
-        span = self.spans[key]
-        if isinstance(span.offset, LocalHeader):  # a zip record not located by the listing: read its header
-            from .records import replace
-
-            span = replace(span, offset=self._locate(span.offset, key))
-            with self._lock:
-                self.spans[key] = span
-        if span.offset + span.nbytes > self.blob.size:
-            raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the object")
-        return span
-
-    def _locate(self, header: int, key: Any) -> int:
-        """Where the zip record whose local header starts at ``header`` has its data (as ``zipfile`` finds it)."""
-        import struct
-
-        head = bytearray(30)
-        if self.blob.pread_into(head, header, ahead=False) != 30 or head[:4] != b"PK\x03\x04":
-            raise FormatError(f"{self.path}: bad local header for the zip record of storage {key!r}")
-        name_len, extra_len = struct.unpack("<HH", head[26:30])
-        return header + 30 + name_len + extra_len
-
-    def read_storage(self, key: Any) -> Any:
-        from .formats.dtypes import torch_dtype
-        from .toc import itemsize
-
-        span = self._span(key)
-        buf = self._buffer(span.nbytes)
-        self._read_into(key, span, buf.numpy())
-        return buf.view(torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else buf
-
-    def map_storage(self, key: Any) -> Any:
-        return self.read_storage(key)
-
-    def raw_storage(self, key: Any) -> Any:
-        """The storage's bytes in fresh memory (the value commands' pools read two storages at once)."""
-        with self._lock:  # (asked and taken in one step: a storage being asked for is never read ahead too)
-            ahead = self._ahead.pop(key, None)
-            self._asked.add(key)
-        self._read_ahead()
-        data = ahead.result() if ahead is not None else None
-        if data is None:
-            span = self._span(key)
-            data = self._raw_buffer(span.nbytes)
-            self._read_into(key, span, data)
-        return memoryview(data).toreadonly()
-
-    def _read_ahead(self) -> None:
-        """Start reading the next storages in the object (by offset) in the background, while the one asked
-        for is computed on: at most ``AHEAD`` bytes read and not yet asked for (at least one storage).
-        Value commands ask for storages in the object's order, so the transfer overlaps the computation; a
-        storage read ahead and never asked for (a selection) costs its bytes, within that bound."""
-        with self._lock:
-            ahead, asked = self._ahead, self._asked
-            if self._order is None:
-                self._order = sorted(self.spans, key=lambda k: int(self.spans[k].offset))
-            order = self._order
-            pending = sum(self.spans[k].nbytes for k in ahead)
-            while self._next < len(order) and (pending < AHEAD or not ahead):
-                k = order[self._next]
-                self._next += 1
-                if k in asked or k in ahead or self.spans[k].nbytes < WINDOW:
-                    continue
-                ahead[k] = _AHEAD_POOL().submit(self._fetch, k)
-                pending += self.spans[k].nbytes
-
-    def _fetch(self, key: Any) -> Any:
-        span = self._span(key)
-        data = self._raw_buffer(span.nbytes)
-        self._read_into(key, span, data)
-        return data
-
-    def _raw_buffer(self, nbytes: int) -> Any:
-        """``nbytes`` of memory for ``raw_storage``: a buffer an earlier storage used that nothing refers to any
-        more (fresh pages cost a fault each, more than receiving the bytes), else a new one, not zeroed (the
-        read fills every byte). At most ``RAW_SPARE`` buffers are kept."""
-        import sys
-
-        import numpy
-
-        with self._lock:
-            spare = self._raw_spare
-            for buf in spare:
-                # (referred to only by this list, the loop and getrefcount's argument: free to reuse)
-                if buf.nbytes >= nbytes and sys.getrefcount(buf) <= 3:
-                    return buf[:nbytes]
-            buf = numpy.empty(nbytes, dtype=numpy.uint8)
-            if len(spare) < RAW_SPARE:
-                spare.append(buf)
-            return buf
-
-    def _read_into(self, key: Any, span: Any, buf: Any) -> None:
-        """A storage's bytes into ``buf``, as asked (no read-ahead: values cost their own bytes)."""
-        if span.nbytes and self.blob.pread_into(buf, span.offset, ahead=False) != span.nbytes:
-            raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the object")
-
-    def chunks(self, key: Any) -> Any:
-        from .formats.storage import Chunks
-
-        span = self._span(key)
-        return Chunks(self.blob, span.offset, span.nbytes, self.path)  # read through the blob (``_pread_into``)
-
-    def copy_storage(self, key: Any, out: Any) -> None:
-        for chunk in self.chunks(key):
-            out.write(chunk)

@@ -91,7 +91,7 @@ class Format:
 
 class SafetensorsFormat(Format):
     def open_storages(self, listing: Checkpoint) -> StorageFile:
-        from ..blob import storage_class
+        from .remote_storage import storage_class
         from .storage import SafetensorsStorageFile
 
         return storage_class(SafetensorsStorageFile, listing.path).open(listing.path, listing.toc())
@@ -145,7 +145,7 @@ class TorchFormat(Format):
     def open_storages(self, listing: Checkpoint) -> StorageFile | None:
         if not self.byte_ranges:  # the legacy format: storages follow the pickle, read with it
             return None
-        from ..blob import storage_class
+        from .remote_storage import storage_class
         from .storage import ZipStorageFile
 
         return storage_class(ZipStorageFile, listing.path).open(listing.path, listing.toc(), listing.root, listing.located)
