@@ -24,6 +24,7 @@ import argparse
 import datetime
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -159,6 +160,7 @@ def main() -> int:
     print("| " + " | ".join(header) + " |")
     print("| " + " | ".join("---" for _ in header) + " |", flush=True)
     work = tempfile.mkdtemp(prefix="paramtool-compare-")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # killed: the finally below still removes the files
     try:
         pt, st = bench.generate(work, args.size_mb)
         differs = bench.perturbed_copy(st, work)
