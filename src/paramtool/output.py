@@ -14,7 +14,14 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up
 if TYPE_CHECKING:
     from typing import Any, Callable
 
-from .render import dumps, safe_name
+
+
+def safe_name(name: Any) -> str:
+    """``render.safe_name``, imported when something is printed: ``render`` (and the ``ties`` and ``toc`` it
+    imports, about 6 ms) is not on the path of ``show``, which prints a string it was handed."""
+    from .render import safe_name as escape
+
+    return escape(name)
 
 
 def out_console() -> Any:
@@ -45,6 +52,8 @@ def route_warnings() -> None:
 
 
 def emit_json(obj: Any) -> None:
+    from .render import dumps
+
     sys.stdout.write(dumps(obj) + "\n")
     sys.stdout.flush()
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import remote
 from .errors import UsageError
 
 
@@ -30,9 +29,14 @@ def stage(out: str | None, in_place: bool = False, src: Any = None) -> tuple[str
         prefix = layout is not None and layout.is_container  # a sharded or DCP prefix (a model directory: its file)
         target = source if not source.endswith(".index.json") else source.rsplit("/", 1)[0] + "/"
         _name_data_files(layout)
+        from . import remote  # (here, not at the top: every local write passes through stage, and remote imports
+        # http.client, ssl and email, about 35 ms)
+
         local, commit = remote.stage(target, replace=True, prefix=prefix)
         return local, False, commit
     if isinstance(out, str) and out.startswith("s3://"):
+        from . import remote
+
         local, commit = remote.stage(out)
         return local, in_place, commit
     return out, in_place, lambda label: label
@@ -48,6 +52,7 @@ def _name_data_files(layout: Any) -> None:
         return
     import secrets
 
+    from . import remote
     from .formats import dcp
 
     dcp.DATA_PREFIX = f"__{secrets.token_hex(4)}_"
