@@ -561,6 +561,12 @@ class Stream(Blob):
         self._read: dict[int, int] = {}  # part start -> bytes of it handed out
         self._lock = threading.Lock()
 
+    def begin(self) -> Stream:
+        """Start fetching the first parts now (the reader comes soon: a value command's storage)."""
+        with self._lock:
+            self._start_parts(self.start)
+        return self
+
     def _fetch(self, start: int, n: int) -> Any:
         buf = _part_buffer()
         view = memoryview(buf)[:n]
@@ -602,16 +608,20 @@ class Stream(Blob):
         return n
 
     def parts(self) -> Any:
-        """The span's bytes in order, a part at a time (each valid until the next is asked for)."""
-        for start in range(self.start, self.end, PART):
-            with self._lock:
-                self._start_parts(start)
-                job = self._parts.pop(start)
-            data = job.result()
-            yield data
-            with self._lock:
-                _PART_BUFFERS.append(data.obj)
-                self._start_parts(0)
+        """The span's bytes in order, a part at a time (each valid until the next is asked for); the parts
+        fetched ahead are let go if the reader stops early."""
+        try:
+            for start in range(self.start, self.end, PART):
+                with self._lock:
+                    self._start_parts(start)
+                    job = self._parts.pop(start)
+                data = job.result()
+                yield data
+                with self._lock:
+                    _PART_BUFFERS.append(data.obj)
+                    self._start_parts(0)
+        finally:
+            self.close()
 
     def close(self) -> None:
         with self._lock:
