@@ -494,6 +494,29 @@ def test_s3_writes(s3, files, run):
     assert not got["0.weight"].any() and torch.equal(got["1.weight"], _model(40, 256)["1.weight"])
 
 
+def test_s3_one_file_to_a_prefix_goes_under_it(s3, files, run):
+    """``-o s3://bucket/prefix/`` where one file is written puts it at ``prefix/`` + the source's file name, as
+    ``aws s3 cp FILE s3://bucket/prefix/`` does (never an object whose key ends in '/'); written in another
+    format, with that format's extension; beside what the prefix already holds. A directory still needs a new
+    prefix."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint)
+    same = run("convert", files / "big.pt", "-o", "s3://ckpts/single/")
+    assert same.exit_code == 0, same.stderr
+    assert "wrote s3://ckpts/single/big.pt " in same.stderr
+    remote_src = run("convert", "s3://ckpts/models/big.pt", "-o", "s3://ckpts/single/", "--format", "safetensors")
+    assert remote_src.exit_code == 0, remote_src.stderr
+    assert "wrote s3://ckpts/single/big.safetensors " in remote_src.stderr
+    fs.invalidate_cache()
+    assert sorted(fs.find("ckpts/single")) == ["ckpts/single/big.pt", "ckpts/single/big.safetensors"]
+    assert run("diff", files / "big.pt", "s3://ckpts/single/big.pt").exit_code == 0
+    assert run("diff", files / "big.pt", "s3://ckpts/single/big.safetensors").exit_code == 0
+    assert run("inspect", "s3://ckpts/single/big.safetensors", "--json").json()["format"] == "safetensors"
+    sharded = run("convert", "s3://ckpts/sharded/", "-o", "s3://ckpts/single/")
+    assert sharded.exit_code == 1 and "not empty" in sharded.stderr
+
+
 def test_s3_killed_multipart_upload_is_aborted_by_the_next_write(s3, run, tmp_path):
     """A multipart upload killed (SIGKILL) between its parts stays incomplete in the bucket; the next write of the
     same key aborts it before writing, and the object it writes is whole."""

@@ -729,7 +729,8 @@ INDEX_NAMES = (".index.json", ".metadata", "config.json")  # what makes a direct
 PUT_PART = 64 << 20  # an upload above this is a multipart upload of parts this size, completed at its end
 
 
-def stage(out: str, replace: bool = False, prefix: bool = False) -> tuple[str, Callable[[str], str]]:
+def stage(out: str, replace: bool = False, prefix: bool = False,
+          name: Callable[[str], str] | None = None) -> tuple[str, Callable[[str], str]]:
     """``-o s3://...``: the local path to write instead (in a temporary directory, removed at exit), and the
     commit that uploads what was written there once it is complete (returning the name to report).
 
@@ -739,7 +740,11 @@ def stage(out: str, replace: bool = False, prefix: bool = False) -> tuple[str, C
 
     ``replace`` (``--in-place``, or ``-o`` naming the source read) rewrites ``out`` where it is: an object is
     replaced by one conditional PUT (``replace_object``), a sharded or DCP prefix (``prefix``) is committed
-    through its index (``replace_prefix``). What a format needs named anew is the caller's (``remote_io``)."""
+    through its index (``replace_prefix``). What a format needs named anew is the caller's (``remote_io``).
+
+    ``out`` naming a prefix (``s3://bucket/prefix/``) where one file is written goes up as ``prefix/NAME``, as
+    ``aws s3 cp FILE s3://bucket/prefix/`` puts it: ``name`` (given the file written) says NAME; a prefix is
+    then refused when not empty only if a directory was written."""
     import atexit
     import shutil
     import tempfile
@@ -747,11 +752,16 @@ def stage(out: str, replace: bool = False, prefix: bool = False) -> tuple[str, C
     fs = s3fs_filesystem()
     key = _s3_key(out)
     directory = prefix or (not replace and (out.endswith("/") or not os.path.splitext(key)[1]))
-    if directory and not replace:  # a new (or empty) prefix
+    under = name is not None and out.endswith("/") and not replace  # one file goes under the prefix, if one
+
+    def refuse_content() -> None:  # a directory goes to a new (or empty) prefix
         fs.invalidate_cache()
         if _s3_call(out, lambda: fs.exists(key.rstrip("/"))) and [  # (a folder's own marker object is no content)
                 p for p in fs.ls(key.rstrip("/"), detail=False) if p.rstrip("/") != key.rstrip("/")]:
             raise ParamtoolError(f"{out}: not empty: write a directory to a new prefix")
+
+    if directory and not replace and not under:
+        refuse_content()
     work = tempfile.mkdtemp(prefix="paramtool-upload-")
     atexit.register(shutil.rmtree, work, True)
     local = os.path.join(work, "checkpoint" if prefix else os.path.basename(key.rstrip("/")))
@@ -759,6 +769,14 @@ def stage(out: str, replace: bool = False, prefix: bool = False) -> tuple[str, C
         _KEPT[work] = f"s3://{key.rstrip('/')}/"
 
     def commit(label: str) -> str:
+        if under and os.path.isfile(local):
+            target = key + name(local)
+            abort_leftovers(fs, target, out)
+            _put(fs, local, target, out)
+            forget()
+            return f"s3://{target}"
+        if under:
+            refuse_content()
         abort_leftovers(fs, key.rstrip("/"), out, under=directory)
         if replace and prefix:
             replace_prefix(fs, local, key.rstrip("/"), out)
