@@ -109,11 +109,13 @@ class RangeServer:
         return None
 
     def _pace(self, n: int) -> None:
-        """Wait until the link (``rate``) has carried ``n`` more bytes after those already sent."""
+        """Wait until the link (``rate``) has carried ``n`` more bytes after those already sent. Time a link was
+        not used for is made up for by up to a few pieces at once (a sender's own delays and the sleeps' lateness
+        do not slow the link down)."""
         if not self.rate:
             return
         with self.lock:
-            self._link = max(self._link, time.monotonic()) + n / self.rate
+            self._link = max(self._link, time.monotonic() - 8 * self.PIECE / self.rate) + n / self.rate
             wait = self._link - time.monotonic()
         if wait > 0:
             time.sleep(wait)
