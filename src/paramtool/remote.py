@@ -568,7 +568,7 @@ class Stream(Blob):
         return self
 
     def _fetch(self, start: int, n: int) -> Any:
-        buf = _part_buffer()
+        buf = _part_buffer(n)
         view = memoryview(buf)[:n]
         if self.blob._object.fetch_into(view, start) != n:
             raise FormatError(f"{self.name}: truncated: a read ends beyond the object")
@@ -633,11 +633,13 @@ class Stream(Blob):
 _PART_BUFFERS: list[bytearray] = []  # ``PART``-sized buffers free for the next part (fresh pages cost faults)
 
 
-def _part_buffer() -> bytearray:
+def _part_buffer(n: int) -> bytearray:
+    """A buffer of at least ``n`` bytes: a free one, else a new one of ``PART`` bytes (or ``n``)."""
     try:
-        return _PART_BUFFERS.pop()
+        buf = _PART_BUFFERS.pop()
     except IndexError:
-        return bytearray(PART)
+        return bytearray(max(n, PART))
+    return buf if len(buf) >= n else bytearray(max(n, PART))
 
 
 _PARTS: Any = None
