@@ -24,11 +24,19 @@ class RangeServer:
     - every request is recorded in ``requests``: (method, path, Range header, bytes of body sent), and the most
       answered at once in ``most_at_once``;
     - faults: ``ignore_range`` (200 with the whole body), ``fail`` (that many 503s first), ``drop_after``
-      (the next ranged answer stops after that many body bytes, once), ``token`` (required as a bearer token).
+      (the next ranged answer stops after that many body bytes, once), ``token`` (required as a bearer token);
+    - ``rate`` (bytes per second, all answers together): a link of that speed (the benchmark's network).
+
+    Bodies are sent from the file in pieces (``PIECE``), whole or ranged alike: a download and ranged reads
+    cost the server the same per byte.
     """
 
-    def __init__(self, root: Path) -> None:
+    PIECE = 1 << 18
+
+    def __init__(self, root: Path, rate: float | None = None) -> None:
         self.root = Path(root)
+        self.rate = rate
+        self._link = 0.0  # (``rate``: when the link is free again)
         self.requests: list[tuple[str, str, str | None, int]] = []
         self.ignore_range = False
         self.fail = 0
@@ -100,31 +108,52 @@ class RangeServer:
                                    "siblings": [{"rfilename": f} for f in files]}).encode()
         return None
 
-    def _send(self, h: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes, head: bool,
+    def _pace(self, n: int) -> None:
+        """Wait until the link (``rate``) has carried ``n`` more bytes after those already sent. Time a link was
+        not used for is made up for by up to a few pieces at once (a sender's own delays and the sleeps' lateness
+        do not slow the link down)."""
+        if not self.rate:
+            return
+        with self.lock:
+            self._link = max(self._link, time.monotonic() - 8 * self.PIECE / self.rate) + n / self.rate
+            wait = self._link - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+
+    def _send(self, h: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes | tuple, head: bool,
               drop: int | None = None) -> None:
+        """Answer with ``body``: bytes, or ``(file, length)`` (that many bytes from the open file's position)."""
+        length = len(body) if isinstance(body, bytes) else body[1]
         h.send_response(status)
         for k, v in headers.items():
             h.send_header(k, v)
-        h.send_header("Content-Length", str(len(body)))
+        h.send_header("Content-Length", str(length))
         h.end_headers()
         sent = 0
         if not head:
+            end = length if drop is None else min(drop, length)
+            buf = bytearray(self.PIECE)
+            try:  # in pieces, counted as they go: a client that hangs up stops the count
+                while sent < end:
+                    n = min(self.PIECE, end - sent)
+                    if isinstance(body, bytes):
+                        piece = memoryview(body)[sent:sent + n]
+                    else:
+                        piece = memoryview(buf)[:body[0].readinto(memoryview(buf)[:n])]
+                        if not piece:
+                            break
+                    self._pace(len(piece))
+                    h.wfile.write(piece)
+                    sent += len(piece)
+            except (ConnectionResetError, BrokenPipeError):
+                h.close_connection = True
             if drop is not None:
-                h.wfile.write(body[:drop])
                 h.wfile.flush()
                 h.close_connection = True
-                sent = min(drop, len(body))
                 try:
                     h.connection.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-            else:  # in 64 KiB pieces, counted as they go: a client that hangs up stops the count
-                try:
-                    for i in range(0, len(body), 1 << 16):
-                        h.wfile.write(body[i:i + (1 << 16)])
-                        sent += len(body[i:i + (1 << 16)])
-                except (ConnectionResetError, BrokenPipeError):
-                    h.close_connection = True
         with self.lock:
             self.requests.append((h.command, h.path, h.headers.get("Range"), sent))
         if self.after_request is not None:
@@ -154,19 +183,20 @@ class RangeServer:
             etag = f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
             rng = h.headers.get("Range")
             if rng is None or self.ignore_range:
-                return self._send(h, 200, {"ETag": etag, "Accept-Ranges": "bytes"}, fh.read(), head)
+                return self._send(h, 200, {"ETag": etag, "Accept-Ranges": "bytes"}, (fh, size), head)
             start_s, _, end_s = rng.removeprefix("bytes=").partition("-")
             start = int(start_s)
             end = min(int(end_s) if end_s else size - 1, size - 1)
             if start >= size:
                 return self._send(h, 416, {"Content-Range": f"bytes */{size}", "ETag": etag}, b"", head)
             fh.seek(start)
-            data = fh.read(end + 1 - start)
-        with self.lock:  # a drop applies to the next answer longer than it
-            drop = self.drop_after if self.drop_after is not None and len(data) > self.drop_after else None
-            if drop is not None:
-                self.drop_after = None
-        return self._send(h, 206, {"ETag": etag, "Content-Range": f"bytes {start}-{end}/{size}"}, data, head, drop)
+            n = end + 1 - start
+            with self.lock:  # a drop applies to the next answer longer than it
+                drop = self.drop_after if self.drop_after is not None and n > self.drop_after else None
+                if drop is not None:
+                    self.drop_after = None
+            return self._send(h, 206, {"ETag": etag, "Content-Range": f"bytes {start}-{end}/{size}"}, (fh, n), head,
+                              drop)
 
 
 def _free_port() -> int:

@@ -229,6 +229,50 @@ def test_value_commands_hold_parts_of_a_large_tensor_not_the_tensor(server, file
     (files / "huge.safetensors").unlink()
 
 
+def test_stats_computes_on_a_large_storage_as_it_arrives(server, files, run, tmp_path, monkeypatch):
+    """stats without histograms (one pass over the values) takes a storage of ``formats.remote_storage.STREAMED``
+    bytes or more as its parts arrive (``remote.Stream``) and computes on each: never spilled to a file and
+    mapped (``RemoteBlob.mapped`` is not called, not even to read it ahead), and the numbers are those of the
+    local copy to the bit (the parts hold whole chunks of ``numeric.values``), float32 and bfloat16, a last part
+    cut short included. With histograms (two passes over the values) such a storage is spilled and mapped."""
+    from paramtool import remote
+    from paramtool.formats import remote_storage
+
+    monkeypatch.setattr(remote, "PART", 2 * MIB)
+    monkeypatch.setattr(remote, "SPILL", 4 * MIB)
+    monkeypatch.setattr(remote_storage, "STREAMED", 4 * MIB)
+    torch.manual_seed(0)
+    state = {"a.weight": torch.randn(2_621_441), "b.bias": torch.randn(10),
+             "c.weight": torch.randn(3_000_001).to(torch.bfloat16), "d.weight": torch.randn(1000) + 5}
+    st.save_file(state, files / "parts.safetensors")
+    torch.save(state, files / "parts.pt")
+    spilled = []
+    mapped = remote.RemoteBlob.mapped
+
+    def spy(blob, offset, nbytes, private=False):
+        spilled.append(nbytes)
+        return mapped(blob, offset, nbytes, private)
+
+    monkeypatch.setattr(remote.RemoteBlob, "mapped", spy)
+    try:
+        for name in ("parts.safetensors", "parts.pt"):
+            server.reset()
+            got = run("stats", f"{server.url}/{name}", "--json")
+            assert got.exit_code == 0, got.stderr
+            assert got.json()["tensors"] == run("stats", files / name, "--json").json()["tensors"]
+            assert spilled == [] and files.joinpath(name).stat().st_size <= server.sent()
+            assert max(r[3] for r in server.ranged(name)) <= 2 * MIB
+            remote.forget()
+        hist = run("stats", f"{server.url}/parts.safetensors", "--hist", "--json")
+        assert hist.exit_code == 0, hist.stderr
+        assert hist.json() == {**run("stats", files / "parts.safetensors", "--hist", "--json").json(),
+                               "source": f"{server.url}/parts.safetensors"}
+        assert sorted(spilled) == [6_000_002, 10_485_764]
+    finally:
+        os.unlink(files / "parts.safetensors")
+        os.unlink(files / "parts.pt")
+
+
 def test_convert_remote_to_local(server, files, run, tmp_path):
     out = tmp_path / "out.safetensors"
     r = run("convert", f"{server.url}/big.pt", "-o", out)
@@ -492,6 +536,29 @@ def test_s3_writes(s3, files, run):
     assert f.exit_code == 0, f.stderr
     got = torch.load(fs.open("ckpts/init.pt", "rb"), weights_only=True)
     assert not got["0.weight"].any() and torch.equal(got["1.weight"], _model(40, 256)["1.weight"])
+
+
+def test_s3_one_file_to_a_prefix_goes_under_it(s3, files, run):
+    """``-o s3://bucket/prefix/`` where one file is written puts it at ``prefix/`` + the source's file name, as
+    ``aws s3 cp FILE s3://bucket/prefix/`` does (never an object whose key ends in '/'); written in another
+    format, with that format's extension; beside what the prefix already holds. A directory still needs a new
+    prefix."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint)
+    same = run("convert", files / "big.pt", "-o", "s3://ckpts/single/")
+    assert same.exit_code == 0, same.stderr
+    assert "wrote s3://ckpts/single/big.pt " in same.stderr
+    remote_src = run("convert", "s3://ckpts/models/big.pt", "-o", "s3://ckpts/single/", "--format", "safetensors")
+    assert remote_src.exit_code == 0, remote_src.stderr
+    assert "wrote s3://ckpts/single/big.safetensors " in remote_src.stderr
+    fs.invalidate_cache()
+    assert sorted(fs.find("ckpts/single")) == ["ckpts/single/big.pt", "ckpts/single/big.safetensors"]
+    assert run("diff", files / "big.pt", "s3://ckpts/single/big.pt").exit_code == 0
+    assert run("diff", files / "big.pt", "s3://ckpts/single/big.safetensors").exit_code == 0
+    assert run("inspect", "s3://ckpts/single/big.safetensors", "--json").json()["format"] == "safetensors"
+    sharded = run("convert", "s3://ckpts/sharded/", "-o", "s3://ckpts/single/")
+    assert sharded.exit_code == 1 and "not empty" in sharded.stderr
 
 
 def test_s3_killed_multipart_upload_is_aborted_by_the_next_write(s3, run, tmp_path):

@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .formats.dtypes import NUMPY, PLAIN_FLOATS
@@ -58,11 +59,46 @@ def _buffer(slot: str, n: int, dtype: str) -> Any:
     return sized(bufs, slot, n, dtype, CHUNK)
 
 
-def values(raw: memoryview, dtype: str, slot: int = 0, chunk: int = CHUNK) -> Iterator[Any]:
+def values(raw: Any, dtype: str, slot: int = 0, chunk: int = CHUNK) -> Iterator[Any]:
     """The values in ``raw`` (a tensor's bytes) as numpy arrays of ``chunk`` values, in their own dtype
     (bfloat16 widened to float32). When ``raw`` is a read-only file mapping (``StorageFile.raw``), the pages of
     each chunk are dropped once the next one is asked for. Generators read in step need their own ``slot``
-    (the buffer bfloat16 is widened into)."""
+    (the buffer bfloat16 is widened into).
+
+    ``raw`` may also be bytes arriving in order (an object with ``parts()``, see ``streamed``): the values of
+    each part are yielded as it arrives, in the same chunks (every part but the last holds whole chunks), so
+    the numbers are the same to the bit."""
+    parts = getattr(raw, "parts", None)
+    if parts is None:
+        yield from _values(raw, dtype, slot, chunk)
+        return
+    for part in parts():
+        yield from _values(part, dtype, slot, chunk)
+
+
+_streamed = threading.local()
+
+
+@contextmanager
+def streamed() -> Iterator[None]:
+    """Within this block, on this thread, a reader asked for a tensor's bytes (``Checkpoint.raw_bytes``) may hand
+    them over as they arrive instead of whole: an object whose ``parts()`` yields them in order, a part at a
+    time, each valid until the next is asked for (a large remote storage: computed on while it is received,
+    never written to a spill file). For a consumer that reads the bytes once, in order, through ``values``."""
+    before = getattr(_streamed, "on", False)
+    _streamed.on = True
+    try:
+        yield
+    finally:
+        _streamed.on = before
+
+
+def takes_parts() -> bool:
+    """Is the caller on this thread within ``streamed``?"""
+    return getattr(_streamed, "on", False)
+
+
+def _values(raw: Any, dtype: str, slot: int, chunk: int) -> Iterator[Any]:
     np = numpy()
     arr = np.frombuffer(raw, dtype=NUMPY[dtype])
     size = arr.itemsize

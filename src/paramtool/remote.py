@@ -561,8 +561,14 @@ class Stream(Blob):
         self._read: dict[int, int] = {}  # part start -> bytes of it handed out
         self._lock = threading.Lock()
 
+    def begin(self) -> Stream:
+        """Start fetching the first parts now (the reader comes soon: a value command's storage)."""
+        with self._lock:
+            self._start_parts(self.start)
+        return self
+
     def _fetch(self, start: int, n: int) -> Any:
-        buf = _part_buffer()
+        buf = _part_buffer(n)
         view = memoryview(buf)[:n]
         if self.blob._object.fetch_into(view, start) != n:
             raise FormatError(f"{self.name}: truncated: a read ends beyond the object")
@@ -602,16 +608,20 @@ class Stream(Blob):
         return n
 
     def parts(self) -> Any:
-        """The span's bytes in order, a part at a time (each valid until the next is asked for)."""
-        for start in range(self.start, self.end, PART):
-            with self._lock:
-                self._start_parts(start)
-                job = self._parts.pop(start)
-            data = job.result()
-            yield data
-            with self._lock:
-                _PART_BUFFERS.append(data.obj)
-                self._start_parts(0)
+        """The span's bytes in order, a part at a time (each valid until the next is asked for); the parts
+        fetched ahead are let go if the reader stops early."""
+        try:
+            for start in range(self.start, self.end, PART):
+                with self._lock:
+                    self._start_parts(start)
+                    job = self._parts.pop(start)
+                data = job.result()
+                yield data
+                with self._lock:
+                    _PART_BUFFERS.append(data.obj)
+                    self._start_parts(0)
+        finally:
+            self.close()
 
     def close(self) -> None:
         with self._lock:
@@ -623,11 +633,13 @@ class Stream(Blob):
 _PART_BUFFERS: list[bytearray] = []  # ``PART``-sized buffers free for the next part (fresh pages cost faults)
 
 
-def _part_buffer() -> bytearray:
+def _part_buffer(n: int) -> bytearray:
+    """A buffer of at least ``n`` bytes: a free one, else a new one of ``PART`` bytes (or ``n``)."""
     try:
-        return _PART_BUFFERS.pop()
+        buf = _PART_BUFFERS.pop()
     except IndexError:
-        return bytearray(PART)
+        return bytearray(max(n, PART))
+    return buf if len(buf) >= n else bytearray(max(n, PART))
 
 
 _PARTS: Any = None
@@ -719,7 +731,8 @@ INDEX_NAMES = (".index.json", ".metadata", "config.json")  # what makes a direct
 PUT_PART = 64 << 20  # an upload above this is a multipart upload of parts this size, completed at its end
 
 
-def stage(out: str, replace: bool = False, prefix: bool = False) -> tuple[str, Callable[[str], str]]:
+def stage(out: str, replace: bool = False, prefix: bool = False,
+          name: Callable[[str], str] | None = None) -> tuple[str, Callable[[str], str]]:
     """``-o s3://...``: the local path to write instead (in a temporary directory, removed at exit), and the
     commit that uploads what was written there once it is complete (returning the name to report).
 
@@ -729,7 +742,11 @@ def stage(out: str, replace: bool = False, prefix: bool = False) -> tuple[str, C
 
     ``replace`` (``--in-place``, or ``-o`` naming the source read) rewrites ``out`` where it is: an object is
     replaced by one conditional PUT (``replace_object``), a sharded or DCP prefix (``prefix``) is committed
-    through its index (``replace_prefix``). What a format needs named anew is the caller's (``remote_io``)."""
+    through its index (``replace_prefix``). What a format needs named anew is the caller's (``remote_io``).
+
+    ``out`` naming a prefix (``s3://bucket/prefix/``) where one file is written goes up as ``prefix/NAME``, as
+    ``aws s3 cp FILE s3://bucket/prefix/`` puts it: ``name`` (given the file written) says NAME; a prefix is
+    then refused when not empty only if a directory was written."""
     import atexit
     import shutil
     import tempfile
@@ -737,11 +754,16 @@ def stage(out: str, replace: bool = False, prefix: bool = False) -> tuple[str, C
     fs = s3fs_filesystem()
     key = _s3_key(out)
     directory = prefix or (not replace and (out.endswith("/") or not os.path.splitext(key)[1]))
-    if directory and not replace:  # a new (or empty) prefix
+    under = name is not None and out.endswith("/") and not replace  # one file goes under the prefix, if one
+
+    def refuse_content() -> None:  # a directory goes to a new (or empty) prefix
         fs.invalidate_cache()
         if _s3_call(out, lambda: fs.exists(key.rstrip("/"))) and [  # (a folder's own marker object is no content)
                 p for p in fs.ls(key.rstrip("/"), detail=False) if p.rstrip("/") != key.rstrip("/")]:
             raise ParamtoolError(f"{out}: not empty: write a directory to a new prefix")
+
+    if directory and not replace and not under:
+        refuse_content()
     work = tempfile.mkdtemp(prefix="paramtool-upload-")
     atexit.register(shutil.rmtree, work, True)
     local = os.path.join(work, "checkpoint" if prefix else os.path.basename(key.rstrip("/")))
@@ -749,6 +771,14 @@ def stage(out: str, replace: bool = False, prefix: bool = False) -> tuple[str, C
         _KEPT[work] = f"s3://{key.rstrip('/')}/"
 
     def commit(label: str) -> str:
+        if under and os.path.isfile(local):
+            target = key + name(local)
+            abort_leftovers(fs, target, out)
+            _put(fs, local, target, out)
+            forget()
+            return f"s3://{target}"
+        if under:
+            refuse_content()
         abort_leftovers(fs, key.rstrip("/"), out, under=directory)
         if replace and prefix:
             replace_prefix(fs, local, key.rstrip("/"), out)

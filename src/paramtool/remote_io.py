@@ -6,7 +6,7 @@ sharded or DCP source (``Layout.is_container``) is committed through its index a
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from .errors import UsageError
 
@@ -37,9 +37,33 @@ def stage(out: str | None, in_place: bool = False, src: Any = None) -> tuple[str
     if isinstance(out, str) and out.startswith("s3://"):
         from . import remote
 
-        local, commit = remote.stage(out)
+        single = src is None or not (src.directory or (src.layout is not None and src.layout.is_container))
+        local, commit = remote.stage(out, name=_file_name(src) if single else None)
         return local, in_place, commit
     return out, in_place, lambda label: label
+
+
+def _file_name(src: Any) -> Callable[[str], str]:
+    """The name a single file written to ``-o s3://bucket/prefix/`` takes under the prefix, given the file
+    written: the source's file name (``aws s3 cp FILE s3://bucket/prefix/`` keeps it), with the extension of
+    the format written when the source's names another (``model.pt`` converted to safetensors:
+    ``model.safetensors``); ``model`` for a source that is no named file (stdin, ``nn:``, a factory)."""
+    import os
+    from urllib.parse import urlsplit
+
+    is_file = src is not None and src.is_file and src.text != "-"
+    base = os.path.basename(urlsplit(src.text).path if "://" in src.text else src.text) if is_file else ""
+    base = base or "model"
+
+    def name(written: str) -> str:
+        from .formats import sniff_file
+
+        fmt = sniff_file(written)
+        if fmt.names_path(base) or not fmt.extensions:
+            return base
+        return os.path.splitext(base)[0] + fmt.extensions[0]
+
+    return name
 
 
 def _name_data_files(layout: Any) -> None:

@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .formats.dtypes import TORCH_MINMAX
+from .formats.dtypes import NUMPY, TORCH_MINMAX
 from .pipeline import scratch
 from .records import dataclass
 
@@ -142,10 +142,10 @@ def raw_reader(ckpt: Checkpoint) -> Callable[[str], tuple[Any, str] | None]:
 
     def raw_of(name: str) -> tuple[Any, str] | None:
         dtype = dtypes.get(name)
-        if dtype is None or not numeric.supports(dtype):
+        if dtype not in NUMPY:
             return None
-        raw = ckpt.raw_bytes(name)
-        return None if raw is None else (raw, dtype)
+        raw = ckpt.raw_bytes(name)  # (asked first: a remote read is under way while numpy is first imported)
+        return None if raw is None or not numeric.supports(dtype) else (raw, dtype)
 
     return raw_of
 
@@ -327,11 +327,23 @@ def stats_many(tensor_of: Callable[[str], Any], names: list[str], bins: int | No
     """Every selected tensor read once (two at a time, one read ahead) for its numbers and histograms;
     only the numbers are kept, so memory is a few storages whatever the checkpoint's size.
 
-    ``raw_of`` (see ``raw_reader``): tensors whose bytes it gives are computed with numpy, without torch."""
+    ``raw_of`` (see ``raw_reader``): tensors whose bytes it gives are computed with numpy, without torch; without
+    histograms (one pass over the values), as the bytes arrive where the reader can hand them over so
+    (``numeric.streamed``: a large remote storage, computed on while it is received)."""
     from .pipeline import ordered_map
 
+    def raw_bytes(name: str) -> tuple[Any, str] | None:
+        if raw_of is None:
+            return None
+        if bins or png:  # (a histogram reads the values twice: the range, then the counts)
+            return raw_of(name)
+        from . import numeric
+
+        with numeric.streamed():
+            return raw_of(name)
+
     def one(name: str) -> tuple[TensorStats, Histogram | None, Histogram | None]:
-        raw = raw_of(name) if raw_of is not None else None
+        raw = raw_bytes(name)
         if raw is not None:
             return (raw_stats(name, *raw), raw_histogram(*raw, bins) if bins else None,
                     raw_histogram(*raw, PNG_BINS) if png else None)

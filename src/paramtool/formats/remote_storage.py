@@ -6,7 +6,9 @@ here through the remote medium (``remote.RemoteBlob``), with memory bounded as o
 - ``raw_storage`` and ``map_storage`` (the value commands: ``stats``, ``diff``, ``ties --values``, ``show``,
   a conversion's unchanged storages): a storage of ``remote.SPILL`` bytes or more is fetched into a spill file
   and mapped (``RemoteBlob.mapped``), so the process holds the few chunks being computed, as with a mapped
-  local file; a smaller one is read into memory;
+  local file; a smaller one is read into memory. A consumer that reads a storage once, in order
+  (``numeric.streamed``: ``stats`` without histograms) gets a large one as it arrives (``remote.Stream``) and
+  computes on each part while the next ones are received: no spill file, transfer and computation overlap;
 - ``chunks`` and ``copy_storage`` (a conversion's cast or copied storages): a ``remote.Stream``, a few parts
   in memory at a time;
 - ``read_storage`` (an edit's storage, changed in memory): the storage in fresh memory, as locally.
@@ -26,6 +28,8 @@ from .dtypes import torch_dtype
 from .storage import Chunks
 
 AHEAD = 32 << 20  # storage bytes read ahead of the one asked for
+STREAMED = 64 << 20  # a storage at least this large, asked for within ``numeric.streamed``, is computed on as it
+# arrives (``remote.Stream``), not read whole first (its parts hold whole chunks of ``numeric.values``)
 _SMALL = 1 << 16  # a storage below this is not read ahead (one small request: not worth a thread)
 RAW_SPARE = 6  # storage buffers kept for reuse per object (the pools hold three at once, and those read ahead)
 
@@ -60,6 +64,7 @@ class RemoteStorage:
         self._asked: set[Any] = set()
         self._order: list[Any] | None = None
         self._next = 0
+        self._streamed = False  # the last storage was asked for within ``numeric.streamed``
 
     def close(self) -> None:
         with self._lock:
@@ -127,12 +132,26 @@ class RemoteStorage:
         return raw.view(torch_dtype(span.dtype)) if span.nbytes % itemsize(span.dtype) == 0 else raw
 
     def raw_storage(self, key: Hashable) -> Any:
-        """The storage's bytes, read-only: a large one mapped from a spill file, a small one in memory."""
+        """The storage's bytes, read-only: a large one mapped from a spill file, a small one in memory; asked
+        within ``numeric.streamed``, a large one as it arrives (a ``remote.Stream``, whose ``parts()`` the
+        value kernels compute on while the next parts are received: no spill file, no wait for the whole)."""
+        from .. import numeric
+
+        streamed = numeric.takes_parts()
         with self._lock:  # (asked and taken in one step: a storage being asked for is never read ahead too)
             ahead = self._ahead.pop(key, None)
             self._asked.add(key)
+            self._streamed = streamed
+        if ahead is not None:
+            self._read_ahead()
+            return memoryview(ahead.result()).toreadonly()
+        span = self._span(key)
+        if streamed and span.nbytes >= STREAMED:
+            stream = self.blob.stream(span.offset, span.nbytes).begin()
+            self._read_ahead()
+            return stream
+        data = self._fetch(key)  # (its parts asked before those of the storages read ahead)
         self._read_ahead()
-        data = ahead.result() if ahead is not None else self._fetch(key)
         return memoryview(data).toreadonly()
 
     def _read_ahead(self) -> None:
@@ -149,7 +168,8 @@ class RemoteStorage:
             while self._next < len(order) and (pending < AHEAD or not ahead):
                 k = order[self._next]
                 self._next += 1
-                if k in asked or k in ahead or self.spans[k].nbytes < _SMALL:
+                if k in asked or k in ahead or self.spans[k].nbytes < _SMALL \
+                        or (self._streamed and self.spans[k].nbytes >= STREAMED):  # (streamed when asked)
                     continue
                 ahead[k] = _ahead_pool().submit(self._fetch, k)
                 pending += self.spans[k].nbytes
@@ -166,22 +186,21 @@ class RemoteStorage:
 
     def _raw_buffer(self, nbytes: int) -> Any:
         """``nbytes`` of memory for ``raw_storage``: a buffer an earlier storage used that nothing refers to any
-        more (fresh pages cost a fault each, more than receiving the bytes), else a new one, not zeroed (the
-        read fills every byte). At most ``RAW_SPARE`` buffers are kept."""
+        more (fresh pages cost a fault each, more than receiving the bytes), else a new one (a ``bytearray``:
+        no numpy import before the first request, which then goes out while numpy is imported). At most
+        ``RAW_SPARE`` buffers are kept."""
         import sys
-
-        import numpy
 
         with self._lock:
             spare = self._raw_spare
             for buf in spare:
                 # (referred to only by this list, the loop and getrefcount's argument: free to reuse)
-                if buf.nbytes >= nbytes and sys.getrefcount(buf) <= 3:
-                    return buf[:nbytes]
-            buf = numpy.empty(nbytes, dtype=numpy.uint8)
+                if len(buf) >= nbytes and sys.getrefcount(buf) <= 3:
+                    return memoryview(buf)[:nbytes]
+            buf = bytearray(nbytes)
             if len(spare) < RAW_SPARE:
                 spare.append(buf)
-            return buf
+            return memoryview(buf)
 
     def _read_into(self, key: Hashable, span: Any, buf: Any) -> None:
         """A storage's bytes into ``buf``, as asked (no read-ahead: values cost their own bytes)."""
