@@ -14,8 +14,11 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Hashable
+    from typing import Any
 
 from .. import blob
 from ..checkpoint import Checkpoint, named
@@ -24,9 +27,7 @@ from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_wit
 from .torchfile import MAX_DEPTH
 from .unpickle import Global, Inert, unpickle
 from . import pins
-
-if TYPE_CHECKING:
-    from .base import Format
+from .base import Format
 
 MAX_METADATA = 256 * 1024 * 1024
 DATA_PREFIX = "__"  # data files are named {DATA_PREFIX}{rank}_{n}.distcp (torch's own names; a rewrite in a
@@ -488,3 +489,26 @@ def _write_failure(exc: BaseException, directory: str) -> BaseException:
     if found is not None:
         return found
     return FormatError(f"cannot write the distributed checkpoint: {_failure(exc)}")
+
+
+class DcpFormat(Format):
+    """A ``torch.distributed.checkpoint`` directory: a container over its data files, non-tensor values kept
+    there (this module)."""
+
+    def open_storages(self, listing: Checkpoint) -> Entries:
+        """Not byte ranges: each tensor entry read whole, one at a time (``dcp.Entries``)."""
+        return Entries(listing.path)
+
+    def load_lazy(self, label: str, path: str, key: str | None) -> Checkpoint:
+        """The checkpoint ``load`` gives, with each tensor entry read only when asked for."""
+        return load_lazy(label, path, key, self)
+
+    def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
+        return named(label, self, read_tree(path), path, key)
+
+    def load(self, label: str, path: str, key: str | None, within: Checkpoint | None = None) -> Checkpoint:
+        """``within``: a listing of this checkpoint whose ``--key`` sub-tree alone is read."""
+        from .. import tree
+
+        root = load(path) if within is None else load(path, tree.find_key(within.root, key))
+        return named(label, self, root, path, key)
