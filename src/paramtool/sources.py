@@ -241,10 +241,7 @@ def read_toc(src: Source, key: str | None = None) -> Toc:
         return _with_config(src, read_toc(replace(src, directory=None), key))
 
     if src.layout is not None:
-        listing = open_listing(src, key)
-        if src.layout.placeholder_values and key and not listing.names:  # DCP keeps values in the data files
-            return src.layout.load(src.label, src.path, key, within=listing).toc()
-        return listing.toc()
+        return src.layout.toc_of(open_listing(src, key), key)  # (DCP: a non-tensor --key from its data files)
     return load(src, key).toc()
 
 
@@ -325,8 +322,9 @@ def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
     read one at a time, else loaded."""
     if src.layout is not None and src.layout.split:
         return _sharded(src, load_lazy)
-    if src.layout is not None and (src.layout.placeholder_values or src.layout.dequantized):
-        return src.layout.load_lazy(src.label, src.path, key)  # DCP, GGUF: one tensor entry at a time
+    lazy = src.layout.load_lazy(src.label, src.path, key) if src.layout is not None else None
+    if lazy is not None:  # DCP, GGUF: one tensor entry at a time
+        return lazy
     if src.is_file and src.layout.byte_ranges:
         from .formats.storage import open_storage_file
 

@@ -13,7 +13,10 @@ from ..records import dataclass
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Callable
+
+    from ..plan import Plan
+    from ..toc import Toc
 
     from ..checkpoint import Checkpoint
     from .dcp import Entries
@@ -79,6 +82,24 @@ class Format:
         """How the tensors of ``ckpt`` (read in this format) pair with the tensors ``names`` of a checkpoint it
         was made from, where the format stores them otherwise (GGUF: renamed, reordered, quantized:
         ``gguf.Pairing``); None where tensors pair by name, as stored."""
+        return None
+
+    def load_lazy(self, label: str, path: str, key: str | None) -> Checkpoint | None:
+        """The checkpoint ``load`` gives, each tensor read only when asked for, where the format reads so on its
+        own (DCP: one entry at a time; GGUF: dequantized one tensor at a time); None where values are read
+        otherwise (by byte range, or loaded whole)."""
+        return None
+
+    def toc_of(self, listing: Checkpoint, key: str | None) -> Toc:
+        """The table of contents of ``listing`` (read with ``--key``)."""
+        return listing.toc()
+
+    def check_plan(self, plan: Plan) -> None:
+        """Refuse a plan a file in this format cannot take (an archive takes only new values)."""
+
+    def name_files_apart(self) -> Callable[[], None] | None:
+        """Before a rewrite in place of a remote prefix: name the new part files apart from the old ones, and
+        return what names them as usual again (None: the format's names need no care)."""
         return None
 
     def save(self, root: Any, metadata: dict[str, str] | None, path: str) -> None:

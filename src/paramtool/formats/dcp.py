@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Hashable
     from typing import Any
 
+    from ..toc import Toc
+
 from .. import blob
 from ..checkpoint import Checkpoint, named
 from ..errors import FormatError, RefusedGlobal, first_line
@@ -491,6 +493,12 @@ def _write_failure(exc: BaseException, directory: str) -> BaseException:
     return FormatError(f"cannot write the distributed checkpoint: {_failure(exc)}")
 
 
+def torch_names() -> None:
+    """Data files under torch's own names again (``DcpFormat.name_files_apart``)."""
+    global DATA_PREFIX
+    DATA_PREFIX = "__"
+
+
 class DcpFormat(Format):
     """A ``torch.distributed.checkpoint`` directory: a container over its data files, non-tensor values kept
     there (this module)."""
@@ -505,6 +513,22 @@ class DcpFormat(Format):
 
     def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
         return named(label, self, read_tree(path), path, key)
+
+    def toc_of(self, listing: Checkpoint, key: str | None) -> Toc:
+        """A ``--key`` sub-tree the listing shows no tensor of may be a non-tensor value kept in the data files
+        (a stand-in in the listing): read from there."""
+        if key and not listing.names:
+            return self.load(listing.source, listing.path, key, within=listing).toc()
+        return listing.toc()
+
+    def name_files_apart(self) -> Callable[[], None]:
+        """New data files under names the old ``.metadata`` has not (the old ones stay until the new ``.metadata``
+        replaces it); torch's own names again through the returned ``torch_names``."""
+        import secrets
+
+        global DATA_PREFIX
+        DATA_PREFIX = f"__{secrets.token_hex(4)}_"
+        return torch_names
 
     def load(self, label: str, path: str, key: str | None, within: Checkpoint | None = None) -> Checkpoint:
         """``within``: a listing of this checkpoint whose ``--key`` sub-tree alone is read."""

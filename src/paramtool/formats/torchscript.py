@@ -27,6 +27,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up
 if TYPE_CHECKING:
     from typing import Any, BinaryIO, Callable, Hashable, Iterable
 
+    from ..plan import Plan
     from .storage import StorageFile
     from .torchfile import TorchFile
 
@@ -368,6 +369,11 @@ class TorchScriptFormat(torchfile.TorchFormat):
         ckpt = named(label, self, listing.root if load is None else load(path, listing), path, key, ScriptCheckpoint)
         ckpt.globals, ckpt.modules = sorted(listing.globals), modules
         return listing, ckpt
+
+    def check_plan(self, plan: Plan) -> None:
+        """Only values change in an archive: no rename, drop, cast, resize or untie."""
+        if plan.restructure or plan.untie:
+            raise refuse_structural(plan.report.action + (" with --untie" if plan.untie else ""))
 
     def archive_listing(self, path: str, fileobj: BinaryIO | None) -> TorchFile:
         """An archive met where a torch zip was read (``TorchFormat.archive``): its state dict, as ``torch.load``
