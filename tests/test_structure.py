@@ -308,7 +308,7 @@ KNOWN_FORMAT_CHECKS: set[str] = set()
 # flags true for exactly one format, still read outside ``formats/`` as ``.layout.FLAG`` (shrink-only): each should
 # become behaviour of that format (a method that does the thing)
 KNOWN_ONE_FORMAT_FLAGS: dict[str, set[str]] = {
-    "convert_stream": {"split", "placeholder_values", "dequantized"},
+    "convert_stream": {"split"},
     "executor": {"sidecars", "split", "placeholder_values", "in_memory"},
     "sources": {"split", "placeholder_values", "in_memory"},
     "writer": {"values_only", "split", "in_memory"},

@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from ..toc import Toc
 
     from ..checkpoint import Checkpoint
-    from .dcp import Entries
     from .gguf import Pairing
     from .storage import StorageFile
 
@@ -63,11 +62,23 @@ class Format:
         place?"""
         return self.byte_ranges
 
-    def open_storages(self, listing: Checkpoint) -> StorageFile | Entries | None:
+    def open_storages(self, listing: Checkpoint) -> StorageFile | None:
         """A reader of this file's storages by byte range (``formats.storage``: streamed reads, patched copies),
         made from the validated listing, which says where each storage is; None for formats without byte
         ranges (they are loaded whole)."""
         return None
+
+    def open_entries(self, listing: Checkpoint) -> Any:
+        """A reader of this checkpoint's storages one entry at a time, where the format reads them so rather than
+        by byte range (DCP: tensor entries; GGUF: tensors dequantized): ``read_storage(key)`` (a 1-D tensor),
+        ``nbytes(key)``, ``close()``, ``dtype`` (the storage's dtype as stored, by key, or None); None for
+        other formats."""
+        return None
+
+    def streams_root(self, listing: Checkpoint, root: Any) -> bool:
+        """Can ``root``, made from ``listing`` (its stand-ins), be written storage by storage, non-tensor entries
+        as they are in it?"""
+        return True
 
     def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
         """The checkpoint with stand-in tensors: names, shapes, storages, the container; no tensor data, no

@@ -352,6 +352,8 @@ class Entries:
     read from, so memory stays near one entry, never the checkpoint. Storage keys are the listing's
     ``("dcp", fqn)``; pool threads may read different entries at once."""
 
+    dtype = None  # (no dtype by key before an entry is read: ``Format.open_entries``)
+
     def __init__(self, directory: str) -> None:
         import torch  # noqa: F401  now, not on a pool thread: another one would meet a half-imported torch
 
@@ -493,6 +495,17 @@ def _write_failure(exc: BaseException, directory: str) -> BaseException:
     return FormatError(f"cannot write the distributed checkpoint: {_failure(exc)}")
 
 
+def only_tensors(root: Any) -> bool:
+    """Containers of stand-in tensors only: nothing a DCP listing holds as a placeholder ("<bytes>")."""
+    if isinstance(root, FakeTensor):
+        return True
+    if type(root) is dict:
+        return all(only_tensors(v) for v in root.values())
+    if type(root) is list:
+        return all(only_tensors(v) for v in root)
+    return False
+
+
 def torch_names() -> None:
     """Data files under torch's own names again (``DcpFormat.name_files_apart``)."""
     global DATA_PREFIX
@@ -503,9 +516,14 @@ class DcpFormat(Format):
     """A ``torch.distributed.checkpoint`` directory: a container over its data files, non-tensor values kept
     there (this module)."""
 
-    def open_storages(self, listing: Checkpoint) -> Entries:
-        """Not byte ranges: each tensor entry read whole, one at a time (``dcp.Entries``)."""
+    def open_entries(self, listing: Checkpoint) -> Entries:
+        """Not byte ranges: each tensor entry read whole, one at a time (``Entries``)."""
         return Entries(listing.path)
+
+    def streams_root(self, listing: Checkpoint, root: Any) -> bool:
+        """Not where non-tensor entries are placeholders in the listing (kept in the data files), nor a ``--key``
+        sub-tree (a load reads only it)."""
+        return only_tensors(root) and not (listing.key and root is listing.root)
 
     def load_lazy(self, label: str, path: str, key: str | None) -> Checkpoint:
         """The checkpoint ``load`` gives, with each tensor entry read only when asked for."""

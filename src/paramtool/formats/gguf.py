@@ -188,6 +188,27 @@ def pairing(ckpt: GgufCheckpoint, names: list[str]) -> Pairing:
     return Pairing(pairs, dict(ckpt.toc().quantization), ckpt.metadata or {})
 
 
+class TensorEntries:
+    """A GGUF listing's tensors one at a time, dequantized as they are read (``GgufFormat.open_entries``): its
+    stand-ins' storage keys are its keys, one storage per tensor."""
+
+    def __init__(self, listing: Checkpoint) -> None:
+        self.listing = listing
+        self.by_key = {t.storage: t for t in listing.infos()}
+
+    def read_storage(self, key: Any) -> Any:
+        return self.listing.tensor(self.by_key[key].name).reshape(-1)
+
+    def nbytes(self, key: Any) -> int:
+        return self.by_key[key].nbytes
+
+    def dtype(self, key: Any) -> str:
+        return self.by_key[key].dtype
+
+    def close(self) -> None:
+        pass
+
+
 class GgufFormat(Format):
     """llama.cpp's GGUF, read through the ``gguf`` package (this module); not written."""
 
@@ -204,6 +225,9 @@ class GgufFormat(Format):
 
     def pairing(self, ckpt: Checkpoint, names: list[str]) -> Pairing:
         return pairing(ckpt, names)
+
+    def open_entries(self, listing: Checkpoint) -> TensorEntries:
+        return TensorEntries(listing)
 
     def load_lazy(self, label: str, path: str, key: str | None) -> Checkpoint:
         """Each tensor read and dequantized only when asked for."""
