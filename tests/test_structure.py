@@ -311,7 +311,7 @@ KNOWN_ONE_FORMAT_FLAGS: dict[str, set[str]] = {
     "convert_stream": {"split"},
     "executor": {"sidecars", "split", "placeholder_values", "in_memory"},
     "sources": {"split", "placeholder_values", "in_memory"},
-    "writer": {"values_only", "split", "in_memory"},
+    "writer": {"split", "in_memory"},
 }
 
 

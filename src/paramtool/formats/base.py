@@ -105,6 +105,11 @@ class Format:
         """The table of contents of ``listing`` (read with ``--key``)."""
         return listing.toc()
 
+    def written_as(self, chosen: Format, asked: bool) -> Format:
+        """The format an edit of a file in this format is written in, ``chosen`` by the output's name or the
+        default (``asked``: by ``--format`` or ``convert``)."""
+        return chosen
+
     def check_plan(self, plan: Plan) -> None:
         """Refuse a plan a file in this format cannot take (an archive takes only new values)."""
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from typing import Any, BinaryIO, Callable, Hashable, Iterable
 
     from ..plan import Plan
+    from .base import Format
     from .storage import StorageFile
     from .torchfile import TorchFile
 
@@ -369,6 +370,11 @@ class TorchScriptFormat(torchfile.TorchFormat):
         ckpt = named(label, self, listing.root if load is None else load(path, listing), path, key, ScriptCheckpoint)
         ckpt.globals, ckpt.modules = sorted(listing.globals), modules
         return listing, ckpt
+
+    def written_as(self, chosen: Format, asked: bool) -> Format:
+        """An edited archive stays an archive where a torch file is written, whatever ``-o``'s extension; its
+        state dict where ``--format`` or ``convert`` asks."""
+        return self if not asked and chosen.pickled else chosen
 
     def check_plan(self, plan: Plan) -> None:
         """Only values change in an archive: no rename, drop, cast, resize or untie."""
