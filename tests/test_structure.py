@@ -310,7 +310,7 @@ KNOWN_FORMAT_CHECKS: set[str] = set()
 KNOWN_ONE_FORMAT_FLAGS: dict[str, set[str]] = {
     "convert_stream": {"split"},
     "executor": {"sidecars", "split", "placeholder_values", "in_memory"},
-    "sources": {"split", "placeholder_values", "in_memory"},
+    "sources": {"split", "in_memory"},
     "writer": {"split", "in_memory"},
 }
 

@@ -282,21 +282,15 @@ def local_copy(src: Source) -> Source:
         return target
 
     directory = src.directory
-    if src.layout.placeholder_values:  # DCP: the whole directory
-        for name in blob.listdir(src.path):
-            if blob.isfile(os.path.join(src.path, name)):
-                fetch(os.path.join(src.path, name))
+    files, main = src.layout.files_of(src.path)  # (the file, an index and its shards, a DCP directory's files)
+    if main is None:  # read from the directory
+        for path in files:
+            fetch(path)
         return replace(src, path=work)
     if directory and blob.isfile(os.path.join(directory, "config.json")):
         fetch(os.path.join(directory, "config.json"))
-    if src.layout.split:  # an index and its shards
-        from .formats.sharded import read_index
-
-        index = read_index(src.path)
-        for shard in index.shards:
-            fetch(os.path.join(index.directory, shard))
-        return replace(src, path=fetch(index.path), directory=work if directory else None)
-    return replace(src, path=fetch(src.path), directory=work if directory else None)
+    local = {path: fetch(path) for path in files}
+    return replace(src, path=local[main], directory=work if directory else None)
 
 
 def _from_object(src: Source, obj: Any, key: str | None) -> Checkpoint:

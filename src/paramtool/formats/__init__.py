@@ -9,6 +9,7 @@ from .base import Format
 from .dcp import DcpFormat
 from .gguf import GgufFormat
 from .safetensors_fmt import SafetensorsFormat
+from .sharded import ShardedFormat
 from .torchfile import TorchFormat
 from .torchscript import TorchScriptFormat
 
@@ -20,7 +21,7 @@ TORCHSCRIPT = TorchScriptFormat("torchscript", byte_ranges=True, flat=True, valu
 PT = TorchFormat("pt", PT_EXTENSIONS, single_file=True, byte_ranges=True, holds_non_tensors=True, pickled=True,
                  archive=TORCHSCRIPT)
 PT_LEGACY = TorchFormat("pt-legacy", holds_non_tensors=True, pickled=True)
-SHARDED = Format("sharded", flat=True, is_container=True, split=True)
+SHARDED = ShardedFormat("sharded", flat=True, is_container=True, split=True)
 DCP = DcpFormat("dcp", holds_non_tensors=True, is_container=True, placeholder_values=True)
 DIRECTORY = Format("directory", is_container=True, sidecars=True)
 MODULE = Format("module", in_memory=True)

@@ -105,6 +105,11 @@ class Format:
         """The table of contents of ``listing`` (read with ``--key``)."""
         return listing.toc()
 
+    def files_of(self, path: str) -> tuple[list[str], str | None]:
+        """The files a local copy of the checkpoint at ``path`` needs (a remote one, read whole), and the one it
+        is read from (None: the directory that holds them)."""
+        return [path], path
+
     def written_as(self, chosen: Format, asked: bool) -> Format:
         """The format an edit of a file in this format is written in, ``chosen`` by the output's name or the
         default (``asked``: by ``--format`` or ``convert``)."""

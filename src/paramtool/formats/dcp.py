@@ -539,6 +539,10 @@ class DcpFormat(Format):
             return self.load(listing.source, listing.path, key, within=listing).toc()
         return listing.toc()
 
+    def files_of(self, path: str) -> tuple[list[str], None]:
+        """The whole directory: every file in it."""
+        return [os.path.join(path, n) for n in blob.listdir(path) if blob.isfile(os.path.join(path, n))], None
+
     def name_files_apart(self) -> Callable[[], None]:
         """New data files under names the old ``.metadata`` has not (the old ones stay until the new ``.metadata``
         replaces it); torch's own names again through the returned ``torch_names``."""
