@@ -299,3 +299,96 @@ def test_architecture_doc_names_every_module():
     missing = [m for m, path in MODULES.items() if m not in ("", "__main__")
                and f"`{path.relative_to(ROOT).as_posix()}`" not in section]
     assert missing == []
+
+
+# -- format identity asked of the format -----------------------------------------------------------------------
+
+# Modules outside ``formats/`` that still name a format to decide what to do (shrink-only): none.
+KNOWN_FORMAT_CHECKS: set[str] = set()
+# flags true for exactly one format, still read outside ``formats/`` as ``.layout.FLAG`` (shrink-only): each should
+# become behaviour of that format (a method that does the thing)
+KNOWN_ONE_FORMAT_FLAGS: dict[str, set[str]] = {
+    "convert_stream": {"split"},
+    "executor": {"sidecars", "split", "placeholder_values", "in_memory"},
+    "sources": {"split", "in_memory"},
+    "writer": {"split", "in_memory"},
+}
+
+
+def _format_checks(module: str, names: set[str]) -> list[str]:
+    """Comparisons in ``module`` that ask which format something is: ``x.kind``/``x.format``/``x.name`` compared
+    to a registry name (``== "dcp"``, ``in ("sharded", "dcp")``), or a value compared to a registry constant
+    (``layout is formats.DCP``)."""
+    constants = {n for n in dir(__import__("paramtool.formats").formats) if n.isupper()}
+    found = []
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        asked = any(isinstance(s, ast.Attribute) and s.attr in ("kind", "format", "name") for s in sides)
+        strings = {c.value for s in sides for c in ast.walk(s) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+        registry = any(isinstance(s, ast.Attribute) and isinstance(s.value, ast.Name) and s.value.id == "formats"
+                       and s.attr in constants for s in sides)
+        if (asked and strings & names) or registry:
+            found.append(f"{module}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def test_no_format_name_compared_outside_formats():
+    """Outside ``formats/`` no code asks which format it holds (issue 24): no ``.kind``/``.format`` compared to a
+    format's name, no identity check against a registry constant; the format is asked to do the thing."""
+    from paramtool import formats
+
+    names = {f.name for f in formats.REGISTRY}
+    found = {m: _format_checks(m, names) for m in MODULES if m != "formats" and not m.startswith("formats.")}
+    assert sorted(m for m, f in found.items() if f and m not in KNOWN_FORMAT_CHECKS) == [], \
+        [f for m, fs in found.items() if m not in KNOWN_FORMAT_CHECKS for f in fs]
+    assert sorted(m for m in KNOWN_FORMAT_CHECKS if not found.get(m)) == [], "a known check is gone: shrink the list"
+
+
+def test_format_check_finder_finds_one(tmp_path):
+    """The measure itself: a kind compared to a format's name, and an identity check against a registry constant,
+    are found; a source kind that is no format (``"nn"``) is not."""
+    import textwrap
+
+    code = textwrap.dedent('''
+        def f(src, layout):
+            a = src.kind == "dcp"
+            b = src.format in ("sharded", "pt")
+            c = layout is not formats.DCP
+            d = src.kind == "nn"
+    ''')
+    path = tmp_path / "probe.py"
+    path.write_text(code)
+    MODULES["_probe"] = path
+    try:
+        found = _format_checks("_probe", {"dcp", "sharded", "pt"})
+    finally:
+        del MODULES["_probe"]
+    assert [f.split(" ", 1)[0] for f in found] == ["_probe:3", "_probe:4", "_probe:5"]
+
+
+def test_flags_of_one_format_are_not_read_outside_formats():
+    """A capability only one format has is behaviour of that format (a method), not a flag read elsewhere: the
+    reads left are ``KNOWN_ONE_FORMAT_FLAGS``, which may shrink, never grow."""
+    from paramtool import formats
+    from paramtool.formats.base import Format
+    from paramtool.records import fields
+
+    flags = [f for f in fields(Format) if isinstance(getattr(formats.REGISTRY[0], f), bool)]
+    single = {f for f in flags if sum(bool(getattr(fmt, f)) for fmt in formats.REGISTRY) == 1}
+    assert {"values_only", "dequantized", "placeholder_values"} <= single
+    found: dict[str, set[str]] = {}
+    for module, path in MODULES.items():
+        if module == "formats" or module.startswith("formats."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            owner = node.value if isinstance(node, ast.Attribute) else None
+            if node.__class__ is ast.Attribute and node.attr in single and (
+                    (isinstance(owner, ast.Attribute) and owner.attr == "layout")
+                    or (isinstance(owner, ast.Name) and owner.id == "layout")):
+                found.setdefault(module, set()).add(node.attr)
+    new = {m: sorted(f - KNOWN_ONE_FORMAT_FLAGS.get(m, set())) for m, f in found.items()}
+    assert {m: f for m, f in new.items() if f} == {}, "ask the format to do the thing (a method in its module)"
+    gone = {m: sorted(f - found.get(m, set())) for m, f in KNOWN_ONE_FORMAT_FLAGS.items()}
+    assert {m: f for m, f in gone.items() if f} == {}, "a known read is gone: shrink KNOWN_ONE_FORMAT_FLAGS"

@@ -318,10 +318,7 @@ def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, ou
         _dry_run(plan.report, json_out)
         return
     target = writer.plan_output(src, output, in_place, fmt, max_shard_size, convert)
-    if target.layout.values_only and (plan.restructure or plan.untie):  # only values change in an archive
-        from .formats.torchscript import refuse_structural
-
-        raise refuse_structural(plan.report.action + (" with --untie" if plan.untie else ""))
+    target.layout.check_plan(plan)  # (an archive takes only new values)
     for w in plan.report.warnings:
         warn(w)
     seen = len(plan.report.warnings)

@@ -76,19 +76,10 @@ def _sharded_reader(listing: Any) -> StorageReader | None:
                          lambda k, out: files[k[0]].copy(k[1], out), lambda k: files[k[0]].dtype(k[1]))
 
 
-def _dcp_reader(listing: Any) -> StorageReader:
-    """One tensor entry at a time, as the value commands read them (``formats.dcp.Entries``, the DCP format's
-    storage reader). Keys are the listing's ``("dcp", fqn)``."""
-    entries = listing.layout.open_storages(listing)
-    return StorageReader(entries.read_storage, entries.nbytes, entries.close)
-
-
-def _dequantizing_reader(listing: Any) -> StorageReader:
-    """One tensor at a time from a listing that reads (dequantizes) its own tensors: GGUF, whose keys are its
-    stand-ins' storage keys, one storage per tensor."""
-    by_key = {t.storage: t for t in listing.infos()}
-    return StorageReader(lambda k: listing.tensor(by_key[k].name).reshape(-1), lambda k: by_key[k].nbytes,
-                         lambda: None, dtype=lambda k: by_key[k].dtype)
+def _entry_reader(entries: Any) -> StorageReader:
+    """One entry at a time, from a format that reads its storages so (``Format.open_entries``: DCP's tensor
+    entries, GGUF's tensors dequantized)."""
+    return StorageReader(entries.read_storage, entries.nbytes, entries.close, dtype=entries.dtype)
 
 
 def reader_of(listing: Any) -> StorageReader:
@@ -106,11 +97,8 @@ def open_reader(src: Any, listing: Any) -> StorageReader | None:
         return _file_reader(listing) if listing.byte_ranges else None
     if layout.split:
         return _sharded_reader(listing)
-    if layout.placeholder_values:
-        return _dcp_reader(listing)
-    if layout.dequantized:
-        return _dequantizing_reader(listing)
-    return None
+    entries = layout.open_entries(listing)
+    return _entry_reader(entries) if entries is not None else None
 
 
 # --- safetensors ----------------------------------------------------------------------------------------
@@ -212,19 +200,6 @@ def _whole(t: TensorInfo, reader: StorageReader) -> bool:
 # --- torch zip ------------------------------------------------------------------------------------------
 
 
-def _only_tensors(root: Any) -> bool:
-    """Containers of stand-in tensors only: nothing a DCP listing holds as a placeholder ("<bytes>")."""
-    from .toc import FakeTensor
-
-    if isinstance(root, FakeTensor):
-        return True
-    if type(root) is dict:
-        return all(_only_tensors(v) for v in root.values())
-    if type(root) is list:
-        return all(_only_tensors(v) for v in root)
-    return False
-
-
 def sharded_root(listing: Any) -> dict[str, Any]:
     """The merged flat state dict (``pt_root``'s for shards) with each stand-in's storage keyed as the sharded
     reader names it, ``(shard, key in shard)``; one stand-in stays one (a tie within a shard)."""
@@ -319,8 +294,8 @@ def convert_streamed(src: Any, listing: Any, output: Any, drop_extra: bool, narr
         writer.refuse_non_tensors(listing, drop_extra)
     else:
         root = sharded_root(listing) if src.layout.split else writer.pt_root(listing, narrow, drop_extra)[0]
-        if src.layout.placeholder_values and (not _only_tensors(root) or (listing.key and root is listing.root)):
-            return False  # non-tensor entries are placeholders here; a --key load reads only its sub-tree
+        if not src.layout.streams_root(listing, root):
+            return False  # (DCP: non-tensor entries are placeholders here; a --key load reads only its sub-tree)
     reader = open_reader(src, listing)
     if reader is None:
         return False

@@ -1,7 +1,7 @@
 """Where a command's output goes when it names a bucket: the format-aware side of writing to S3.
 
 ``remote.py`` (the medium) uploads files and commits prefixes; what a format must do for it lives here: a
-rewrite in place of a DCP directory names its new data files apart from the old ones (``formats.dcp``), and a
+rewrite in place of a DCP directory names its new data files apart from the old ones (``Format.name_files_apart``), and a
 sharded or DCP source (``Layout.is_container``) is committed through its index as a prefix.
 """
 from __future__ import annotations
@@ -67,24 +67,11 @@ def _file_name(src: Any) -> Callable[[str], str]:
 
 
 def _name_data_files(layout: Any) -> None:
-    """A DCP directory rewritten in its prefix: its new data files under names the old ``.metadata`` has not
-    (the old ones stay until the new ``.metadata`` replaces it); torch's own names again once the rewrite is
-    committed or the run's remote state forgotten (``remote.forget``)."""
-    from . import formats
-
-    if layout is not formats.DCP:
-        return
-    import secrets
-
+    """A prefix rewritten in place: its new part files under names the old ones have not, where its format says
+    so (a DCP directory's data files, apart from those the old ``.metadata`` names); the usual names again once
+    the rewrite is committed or the run's remote state forgotten (``remote.forget``)."""
     from . import remote
-    from .formats import dcp
 
-    dcp.DATA_PREFIX = f"__{secrets.token_hex(4)}_"
-    if _torch_names not in remote.FORGET_HOOKS:
-        remote.FORGET_HOOKS.append(_torch_names)
-
-
-def _torch_names() -> None:
-    from .formats import dcp
-
-    dcp.DATA_PREFIX = "__"
+    usual = layout.name_files_apart() if layout is not None else None
+    if usual is not None and usual not in remote.FORGET_HOOKS:
+        remote.FORGET_HOOKS.append(usual)

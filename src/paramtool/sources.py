@@ -241,10 +241,7 @@ def read_toc(src: Source, key: str | None = None) -> Toc:
         return _with_config(src, read_toc(replace(src, directory=None), key))
 
     if src.layout is not None:
-        listing = open_listing(src, key)
-        if src.layout.placeholder_values and key and not listing.names:  # DCP keeps values in the data files
-            return src.layout.load(src.label, src.path, key, within=listing).toc()
-        return listing.toc()
+        return src.layout.toc_of(open_listing(src, key), key)  # (DCP: a non-tensor --key from its data files)
     return load(src, key).toc()
 
 
@@ -285,21 +282,15 @@ def local_copy(src: Source) -> Source:
         return target
 
     directory = src.directory
-    if src.layout.placeholder_values:  # DCP: the whole directory
-        for name in blob.listdir(src.path):
-            if blob.isfile(os.path.join(src.path, name)):
-                fetch(os.path.join(src.path, name))
+    files, main = src.layout.files_of(src.path)  # (the file, an index and its shards, a DCP directory's files)
+    if main is None:  # read from the directory
+        for path in files:
+            fetch(path)
         return replace(src, path=work)
     if directory and blob.isfile(os.path.join(directory, "config.json")):
         fetch(os.path.join(directory, "config.json"))
-    if src.layout.split:  # an index and its shards
-        from .formats.sharded import read_index
-
-        index = read_index(src.path)
-        for shard in index.shards:
-            fetch(os.path.join(index.directory, shard))
-        return replace(src, path=fetch(index.path), directory=work if directory else None)
-    return replace(src, path=fetch(src.path), directory=work if directory else None)
+    local = {path: fetch(path) for path in files}
+    return replace(src, path=local[main], directory=work if directory else None)
 
 
 def _from_object(src: Source, obj: Any, key: str | None) -> Checkpoint:
@@ -325,8 +316,9 @@ def load_lazy(src: Source, key: str | None = None) -> Checkpoint:
     read one at a time, else loaded."""
     if src.layout is not None and src.layout.split:
         return _sharded(src, load_lazy)
-    if src.layout is not None and (src.layout.placeholder_values or src.layout.dequantized):
-        return src.layout.load_lazy(src.label, src.path, key)  # DCP, GGUF: one tensor entry at a time
+    lazy = src.layout.load_lazy(src.label, src.path, key) if src.layout is not None else None
+    if lazy is not None:  # DCP, GGUF: one tensor entry at a time
+        return lazy
     if src.is_file and src.layout.byte_ranges:
         from .formats.storage import open_storage_file
 

@@ -45,8 +45,8 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
                 max_shard_size: str | None = None, convert: bool = False) -> Output:
     """Apply the contract's OUTPUT rules: ``-o``, ``--in-place``, or stdout when it is not a terminal.
 
-    An edit of a TorchScript archive (``values_only``) writes the archive again where a torch file is asked
-    for; ``convert`` writes its state dict."""
+    An edit of a TorchScript archive writes the archive again where a torch file is asked for
+    (``Format.written_as``); ``convert`` writes its state dict."""
     if fmt is not None and not getattr(formats.find(fmt), "single_file", False):
         raise UsageError(f"--format must be pt or safetensors, not '{fmt}'")
     _refuse_foreign(out, fmt)
@@ -84,8 +84,8 @@ def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
         raise UsageError("refusing to write a checkpoint to a terminal: use -o PATH, --in-place, or a pipe")
     default = src.layout if src.layout is not None and src.layout.single_file else formats.PT
     chosen = formats.by_name(fmt) if fmt else formats.for_output_path(out, default)
-    if src.layout is not None and src.layout.values_only and not convert and not fmt and chosen.pickled:
-        chosen = src.layout  # an edited archive stays an archive, whatever -o's extension
+    if src.layout is not None:
+        chosen = src.layout.written_as(chosen, asked=convert or bool(fmt))  # (an edited archive stays an archive)
     return Output(out, chosen.name, in_place)
 
 

@@ -1,19 +1,27 @@
-"""The on-disk formats and their registry: one ``Format`` per format (see ``base.py``), found by name, by a
-file's first bytes, or by an output path's extension. Imports no torch."""
+"""The on-disk formats and their registry: one ``Format`` per format (the interface: ``base.py``; each format's
+class: its own module), found by name, by a file's first bytes, or by an output path's extension. Imports no
+torch: each format module imports its heavy readers inside its methods."""
 from __future__ import annotations
 
 
 from ..errors import FormatError
-from .base import DcpFormat, Format, GgufFormat, SafetensorsFormat, TorchFormat, TorchScriptFormat
+from .base import Format
+from .dcp import DcpFormat
+from .gguf import GgufFormat
+from .safetensors_fmt import SafetensorsFormat
+from .sharded import ShardedFormat
+from .torchfile import TorchFormat
+from .torchscript import TorchScriptFormat
 
 PT_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
 
 SAFETENSORS = SafetensorsFormat("safetensors", (".safetensors",), single_file=True, byte_ranges=True, flat=True)
-PT = TorchFormat("pt", PT_EXTENSIONS, single_file=True, byte_ranges=True, holds_non_tensors=True, pickled=True)
 # a state dict read from a TorchScript archive's modules; written back only as the archive with new values
 TORCHSCRIPT = TorchScriptFormat("torchscript", byte_ranges=True, flat=True, values_only=True)
+PT = TorchFormat("pt", PT_EXTENSIONS, single_file=True, byte_ranges=True, holds_non_tensors=True, pickled=True,
+                 archive=TORCHSCRIPT)
 PT_LEGACY = TorchFormat("pt-legacy", holds_non_tensors=True, pickled=True)
-SHARDED = Format("sharded", flat=True, is_container=True, split=True)
+SHARDED = ShardedFormat("sharded", flat=True, is_container=True, split=True)
 DCP = DcpFormat("dcp", holds_non_tensors=True, is_container=True, placeholder_values=True)
 DIRECTORY = Format("directory", is_container=True, sidecars=True)
 MODULE = Format("module", in_memory=True)

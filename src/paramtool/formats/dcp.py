@@ -14,8 +14,13 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Hashable
+    from typing import Any
+
+    from ..toc import Toc
 
 from .. import blob
 from ..checkpoint import Checkpoint, named
@@ -24,9 +29,7 @@ from ..toc import FakeTensor, StorageRef, contiguous_stride, itemsize, numel_wit
 from .torchfile import MAX_DEPTH
 from .unpickle import Global, Inert, unpickle
 from . import pins
-
-if TYPE_CHECKING:
-    from .base import Format
+from .base import Format
 
 MAX_METADATA = 256 * 1024 * 1024
 DATA_PREFIX = "__"  # data files are named {DATA_PREFIX}{rank}_{n}.distcp (torch's own names; a rewrite in a
@@ -349,6 +352,8 @@ class Entries:
     read from, so memory stays near one entry, never the checkpoint. Storage keys are the listing's
     ``("dcp", fqn)``; pool threads may read different entries at once."""
 
+    dtype = None  # (no dtype by key before an entry is read: ``Format.open_entries``)
+
     def __init__(self, directory: str) -> None:
         import torch  # noqa: F401  now, not on a pool thread: another one would meet a half-imported torch
 
@@ -488,3 +493,68 @@ def _write_failure(exc: BaseException, directory: str) -> BaseException:
     if found is not None:
         return found
     return FormatError(f"cannot write the distributed checkpoint: {_failure(exc)}")
+
+
+def only_tensors(root: Any) -> bool:
+    """Containers of stand-in tensors only: nothing a DCP listing holds as a placeholder ("<bytes>")."""
+    if isinstance(root, FakeTensor):
+        return True
+    if type(root) is dict:
+        return all(only_tensors(v) for v in root.values())
+    if type(root) is list:
+        return all(only_tensors(v) for v in root)
+    return False
+
+
+def torch_names() -> None:
+    """Data files under torch's own names again (``DcpFormat.name_files_apart``)."""
+    global DATA_PREFIX
+    DATA_PREFIX = "__"
+
+
+class DcpFormat(Format):
+    """A ``torch.distributed.checkpoint`` directory: a container over its data files, non-tensor values kept
+    there (this module)."""
+
+    def open_entries(self, listing: Checkpoint) -> Entries:
+        """Not byte ranges: each tensor entry read whole, one at a time (``Entries``)."""
+        return Entries(listing.path)
+
+    def streams_root(self, listing: Checkpoint, root: Any) -> bool:
+        """Not where non-tensor entries are placeholders in the listing (kept in the data files), nor a ``--key``
+        sub-tree (a load reads only it)."""
+        return only_tensors(root) and not (listing.key and root is listing.root)
+
+    def load_lazy(self, label: str, path: str, key: str | None) -> Checkpoint:
+        """The checkpoint ``load`` gives, with each tensor entry read only when asked for."""
+        return load_lazy(label, path, key, self)
+
+    def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
+        return named(label, self, read_tree(path), path, key)
+
+    def toc_of(self, listing: Checkpoint, key: str | None) -> Toc:
+        """A ``--key`` sub-tree the listing shows no tensor of may be a non-tensor value kept in the data files
+        (a stand-in in the listing): read from there."""
+        if key and not listing.names:
+            return self.load(listing.source, listing.path, key, within=listing).toc()
+        return listing.toc()
+
+    def files_of(self, path: str) -> tuple[list[str], None]:
+        """The whole directory: every file in it."""
+        return [os.path.join(path, n) for n in blob.listdir(path) if blob.isfile(os.path.join(path, n))], None
+
+    def name_files_apart(self) -> Callable[[], None]:
+        """New data files under names the old ``.metadata`` has not (the old ones stay until the new ``.metadata``
+        replaces it); torch's own names again through the returned ``torch_names``."""
+        import secrets
+
+        global DATA_PREFIX
+        DATA_PREFIX = f"__{secrets.token_hex(4)}_"
+        return torch_names
+
+    def load(self, label: str, path: str, key: str | None, within: Checkpoint | None = None) -> Checkpoint:
+        """``within``: a listing of this checkpoint whose ``--key`` sub-tree alone is read."""
+        from .. import tree
+
+        root = load(path) if within is None else load(path, tree.find_key(within.root, key))
+        return named(label, self, root, path, key)

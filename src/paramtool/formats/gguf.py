@@ -11,16 +11,16 @@ a vocabulary, summarised). Read only: paramtool writes no GGUF.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, ParamtoolError, first_line
 from ..records import dataclass
 from ..toc import FakeTensor, StorageRef, Toc, contiguous_stride, numel_of
+from .base import Format, flat_only
 from .dtypes import GGUF
-
-if TYPE_CHECKING:
-    from .base import Format
 
 _SHOWN = 16  # metadata arrays longer than this (a vocabulary) are summarised
 
@@ -186,3 +186,50 @@ def pairing(ckpt: GgufCheckpoint, names: list[str]) -> Pairing:
     mapped = name_map(ckpt, names)
     pairs = {n: mapped.get(n, n) for n in names if mapped.get(n, n) in ckpt.names}
     return Pairing(pairs, dict(ckpt.toc().quantization), ckpt.metadata or {})
+
+
+class TensorEntries:
+    """A GGUF listing's tensors one at a time, dequantized as they are read (``GgufFormat.open_entries``): its
+    stand-ins' storage keys are its keys, one storage per tensor."""
+
+    def __init__(self, listing: Checkpoint) -> None:
+        self.listing = listing
+        self.by_key = {t.storage: t for t in listing.infos()}
+
+    def read_storage(self, key: Any) -> Any:
+        return self.listing.tensor(self.by_key[key].name).reshape(-1)
+
+    def nbytes(self, key: Any) -> int:
+        return self.by_key[key].nbytes
+
+    def dtype(self, key: Any) -> str:
+        return self.by_key[key].dtype
+
+    def close(self) -> None:
+        pass
+
+
+class GgufFormat(Format):
+    """llama.cpp's GGUF, read through the ``gguf`` package (this module); not written."""
+
+    def sniff(self, head: bytes, size: int) -> bool:
+        return head[:4] == b"GGUF"
+
+    def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
+        flat_only(key, "a GGUF file")
+        return open_checkpoint(label, path, self)  # (lists only: tensors are read when asked for)
+
+    def load(self, label: str, path: str, key: str | None) -> Checkpoint:
+        flat_only(key, "a GGUF file")
+        return load(label, path, self)
+
+    def pairing(self, ckpt: Checkpoint, names: list[str]) -> Pairing:
+        return pairing(ckpt, names)
+
+    def open_entries(self, listing: Checkpoint) -> TensorEntries:
+        return TensorEntries(listing)
+
+    def load_lazy(self, label: str, path: str, key: str | None) -> Checkpoint:
+        """Each tensor read and dequantized only when asked for."""
+        flat_only(key, "a GGUF file")
+        return open_checkpoint(label, path, self)

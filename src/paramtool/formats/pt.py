@@ -18,14 +18,16 @@ import uuid
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Any, Hashable
+from typing import TYPE_CHECKING, Any, Hashable
 
 from ..errors import FormatError, first_line
 from ..toc import FakeModule, FakeTensor, StorageRef, itemsize
 from .dtypes import STORAGE_TYPES
 from .storage import Chunks
-from .torchfile import TorchFile
 from .unpickle import Global, Inert
+
+if TYPE_CHECKING:
+    from .torchfile import TorchFile
 
 
 def load(path: str, listing: TorchFile) -> Any:

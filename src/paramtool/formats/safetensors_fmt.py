@@ -18,8 +18,12 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up
 if TYPE_CHECKING:
     from typing import Any
 
+    from ..checkpoint import Checkpoint
+    from .storage import StorageFile
+
 from ..errors import FormatError
 from ..toc import FakeTensor, StorageRef, TensorInfo, contiguous_stride, itemsize, numel_of, numel_within
+from .base import Format, flat_only
 from .dtypes import SAFETENSORS
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -384,3 +388,41 @@ def _raw_bytes(t: Any) -> Any:
 
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy() if flat.numel() else b""
+
+
+class SafetensorsFormat(Format):
+    """safetensors: the header is the table of contents; every stored tensor is its own storage."""
+
+    def open_storages(self, listing: Checkpoint) -> StorageFile:
+        from .remote_storage import storage_class
+        from .storage import SafetensorsStorageFile
+
+        header, data_start = read_header(listing.path)
+        spans = {("st", name): (data_start + entry["data_offsets"][0],
+                                entry["data_offsets"][1] - entry["data_offsets"][0], DTYPES[entry["dtype"]])
+                 for name, entry in header.items() if name != "__metadata__"}
+        return storage_class(SafetensorsStorageFile, listing.path).open(listing.path, listing.toc(), spans, data_start,
+                                                                      header_with_format)
+
+    def names_path(self, path: str) -> bool:
+        return path.endswith(self.extensions)  # as written, ".safetensors"
+
+    def sniff(self, head: bytes, size: int) -> bool:
+        return sniff(head, size)
+
+    def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
+        from ..checkpoint import Checkpoint
+
+        flat_only(key)
+        root, metadata, meta_ties = read_tree(path)
+        return Checkpoint(label, self, root, {n: (n,) for n in root}, metadata, meta_ties, path)
+
+    def load(self, label: str, path: str, key: str | None) -> Checkpoint:
+        from ..checkpoint import Checkpoint
+
+        flat_only(key)
+        tensors, metadata, meta_ties = load(path)
+        return Checkpoint(label, self, tensors, {n: (n,) for n in tensors}, metadata, meta_ties, path)
+
+    def save(self, root: Any, metadata: dict[str, str] | None, path: str) -> None:
+        save(root, metadata, path)

@@ -9,6 +9,7 @@ import os
 from .. import blob
 from ..errors import FormatError, ParamtoolError
 from ..records import dataclass
+from .base import Format
 
 
 MAX_INDEX = 256 << 20
@@ -80,3 +81,12 @@ def write_index(index: Index, directory: str) -> None:
     with open(os.path.join(directory, os.path.basename(index.path)), "w", encoding="utf-8") as f:
         json.dump(index.raw, f, indent=2, sort_keys=False)
         f.write("\n")
+
+
+class ShardedFormat(Format):
+    """A container over part files: an index and its shards, each read as the file it is."""
+
+    def files_of(self, path: str) -> tuple[list[str], str]:
+        """The shards, then the index, which it is read from."""
+        index = read_index(path)
+        return [os.path.join(index.directory, shard) for shard in index.shards] + [index.path], index.path

@@ -392,8 +392,10 @@ class ZipStorageFile(StorageFile):
     other byte, alignment included."""
 
     @classmethod
-    def open(cls, path: str, toc: Toc, root: Any, located: dict[Hashable, tuple[int | None, str]]) -> "ZipStorageFile":
-        """``located``: each storage's data offset and record, as the listing's zip reading found them (no torch)."""
+    def open(cls, path: str, toc: Toc, root: Any, located: dict[Hashable, tuple[int | None, str]],
+             zip_prefix: Callable[[Any, str], str]) -> "ZipStorageFile":
+        """``located``: each storage's data offset and record, as the listing's zip reading found them (no torch);
+        ``zip_prefix(archive, path)``: the archive prefix as torch takes it (``torchfile.zip_prefix``)."""
         from ..tree import walk
 
         spans: dict[Hashable, Span] = {}
@@ -405,7 +407,9 @@ class ZipStorageFile(StorageFile):
                     raise FormatError(f"{path}: storage record '{record}' is compressed: it has no byte range")
                 # the record's own name without the archive prefix, as torch's reader lists it (any case)
                 spans[ref.key] = Span(offset, ref.nbytes, ref.dtype, record.split("/", 1)[-1])
-        return cls(path, toc, spans)
+        self = cls(path, toc, spans)
+        self.zip_prefix = zip_prefix
+        return self
 
     def patch(self, out_path: str, changed: Iterable[Hashable], produce: Callable[[Hashable], Any],
               workers: int = 1) -> None:
@@ -460,11 +464,9 @@ class ZipStorageFile(StorageFile):
         import struct
         import zipfile
 
-        from .torchfile import zip_prefix
-
         with zipfile.ZipFile(self.path) as z:
             infos = {i.filename: i for i in z.infolist()}
-            prefix = zip_prefix(z, self.path)
+            prefix = self.zip_prefix(z, self.path)
             start = z.start_dir
         f = self._file
         out: dict[str, list[int]] = {}
@@ -518,18 +520,12 @@ class SafetensorsStorageFile(StorageFile):
     """A safetensors file: every stored tensor is its own storage; the header is copied verbatim."""
 
     @classmethod
-    def open(cls, path: str, toc: Toc) -> "SafetensorsStorageFile":
-        from .safetensors_fmt import DTYPES, read_header
-
-        header, data_start = read_header(path)
-        spans = {}
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = entry["data_offsets"]
-            spans[("st", name)] = Span(data_start + start, end - start, DTYPES[entry["dtype"]])
-        self = cls(path, toc, spans)
-        self.data_start = data_start
+    def open(cls, path: str, toc: Toc, spans: dict[Hashable, tuple[int, int, str]], data_start: int,
+             header: Callable[[str], bytes | None]) -> "SafetensorsStorageFile":
+        """``spans``: each stored tensor's (offset, size, dtype) as its header says (``safetensors_fmt``);
+        ``header(path)``: the header a patched copy is written with, None to copy it as is."""
+        self = cls(path, toc, {key: Span(*span) for key, span in spans.items()})
+        self.data_start, self.header = data_start, header
         return self
 
     def patch(self, out_path: str, changed: Iterable[Hashable], produce: Callable[[Hashable], Any],
@@ -537,9 +533,7 @@ class SafetensorsStorageFile(StorageFile):
         changed = set(changed)
         ordered = sorted(self.spans.items(), key=lambda kv: kv[1].offset)
         produced = produce_ahead([k for k, _ in ordered if k in changed], produce, workers, self._nbytes)
-        from .safetensors_fmt import header_with_format
-
-        header = header_with_format(self.path)  # every safetensors file written says "format": "pt"
+        header = self.header(self.path)  # every safetensors file written says "format": "pt"
         with open(out_path, "wb") as out, DirectWriter(out_path) as direct:
             self._file.seek(0)
             if header is None:

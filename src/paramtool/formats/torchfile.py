@@ -17,10 +17,14 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up
 if TYPE_CHECKING:
     from typing import Any, BinaryIO, Callable, Hashable
 
+    from ..checkpoint import Checkpoint
+    from .storage import StorageFile
+
 from ..blob import deferred_offset, open_file
 from ..errors import FormatError, RefusedGlobal
 from ..records import dataclass, field, replace
 from ..toc import FakeModule, FakeTensor, Special, StorageRef, itemsize
+from .base import Format
 from .dtypes import QUANTIZED_STORAGES, SIZES, STORAGE_TYPES
 from .unpickle import MAX_DEPTH, OPCODES, TORCH_REBUILDS, Global, Hooks, Inert, unpickle
 
@@ -810,3 +814,58 @@ def read_torch(path: str, fmt: str, archive: Callable[[str, BinaryIO | None], To
         return read_legacy(path)
     with open_file(path) as f:  # a local file, or a remote object read by range (``blob``)
         return read_zip(path, f, archive)
+
+
+@dataclass(frozen=True)
+class TorchFormat(Format):
+    """torch.save files, zip (``pt``) or legacy (``pt-legacy``): read without running them (this module), tensors
+    rebuilt and written by ``formats.pt``."""
+
+    archive: Format | None = None  # the format a torch zip is read as when it is its archive (TorchScript)
+
+    def reads_by_range(self, listing: Checkpoint) -> bool:
+        """As its format says, unless a zip storage record is compressed (torch never writes one, but reads it:
+        then it is loaded whole), or a tensor is more than a view of its bytes (``whole``: torch rebuilds it, as
+        ``torch.load`` does)."""
+        return self.byte_ranges and not listing.whole \
+            and not any(offset is None for offset, _ in (listing.located or {}).values())
+
+    def open_storages(self, listing: Checkpoint) -> StorageFile | None:
+        if not self.byte_ranges:  # the legacy format: storages follow the pickle, read with it
+            return None
+        from .remote_storage import storage_class
+        from .storage import ZipStorageFile
+
+        return storage_class(ZipStorageFile, listing.path).open(listing.path, listing.toc(), listing.root, listing.located,
+                                                               zip_prefix)
+
+    def sniff(self, head: bytes, size: int) -> bool:
+        return sniff_torch(head) == self.name
+
+    def read_listing(self, label: str, path: str, key: str | None) -> Checkpoint:
+        listing, ckpt = self._read(label, path, key, None)
+        ckpt.located = {k: (listing.data_offset.get(k), listing.records.get(k, "")) for k in listing.storages}
+        ckpt.whole = listing.whole
+        return ckpt
+
+    def load(self, label: str, path: str, key: str | None) -> Checkpoint:
+        from . import pt
+
+        return self._read(label, path, key, pt.load)[1]
+
+    def _read(self, label: str, path: str, key: str | None,
+              load: Callable[[str, TorchFile], Any] | None) -> tuple[TorchFile, Checkpoint]:
+        """The file read without running it (``TorchFile``: refuses a hostile pickle, locates every storage),
+        and its checkpoint: stand-in tensors, or real ones from ``load(path, listing)``."""
+        from ..checkpoint import named
+
+        listing = read_torch(path, self.name, None if self.archive is None else self.archive.archive_listing)
+        ckpt = named(label, self, listing.root if load is None else load(path, listing), path, key)
+        ckpt.globals = sorted(listing.globals)
+        return listing, ckpt
+
+    def save(self, root: Any, metadata: dict[str, str] | None, path: str) -> None:
+        """torch.save's zip format (``pt.save``); a pickle keeps no header metadata."""
+        from . import pt
+
+        pt.save(root, path)

@@ -25,7 +25,12 @@ import zipfile
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
-    from typing import Any, Callable, Hashable, Iterable
+    from typing import Any, BinaryIO, Callable, Hashable, Iterable
+
+    from ..plan import Plan
+    from .base import Format
+    from .storage import StorageFile
+    from .torchfile import TorchFile
 
 from ..blob import open_file
 from ..checkpoint import Checkpoint
@@ -341,3 +346,45 @@ def refuse_structural(action: str) -> ParamtoolError:
         "storage sharing); only values can change in an archive (init, set without --untie). Convert it to a "
         "state dict first: paramtool convert ARCHIVE state.pt (or .safetensors)")
 
+
+class TorchScriptFormat(torchfile.TorchFormat):
+    """A TorchScript archive (``torch.jit.save``): its state dict, read without running its code
+    (this module); written only as a copy with new values in its storages."""
+
+    def sniff(self, head: bytes, size: int) -> bool:
+        return False  # a zip like any torch file: the records decide (sniff_path)
+
+    def sniff_path(self, path: str, head: bytes, size: int) -> bool:
+        return head.startswith(b"PK\x03\x04") and is_archive(path)
+
+    def open_storages(self, listing: Checkpoint) -> StorageFile:
+        from .storage import ArchiveStorageFile
+
+        return ArchiveStorageFile.open(listing.path, listing.toc(), listing.root, listing.located, torchfile.zip_prefix)
+
+    def _read(self, label: str, path: str, key: str | None,
+              load: Callable[[str, TorchFile], Any] | None) -> tuple[TorchFile, Checkpoint]:
+        from ..checkpoint import named
+
+        listing, modules = read_archive(path)
+        ckpt = named(label, self, listing.root if load is None else load(path, listing), path, key, ScriptCheckpoint)
+        ckpt.globals, ckpt.modules = sorted(listing.globals), modules
+        return listing, ckpt
+
+    def written_as(self, chosen: Format, asked: bool) -> Format:
+        """An edited archive stays an archive where a torch file is written, whatever ``-o``'s extension; its
+        state dict where ``--format`` or ``convert`` asks."""
+        return self if not asked and chosen.pickled else chosen
+
+    def check_plan(self, plan: Plan) -> None:
+        """Only values change in an archive: no rename, drop, cast, resize or untie."""
+        if plan.restructure or plan.untie:
+            raise refuse_structural(plan.report.action + (" with --untie" if plan.untie else ""))
+
+    def archive_listing(self, path: str, fileobj: BinaryIO | None) -> TorchFile:
+        """An archive met where a torch zip was read (``TorchFormat.archive``): its state dict, as ``torch.load``
+        hands such a zip to ``torch.jit.load``."""
+        return read_archive(path, fileobj)[0]
+
+    def save(self, root: Any, metadata: dict[str, str] | None, path: str) -> None:
+        raise refuse_structural("this write")
