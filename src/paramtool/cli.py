@@ -13,6 +13,12 @@ from .errors import ParamtoolError, UsageError
 from .fsops import FAILURE as _FAILURE  # the exit status of a failure the core did not map: 1, 2 for diff
 from .output import Sink, each_source, err_console, error_line, quiet_pipe, route_warnings, warn
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .plan import Plan
+    from .sources import Source
+
 EPILOG_HINT = "Exit status: 0 done, 1 input or operation failed, 2 bad command line."
 
 
@@ -154,7 +160,7 @@ def _note_aliases(used: list[str], aliases: dict[str, str]) -> None:
     queries.note_aliases(used, aliases, Sink())
 
 
-def _config_layers(src: Any, ckpt: Any, layers: Optional[list[str]], flag: str = "--layer") -> list[str]:
+def _config_layers(src: Source, ckpt: Checkpoint, layers: Optional[list[str]], flag: str = "--layer") -> list[str]:
     return queries.config_layers(src, ckpt, layers, Sink(), flag)
 
 
@@ -297,7 +303,7 @@ def _resolve_for_write(source: Optional[str], output: Optional[str], in_place: b
     return sources.resolve(source)
 
 
-def _finish(src: Any, listing: Any, plan: Any, dry_run: bool, json_out: bool, output: Optional[str], in_place: bool,
+def _finish(src: Source, listing: Checkpoint, plan: Plan, dry_run: bool, json_out: bool, output: Optional[str], in_place: bool,
             fmt: Optional[str], drop_extra: bool, max_shard_size: Optional[str] = None,
             convert: bool = False) -> None:
     """Report a dry run, or carry out the plan on ``listing`` (what it was planned on) and write the result

@@ -26,6 +26,9 @@ from .records import dataclass, replace
 from .toc import TensorInfo, contiguous_stride, itemsize
 
 if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .sources import Source
+    from .writer import Output
     from .surgery_stream import Cast
 
 
@@ -47,7 +50,7 @@ class StorageReader:
 # --- readers --------------------------------------------------------------------------------------------
 
 
-def _file_reader(listing: Any) -> StorageReader | None:
+def _file_reader(listing: Checkpoint) -> StorageReader | None:
     from .formats.storage import open_storage_file
 
     sf = open_storage_file(listing)
@@ -57,7 +60,7 @@ def _file_reader(listing: Any) -> StorageReader | None:
                          chunks=sf.chunks, copy=sf.copy_storage, dtype=lambda k: sf.spans[k].dtype)
 
 
-def _sharded_reader(listing: Any) -> StorageReader | None:
+def _sharded_reader(listing: Checkpoint) -> StorageReader | None:
     """Keys are ``(shard, key in shard)``, as the sharded listing names them."""
     files: dict[str, StorageReader] = {}
     for shard, part in listing.parts.items():
@@ -82,12 +85,12 @@ def _entry_reader(entries: Any) -> StorageReader:
     return StorageReader(entries.read_storage, entries.nbytes, entries.close, dtype=entries.dtype)
 
 
-def reader_of(listing: Any) -> StorageReader:
+def reader_of(listing: Checkpoint) -> StorageReader:
     """The reader of a listing with byte ranges: one file's, or a sharded checkpoint's over every shard."""
     return _sharded_reader(listing) if getattr(listing, "parts", None) else _file_reader(listing)
 
 
-def open_reader(src: Any, listing: Any) -> StorageReader | None:
+def open_reader(src: Source, listing: Checkpoint) -> StorageReader | None:
     """A storage reader for sources with byte ranges (zip torch files, safetensors, their shards, DCP);
     None where the data can only be loaded whole (legacy torch files, models built in Python)."""
     layout = src.layout
@@ -200,7 +203,7 @@ def _whole(t: TensorInfo, reader: StorageReader) -> bool:
 # --- torch zip ------------------------------------------------------------------------------------------
 
 
-def sharded_root(listing: Any) -> dict[str, Any]:
+def sharded_root(listing: Checkpoint) -> dict[str, Any]:
     """The merged flat state dict (``pt_root``'s for shards) with each stand-in's storage keyed as the sharded
     reader names it, ``(shard, key in shard)``; one stand-in stays one (a tie within a shard)."""
     done: dict[int, Any] = {}
@@ -277,7 +280,7 @@ _OUT_OF_MEMORY = "out of memory while converting (one storage at a time did not 
 # --- entry point ----------------------------------------------------------------------------------------
 
 
-def convert_streamed(src: Any, listing: Any, output: Any, drop_extra: bool, narrow: bool) -> bool:
+def convert_streamed(src: Source, listing: Checkpoint, output: Output, drop_extra: bool, narrow: bool) -> bool:
     """Write ``listing`` as ``output`` storage by storage; False when the source cannot be streamed, or when
     the streamed file would differ from the loaded path's (the caller then loads it whole). What goes in, and
     the check of what was written, are the loaded path's own (``writer``); ``narrow``: only the ``--key``

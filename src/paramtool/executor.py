@@ -87,7 +87,7 @@ def _patch(listing: Checkpoint, plan: Plan, output: Output) -> None:
         storage_file.close()
 
 
-def _write_sharded(src: Source, listing: Any, plan: Plan, output: Output, drop_extra: bool) -> None:
+def _write_sharded(src: Source, listing: Checkpoint, plan: Plan, output: Output, drop_extra: bool) -> None:
     """Each shard the plan touches is rewritten in its own format (``_write_one``: patched, streamed or loaded);
     the others are kept (in place) or copied. The index goes along, following a structural change (names
     renamed, a shard left with no tensor gone, total size recounted). Either way the new files become the
@@ -196,7 +196,7 @@ def _write_shard(index: Any, shard: str, work: str, in_place: bool, started: lis
     return target
 
 
-def _copy_shard_sidecars(src: Source, listing: Any, work: str, replaced: dict[str, bytes] | None = None) -> None:
+def _copy_shard_sidecars(src: Source, listing: Checkpoint, work: str, replaced: dict[str, bytes] | None = None) -> None:
     """A sharded model directory written to a new directory: config.json, tokenizer files, ... go along
     (``replaced``: sidecars written with new contents, e.g. a config.json whose vocab_size changed)."""
     if src.directory:

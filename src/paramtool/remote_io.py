@@ -10,12 +10,16 @@ from typing import Any, Callable
 
 from .errors import UsageError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from .sources import Source
+
 
 def _same_object(out: str | None, source: str | None) -> bool:
     return isinstance(out, str) and isinstance(source, str) and out.rstrip("/") == source.rstrip("/")
 
 
-def stage(out: str | None, in_place: bool = False, src: Any = None) -> tuple[str | None, bool, Any]:
+def stage(out: str | None, in_place: bool = False, src: Source | None = None) -> tuple[str | None, bool, Any]:
     """Where to write ``-o out`` (or ``--in-place``), whether that is still in place, and the commit to run once
     the write is complete (it returns the name to report): a write to a bucket (``-o s3://...``, or
     ``--in-place`` / ``-o`` naming an ``s3://`` source) is written to a local temporary path and uploaded by the
@@ -43,7 +47,7 @@ def stage(out: str | None, in_place: bool = False, src: Any = None) -> tuple[str
     return out, in_place, lambda label: label
 
 
-def _file_name(src: Any) -> Callable[[str], str]:
+def _file_name(src: Source) -> Callable[[str], str]:
     """The name a single file written to ``-o s3://bucket/prefix/`` takes under the prefix, given the file
     written: the source's file name (``aws s3 cp FILE s3://bucket/prefix/`` keeps it), with the extension of
     the format written when the source's names another (``model.pt`` converted to safetensors:

@@ -20,12 +20,14 @@ from .records import replace
 from .toc import FakeTensor, TensorInfo, contiguous_stride
 
 if TYPE_CHECKING:
+    from .plan import Plan
+    from .writer import Output
     from .plan import Report
 
 _PLAIN = (str, int, float, bool, bytes, type(None))
 
 
-def can_stream(listing: Checkpoint, plan: Any, output_layout: Any = None) -> bool:
+def can_stream(listing: Checkpoint, plan: Plan, output_layout: Any = None) -> bool:
     """Can ``plan`` be written straight from ``listing``'s bytes into ``output_layout`` (None: the file's own
     format)? A file into its own format (structure only plain containers) or into the other one-file format;
     a sharded checkpoint, each shard streamable, into one file."""
@@ -50,7 +52,7 @@ def can_stream(listing: Checkpoint, plan: Any, output_layout: Any = None) -> boo
     return True
 
 
-def _into_one_file(listing: Any, plan: Any, output_layout: Any) -> bool:
+def _into_one_file(listing: Checkpoint, plan: Plan, output_layout: Any) -> bool:
     """Can the result go into one file of another format than the input's, as the loaded path would write
     it? Not with ``--key`` (a sub-tree), or non-tensor entries into safetensors (the loaded path says why)."""
     from .writer import non_tensor_entries
@@ -94,7 +96,7 @@ def _by_storage(infos: list[TensorInfo]) -> dict[Hashable, list[TensorInfo]]:
     return out
 
 
-def transformed(listing: Checkpoint, plan: Any) -> Checkpoint:
+def transformed(listing: Checkpoint, plan: Plan) -> Checkpoint:
     """A copy of the listing with the plan carried out on its stand-ins (nothing is read); a sharded
     listing's shards each, its names following them in the index's order."""
     if getattr(listing, "parts", None):
@@ -114,7 +116,7 @@ def transformed(listing: Checkpoint, plan: Any) -> Checkpoint:
     return out
 
 
-def _transformed_shards(listing: Any, plan: Any) -> Any:
+def _transformed_shards(listing: Checkpoint, plan: Plan) -> Any:
     out = copy.copy(listing)
     out.parts = {s: transformed(p, plan) for s, p in listing.parts.items()}
     out.root = {s: p.root for s, p in out.parts.items()}
@@ -126,7 +128,7 @@ def _transformed_shards(listing: Any, plan: Any) -> Any:
     return out
 
 
-def write(listing: Checkpoint, plan: Any, output: Any) -> Checkpoint:
+def write(listing: Checkpoint, plan: Plan, output: Output) -> Checkpoint:
     """Write the plan's result as ``output`` (a file, atomically, or stdout), then verify it; returns the
     result's listing (nothing is written when it holds no tensor). Storages are read mapped (``convert_stream``'s readers: one file, or every shard),
     and written by ``convert_stream``'s writers: bytes that stay as they are are copied, the next storage to

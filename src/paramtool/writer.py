@@ -21,6 +21,10 @@ from .formats import Format
 from .records import dataclass
 from .sources import Source
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from .plan import Plan
+
 
 @dataclass(frozen=True)
 class Output:
@@ -234,7 +238,7 @@ def write_checkpoint(ckpt: Checkpoint, output: Output, drop_extra: bool = False,
     emit(output, write)
 
 
-def write_patched(storage_file: Any, listing: Checkpoint, plan: Any, output: Output) -> None:
+def write_patched(storage_file: Any, listing: Checkpoint, plan: Plan, output: Output) -> None:
     """Write a same-format copy of the input in which only the storages the plan touches are rewritten,
     one storage in memory at a time; a storage the plan overwrites whole is never read."""
     import torch

@@ -20,6 +20,11 @@ from ..records import dataclass, field, replace
 from ..toc import TensorInfo
 from . import WEIGHT_EXTENSIONS
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint
+    from ..sources import Source
+
 SAFETENSORS_NAME, PT_NAME = "model.safetensors", "pytorch_model.bin"
 MAX_CONFIG = 64 << 20
 
@@ -352,7 +357,7 @@ def differing_pairs(tensor_of: Any, pairs: list[tuple[str, str]]) -> list[str]:
 # --- writing a directory -----------------------------------------------------------------------------
 
 
-def weights_format(src: Any) -> str:
+def weights_format(src: Source) -> str:
     """The format a source's weights are in: a file's own, or a sharded checkpoint's shards'."""
     if src.kind == "sharded":
         from . import sniff_file
@@ -363,7 +368,7 @@ def weights_format(src: Any) -> str:
     return "safetensors" if src.format == "safetensors" else "pt"
 
 
-def _shard_metadata(ckpt: Any) -> dict[str, str]:
+def _shard_metadata(ckpt: Checkpoint) -> dict[str, str]:
     """The source's own metadata, without the tie entries that name its tensors (each shard records its own)."""
     from .safetensors_fmt import TIES_KEY
 
@@ -371,7 +376,7 @@ def _shard_metadata(ckpt: Any) -> dict[str, str]:
             if k != TIES_KEY and k not in ckpt.names and v not in ckpt.names}
 
 
-def write_shards(ckpt: Any, groups: list[list[str]], fmt: str, work: str, index_metadata: dict) -> None:
+def write_shards(ckpt: Checkpoint, groups: list[list[str]], fmt: str, work: str, index_metadata: dict) -> None:
     """One file per group in the library's naming, and (for more than one) its index with ``total_size``."""
     from ..ties import unique_counts
     from . import pt, safetensors_fmt
@@ -397,20 +402,20 @@ def write_shards(ckpt: Any, groups: list[list[str]], fmt: str, work: str, index_
             f.write("\n")
 
 
-def write_shards_like(src: Any, ckpt: Any, listing: Any, max_size: int | None, fmt: str, work: str) -> None:
+def write_shards_like(src: Source, ckpt: Checkpoint, listing: Checkpoint, max_size: int | None, fmt: str, work: str) -> None:
     """``ckpt`` (``src`` with a plan carried out) as the library's shards: filled up to ``max_size``, or grouped
     as ``listing``'s shards are; the index keeps a sharded source's metadata."""
     index_metadata = dict(listing.index.metadata) if src.kind == "sharded" else {}
     write_shards(ckpt, _groups(ckpt, listing, max_size), fmt, work, index_metadata)
 
 
-def weights_name(src: Any, fmt: str) -> str:
+def weights_name(src: Source, fmt: str) -> str:
     """The name of a model directory's one weights file written in ``fmt``: the source's own name, unless the
     format changes (then the library's)."""
     return os.path.basename(src.path) if weights_format(src) == fmt else shard_names(fmt, 1)[0]
 
 
-def _groups(ckpt: Any, listing: Any, max_size: int | None) -> list[list[str]]:
+def _groups(ckpt: Checkpoint, listing: Checkpoint, max_size: int | None) -> list[list[str]]:
     """Names by shard: filled up to ``max_size``, or as the source's shards group them (a name the source
     did not have, e.g. renamed, goes with the name before it)."""
     if max_size is not None:
@@ -425,7 +430,7 @@ def _groups(ckpt: Any, listing: Any, max_size: int | None) -> list[list[str]]:
     return [by_shard[s] for s in parts if s in by_shard] if parts else [list(ckpt.names)]
 
 
-def plan_output(src: Any, out: str | None, in_place: bool, fmt: str | None,
+def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
                 max_shard_size: str | None) -> tuple[str, str, int | None] | None:
     """When the output is a model directory: (path, weights format, max shard bytes); else None.
 
