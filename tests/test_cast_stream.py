@@ -132,7 +132,7 @@ def test_one_file_into_the_other_format(tmp_path, run):
 def test_cast_storage_counts_overflow_exactly(dtype):
     """Only finite values that become infinite count: not infs already there, not NaNs (which hide the result's
     min and max), with the count right across chunks."""
-    from paramtool.surgery_stream import cast_storage
+    from paramtool.convert_stream import cast_storage
 
     flat = torch.zeros((1 << 22) + 5, dtype=torch.float64)
     big = 1e300 if dtype == "bfloat16" else 1e5

@@ -21,12 +21,33 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from . import fsops
+from . import formats, fsops
 from .errors import ParamtoolError
 from .formats import pins
+from .records import dataclass
 
 if TYPE_CHECKING:
-    from .writer import Output
+    from .formats import Format
+
+
+
+@dataclass(frozen=True)
+class Output:
+    path: str | None  # None: standard output
+    format: str  # "pt" | "torchscript" (an edited archive) | "safetensors" | "sharded" | "dcp" | "directory" (a model directory, see formats.modeldir)
+    in_place: bool = False
+    weights_format: str | None = None  # "directory": the format of the weight files
+    max_shard_size: int | None = None  # "directory": reshard to at most this many bytes per file
+    temporary: bool = False  # path is already a temporary of this process's write: written directly
+
+    @property
+    def label(self) -> str:
+        return self.path or "-"
+
+    @property
+    def layout(self) -> Format:
+        """The format written, as the object to ask (``formats.base.Format``)."""
+        return formats.by_name(self.format)
 
 
 def _failure(target: str, e: OSError) -> ParamtoolError:

@@ -28,8 +28,7 @@ from .toc import TensorInfo, contiguous_stride, itemsize
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
     from .sources import Source
-    from .writer import Output
-    from .surgery_stream import Cast
+    from .commit import Output
 
 
 @dataclass
@@ -317,3 +316,55 @@ def convert_streamed(src: Source, listing: Checkpoint, output: Output, drop_extr
     finally:
         reader.close()
     return True
+
+
+class Cast:
+    """A cast of the storages whose dtype changes, for ``convert_stream``'s writers (which call it only
+    for those; storages that keep their dtype are copied as they are), the overflows counted by storage:
+    ``chunks`` where the input's bytes can be cast as they are read (``numeric.cast_values``, no torch), else
+    the input's (mapped) storage cast by torch (``cast``)."""
+
+    def __init__(self, reader: Any) -> None:
+        self.reader = reader
+        self.overflows: dict[Hashable, int] = {}
+
+    def chunks(self, key: Hashable, dtype: str) -> Any:
+        """Storage ``key``'s bytes cast to ``dtype`` as they are written (``formats.storage.CastChunks``), or
+        None where they cannot be (the reader has no byte ranges, or numpy cannot cast these dtypes)."""
+        from .numeric import can_cast
+
+        if self.reader.chunks is None or not can_cast(self.reader.dtype(key), dtype):
+            return None
+        return self.reader.chunks(key).cast(self.reader.dtype(key), dtype,
+                                            lambda n: self.overflows.__setitem__(key, n))
+
+    def cast(self, key: Hashable, dtype: str) -> Any:
+        """Storage ``key`` read whole and cast by torch."""
+        flat = self.reader.read(key)
+        out, overflow = cast_storage(flat, dtype)
+        self.reader.recycle(key, flat)
+        if overflow:
+            self.overflows[key] = overflow
+        return out
+
+
+def cast_storage(flat: Any, dtype: str) -> tuple[Any, int]:
+    """A 1-D storage cast to ``dtype``, and how many finite values became infinite (overflow).
+
+    One extra pass over the result, not over the input: its min and max (``aminmax``, no temporary tensor)
+    are finite unless an inf or a NaN is there, and only then are the overflows counted exactly."""
+    import math
+
+    import torch
+
+    from .formats.dtypes import torch_dtype
+
+    out = flat.to(torch_dtype(dtype))
+    overflow = 0
+    if out.numel() and torch.finfo(out.dtype).max < torch.finfo(flat.dtype).max:
+        lo, hi = torch.aminmax(out)
+        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):  # the rare case: count exactly
+            step = 1 << 22  # in chunks: three bool tensors of a chunk, not of the storage
+            overflow = sum(int((torch.isinf(out[i:i + step]) & torch.isfinite(flat[i:i + step])).sum())
+                           for i in range(0, out.numel(), step))
+    return out, overflow

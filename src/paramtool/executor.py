@@ -32,7 +32,7 @@ from .formats.sharded import write_index
 from .plan import Plan, apply
 from .records import replace
 from .sources import Source, load, open_listing, sniff_file
-from .writer import Output
+from .commit import Output
 
 
 def execute(src: Source, listing: Checkpoint, plan: Plan, output: Output, drop_extra: bool = False) -> None:

@@ -326,7 +326,8 @@ def cast_in(ckpt: Checkpoint, dtype: str, chosen: frozenset[str], report: Report
     """Cast the chosen names of a loaded checkpoint, one storage at a time; views keep their layout."""
     import torch
 
-    from .surgery_stream import cast_storage, record_overflow
+    from .convert_stream import cast_storage
+    from .surgery_stream import record_overflow
 
     _flatten_module(ckpt)
     _forget_tie_metadata(ckpt)

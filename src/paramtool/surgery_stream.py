@@ -20,9 +20,9 @@ from .records import replace
 from .toc import FakeTensor, TensorInfo, contiguous_stride
 
 if TYPE_CHECKING:
-    from .plan import Plan
-    from .writer import Output
-    from .plan import Report
+    from .convert_stream import Cast
+    from .plan import Plan, Report
+    from .commit import Output
 
 _PLAIN = (str, int, float, bool, bytes, type(None))
 
@@ -135,7 +135,7 @@ def write(listing: Checkpoint, plan: Plan, output: Output) -> Checkpoint:
     cast is read and cast on a worker thread while the current one is written."""
     from . import writer
     from .commit import emit
-    from .convert_stream import sharded_root, memory_bound, reader_of, write_pt
+    from .convert_stream import Cast, memory_bound, reader_of, sharded_root, write_pt
 
     out = transformed(listing, plan)
     if not out.names:  # (a shard a drop leaves empty: nothing to write)
@@ -169,36 +169,6 @@ def _overflow_names(out: Checkpoint, by_storage: dict[Hashable, int]) -> dict[st
     return named
 
 
-class Cast:
-    """surgery's cast of the storages whose dtype changes, for ``convert_stream``'s writers (which call it only
-    for those; storages that keep their dtype are copied as they are), the overflows counted by storage:
-    ``chunks`` where the input's bytes can be cast as they are read (``numeric.cast_values``, no torch), else
-    the input's (mapped) storage cast by torch (``cast``)."""
-
-    def __init__(self, reader: Any) -> None:
-        self.reader = reader
-        self.overflows: dict[Hashable, int] = {}
-
-    def chunks(self, key: Hashable, dtype: str) -> Any:
-        """Storage ``key``'s bytes cast to ``dtype`` as they are written (``formats.storage.CastChunks``), or
-        None where they cannot be (the reader has no byte ranges, or numpy cannot cast these dtypes)."""
-        from .numeric import can_cast
-
-        if self.reader.chunks is None or not can_cast(self.reader.dtype(key), dtype):
-            return None
-        return self.reader.chunks(key).cast(self.reader.dtype(key), dtype,
-                                            lambda n: self.overflows.__setitem__(key, n))
-
-    def cast(self, key: Hashable, dtype: str) -> Any:
-        """Storage ``key`` read whole and cast by torch."""
-        flat = self.reader.read(key)
-        out, overflow = cast_storage(flat, dtype)
-        self.reader.recycle(key, flat)
-        if overflow:
-            self.overflows[key] = overflow
-        return out
-
-
 # ---------------------------------------------------------------- safetensors
 
 
@@ -220,28 +190,6 @@ def _write_safetensors(listing: Checkpoint, out: Checkpoint, reader: Any, path: 
     old_stored = set(listing.names) - set(listing.meta_ties)
     _, _, rest = safetensors_fmt.split_metadata(dict(listing.metadata or {}), old_stored)  # old tie records go
     write_safetensors(path, *safetensors_fmt.layout(out.infos(), rest), reader, cast)
-
-
-def cast_storage(flat: Any, dtype: str) -> tuple[Any, int]:
-    """A 1-D storage cast to ``dtype``, and how many finite values became infinite (overflow).
-
-    One extra pass over the result, not over the input: its min and max (``aminmax``, no temporary tensor)
-    are finite unless an inf or a NaN is there, and only then are the overflows counted exactly."""
-    import math
-
-    import torch
-
-    from .formats.dtypes import torch_dtype
-
-    out = flat.to(torch_dtype(dtype))
-    overflow = 0
-    if out.numel() and torch.finfo(out.dtype).max < torch.finfo(flat.dtype).max:
-        lo, hi = torch.aminmax(out)
-        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):  # the rare case: count exactly
-            step = 1 << 22  # in chunks: three bool tensors of a chunk, not of the storage
-            overflow = sum(int((torch.isinf(out[i:i + step]) & torch.isfinite(flat[i:i + step])).sum())
-                           for i in range(0, out.numel(), step))
-    return out, overflow
 
 
 def record_overflow(report: Report, overflows: dict[str, int], dtype: str) -> None:

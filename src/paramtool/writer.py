@@ -15,34 +15,14 @@ from typing import Any
 
 from . import formats, fsops, tree
 from .checkpoint import Checkpoint
-from .commit import commit_directory, emit
+from .commit import Output, commit_directory, emit
 from .errors import ParamtoolError, UsageError
-from .formats import Format
 from .records import dataclass
 from .sources import Source
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from .plan import Plan
-
-
-@dataclass(frozen=True)
-class Output:
-    path: str | None  # None: standard output
-    format: str  # "pt" | "torchscript" (an edited archive) | "safetensors" | "sharded" | "dcp" | "directory" (a model directory, see formats.modeldir)
-    in_place: bool = False
-    weights_format: str | None = None  # "directory": the format of the weight files
-    max_shard_size: int | None = None  # "directory": reshard to at most this many bytes per file
-    temporary: bool = False  # path is already a temporary of this process's write: written directly
-
-    @property
-    def label(self) -> str:
-        return self.path or "-"
-
-    @property
-    def layout(self) -> Format:
-        """The format written, as the object to ask (``formats.base.Format``)."""
-        return formats.by_name(self.format)
 
 
 def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,

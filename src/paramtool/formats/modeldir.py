@@ -23,7 +23,6 @@ from . import WEIGHT_EXTENSIONS
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
-    from ..sources import Source
 
 SAFETENSORS_NAME, PT_NAME = "model.safetensors", "pytorch_model.bin"
 MAX_CONFIG = 64 << 20
@@ -357,7 +356,7 @@ def differing_pairs(tensor_of: Any, pairs: list[tuple[str, str]]) -> list[str]:
 # --- writing a directory -----------------------------------------------------------------------------
 
 
-def weights_format(src: Source) -> str:
+def weights_format(src: Any) -> str:
     """The format a source's weights are in: a file's own, or a sharded checkpoint's shards'."""
     if src.kind == "sharded":
         from . import sniff_file
@@ -402,14 +401,14 @@ def write_shards(ckpt: Checkpoint, groups: list[list[str]], fmt: str, work: str,
             f.write("\n")
 
 
-def write_shards_like(src: Source, ckpt: Checkpoint, listing: Checkpoint, max_size: int | None, fmt: str, work: str) -> None:
+def write_shards_like(src: Any, ckpt: Checkpoint, listing: Checkpoint, max_size: int | None, fmt: str, work: str) -> None:
     """``ckpt`` (``src`` with a plan carried out) as the library's shards: filled up to ``max_size``, or grouped
     as ``listing``'s shards are; the index keeps a sharded source's metadata."""
     index_metadata = dict(listing.index.metadata) if src.kind == "sharded" else {}
     write_shards(ckpt, _groups(ckpt, listing, max_size), fmt, work, index_metadata)
 
 
-def weights_name(src: Source, fmt: str) -> str:
+def weights_name(src: Any, fmt: str) -> str:
     """The name of a model directory's one weights file written in ``fmt``: the source's own name, unless the
     format changes (then the library's)."""
     return os.path.basename(src.path) if weights_format(src) == fmt else shard_names(fmt, 1)[0]
@@ -430,7 +429,7 @@ def _groups(ckpt: Checkpoint, listing: Checkpoint, max_size: int | None) -> list
     return [by_shard[s] for s in parts if s in by_shard] if parts else [list(ckpt.names)]
 
 
-def plan_output(src: Source, out: str | None, in_place: bool, fmt: str | None,
+def plan_output(src: Any, out: str | None, in_place: bool, fmt: str | None,
                 max_shard_size: str | None) -> tuple[str, str, int | None] | None:
     """When the output is a model directory: (path, weights format, max shard bytes); else None.
 
