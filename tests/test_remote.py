@@ -273,6 +273,75 @@ def test_stats_computes_on_a_large_storage_as_it_arrives(server, files, run, tmp
         os.unlink(files / "parts.pt")
 
 
+def test_diff_computes_on_large_storages_as_they_arrive(server, files, run, monkeypatch):
+    """diff takes a storage of ``formats.remote_storage.STREAMED`` bytes or more as its parts arrive, on either
+    side or both, and compares and sums each chunk pair in one pass: nothing spilled to a file, every byte
+    received once, and the same report as on the local copies (bit-exact, within tolerances, NaN included)."""
+    from paramtool import remote
+    from paramtool.formats import remote_storage
+
+    monkeypatch.setattr(remote, "PART", 2 * MIB)
+    monkeypatch.setattr(remote, "SPILL", 4 * MIB)
+    monkeypatch.setattr(remote_storage, "STREAMED", 4 * MIB)
+    torch.manual_seed(0)
+    a = {"w": torch.randn(2_621_441), "v": torch.randn(3_000_001).to(torch.bfloat16), "b": torch.randn(10)}
+    b = {k: t.clone() for k, t in a.items()}
+    b["w"][2_600_000] += 1e-3  # in the last part, cut short
+    b["v"][5] = float("nan")
+    st.save_file(a, files / "da.safetensors")
+    st.save_file(b, files / "db.safetensors")
+    st.save_file(a, files / "dc.safetensors")  # a's values again: equal
+    spilled = []
+    monkeypatch.setattr(remote.RemoteBlob, "mapped", lambda *args, **kw: spilled.append(args) or None)
+    try:
+        for flags in ([], ["--atol", "1e-2"]):
+            want = run("diff", files / "da.safetensors", files / "db.safetensors", "--json", *flags).json()
+            for left in (f"{server.url}/da.safetensors", str(files / "da.safetensors")):
+                server.reset()
+                got = run("diff", left, f"{server.url}/db.safetensors", "--json", *flags)
+                assert got.exit_code == 1, got.stderr
+                assert got.json()["changed"] == want["changed"] and want["changed"]
+                size = sum((files / n).stat().st_size for n in ("da.safetensors", "db.safetensors")
+                           if server.url in (left if n == "da.safetensors" else server.url))
+                assert size - 4096 <= server.sent() < size + 256 * 1024  # each byte once (and a header window)
+        assert [c["name"] for c in want["changed"]] == ["v"]  # within 1e-2 but NaN
+        same = run("diff", f"{server.url}/da.safetensors", f"{server.url}/dc.safetensors", "--json")
+        assert same.exit_code == 0 and same.json()["same"] == 3, same.stderr
+        assert spilled == []
+    finally:
+        for n in ("da", "db", "dc"):
+            os.unlink(files / f"{n}.safetensors")
+
+
+def test_ties_values_reads_samples_then_only_the_candidates(server, files, run, monkeypatch):
+    """ties --values over HTTP: every tensor of a shared shape and dtype costs its three 4 KiB samples (ranged
+    reads, not the tensor), and only tensors whose samples match another's are read whole, a large one as it
+    arrives; the groups are those of the local copy."""
+    from paramtool import remote
+    from paramtool.formats import remote_storage
+
+    monkeypatch.setattr(remote, "PART", 2 * MIB)
+    monkeypatch.setattr(remote_storage, "STREAMED", 4 * MIB)
+    torch.manual_seed(0)
+    state = {f"layer.{i}.weight": torch.randn(1024, 1024) for i in range(12)}  # 4 MiB each
+    state["copy.weight"] = state["layer.3.weight"].clone()
+    state["same_ends.weight"] = state["layer.5.weight"].clone()
+    state["same_ends.weight"][100, 100] += 1  # samples match layer.5, its bytes do not
+    st.save_file(state, files / "vt.safetensors")
+    try:
+        want = run("ties", files / "vt.safetensors", "--values", "--json").json()["groups"]
+        assert [g["names"] for g in want] == [["copy.weight", "layer.3.weight"]]
+        server.reset()
+        got = run("ties", f"{server.url}/vt.safetensors", "--values", "--json")
+        assert got.exit_code == 0, got.stderr
+        assert got.json()["groups"] == want
+        whole = 4 * (4 * MIB)  # layer.3, copy, layer.5, same_ends: checksummed
+        compared = 2 * (4 * MIB)  # layer.3 and copy: compared byte for byte
+        assert whole < server.sent() < whole + compared + 14 * 3 * 4096 + 256 * 1024
+    finally:
+        os.unlink(files / "vt.safetensors")
+
+
 def test_convert_remote_to_local(server, files, run, tmp_path):
     out = tmp_path / "out.safetensors"
     r = run("convert", f"{server.url}/big.pt", "-o", out)

@@ -48,6 +48,12 @@ class Checkpoint:
         """The tensor's bytes without torch (a memoryview), where the reader can give them; else None."""
         return None
 
+    def raw_samples(self, name: str, spans: list[tuple[int, int]]) -> list[bytes] | None:
+        """The bytes of the tensor at ``spans`` (offset, length), without torch, where ``raw_bytes`` gives them
+        (else None): a remote reader asks for these bytes only, not the tensor's (``ties --values``)."""
+        raw = self.raw_bytes(name)
+        return None if raw is None else [bytes(raw[o:o + n]) for o, n in spans]
+
     def tensors(self) -> dict[str, Any]:
         return {n: self.tensor(n) for n in self.names}
 

@@ -1,6 +1,7 @@
 """``diff``: what differs between two checkpoints, tensor by tensor."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import TYPE_CHECKING, Any
@@ -180,21 +181,30 @@ def _changed(sums: tuple[float, float, float, float, float], a: dict, b: dict) -
     }
 
 
-def compare_raw(ra: memoryview, rb: memoryview, dtype: str, rtol: float, atol: float) -> tuple | None:
+def compare_raw(ra: Any, rb: Any, dtype: str, rtol: float, atol: float) -> tuple | None:
     """``compare_tensors``' numbers from two tensors' bytes with numpy (``numeric``), no torch: None when they
     are within the tolerances (``isclose``), else the sums ``_changed`` reports. With rtol = atol = 0 the
-    bytes are known to differ (``numeric.bytes_equal`` said so). Chunk pairs are read in step, their mapped pages
-    dropped behind."""
+    bytes are known to differ (``numeric.bytes_equal`` said so), unless one side arrives in parts
+    (``numeric.streamed``: a large remote storage): then one pass over the chunk pairs both compares them
+    (bit for bit, or within the tolerances) and sums them, so nothing is read twice. Chunk pairs are read in
+    step, their mapped pages dropped behind."""
+    once = hasattr(ra, "parts") or hasattr(rb, "parts")
+
+    def pairs() -> Any:
+        return zip(numeric.values(ra, dtype, 0), numeric.values(rb, dtype, 1))
+
     with numeric.quiet():
-        if (rtol or atol) and all(numeric.all_close(xa, xb, rtol, atol)
-                                  for xa, xb in zip(numeric.values(ra, dtype, 0), numeric.values(rb, dtype, 1))):
+        if not once and (rtol or atol) and all(numeric.all_close(xa, xb, rtol, atol) for xa, xb in pairs()):
             return None
+        same = once
         max_abs = max_b = dot = na2 = nb2 = 0.0
-        for xa, xb in zip(numeric.values(ra, dtype, 0), numeric.values(rb, dtype, 1)):
+        for xa, xb in pairs():
+            if same:
+                same = numeric.all_close(xa, xb, rtol, atol) if rtol or atol else numeric.same_bits(xa, xb)
             m, mb, d, a2, b2 = numeric.differences(xa, xb)
             max_abs, max_b = _nanmax(max_abs, m), _nanmax(max_b, mb)
             dot, na2, nb2 = dot + d, na2 + a2, nb2 + b2
-    return max_abs, max_b, dot, na2, nb2
+    return None if same else (max_abs, max_b, dot, na2, nb2)
 
 
 def diff(a: Checkpoint, b: Checkpoint, rtol: float = 0.0, atol: float = 0.0) -> Diff:
@@ -214,13 +224,19 @@ def diff(a: Checkpoint, b: Checkpoint, rtol: float = 0.0, atol: float = 0.0) -> 
             return {"max_abs_diff": None, "a": _info(ia), "b": _info(ib)}
         if ia.dtype != ib.dtype:  # a cast: the values compared in float64 (compare_tensors)
             return compare_tensors(a.tensor(name), b.tensor(name), rtol, atol)
-        ra, rb = a.raw_bytes(name), b.raw_bytes(name)
+        kernels = numeric.supports(ia.dtype)
+        with numeric.streamed() if kernels else contextlib.nullcontext():  # (numpy's kernels take parts)
+            ra, rb = a.raw_bytes(name), b.raw_bytes(name)
         mapped = ra is not None and rb is not None
-        if mapped and rtol == 0 and atol == 0 and numeric.bytes_equal(ra, rb):  # bit-exact: the mapped bytes decide
+        once = hasattr(ra, "parts") or hasattr(rb, "parts")
+        if mapped and not once and rtol == 0 and atol == 0 and numeric.bytes_equal(ra, rb):  # bit-exact: bytes decide
             return None
-        if mapped and numeric.supports(ia.dtype):  # numpy on the mapped bytes, no torch
+        if mapped and kernels:  # numpy on the mapped bytes, no torch
             sums = compare_raw(ra, rb, ia.dtype, rtol, atol)
             return None if sums is None else _changed(sums, _info(ia), _info(ib))
+        for r in (ra, rb):
+            if hasattr(r, "parts"):  # (the other side goes through torch: this one too)
+                r.close()
         del ra, rb
         return compare_tensors(a.tensor(name), b.tensor(name), rtol, atol)
 

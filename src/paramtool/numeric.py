@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -68,11 +68,7 @@ def values(raw: Any, dtype: str, slot: int = 0, chunk: int = CHUNK) -> Iterator[
     ``raw`` may also be bytes arriving in order (an object with ``parts()``, see ``streamed``): the values of
     each part are yielded as it arrives, in the same chunks (every part but the last holds whole chunks), so
     the numbers are the same to the bit."""
-    parts = getattr(raw, "parts", None)
-    if parts is None:
-        yield from _values(raw, dtype, slot, chunk)
-        return
-    for part in parts():
+    for part in pieces(raw):
         yield from _values(part, dtype, slot, chunk)
 
 
@@ -91,6 +87,15 @@ def streamed() -> Iterator[None]:
         yield
     finally:
         _streamed.on = before
+
+
+def pieces(raw: Any) -> Iterator[Any]:
+    """The bytes of ``raw`` in order: itself, or its parts as they arrive (an object of ``streamed``)."""
+    parts = getattr(raw, "parts", None)
+    if parts is None:
+        yield raw
+    else:
+        yield from parts()
 
 
 def takes_parts() -> bool:
@@ -353,6 +358,11 @@ def drop_mapped(view: memoryview, start: int, stop: int) -> None:
         mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
+def same_bits(xa: Any, xb: Any) -> bool:
+    """Do two chunks (contiguous arrays of one dtype, see ``values``) hold the same bytes?"""
+    return bytes_equal(memoryview(xa).cast("B"), memoryview(xb).cast("B"))
+
+
 def bytes_equal(a: memoryview, b: memoryview, block: int = 1 << 20) -> bool:
     """Two byte buffers compared in place a block at a time by libc's ``memcmp`` (through ctypes, which lets
     go of the GIL: two pairs compare at once on two cores); where there is no libc to call, through small
@@ -400,3 +410,25 @@ def _memcmp() -> Any:
 
 
 _MEMCMP: Any = False  # not looked up yet
+
+
+def crc32(data: Any, value: int = 0) -> int:
+    """zlib's CRC-32 of a byte buffer, continuing ``value``: ISA-L's when the ``isal`` package is installed (the
+    optional extra ``fast``; 0.07 s a GiB against zlib's 0.46 s on this project's VMs), else zlib's."""
+    return _crc32_function()(data, value)
+
+
+def _crc32_function() -> Callable[[Any, int], int]:
+    global _CRC32
+    if _CRC32 is None:
+        try:
+            from isal.isal_zlib import crc32 as fast
+        except ImportError:
+            import zlib
+
+            fast = zlib.crc32
+        _CRC32 = fast
+    return _CRC32
+
+
+_CRC32: Callable[[Any, int], int] | None = None

@@ -196,7 +196,8 @@ def ties(src: Source, key: str | None, values: bool, say: Any) -> Ties:
     if values:
         ckpt = sources.load_lazy(src, key)
         toc = sources.describe(src, ckpt)
-        groups = find_ties(toc.tensors, toc.meta_ties) + value_ties(ckpt.tensor, toc.tensors, ckpt.raw_bytes)
+        groups = find_ties(toc.tensors, toc.meta_ties) + value_ties(ckpt.tensor, toc.tensors, ckpt.raw_bytes,
+                                                                    ckpt.raw_samples)
         groups.sort(key=group_order)
     else:
         toc = sources.read_toc(src, key)

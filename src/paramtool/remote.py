@@ -479,6 +479,18 @@ class RemoteBlob(Blob):
             return len(data)
         return self._read_large(view[:n], offset)
 
+    def read_spans(self, spans: list[tuple[int, int]]) -> list[bytes]:
+        """The bytes at each (offset, length) of ``spans``: a ranged request each (nothing read ahead), sent
+        concurrently, so samples of many storages cost their own bytes and a round trip or so."""
+        def one(offset: int, n: int) -> bytes:
+            buf = bytearray(n)
+            if self.pread_into(buf, offset, ahead=False) != n:
+                raise FormatError(f"{self.name}: truncated: a read ends beyond the object")
+            return bytes(buf)
+
+        jobs = [_parts().submit(one, offset, n) for offset, n in spans]
+        return [job.result() for job in jobs]
+
     def _read_large(self, view: memoryview, offset: int) -> int:
         """A large read as parts fetched concurrently, straight into the caller's buffer (nothing cached)."""
         parts = [(i, min(PART, len(view) - i)) for i in range(0, len(view), PART)]

@@ -158,6 +158,9 @@ class ShardedCheckpoint(Checkpoint):
     def raw_bytes(self, name: str) -> Any:
         return self.parts[self.names[name][0]].raw_bytes(name)
 
+    def raw_samples(self, name: str, spans: list[tuple[int, int]]) -> list[bytes] | None:
+        return self.parts[self.names[name][0]].raw_samples(name, spans)
+
     def infos(self) -> list[TensorInfo]:
         out = {}
         for shard, part in self.parts.items():
@@ -309,6 +312,9 @@ class StreamedCheckpoint(Checkpoint):
 
     def raw_bytes(self, name: str) -> Any:
         return self.storage_file.raw(name)
+
+    def raw_samples(self, name: str, spans: list[tuple[int, int]]) -> list[bytes] | None:
+        return self.storage_file.samples(name, spans)
 
 
 def load_lazy(src: Source, key: str | None = None) -> Checkpoint:

@@ -156,10 +156,13 @@ def _raw(t: Any) -> Any:
 
 
 SAMPLE = 4096  # bytes per sample in value_ties' first filter
+SAMPLING = 8  # tensors sampled at once (remote: a few small ranged reads each, their round trips overlapped)
 
 
 def value_ties(tensor_of: Callable[[str], Any], infos: list[TensorInfo],
-               raw_of: Callable[[str], Any] = lambda name: None) -> list[TieGroup]:
+               raw_of: Callable[[str], Any] = lambda name: None,
+               samples_of: Callable[[str, list[tuple[int, int]]], list[bytes] | None] = lambda name, spans: None,
+               ) -> list[TieGroup]:
     """Distinct storages holding identical bytes (ties lost by an earlier conversion).
 
     Only tensors that share their shape and dtype with another are looked at, and in three steps, each
@@ -168,9 +171,14 @@ def value_ties(tensor_of: Callable[[str], Any], infos: list[TensorInfo],
     ahead (through ``tensor_of``), and only for those whose checksums match, a byte-for-byte comparison, so
     a collision can never make a false tie. Trained weights almost never share even a sample, so the
     command costs a few pages per tensor. One name per storage group is considered.
+
+    The samples come from ``samples_of`` (``Checkpoint.raw_samples``: a remote reader fetches those bytes
+    only), and the checksums from the bytes as they arrive (``numeric.streamed``: a large remote storage is
+    checksummed part by part while the next parts are received).
     """
     import zlib
 
+    from . import numeric
     from .numeric import bytes_equal
     from .pipeline import ordered_map
 
@@ -186,19 +194,31 @@ def value_ties(tensor_of: Callable[[str], Any], infos: list[TensorInfo],
         raw = raw_of(name)  # mapped bytes where the reader has them: no torch needed
         return raw if raw is not None else _raw(tensor_of(name)).numpy()
 
+    def spans(n: int) -> list[tuple[int, int]]:
+        return [(0, n)] if n <= 3 * SAMPLE else [(0, SAMPLE), (n // 2, SAMPLE), (n - SAMPLE, SAMPLE)]
+
     def sampled(name: str) -> int:
-        d = data(name)
-        if len(d) <= 3 * SAMPLE:
-            return zlib.crc32(d)
-        mid = len(d) // 2
-        return zlib.crc32(d[-SAMPLE:], zlib.crc32(d[mid:mid + SAMPLE], zlib.crc32(d[:SAMPLE])))
+        got = samples_of(name, spans(nbytes[name]))
+        if got is None:
+            d = _raw(tensor_of(name)).numpy()
+            got = [d[o:o + n] for o, n in spans(len(d))]
+        crc = 0
+        for sample in got:
+            crc = zlib.crc32(sample, crc)
+        return crc
 
     def checksum(name: str) -> int:
-        return zlib.crc32(data(name))
+        with numeric.streamed():
+            raw = data(name)
+        crc = 0
+        for piece in numeric.pieces(raw):
+            crc = numeric.crc32(piece, crc)
+        return crc
 
+    nbytes = {info.name: info.nbytes for info in infos}
     by_sample: dict[tuple, list[str]] = {}
-    for name in candidates:
-        by_sample.setdefault((kind_of[name], sampled(name)), []).append(name)
+    for name, crc in zip(candidates, ordered_map(sampled, candidates, SAMPLING)):
+        by_sample.setdefault((kind_of[name], crc), []).append(name)
     candidates = [n for names in by_sample.values() if len(names) > 1 for n in names]
 
     def same_bytes(x: str, y: str) -> bool:

@@ -207,6 +207,14 @@ class RemoteStorage:
         if span.nbytes and self.blob.pread_into(buf, span.offset, ahead=False) != span.nbytes:
             raise FormatError(f"{self.path}: truncated: storage {key!r} ends beyond the object")
 
+    def samples(self, name: str, spans: list[tuple[int, int]]) -> list[bytes] | None:
+        """Those bytes of tensor ``name`` only: a ranged read each, all at once (``RemoteBlob.read_spans``)."""
+        info = self.infos[name]
+        if not self.covers(info):
+            return None
+        start = self._span(info.storage).offset
+        return self.blob.read_spans([(start + offset, n) for offset, n in spans])
+
     def chunks(self, key: Hashable) -> Chunks:
         span = self._span(key)
         return Chunks(self.blob.stream(span.offset, span.nbytes), span.offset, span.nbytes, self.path)

@@ -16,6 +16,7 @@ from typing import Any, Hashable
 
 from ..errors import FormatError, first_line
 from ..fsops import guard_mappings
+from ..numeric import crc32
 from ..records import dataclass
 from ..toc import TensorInfo, Toc, contiguous_stride, itemsize
 from .dtypes import torch_dtype
@@ -317,6 +318,11 @@ class StorageFile:
         info = self.infos[name]
         return self.raw_storage(info.storage) if self.covers(info) else None
 
+    def samples(self, name: str, spans: list[tuple[int, int]]) -> list[bytes] | None:
+        """The bytes of tensor ``name`` at ``spans`` (offset, length within them), where ``raw`` gives them."""
+        raw = self.raw(name)
+        return None if raw is None else [bytes(raw[o:o + n]) for o, n in spans]
+
     def raw_storage(self, key: Hashable) -> Any:
         """A storage's bytes as a read-only memoryview of a mapping, without torch (a conversion writes them
         as they are). The view ends where its mapping ends (``numeric.drop_mapped`` relies on it)."""
@@ -608,26 +614,6 @@ def _pread_into(fd: int, buf: Any, offset: int) -> int:
     return pread_into(fd, buf, offset) if isinstance(fd, int) else fd.pread_into(buf, offset)
 
 
-def crc32(data: Any, value: int = 0) -> int:
-    """zlib's CRC-32 of a byte buffer, continuing ``value``: ISA-L's when the ``isal`` package is installed (the
-    optional extra ``fast``; 0.07 s a GiB against zlib's 0.46 s on this project's VMs), else zlib's."""
-    return _crc32_function()(data, value)
-
-
-def _crc32_function() -> Callable[[Any, int], int]:
-    global _CRC32
-    if _CRC32 is None:
-        try:
-            from isal.isal_zlib import crc32 as fast
-        except ImportError:
-            import zlib
-
-            fast = zlib.crc32
-        _CRC32 = fast
-    return _CRC32
-
-
-_CRC32: Callable[[Any, int], int] | None = None
 
 
 def as_bytes(t: Any) -> Any:
