@@ -383,29 +383,34 @@ class S3Object:
         if n <= 0:
             return 0
         bucket, _, key = self.key.partition("/")
+        done = 0  # (a retry resumes here)
 
-        async def get() -> bytes:
+        async def get() -> None:
+            nonlocal done
             kwargs = {"IfMatch": self.etag} if self.etag else {}
             response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key,
-                                              Range=f"bytes={start}-{start + n - 1}", **kwargs)
-            async with response["Body"] as body:
-                return await body.read()
+                                              Range=f"bytes={start + done}-{start + n - 1}", **kwargs)
+            async with response["Body"] as body:  # (received into the caller's buffer: no whole-part copy)
+                while done < n:
+                    got = await body.readinto(view[done:n])
+                    if not got:
+                        break
+                    done += got
 
-        def attempt() -> bytes:
+        def attempt() -> None:
             try:
-                return sync(self.fs.loop, get)
+                sync(self.fs.loop, get)
             except (ConnectionError, TimeoutError) as e:
                 raise _Retry(f"connection lost ({type(e).__name__})") from None
 
         try:
-            data = _with_retries(self.label, attempt)
+            _with_retries(self.label, attempt)
         except OSError as e:
             if _precondition_failed(e):  # If-Match failed: another ETag
                 raise FormatError(f"{self.label}: the object changed while it was read (ETag differs): read it again") from None
             raise _s3_failure(self.label, e) from None
-        if len(data) != n:
-            raise FormatError(f"{self.label}: the store answered {len(data)} bytes for a range of {n}")
-        view[:n] = data
+        if done != n:
+            raise FormatError(f"{self.label}: the store answered {done} bytes for a range of {n}")
         return n
 
 
