@@ -342,6 +342,50 @@ def test_ties_values_reads_samples_then_only_the_candidates(server, files, run, 
         os.unlink(files / "vt.safetensors")
 
 
+def _on_a_terminal(*args: str) -> tuple[int, bytes, bytes]:
+    """``paramtool ARGS`` with its stderr on a pseudo-terminal: (exit status, stdout, what the terminal got)."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "paramtool", *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=slave, env={**os.environ, "TERM": "xterm", "COLUMNS": "100"})
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:  # (the terminal's other end closed)
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    out = proc.stdout.read()
+    proc.stdout.close()
+    return proc.wait(), out, seen
+
+
+def test_a_terminal_sees_the_bytes_received(server, files):
+    """On a terminal, value commands show the bytes a remote source sends as they arrive (a transient display on
+    stderr, once ``output.TRANSFER_SHOWN`` bytes came), and print the same result; a listing shows none."""
+    from paramtool import output
+
+    torch.manual_seed(0)
+    st.save_file({"w": torch.randn(output.TRANSFER_SHOWN // 4 + MIB)}, files / "shown.safetensors")
+    url = f"{server.url}/shown.safetensors"
+    try:
+        for args in (["stats", url, "--json"], ["diff", url, str(files / "shown.safetensors"), "--json"]):
+            code, out, terminal = _on_a_terminal(*args)
+            assert code == 0, terminal
+            piped = subprocess.run([sys.executable, "-m", "paramtool", *args], capture_output=True, check=True)
+            assert json.loads(out) == json.loads(piped.stdout) and b"received" not in piped.stderr
+            assert b"received" in terminal and b"MB" in terminal, terminal[-300:]
+        code, out, terminal = _on_a_terminal("inspect", url, "--json")
+        assert code == 0 and b"received" not in terminal, terminal
+    finally:
+        os.unlink(files / "shown.safetensors")
+
+
 def test_convert_remote_to_local(server, files, run, tmp_path):
     out = tmp_path / "out.safetensors"
     r = run("convert", f"{server.url}/big.pt", "-o", out)

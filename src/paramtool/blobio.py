@@ -10,7 +10,7 @@ import os
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
-    from typing import Any, BinaryIO
+    from typing import Any, BinaryIO, Callable
 
 
 class Blob:
@@ -95,3 +95,20 @@ class BlobFile(io.RawIOBase):
 class LocalHeader(int):
     """Where a zip record's local header starts, standing in for where its data starts until it is read: a
     remote listing does not fetch every record's header (``formats.remote_storage`` reads it with the record)."""
+
+
+_WATCHER: Callable[[int], None] | None = None
+
+
+def watch_transfers(watcher: Callable[[int], None] | None) -> None:
+    """Have ``watcher(n)`` called with the bytes each transfer of a remote medium moved (the command line's
+    progress on a terminal); None: nobody watches."""
+    global _WATCHER
+    _WATCHER = watcher
+
+
+def transferred(n: int) -> None:
+    """A medium moved ``n`` bytes (a ranged read's part, a window)."""
+    watcher = _WATCHER
+    if watcher is not None and n:
+        watcher(n)

@@ -11,7 +11,8 @@ from typer.exceptions import TyperException
 from . import queries, render
 from .errors import ParamtoolError, UsageError
 from .fsops import FAILURE as _FAILURE  # the exit status of a failure the core did not map: 1, 2 for diff
-from .output import Sink, each_source, err_console, error_line, quiet_pipe, route_warnings, warn
+from .output import (Sink, each_source, err_console, error_line, progress_display, quiet_pipe, route_warnings, settle,
+                     warn, watch_transfers)
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
@@ -574,21 +575,18 @@ class _progress:
     """A progress bar on stderr for long runs (terminal only); yields an ``advance()`` callable."""
 
     def __init__(self, total: int, label: str) -> None:
-        self.total, self.label, self.bar = total, label, None
+        self.total, self.label, self.task = total, label, None
 
     def __enter__(self):
         if sys.stderr.isatty() and self.total > 20:
-            from rich.progress import Progress
-
-            self.bar = Progress(console=err_console(), transient=True)
-            self.bar.start()
-            task = self.bar.add_task(self.label, total=self.total)
-            return lambda: self.bar.advance(task)
+            bar = progress_display()
+            self.task = bar.add_task(self.label, total=self.total)
+            return lambda: bar.advance(self.task)
         return lambda: None
 
     def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        if self.task is not None:
+            progress_display().remove_task(self.task)
 
 
 @app.command(epilog="Examples:\n\n  paramtool diff before.pt after.safetensors --atol 1e-6\n\n"
@@ -969,7 +967,12 @@ def main() -> None:
     from .fsops import install_signal_handlers
 
     install_signal_handlers()  # Ctrl-C, SIGTERM, a closed pipe: temporaries removed, 130/143/141
-    app(prog_name="paramtool")
+    if sys.stderr.isatty():
+        watch_transfers()
+    try:
+        app(prog_name="paramtool")
+    finally:
+        settle()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,11 +9,63 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     from typing import Any, Callable
 
+
+
+_DISPLAY: list[Any] = []  # the progress display on stderr while it runs (rich allows one live display)
+_LOCK = threading.Lock()
+_SETTLED: list[bool] = []  # output began: a transfer finishing now (read ahead) no longer shows
+TRANSFER_SHOWN = 16 << 20  # bytes received before a remote transfer's progress shows (a listing never shows it)
+
+
+def progress_display() -> Any:
+    """The progress display on stderr (rich, transient), started on first use; ``settle`` stops it. It leaves
+    stdout and stderr alone: whatever is printed stops it first (``settle``), since a live display redraws
+    over the lines below it."""
+    with _LOCK:
+        if not _DISPLAY:
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn,
+                                       TransferSpeedColumn)
+
+            bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
+                           TransferSpeedColumn(), console=err_console(), transient=True, redirect_stdout=False,
+                           redirect_stderr=False)
+            bar.start()
+            _DISPLAY.append(bar)
+        return _DISPLAY[0]
+
+
+def settle() -> None:
+    """Stop the progress display, if one runs (before anything is printed, and at the end)."""
+    with _LOCK:
+        _SETTLED.append(True)
+        while _DISPLAY:
+            _DISPLAY.pop().stop()
+
+
+def watch_transfers() -> None:
+    """Show the bytes a remote source sends as they arrive (``blobio.watch_transfers``; a terminal's), once
+    there are ``TRANSFER_SHOWN`` of them: the count received and its rate (the total is not known ahead: a
+    selection, a read ahead)."""
+    from .blobio import watch_transfers as watch
+
+    seen: list[Any] = [0, None]  # bytes so far, the display's task
+
+    def watcher(n: int) -> None:
+        seen[0] += n
+        if _SETTLED or seen[0] < TRANSFER_SHOWN:
+            return
+        bar = progress_display()
+        if seen[1] is None:
+            seen[1] = bar.add_task("received", total=None, completed=seen[0])
+        bar.update(seen[1], completed=seen[0])
+
+    watch(watcher)
 
 
 def safe_name(name: Any) -> str:
@@ -41,6 +93,7 @@ def err_console() -> Any:
 
 
 def warn(message: str) -> None:
+    settle()
     err_console().print(f"warning: {safe_name(message)}", style="yellow", markup=False)
 
 
@@ -54,6 +107,7 @@ def route_warnings() -> None:
 def emit_json(obj: Any) -> None:
     from .render import dumps
 
+    settle()
     sys.stdout.write(dumps(obj) + "\n")
     sys.stdout.flush()
 
@@ -70,6 +124,7 @@ class Sink:
         if self.json or human is None:
             emit_json(found.as_json() if hasattr(found, "as_json") else found)
         else:
+            settle()
             human(out_console())
 
     def values(self, shown: Any) -> None:
@@ -77,6 +132,7 @@ class Sink:
         if self.json:
             emit_json(shown)
         else:
+            settle()
             sys.stdout.write(shown + "\n")
             sys.stdout.flush()
 
@@ -84,12 +140,14 @@ class Sink:
         warn(text)
 
     def note(self, text: str) -> None:
+        settle()
         err_console().print(safe_name(text), markup=False)
 
 
 def error_line(message: str) -> None:
     """The one line a failure prints: ``error:`` and the message's first line, escaped."""
     first = message.strip().splitlines()[0] if message.strip() else "failed"
+    settle()
     sys.stderr.write(f"error: {safe_name(first)}\n")
     sys.stderr.flush()
 
@@ -115,6 +173,7 @@ def each_source(sources: list[str] | None, one: Callable[[str | None], int | Non
     worst = 0
     for i, source in enumerate(items):
         if len(items) > 1 and not json_out:
+            settle()
             sys.stdout.write(("\n" if i else "") + f"==> {safe_name(source or '-')} <==\n")
             sys.stdout.flush()
         try:

@@ -39,7 +39,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up
 if TYPE_CHECKING:
     from typing import Any, Callable
 
-from .blobio import Blob
+from .blobio import Blob, transferred
 from .errors import FormatError, ParamtoolError, UsageError
 
 WINDOW = 1 << 16  # bytes fetched at least per small read (read-ahead): headers and pickles in one request
@@ -189,7 +189,9 @@ class HttpObject:
                     raise _Retry("connection closed early")
                 return done
 
-        return _with_retries(self.label, attempt)
+        got = _with_retries(self.label, attempt)
+        transferred(got)
+        return got
 
     def _size_from(self, response: Any, status: int) -> int:
         """The first byte of a 206 answer's range; the object's size (``bytes a-b/size``) is recorded."""
@@ -411,6 +413,7 @@ class S3Object:
             raise _s3_failure(self.label, e) from None
         if done != n:
             raise FormatError(f"{self.label}: the store answered {done} bytes for a range of {n}")
+        transferred(n)
         return n
 
 
