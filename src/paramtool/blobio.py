@@ -33,6 +33,9 @@ class Blob:
         got = self.pread_into(buf, offset) if buf else 0
         return bytes(buf[:got])
 
+    def will_read(self, spans: list[tuple[int, int]]) -> None:
+        """A hint: these ``(start, end)`` spans are read next (a remote medium fetches them at once)."""
+
     def file(self) -> BinaryIO:
         """A seekable, buffered file object over the bytes (its own position; closing it leaves the blob open)."""
         return io.BufferedReader(BlobFile(self), 1 << 16)

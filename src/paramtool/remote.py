@@ -43,9 +43,11 @@ from .blobio import Blob, transferred
 from .errors import FormatError, ParamtoolError, UsageError
 
 WINDOW = 1 << 16  # bytes fetched at least per small read (read-ahead): headers and pickles in one request
-TAIL = 1 << 17  # a read near the end fetches this much before it: a zip's end records and central directory
+TAIL = 1 << 18  # a read near the end fetches this much before it: a zip's end records and central directory (about 3000 records)
 PART = 8 << 20  # a large read is split into parts of this size, fetched concurrently
-CACHED = 16  # small windows kept per object
+CACHED = 16  # windows kept per object
+CACHED_BYTES = 16 << 20  # and their bytes, at most (the head window stays)
+METADATA = 4 << 20  # a read of the file view up to this size is a format's metadata: kept in a window
 SPILL = 64 << 20  # a span at least this large is mapped from a spill file (``RemoteBlob.mapped``), not held
 STREAM_AHEAD = 3  # parts fetched at once by one read (a ``Stream``: its memory, this many parts)
 PART_THREADS = 4  # the threads that fetch parts (``_parts``), for every read in the run
@@ -444,7 +446,8 @@ class RemoteBlob(Blob):
         data = bytes(data[:got])
         with self._lock:
             self._windows.append((start, data))
-            if len(self._windows) > CACHED:
+            while len(self._windows) > 1 and (len(self._windows) > CACHED
+                                              or sum(len(d) for _, d in self._windows) > CACHED_BYTES):
                 self._windows.pop(1)  # the head stays
         return data
 
@@ -477,15 +480,58 @@ class RemoteBlob(Blob):
         if data is not None:
             view[:n] = data
             return n
-        if n < WINDOW and ahead:  # small reads (headers, pickles, a zip's records): through the windows, read ahead
-            start, end = offset, min(self.size, offset + WINDOW)
-            if end == self.size:  # near the end: the tail, where a zip keeps its directory
-                start = max(0, min(offset, self.size - TAIL))
-            window = self._window(start, end)
-            data = window[offset - start: offset - start + n]
-            view[:len(data)] = data
-            return len(data)
-        return self._read_large(view[:n], offset)
+        if not ahead or n > METADATA:
+            return self._read_large(view[:n], offset)
+        done = 0
+        while done < n:  # a format's metadata (headers, pickles, a zip's directory): through kept windows
+            pos = offset + done
+            data = self._cached(pos, n - done, partial=True) or self._fetch_window(pos, n - done)
+            k = min(len(data), n - done)
+            view[done:done + k] = data[:k]
+            done += k
+        return n
+
+    def _fetch_window(self, pos: int, want: int) -> bytes:
+        """Fetch and keep a window from ``pos`` (at least ``WINDOW`` bytes, and ``want``; near the end, the whole
+        tail, where a zip keeps its directory), stopping where a kept window begins (nothing is fetched
+        twice); its bytes from ``pos``."""
+        start, end = pos, min(self.size, pos + max(want, WINDOW))
+        if end == self.size or pos >= self.size - TAIL:
+            start, end = max(0, min(pos, self.size - TAIL)), self.size
+        with self._lock:
+            end = min([end] + [w for w, _ in self._windows if pos < w < end])
+        data = self._window(start, end)[pos - start:]
+        if not data:
+            raise FormatError(f"{self.name}: truncated: a read ends beyond the object")
+        return data
+
+    def will_read(self, spans: list[tuple[int, int]]) -> None:
+        """A format is about to read these ``(start, end)`` spans (a zip's pickle and small records): what the
+        kept windows do not hold of them is fetched now, spans less than ``WINDOW`` apart in one request, all
+        requests at once, and kept (at most ``METADATA`` bytes; beyond that, each read asks for itself)."""
+        with self._lock:
+            held = sorted((w, w + len(d)) for w, d in self._windows)
+        missing: list[list[int]] = []
+        for start, end in sorted(spans):
+            start, end = max(0, start), min(self.size, end)
+            for w, w_end in held:  # (what a window holds is cut away: the rest, before and after it)
+                if w <= start < w_end:
+                    start = w_end
+                elif start < w < end:
+                    if start < w:
+                        missing.append([start, w])
+                    start = min(end, w_end)
+            if start < end:
+                missing.append([start, end])
+        merged: list[list[int]] = []
+        for start, end in sorted(missing):
+            if merged and start - merged[-1][1] < WINDOW:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        if merged and sum(end - start for start, end in merged) <= METADATA:
+            for job in [_parts().submit(self._window, start, end) for start, end in merged]:
+                job.result()
 
     def read_spans(self, spans: list[tuple[int, int]]) -> list[bytes]:
         """The bytes at each (offset, length) of ``spans``: a ranged request each (nothing read ahead), sent

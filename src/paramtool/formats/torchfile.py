@@ -527,6 +527,16 @@ def _check_record(info: zipfile.ZipInfo, numel: Any, dtype: str) -> None:
                           f"{info.compress_size} compressed: more than deflate can produce")
 
 
+def _will_read(archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo | None]) -> None:
+    """Tell the medium under ``archive`` which records are read next (``Blob.will_read``: a remote object
+    fetches them at once, adjacent ones in one request; a local file ignores it). A record's local header is
+    its fixed 30 bytes, its name and an extra field the central directory does not give: 256 bytes allowed."""
+    blob = getattr(getattr(archive.fp, "raw", archive.fp), "blob", None)  # (a buffered file over a BlobFile)
+    if blob is not None:
+        blob.will_read([(i.header_offset, i.header_offset + 30 + len(i.orig_filename.encode("utf-8")) + 256
+                         + i.compress_size) for i in infos if i is not None])
+
+
 def _check_byteorder(archive: zipfile.ZipFile, info: zipfile.ZipInfo | None, path: str) -> None:
     """The ``byteorder`` record, as torch reads it: absent means little; exactly ``little`` or ``big``."""
     if info is None:
@@ -610,7 +620,9 @@ def read_zip(path: str, fileobj: BinaryIO | None = None,
                   if _fold(i.filename).endswith(".pkl") and i.compress_type != zipfile.ZIP_STORED]
         if packed:  # torch stores every record as is; a compressed pickle is a decompression bomb's shape
             raise FormatError(f"{path}: compressed pickle record '{packed[0]}' (torch stores records uncompressed)")
-        _check_byteorder(archive, records.get(_fold(prefix + "byteorder")), path)
+        byteorder = records.get(_fold(prefix + "byteorder"))
+        _will_read(archive, [info, byteorder])
+        _check_byteorder(archive, byteorder, path)
         out = TorchFile(None, set())
         seen: dict[Hashable, StorageRef] = {}  # by the key as pickled, as torch's loaded_storages ('0' is not 0)
 
