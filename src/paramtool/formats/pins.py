@@ -27,7 +27,8 @@ class InputChanged(ParamtoolError):
 
 
 _lock = threading.Lock()
-_pins: dict[str, tuple[int, os.stat_result]] = {}  # real path -> (kept descriptor or -1, its stat when first read)
+_pins: dict[str, tuple[int, os.stat_result, int | None]] = {}  # real path -> (kept descriptor or -1, its stat and
+# its ends' checksum (``_ends``) when first read)
 KEPT = 256  # descriptors kept open at most (a checkpoint of thousands of shards must not run out of them); past
 # these, a file is pinned by its stat alone (its inode could then, in principle, be reused once it is deleted)
 
@@ -38,6 +39,21 @@ def _identity(st: os.stat_result) -> tuple[int, int]:
 
 def _contents(st: os.stat_result) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
+
+
+ENDS = 4096  # bytes at each end of a pinned file checksummed (``_ends``)
+
+
+def _ends(fd: int, size: int) -> int | None:
+    """A checksum of the file's first and last ``ENDS`` bytes (headers, a zip's directory): a rewrite of the
+    same size within one tick of the clock that stamps modification times leaves size and time as they were,
+    not these bytes."""
+    import zlib
+
+    try:
+        return zlib.crc32(os.pread(fd, ENDS, max(0, size - ENDS)), zlib.crc32(os.pread(fd, ENDS, 0)))
+    except OSError:
+        return None
 
 
 def opened(path: str, fd: int | None = None) -> None:
@@ -56,14 +72,15 @@ def opened(path: str, fd: int | None = None) -> None:
         pinned = _pins.get(real)
         if pinned is None:
             if len(_pins) >= KEPT:
-                _pins[real] = (-1, st)
+                _pins[real] = (-1, st, None)
                 return
             try:
                 keep = os.dup(fd) if fd is not None else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 return
             os.set_inheritable(keep, False)
-            _pins[real] = (keep, os.fstat(keep))
+            first = os.fstat(keep)
+            _pins[real] = (keep, first, _ends(keep, first.st_size))
             return
     if _identity(st) != _identity(pinned[1]):
         raise changed(path, "replaced by another file")
@@ -73,7 +90,7 @@ def changed(path: str, how: str) -> InputChanged:
     return InputChanged(f"{path} changed while being read ({how}); run the command again")
 
 
-def _change(real: str, keep: int, first: os.stat_result) -> str | None:
+def _change(real: str, keep: int, first: os.stat_result, ends: int | None) -> str | None:
     """How the pinned file at ``real`` changed since it was first read, or None."""
     try:
         now = os.fstat(keep) if keep >= 0 else os.stat(real)
@@ -83,7 +100,7 @@ def _change(real: str, keep: int, first: os.stat_result) -> str | None:
         return None
     if now.st_size < first.st_size:
         return "truncated"
-    if _contents(now) != _contents(first):
+    if _contents(now) != _contents(first) or (ends is not None and _ends(keep, now.st_size) != ends):
         return "rewritten"
     try:
         there = os.stat(real)
@@ -100,8 +117,8 @@ def verify() -> None:
     """Before a commit: every pinned input is still the file that was read, unchanged (else InputChanged)."""
     with _lock:
         pins = list(_pins.items())
-    for real, (keep, first) in pins:
-        how = _change(real, keep, first)
+    for real, pin in pins:
+        how = _change(real, *pin)
         if how is not None:
             raise changed(real, how)
 
@@ -114,17 +131,18 @@ def pinned(path: str) -> bool:
 
 def cause(e: BaseException) -> BaseException:
     """The error to report for ``e``: an input that changed meanwhile is what made a read fail (a header
-    that no longer matches the listing, a record gone), so that is what the line says. Asked on the way out
-    of a failure only, a moment later: a rewrite in place under way when a read tripped over it (its first bytes
-    written, the file not yet extended, its modification time within the same clock tick as the pin) has shown
-    by then."""
+    that no longer matches the listing, a record gone), so that is what the line says. A rewrite in place
+    shows in its first and last bytes (``_ends``) even while the file's size and modification time are those
+    it was pinned with; one under way when a read tripped over it (its first bytes written, its last not yet,
+    the file pinned when its first bytes already were) is asked about again a moment (20 ms) later."""
     import time
 
-    time.sleep(0.01)
-    try:
-        verify()
-    except InputChanged as changed_input:
-        return changed_input
+    for wait in (0.0, 0.02):
+        time.sleep(wait)
+        try:
+            verify()
+        except InputChanged as changed_input:
+            return changed_input
     return e
 
 
@@ -152,7 +170,7 @@ def shrunk() -> str | None:
     """A pinned input that is now shorter than when it was first read (a mapping of it faults past its new
     end), for the message of a bus error; None when there is none. Only system calls: it runs in the
     SIGBUS handler."""
-    for real, (keep, first) in list(_pins.items()):
+    for real, (keep, first, _) in list(_pins.items()):
         try:
             if (os.fstat(keep) if keep >= 0 else os.stat(real)).st_size < first.st_size:
                 return real
@@ -167,7 +185,7 @@ on_bus_error_name(shrunk)
 def reset() -> None:
     """Forget every pin: a new command begins (in a process that runs several, a test's)."""
     with _lock:
-        keeps = [keep for keep, _ in _pins.values() if keep >= 0]
+        keeps = [pin[0] for pin in _pins.values() if pin[0] >= 0]
         _pins.clear()
     for keep in keeps:
         try:
@@ -181,7 +199,7 @@ def forget(path: str) -> None:
     real = os.path.realpath(path)
     with _lock:
         for p in [p for p in _pins if p == real or p.startswith(real.rstrip(os.sep) + os.sep)]:
-            keep, _ = _pins.pop(p)
+            keep = _pins.pop(p)[0]
             if keep >= 0:
                 try:
                     os.close(keep)
