@@ -136,6 +136,37 @@ def test_torch_zip_listing_of_many_records_takes_three_requests(server, files, r
         os.unlink(files / "many.pt")
 
 
+def test_listing_a_20_gib_sharded_checkpoint_moves_under_1_mib(server, files, run):
+    """Four 5 GiB safetensors shards (sparse files: headers written, data holes) and their index: the listing is
+    the index and each shard's head, the shards fetched concurrently, well under 1 MiB in all."""
+    root = files / "twenty"
+    root.mkdir()
+    weight_map = {}
+    try:
+        for i in range(4):
+            name = f"model-{i + 1:05d}-of-00004.safetensors"
+            header = {f"layers.{i}.{k}.weight": {"dtype": "F32", "shape": [32768, 10240],
+                                                 "data_offsets": [k * (1280 << 20), (k + 1) * (1280 << 20)]}
+                      for k in range(4)}
+            raw = json.dumps(header).encode()
+            raw += b" " * (-len(raw) % 8)
+            with open(root / name, "wb") as f:
+                f.write(len(raw).to_bytes(8, "little") + raw)
+                f.truncate(8 + len(raw) + (5 << 30))
+            weight_map.update({n: name for n in header})
+        (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        r = run("inspect", f"{server.url}/twenty/model.safetensors.index.json", "--json")
+        assert r.exit_code == 0, r.stderr
+        assert r.json()["num_tensors"] == 16 and r.json()["num_params"] * 4 == 20 << 30
+        # the index with its config.json (absent) at once, then the four shards' heads at once: two round trips
+        assert sorted(r[1].rsplit("/", 1)[1] for r in server.requests) == sorted(
+            ["config.json", "model.safetensors.index.json"] + list(set(weight_map.values())))
+        assert all(r[0] == "GET" for r in server.requests) and server.most_at_once >= 2
+        assert server.sent() < (1 << 20)
+    finally:
+        shutil.rmtree(root)
+
+
 def test_legacy_torch_file_listing(server, files, run):
     r = run("inspect", f"{server.url}/legacy.pt", "--json")
     assert r.exit_code == 0, r.stderr

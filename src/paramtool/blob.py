@@ -67,15 +67,23 @@ def open_blob(path: str) -> Blob:
 
 def prefetch(paths: list[str]) -> None:
     """Open remote objects concurrently (each one's first ranged read: its size and head), so that reading
-    many shards' headers takes the wall time of about one round trip; local files need nothing."""
+    many shards' headers takes the wall time of about one round trip; local files need nothing. A failure is
+    the business of the read that needs the object (which then opens it, or finds it missing, itself)."""
     remote_paths = [p for p in paths if is_remote(p)]
     if len(remote_paths) > 1:
         from concurrent.futures import ThreadPoolExecutor
 
         from . import remote
+        from .errors import ParamtoolError
+
+        def opened(path: str) -> None:
+            try:
+                remote.open_blob(path)
+            except ParamtoolError:
+                pass
 
         with ThreadPoolExecutor(max_workers=min(16, len(remote_paths))) as pool:
-            list(pool.map(remote.open_blob, remote_paths))
+            list(pool.map(opened, remote_paths))
 
 
 def open_file(path: str) -> BinaryIO:

@@ -217,15 +217,6 @@ class HttpObject:
             raise FormatError(f"{self.label}: the object changed while it was read (its size differs): read it again")
         return first
 
-    def exists(self) -> bool:
-        """Is there an object at the URL (a HEAD request)?"""
-        try:
-            response = _with_retries(self.label, lambda: self._request("HEAD", {}))
-        except NotFound:
-            return False
-        response.close()
-        return 200 <= response.status < 300
-
 
 def _http_error(label: str, code: int) -> ParamtoolError:
     if code in (401, 403):
@@ -744,21 +735,39 @@ def _parts() -> Any:
 
 
 _BLOBS: dict[str, RemoteBlob] = {}
+_MISSING: dict[str, NotFound] = {}  # objects found missing in this run (asked again: the same answer)
+_OPENING: dict[str, threading.Lock] = {}  # one opening at a time per object; different objects at once
 _BLOBS_LOCK = threading.Lock()
 
 
 def open_blob(path: str) -> RemoteBlob:
-    """The remote object ``path`` names, opened once per run (its pinned validator and windows kept)."""
+    """The remote object ``path`` names, opened once per run (its pinned validator and windows kept); several
+    objects open at once (``blob.prefetch``: shards' heads)."""
     with _BLOBS_LOCK:
-        if path not in _BLOBS:
-            _BLOBS[path] = RemoteBlob(path)
-        return _BLOBS[path]
+        opening = _OPENING.setdefault(path, threading.Lock())
+    with opening:
+        with _BLOBS_LOCK:
+            if path in _BLOBS:
+                return _BLOBS[path]
+            if path in _MISSING:
+                raise _MISSING[path]
+        try:
+            blob = RemoteBlob(path)
+        except NotFound as e:
+            with _BLOBS_LOCK:
+                _MISSING[path] = e
+            raise
+        with _BLOBS_LOCK:
+            _BLOBS[path] = blob
+        return blob
 
 
 def forget() -> None:
     """Drop every object opened, and the Hub listings asked, so far (the next read opens them anew)."""
     with _BLOBS_LOCK:
         _BLOBS.clear()
+        _MISSING.clear()
+        _OPENING.clear()
     _HF_FILES.clear()
     _KEPT.clear()
     global _S3
@@ -797,8 +806,11 @@ def isfile(path: str) -> bool:
     if path.startswith("hf://"):
         _, _, file = _hf_parts(path)
         return bool(file) and file in _hf_files(path)
-    url, headers = _http_target(path)
-    return HttpObject(url, path, headers).exists()
+    try:  # (the object's first ranged read: what a reader of it asks for first anyway, kept)
+        open_blob(path)
+    except NotFound:
+        return False
+    return True
 
 
 def listdir(path: str) -> list[str]:
