@@ -489,6 +489,10 @@ def test_hub_sharded_repository(server, files, run):
     for i in range(3):  # each shard's header in one request
         assert len(server.ranged(f"/org/sharded/resolve/main/model-{i + 1:05d}-of-00003.safetensors")) == 1
     assert server.sent() < 512 * 1024
+    # three round trips: the listing; the index and config.json at once; the shards' heads at once
+    names = [p.rsplit("/", 1)[1] for _, p, _, _ in server.requests]
+    assert names[0] == "main" and sorted(names[1:3]) == ["config.json", "model.safetensors.index.json"]
+    assert len(names) == 6 and server.most_at_once >= 2
 
 
 def test_hub_dcp_listing_reads_metadata_only(server, files, run):

@@ -95,8 +95,12 @@ def resolve(text: str | None) -> Source:
     if not remote and is_factory_spec(text):
         return Source(text, "factory")
     is_dir = blob.isdir(text)
-    if remote and not is_dir and text.endswith(".index.json"):  # the index and the sidecar asked about below, at once
-        blob.prefetch([text, os.path.join(os.path.dirname(text), "config.json")])
+    if remote:  # the index (or .metadata) and config.json, which resolving and listing read next: at once
+        if is_dir:
+            blob.prefetch([os.path.join(text, n) for n in blob.listdir(text)
+                           if n.endswith(".index.json") or n in (".metadata", "config.json")])
+        elif text.endswith(".index.json"):
+            blob.prefetch([text, os.path.join(os.path.dirname(text), "config.json")])
     if is_dir or text.endswith(".index.json"):
         from .formats.dcp import resolve_inside
 
