@@ -220,7 +220,8 @@ class HttpObject:
 
 def _http_error(label: str, code: int) -> ParamtoolError:
     if code in (401, 403):
-        return ParamtoolError(f"{label}: access denied (HTTP {code}): check the credentials (HF_TOKEN for the Hub)")
+        which = "the AWS credentials" if label.startswith("s3://") else "the credentials (HF_TOKEN for the Hub)"
+        return ParamtoolError(f"{label}: access denied (HTTP {code}): check {which}")
     if code == 404:
         return NotFound(f"{label}: not found (HTTP 404)")
     return ParamtoolError(f"{label}: HTTP {code}")
@@ -374,23 +375,41 @@ class S3Object:
         self.label = path
         self.fs = s3fs_filesystem()
         self.key = _s3_key(path)
-        info = _s3_call(path, lambda: self.fs.info(self.key))
-        if info.get("type") != "file":
-            raise ParamtoolError(f"{path}: not an object (a prefix: end it with '/')")
-        self.size, self.etag = int(info["size"]), info.get("ETag")
+        self.size: int | None = None
+        self.etag: str | None = None
         self._http: HttpObject | None = None
         try:
             url = self.fs.url(self.key, expires=PRESIGNED_FOR)
         except Exception:  # noqa: BLE001 - no credentials to sign with: the async client reads
-            return
+            url = ""
         if url.startswith(("http://", "https://")):
-            self._http = HttpObject(url, path, {"If-Match": self.etag} if self.etag else {})
-            self._http.size = self.size
+            self._http = HttpObject(url, path)  # (its first ranged read says the size and the ETag: no HEAD)
+        else:
+            self._info()
+
+    def _info(self) -> None:
+        """The object's size and ETag as s3fs says them (a HEAD request); a prefix or nothing is an error."""
+        info = _s3_call(self.label, lambda: self.fs.info(self.key))
+        if info.get("type") != "file":
+            raise ParamtoolError(f"{self.label}: not an object (a prefix: end it with '/')")
+        self.size, self.etag = int(info["size"]), info.get("ETag")
 
     def fetch_into(self, buf: Any, start: int) -> int:
-        if self._http is not None:
+        if self._http is None:
+            return self._get_object_into(buf, start)
+        if self.size is not None:
             return self._http.fetch_into(buf, start)
-        return self._get_object_into(buf, start)
+        try:  # the first read: the object's size and ETag come with it
+            got = self._http.fetch_into(buf, start)
+        except NotFound:
+            self._info()  # a prefix, or nothing: s3fs says which
+            raise
+        self.size = self._http.size or 0
+        kind, value = self._http.validator or ("", "")
+        if kind == "ETag" and value:
+            self.etag = value
+            self._http.headers["If-Match"] = value  # every later range names it: a replaced object is a 412
+        return got
 
     def _get_object_into(self, buf: Any, start: int) -> int:
         from fsspec.asyn import sync
@@ -443,15 +462,13 @@ class RemoteBlob(Blob):
         self._lock = threading.Lock()
         if name.startswith("s3://"):
             self._object: Any = S3Object(name)
-            self.size = self._object.size
-            self._window(0, WINDOW)
         else:
             url, headers = _http_target(name)
             self._object = HttpObject(url, name, headers)
-            head = bytearray(WINDOW)
-            got = self._object.fetch_into(head, 0)  # the first range says the size
-            self.size = self._object.size or 0
-            self._windows.append((0, bytes(head[:got])))
+        head = bytearray(WINDOW)
+        got = self._object.fetch_into(head, 0)  # the first range says the size
+        self.size = self._object.size or 0
+        self._windows.append((0, bytes(head[:got])))
 
     def _window(self, start: int, end: int) -> bytes:
         data = bytearray(end - start)
