@@ -25,7 +25,8 @@ class RangeServer:
       answered at once in ``most_at_once``;
     - faults: ``ignore_range`` (200 with the whole body), ``fail`` (that many 503s first), ``drop_after``
       (the next ranged answer stops after that many body bytes, once), ``token`` (required as a bearer token);
-    - ``rate`` (bytes per second, all answers together): a link of that speed (the benchmark's network).
+    - ``rate`` (bytes per second, all answers together): a link of that speed (the benchmark's network);
+      ``latency`` (seconds): each answer waits that long first, so requests sent at once are seen at once.
 
     Bodies are sent from the file in pieces (``PIECE``), whole or ranged alike: a download and ranged reads
     cost the server the same per byte.
@@ -42,6 +43,7 @@ class RangeServer:
         self.fail = 0
         self.drop_after: int | None = None
         self.token: str | None = None
+        self.latency = 0.0  # seconds each answer waits first (a network's round trip: requests sent at once overlap)
         self.after_request = None  # called with the request just answered (a test's hook: swap an object)
         self.at_once = self.most_at_once = 0
         self.lock = threading.Lock()
@@ -79,6 +81,8 @@ class RangeServer:
             self.at_once += 1
             self.most_at_once = max(self.most_at_once, self.at_once)
         try:
+            if self.latency:
+                time.sleep(self.latency)
             self._serve(h, head)
         finally:
             with self.lock:
