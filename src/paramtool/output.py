@@ -55,15 +55,17 @@ def watch_transfers() -> None:
     from .blobio import watch_transfers as watch
 
     seen: list[Any] = [0, None]  # bytes so far, the display's task
+    counting = threading.Lock()
 
-    def watcher(n: int) -> None:
-        seen[0] += n
-        if _SETTLED or seen[0] < TRANSFER_SHOWN:
-            return
-        bar = progress_display()
-        if seen[1] is None:
-            seen[1] = bar.add_task("received", total=None, completed=seen[0])
-        bar.update(seen[1], completed=seen[0])
+    def watcher(n: int) -> None:  # (on the threads that fetch parts)
+        with counting:
+            seen[0] += n
+            if _SETTLED or seen[0] < TRANSFER_SHOWN:
+                return
+            bar = progress_display()
+            if seen[1] is None:
+                seen[1] = bar.add_task("received", total=None, completed=seen[0])
+            bar.update(seen[1], completed=seen[0])
 
     watch(watcher)
 
