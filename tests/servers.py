@@ -263,3 +263,94 @@ class Seaweed:
                 self.proc.kill()
                 self.proc.wait(10)
         self.log.close()
+
+
+class FaultProxy:
+    """A TCP proxy on 127.0.0.1 in front of a real server (SeaweedFS's S3), injecting faults into its answers:
+
+    - ``fail``: the next that many connections get ``503 Slow Down`` for their first request, then are closed;
+    - ``drop_after``: once the answers (all connections together) pass that many more bytes, the connection
+      carrying that byte is cut there (once);
+    - ``dropped``, ``failed``: how many of each happened.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.target = ("127.0.0.1", port)
+        self.fail = 0
+        self.drop_after: int | None = None
+        self.dropped = self.failed = 0
+        self.forwarded = 0  # answer bytes since ``drop_after`` was last set
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with self.lock:
+            fail = self.fail > 0
+            if fail:
+                self.fail -= 1
+                self.failed += 1
+        if fail:
+            with client:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = client.recv(65536)
+                    if not chunk:
+                        return
+                    head += chunk
+                body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            return
+        try:
+            upstream = socket.create_connection(self.target)
+        except OSError:
+            client.close()
+            return
+        threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+        self._pump(upstream, client, True)
+
+    def arm(self, drop_after: int) -> None:
+        """Cut the connection carrying the answers' byte ``drop_after`` from now."""
+        with self.lock:
+            self.drop_after, self.forwarded = drop_after, 0
+
+    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
+        try:
+            while True:
+                data = source.recv(1 << 16)
+                if not data:
+                    break
+                if answers:
+                    with self.lock:
+                        cut = self.drop_after is not None and self.forwarded + len(data) > self.drop_after
+                        keep = self.drop_after - self.forwarded if cut else len(data)
+                        self.forwarded += keep
+                        if cut:
+                            self.drop_after = None
+                            self.dropped += 1
+                    if cut:
+                        sink.sendall(data[:keep])
+                        break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()

@@ -806,6 +806,36 @@ def test_s3_object_replaced_mid_read_is_an_error(s3, s3_reads):
         blob.pread(0, 1 << 19)
 
 
+def test_s3_faults_between_client_and_store(s3, s3_reads, files, run, monkeypatch):
+    """A proxy in front of SeaweedFS cuts an answer mid-range and answers 503 bursts: the reads are retried (a
+    cut range resumed) and the numbers are those of the local copy, on both ways of reading S3 ranges."""
+    import s3fs
+    from servers import FaultProxy
+
+    from paramtool import remote
+
+    proxy = FaultProxy(s3.port)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    remote.forget()  # (the s3fs filesystem is made anew, for the proxy)
+    want = run("stats", files / "big.safetensors", "--json").json()["tensors"]
+    try:
+        proxy.arm(3 << 20)  # inside a storage's range, a few MiB in
+        r = run("stats", "s3://ckpts/big.safetensors", "--json")
+        assert r.exit_code == 0, r.stderr
+        assert proxy.dropped == 1
+        assert r.json()["tensors"] == want
+        remote.forget()
+        s3fs.S3FileSystem.clear_instance_cache()  # (new connections: the first two get the 503s)
+        proxy.fail = 2
+        r = run("stats", "s3://ckpts/big.safetensors", "--json")
+        assert r.exit_code == 0, r.stderr
+        assert proxy.failed == 2
+        assert r.json()["tensors"] == want
+    finally:
+        proxy.close()
+        remote.forget()
+
+
 # --- S3: --in-place ------------------------------------------------------------------------------------------------
 
 

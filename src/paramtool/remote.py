@@ -363,6 +363,15 @@ def _precondition_failed(e: BaseException) -> bool:
     return "precondition" in text or "412" in text
 
 
+def _cut_short(e: BaseException) -> bool:
+    """Is ``e`` an answer of the async S3 client cut short (a dropped connection, a body ended early)?"""
+    import aiohttp
+    import botocore.exceptions as boto
+
+    return isinstance(e, (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, boto.ResponseStreamingError,
+                          boto.ReadTimeoutError, boto.ConnectionClosedError, boto.EndpointConnectionError))
+
+
 class S3Object:
     """One S3 object, read by ranged GETs that name the ETag pinned when it was opened (``If-Match``).
 
@@ -438,6 +447,10 @@ class S3Object:
                 sync(self.fs.loop, get)
             except (ConnectionError, TimeoutError) as e:
                 raise _Retry(f"connection lost ({type(e).__name__})") from None
+            except Exception as e:
+                if _cut_short(e):
+                    raise _Retry(f"connection lost ({type(e).__name__})") from None
+                raise
 
         try:
             _with_retries(self.label, attempt)
