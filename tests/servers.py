@@ -269,8 +269,8 @@ class FaultProxy:
     """A TCP proxy on 127.0.0.1 in front of a real server (SeaweedFS's S3), injecting faults into its answers:
 
     - ``fail``: the next that many connections get ``503 Slow Down`` for their first request, then are closed;
-    - ``drop_after``: once the answers (all connections together) pass that many more bytes, the connection
-      carrying that byte is cut there (once);
+    - ``drop_after`` (``arm``): once the answers (or the requests: an upload), all connections together, pass
+      that many more bytes, the connection carrying that byte is cut there (once);
     - ``dropped``, ``failed``: how many of each happened.
     """
 
@@ -279,7 +279,8 @@ class FaultProxy:
         self.fail = 0
         self.drop_after: int | None = None
         self.dropped = self.failed = 0
-        self.forwarded = 0  # answer bytes since ``drop_after`` was last set
+        self.forwarded = 0  # answer (or request) bytes since ``drop_after`` was last set
+        self.cut_requests = False
         self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
@@ -322,10 +323,11 @@ class FaultProxy:
         threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
         self._pump(upstream, client, True)
 
-    def arm(self, drop_after: int) -> None:
-        """Cut the connection carrying the answers' byte ``drop_after`` from now."""
+    def arm(self, drop_after: int, requests: bool = False) -> None:
+        """Cut the connection carrying the answers' byte ``drop_after`` from now (``requests``: the requests'
+        byte, an upload's)."""
         with self.lock:
-            self.drop_after, self.forwarded = drop_after, 0
+            self.drop_after, self.forwarded, self.cut_requests = drop_after, 0, requests
 
     def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         try:
@@ -333,7 +335,7 @@ class FaultProxy:
                 data = source.recv(1 << 16)
                 if not data:
                     break
-                if answers:
+                if answers != self.cut_requests:
                     with self.lock:
                         cut = self.drop_after is not None and self.forwarded + len(data) > self.drop_after
                         keep = self.drop_after - self.forwarded if cut else len(data)

@@ -831,6 +831,19 @@ def test_s3_faults_between_client_and_store(s3, s3_reads, files, run, monkeypatc
         assert r.exit_code == 0, r.stderr
         assert proxy.failed == 2
         assert r.json()["tensors"] == want
+        # an upload cut mid-body: retried to a whole object, or one error line and no object at all
+        remote.forget()
+        s3fs.S3FileSystem.clear_instance_cache()
+        proxy.arm(4 << 20, requests=True)
+        r = run("convert", files / "big.pt", "-o", "s3://ckpts/faulty/model.safetensors")
+        fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint, skip_instance_cache=True, use_listings_cache=False)
+        assert proxy.dropped == 2
+        if r.exit_code == 0:
+            got = st.load(fs.cat_file("ckpts/faulty/model.safetensors"))
+            assert all(torch.equal(got[k], t) for k, t in st.load_file(files / "big.safetensors").items())
+        else:
+            assert r.stderr.startswith("error:") and r.stderr.count("\n") == 1, r.stderr
+            assert not fs.exists("ckpts/faulty/model.safetensors")
     finally:
         proxy.close()
         remote.forget()
