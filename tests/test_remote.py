@@ -555,11 +555,15 @@ def test_missing_objects_are_one_line(server, run):
 # --- faults ------------------------------------------------------------------------------------------------------
 
 
-def test_server_ignoring_range_is_refused(server, run):
+def test_server_ignoring_range_is_refused(server, files, run):
     server.ignore_range = True
     r = run("inspect", f"{server.url}/big.safetensors")
     assert r.exit_code == 1 and "ignored the byte range" in r.stderr
     assert server.sent() < 8 * MIB  # the body (10 MiB) was not read through: the client hung up
+    # an object within the first range asked for, answered whole (200): that is all of it, taken as such
+    r = run("stats", f"{server.url}/legacy.pt", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert r.json()["tensors"] == run("stats", files / "legacy.pt", "--json").json()["tensors"]
 
 
 def test_503_bursts_are_retried(server, files, run):

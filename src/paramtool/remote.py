@@ -175,11 +175,11 @@ class HttpObject:
                 if response.status == 416:  # past the end (an empty object)
                     self._size_from(response, 416)
                     return done
-                if response.status != 206:
+                if response.status != 206 and not self._whole_within(response, start + done, len(view) - done):
                     raise FormatError(f"{self.label}: the server ignored the byte range (HTTP {response.status} "
                                       "with the whole object): paramtool reads remote objects by range only")
                 self._check(response)
-                first = self._size_from(response, 206)
+                first = self._size_from(response, 206) if response.status == 206 else 0
                 if first != start + done:
                     raise FormatError(f"{self.label}: the server answered another byte range than asked")
                 try:
@@ -198,6 +198,17 @@ class HttpObject:
         got = _with_retries(self.label, attempt)
         transferred(got)
         return got
+
+    def _whole_within(self, response: Any, start: int, n: int) -> bool:
+        """A ``200`` answer to a first range that covers the whole object (a small file: an index, a config;
+        some servers answer so): taken when its stated length fits in the range asked for, and recorded as the
+        object's size. Any other ``200`` is a server that ignores ``Range``."""
+        length = response.headers.get("Content-Length") or ""
+        if response.status != 200 or start != 0 or not length.isdigit() or int(length) > n:
+            return False
+        if self.size is None:
+            self.size = int(length)
+        return self.size == int(length)
 
     def _size_from(self, response: Any, status: int) -> int:
         """The first byte of a 206 answer's range; the object's size (``bytes a-b/size``) is recorded."""
