@@ -428,7 +428,7 @@ def test_a_terminal_sees_the_bytes_received(server, files):
             assert code == 0, terminal
             piped = subprocess.run([sys.executable, "-m", "paramtool", *args], capture_output=True, check=True)
             assert json.loads(out) == json.loads(piped.stdout) and b"received" not in piped.stderr
-            assert b"received" in terminal and b"MB" in terminal, terminal[-300:]
+            assert b"received" in terminal and b"MiB" in terminal, terminal[-300:]
         code, out, terminal = _on_a_terminal("inspect", url, "--json")
         assert code == 0 and b"received" not in terminal, terminal
     finally:

@@ -580,7 +580,7 @@ class _progress:
     def __enter__(self):
         if sys.stderr.isatty() and self.total > 20:
             bar = progress_display()
-            self.task = bar.add_task(self.label, total=self.total)
+            self.task = bar.add_task(self.label, total=self.total, detail="")
             return lambda: bar.advance(self.task)
         return lambda: None
 

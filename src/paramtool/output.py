@@ -29,12 +29,11 @@ def progress_display() -> Any:
     over the lines below it."""
     with _LOCK:
         if not _DISPLAY:
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn,
-                                       TransferSpeedColumn)
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-            bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
-                           TransferSpeedColumn(), console=err_console(), transient=True, redirect_stdout=False,
-                           redirect_stderr=False)
+            bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                           TimeRemainingColumn(), TextColumn("{task.fields[detail]}"), console=err_console(),
+                           transient=True, redirect_stdout=False, redirect_stderr=False)
             bar.start()
             _DISPLAY.append(bar)
         return _DISPLAY[0]
@@ -52,9 +51,11 @@ def watch_transfers() -> None:
     """Show the bytes a remote source sends as they arrive (``blobio.watch_transfers``; a terminal's), once
     there are ``TRANSFER_SHOWN`` of them: the count received and its rate (the total is not known ahead: a
     selection, a read ahead)."""
+    import time
+
     from .blobio import watch_transfers as watch
 
-    seen: list[Any] = [0, None]  # bytes so far, the display's task
+    seen: list[Any] = [0, None, 0.0, 0]  # bytes so far; the display's task, when it was shown and the bytes then
     counting = threading.Lock()
 
     def watcher(n: int) -> None:  # (on the threads that fetch parts)
@@ -64,8 +65,10 @@ def watch_transfers() -> None:
                 return
             bar = progress_display()
             if seen[1] is None:
-                seen[1] = bar.add_task("received", total=None, completed=seen[0])
-            bar.update(seen[1], completed=seen[0])
+                seen[1:] = [bar.add_task("received", total=None, detail=""), time.monotonic(), seen[0]]
+            elapsed = time.monotonic() - seen[2]
+            rate = f", {(seen[0] - seen[3]) / 2**20 / elapsed:,.0f} MiB/s" if elapsed > 0.1 else ""
+            bar.update(seen[1], completed=seen[0], detail=f"{seen[0] / 2**20:,.0f} MiB{rate}")
 
     watch(watcher)
 

@@ -572,8 +572,7 @@ class RemoteBlob(Blob):
                 if w <= start < w_end:
                     start = w_end
                 elif start < w < end:
-                    if start < w:
-                        missing.append([start, w])
+                    missing.append([start, w])
                     start = min(end, w_end)
             if start < end:
                 missing.append([start, end])
