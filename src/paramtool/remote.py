@@ -389,7 +389,8 @@ class S3Object:
     The GETs go to a presigned URL (s3fs and botocore sign it, with the usual credential chain) through the
     HTTP client of ``HttpObject``, which receives a part straight into its buffer: the async client costs
     Python work for every 64-256 KiB it receives, a third of the CPU of a stats run on a local store. Where
-    no URL can be signed (anonymous access), ranged GetObject calls through s3fs do the same."""
+    no URL can be signed (anonymous access), or the store's certificate is trusted through ``AWS_CA_BUNDLE``
+    (which only botocore reads), ranged GetObject calls through s3fs do the same."""
 
     def __init__(self, path: str) -> None:
         self.label = path
@@ -398,8 +399,8 @@ class S3Object:
         self.size: int | None = None
         self.etag: str | None = None
         self._http: HttpObject | None = None
-        try:
-            url = self.fs.url(self.key, expires=PRESIGNED_FOR)
+        try:  # (a store trusted through AWS_CA_BUNDLE is botocore's to reach: its own client reads there)
+            url = "" if os.environ.get("AWS_CA_BUNDLE") else self.fs.url(self.key, expires=PRESIGNED_FOR)
         except Exception:  # noqa: BLE001 - no credentials to sign with: the async client reads
             url = ""
         if url.startswith(("http://", "https://")):
