@@ -508,3 +508,29 @@ def test_mapped_reads_are_copy_on_write(tmp_path, ext):
     t.mul_(-1)
     assert t[2, 3].item() == -11.0
     assert torch.equal(ckpt.tensor("w"), sd["w"]) and path.read_bytes() == before
+
+
+def test_own_differences_are_differences_against_a_copy():
+    """A streamed diff sums a chunk pair of equal bytes from one side (``numeric.own_differences``): the same
+    numbers, to the bit, as ``differences`` against a copy, NaN, infinities and float64 overflow included."""
+    import math
+
+    import numpy as np
+
+    from paramtool import numeric
+
+    rng = np.random.default_rng(0)
+    for dtype in ("<f4", "<f8", "<f2", "<i8", "u1"):
+        for case in range(5):
+            x = (rng.standard_normal(1 << 18) * 100).astype(dtype)
+            if case == 1 and dtype[1] == "f":
+                x[5] = np.nan
+            if case == 2 and dtype[1] == "f":
+                x[7] = -np.inf
+            if case == 3 and dtype == "<f8":
+                x[3] = 1e200  # its square overflows: |x - x| is still 0
+            if case == 4:
+                x = x[:1000]
+            with numeric.quiet():
+                got, want = numeric.own_differences(x), numeric.differences(x, x.copy())
+            assert all(g == w or (math.isnan(g) and math.isnan(w)) for g, w in zip(got, want)), (dtype, case)

@@ -199,9 +199,10 @@ def compare_raw(ra: Any, rb: Any, dtype: str, rtol: float, atol: float) -> tuple
         same = once
         max_abs = max_b = dot = na2 = nb2 = 0.0
         for xa, xb in pairs():
+            equal = once and numeric.same_bits(xa, xb)  # (most chunk pairs of a changed tensor: cheaper sums)
             if same:
-                same = numeric.all_close(xa, xb, rtol, atol) if rtol or atol else numeric.same_bits(xa, xb)
-            m, mb, d, a2, b2 = numeric.differences(xa, xb)
+                same = equal or bool(rtol or atol) and numeric.all_close(xa, xb, rtol, atol)
+            m, mb, d, a2, b2 = numeric.own_differences(xa) if equal else numeric.differences(xa, xb)
             max_abs, max_b = _nanmax(max_abs, m), _nanmax(max_b, mb)
             dot, na2, nb2 = dot + d, na2 + a2, nb2 + b2
     return None if same else (max_abs, max_b, dot, na2, nb2)

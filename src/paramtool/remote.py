@@ -65,7 +65,9 @@ def _missing_extra(name: str) -> ParamtoolError:
 # --- HTTP (plain URLs and the Hub) -------------------------------------------------------------------------
 
 
-def _opener() -> Any:
+def _opener(cafile: str | None = None) -> Any:
+    """urllib's opener with bounded redirects to http(s) only; ``cafile``: the certificates to trust instead of
+    the system's (an S3 store's ``AWS_CA_BUNDLE``, as botocore trusts only it)."""
     import urllib.request
 
     class Redirects(urllib.request.HTTPRedirectHandler):
@@ -81,10 +83,15 @@ def _opener() -> Any:
                 new.remove_header("Authorization")  # a token goes to its own host only (a CDN gets signed URLs)
             return new
 
-    return urllib.request.build_opener(Redirects)
+    if cafile is None:
+        return urllib.request.build_opener(Redirects)
+    import ssl
+
+    return urllib.request.build_opener(Redirects, urllib.request.HTTPSHandler(context=ssl.create_default_context(
+        cafile=cafile)))
 
 
-_OPENER = None
+_OPENERS: dict[str | None, Any] = {}  # by the certificates trusted (None: the system's)
 
 
 def _public(url: str) -> str:
@@ -119,8 +126,9 @@ def _with_retries(what: str, attempt: Callable[[], Any]) -> Any:
 class HttpObject:
     """One object behind a URL: ranged GETs, with the validator (ETag, else Last-Modified) pinned."""
 
-    def __init__(self, url: str, label: str, headers: dict[str, str] | None = None) -> None:
-        self.url, self.label, self.headers = url, label, dict(headers or {})
+    def __init__(self, url: str, label: str, headers: dict[str, str] | None = None,
+                 cafile: str | None = None) -> None:
+        self.url, self.label, self.headers, self.cafile = url, label, dict(headers or {}), cafile
         self.size: int | None = None
         self.validator: tuple[str, str] | None = None
 
@@ -129,12 +137,12 @@ class HttpObject:
         import urllib.error
         import urllib.request
 
-        global _OPENER
-        if _OPENER is None:
-            _OPENER = _opener()
+        opener = _OPENERS.get(self.cafile)
+        if opener is None:
+            opener = _OPENERS[self.cafile] = _opener(self.cafile)
         req = urllib.request.Request(self.url, method=method, headers={**self.headers, **extra})
         try:
-            return _OPENER.open(req, timeout=TIMEOUT)
+            return opener.open(req, timeout=TIMEOUT)
         except urllib.error.HTTPError as e:
             e.close()
             if e.code == 416:
@@ -388,9 +396,9 @@ class S3Object:
 
     The GETs go to a presigned URL (s3fs and botocore sign it, with the usual credential chain) through the
     HTTP client of ``HttpObject``, which receives a part straight into its buffer: the async client costs
-    Python work for every 64-256 KiB it receives, a third of the CPU of a stats run on a local store. Where
-    no URL can be signed (anonymous access), or the store's certificate is trusted through ``AWS_CA_BUNDLE``
-    (which only botocore reads), ranged GetObject calls through s3fs do the same."""
+    Python work for every 64-256 KiB it receives, a third of the CPU of a stats run on a local store. The
+    certificates trusted are botocore's: ``AWS_CA_BUNDLE`` when it is set. Where no URL can be signed
+    (anonymous access), ranged GetObject calls through s3fs do the same."""
 
     def __init__(self, path: str) -> None:
         self.label = path
@@ -399,12 +407,12 @@ class S3Object:
         self.size: int | None = None
         self.etag: str | None = None
         self._http: HttpObject | None = None
-        try:  # (a store trusted through AWS_CA_BUNDLE is botocore's to reach: its own client reads there)
-            url = "" if os.environ.get("AWS_CA_BUNDLE") else self.fs.url(self.key, expires=PRESIGNED_FOR)
+        try:
+            url = self.fs.url(self.key, expires=PRESIGNED_FOR)
         except Exception:  # noqa: BLE001 - no credentials to sign with: the async client reads
             url = ""
-        if url.startswith(("http://", "https://")):
-            self._http = HttpObject(url, path)  # (its first ranged read says the size and the ETag: no HEAD)
+        if url.startswith(("http://", "https://")):  # (its first ranged read says the size and the ETag: no HEAD)
+            self._http = HttpObject(url, path, cafile=os.environ.get("AWS_CA_BUNDLE") or None)
         else:
             self._info()
 
