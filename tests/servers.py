@@ -25,6 +25,7 @@ class RangeServer:
       answered at once in ``most_at_once``;
     - faults: ``ignore_range`` (200 with the whole body), ``fail`` (that many 503s first), ``drop_after``
       (the next ranged answer stops after that many body bytes, once), ``token`` (required as a bearer token);
+    - ``tls`` (a certificate and its key): HTTPS;
     - ``rate`` (bytes per second, all answers together): a link of that speed (the benchmark's network);
       ``latency`` (seconds): each answer waits that long first, so requests sent at once are seen at once.
 
@@ -34,7 +35,7 @@ class RangeServer:
 
     PIECE = 1 << 18
 
-    def __init__(self, root: Path, rate: float | None = None) -> None:
+    def __init__(self, root: Path, rate: float | None = None, tls: tuple[str, str] | None = None) -> None:
         self.root = Path(root)
         self.rate = rate
         self._link = 0.0  # (``rate``: when the link is free again)
@@ -64,6 +65,13 @@ class RangeServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        if tls is not None:  # (certificate file, key file): HTTPS
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+            self.url = "https" + self.url[4:]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 

@@ -614,6 +614,29 @@ def test_object_replaced_mid_read_is_an_error(server, files, run, tmp_path):
         os.unlink(target)
 
 
+def test_https_with_the_certificates_given(files, tmp_path, monkeypatch):
+    """An HTTPS server whose certificate only a given bundle trusts (as ``AWS_CA_BUNDLE`` names one for an S3
+    store's presigned reads): read with that bundle, refused without it (one line, after the retries)."""
+    from paramtool import remote
+    from paramtool.errors import FormatError
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = RangeServer(files, tls=(str(cert), str(key)))
+    try:
+        url = f"{server.url}/big.safetensors"
+        trusted = remote.HttpObject(url, "trusted", cafile=str(cert))
+        head = bytearray(8)
+        assert trusted.fetch_into(head, 0) == 8 and head == (files / "big.safetensors").read_bytes()[:8]
+        monkeypatch.setattr(remote, "RETRIES", 1)
+        with pytest.raises(FormatError, match="cannot connect"):
+            remote.HttpObject(url, "untrusted").fetch_into(bytearray(8), 0)
+    finally:
+        server.close()
+
+
 # --- S3 (SeaweedFS) ----------------------------------------------------------------------------------------------
 
 
