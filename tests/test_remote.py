@@ -620,6 +620,8 @@ def test_https_with_the_certificates_given(files, tmp_path, monkeypatch):
     from paramtool import remote
     from paramtool.errors import FormatError
 
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a certificate with")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
