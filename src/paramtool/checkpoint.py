@@ -7,9 +7,15 @@ from __future__ import annotations
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Protocol
 
-    from .formats.base import Format
+    class Layout(Protocol):
+        """What a checkpoint asks of the format it was read from: ``formats.base.Format``, which sits above this
+        module (formats read and write checkpoints; a checkpoint names no format module)."""
+
+        name: str
+
+        def reads_by_range(self, ckpt: Checkpoint) -> bool: ...
 
 from . import tree
 from .records import dataclass, field
@@ -19,7 +25,7 @@ from .toc import FakeModule, TensorInfo, Toc
 @dataclass
 class Checkpoint:
     source: str
-    layout: Format  # the format it was read from, as the object to ask (``formats.base.Format``)
+    layout: Layout  # the format it was read from, as the object to ask (a ``formats.base.Format``)
     root: Any  # the whole container (dict, OrderedDict, list, nn.Module, ...)
     names: dict[str, tree.Path]  # listed tensor name -> path in root
     metadata: dict[str, str] | None = None  # safetensors header metadata
@@ -87,7 +93,7 @@ class Checkpoint:
         )
 
 
-def named(label: str, fmt: Format, root: Any, path: str | None, key: str | None,
+def named(label: str, fmt: Layout, root: Any, path: str | None, key: str | None,
           cls: type[Checkpoint] | None = None) -> Checkpoint:
     """A checkpoint (``cls``: a kind of ``Checkpoint``) over ``root`` with its tensors named (relative to
     ``--key`` when given)."""

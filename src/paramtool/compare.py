@@ -13,7 +13,7 @@ from .records import dataclass, field
 from .ties import find_ties, names_key
 
 if TYPE_CHECKING:
-    from .formats.gguf import Pairing
+    from .formats.base import Pairing
 
 
 @dataclass

@@ -171,3 +171,16 @@ class FakeModule:
     def __setstate__(self, state: Any) -> None:  # called by pickle's BUILD
         if isinstance(state, dict):
             self.state.update(state)
+
+
+@dataclass
+class TorchFile:
+    """A torch file as read without running it (``formats.torchfile``; loaded by ``formats.pt``): the object tree (stand-ins), the globals its pickle names, and
+    where each storage's bytes are (``data_offset`` into the file; None for a compressed zip record)."""
+
+    root: Any
+    globals: set[str]
+    storages: dict[Hashable, StorageRef] = field(default_factory=dict)
+    data_offset: dict[Hashable, int | None] = field(default_factory=dict)
+    records: dict[Hashable, str] = field(default_factory=dict)  # zip record name of each storage
+    whole: str | None = None  # why its tensors must be rebuilt by torch (conj bits, quantized, ...), if they must

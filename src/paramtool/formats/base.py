@@ -13,14 +13,23 @@ from ..records import dataclass
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 
 if TYPE_CHECKING:
-    from typing import Any, Callable
+    from typing import Any, Callable, Protocol
 
     from ..plan import Plan
     from ..toc import Toc
 
     from ..checkpoint import Checkpoint
-    from .gguf import Pairing
     from .storage import StorageFile
+
+    class Pairing(Protocol):
+        """How a format's stored tensors pair with those of the checkpoint they were made from (``gguf.Pairing``
+        is one): the checkpoint's name -> the stored name, the stored name -> its quantization, and a
+        checkpoint tensor arranged as the format stores it."""
+
+        pairs: dict[str, str]
+        quantization: dict[str, str]
+
+        def arranged(self, name: str, tensor: Any) -> Any: ...
 
 
 @dataclass(frozen=True)

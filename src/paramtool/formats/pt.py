@@ -27,7 +27,7 @@ from .storage import Chunks
 from .unpickle import Global, Inert
 
 if TYPE_CHECKING:
-    from .torchfile import TorchFile
+    from ..toc import TorchFile
 
 
 def load(path: str, listing: TorchFile) -> Any:

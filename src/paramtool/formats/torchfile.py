@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 from ..blob import deferred_offset, open_file
 from ..errors import FormatError, RefusedGlobal
-from ..records import dataclass, field, replace
-from ..toc import FakeModule, FakeTensor, Special, StorageRef, itemsize
+from ..records import dataclass, replace
+from ..toc import FakeModule, FakeTensor, Special, StorageRef, TorchFile, itemsize
 from .base import Format
 from .dtypes import QUANTIZED_STORAGES, SIZES, STORAGE_TYPES
 from .unpickle import MAX_DEPTH, OPCODES, TORCH_REBUILDS, Global, Hooks, Inert, unpickle
@@ -424,19 +424,6 @@ def _unpickle(f: BinaryIO | bytes, storage: Callable[[tuple], StorageRef], path:
     except Exception as e:  # truncated, corrupt or hostile bytes: one readable line
         msg = " ".join(str(e).split())[:120]
         raise FormatError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {msg})") from None
-
-
-@dataclass
-class TorchFile:
-    """A torch file as read without running it: the object tree (stand-ins), the globals its pickle names, and
-    where each storage's bytes are (``data_offset`` into the file; None for a compressed zip record)."""
-
-    root: Any
-    globals: set[str]
-    storages: dict[Hashable, StorageRef] = field(default_factory=dict)
-    data_offset: dict[Hashable, int | None] = field(default_factory=dict)
-    records: dict[Hashable, str] = field(default_factory=dict)  # zip record name of each storage
-    whole: str | None = None  # why its tensors must be rebuilt by torch (conj bits, quantized, ...), if they must
 
 
 def sniff_torch(head: bytes) -> str | None:

@@ -30,13 +30,12 @@ if TYPE_CHECKING:
     from ..plan import Plan
     from .base import Format
     from .storage import StorageFile
-    from .torchfile import TorchFile
 
 from ..blob import open_file
 from ..checkpoint import Checkpoint
 from ..errors import FormatError, ParamtoolError, RefusedGlobal
 from ..records import replace
-from ..toc import FakeTensor, StorageRef, Toc, itemsize
+from ..toc import FakeTensor, StorageRef, Toc, TorchFile, itemsize
 from . import torchfile
 from .dtypes import SCRIPT_STORAGE_TYPES
 from .unpickle import Global, Hooks, Inert, Unpickler
@@ -239,7 +238,7 @@ def _state_dict(root: Any, code: _Code, path: str) -> tuple[collections.OrderedD
     return out, modules
 
 
-def read_archive(path: str, fileobj: Any = None) -> tuple[torchfile.TorchFile, dict[str, str]]:
+def read_archive(path: str, fileobj: Any = None) -> tuple[TorchFile, dict[str, str]]:
     """A TorchScript archive read without running it: its state dict (stand-in tensors located in the file)
     and each module path's class. Reads the pickles, the code records' text and the zip directory."""
     try:
@@ -261,7 +260,7 @@ def read_archive(path: str, fileobj: Any = None) -> tuple[torchfile.TorchFile, d
         byteorder = records.get(prefix + "byteorder")
         if byteorder is not None and torchfile.read_record(archive, byteorder.filename, path).strip() not in (b"little", b""):
             raise FormatError(f"{path}: big-endian checkpoints are not supported")
-        out = torchfile.TorchFile(None, set())
+        out = TorchFile(None, set())
 
         def storages(folder: str, seen: dict[str, StorageRef], listed: bool) -> Callable[[tuple], StorageRef]:
             def storage(pid: tuple) -> StorageRef:
