@@ -70,11 +70,11 @@ class _Slow(Exception):
 
 def _run(command: str, positionals: list[str], opts: dict[str, list[str]]) -> int:
     """Dispatch to the command's query (``queries``), its result to the sink (``output``), as the full CLI does."""
-    from .blob import REMOTE_PREFIXES
+    from .blob import is_remote
     from .output import Sink, each_source
 
     out = Sink("--json" in opts)
-    if sys.stderr.isatty() and (command == "stats" or any(p.startswith(REMOTE_PREFIXES) for p in positionals)):
+    if sys.stderr.isatty() and (command == "stats" or any(is_remote(p) for p in positionals)):
         raise _Slow  # a terminal gets the full CLI's progress bars (stats; the bytes a remote source sends)
     if len(positionals) > 1 and command not in ("diff", "show"):  # several sources: one document each, the worst status
         return each_source(positionals, lambda one: _run1(command, [one], opts, out), True)

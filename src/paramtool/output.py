@@ -57,6 +57,7 @@ def watch_transfers() -> None:
 
     seen: list[Any] = [0, None, 0.0, 0]  # bytes so far; the display's task, when it was shown and the bytes then
     counting = threading.Lock()
+    _SETTLED.clear()  # (a command begins: nothing printed yet)
 
     def watcher(n: int) -> None:  # (on the threads that fetch parts)
         with counting:

@@ -320,7 +320,8 @@ class StreamedCheckpoint(Checkpoint):
         return self.storage_file.raw(name)
 
     def raw_samples(self, name: str, spans: list[tuple[int, int]]) -> list[bytes] | None:
-        return self.storage_file.samples(name, spans)
+        got = self.storage_file.samples(name, spans)
+        return got if got is not None else super().raw_samples(name, spans)
 
 
 def load_lazy(src: Source, key: str | None = None) -> Checkpoint:

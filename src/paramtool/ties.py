@@ -176,8 +176,6 @@ def value_ties(tensor_of: Callable[[str], Any], infos: list[TensorInfo],
     only), and the checksums from the bytes as they arrive (``numeric.streamed``: a large remote storage is
     checksummed part by part while the next parts are received).
     """
-    import zlib
-
     from . import numeric
     from .numeric import bytes_equal
     from .pipeline import ordered_map
@@ -194,28 +192,29 @@ def value_ties(tensor_of: Callable[[str], Any], infos: list[TensorInfo],
         raw = raw_of(name)  # mapped bytes where the reader has them: no torch needed
         return raw if raw is not None else _raw(tensor_of(name)).numpy()
 
+    nbytes = {info.name: info.nbytes for info in infos}
+
     def spans(n: int) -> list[tuple[int, int]]:
         return [(0, n)] if n <= 3 * SAMPLE else [(0, SAMPLE), (n // 2, SAMPLE), (n - SAMPLE, SAMPLE)]
+
+    def crc_of(pieces: Any) -> int:
+        crc = 0
+        for piece in pieces:
+            crc = numeric.crc32(piece, crc)
+        return crc
 
     def sampled(name: str) -> int:
         got = samples_of(name, spans(nbytes[name]))
         if got is None:
             d = _raw(tensor_of(name)).numpy()
             got = [d[o:o + n] for o, n in spans(len(d))]
-        crc = 0
-        for sample in got:
-            crc = zlib.crc32(sample, crc)
-        return crc
+        return crc_of(got)
 
     def checksum(name: str) -> int:
         with numeric.streamed():
             raw = data(name)
-        crc = 0
-        for piece in numeric.pieces(raw):
-            crc = numeric.crc32(piece, crc)
-        return crc
+        return crc_of(numeric.pieces(raw))
 
-    nbytes = {info.name: info.nbytes for info in infos}
     by_sample: dict[tuple, list[str]] = {}
     for name, crc in zip(candidates, ordered_map(sampled, candidates, SAMPLING)):
         by_sample.setdefault((kind_of[name], crc), []).append(name)

@@ -319,9 +319,9 @@ class StorageFile:
         return self.raw_storage(info.storage) if self.covers(info) else None
 
     def samples(self, name: str, spans: list[tuple[int, int]]) -> list[bytes] | None:
-        """The bytes of tensor ``name`` at ``spans`` (offset, length within them), where ``raw`` gives them."""
-        raw = self.raw(name)
-        return None if raw is None else [bytes(raw[o:o + n]) for o, n in spans]
+        """The bytes of tensor ``name`` at ``spans`` (offset, length within them), read alone where the medium
+        reads so (a remote object: ``RemoteStorage``); None here, where slices of ``raw`` cost no more."""
+        return None
 
     def raw_storage(self, key: Hashable) -> Any:
         """A storage's bytes as a read-only memoryview of a mapping, without torch (a conversion writes them
