@@ -83,12 +83,12 @@ def _opener(cafile: str | None = None) -> Any:
                 new.remove_header("Authorization")  # a token goes to its own host only (a CDN gets signed URLs)
             return new
 
-    if cafile is None:
-        return urllib.request.build_opener(Redirects)
-    import ssl
+    handlers: list[Any] = [Redirects]
+    if cafile is not None:
+        import ssl
 
-    return urllib.request.build_opener(Redirects, urllib.request.HTTPSHandler(context=ssl.create_default_context(
-        cafile=cafile)))
+        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=cafile)))
+    return urllib.request.build_opener(*handlers)
 
 
 _OPENERS: dict[str | None, Any] = {}  # by the certificates trusted (None: the system's)
@@ -123,6 +123,11 @@ def _with_retries(what: str, attempt: Callable[[], Any]) -> Any:
             time.sleep(min(0.1 * 2 ** i, 2.0))
 
 
+def _changed(label: str, what: str) -> FormatError:
+    """The error for an object replaced while it is read (its pinned ``what`` differs)."""
+    return FormatError(f"{label}: the object changed while it was read ({what} differs): read it again")
+
+
 class HttpObject:
     """One object behind a URL: ranged GETs, with the validator (ETag, else Last-Modified) pinned."""
 
@@ -150,8 +155,7 @@ class HttpObject:
             if e.code >= 500 or e.code == 429:
                 raise _Retry(f"HTTP {e.code}") from None
             if e.code == 412:  # If-Match (an S3 object's pinned ETag) no longer holds
-                raise FormatError(f"{self.label}: the object changed while it was read (ETag differs): "
-                                  "read it again") from None
+                raise _changed(self.label, "ETag") from None
             if 300 <= e.code < 400:  # urllib's own refusal: another scheme than http(s), or a loop
                 raise FormatError(f"{self.label}: a redirect paramtool does not follow (to a non-HTTP location, "
                                   f"or more than {MAX_REDIRECTS})") from None
@@ -167,8 +171,7 @@ class HttpObject:
         if self.validator is None:
             self.validator = validator
         elif validator != self.validator:
-            raise FormatError(f"{self.label}: the object changed while it was read ({validator[0]} differs): "
-                              "read it again")
+            raise _changed(self.label, validator[0])
 
     def fetch_into(self, buf: Any, start: int) -> int:
         """Fill ``buf`` from byte ``start`` (one ranged GET, retried and resumed); the bytes read."""
@@ -233,7 +236,7 @@ class HttpObject:
         if self.size is None:
             self.size = size
         elif size != self.size:
-            raise FormatError(f"{self.label}: the object changed while it was read (its size differs): read it again")
+            raise _changed(self.label, "its size")
         return first
 
 
@@ -476,7 +479,7 @@ class S3Object:
             _with_retries(self.label, attempt)
         except OSError as e:
             if _precondition_failed(e):  # If-Match failed: another ETag
-                raise FormatError(f"{self.label}: the object changed while it was read (ETag differs): read it again") from None
+                raise _changed(self.label, "ETag") from None
             raise _s3_failure(self.label, e) from None
         if done != n:
             raise FormatError(f"{self.label}: the store answered {done} bytes for a range of {n}")
